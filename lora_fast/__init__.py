@@ -1,0 +1,39 @@
+"""lora_fast: drop-in LoRA layers for PyTorch, with fused Triton kernels where they run.
+
+    from lora_fast import apply_lora
+    model = apply_lora(model, target_modules=["c_attn"], rank=8, alpha=16, dropout=0.1)
+
+See README.md for the API overview.
+"""
+
+from lora_fast.functional import lora_linear
+from lora_fast.inject import (
+    apply_lora,
+    apply_lora_to_gpt2,
+    count_parameters,
+    find_target_modules,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from lora_fast.layer import LinearWithLoRA, LoRALayer
+from lora_fast.reference import lora_linear_ref, lora_scaling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearWithLoRA",
+    "LoRALayer",
+    "apply_lora",
+    "apply_lora_to_gpt2",
+    "count_parameters",
+    "find_target_modules",
+    "lora_layers",
+    "lora_linear",
+    "lora_linear_ref",
+    "lora_scaling",
+    "merge_and_unload",
+    "merge_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,132 @@
+"""Functional entry of lora_fast: ``lora_linear`` — every LoRA module goes through it.
+
+Dispatch (``backend``):
+    "reference"  plain PyTorch (``lora_fast.reference``), any device, any dtype autograd supports.
+    "triton"     the fused Triton kernels; an unsupported case raises instead of falling back silently.
+    "auto"       Triton when it can run the case, the reference otherwise (the choice is logged once at DEBUG).
+The default comes from the environment variable ``LORA_FAST_BACKEND`` (``auto`` when unset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from lora_fast.reference import lora_linear_ref
+
+logger = logging.getLogger("lora_fast")
+
+BACKENDS = ("auto", "reference", "triton")
+_logged: set[str] = set()
+
+
+def default_backend() -> str:
+    """The backend named by ``LORA_FAST_BACKEND`` (``auto`` when unset)."""
+    backend = os.environ.get("LORA_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"LORA_FAST_BACKEND={backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.debug(msg)
+
+
+def triton_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """Why the Triton path cannot run this case, or None when it can."""
+    try:
+        from lora_fast import triton_fn  # noqa: F401  (imports triton)
+    except ImportError as e:  # triton missing, or the kernels not built in this version
+        return f"triton is not available ({e})"
+    return triton_fn.unsupported_reason(x, weight, lora_A)
+
+
+def check_shapes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    fan_in_fan_out: bool,
+) -> tuple[int, int, int]:
+    """Validate shapes; returns (K, N, r). Errors name the offending sizes."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    n_out, k_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(
+            f"input feature size mismatch: the layer expects in_features={k_in} but the input's last dimension is "
+            f"{x.shape[-1] if x.dim() else 'missing (0-d input)'} (input shape {tuple(x.shape)})"
+        )
+    r = lora_A.shape[0]
+    if lora_A.shape != (r, k_in):
+        raise ValueError(f"lora_A must be (rank, in_features)=({r}, {k_in}), got {tuple(lora_A.shape)}")
+    if lora_B.shape != (n_out, r):
+        raise ValueError(f"lora_B must be (out_features, rank)=({n_out}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must be (out_features,)=({n_out},), got {tuple(bias.shape)}")
+    return k_in, n_out, r
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x·W₀ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ.
+
+    Args:
+        x: input (..., in_features), any rank >= 1.
+        weight: frozen W₀: (out, in), or (in, out) when ``fan_in_fan_out`` (transformers' Conv1D).
+        bias: frozen bias (out,) or None.
+        lora_A: (r, in). lora_B: (out, r).
+        scaling: α/r (or α/√r with rsLoRA).
+        dropout_p: dropout probability on the LoRA input, in [0, 1); applied only when ``training``.
+        seed: dropout seed. None draws one from torch's generator for x's device (reproducible under
+            ``torch.manual_seed``).
+        training: whether dropout is active.
+        fan_in_fan_out: W₀ in Conv1D layout.
+        backend: "auto", "reference" or "triton"; None reads ``LORA_FAST_BACKEND``.
+
+    Returns:
+        y (..., out_features) in x's (or autocast's) dtype.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
+
+    if backend != "reference":
+        reason = triton_unsupported_reason(x, weight, lora_A)
+        if reason is None:
+            from lora_fast import triton_fn
+
+            _log_once(f"lora_fast: Triton path for {x.device.type} {x.dtype}")
+            return triton_fn.lora_linear_triton(
+                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out
+            )
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
+        _log_once(f"lora_fast: reference path ({reason})")
+
+    generator = None
+    if seed is not None and training and dropout_p > 0.0:
+        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    return lora_linear_ref(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training,
+        fan_in_fan_out=fan_in_fan_out, generator=generator,
+    )

@@ -1,0 +1,213 @@
+"""Model injection: put ``LinearWithLoRA`` around matching projections of any model, and take it off again.
+
+Matching follows PEFT's ``target_modules`` rules, so a PEFT config carries over unchanged:
+    list/tuple/set  a module matches when its full name equals an entry or ends with "." + entry;
+    str             a regular expression matched (``re.fullmatch``) against the full module name;
+    "all-linear"    every nn.Linear / Conv1D except the output embedding (``lm_head``);
+    None            a per-architecture default (``DEFAULT_TARGET_MODULES``, e.g. ``c_attn`` for GPT-2).
+Unlike the tutorials' ``isinstance(module, nn.Linear)`` loop (which silently changes nothing on GPT-2, whose
+projections are Conv1D), a target that matches nothing is an error listing the candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
+
+# Same defaults as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these architectures.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+}
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+    return names
+
+
+def _resolve_targets(model: nn.Module, target_modules):
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"no default target_modules for model_type={model_type!r}; pass target_modules= (names, a regex, "
+                "or 'all-linear')"
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(target_modules, str):
+        return target_modules
+    if isinstance(target_modules, Iterable):
+        targets = list(target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be non-empty names, a regex string or 'all-linear', "
+                             f"got {target_modules!r}")
+        return targets
+    raise TypeError(f"target_modules must be a list of names, a regex string or 'all-linear', got {target_modules!r}")
+
+
+def module_matches(name: str, targets) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches equal names or '.'-suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
+    """Full names of the modules that ``apply_lora`` would wrap (already-wrapped ones included).
+
+    Raises:
+        ValueError: nothing matches (the message names the targets and lists candidate module names), or a
+            matching module is neither nn.Linear nor Conv1D.
+    """
+    targets = _resolve_targets(model, target_modules)
+    all_linear = targets == "all-linear"
+    skip = _output_embedding_names(model) if all_linear else set()
+    wrapped_inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)
+                     for c, _ in m.named_modules() if c}
+    found, candidates = [], []
+    for name, module in model.named_modules():
+        if not name or name in wrapped_inner:
+            continue
+        is_base = isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES)
+        if is_base:
+            candidates.append(name)
+        if all_linear:
+            if is_base and name not in skip:
+                found.append(name)
+        elif module_matches(name, targets):
+            if not is_base:
+                raise ValueError(
+                    f"target module {name!r} matches {targets!r} but is a {type(module).__name__}; lora_fast "
+                    "supports nn.Linear and transformers' Conv1D"
+                )
+            found.append(name)
+    if not found:
+        suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
+        raise ValueError(
+            f"target_modules {targets!r} matched no module of {type(model).__name__}. Linear/Conv1D modules that "
+            f"could be targeted: {suffixes} (e.g. {candidates[:4]})"
+        )
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules=None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    backend: str | None = None,
+) -> nn.Module:
+    """Wrap matching Linear/Conv1D modules of ``model`` in ``LinearWithLoRA`` (in place) and freeze the rest.
+
+    Args:
+        model: any nn.Module (a transformers model, typically).
+        target_modules: names, a regex, "all-linear", or None for the architecture's default (see module doc).
+        rank, alpha, dropout, use_rslora: the adapter's hyper-parameters (see ``LoRALayer``).
+        backend: forwarded to every layer (None reads ``LORA_FAST_BACKEND``).
+
+    Returns:
+        The same model. Only LoRA parameters require grad afterwards. Modules already wrapped are left as they
+        are (applying twice never nests wrappers).
+    """
+    _check_hparams(rank, alpha, dropout)
+    names = find_target_modules(model, target_modules)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LinearWithLoRA):
+            continue
+        _set_submodule(model, name, LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout,
+                                                   use_rslora=use_rslora, backend=backend))
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora.lora_" in f".{pname}")
+    model.lora_fast_config = {
+        "target_modules": target_modules if isinstance(target_modules, str) or target_modules is None
+        else list(target_modules),
+        "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
+    }
+    return model
+
+
+def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, target_modules=None,
+                       dropout: float = 0.0) -> nn.Module:
+    """The tutorials' entry point for GPT-2: ``apply_lora`` with GPT-2's default target (``c_attn``)."""
+    return apply_lora(model, target_modules=target_modules if target_modules is not None else ["c_attn"],
+                      rank=rank, alpha=alpha, dropout=dropout)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """Every ``LinearWithLoRA`` in the model, by full name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold ΔW into every LoRA layer's base weight (forward becomes the base alone)."""
+    for m in lora_layers(model).values():
+        if not m.merged:
+            m.merge_weights()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``."""
+    for m in lora_layers(model).values():
+        if m.merged:
+            m.unmerge_weights()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the original module types back: a plain model, no lora_fast inside.
+
+    Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them.
+    """
+    for name, m in lora_layers(model).items():
+        _set_submodule(model, name, m.merged_base())
+    if hasattr(model, "lora_fast_config"):
+        del model.lora_fast_config
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """{'total', 'trainable', 'frozen', 'percentage'}; shared (tied) parameters counted once, as PEFT does."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"total": total, "trainable": trainable, "frozen": total - trainable,
+            "percentage": 100.0 * trainable / total if total else 0.0}

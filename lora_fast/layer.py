@@ -1,0 +1,223 @@
+"""nn.Modules: ``LoRALayer`` (the adapter alone) and ``LinearWithLoRA`` (a frozen Linear/Conv1D plus the adapter).
+
+Parameter names follow the LoRA tutorials and map 1:1 onto PEFT's adapter keys:
+    lora_A (r, in)   ↔ ``<module>.lora_A.weight``        lora_B (out, r)  ↔ ``<module>.lora_B.weight``
+Initialisation as in PEFT and the LoRA paper: A Kaiming-uniform(a=√5) (nn.Linear's default), B zeros, so a fresh
+adapter leaves the base model's output unchanged.
+
+Adapter dtype: a fp16/bf16 base gets fp32 adapter parameters (as PEFT's ``autocast_adapter_dtype=True``): AdamW
+on half-precision LoRA weights loses updates. The LoRA term is computed in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_fast.functional import lora_linear
+from lora_fast.reference import lora_delta_weight, lora_scaling
+
+try:  # transformers is a dependency, but keep the layer importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+LORA_BASE_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def _check_hparams(rank, alpha, dropout) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class LoRALayer(nn.Module):
+    """The low-rank adapter alone: forward(x) = scaling·(dropout(x)·Aᵀ)·Bᵀ.
+
+    Args:
+        in_features, out_features: sizes of the wrapped projection.
+        rank: r > 0. alpha: α > 0; scaling = α/r (α/√r with ``use_rslora``).
+        dropout: probability in [0, 1) on the adapter's input, active in training mode only.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_hparams(rank, alpha, dropout)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(rank, self.alpha, self.use_rslora)
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))  # (r, K)
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))  # (N, r)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input feature size mismatch: LoRALayer expects in_features={self.in_features} but "
+                             f"the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
+        x = F.dropout(x, self.dropout, self.training)
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return self.scaling * F.linear(F.linear(x, a), b)  # (..., r) -> (..., N)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling·B·A, (out, in), fp32."""
+        return lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+                + (", use_rslora=True" if self.use_rslora else ""))
+
+
+class LinearWithLoRA(nn.Module):
+    """Drop-in LoRA wrapper: y = base(x) + scaling·(dropout(x)·Aᵀ)·Bᵀ, with the base frozen.
+
+    Two ways to build it::
+
+        LinearWithLoRA(base, rank=8, alpha=16.0, dropout=0.0)          # wraps (does not copy) a Linear/Conv1D
+        LinearWithLoRA(in_features, out_features, rank=8, alpha=16.0, bias=True, dropout=0.0)
+
+    Attributes:
+        linear: the frozen base module (nn.Linear or transformers' Conv1D, weight (in, out)).
+        lora: the ``LoRALayer``.
+        merged: whether ΔW is currently folded into ``linear.weight`` (then forward is the base alone).
+        backend: None (``LORA_FAST_BACKEND``/auto), "auto", "reference" or "triton".
+    """
+
+    def __init__(self, base_or_in_features, *args, **kwargs):
+        super().__init__()
+        if isinstance(base_or_in_features, nn.Module):
+            names = ("rank", "alpha", "dropout", "use_rslora")
+            base = base_or_in_features
+        elif isinstance(base_or_in_features, int) and not isinstance(base_or_in_features, bool):
+            names = ("out_features", "rank", "alpha", "bias", "dropout", "use_rslora")
+            base = None
+        else:
+            raise TypeError(
+                "LinearWithLoRA expects an nn.Linear / transformers Conv1D to wrap, or in_features (int), "
+                f"got {type(base_or_in_features).__name__}"
+            )
+        if len(args) > len(names):
+            raise TypeError(f"LinearWithLoRA takes at most {len(names)} positional arguments after the first")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"LinearWithLoRA got multiple values for argument {name!r}")
+            kwargs[name] = value
+        rank, alpha = kwargs.pop("rank", 8), kwargs.pop("alpha", 16.0)
+        dropout, use_rslora = kwargs.pop("dropout", 0.0), kwargs.pop("use_rslora", False)
+        self.backend = kwargs.pop("backend", None)
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if base is None:
+            out_features = kwargs.pop("out_features", None)
+            if not isinstance(out_features, int) or out_features <= 0 or base_or_in_features <= 0:
+                raise ValueError(f"in_features and out_features must be positive ints, got "
+                                 f"{base_or_in_features!r}, {out_features!r}")
+            base = nn.Linear(base_or_in_features, out_features, bias=kwargs.pop("bias", True),
+                             device=device, dtype=dtype)
+        if kwargs:
+            raise TypeError(f"LinearWithLoRA got unexpected arguments {sorted(kwargs)}")
+        if not isinstance(base, LORA_BASE_TYPES):
+            raise TypeError(f"LinearWithLoRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+        _check_hparams(rank, alpha, dropout)
+
+        self.linear = base
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as (in, out)
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,
+                              device=w.device, dtype=_adapter_dtype(w.dtype))
+        self.merged = False
+
+    # Read-through to the base, so code that inspects `module.weight` / `.bias` keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
+                                 f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
+            return self.linear(x)
+        return lora_linear(
+            x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,
+            dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def merge_weights(self) -> None:
+        """W₀ ← W₀ + ΔW (computed in fp32, stored in W₀'s dtype). Merging a merged layer warns and does nothing."""
+        if self.merged:
+            warnings.warn("LinearWithLoRA.merge_weights: already merged, nothing done", stacklevel=2)
+            return
+        w = self.linear.weight
+        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out)
+        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_weights(self) -> None:
+        """W₀ ← W₀ − ΔW. Unmerging an unmerged layer warns and does nothing. In fp16/bf16 the base weight comes
+        back up to one rounding of W₀+ΔW away from the original (as in PEFT)."""
+        if not self.merged:
+            warnings.warn("LinearWithLoRA.unmerge_weights: not merged, nothing done", stacklevel=2)
+            return
+        w = self.linear.weight
+        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out)
+        w.copy_((w.float() - delta.to(w.device)).to(w.dtype))
+        self.merged = False
+
+    def merged_base(self) -> nn.Module:
+        """The base module with ΔW folded in (merges if needed): what ``merge_and_unload`` puts back."""
+        if not self.merged:
+            self.merge_weights()
+        return self.linear
+
+    def reset_parameters(self) -> None:
+        self.lora.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -1,0 +1,83 @@
+"""Plain-PyTorch definition of the LoRA linear map: the CPU fallback and the test oracle.
+
+    y = x·W₀ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ
+
+    x (..., K)    W₀ (N, K) nn.Linear layout, or (K, N) Conv1D layout (``fan_in_fan_out=True``)
+    A (r, K)      B (N, r)       b (N,) or None      s = α/r (α/√r for rsLoRA, see ``lora_scaling``)
+
+Dropout acts on the LoRA input only (as in the LoRA paper and PEFT). The keep-mask is either passed explicitly
+(boolean, broadcastable to x — the kernels' own mask, so that a kernel can be compared exactly) or drawn from
+torch's RNG. ``upcast=True`` computes everything in float64 and returns float64: the oracle for tests.
+Both weight layouts are used through views (``weight.t()`` is a view), never a copied transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """s = α/r, or α/√r for rank-stabilised LoRA (Kalajdzievski 2023, as PEFT's ``use_rslora``)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    keep_mask: torch.Tensor | None = None,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    upcast: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reference LoRA linear: returns y (..., N).
+
+    Args:
+        x: input (..., K).
+        weight: frozen W₀, (N, K) or (K, N) when ``fan_in_fan_out``.
+        bias: frozen b (N,) or None.
+        lora_A: (r, K). lora_B: (N, r).
+        scaling: s multiplying the LoRA term.
+        dropout_p: dropout probability on the LoRA input; used only when ``training``.
+        keep_mask: optional boolean keep-mask broadcastable to x; overrides the RNG. Kept elements are scaled by
+            1/(1-p), as in ``nn.Dropout``.
+        training: dropout is applied only in training mode.
+        fan_in_fan_out: W₀ is in Conv1D layout (K, N).
+        upcast: compute in float64 and return float64.
+        generator: optional torch.Generator for the dropout mask.
+    """
+    if upcast:
+        x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+        bias = bias.double() if bias is not None else None
+    w = weight.t() if fan_in_fan_out else weight  # (N, K) view
+    y = F.linear(x, w, bias)  # (..., N)
+
+    x_d = x
+    if training and dropout_p > 0.0:
+        if keep_mask is None:
+            keep_mask = torch.rand(x.shape, device=x.device, generator=generator) >= dropout_p
+        x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif keep_mask is not None and dropout_p > 0.0:
+        raise ValueError("keep_mask was given but training=False: dropout is off in eval mode")
+    # Under autocast F.linear picks the compute dtype; otherwise run the LoRA term in the input's dtype
+    # (fp32 adapters with bf16 activations) so that gradients flow back to the parameters through the cast.
+    if not torch.is_autocast_enabled(x.device.type):
+        lora_A, lora_B = lora_A.to(x_d.dtype), lora_B.to(x_d.dtype)
+    xa = F.linear(x_d, lora_A)  # (..., r)
+    return y + scaling * F.linear(xa, lora_B).to(y.dtype)  # (..., N)
+
+
+def lora_delta_weight(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """ΔW = s·B·A in fp32, (N, K), or its transpose (K, N) for the Conv1D layout."""
+    delta = scaling * (lora_B.float() @ lora_A.float())  # (N, K)
+    return delta.t() if fan_in_fan_out else delta
