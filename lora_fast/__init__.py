@@ -22,7 +22,26 @@ from lora_fast.reference import lora_linear_ref, lora_scaling
 
 __version__ = "0.1.0"
 
+# Names living in modules that import optional dependencies (safetensors, peft, triton) are resolved lazily.
+_LAZY = {
+    "dropout_mask": "lora_fast.functional",
+    "save_adapter": "lora_fast.adapter",
+    "load_adapter": "lora_fast.adapter",
+    "patch_peft": "lora_fast.peft_compat",
+    "unpatch_peft": "lora_fast.peft_compat",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lora_fast' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "LinearWithLoRA",
     "LoRALayer",
     "apply_lora",
