@@ -1,0 +1,25 @@
+"""Comparison helpers for tests: relative error against a float64 reference, with a verbose failure message."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ computed in float64 (the plain norm of the difference when ref is zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "tensor") -> None:
+    """Assert ‖out − ref‖/‖ref‖ ≤ tol; on failure report the error and the first mismatching indices."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    if err <= tol:
+        return
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    bad = ((o - r).abs() > tol * r.abs().clamp_min(1e-12) + 1e-12).nonzero()[:5].tolist()
+    detail = ", ".join(f"{tuple(i)}: {o[tuple(i)].item():.6g} vs {r[tuple(i)].item():.6g}" for i in bad)
+    raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; first mismatches {detail}")
