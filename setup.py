@@ -39,6 +39,8 @@ setup(
             "matplotlib",
             "pyyaml",
             "ruff",
+            "setuptools>=64",
+            "wheel",
         ],
     },
     entry_points={"console_scripts": ["lora-fast=lora_fast.cli:main"]},

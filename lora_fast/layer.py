@@ -127,7 +127,7 @@ class LinearWithLoRA(nn.Module):
             )
         if len(args) > len(names):
             raise TypeError(f"LinearWithLoRA takes at most {len(names)} positional arguments after the first")
-        for name, value in zip(names, args):
+        for name, value in zip(names, args, strict=False):
             if name in kwargs:
                 raise TypeError(f"LinearWithLoRA got multiple values for argument {name!r}")
             kwargs[name] = value
@@ -151,7 +151,8 @@ class LinearWithLoRA(nn.Module):
         self.linear = base
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as (in, out)
         w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        k_in, n_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = int(k_in), int(n_out)
         for p in base.parameters():
             p.requires_grad_(False)
         self.lora = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,

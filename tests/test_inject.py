@@ -1,0 +1,168 @@
+"""Model injection: PEFT's matching rules, parity with PEFT's LoRA on GPT-2, merge/unload, parameter counts."""
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from lora_fast import (
+    LinearWithLoRA,
+    apply_lora,
+    apply_lora_to_gpt2,
+    count_parameters,
+    find_target_modules,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from tests.utils import assert_rel_close
+
+peft = pytest.importorskip("peft", reason="peft is part of the [dev] extra; parity tests need it")
+
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=101)
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _peft_pairs(ours, theirs):
+    """(our LinearWithLoRA, PEFT LoRA layer) by module name."""
+    pairs = []
+    for name, layer in lora_layers(ours).items():
+        pairs.append((name, layer, theirs.base_model.model.get_submodule(name)))
+    return pairs
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_gpt2, TARGETS), (tiny_llama, ["q_proj", "v_proj", "down_proj"])])
+def test_equal_to_peft_logits_and_lora_grads(make, targets):
+    ours = apply_lora(make(), target_modules=targets, rank=4, alpha=8.0, backend="reference")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, lora_dropout=0.0,
+                          fan_in_fan_out=make is tiny_gpt2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out on Conv1D
+        theirs = peft.get_peft_model(make(), cfg)
+    pairs = _peft_pairs(ours, theirs)
+    assert len(pairs) == 2 * (len(targets) + (make is tiny_gpt2))  # c_proj matches attn.c_proj and mlp.c_proj
+    with torch.no_grad():  # same A, B values (B random so the LoRA term is not zero)
+        for _, mine, their in pairs:
+            mine.lora.lora_B.normal_(0, 0.1)
+            their.lora_A["default"].weight.copy_(mine.lora.lora_A)
+            their.lora_B["default"].weight.copy_(mine.lora.lora_B)
+            assert their.scaling["default"] == mine.scaling
+    ids = torch.randint(0, 101, (2, 12))
+    out_ours = ours(ids, labels=ids)
+    out_theirs = theirs(ids, labels=ids)
+    assert_rel_close(out_ours.logits, out_theirs.logits, 1e-5, "logits")
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, mine, their in pairs:
+        assert_rel_close(mine.lora.lora_A.grad, their.lora_A["default"].weight.grad, 1e-5, f"{name} dA")
+        assert_rel_close(mine.lora.lora_B.grad, their.lora_B["default"].weight.grad, 1e-5, f"{name} dB")
+    assert count_parameters(ours)["trainable"] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_parameter_counts_equal_peft_on_gpt2_small():
+    base = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M architecture, random init
+    c_attn = count_parameters(apply_lora(base, ["c_attn"], rank=8))
+    theirs = peft.get_peft_model(GPT2LMHeadModel(GPT2Config()), peft.LoraConfig(r=8, target_modules=["c_attn"],
+                                                                                 fan_in_fan_out=True))
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert (c_attn["trainable"], c_attn["total"]) == (trainable, total)
+    assert c_attn["trainable"] == 294_912  # 12 layers x 8 x (768 + 2304), as PEFT prints for this config
+    assert c_attn["frozen"] == total - trainable
+    assert c_attn["percentage"] == pytest.approx(100 * trainable / total)
+    three = count_parameters(apply_lora(GPT2LMHeadModel(GPT2Config()), TARGETS, rank=8))
+    assert three["trainable"] == 1_179_648
+
+
+def test_matching_rules():
+    model = tiny_gpt2()
+    names = find_target_modules(model, ["attn.c_proj"])  # suffix after a dot
+    assert names == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    assert find_target_modules(model, ["transformer.h.1.mlp.c_fc"]) == ["transformer.h.1.mlp.c_fc"]
+    with pytest.raises(ValueError, match="matched no module"):
+        find_target_modules(model, ["proj"])  # "c_proj" does not end with ".proj"
+    regex = find_target_modules(model, r".*\.1\.(attn\.c_attn|mlp\.c_fc)")
+    assert regex == ["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    with pytest.raises(ValueError, match="matched no module"):
+        find_target_modules(model, "c_attn")  # a string is a full-match regex, not a suffix
+    all_linear = find_target_modules(model, "all-linear")
+    assert "lm_head" not in all_linear and len(all_linear) == 8
+    assert find_target_modules(model, None) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_no_match_error_names_targets_and_candidates():
+    with pytest.raises(ValueError) as e:
+        apply_lora(tiny_gpt2(), target_modules=["q_proj", "v_proj"])
+    msg = str(e.value)
+    assert "q_proj" in msg and "v_proj" in msg and "c_attn" in msg and "c_fc" in msg
+
+
+def test_unsupported_module_and_unknown_architecture():
+    with pytest.raises(ValueError, match="GPT2Attention"):
+        apply_lora(tiny_gpt2(), target_modules=["attn"])
+    with pytest.raises(ValueError, match="no default target_modules"):
+        apply_lora(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(tiny_gpt2(), rank=0)
+    with pytest.raises(ValueError, match="target_modules"):
+        apply_lora(tiny_gpt2(), target_modules=[])
+
+
+def test_freezes_everything_but_lora_and_never_nests():
+    model = apply_lora(tiny_gpt2(), TARGETS, rank=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora.lora_A", ".lora.lora_B")) for n in trainable)
+    n_layers = len(lora_layers(model))
+    apply_lora(model, TARGETS, rank=2)
+    apply_lora(model, r".*c_(attn|proj|fc).*", rank=2)  # would also match the wrapped bases' inner names
+    assert len(lora_layers(model)) == n_layers == 8
+    for layer in lora_layers(model).values():
+        assert not isinstance(layer.linear, LinearWithLoRA)
+
+
+def test_apply_lora_to_gpt2_default_is_c_attn():
+    model = apply_lora_to_gpt2(tiny_gpt2(), rank=4, alpha=8.0)
+    assert sorted(lora_layers(model)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert all(m.rank == 4 and m.scaling == 2.0 for m in lora_layers(model).values())
+
+
+def test_merge_unmerge_and_unload():
+    model = apply_lora(tiny_gpt2(), TARGETS, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_(0, 0.1)
+    ids = torch.randint(0, 101, (2, 10))
+    ref = model(ids).logits
+    merge_lora(model)
+    assert all(m.merged for m in lora_layers(model).values())
+    assert_rel_close(model(ids).logits, ref, 1e-5, "merged")
+    unmerge_lora(model)
+    assert_rel_close(model(ids).logits, ref, 1e-5, "unmerged")
+    plain = merge_and_unload(model)
+    assert not lora_layers(plain)
+    assert isinstance(plain.transformer.h[0].attn.c_attn, Conv1D)
+    assert_rel_close(plain(ids).logits, ref, 1e-5, "merge_and_unload")
+    assert not hasattr(plain, "lora_fast_config")
+
+
+def test_llama_linear_default_targets():
+    model = apply_lora(tiny_llama(), rank=2)
+    assert sorted(n.rsplit(".", 1)[-1] for n in lora_layers(model)) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    assert all(not m.fan_in_fan_out for m in lora_layers(model).values())
+    plain = merge_and_unload(model)
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)

@@ -1,0 +1,237 @@
+"""LoRALayer and LinearWithLoRA: construction, forward and every gradient against fp64 math, merge, errors."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_fast import LinearWithLoRA, LoRALayer
+from tests.utils import assert_rel_close
+
+BACKEND = "reference"  # these tests pin the module layer; kernel paths are tested in test_kernels/test_triton_fn
+
+
+def _base(kind, k, n, bias=True):
+    if kind == "linear":
+        return nn.Linear(k, n, bias=bias)
+    conv = Conv1D(n, k)
+    if not bias:  # Conv1D always has a bias; zero it to cover the "no bias" math
+        conv.bias.data.zero_()
+    return conv
+
+
+def _w_nk(layer):
+    w = layer.linear.weight.detach().double()
+    return w.t() if layer.fan_in_fan_out else w
+
+
+def _random_adapter(layer):
+    with torch.no_grad():
+        layer.lora.lora_B.normal_()
+    return layer
+
+
+def _expected(layer, x):
+    """fp64 y = x W^T + b + s (x A^T) B^T from the layer's own tensors."""
+    xd = x.detach().double()
+    b = layer.linear.bias
+    y = xd @ _w_nk(layer).t() + (b.detach().double() if b is not None else 0)
+    a, bb = layer.lora.lora_A.detach().double(), layer.lora.lora_B.detach().double()
+    return y + layer.scaling * (xd @ a.t()) @ bb.t()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (7,), (2, 5), (2, 3, 4)])
+def test_forward_and_gradients(kind, bias, lead):
+    K, N, r = 13, 11, 3
+    layer = _random_adapter(LinearWithLoRA(_base(kind, K, N, bias), rank=r, alpha=6.0, backend=BACKEND))
+    x = torch.randn(*lead, K, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, N)
+    assert_rel_close(y, _expected(layer, x), 1e-5, "y")
+
+    # gradients against autograd on the fp64 formula
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd = x.detach().double().requires_grad_()
+    a = layer.lora.lora_A.detach().double().requires_grad_()
+    bb = layer.lora.lora_B.detach().double().requires_grad_()
+    y64 = xd @ _w_nk(layer).t() + layer.scaling * (xd @ a.t()) @ bb.t()
+    y64.backward(g.double())
+    assert_rel_close(x.grad, xd.grad, 1e-5, "dx")
+    assert_rel_close(layer.lora.lora_A.grad, a.grad, 1e-5, "dA")
+    assert_rel_close(layer.lora.lora_B.grad, bb.grad, 1e-5, "dB")
+    assert layer.linear.weight.grad is None and not layer.linear.weight.requires_grad
+    if layer.linear.bias is not None:
+        assert layer.linear.bias.grad is None
+
+
+def test_fresh_adapter_is_identity_and_init():
+    base = nn.Linear(64, 32)
+    layer = LinearWithLoRA(base, rank=4, alpha=8.0)
+    assert layer.linear is base  # wrapped, not copied
+    x = torch.randn(10, 64)
+    assert torch.equal(layer(x), base(x))
+    a = layer.lora.lora_A
+    assert a.shape == (4, 64) and layer.lora.lora_B.shape == (32, 4)
+    assert torch.count_nonzero(layer.lora.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=√5): bound = sqrt(6 / ((1 + 5) fan_in))
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert layer.scaling == 2.0 and layer.in_features == 64 and layer.out_features == 32
+
+
+def test_two_constructors():
+    a = LinearWithLoRA(8, 5, 2, 4.0, False, 0.1)  # in, out, rank, alpha, bias, dropout
+    assert isinstance(a.linear, nn.Linear) and a.linear.bias is None
+    assert (a.in_features, a.out_features, a.rank, a.lora.alpha, a.lora.dropout) == (8, 5, 2, 4.0, 0.1)
+    b = LinearWithLoRA(nn.Linear(8, 5), 2, 4.0, 0.1)  # base, rank, alpha, dropout
+    assert (b.rank, b.lora.alpha, b.lora.dropout, b.scaling) == (2, 4.0, 0.1, 2.0)
+    c = LinearWithLoRA(8, 5, rank=2, bias=True)
+    assert c.linear.bias is not None and c.lora.scaling == 8.0
+    rs = LinearWithLoRA(nn.Linear(8, 5), rank=4, alpha=8.0, use_rslora=True)
+    assert rs.scaling == pytest.approx(8.0 / 2.0)
+    assert "rank=4" in repr(rs) and "use_rslora=True" in repr(rs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        ({"rank": 0}, ValueError, "rank"),
+        ({"rank": -2}, ValueError, "rank"),
+        ({"rank": 2.5}, ValueError, "rank"),
+        ({"rank": True}, ValueError, "rank"),
+        ({"dropout": 1.0}, ValueError, "dropout"),
+        ({"dropout": -0.1}, ValueError, "dropout"),
+        ({"alpha": 0}, ValueError, "alpha"),
+        ({"alpha": -1.0}, ValueError, "alpha"),
+        ({"alpha": float("nan")}, ValueError, "alpha"),
+        ({"bogus": 1}, TypeError, "bogus"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        LinearWithLoRA(nn.Linear(4, 4), **kwargs)
+    if exc is ValueError:
+        with pytest.raises(exc, match=word):
+            LoRALayer(4, 4, **kwargs)
+
+
+def test_bad_base_and_bad_input():
+    with pytest.raises(TypeError, match="Conv2d"):
+        LinearWithLoRA(nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError):
+        LinearWithLoRA("linear")
+    layer = LinearWithLoRA(nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"in_features=6.*last dimension is 5"):
+        layer(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="in_features=6"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"in_features=6.*5"):
+        LoRALayer(6, 4)(torch.randn(2, 5))
+    layer.merge_weights()
+    with pytest.raises(ValueError, match=r"in_features=6.*5"):
+        layer(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_unmerge(kind):
+    layer = _random_adapter(LinearWithLoRA(_base(kind, 16, 12), rank=4, alpha=8.0))
+    x = torch.randn(5, 16)
+    y = layer(x)
+    w0 = layer.linear.weight.detach().clone()
+    layer.merge_weights()
+    assert layer.merged
+    assert_rel_close(layer(x), y, 1e-6, "merged")
+    assert_rel_close(layer.linear(x), y, 1e-6, "merged base alone")
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge_weights()
+    assert_rel_close(layer(x), y, 1e-6, "double merge is a no-op")
+    layer.unmerge_weights()
+    assert not layer.merged
+    assert_rel_close(layer.linear.weight, w0, 1e-6, "unmerged weight")
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge_weights()
+    assert_rel_close(layer.linear.weight, w0, 1e-6, "double unmerge is a no-op")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merge_uses_fp32_delta(dtype):
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(32, 16).to(dtype), rank=4, alpha=8.0))
+    assert layer.lora.lora_A.dtype == torch.float32  # fp32 adapters on a half base
+    w0 = layer.linear.weight.detach().clone()
+    expected = (w0.float() + layer.scaling * layer.lora.lora_B.detach() @ layer.lora.lora_A.detach()).to(dtype)
+    layer.merge_weights()
+    assert torch.equal(layer.linear.weight, expected)
+    x = torch.randn(3, 32, dtype=dtype)
+    layer.unmerge_weights()
+    y = layer(x)
+    assert y.dtype == dtype
+    assert_rel_close(y, _expected(layer, x), 1e-2, "half forward")
+
+
+def test_dropout_only_in_training_mode():
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(32, 8), rank=4, dropout=0.5))
+    x = torch.randn(20, 32)
+    layer.eval()
+    assert_rel_close(layer(x), _expected(layer, x), 1e-5, "eval = no dropout")
+    layer.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    y2 = layer(x)
+    assert torch.equal(y1, y2)  # reproducible under torch.manual_seed
+    assert not torch.allclose(y1, _expected(layer, x).float(), rtol=1e-3, atol=1e-3)
+    # dropout touches only the LoRA term, and inverted dropout keeps its expectation: the mean LoRA part over many
+    # draws approaches the eval-mode LoRA part (relative error ~ 1/sqrt(draws))
+    with torch.no_grad():
+        base = layer.linear(x)
+        mean_lora = torch.stack([layer(x) - base for _ in range(400)]).mean(0)
+        layer.eval()
+        eval_lora = layer(x) - base
+    assert_rel_close(mean_lora, eval_lora, 0.1, "E[dropout LoRA term]")
+
+
+def test_lora_layer_returns_the_lora_term_only():
+    lora = LoRALayer(10, 6, rank=2, alpha=4.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 4, 10)
+    expected = 2.0 * (x.double() @ lora.lora_A.double().t()) @ lora.lora_B.double().t()
+    assert_rel_close(lora(x), expected, 1e-6, "lora term")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_state_dict_round_trip(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearWithLoRA(_base(kind, 8, 8), rank=2), nn.ReLU(), LinearWithLoRA(_base(kind, 8, 3)))
+    for m in model:
+        if isinstance(m, LinearWithLoRA):
+            _random_adapter(m)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    assert {"0.linear.weight", "0.lora.lora_A", "0.lora.lora_B"} <= set(model.state_dict())
+    torch.manual_seed(1)
+    other = nn.Sequential(LinearWithLoRA(_base(kind, 8, 8), rank=2), nn.ReLU(), LinearWithLoRA(_base(kind, 8, 3)))
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(4, 8)
+    assert torch.equal(model(x), other(x))
+
+
+def test_bf16_activations_with_fp32_adapters_train():
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(16, 8).to(torch.bfloat16), rank=2))
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert layer.lora.lora_A.grad.dtype == torch.float32 and layer.lora.lora_A.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer32 = _random_adapter(LinearWithLoRA(nn.Linear(16, 8), rank=2))
+        y = layer32(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer32.lora.lora_B.grad.dtype == torch.float32

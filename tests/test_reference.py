@@ -1,0 +1,97 @@
+"""The reference LoRA map against an independent fp64 computation (explicit transposed copies, einsum)."""
+
+import math
+
+import pytest
+import torch
+
+from lora_fast.reference import lora_delta_weight, lora_linear_ref, lora_scaling
+from tests.utils import assert_rel_close
+
+
+def _manual(x, w_nk, b, a, bb, s, keep=None, p=0.0):
+    """y = x W^T + b + s ((x*keep/(1-p)) A^T) B^T with einsum on an explicit (N, K) weight, all fp64."""
+    x, w_nk, a, bb = x.double(), w_nk.double(), a.double(), bb.double()
+    xd = x if keep is None else x * keep.double() / (1 - p)
+    y = torch.einsum("...k,nk->...n", x, w_nk)
+    if b is not None:
+        y = y + b.double()
+    return y + s * torch.einsum("...r,nr->...n", torch.einsum("...k,rk->...r", xd, a), bb)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("shape", [(5,), (7, 5), (2, 3, 5), (2, 2, 3, 5)])
+def test_reference_matches_manual(fan_in_fan_out, has_bias, shape):
+    K, N, r = shape[-1], 6, 3
+    x = torch.randn(shape)
+    w_nk = torch.randn(N, K)
+    w = w_nk.t().contiguous() if fan_in_fan_out else w_nk  # Conv1D stores (K, N)
+    b = torch.randn(N) if has_bias else None
+    a, bb = torch.randn(r, K), torch.randn(N, r)
+    y = lora_linear_ref(x, w, b, a, bb, 0.7, fan_in_fan_out=fan_in_fan_out, upcast=True)
+    assert y.dtype == torch.float64 and y.shape == (*shape[:-1], N)
+    assert_rel_close(y, _manual(x, w_nk, b, a, bb, 0.7), 1e-12, "y")
+    y32 = lora_linear_ref(x, w, b, a, bb, 0.7, fan_in_fan_out=fan_in_fan_out)
+    assert y32.dtype == torch.float32
+    assert_rel_close(y32, _manual(x, w_nk, b, a, bb, 0.7), 1e-5, "y fp32")
+
+
+def test_explicit_keep_mask_is_exact_dropout():
+    x, w, a, bb = torch.randn(9, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    keep = torch.rand(9, 8) > 0.3
+    y = lora_linear_ref(x, w, None, a, bb, 2.0, dropout_p=0.3, keep_mask=keep, upcast=True)
+    assert_rel_close(y, _manual(x, w, None, a, bb, 2.0, keep, 0.3), 1e-12, "y")
+    # the mask acts on the LoRA input only: with B = 0 the output is the base product whatever the mask
+    y0 = lora_linear_ref(x, w, None, a, torch.zeros(4, 2), 2.0, dropout_p=0.3, keep_mask=keep, upcast=True)
+    assert_rel_close(y0, x.double() @ w.double().t(), 1e-12, "base only")
+
+
+def test_keep_mask_in_eval_mode_is_an_error():
+    x, w, a, bb = torch.randn(3, 4), torch.randn(2, 4), torch.randn(1, 4), torch.randn(2, 1)
+    with pytest.raises(ValueError, match="training=False"):
+        lora_linear_ref(x, w, None, a, bb, 1.0, dropout_p=0.5, keep_mask=torch.ones(3, 4, dtype=torch.bool),
+                        training=False)
+
+
+def test_dropout_only_in_training_and_keep_rate():
+    x = torch.ones(400, 50)
+    w, a, bb = torch.zeros(3, 50), torch.ones(1, 50), torch.ones(3, 1)
+    p = 0.25
+    y_eval = lora_linear_ref(x, w, None, a, bb, 1.0, dropout_p=p, training=False)
+    assert torch.equal(y_eval, torch.full((400, 3), 50.0))
+    y = lora_linear_ref(x, w, None, a, bb, 1.0, dropout_p=p, training=True)
+    # each output row is (#kept / (1-p)); keep-rate over 20,000 Bernoulli draws within 4 sigma of 1-p
+    kept = (y[:, 0] * (1 - p)).round().sum().item()
+    n = x.numel()
+    assert abs(kept / n - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    g = torch.Generator().manual_seed(3)
+    y1 = lora_linear_ref(x, w, None, a, bb, 1.0, dropout_p=p, generator=g)
+    y2 = lora_linear_ref(x, w, None, a, bb, 1.0, dropout_p=p, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(y1, y2)
+
+
+def test_scaling_and_delta_weight():
+    assert lora_scaling(8, 16.0) == 2.0
+    assert lora_scaling(16, 32.0, use_rslora=True) == pytest.approx(32.0 / 4.0)
+    a, bb = torch.randn(3, 5), torch.randn(4, 3)
+    d = lora_delta_weight(a, bb, 0.5)
+    assert d.shape == (4, 5) and d.dtype == torch.float32
+    assert_rel_close(d, 0.5 * bb.double() @ a.double(), 1e-6, "delta")
+    assert lora_delta_weight(a, bb, 0.5, fan_in_fan_out=True).shape == (5, 4)
+    # the delta is the map's LoRA part: x ΔWᵀ equals y − base
+    x = torch.randn(6, 5)
+    y = lora_linear_ref(x, torch.zeros(4, 5), None, a, bb, 0.5, upcast=True)
+    assert_rel_close(y, x.double() @ d.double().t(), 1e-6, "x dW^T")
+
+
+def test_gradients_flow_to_fp32_adapters_from_bf16_activations():
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.bfloat16)
+    a = torch.randn(2, 8, requires_grad=True)
+    bb = torch.randn(6, 2, requires_grad=True)
+    y = lora_linear_ref(x, w, None, a, bb, 1.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32
+    assert bb.grad is not None and x.grad is not None
