@@ -12,6 +12,7 @@ projections are Conv1D), a target that matches nothing is an error listing the c
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch.nn as nn
@@ -150,6 +151,13 @@ def apply_lora(
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
+            lora = module.lora
+            if (lora.rank, lora.alpha, lora.dropout, lora.use_rslora) != (rank, float(alpha), float(dropout),
+                                                                          bool(use_rslora)):
+                warnings.warn(
+                    f"apply_lora: {name} already has a LoRA adapter (rank={lora.rank}, alpha={lora.alpha:g}, "
+                    f"dropout={lora.dropout:g}); it is kept as is, not re-created with rank={rank}, alpha={alpha:g}, "
+                    f"dropout={dropout:g}", stacklevel=2)
             continue
         _set_submodule(model, name, LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout,
                                                    use_rslora=use_rslora, backend=backend))

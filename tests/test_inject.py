@@ -130,6 +130,9 @@ def test_freezes_everything_but_lora_and_never_nests():
     n_layers = len(lora_layers(model))
     apply_lora(model, TARGETS, rank=2)
     apply_lora(model, r".*c_(attn|proj|fc).*", rank=2)  # would also match the wrapped bases' inner names
+    with pytest.warns(UserWarning, match="already has a LoRA adapter"):
+        apply_lora(model, ["c_attn"], rank=16)  # a different config never silently looks applied
+    assert all(m.rank == 2 for m in lora_layers(model).values())
     assert len(lora_layers(model)) == n_layers == 8
     for layer in lora_layers(model).values():
         assert not isinstance(layer.linear, LinearWithLoRA)
