@@ -5,6 +5,12 @@ Dispatch (``backend``):
     "triton"     the fused Triton kernels; an unsupported case raises instead of falling back silently.
     "auto"       Triton when it can run the case, the reference otherwise (the choice is logged once at DEBUG).
 The default comes from the environment variable ``LORA_FAST_BACKEND`` (``auto`` when unset).
+"auto" picks Triton for CUDA tensors when triton imports, and for CPU tensors only when ``TRITON_INTERPRET=1`` is
+set (triton's numpy interpreter: correct but slow, meant for tests).
+
+Dropout seeds: the Triton path's keep-mask is a pure function of (seed, row, column) — ``dropout_mask`` returns it —
+so backward and checkpoint recomputation regenerate it instead of storing it. The reference path draws its mask
+from a ``torch.Generator`` seeded with ``seed``: the same seed gives different masks on the two paths.
 """
 
 from __future__ import annotations
@@ -36,13 +42,44 @@ def _log_once(msg: str) -> None:
         logger.debug(msg)
 
 
-def triton_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """The boolean keep-mask (rows, cols) the Triton kernels apply to an (M, K) = (rows, cols) LoRA input.
+
+    ``lora_linear(x, ..., dropout_p=p, seed=seed)`` on the Triton path computes exactly
+    ``lora_linear_ref(x, ..., dropout_p=p, keep_mask=dropout_mask(seed, M, K, p, x.device))`` (x flattened to
+    (M, K)): this is how tests compare the kernels with the reference bit for bit in the mask.
+
+    Args:
+        seed: non-negative int (< 2**63), the per-call dropout seed.
+        rows: M, the number of input rows (all leading dims flattened). cols: K, in_features.
+        p: dropout probability in [0, 1); an element is kept when its uniform draw is >= p.
+        device: where to build the mask (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        torch.bool tensor (rows, cols), True where the element is kept.
+    """
+    try:
+        from lora_fast.kernels.dropout import dropout_keep_mask
+    except ImportError as e:
+        raise RuntimeError(f"dropout_mask needs triton ({e})") from e
+    return dropout_keep_mask(seed, rows, cols, p, device)
+
+
+def triton_unsupported_reason(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None
+) -> str | None:
     """Why the Triton path cannot run this case, or None when it can."""
+    if x.device.type == "cpu" and not _interpret_env():
+        return "CPU tensor without TRITON_INTERPRET=1"
     try:
         from lora_fast import triton_fn  # noqa: F401  (imports triton)
     except ImportError as e:  # triton missing, or the kernels not built in this version
         return f"triton is not available ({e})"
-    return triton_fn.unsupported_reason(x, weight, lora_A)
+    return triton_fn.unsupported_reason(x, weight, lora_A, bias)
 
 
 def check_shapes(
@@ -108,10 +145,12 @@ def lora_linear(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 
     if backend != "reference":
-        reason = triton_unsupported_reason(x, weight, lora_A)
+        reason = triton_unsupported_reason(x, weight, lora_A, bias)
         if reason is None:
             from lora_fast import triton_fn
 

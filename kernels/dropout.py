@@ -1,0 +1,158 @@
+"""Dropout without stored masks: the shared keep-mask RNG helper, its mask kernel, and launch helpers.
+
+The keep-mask of an (M, K) LoRA input is a pure function of (seed, global row, global column):
+
+    keep[m, k] = uniform(seed, m·K + k) >= p          uniform = Philox-4x32-10, bit-identical to ``tl.rand``
+
+The counter m·K + k is formed in int64 (M·K can exceed 2³¹) from the element's *logical* index, never from a
+memory offset or a tile coordinate, so the mask does not depend on strides, block sizes or the launch grid: the
+forward kernel, both backward kernels and ``dropout_mask`` all regenerate the same bits. Nothing is stored between
+forward and backward but the seed. The idea of regenerating dropout from a counter-based RNG instead of saving the
+mask is the one of triton's ``tutorials/04-low-memory-dropout.py`` and of FlashAttention's dropout.
+
+The seed travels as a 1-element int64 tensor on the input's device and is loaded inside the kernels: drawing it
+from the CUDA generator (``torch.randint(..., device=x.device)``) then needs no host synchronisation, and
+``torch.utils.checkpoint`` (which stashes and restores the device RNG state) recomputes the same seed.
+
+Also here (shared by the launchers): ``interpreting()``, ``input_precision``, ``bucket_m``, ``block_r``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANK = 128  # the rank tile (BLOCK_R) lives in registers next to the output tile; 128 is the largest we allow
+SEED_HIGH = 2**62  # seeds are drawn in [0, 2**62): any non-negative int64 is a valid Philox key
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set: kernels run on CPU tensors through triton's numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernels_interpreted(fn) -> bool:
+    """Whether a ``@triton.jit`` object was built by the interpreter (decided once, when its module was imported)."""
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands: IEEE unless torch itself allows TF32 for matmuls (a drop-in must
+    give the numbers ``F.linear`` gives). fp16/bf16 dots are unaffected by this flag."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def bucket_m(m: int) -> int:
+    """Autotune key for the row count: the next power of two (capped), so that each new sequence length does not
+    re-tune (as Liger's ``get_bucket_m`` and flash-attention's ``CACHE_KEY_M``)."""
+    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
+
+
+def block_r(r: int) -> int:
+    """The rank padded to a power of two >= 16: a GPU ``tl.dot`` needs every dimension >= 16; the padding columns
+    are masked to zero on load, so they contribute nothing."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The seed as the 1-element int64 tensor the kernels load."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
+        return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+# Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), as in tl.rand.
+_PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+_PHILOX_ROUNDS = tl.constexpr(10)
+_UINT_TO_UNIFORM = tl.constexpr(4.6566127342e-10)  # max int32 · this < 1.0 in fp32, as tl.rand's scale
+
+
+@triton.jit
+def uniform(seed, offset):
+    """U[0, 1) fp32 for int64 counters ``offset`` under an int64 ``seed``: bit-identical to
+    ``tl.rand(seed, offset)`` (Philox-4x32-10 on (offset_lo, offset_hi, 0, 0) keyed by (seed_lo, seed_hi), first
+    output word mapped to [0, 1)). Written out here rather than calling ``tl.rand`` because triton's own library
+    functions are fixed to compiled mode when triton is imported before ``TRITON_INTERPRET=1`` is set (any process
+    that imported peft first), while functions of this module follow the variable at their own import. For the
+    same reason the kernels here use only builtins (``tl.full``, not the library's ``tl.zeros``/``tl.cdiv``)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = offset.to(tl.uint32)  # low word (truncation)
+    c1 = (offset >> 32).to(tl.uint32)  # high word: counters past 2**32 stay distinct
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(_PHILOX_ROUNDS):
+        _c0, _c2 = c0, c2
+        c0 = tl.umulhi(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
+        c2 = tl.umulhi(_PHILOX_ROUND_A, _c0) ^ c3 ^ k1
+        c1 = tl.mul(_PHILOX_ROUND_B, _c2, sanitize_overflow=False)
+        c3 = tl.mul(_PHILOX_ROUND_A, _c0, sanitize_overflow=False)
+        k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
+    x = c0.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)  # fold the sign: uniform over [0, 2**31)
+    return x * _UINT_TO_UNIFORM
+
+
+@triton.jit
+def keep_mask(seed, offs_m, offs_c, n_cols, p):
+    """Boolean keep-mask tile (len(offs_m), len(offs_c)) for rows ``offs_m`` and columns ``offs_c`` of a matrix
+    with ``n_cols`` columns: ``uniform(seed, row·n_cols + col) >= p`` (P(keep) = 1 - p)."""
+    idx = offs_m.to(tl.int64)[:, None] * n_cols + offs_c[None, :]  # (BM, BC) int64 counters
+    return uniform(seed, idx) >= p
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    # pointers
+    seed_ptr, out_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_om, stride_ok,
+    # dropout probability
+    p,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    seed = tl.load(seed_ptr)
+    keep = keep_mask(seed, offs_m, offs_k, K, p)  # (BM, BK)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptrs, keep.to(tl.uint8), mask=out_mask)
+
+
+def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """Launcher: the (rows, cols) boolean keep-mask the LoRA kernels use for an input of that shape."""
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    device = torch.device(device)
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError("dropout_mask on CPU needs TRITON_INTERPRET=1 (the mask comes from a Triton kernel)")
+    seed_t = seed_tensor(seed, device)
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    if rows and cols:
+        block_m, block_k = 64, 64  # any tile works: the mask is tile-size independent
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
+        _dropout_mask_kernel[grid](seed_t, out, rows, cols, out.stride(0), out.stride(1), float(p),
+                                   BLOCK_M=block_m, BLOCK_K=block_k)
+    return out.view(torch.bool)

@@ -1,0 +1,182 @@
+"""Fused LoRA forward: y = x·W₀ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ in one pass over x, and xa = dropout(x)·Aᵀ.
+
+    x (M, K)   W₀ (N, K) Linear or (K, N) Conv1D (strides only)   A (r, K)   B (N, r)   b (N,)   s: float
+
+Tiling (one program per (BLOCK_M, BLOCK_N) output tile, grouped along M for L2 reuse as in triton's
+``tutorials/03-matrix-multiplication.py``)::
+
+    for each K block:  x̂ = x[m, k]                         (BM, BK)   loaded once, used twice:
+                       acc    += x̂ · W₀ᵀ[k, n]               (BM, BN)   the base product
+                       xa_acc += (keep ⊙ x̂) · Aᵀ[k, :R]     (BM, R)    the LoRA down-projection
+    epilogue:          xa   = xa_acc / (1 − p)                          (dropout scale applied once, on M×r)
+                       y    = acc + s · xa · Bᵀ[:R, n] + b[n]           up-projection, scaling, bias
+                       programs with pid_n == 0 also store xa (M, r) in fp32, for the backward pass.
+
+No M×N or M×K intermediate is written: dropout(x) exists only as the register tile (keep ⊙ x̂). The rank is
+padded to R = max(16, next_pow2(r)) with masked (zero) loads: a GPU ``tl.dot`` needs every side >= 16.
+The down-projection is recomputed by each of the N/BLOCK_N programs of a row block (BM·K·R extra MACs each,
+R/BLOCK_N of the base cost); the issue allows a separate skinny xa kernel for large ranks if it measures faster
+on a GPU — not measured here (no GPU in the building session), so only the one-pass kernel exists.
+
+Known limits: r <= 128 (``MAX_RANK``); x, W₀ in fp32/fp16/bf16 with equal dtypes; A, B any float dtype (tiles
+are cast to the compute dtype, as autocast casts them for ``F.linear``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_fast.kernels.dropout import MAX_RANK, block_r, bucket_m, input_precision, interpreting, keep_mask
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr,
+    # sizes (M_BUCKET is only an autotune key)
+    M, N, K, R, M_BUCKET,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_xam, stride_xar,
+    # scalars
+    scaling, p, keep_scale,
+    # switches
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_XA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped program order: GROUP_M row blocks share the W₀ column blocks while they are in L2
+    pid = tl.program_id(0)
+    num_pid_m, num_pid_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N  # no tl.cdiv: see uniform()
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2**31
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
+    dtype = x_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # x·W₀ᵀ
+    xa_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)  # (keep ⊙ x)·Aᵀ
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN) = W₀ᵀ tile
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(seed, offs_m, offs_k, K, p), x, 0.0)
+        xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
+
+    xa_acc = xa_acc * keep_scale  # 1/(1-p), or 1 without dropout
+    if WRITE_XA:
+        if pid_n == 0:
+            xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
+            tl.store(xa_ptrs, xa_acc, mask=m_mask[:, None] & r_mask[None, :])
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(dtype)  # (R, BN) = Bᵀ tile
+    lora = tl.dot(xa_acc.to(dtype), b, input_precision=INPUT_PRECISION)  # (BM, BN), xa rounded like F.linear's
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Interpreter: one fixed config (autotune over several configs fails there); 64 keeps the program count low,
+# which is what costs time in numpy.
+INTERPRET_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+def get_fwd_configs() -> list[triton.Config]:
+    """A small GPU autotune space (tutorial-03-sized tiles). Unverified on a GPU in the building session."""
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop the 128×128 tile for ranks > 64: with a 128-wide rank tile it spills registers."""
+    big_rank = named_args["R"] > 64
+    kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
+    return kept or configs[-1:]
+
+
+_fwd_tuned = None
+
+
+def _fwd_kernel():
+    """The kernel to launch: the plain one under the interpreter, an autotuned wrapper on a GPU (built once)."""
+    global _fwd_tuned
+    if interpreting():
+        return _lora_fwd_kernel, INTERPRET_FWD_CONFIG
+    if _fwd_tuned is None:
+        _fwd_tuned = triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET"],
+                                     prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel)
+    return _fwd_tuned, {}
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+    write_xa: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused forward on 2-D x. Returns (y (M, N) in x's dtype, xa (M, r) fp32 or None).
+
+    Args:
+        x: (M, K), any strides. weight: (N, K), or (K, N) with ``fan_in_fan_out``, same dtype as x.
+        bias: (N,) or None. lora_A: (r, K). lora_B: (N, r). scaling: s.
+        dropout_p: p in [0, 1); 0 disables dropout. seed: 1-element int64 tensor (needed when p > 0).
+        write_xa: store xa = dropout(x)·Aᵀ for the backward pass (False under no_grad).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"lora_linear_fwd expects 2-D x (flatten leading dims first), got {tuple(x.shape)}")
+    M, K = x.shape
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    r = lora_A.shape[0]
+    if r > MAX_RANK:
+        raise ValueError(f"rank {r} > {MAX_RANK} is not supported by the Triton kernels")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor")
+    stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    xa = torch.empty((M, r), dtype=torch.float32, device=x.device) if write_xa else None
+    if M == 0:
+        return y, xa
+    kernel, meta = _fwd_kernel()
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    has_dropout = dropout_p > 0.0
+    xa_arg = xa if write_xa else y  # never dereferenced when WRITE_XA is off
+    kernel[grid](
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa_arg, seed if has_dropout else y,
+        M, N, K, r, bucket_m(M),
+        x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        xa_arg.stride(0), xa_arg.stride(1),
+        float(scaling), float(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa,
+        INPUT_PRECISION=input_precision(x.dtype), BLOCK_R=block_r(r), **meta,
+    )
+    return y, xa

@@ -1,0 +1,147 @@
+"""The Triton path: ``LoRALinearFn`` (autograd Function over the fused kernels), ``lora_linear_triton`` and
+``unsupported_reason``. Importing this module raises ImportError when triton is missing.
+
+Math (x (M, K) after flattening leading dims; keep is the regenerated dropout mask, p its probability):
+
+    forward   xa = (x ⊙ keep)·Aᵀ/(1−p)                  (M, r)   saved, fp32
+              y  = x·W₀ᵀ + b + s·xa·Bᵀ                   (M, N)
+    backward  gb = dy·B                                  (M, r)
+              dx = dy·W₀ + s/(1−p)·keep ⊙ (gb·A)         (M, K)   skipped when x needs no grad
+              dA = s/(1−p)·gbᵀ·(x ⊙ keep)                (r, K)
+              dB = s·dyᵀ·xa                              (N, r)
+              no gradient for the frozen W₀ and b.
+
+Saved for backward: x, xa (4·M·r bytes), the 8-byte seed tensor, and W₀, A, B (parameters, not activations).
+PEFT's layer keeps the dropped copy of x as well (its nn.Dropout output), i.e. about twice the activations.
+
+Autocast: handled here rather than with ``torch.amp.custom_fwd`` (whose device type is fixed at decoration, while
+this path serves CUDA and interpreter CPU tensors alike): under autocast x, W₀ and b are cast to the autocast
+dtype with ordinary (differentiable) casts, A and B stay in their dtype (fp32) and are cast tile by tile inside
+the kernels, and dA, dB come back in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
+
+from lora_fast.kernels import dropout as _drop
+from lora_fast.kernels import lora_bwd as _bwd
+from lora_fast.kernels import lora_fwd as _fwd
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def unsupported_reason(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None
+) -> str | None:
+    """Why the fused kernels cannot run this case (a sentence), or None when they can.
+
+    Besides device/dtype/rank limits, a base weight or bias that requires grad is refused: the kernels treat W₀ and
+    b as frozen and would silently return no gradient for them (the reference path differentiates them).
+    """
+    dev = x.device
+    if dev.type == "cpu":
+        if not _drop.interpreting():
+            return "CPU tensors run on the Triton path only with TRITON_INTERPRET=1"
+        if not _drop.kernels_interpreted(_fwd._lora_fwd_kernel):
+            return "TRITON_INTERPRET=1 was set after lora_fast.kernels was imported (set it before)"
+    elif dev.type != "cuda":
+        return f"the Triton kernels run on CUDA tensors, got a {dev.type} tensor"
+    if weight.device != dev or lora_A.device != dev:
+        return f"x ({dev}), weight ({weight.device}) and lora_A ({lora_A.device}) are on different devices"
+    dtype = _compute_dtype(x)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"compute dtype {dtype} is not one of {SUPPORTED_DTYPES}"
+    if not torch.is_autocast_enabled(dev.type) and weight.dtype != x.dtype:
+        return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
+    if not lora_A.dtype.is_floating_point or lora_A.dtype == torch.float64:
+        return f"lora_A dtype {lora_A.dtype} is not supported (fp32/fp16/bf16)"
+    if dtype == torch.bfloat16 and dev.type == "cpu":
+        return "bf16 is not supported under TRITON_INTERPRET (the interpreter's bf16 tl.dot is wrong); use a GPU"
+    if lora_A.shape[0] > _drop.MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {_drop.MAX_RANK}"
+    if x.shape[-1] == 0:
+        return "in_features is 0"
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return "the base weight/bias requires grad, but the kernels treat them as frozen (no gradient for them)"
+    return None
+
+
+class LoRALinearFn(torch.autograd.Function):
+    """y = x·W₀ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ on 2-D x with the fused kernels (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
+        y, xa = _fwd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                                     write_xa=ctx.needs_input_grad[4])
+        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
+        ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
+        needs_dx, needs_dA, needs_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if not (needs_dx or needs_dA or needs_dB):
+            return (None,) * 9
+        dx, dA, dB = _bwd.lora_linear_bwd(
+            dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
+            needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB,
+        )
+        return dx, None, None, dA, dB, None, None, None, None
+
+
+def lora_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """The fused Triton LoRA linear for x (..., K): same contract as ``lora_fast.functional.lora_linear``.
+
+    Args:
+        x: (..., K), any strides. weight: (N, K), or (K, N) with ``fan_in_fan_out``. bias: (N,) or None.
+        lora_A: (r, K). lora_B: (N, r). scaling: s.
+        dropout_p: dropout probability on the LoRA input, applied when ``training``.
+        seed: dropout seed; None draws one from torch's generator for x's device (so ``torch.manual_seed`` and
+            checkpoint recomputation reproduce the mask). The mask is ``dropout_mask(seed, M, K, p, device)``.
+        training: whether dropout is active. fan_in_fan_out: Conv1D weight layout.
+    """
+    reason = unsupported_reason(x, weight, lora_A, bias)
+    if reason is not None:
+        raise RuntimeError(f"the Triton LoRA path cannot run this case: {reason}")
+    p = float(dropout_p) if training else 0.0
+    dev = x.device
+    seed_t = None
+    if p > 0.0:
+        if seed is None:  # drawn on x's device: no host sync, and captured by checkpoint's RNG stash
+            seed_t = torch.randint(0, _drop.SEED_HIGH, (1,), dtype=torch.int64, device=dev)
+        else:
+            seed_t = _drop.seed_tensor(seed, dev)
+    if torch.is_autocast_enabled(dev.type):
+        dtype = torch.get_autocast_dtype(dev.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)  # (M, K): a view when the leading dims allow it; 2-D strides are passed to the kernels
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    with torch.autocast(dev.type, enabled=False):
+        if torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+            y = LoRALinearFn.apply(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t, fan_in_fan_out)
+        else:  # nothing to differentiate: no Function, nothing saved, xa not written
+            y, _ = _fwd.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t,
+                                        fan_in_fan_out, write_xa=False)
+    return y.reshape(*lead, N)

@@ -1,0 +1,240 @@
+"""Launchers (``lora_linear_fwd``, ``lora_linear_bwd``, ``dropout_keep_mask``) against the float64 reference.
+
+Dropout parity is exact: the reference is given the kernels' own keep-mask (``dropout_keep_mask``), so with
+dropout on, forward and every gradient are compared element by element, not statistically. On a CPU-only machine
+everything runs through triton's interpreter (fp32 dots are exact there: tolerance 1e-5); with a GPU the same
+tests compile for real (tolerance 2e-3 for fp32, TF32 may be on).
+"""
+
+# ruff: noqa: I001  (the kernels are imported after tests.triton_interpret has set up the interpreter)
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_fast.reference import lora_linear_ref
+from tests.triton_interpret import DEVICE, HAS_CUDA, interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close, rel_err
+
+from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor, uniform
+from lora_fast.kernels.lora_bwd import lora_linear_bwd
+from lora_fast.kernels.lora_fwd import lora_linear_fwd
+
+pytestmark = pytest.mark.usefixtures("interpret")
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3  # interpreter: exact fp32 dots; GPU: TF32 may be allowed
+
+# (M, K, N, r, fan_in_fan_out, bias, p): odd sizes (K, N not multiples of any block), every listed rank and M,
+# both layouts, with/without bias, dropout off/on — covered without the full cross product (interpreter time).
+CASES = [
+    (1, 97, 75, 1, False, True, 0.0),
+    (37, 97, 75, 3, True, True, 0.2),
+    (37, 50, 130, 8, False, False, 0.5),
+    (128, 70, 33, 16, True, False, 0.0),
+    (128, 33, 70, 64, False, True, 0.1),
+    (64, 40, 24, 128, True, True, 0.3),
+]
+
+
+def _make(M, K, N, r, fifo, has_bias, dtype=torch.float32, device=DEVICE):
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    w = torch.randn((K, N) if fifo else (N, K), dtype=dtype, device=device) / K**0.5
+    b = torch.randn(N, dtype=dtype, device=device) if has_bias else None
+    a = torch.randn(r, K, device=device) / K**0.5  # fp32 adapters, as LinearWithLoRA keeps them
+    bb = torch.randn(N, r, device=device) / r**0.5
+    return x, w, b, a, bb
+
+
+def _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy):
+    """Float64 forward and gradients of the reference with the given keep-mask."""
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
+    y.backward(dy.double())
+    xa = torch.nn.functional.linear(x64 * mask / (1 - p), a64) if mask is not None else x64 @ a64.t()
+    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
+
+
+def _run(x, w, b, a, bb, s, p, seed, fifo, dy):
+    st = seed_tensor(seed, x.device) if p > 0 else None
+    y, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo)
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo)
+    return y, xa, dx, da, db
+
+
+@pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p", CASES)
+def test_forward_backward_match_fp64_reference(M, K, N, r, fifo, has_bias, p):
+    x, w, b, a, bb = _make(M, K, N, r, fifo, has_bias)
+    dy = torch.randn(M, N, device=x.device)
+    seed, s = 1234 + M, 2.0 / r
+    mask = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
+    if p > 0:  # the mask really drops something, so parity below is not vacuous
+        assert 0 < mask.sum() < mask.numel() or M * K < 8
+    out = _run(x, w, b, a, bb, s, p, seed, fifo, dy)
+    ref = _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy)
+    for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
+        assert o.dtype == {"xa": torch.float32, "dA": a.dtype, "dB": bb.dtype}.get(name, x.dtype), name
+        assert_rel_close(o, rf, FP32_TOL, name)
+
+
+def test_noncontiguous_inputs_use_strides():
+    """x as a transposed view and a strided slice, W₀ and dy non-contiguous: same result as contiguous copies."""
+    M, K, N, r, p, s = 37, 45, 29, 8, 0.25, 0.5
+    x = torch.randn(K, M, device=DEVICE).t()  # (M, K), column-major
+    w = torch.randn(N, 2 * K, device=DEVICE)[:, ::2]  # (N, K) with stride 2
+    a, bb = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    dy = torch.randn(N, M, device=DEVICE).t()
+    assert not x.is_contiguous() and not w.is_contiguous() and not dy.is_contiguous()
+    mask = dropout_keep_mask(7, M, K, p, DEVICE)
+    out = _run(x, w, None, a, bb, s, p, 7, False, dy)
+    ref = _ref_grads(x, w, None, a, bb, s, p, mask, False, dy)
+    for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
+        assert_rel_close(o, rf, FP32_TOL, name)
+
+
+def test_backward_skips_unneeded_gradients():
+    """Only the requested gradients are produced (dx skipped for a first layer; dB alone for a frozen A)."""
+    M, K, N, r = 16, 24, 20, 4
+    x, w, b, a, bb = _make(M, K, N, r, False, True)
+    dy = torch.randn(M, N, device=DEVICE)
+    y, xa = lora_linear_fwd(x, w, b, a, bb, 1.0)
+    ref = _ref_grads(x, w, b, a, bb, 1.0, 0.0, None, False, dy)
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 1.0, needs_dx=False)
+    assert dx is None
+    assert_rel_close(da, ref[3], FP32_TOL, "dA")
+    assert_rel_close(db, ref[4], FP32_TOL, "dB")
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 1.0, needs_dx=False, needs_dA=False)
+    assert dx is None and da is None
+    assert_rel_close(db, ref[4], FP32_TOL, "dB")
+
+
+def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2):
+    """(kernel error, PyTorch's own error) against fp64 for y, dx, dA, dB in ``dtype``."""
+    x, w, b, a, bb = _make(M, K, N, r, False, True, dtype=dtype, device=device)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    mask = dropout_keep_mask(99, M, K, p, device)
+    out = _run(x, w, b, a, bb, 0.5, p, 99, False, dy)
+    ref = _ref_grads(x, w, b, a, bb, 0.5, p, mask, False, dy)
+    # PyTorch in the same dtype (adapters cast to it, as the reference does outside autocast)
+    xt, at, bt = (t.detach().clone().requires_grad_() for t in (x, a.to(dtype), bb.to(dtype)))
+    yt = lora_linear_ref(xt, w, b, at, bt, 0.5, dropout_p=p, keep_mask=mask)
+    yt.backward(dy)
+    torch_out = (yt, xt.grad, at.grad, bt.grad)
+    pairs = zip(out[:1] + out[2:], torch_out, ref[:1] + ref[2:], strict=True)  # (y, dx, dA, dB)
+    return [(rel_err(o, rf), rel_err(t, rf)) for o, t, rf in pairs]
+
+
+def _check_dtype(dtype, device):
+    for name, (err, torch_err) in zip(("y", "dx", "dA", "dB"), _dtype_errors(dtype, device), strict=True):
+        assert err <= 1e-2, f"{name}: {dtype} error {err:.2e} > 1e-2"
+        assert err <= 2 * torch_err + 1e-4, f"{name}: {dtype} error {err:.2e} > 2 x PyTorch's {torch_err:.2e}"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter fp16 check; on a GPU test_fp16_bf16_gpu covers fp16")
+def test_fp16_interpreter():
+    """The interpreter computes fp16 tl.dot correctly (unlike bf16), so fp16 is checked here too."""
+    _check_dtype(torch.float16, "cpu")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="fp16/bf16 on real compilation needs a CUDA GPU (runs in the GPU job); "
+                    "bf16 cannot run on CPU: the interpreter's bf16 tl.dot is garbage (fp16: test_fp16_interpreter)")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_bf16_gpu(dtype):
+    """bf16 only on a GPU: the interpreter's bf16 tl.dot returns garbage (and dispatch refuses bf16 there)."""
+    _check_dtype(dtype, "cuda")
+
+
+def test_dropout_mask_properties():
+    """Keep-rate within 4σ of 1−p; the mask is a function of (seed, row, col): prefix-stable in rows, reproducible,
+    different for another seed."""
+    M, K, p = 200, 150, 0.3
+    m = dropout_keep_mask(5, M, K, p, DEVICE)
+    assert m.dtype == torch.bool and m.shape == (M, K)
+    n = m.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(m.float().mean().item() - (1 - p)) < 4 * sigma
+    assert torch.equal(m, dropout_keep_mask(5, M, K, p, DEVICE))
+    assert torch.equal(m[:37], dropout_keep_mask(5, 37, K, p, DEVICE))  # index-based, not tile/shape-based
+    assert (m != dropout_keep_mask(6, M, K, p, DEVICE)).float().mean() > 0.2  # ≈ 2p(1−p) = 0.42 expected
+    # the counter is the flat index row·K + col: the same flat positions of a (M·K/10, 10) matrix agree
+    assert torch.equal(m.reshape(-1), dropout_keep_mask(5, M * K // 10, 10, p, DEVICE).reshape(-1))
+
+
+def test_dropout_mask_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="p must be in"):
+        dropout_keep_mask(1, 4, 4, 1.0, DEVICE)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        dropout_keep_mask(-1, 4, 4, 0.5, DEVICE)
+    with pytest.raises(ValueError, match="rows must be"):
+        dropout_keep_mask(1, -4, 4, 0.5, DEVICE)
+
+
+def test_launcher_rejects_unsupported_rank():
+    x, w, b, a, bb = _make(4, 8, 8, 129, False, False)
+    with pytest.raises(ValueError, match="rank 129"):
+        lora_linear_fwd(x, w, b, a, bb, 1.0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="M·K > 2**31 needs a CUDA GPU (~4 GiB fp16 input, too slow for the "
+                    "interpreter): runs in the GPU job")
+@pytest.mark.gpu
+def test_large_mk_int64_offsets_gpu():
+    """M·K > 2³¹: int64 pointer offsets and RNG counters. Checks the last rows (beyond element 2³¹) against the
+    reference with the kernels' mask, and dx/dA on them through the full backward."""
+    K, N, r, p = 4096, 64, 16, 0.1
+    M = 2**31 // K + 4096  # M·K > 2**31
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
+    a, bb = torch.randn(r, K, device="cuda") / K**0.5, torch.randn(N, r, device="cuda")
+    st = seed_tensor(3, "cuda")
+    y, xa = lora_linear_fwd(x, w, None, a, bb, 0.5, p, st)
+    tail = slice(M - 256, M)
+    mask = dropout_keep_mask(3, M, K, p, "cuda")[tail]
+    ref = lora_linear_ref(x[tail], w, None, a, bb, 0.5, dropout_p=p, keep_mask=mask, upcast=True)
+    assert_rel_close(y[tail], ref, 1e-2, "y tail")
+    dy = torch.zeros(M, N, device="cuda", dtype=torch.float16)
+    dy[tail] = torch.randn(256, N, device="cuda", dtype=torch.float16)
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st)
+    rx, ra, rb = _ref_grads(x[tail], w, None, a, bb, 0.5, p, mask, False, dy[tail])[2:]
+    assert_rel_close(dx[tail], rx, 1e-2, "dx tail")
+    assert_rel_close(da, ra, 1e-2, "dA")
+    assert_rel_close(db, rb, 1e-2, "dB")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_wgrad_split_reduction(splits):
+    """The weight-gradient kernel with its M reduction split over programs (the GPU's choice for large M) gives
+    the same C = s·Lᵀ·(keep ⊙ R)/(1−p) as one program, including a ragged last split."""
+    from lora_fast.kernels.lora_bwd import _wgrad
+
+    M, Q, r, p = 200, 70, 5, 0.4
+    lmat, rop = torch.randn(M, r, device=DEVICE), torch.randn(M, Q, device=DEVICE)
+    out = torch.zeros(r, Q, device=DEVICE)
+    _wgrad(lmat, rop, out, 0.7, p, seed_tensor(11, DEVICE), "ieee", splits=splits)
+    mask = dropout_keep_mask(11, M, Q, p, DEVICE)
+    ref = 0.7 * lmat.double().t() @ (rop.double() * mask)
+    assert_rel_close(out, ref, FP32_TOL, "C")
+
+
+_TL_RAND_RUNS = HAS_CUDA or type(__import__("triton").language.rand).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.skipif(not _TL_RAND_RUNS, reason="tl.rand is in compiled mode (triton was imported before "
+                    "TRITON_INTERPRET=1 was set, e.g. by peft): runs on a GPU, or on CPU with TRITON_INTERPRET=1 set "
+                    "before pytest starts")
+def test_uniform_is_bit_identical_to_tl_rand():
+    """The written-out Philox (``uniform``) equals ``tl.rand`` bit for bit, also for counters past 2³¹ and 2³²."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # decorated here, under the interpret fixture; ``uniform`` resolves through this module's globals
+    def _both(seed_ptr, out_ref, out_ours, base, BLOCK: tl.constexpr):
+        offs = base + tl.arange(0, BLOCK).to(tl.int64) * 7919
+        seed = tl.load(seed_ptr)
+        tl.store(out_ref + tl.arange(0, BLOCK), tl.rand(seed, offs))
+        tl.store(out_ours + tl.arange(0, BLOCK), uniform(seed, offs))
+
+    for seed in (0, 2**40 + 5):
+        for base in (0, 2**31 - 100, 2**33 + 3):
+            ref, ours = torch.empty(512, device=DEVICE), torch.empty(512, device=DEVICE)
+            _both[(1,)](seed_tensor(seed, DEVICE), ref, ours, base, BLOCK=512)
+            assert torch.equal(ref, ours), (seed, base)

@@ -1,0 +1,278 @@
+"""The autograd Function and dispatch: ``lora_linear(..., backend="triton"/"auto")`` and ``LinearWithLoRA`` on the
+Triton path against the float64 reference (with the kernels' own dropout mask), plus seeds, checkpointing,
+autocast, saved-activation bytes (vs PEFT) and a 20-step GPT-2 run compared with the reference path.
+
+CPU-only machines run the kernels through triton's interpreter (see ``tests/triton_interpret.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from lora_fast import LinearWithLoRA, apply_lora
+from lora_fast.functional import dropout_mask, lora_linear
+from lora_fast.reference import lora_linear_ref
+from tests.triton_interpret import DEVICE, HAS_CUDA, interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close, rel_err
+
+pytestmark = pytest.mark.usefixtures("interpret")
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3  # interpreter: exact fp32 dots; GPU: TF32 may be allowed
+
+
+def _params(K, N, r, fifo=False, bias=True, dtype=torch.float32):
+    w = (torch.randn((K, N) if fifo else (N, K), dtype=dtype, device=DEVICE) / K**0.5)
+    b = torch.randn(N, dtype=dtype, device=DEVICE) if bias else None
+    a = (torch.randn(r, K, device=DEVICE) / K**0.5).requires_grad_()
+    bb = torch.randn(N, r, device=DEVICE).requires_grad_()
+    return w, b, a, bb
+
+
+def _grads_vs_reference(x, w, b, a, bb, s, p, seed, fifo, tol=FP32_TOL):
+    """Run lora_linear on the Triton path, backprop a random dy, compare y, dx, dA, dB with fp64 + the same mask."""
+    x = x.detach().requires_grad_()
+    y = lora_linear(x, w, b, a, bb, s, dropout_p=p, seed=seed, fan_in_fan_out=fifo, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    K = x.shape[-1]
+    mask = dropout_mask(seed, x.numel() // K, K, p, x.device).reshape(x.shape) if p > 0 else None
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    ref = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
+    ref.backward(dy.double())
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert a.grad.dtype == a.dtype and bb.grad.dtype == bb.dtype
+    for name, o, r in (("y", y, ref), ("dx", x.grad, x64.grad), ("dA", a.grad, a64.grad), ("dB", bb.grad, b64.grad)):
+        assert_rel_close(o, r, tol, name)
+
+
+@pytest.mark.parametrize(
+    "shape, N, r, fifo, bias, p",
+    [
+        ((37, 40), 33, 3, False, True, 0.0),  # 2-D
+        ((3, 7, 40), 33, 8, True, False, 0.3),  # 3-D, Conv1D layout
+        ((2, 3, 5, 24), 20, 16, False, True, 0.1),  # 4-D
+        ((5,), 9, 1, True, True, 0.5),  # 1-D input, rank 1
+    ],
+)
+def test_every_gradient_matches_reference(shape, N, r, fifo, bias, p):
+    x = torch.randn(*shape, device=DEVICE)
+    _grads_vs_reference(x, *_params(shape[-1], N, r, fifo, bias), s=16.0 / r, p=p, seed=4321, fifo=fifo)
+
+
+def test_noncontiguous_and_permuted_inputs():
+    """A permuted 3-D input (reshape copies) and a sliced 2-D view (strides) give the reference's gradients."""
+    x3 = torch.randn(6, 24, 5, device=DEVICE).permute(0, 2, 1)  # (6, 5, 24), not viewable as 2-D
+    _grads_vs_reference(x3, *_params(24, 18, 4), s=2.0, p=0.2, seed=8, fifo=False)
+    x2 = torch.randn(30, 48, device=DEVICE)[:, 3:27]  # (30, 24), row stride 48
+    _grads_vs_reference(x2, *_params(24, 18, 4), s=2.0, p=0.2, seed=8, fifo=False)
+
+
+def test_rank_128():
+    x = torch.randn(20, 32, device=DEVICE)
+    _grads_vs_reference(x, *_params(32, 24, 128, fifo=True), s=0.1, p=0.1, seed=3, fifo=True)
+
+
+def test_fp16_through_function():
+    """fp16 end to end (x, W₀ fp16; A, B fp32 as LinearWithLoRA keeps them): error <= 1e-2 and <= 2× PyTorch's."""
+    x = torch.randn(33, 40, device=DEVICE, dtype=torch.float16)  # fp16 dots are right in the interpreter
+    w, b, a, bb = _params(40, 36, 8, dtype=torch.float16)
+    x.requires_grad_()
+    y = lora_linear(x, w, b, a, bb, 2.0, backend="triton")
+    y.backward(dy := torch.randn_like(y))
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, bb))
+    yr = lora_linear_ref(xr, w, b, ar, br, 2.0)  # PyTorch in fp16 (adapters cast to fp16, grads flow back)
+    yr.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y64 = lora_linear_ref(x64, w, b, a64, b64, 2.0, upcast=True)
+    y64.backward(dy.double())
+    for name, o, t, r in (("y", y, yr, y64), ("dx", x.grad, xr.grad, x64.grad), ("dA", a.grad, ar.grad, a64.grad),
+                          ("dB", bb.grad, br.grad, b64.grad)):
+        err, torch_err = rel_err(o, r), rel_err(t, r)
+        assert err <= 1e-2 and err <= 2 * torch_err + 1e-4, f"{name}: {err:.2e} vs PyTorch {torch_err:.2e}"
+    assert a.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
+
+
+def test_autocast_fp32_params_half_compute():
+    """Under autocast: fp32 x/W₀/A/B, half compute; y in the autocast dtype, dA/dB fp32, close to fp64."""
+    half = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # interpreter: bf16 dots are wrong
+    x = torch.randn(2, 17, 40, device=DEVICE, requires_grad=True)
+    w, b, a, bb = _params(40, 36, 8)
+    with torch.autocast(DEVICE, dtype=half):
+        y = lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.2, seed=5, backend="triton")
+        yr = lora_linear_ref(x, w, b, a, bb, 2.0, dropout_p=0.2, keep_mask=dropout_mask(5, 34, 40, 0.2, DEVICE)
+                             .reshape(2, 17, 40))
+    assert y.dtype == half and yr.dtype == half
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, (x, a, bb), dy)
+    gr = torch.autograd.grad(yr, (x, a, bb), dy)
+    assert [g.dtype for g in ga] == [torch.float32] * 3
+    for name, g, r in zip(("dx", "dA", "dB"), ga, gr, strict=True):
+        assert rel_err(g, r) <= 1e-2, name
+    assert rel_err(y, yr) <= 1e-2
+
+
+def test_dispatch_auto_and_triton(monkeypatch, caplog):
+    x = torch.randn(8, 16, device=DEVICE)
+    w, b, a, bb = _params(16, 12, 4)
+    monkeypatch.setattr("lora_fast.functional._logged", set())  # the choice is logged once per message
+    with caplog.at_level(logging.DEBUG, logger="lora_fast"):
+        lora_linear(x, w, b, a, bb, 1.0, backend="auto")
+    assert any("Triton path" in m for m in caplog.messages), caplog.messages
+    with pytest.raises(RuntimeError, match="rank 129"):
+        lora_linear(x, w, b, torch.randn(129, 16, device=DEVICE), torch.randn(12, 129, device=DEVICE), 1.0,
+                    backend="triton")
+    with pytest.raises(RuntimeError, match="frozen"):  # a trainable base would silently get no gradient
+        lora_linear(x, w.clone().requires_grad_(), b, a, bb, 1.0, backend="triton")
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="bf16"):  # never silently garbage on the interpreter
+            xb = x.bfloat16()
+            lora_linear(xb, w.bfloat16(), None, a, bb, 1.0, backend="triton")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="lora_fast"):
+            y = lora_linear(x, w, b, a, bb, 1.0, backend="auto")  # falls back to the reference
+        assert any("reference path" in m for m in caplog.messages), caplog.messages
+        assert_rel_close(y, lora_linear_ref(x, w, b, a, bb, 1.0, upcast=True), 1e-5, "y")
+    with pytest.raises(ValueError, match="seed"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=-3, backend="triton")
+
+
+def test_seeds_reproduce_and_differ():
+    layer = LinearWithLoRA(nn.Linear(24, 20), rank=4, dropout=0.3, backend="triton").to(DEVICE)
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(16, 24, device=DEVICE)
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    y2 = layer(x)
+    y3 = layer(x)  # the generator moved on: another seed, another mask
+    assert torch.equal(y1, y2)
+    assert not torch.allclose(y1, y3)
+    args = (x, layer.linear.weight, layer.linear.bias, layer.lora.lora_A, layer.lora.lora_B, layer.scaling)
+    e1 = lora_linear(*args, dropout_p=0.3, seed=77, backend="triton")
+    e2 = lora_linear(*args, dropout_p=0.3, seed=77, backend="triton")
+    e3 = lora_linear(*args, dropout_p=0.3, seed=78, backend="triton")
+    assert torch.equal(e1, e2) and not torch.allclose(e1, e3)
+    # eval mode: no dropout, equal to dropout 0
+    layer.eval()
+    assert_rel_close(layer(x), lora_linear(*args, dropout_p=0.0, backend="triton"), 1e-6, "eval")
+    # keep-rate of the mask the kernels use, within 4σ of 1 − p
+    m = dropout_mask(123, 256, 200, 0.3, DEVICE)
+    assert abs(m.float().mean().item() - 0.7) < 4 * (0.3 * 0.7 / m.numel()) ** 0.5
+
+
+def test_checkpoint_regenerates_the_same_masks():
+    """With dropout on and seeds drawn from torch's RNG, checkpoint recomputation gives the same gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearWithLoRA(nn.Linear(24, 32), rank=4, dropout=0.3, backend="triton"), nn.GELU(),
+                          LinearWithLoRA(nn.Linear(32, 16), rank=4, dropout=0.3, backend="triton")).to(DEVICE)
+    for m in model:
+        if isinstance(m, LinearWithLoRA):
+            nn.init.normal_(m.lora.lora_B)
+    x = torch.randn(12, 24, device=DEVICE, requires_grad=True)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+
+    torch.manual_seed(42)
+    g_plain = torch.autograd.grad(model(x).square().sum(), params)
+    torch.manual_seed(42)
+    g_ckpt = torch.autograd.grad(checkpoint(model, x, use_reentrant=False).square().sum(), params)
+    for i, (p, c) in enumerate(zip(g_plain, g_ckpt, strict=True)):
+        assert torch.equal(p, c), f"gradient {i} differs under checkpoint (rel err {rel_err(c, p):.2e})"
+    torch.manual_seed(43)  # another seed: another mask, other gradients (the comparison above is not vacuous)
+    g_other = torch.autograd.grad(model(x).square().sum(), params)
+    assert not torch.allclose(g_other[1], g_plain[1])
+
+
+def test_no_grad_and_first_layer():
+    """Under no_grad nothing is saved; a first layer (x without grad) gets dA, dB but no dx; merged = base only."""
+    layer = LinearWithLoRA(nn.Linear(24, 20), rank=4, dropout=0.2, backend="triton").to(DEVICE)
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(10, 24, device=DEVICE)
+    saved = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(3)
+        y0 = layer(x)
+    assert saved == [] and not y0.requires_grad
+    torch.manual_seed(3)
+    y = layer(x)
+    assert torch.equal(y.detach(), y0)
+    y.sum().backward()
+    assert x.grad is None and layer.lora.lora_A.grad is not None and layer.linear.weight.grad is None
+    layer.eval()
+    y_unmerged = layer(x)
+    layer.merge_weights()
+    assert_rel_close(layer(x), y_unmerged, 1e-5, "merged")
+
+
+def _saved_activation_bytes(module, x):
+    """Bytes of the tensors autograd saves for backward, excluding those sharing storage with parameters/buffers
+    (counted once per storage)."""
+    param_ptrs = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total
+
+
+def test_saved_activations_bounded_and_below_peft():
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    M, K, N, r = 64, 96, 80, 8
+    ours = LinearWithLoRA(nn.Linear(K, N), rank=r, alpha=16, dropout=0.1, backend="triton").to(DEVICE).train()
+    peft = PeftLinear(nn.Linear(K, N), "default", LoraConfig(r=r, lora_alpha=16, lora_dropout=0.1), r=r,
+                      lora_alpha=16, lora_dropout=0.1).to(DEVICE).train()
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    ours_bytes, peft_bytes = _saved_activation_bytes(ours, x), _saved_activation_bytes(peft, x)
+    bound = x.nbytes + 4 * M * r + 1024
+    assert ours_bytes <= bound, f"ours saves {ours_bytes} B > bytes(x) + 4·M·r + 1 KiB = {bound}"
+    assert ours_bytes < peft_bytes, f"ours {ours_bytes} B vs PEFT {peft_bytes} B"
+    assert peft_bytes >= 2 * x.nbytes  # PEFT keeps x and its dropped copy
+
+
+@pytest.mark.slow
+def test_gpt2_20_steps_triton_matches_reference():
+    """A 2-layer GPT-2 (random init), LoRA on c_attn (Conv1D), dropout 0: 20 AdamW steps on the Triton
+    path and on the reference path give the same loss at every step."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # small enough for the interpreter (~0.1 s per kernel launch there)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 16), device=DEVICE)
+    losses = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(1)
+        model = GPT2LMHeadModel(cfg).to(DEVICE)
+        model.load_state_dict(base.state_dict())
+        model = apply_lora(model, target_modules=["c_attn"], rank=8, alpha=16, dropout=0.0,
+                           backend=backend)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[backend] = []
+        for _ in range(20):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[backend].append(loss.item())
+    t, rf = torch.tensor(losses["triton"]), torch.tensor(losses["reference"])
+    assert t[-1] < t[0] - 0.1, "training did not move the loss: the comparison would be vacuous"
+    assert torch.allclose(t, rf, rtol=1e-4, atol=0), f"triton {t.tolist()}\nreference {rf.tolist()}"
