@@ -63,7 +63,9 @@ def lora_linear_ref(
     x_d = x
     if training and dropout_p > 0.0:
         if keep_mask is None:
-            keep_mask = torch.rand(x.shape, device=x.device, generator=generator) >= dropout_p
+            # generator only when given: an explicit generator=None breaks torch.compile with dynamic shapes
+            kw = {"generator": generator} if generator is not None else {}
+            keep_mask = torch.rand(x.shape, device=x.device, **kw) >= dropout_p
         x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
     elif keep_mask is not None and dropout_p > 0.0:
         raise ValueError("keep_mask was given but training=False: dropout is off in eval mode")

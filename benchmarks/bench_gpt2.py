@@ -1,0 +1,239 @@
+"""Whole-model benchmark: a LoRA training step on GPT-2, and inference with unmerged vs merged adapters.
+
+    python -m benchmarks.bench_gpt2            # GPT-2 124M, batch 8 × 1024 tokens (meant for a GPU)
+    python -m benchmarks.bench_gpt2 --quick    # a 2-layer, 128-wide GPT-2, batch 2 × 64 (CPU, seconds)
+
+Set-up shared by every provider: architecture from ``GPT2Config`` (pretrained ``gpt2`` weights when they are in the
+local Hugging Face cache or ``--model-path`` names them — weights do not change speed), fp32 master weights, bf16
+autocast, LoRA on ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc`` with r=16, α=32, dropout 0.1, AdamW on the
+adapters. The adapters' B starts random (not PEFT's zeros) and token ids are random in [1, vocab): no all-zero
+inputs anywhere.
+
+Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only — on a CPU the Triton interpreter would
+run, whose timings are never kernel timings, so it is skipped with a message), ``peft`` (``get_peft_model`` with
+``fan_in_fan_out=True``), ``reference`` (``apply_lora(..., backend="reference")``).
+
+Modes and metrics (rows of ``bench=gpt2``): ``train`` — one optimizer step (forward, backward, AdamW step,
+zero_grad): time (ms), tokens_per_s, peak_mem (MB above the live model and optimizer state); ``infer_unmerged`` and
+``infer_merged`` — a no-grad forward with the adapters separate, then folded into the weights: time, tokens_per_s,
+peak_mem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+import torch
+import torch.nn as nn
+
+from benchmarks import utils
+
+PROVIDERS = ("lora_fast", "peft", "reference")
+MODES = ("train", "infer_unmerged", "infer_merged")
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
+FULL_SET = {"model": "gpt2-124M", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257, "batch": 8,
+            "seq": 1024}
+QUICK_SET = {"model": "gpt2-tiny", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab": 512, "batch": 2, "seq": 64}
+
+
+def build_model(shape: dict, device: torch.device, model_path: str | None) -> nn.Module:
+    """GPT-2 with ``shape``'s architecture: pretrained weights from ``model_path`` (or, for 124M, the local cache
+    when present), random ones otherwise."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = None
+    source = model_path or ("gpt2" if shape["model"] == "gpt2-124M" else None)
+    if source is not None:
+        try:
+            model = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
+        except OSError as e:
+            if model_path:  # asked for explicitly: a missing checkpoint is an error
+                raise ValueError(f"--model-path {model_path!r}: cannot load a GPT-2 checkpoint ({e})") from e
+    print(f"  weights: {'pretrained (' + source + ')' if model is not None else 'random (GPT2Config)'}", flush=True)
+    if model is None:
+        cfg = GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+                         vocab_size=shape["vocab"], n_positions=max(1024, shape["seq"]),
+                         bos_token_id=shape["vocab"] - 1, eos_token_id=shape["vocab"] - 1)
+        model = GPT2LMHeadModel(cfg)
+    c = model.config
+    got = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "vocab": c.vocab_size}
+    if any(got[k] != shape[k] for k in got):
+        raise ValueError(f"the checkpoint's architecture {got} differs from the benchmark's {shape}")
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def add_lora(model: nn.Module, provider: str) -> nn.Module:
+    """The LoRA-wrapped model for ``provider`` (only adapter parameters trainable); B initialised randomly."""
+    if provider == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                         target_modules=TARGETS, fan_in_fan_out=True)
+        model = get_peft_model(model, cfg)
+    else:
+        from lora_fast import apply_lora
+
+        backend = "triton" if provider == "lora_fast" else "reference"
+        apply_lora(model, TARGETS, rank=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], backend=backend)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    return model
+
+
+def set_merged(model: nn.Module, provider: str, merged: bool) -> None:
+    """Fold the adapters into the base weights (``merged=True``) or take them out again."""
+    if provider == "peft":
+        model.merge_adapter() if merged else model.unmerge_adapter()
+    else:
+        from lora_fast import merge_lora, unmerge_lora
+
+        merge_lora(model) if merged else unmerge_lora(model)
+
+
+def prepare_provider(provider: str, shape: dict, device: torch.device | str, model_path: str | None = None) -> dict:
+    """Build provider's LoRA GPT-2, its optimizer and a batch source.
+
+    Returns:
+        {"train": one optimizer step, "infer": one no-grad forward, "model": the model}.
+    """
+    device = torch.device(device)
+    B, T = shape["batch"], shape["seq"]
+    model = add_lora(build_model(shape, device, model_path), provider)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d = shape["n_embd"]
+    per_block = LORA["r"] * sum(k + n for k, n in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)])  # r·(K+N) each
+    if trainable != shape["n_layer"] * per_block:  # same adapters everywhere, or the comparison means nothing
+        raise RuntimeError(f"{trainable} trainable parameters, expected {shape['n_layer'] * per_block}")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = [torch.randint(1, shape["vocab"], (B, T), device=device) for _ in range(3)]  # (B, T), never zeros
+    count = [0]
+
+    def next_ids():
+        count[0] += 1
+        return batches[count[0] % len(batches)]
+
+    def train_step():
+        ids = next_ids()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model(input_ids=next_ids())
+
+    return {"train": train_step, "infer": infer, "model": model}
+
+
+def run_provider(provider: str, shape: dict, device: torch.device, args, env) -> list[dict]:
+    """All rows of one provider."""
+    B, T = shape["batch"], shape["seq"]
+    case = prepare_provider(provider, shape, device, args.model_path)
+    model = case["model"]
+    config = {**shape, **LORA, "dtype": "bf16-autocast", "targets": TARGETS}
+    if device.type == "cpu":
+        config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
+    rows, merged = [], False
+    for mode in args.modes:
+        model.train(mode == "train")
+        if merged != (mode == "infer_merged"):
+            merged = not merged
+            set_merged(model, provider, merged)
+        fn = case["train"] if mode == "train" else case["infer"]
+        t = utils.measure_time(fn, warmup=args.warmup, rep=args.rep, device=device)
+        mb = utils.peak_memory_mb(fn, device=device)
+        tps = [B * T / (ms / 1e3) for ms in t[::-1]]  # p20 of tokens/s comes from p80 of time
+        rows += [utils.make_row("gpt2", provider, mode, "time", config, t, env),
+                 utils.make_row("gpt2", provider, mode, "tokens_per_s", config, tps, env),
+                 utils.make_row("gpt2", provider, mode, "peak_mem", config, [mb], env)]
+        print(f"  {provider:<10}{mode:<15} {t[1]:9.2f} ms [{t[0]:.2f}, {t[2]:.2f}]  {tps[1]:10.0f} tokens/s  "
+              f"peak {mb:9.1f} MB", flush=True)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpt2", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny GPT-2 and batch (CPU-friendly)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--batch", type=int, help="sequences per step (default 8; 2 with --quick)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 64 with --quick)")
+    p.add_argument("--model-path", help="a local GPT-2 checkpoint directory (weights do not change speed)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 3; 1 with --quick)")
+    p.add_argument("--rep", type=int, help="timed steps (default 10; 4 with --quick)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for this run (recorded in the config; default torch's)")
+    p.add_argument("--csv", default=str(utils.DEFAULT_CSV), help="results CSV to upsert into")
+    args = p.parse_args(argv)
+    args.shape = dict(QUICK_SET if args.quick else FULL_SET)
+    if args.batch is not None:
+        args.shape["batch"] = args.batch
+    if args.seq is not None:
+        args.shape["seq"] = args.seq
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.rep = args.rep if args.rep is not None else (4 if args.quick else 10)
+    if args.shape["batch"] < 1 or args.shape["seq"] < 2 or args.warmup < 0 or args.rep < 1:
+        p.error(f"need --batch >= 1, --seq >= 2, --warmup >= 0, --rep >= 1; got {args.shape['batch']}, "
+                f"{args.shape['seq']}, {args.warmup}, {args.rep}")
+    if args.shape["seq"] > 1024 and args.model_path:
+        p.error("--seq > 1024 exceeds a pretrained GPT-2's positions")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    env = utils.env_info(device)
+    s = args.shape
+    print(f"GPT-2 benchmark on {env['device']}: {s['model']} ({s['n_layer']} layers, {s['n_embd']} wide), batch "
+          f"{s['batch']} × {s['seq']} tokens, LoRA r={LORA['r']} α={LORA['alpha']} dropout={LORA['dropout']} on "
+          f"{TARGETS}, bf16 autocast, AdamW")
+    providers = list(args.providers)
+    if device.type != "cuda":
+        print("note: " + utils.CPU_TIMING_NOTE)
+        if "lora_fast" in providers:
+            providers.remove("lora_fast")
+            print("note: provider lora_fast skipped: without a GPU its Triton kernels run in the interpreter, whose "
+                  "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
+    rows, failures = [], []
+    for provider in providers:
+        try:
+            rows += run_provider(provider, s, device, args, env)
+        except Exception as e:  # report, keep the other providers' numbers
+            failures.append(f"{provider}: {type(e).__name__}: {e}")
+            print(f"  {provider:<10}FAILED: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rows:
+        total = utils.upsert_csv(args.csv, rows)
+        print(f"wrote {len(rows)} rows to {args.csv} ({total} rows in the file)")
+    for f in failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

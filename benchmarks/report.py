@@ -1,0 +1,269 @@
+"""Render the results CSV: ``SUMMARY.md`` (tables, target check) and PNG plots.
+
+    python -m benchmarks.report [--csv benchmarks/results/results.csv] [--out benchmarks/results]
+
+Per device (GPU name or ``cpu``):
+    layer   one table per shape: each provider's p50 time in fwd / bwd / full (p20–p80 for full), the full-mode
+            speed-ups vs ``base`` (base time / provider time: ≤ 1, the closer to 1 the better) and vs ``peft``
+            (peft time / provider time), peak memory (full mode) and saved activations.
+    gpt2    one table per model: each provider's step time, tokens/s, speed-up vs ``peft``, peak memory, per mode.
+    targets (GPU devices) the issue's H100 targets at bf16, M=8192, r=16, dropout 0.1, forward+backward.
+Plots (matplotlib, Agg): ``layer_time_<device>_<dtype>.png`` — p50 time vs M per provider, one panel per layer
+(full mode, r=16 and dropout 0.1 where measured); ``layer_saved_<device>_<dtype>.png`` — saved activations per
+provider at the largest M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks import utils
+from benchmarks.bench_layer import LAYERS, PROVIDERS
+
+GPT2_PROVIDERS = ("lora_fast", "peft", "reference")
+TARGET_CFG = {"M": 8192, "r": 16, "dropout": 0.1, "dtype": "bf16"}
+TARGETS = {"vs_base": 1.10, "vs_peft": 1.5, "gpt2_tokens": 1.25}  # from issue 4
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def index(rows: list[dict]) -> dict:
+    """{(bench, device, config-json, provider, mode, metric): row}."""
+    return {(r["bench"], r["device"], r["config"], r["provider"], r["mode"], r["metric"]): r for r in rows}
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def p50(idx, *key) -> float | None:
+    row = idx.get(key)
+    return float(row["p50"]) if row else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def provenance(rows: list[dict]) -> str:
+    parts = []
+    for col in ("commit", "torch", "triton", "transformers"):
+        parts.append(f"{col} {', '.join(sorted({r[col] for r in rows}))}")
+    stamps = sorted(r["timestamp"] for r in rows)
+    return "; ".join(parts) + f"; measured {stamps[0]} … {stamps[-1]}"
+
+
+def layer_configs(rows: list[dict]) -> list[tuple[dict, str]]:
+    cfgs = {r["config"] for r in rows}
+    order = {n: i for i, n in enumerate(LAYERS)}
+
+    def key(c):
+        d = json.loads(c)
+        return (d["dtype"], d["r"], d["dropout"], order.get(d["layer"], 99), d["M"])
+
+    return [(json.loads(c), c) for c in sorted(cfgs, key=key)]
+
+
+def layer_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
+    out = ["### Layer benchmark", "",
+           "Times are p50 ms. *vs base* = base time / provider time in full mode (1.00 = no LoRA overhead); *vs "
+           "peft* = PEFT time / provider time (> 1 = faster than PEFT). Peak MB: full mode, above the inputs. Saved: "
+           "activations autograd keeps for backward (parameters excluded). `torch_compile` appears only where it was "
+           "compiled (the smallest shape in `--quick`; bf16, r=16, dropout 0.1 in the full set); its peak memory is "
+           "not measured on a CPU. `–`: not measured.", ""]
+    for cfg, c in layer_configs(rows):
+        extra = f", CPU threads: {cfg['threads']}" if "threads" in cfg else ""
+        out += [f"**{cfg['layer']}** M={cfg['M']} K={cfg['K']} N={cfg['N']} r={cfg['r']} dropout={cfg['dropout']} "
+                f"{cfg['dtype']}{extra}", "",
+                "| provider | fwd ms | bwd ms | full ms [p20–p80] | vs base | vs peft | peak MB | saved MB |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        base_t = p50(idx, "layer", dev, c, "base", "full", "time")
+        peft_t = p50(idx, "layer", dev, c, "peft", "full", "time")
+        for prov in PROVIDERS:
+            if not any(k[:4] == ("layer", dev, c, prov) for k in idx):
+                continue
+            full = idx.get(("layer", dev, c, prov, "full", "time"))
+            spread = f"{float(full['p50']):.3g} [{float(full['p20']):.3g}–{float(full['p80']):.3g}]" if full else "–"
+            t = float(full["p50"]) if full else None
+            saved = p50(idx, "layer", dev, c, prov, "fwd", "saved_bytes")
+            out.append(f"| {prov} | {fmt(p50(idx, 'layer', dev, c, prov, 'fwd', 'time'))} | "
+                       f"{fmt(p50(idx, 'layer', dev, c, prov, 'bwd', 'time'))} | {spread} | "
+                       f"{fmt(ratio(base_t, t), '.2f')} | {fmt(ratio(peft_t, t), '.2f')} | "
+                       f"{fmt(p50(idx, 'layer', dev, c, prov, 'full', 'peak_mem'), '.3g')} | "
+                       f"{fmt(None if saved is None else saved / 2**20, '.3g')} |")
+        out.append("")
+    return out
+
+
+def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
+    out = ["### GPT-2 benchmark", ""]
+    for c in sorted({r["config"] for r in rows}):
+        cfg = json.loads(c)
+        extra = f", CPU threads: {cfg['threads']}" if "threads" in cfg else ""
+        out += [f"**{cfg['model']}** ({cfg['n_layer']} layers, {cfg['n_embd']} wide), batch {cfg['batch']} × "
+                f"{cfg['seq']}, r={cfg['r']} α={cfg['alpha']} dropout={cfg['dropout']}, {cfg['dtype']}{extra}", "",
+                "| provider | mode | ms [p20–p80] | tokens/s | vs peft | peak MB |", "|---|---|---:|---:|---:|---:|"]
+        for mode in ("train", "infer_unmerged", "infer_merged"):
+            peft_tps = p50(idx, "gpt2", dev, c, "peft", mode, "tokens_per_s")
+            for prov in GPT2_PROVIDERS:
+                t = idx.get(("gpt2", dev, c, prov, mode, "time"))
+                if t is None:
+                    continue
+                tps = p50(idx, "gpt2", dev, c, prov, mode, "tokens_per_s")
+                out.append(f"| {prov} | {mode} | {float(t['p50']):.4g} [{float(t['p20']):.4g}–{float(t['p80']):.4g}] "
+                           f"| {fmt(tps, '.4g')} | {fmt(ratio(tps, peft_tps), '.2f')} | "
+                           f"{fmt(p50(idx, 'gpt2', dev, c, prov, mode, 'peak_mem'), '.4g')} |")
+        out.append("")
+    return out
+
+
+def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[dict]) -> list[str]:
+    """The issue's targets, checked on this device's rows: met, missed, or no data."""
+    out = ["### Targets (issue 4: H100, bf16, M=8192, r=16, dropout 0.1, forward+backward)", "",
+           "| target | measured | status |", "|---|---:|---|"]
+
+    def line(name, value, ok):
+        status = "no data" if value is None else ("met" if ok(value) else "not met")
+        out.append(f"| {name} | {fmt(value, '.3f')} | {status} |")
+
+    for cfg, c in layer_configs(layer_rows):
+        if any(cfg.get(k) != v for k, v in TARGET_CFG.items()):
+            continue
+        lf = p50(idx, "layer", dev, c, "lora_fast", "full", "time")
+        line(f"{cfg['layer']}: lora_fast / base time ≤ {TARGETS['vs_base']}",
+             ratio(lf, p50(idx, "layer", dev, c, "base", "full", "time")), lambda v: v <= TARGETS["vs_base"])
+        line(f"{cfg['layer']}: peft / lora_fast time ≥ {TARGETS['vs_peft']}",
+             ratio(p50(idx, "layer", dev, c, "peft", "full", "time"), lf), lambda v: v >= TARGETS["vs_peft"])
+    for c in sorted({r["config"] for r in gpt2_rows}):
+        if json.loads(c).get("model") != "gpt2-124M":
+            continue
+        line(f"GPT-2 train: lora_fast / peft tokens/s ≥ {TARGETS['gpt2_tokens']}",
+             ratio(p50(idx, "gpt2", dev, c, "lora_fast", "train", "tokens_per_s"),
+                   p50(idx, "gpt2", dev, c, "peft", "train", "tokens_per_s")), lambda v: v >= TARGETS["gpt2_tokens"])
+        line("GPT-2 train: lora_fast / peft peak memory < 1",
+             ratio(p50(idx, "gpt2", dev, c, "lora_fast", "train", "peak_mem"),
+                   p50(idx, "gpt2", dev, c, "peft", "train", "peak_mem")), lambda v: v < 1.0)
+    return out + [""]
+
+
+def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[str]:
+    """Write the PNGs for one device; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    written = []
+    by_dtype = defaultdict(list)
+    for cfg, c in layer_configs(layer_rows):
+        by_dtype[cfg["dtype"]].append((cfg, c))
+    for dtype, cfgs in by_dtype.items():
+        combos = sorted({(cfg["r"], cfg["dropout"]) for cfg, _ in cfgs})
+        r, p = (16, 0.1) if (16, 0.1) in combos else combos[0]
+        cfgs = [(cfg, c) for cfg, c in cfgs if (cfg["r"], cfg["dropout"]) == (r, p)]
+        layers = [n for n in LAYERS if any(cfg["layer"] == n for cfg, _ in cfgs)]
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
+        for ax, name in zip(axes[0], layers, strict=True):
+            for prov in PROVIDERS:
+                pts = sorted(((cfg["M"], idx[k]) for cfg, c in cfgs if cfg["layer"] == name
+                              and (k := ("layer", dev, c, prov, "full", "time")) in idx), key=lambda t: t[0])
+                if pts:
+                    ms = [float(row["p50"]) for _, row in pts]
+                    lo = [float(row["p50"]) - float(row["p20"]) for _, row in pts]
+                    hi = [float(row["p80"]) - float(row["p50"]) for _, row in pts]
+                    ax.errorbar([m for m, _ in pts], ms, yerr=[lo, hi], marker="o", capsize=3, label=prov,
+                                color=f"C{PROVIDERS.index(prov)}")
+            ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="ms (p50, full)", title=name)
+            m_values = sorted({cfg["M"] for cfg, _ in cfgs})
+            ax.set_xticks(m_values, [str(m) for m in m_values])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(True, which="both", alpha=0.3)
+        handles = {}
+        for ax in axes[0]:
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, h)
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
+        fig.suptitle(f"{dev} · {dtype} · r={r} · dropout={p} · forward+backward")
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        name = f"layer_time_{slug(dev)}_{dtype}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+        m_max = max(cfg["M"] for cfg, _ in cfgs)
+        at_max = {cfg["layer"]: c for cfg, c in cfgs if cfg["M"] == m_max}
+        saved = {prov: [p50(idx, "layer", dev, at_max[n], prov, "fwd", "saved_bytes") if n in at_max else None
+                        for n in layers] for prov in PROVIDERS}
+        saved = {prov: vals for prov, vals in saved.items() if any(v is not None for v in vals)}
+        if not saved:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / len(PROVIDERS)
+        for prov, vals in saved.items():
+            i = PROVIDERS.index(prov)
+            ax.bar([j + i * width for j in range(len(layers))], [(v or 0) / 2**20 for v in vals], width, label=prov,
+                   color=f"C{i}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+        ax.set(ylabel="saved activations (MB)", title=f"{dev} · {dtype} · M={m_max} · r={r} · dropout={p}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"layer_saved_{slug(dev)}_{dtype}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def render(csv_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``SUMMARY.md`` and the plots for every device in the CSV; returns the summary's path."""
+    rows = utils.read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no results to report (run benchmarks.bench_layer / bench_gpt2 first)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    idx = index(rows)
+    devices = sorted({r["device"] for r in rows}, key=lambda d: (d == "cpu", d))  # GPUs first
+    lines = ["# lora_fast benchmark summary", "",
+             f"Generated by `python -m benchmarks.report` from `{Path(csv_path).name}` ({len(rows)} rows).", ""]
+    for dev in devices:
+        dev_rows = [r for r in rows if r["device"] == dev]
+        layer_rows = [r for r in dev_rows if r["bench"] == "layer"]
+        gpt2_rows = [r for r in dev_rows if r["bench"] == "gpt2"]
+        lines += [f"## Device: {dev}", "", provenance(dev_rows), ""]
+        if dev == "cpu":
+            lines += ["> **CPU numbers, not the product's GPU claims.** " + utils.CPU_TIMING_NOTE + " The `lora_fast` "
+                      "provider (Triton kernels) is not timed on a CPU; the times below compare PyTorch paths only, "
+                      "on a shared 2-core machine (noisy).", ""]
+        if layer_rows:
+            lines += layer_section(dev, layer_rows, idx)
+            for name in plots(dev, layer_rows, idx, out_dir):
+                lines += [f"![{name}]({name})", ""]
+        if gpt2_rows:
+            lines += gpt2_section(dev, gpt2_rows, idx)
+        if dev != "cpu":
+            lines += target_section(dev, idx, layer_rows, gpt2_rows)
+    summary, tmp = out_dir / "SUMMARY.md", out_dir / ".SUMMARY.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(summary)  # never a half-written summary
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    p.add_argument("--csv", default=str(utils.DEFAULT_CSV))
+    p.add_argument("--out", default=str(utils.RESULTS_DIR), help="directory for SUMMARY.md and the PNGs")
+    args = p.parse_args(argv)
+    print(f"wrote {render(args.csv, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Run the GPU checks and benchmarks of issue 4 on a machine with a CUDA GPU, writing everything to OUT_DIR.
+#
+#   bash benchmarks/run_gpu.sh OUT_DIR [STAGE ...]
+#
+# Stages (default: all but pytest-bench, in this order):
+#   env           nvidia-smi, versions                                     -> OUT_DIR/env.txt
+#   tests         python -m pytest tests (GPU-only tests run when CUDA is there)  -> OUT_DIR/tests.log
+#   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
+#   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
+#   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
+#   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
+#   pytest-bench  pytest benchmarks --benchmark-only (json)                -> OUT_DIR/pytest_bench.json
+#   report        SUMMARY.md and PNGs from OUT_DIR/results.csv             -> OUT_DIR/SUMMARY.md, *.png
+#
+# OUT_DIR/results.csv starts as a copy of benchmarks/results/results.csv (so earlier rows, e.g. the CPU ones,
+# stay) and every stage upserts into it. With a per-command time limit (the device tool allows 10 minutes), run the
+# stages in several calls and copy OUT_DIR/results.csv back to benchmarks/results/results.csv between calls: the
+# next call then starts from it. Finally commit benchmarks/results/{results.csv,SUMMARY.md,*.png}.
+# A failing stage is reported and the others still run; the exit status is 1 if any failed.
+# LAYER_ARGS (environment) is appended to the layer stages' arguments, e.g. LAYER_ARGS="--layers c_attn c_fc" to
+# split a stage that would run past a time limit (rows are upserted, so parts add up).
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: bash benchmarks/run_gpu.sh OUT_DIR [env tests layer-bf16 layer-fp32 layer-compile gpt2 pytest-bench report]" >&2
+    exit 2
+fi
+OUT=$1
+shift
+STAGES=("$@")
+if [ ${#STAGES[@]} -eq 0 ]; then
+    STAGES=(env tests layer-bf16 layer-fp32 layer-compile gpt2 report)
+fi
+
+cd "$(dirname "$0")/.." || exit 2
+unset TRITON_INTERPRET  # real kernels, never the interpreter
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "run_gpu.sh: no CUDA GPU visible to torch; this script is for GPU machines (use --quick on a CPU)" >&2
+    exit 2
+fi
+mkdir -p "$OUT" || exit 2
+CSV="$OUT/results.csv"
+if [ ! -f "$CSV" ] && [ -f benchmarks/results/results.csv ]; then
+    cp benchmarks/results/results.csv "$CSV"
+fi
+
+failed=()
+run() {  # run NAME LOG COMMAND...: tee the output, remember failures
+    local name=$1 log=$2
+    shift 2
+    echo "=== $name: $* ($(date -u +%H:%M:%S))"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+for stage in "${STAGES[@]}"; do
+    case $stage in
+        env) run env env.txt bash -c 'nvidia-smi; python -c "import torch, triton, transformers, peft; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, peft.__version__); print(torch.cuda.get_device_name())"; git rev-parse --short HEAD' ;;
+        tests) run tests tests.log python -m pytest -q tests --durations=15 -p no:cacheprovider ;;
+        layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \
+            --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
+        layer-fp32) run layer-fp32 bench_layer_fp32.log python -m benchmarks.bench_layer --dtypes fp32 \
+            --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
+        layer-compile) run layer-compile bench_layer_compile.log python -m benchmarks.bench_layer --dtypes bf16 \
+            --ranks 16 --dropouts 0.1 --providers torch_compile --csv "$CSV" ${LAYER_ARGS:-} ;;
+        gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --csv "$CSV" ;;
+        pytest-bench) run pytest-bench pytest_bench.log python -m pytest benchmarks --benchmark-only -q \
+            -p no:cacheprovider --benchmark-json "$OUT/pytest_bench.json" ;;
+        report) run report report.log python -m benchmarks.report --csv "$CSV" --out "$OUT" ;;
+        *) echo "run_gpu.sh: unknown stage '$stage'" >&2; failed+=("$stage") ;;
+    esac
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "run_gpu.sh: failed stages: ${failed[*]}" >&2
+    exit 1
+fi
+echo "run_gpu.sh: all stages passed; results in $OUT"

@@ -1,0 +1,306 @@
+"""Shared benchmark machinery: timing, peak memory, saved-activation bytes, and the results CSV.
+
+Timing (``measure_time``): every repetition runs an untimed ``setup`` (e.g. the forward pass before a timed
+backward, or clearing ``.grad``), then the timed call. On CUDA each repetition is bracketed by CUDA events after a
+256 MB write that flushes the L2 cache (the same idea as ``triton.testing.do_bench``, which cannot time a backward
+without ``retain_graph``); on CPU by ``time.perf_counter``. Results are the 20th/50th/80th percentiles in ms.
+
+Peak memory (``peak_memory_mb``): bytes allocated by one call above what was live before it, in MB. CUDA reads the
+caching allocator's counters; CPU has none, so ``LiveBytes`` (a ``TorchDispatchMode``) adds up every new storage an
+ATen op creates and subtracts it when the storage is freed. The CPU figure misses memory that bypasses the
+dispatcher (Inductor's generated code allocates its buffers directly), so it is not reported for torch.compile.
+
+Saved activations (``saved_activation_bytes``): the distinct storages autograd keeps for backward, seen through
+``torch.autograd.graph.saved_tensors_hooks`` (also fires for custom Functions' ``save_for_backward``), parameters
+excluded. A view counts its whole storage, which is what stays alive.
+
+Results (``upsert_csv``): one long-format CSV (columns ``CSV_COLUMNS``; the layout of Liger-Kernel's
+``benchmark/data/all_benchmark_data.csv``, written here from scratch). A row's identity is ``KEY_COLUMNS``: a rerun of
+the same case on the same device replaces its rows; everything else is kept. Written to a temporary file and
+renamed, so an interrupted run never leaves a half-written CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_CSV = RESULTS_DIR / "results.csv"
+
+CSV_COLUMNS = ["bench", "provider", "mode", "metric", "unit", "config", "p20", "p50", "p80", "device", "torch",
+               "triton", "transformers", "commit", "timestamp"]
+KEY_COLUMNS = ("bench", "provider", "mode", "metric", "config", "device")
+METRIC_UNITS = {"time": "ms", "tflops": "TFLOP/s", "peak_mem": "MB", "saved_bytes": "bytes",
+                "tokens_per_s": "tokens/s"}
+BENCHES = ("layer", "gpt2")
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
+
+CPU_TIMING_NOTE = ("CPU timings measure PyTorch's CPU kernels on this machine; they are not the product's GPU "
+                   "claims, and Triton-interpreter timings are never reported as kernel speed.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------------------------------
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name (``torch.cuda.get_device_name``) for a CUDA device, else ``cpu``."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD``, with ``-dirty`` when tracked or untracked files outside
+    ``benchmarks/results`` differ from HEAD (the results being written do not make a run dirty); ``unknown`` when
+    git cannot tell."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def env_info(device: torch.device | str) -> dict[str, str]:
+    """The provenance columns of every row: device, library versions, commit, UTC timestamp."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    import transformers
+
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "commit": git_commit(),
+            "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def config_json(config: dict) -> str:
+    """Canonical JSON for the ``config`` column (sorted keys, no spaces), so equal configs compare equal."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the sanity check run before timing a provider)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------------
+def quantiles(samples: Iterable[float], qs: Iterable[float] = (0.2, 0.5, 0.8)) -> tuple[float, ...]:
+    """Linear-interpolation quantiles (numpy's default method) of a non-empty sample."""
+    xs = sorted(samples)
+    if not xs:
+        raise ValueError("quantiles of an empty sample")
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return tuple(out)
+
+
+def measure_time(fn: Callable[[], object], setup: Callable[[], object] | None = None, *, warmup: int = 3,
+                 rep: int = 20, device: torch.device | str = "cpu") -> tuple[float, float, float]:
+    """Time ``fn`` (ms): ``warmup`` untimed calls, then ``rep`` timed ones, each after an untimed ``setup()``.
+
+    Returns:
+        (p20, p50, p80) in milliseconds.
+    """
+    if rep < 1 or warmup < 0:
+        raise ValueError(f"need rep >= 1 and warmup >= 0, got rep={rep}, warmup={warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+        for start, end in events:
+            if setup is not None:
+                setup()
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(rep):
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return quantiles(times)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ATen ops while active, and their peak.
+
+    An op output that shares storage with one of its inputs (views, in-place and ``out=`` ops) is not a new
+    allocation. A new storage is counted until Python frees it (``weakref.finalize`` on the storage object, which
+    PyTorch keeps unique per storage).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._live:
+                continue
+            self._live.add(key)
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def peak_memory_mb(fn: Callable[[], object], setup: Callable[[], object] | None = None, *,
+                   device: torch.device | str = "cpu") -> float:
+    """Peak bytes allocated during one ``fn()`` (after an untimed ``setup()``) above those live before it, in MB."""
+    device = torch.device(device)
+    if setup is not None:
+        setup()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with LiveBytes() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def saved_activation_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves during ``forward()``, excluding those of ``exclude``
+    (the parameters and frozen weights: they are not activations)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Results CSV
+# --------------------------------------------------------------------------------------------------------------------
+def make_row(bench: str, provider: str, mode: str, metric: str, config: dict, values: Iterable[float],
+             env: dict[str, str]) -> dict[str, str]:
+    """One CSV row. ``values`` is (p20, p50, p80), or a single value for a metric without spread."""
+    if bench not in BENCHES:
+        raise ValueError(f"bench must be one of {BENCHES}, got {bench!r}")
+    if metric not in METRIC_UNITS:
+        raise ValueError(f"metric must be one of {sorted(METRIC_UNITS)}, got {metric!r}")
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{bench}/{provider}/{mode}/{metric}: need 1 or 3 finite values, got {values}")
+    row = {"bench": bench, "provider": provider, "mode": mode, "metric": metric, "unit": METRIC_UNITS[metric],
+           "config": config_json(config), "p20": f"{values[0]:.6g}", "p50": f"{values[1]:.6g}",
+           "p80": f"{values[2]:.6g}"}
+    missing = [c for c in CSV_COLUMNS[9:] if c not in env]
+    if missing:
+        raise ValueError(f"env is missing {missing}")
+    row.update({c: env[c] for c in CSV_COLUMNS[9:]})
+    return row
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a results CSV ([] when it does not exist). A file with other columns is an error, not overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != CSV_COLUMNS:
+            raise ValueError(f"{path} does not have the results columns: expected {CSV_COLUMNS}, found "
+                             f"{reader.fieldnames}; refusing to overwrite it")
+        return list(reader)
+
+
+def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
+    """Merge ``rows`` into the CSV at ``path``: existing rows with the same ``KEY_COLUMNS`` are replaced, the rest
+    kept. Rows are sorted for stable diffs and written atomically. Returns the number of rows in the file."""
+    path = Path(path)
+    for row in rows:
+        if list(row) != CSV_COLUMNS:
+            raise ValueError(f"row columns {list(row)} differ from {CSV_COLUMNS}")
+    new_keys = {tuple(r[c] for c in KEY_COLUMNS) for r in rows}
+    kept = [r for r in read_csv(path) if tuple(r[c] for c in KEY_COLUMNS) not in new_keys]
+    merged = sorted(kept + rows, key=lambda r: (r["bench"], r["device"], r["config"], r["provider"], r["mode"],
+                                                r["metric"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:  # what open() would give a new file (mkstemp's own 0600 would hide the results from others)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".csv", dir=path.parent)
+    os.fchmod(fd, mode)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(merged)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(merged)
