@@ -159,8 +159,9 @@ def apply_lora(
                     f"dropout={lora.dropout:g}); it is kept as is, not re-created with rank={rank}, alpha={alpha:g}, "
                     f"dropout={dropout:g}", stacklevel=2)
             continue
-        _set_submodule(model, name, LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout,
-                                                   use_rslora=use_rslora, backend=backend))
+        wrapped = LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                 backend=backend)
+        _set_submodule(model, name, wrapped.train(module.training))  # an eval model stays in eval (no dropout)
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora.lora_" in f".{pname}")
     model.lora_fast_config = {

@@ -138,6 +138,15 @@ def test_freezes_everything_but_lora_and_never_nests():
         assert not isinstance(layer.linear, LinearWithLoRA)
 
 
+def test_injected_layers_follow_the_model_mode():
+    model = apply_lora(tiny_gpt2(), TARGETS, rank=2, dropout=0.5)  # tiny_gpt2() is in eval mode
+    assert all(not m.training for m in lora_layers(model).values())
+    ids = torch.randint(0, 101, (1, 8))
+    assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout in eval
+    model.train()
+    assert all(m.lora.training for m in lora_layers(model).values())
+
+
 def test_apply_lora_to_gpt2_default_is_c_attn():
     model = apply_lora_to_gpt2(tiny_gpt2(), rank=4, alpha=8.0)
     assert sorted(lora_layers(model)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]

@@ -1,0 +1,160 @@
+"""One line to accelerate existing PEFT code: ``patch_peft(peft_model)`` / ``unpatch_peft(peft_model)``.
+
+``patch_peft`` gives every supported PEFT LoRA layer an instance-level ``forward`` that computes
+
+    y = base(x) + scaling[a]·(dropout_a(x)·A[a]ᵀ)·B[a]ᵀ          (a = the one active adapter)
+
+with ``lora_fast.functional.lora_linear`` — the fused kernels where they run — reading the layer's own tensors at
+call time (``base_layer.weight``/``bias``, ``lora_A[a].weight``, ``lora_B[a].weight``, ``scaling[a]``, the
+``lora_dropout[a]`` probability and training flag). Nothing is copied: the optimizer, ``state_dict`` and
+``save_pretrained`` see the same parameters as before. The class's ``forward`` is untouched, so ``unpatch_peft``
+only deletes the instance attribute.
+
+Supported: ``peft.tuners.lora.layer.Linear`` over nn.Linear or transformers' Conv1D (``fan_in_fan_out``), plain
+LoRA, exactly one active adapter, with or without dropout. Everything else — DoRA and other LoRA variants,
+several active adapters, ``lora_bias``, quantised bases (bitsandbytes, GPTQ, torchao, ...: their PEFT classes are
+not ``lora.Linear`` or their weights are not float Parameters), embeddings and convolutions, trainable base weights,
+layers whose ``forward`` was already replaced (accelerate hooks) — stays on PEFT's path, named in one warning.
+At call time a patched layer also defers to PEFT's own forward while its adapter is merged or disabled, when
+``adapter_names`` (mixed batches) or other extra arguments are passed, or when the active adapter changed to an
+unsupported setting.
+
+Numerics: identical to PEFT in fp32. With half-precision activations and fp32 adapters PEFT casts the input up
+and computes the LoRA term in fp32, lora_fast computes it in the activations' dtype (see ``lora_fast.layer``); the
+two agree to the half-precision rounding. Dropout masks come from lora_fast's generator, so in training mode
+with dropout the masks (not their distribution) differ from ``nn.Dropout``'s.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+import torch.nn as nn
+
+from lora_fast.functional import lora_linear
+from lora_fast.layer import LORA_BASE_TYPES
+
+_MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
+
+
+def _lora_classes():
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as e:  # pragma: no cover - peft is installed with the test extras
+        raise ImportError("patch_peft needs the `peft` package (pip install peft)") from e
+    return Linear, LoraLayer, BaseTunerLayer
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why this PEFT LoRA layer cannot take the fused path (now), or None when it can."""
+    peft_linear, _, base_tuner = _lora_classes()
+    if type(module) is not peft_linear:
+        kind = "embedding" if "Embedding" in type(module).__name__ else "not a plain lora.Linear (quantised, conv, ...)"
+        return f"{type(module).__module__}.{type(module).__name__}: {kind}"
+    base = module.base_layer
+    if isinstance(base, base_tuner):
+        return "nested adapter layers"
+    if not isinstance(base, LORA_BASE_TYPES):
+        return f"base layer is a {type(base).__name__}, not nn.Linear/Conv1D"
+    w = base.weight
+    if type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point():
+        return f"quantised base weight ({type(w).__name__}, {w.dtype})"
+    if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "trainable base weight"
+    active = [a for a in module.active_adapters if a in module.lora_A]  # PEFT skips adapters a layer lacks
+    if len(active) != 1:
+        return f"{len(active)} active adapters {active}" if active else "no active adapter in this layer"
+    a = active[0]
+    if module.use_dora.get(a, False):
+        return "DoRA"
+    if a in getattr(module, "lora_variant", {}):
+        return f"LoRA variant {type(module.lora_variant[a]).__name__}"
+    if module.lora_bias.get(a, False) or module.lora_B[a].bias is not None or module.lora_A[a].bias is not None:
+        return "lora_bias"
+    if not isinstance(module.lora_dropout[a], (nn.Dropout, nn.Identity)):
+        return f"custom dropout {type(module.lora_dropout[a]).__name__}"
+    return None
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors."""
+    if args or kwargs or self.disable_adapters or self.merged or _unsupported_reason(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path
+    a = next(a for a in self.active_adapters if a in self.lora_A)
+    base, drop = self.base_layer, self.lora_dropout[a]
+    return lora_linear(
+        x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a],  # (r,K) (N,r)
+        dropout_p=drop.p if isinstance(drop, nn.Dropout) else 0.0, training=drop.training,
+        fan_in_fan_out=not isinstance(base, nn.Linear), backend=getattr(self, _MARK),
+    )
+
+
+def _peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a PeftModel (or an nn.Module with PEFT LoRA layers), got {type(model).__name__}")
+    _, lora_layer, _ = _lora_classes()
+    return {n: m for n, m in model.named_modules() if isinstance(m, lora_layer)}
+
+
+def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Route the supported LoRA layers of a PEFT model through lora_fast's fused path, in place.
+
+    Args:
+        peft_model: a ``PeftModel`` (or any module holding PEFT LoRA layers, e.g. after transformers'
+            ``add_adapter``).
+        backend: lora_fast backend for the patched layers ("auto", "reference", "triton"; None reads
+            ``LORA_FAST_BACKEND``).
+
+    Returns:
+        The same model. Patching twice is harmless. Layers left on PEFT's path are named, with the reason, in
+        one ``UserWarning``.
+
+    Raises:
+        TypeError: not an nn.Module. ValueError: no PEFT LoRA layer in it.
+    """
+    layers = _peft_lora_layers(peft_model)
+    if not layers:
+        raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer")
+    left: dict[str, list[str]] = {}
+    for name, module in layers.items():
+        if hasattr(module, _MARK):  # already patched
+            setattr(module, _MARK, backend)
+            continue
+        reason = _unsupported_reason(module)
+        if reason is None and "forward" in module.__dict__:
+            reason = "forward already replaced (e.g. an accelerate hook)"
+        if reason is not None:
+            left.setdefault(reason, []).append(name)
+            continue
+        setattr(module, _MARK, backend)
+        module.forward = types.MethodType(_fast_forward, module)
+    if left:
+        n = sum(map(len, left.values()))
+        detail = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in left.items())
+        warnings.warn(f"patch_peft: {n} of {len(layers)} LoRA layer(s) stay on PEFT's own path — {detail}",
+                      stacklevel=2)
+    return peft_model
+
+
+def unpatch_peft(peft_model: nn.Module) -> nn.Module:
+    """Give every layer patched by ``patch_peft`` its PEFT forward back (in place); returns the model."""
+    for name, module in _peft_lora_layers(peft_model).items():
+        if not hasattr(module, _MARK):
+            continue
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and fwd.__func__ is _fast_forward:
+            del module.forward
+        else:
+            warnings.warn(f"unpatch_peft: the forward of {name} was replaced after patching; left as it is",
+                          stacklevel=2)
+        delattr(module, _MARK)
+    return peft_model
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether a PEFT LoRA layer currently runs through lora_fast."""
+    fwd = module.__dict__.get("forward")
+    return isinstance(fwd, types.MethodType) and fwd.__func__ is _fast_forward

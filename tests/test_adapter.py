@@ -1,0 +1,403 @@
+"""Adapter files: PEFT ↔ lora_fast round trips (GPT-2 Conv1D and Llama nn.Linear), strictness, safe and atomic I/O."""
+
+# ruff: noqa: I001  (tests.triton_interpret is imported first, see below)
+from __future__ import annotations
+
+try:  # before peft, which imports triton: triton must first be imported under the interpreter on CPU
+    import tests.triton_interpret  # noqa: F401
+except ImportError:  # triton missing
+    pass
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora_fast
+from lora_fast import adapter as adapter_mod
+from lora_fast.adapter import AdapterLoadResult, load_adapter, save_adapter
+from lora_fast.inject import apply_lora, lora_layers
+from tests.utils import assert_rel_close
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+TOL = 1e-5  # fp32 end to end: both sides compute the same products, differences are summation order only
+VOCAB = 97
+
+
+def _gpt2(cls_name="GPT2LMHeadModel"):
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+MODELS = {
+    # (builder, targets, rank_pattern, alpha_pattern): patterns use PEFT's syntax (suffix regexes)
+    "gpt2": (_gpt2, ["c_attn", "c_proj"], {"h.1.attn.c_attn": 2}, {"mlp.c_proj": 5}),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], {r"layers\.0\.self_attn\.q_proj": 2}, {"down_proj": 3}),
+}
+
+
+def _ids(batch=2, seq=7):
+    return torch.randint(1, VOCAB, (batch, seq))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _randomise_lora(model):
+    """Give every LoRA B (zero at init) random values, so the adapter changes the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+def _peft_model(base, targets, rank_pattern=None, alpha_pattern=None, use_rslora=False, **kw):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern=rank_pattern or {},
+                     alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora, **kw)
+    with warnings.catch_warnings():  # PEFT warns that it flips fan_in_fan_out for Conv1D targets
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, cfg)
+    _randomise_lora(pm)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_saved_adapter_loads_exactly(arch, use_rslora, tmp_path):
+    build, targets, rank_pattern, alpha_pattern = MODELS[arch]
+    base = build()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, targets, rank_pattern, alpha_pattern, use_rslora, lora_dropout=0.1)
+    ids = _ids()
+    ref = _logits(pm, ids)
+    pm.save_pretrained(tmp_path)
+
+    result = load_adapter(fresh, tmp_path)
+    assert result == AdapterLoadResult([], [])
+    assert not any(m.training for m in fresh.modules())  # injected layers follow the eval model (dropout off)
+    assert_rel_close(_logits(fresh, ids), ref, TOL, f"{arch} logits after loading PEFT's adapter")
+    # Per-layer hyper-parameters equal PEFT's (rank_pattern / alpha_pattern / rsLoRA honoured, not just the output).
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                   and "default" in getattr(m, "lora_A", {})}
+    ours = lora_layers(fresh)
+    assert set(ours) == set(peft_layers)
+    for name, layer in ours.items():
+        assert layer.rank == peft_layers[name].r["default"], name
+        assert layer.scaling == pytest.approx(peft_layers[name].scaling["default"], rel=1e-12), name
+        assert layer.lora.dropout == 0.1 and layer.lora.use_rslora is use_rslora, name
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        f"{n}.lora.lora_{ab}" for n in ours for ab in "AB"}
+
+
+def _lora_fast_model(arch):
+    """apply_lora in two calls, so that ranks and alphas differ per module (rank_pattern / alpha_pattern)."""
+    build, targets, _, _ = MODELS[arch]
+    base = build()
+    fresh = copy.deepcopy(base)
+    apply_lora(base, target_modules=targets[:1], rank=4, alpha=8)
+    apply_lora(base, target_modules=targets[1:], rank=2, alpha=3)
+    _randomise_lora(base)
+    return base, fresh
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_fast_adapter_loads_in_peft_exactly(arch, tmp_path):
+    model, fresh = _lora_fast_model(arch)
+    ids = _ids()
+    ref = _logits(model, ids)
+    out_dir = save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["bias"] == "none" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2")
+    assert cfg["rank_pattern"] and cfg["alpha_pattern"]  # ranks differ, so the patterns must say where
+
+    again = copy.deepcopy(fresh)
+    pm = PeftModel.from_pretrained(fresh, out_dir).eval()
+    assert_rel_close(_logits(pm, ids), ref, TOL, f"{arch} logits of PEFT loading lora_fast's adapter")
+    assert load_adapter(again, out_dir) == AdapterLoadResult([], [])  # and lora_fast reloads its own file
+    assert_rel_close(_logits(again, ids), ref, TOL, f"{arch} logits of lora_fast reloading its adapter")
+    assert {n: m.rank for n, m in lora_layers(again).items()} == {n: m.rank for n, m in lora_layers(model).items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_saved_keys_and_config_match_peft(arch, tmp_path):
+    """Same A/B values through PEFT and lora_fast: identical key set, tensors and config semantics."""
+    build, targets, _, _ = MODELS[arch]
+    base = build()
+    ours = apply_lora(copy.deepcopy(base), target_modules=targets, rank=4, alpha=8)
+    _randomise_lora(ours)
+    pm = _peft_model(copy.deepcopy(base), targets)
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            peft_layer = pm.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora.lora_B)
+    pm.save_pretrained(tmp_path / "peft")
+    save_adapter(ours, tmp_path / "ours")
+    theirs_sd = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours_sd = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(ours_sd) == set(theirs_sd)
+    for k in ours_sd:
+        assert torch.equal(ours_sd[k], theirs_sd[k]), k
+    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    for field in ("peft_type", "r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+                  "rank_pattern", "alpha_pattern"):
+        assert ours_cfg[field] == theirs_cfg[field], field
+    assert sorted(ours_cfg["target_modules"]) == sorted(theirs_cfg["target_modules"])
+    ids = _ids()
+    assert_rel_close(_logits(ours, ids), _logits(pm, ids), TOL, "same A/B through both")
+
+
+def test_seq_cls_head_saved_as_modules_to_save(tmp_path):
+    """A trainable classifier head travels as PEFT's modules_to_save (key base_model.model.score.weight)."""
+    base = _gpt2("GPT2ForSequenceClassification")
+    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    model = apply_lora(base, target_modules=["c_attn"], rank=4, alpha=8)
+    _randomise_lora(model)
+    model.score.requires_grad_(True)
+    with torch.no_grad():
+        model.score.weight.add_(torch.randn_like(model.score.weight))
+    ids = _ids()
+    ref = _logits(model, ids)
+    save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    assert "base_model.model.score.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+
+    pm = PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
+    assert_rel_close(_logits(pm, ids), ref, TOL, "PEFT loading a lora_fast SEQ_CLS adapter")
+    pm.save_pretrained(tmp_path / "b")  # PEFT's own SEQ_CLS file: modules_to_save ["classifier", "score"]
+    assert load_adapter(fresh2, tmp_path / "b") == AdapterLoadResult([], [])
+    assert_rel_close(_logits(fresh2, ids), ref, TOL, "lora_fast loading PEFT's SEQ_CLS adapter")
+    assert fresh2.score.weight.requires_grad  # trainable again, as in PEFT
+
+
+def test_save_defaults_and_regex_targets(tmp_path):
+    model = _llama()
+    base = copy.deepcopy(model)
+    apply_lora(model, target_modules=r".*\.(q|v)_proj", rank=4)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == r".*\.(q|v)_proj"  # a regex that selects exactly the LoRA layers is kept
+    ids = _ids()
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # PEFT applies the regex the same way
+    assert_rel_close(_logits(pm, ids), _logits(model, ids), TOL, "regex targets in PEFT")
+    pm.save_pretrained(tmp_path / "peft")  # and PEFT's file with the regex loads here
+    assert load_adapter(base, tmp_path / "peft") == AdapterLoadResult([], [])
+    assert len(lora_layers(base)) == 4
+    assert_rel_close(_logits(base, ids), _logits(model, ids), TOL, "regex targets from PEFT")
+
+    model.config._name_or_path = "tiny/llama"  # not before PEFT's save_pretrained, which looks the name up online
+    save_adapter(model, tmp_path / "named")
+    cfg = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == ("tiny/llama", "CAUSAL_LM")
+    save_adapter(model, tmp_path / "named", base_model_name_or_path="other", task_type="FEATURE_EXTRACTION")
+    cfg = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == ("other", "FEATURE_EXTRACTION")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_layers_to_transform_in_peft_config(arch, tmp_path):
+    """PEFT's layers_to_transform: with layers_pattern (Llama) and with its default index rule (GPT-2)."""
+    build, targets, _, _ = MODELS[arch]
+    base = build()
+    fresh = copy.deepcopy(base)
+    pattern = {"layers_pattern": "layers"} if arch == "llama" else {}
+    pm = _peft_model(base, targets[:2], layers_to_transform=[1], **pattern)
+    pm.save_pretrained(tmp_path)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    names = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+                   for n, _ in pm.named_parameters() if "lora_A" in n)
+    assert sorted(lora_layers(fresh)) == names and all(".1." in n for n in names)
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "layers_to_transform adapter")
+
+
+# ------------------------------------------------------------------------------------------------ strict loading
+@pytest.fixture
+def saved(tmp_path):
+    """(directory, base model without LoRA, logits of the adapter model) for a GPT-2 adapter saved by lora_fast."""
+    model = _gpt2()
+    fresh = copy.deepcopy(model)
+    apply_lora(model, target_modules=["c_attn"], rank=4, alpha=8)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter", fresh, model
+
+
+def _edit_weights(directory, fn):
+    path = directory / "adapter_model.safetensors"
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, path)
+
+
+def test_missing_key_is_named_and_strict_false_returns_it(saved):
+    directory, fresh, _ = saved
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    _edit_weights(directory, lambda sd: sd.pop(key))
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"Missing 1 key\(s\): " + key.replace(".", r"\.")):
+        load_adapter(fresh, directory)
+    assert not lora_layers(fresh)  # a failed load leaves the model untouched
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+    result = load_adapter(fresh, directory, strict=False)
+    assert result.missing_keys == [key] and result.unexpected_keys == []
+    assert not lora_layers(fresh)["transformer.h.1.attn.c_attn"].lora.lora_B.any()  # left at its zero init
+
+
+def test_unexpected_key_is_named(saved):
+    directory, fresh, model = saved
+    key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
+    _edit_weights(directory, lambda sd: sd.__setitem__(key, torch.zeros(4, 32)))
+    with pytest.raises(ValueError, match=r"Unexpected 1 key\(s\): " + key.replace(".", r"\.")):
+        load_adapter(fresh, directory)
+    result = load_adapter(fresh, directory, strict=False)
+    assert result == AdapterLoadResult([], [key])
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "the keys that fit are loaded")
+
+
+def test_misshaped_key_is_named_even_when_not_strict(saved):
+    directory, fresh, _ = saved
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    _edit_weights(directory, lambda sd: sd.__setitem__(key, torch.zeros(4, 31)))
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.") + r" \(expected \(4, 32\), file has \(4, 31\)\)"):
+            load_adapter(fresh, directory, strict=strict)
+    assert not lora_layers(fresh)
+
+
+def test_rank_mismatch_with_existing_layers_and_alpha_update(saved):
+    directory, fresh, model = saved
+    other = copy.deepcopy(fresh)
+    apply_lora(fresh, target_modules=["c_attn"], rank=8, alpha=1)
+    with pytest.raises(ValueError, match=r"expected \(8, 32\), file has \(4, 32\)"):
+        load_adapter(fresh, directory)
+    apply_lora(other, target_modules=["c_attn"], rank=4, alpha=1)  # same rank, wrong alpha: the file's alpha wins
+    assert load_adapter(other, directory) == AdapterLoadResult([], [])
+    assert all(m.scaling == 2.0 for m in lora_layers(other).values())
+    ids = _ids()
+    assert_rel_close(_logits(other, ids), _logits(model, ids), TOL, "existing layers reloaded")
+
+
+def test_unsupported_config_and_models_are_refused(saved, tmp_path):
+    directory, fresh, model = saved
+    cfg_path = directory / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter(fresh, directory)
+    cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="IA3"):
+        load_adapter(fresh, directory)
+    cfg_path.write_text(json.dumps({**cfg, "rank_pattern": {"h.1.attn.c_attn": 0}}))
+    with pytest.raises(ValueError, match=r"rank_pattern\['h.1.attn.c_attn'\] must be a positive int, got 0"):
+        load_adapter(fresh, directory)
+    cfg_path.write_text(json.dumps({**cfg, "target_modules": ["nope"]}))
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] .* match no module"):
+        load_adapter(fresh, directory)
+    with pytest.raises(ValueError, match="no lora_fast LoRA layer"):
+        save_adapter(_gpt2(), tmp_path / "x")
+    lora_layers(model)["transformer.h.1.attn.c_attn"].lora.use_rslora = True
+    with pytest.raises(ValueError, match="one use_rslora .*transformer.h.1.attn.c_attn"):
+        save_adapter(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="adapter_model"):
+        load_adapter(fresh, tmp_path)
+    with pytest.raises(TypeError, match="PEFT model"):
+        save_adapter(_peft_model(_gpt2(), ["c_attn"]), tmp_path / "y")
+    with pytest.raises(TypeError, match="nn.Module"):
+        load_adapter("model", directory)
+    assert not lora_layers(fresh)
+
+
+# ---------------------------------------------------------------------------------------------- legacy and safety
+def test_legacy_tutorial_bin_loads(tmp_path):
+    model = _llama()
+    fresh = copy.deepcopy(model)
+    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8, use_rslora=True)
+    _randomise_lora(model)
+    lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}  # <module>.lora.lora_A/B
+    torch.save({"lora_state_dict": lora_sd, "config": dict(model.lora_fast_config)}, tmp_path / "adapter_model.bin")
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "legacy tutorial adapter")
+
+
+def test_peft_bin_loads(tmp_path):
+    base = _gpt2()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, ["c_attn"])
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "PEFT .bin adapter")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"lora_state_dict": {}, "config": {"rank": 4}, "x": _Evil(str(marker))},
+               tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_adapter(_gpt2(), tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
+    directory, _, model = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with torch.no_grad():
+        next(iter(lora_layers(model).values())).lora.lora_B.add_(1.0)  # the new save would differ
+    calls = []
+
+    def interrupted(fh, data):
+        calls.append(len(data))
+        if len(calls) - 1 == fail_at:
+            fh.write(data[: len(data) // 2])  # half a file, then the "crash"
+            raise KeyboardInterrupt("simulated interruption")
+        fh.write(data)
+
+    monkeypatch.setattr(adapter_mod, "_write_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, directory)
+    assert len(calls) == fail_at + 1
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # old files intact, no temp files left
+    monkeypatch.undo()
+    save_adapter(model, directory)
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} != before
+
+
+def test_lazy_exports():
+    assert lora_fast.save_adapter is save_adapter and lora_fast.load_adapter is load_adapter

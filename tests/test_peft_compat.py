@@ -1,0 +1,309 @@
+"""patch_peft / unpatch_peft: PEFT models on lora_fast's path give PEFT's outputs and gradients, on the same tensors."""
+
+# ruff: noqa: I001  (tests.triton_interpret is imported first, see below)
+from __future__ import annotations
+
+try:  # before peft, which imports triton: triton must first be imported under the interpreter on CPU
+    from tests.triton_interpret import DEVICE as TRITON_DEVICE
+    from tests.triton_interpret import HAS_CUDA
+except ImportError:  # triton missing
+    TRITON_DEVICE = HAS_CUDA = None
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_fast
+from lora_fast import peft_compat
+from lora_fast.layer import LinearWithLoRA
+from lora_fast.peft_compat import is_patched, patch_peft, unpatch_peft
+from tests.utils import assert_rel_close, rel_err
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+TOL = 1e-5  # fp32: same products on both paths, only the summation order may differ
+VOCAB = 97
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train mode stays deterministic
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+ARCHS = {"gpt2": (_gpt2, ["c_attn", "c_proj", "c_fc"]), "llama": (_llama, ["q_proj", "v_proj", "o_proj", "up_proj"])}
+
+
+def _peft(arch, dropout=0.0, base=None, **kw):
+    build, targets = ARCHS[arch]
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=kw.pop("target_modules", targets),
+                     rank_pattern={"c_fc": 2, "up_proj": 2}, **kw)
+    with warnings.catch_warnings():  # PEFT warns that it flips fan_in_fan_out for Conv1D targets
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(build() if base is None else base, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.2)  # B is zero at init: make the adapter matter
+    return pm
+
+
+def _ids(batch=2, seq=7):
+    return torch.randint(1, VOCAB, (batch, seq))
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls patched layers make into lora_fast."""
+    calls = []
+    real = peft_compat.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["fan_in_fan_out"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_compat, "lora_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_outputs_and_gradients_equal_peft(arch, spy):
+    pm = _peft(arch)
+    ref_model = copy.deepcopy(pm)
+    ids = _ids()
+    params_before = {n: p for n, p in pm.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer is supported: no warning at all
+        assert patch_peft(pm) is pm
+    n_layers = sum(is_patched(m) for m in pm.modules())
+    assert n_layers == sum(isinstance(m, peft.tuners.lora.layer.Linear) for m in pm.modules()) >= 6
+    assert {n: p for n, p in pm.named_parameters()} == params_before  # same Parameter objects: no copies
+
+    pm.eval(), ref_model.eval()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, f"{arch} eval logits")
+    assert len(spy) == n_layers and all(spy) == (arch == "gpt2")  # Conv1D layers go as fan_in_fan_out
+    pm.train(), ref_model.train()
+    loss, grads = _loss_and_grads(pm, ids)
+    ref_loss, ref_grads = _loss_and_grads(ref_model, ids)
+    assert_rel_close(loss, ref_loss, TOL, "train loss")
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * n_layers
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], TOL, name)
+
+
+def test_optimizer_keeps_working_across_patch():
+    """An optimizer built before patching trains the patched model exactly like the unpatched one."""
+    pm = _peft("gpt2").train()
+    ref_model = copy.deepcopy(pm)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, ref_model)]
+    patch_peft(pm)
+    ids = _ids()
+    b0 = pm.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight.detach().clone()
+    for _ in range(3):
+        for model, opt in zip((pm, ref_model), opts, strict=True):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    for (name, p), q in zip(pm.named_parameters(), ref_model.parameters(), strict=True):
+        assert_rel_close(p, q, 1e-5, name)
+    assert rel_err(pm.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight, b0) > 1e-4  # trained
+
+
+def test_dropout_goes_through_lora_fast():
+    """Train mode with dropout: the patched PEFT layer is the lora_fast layer (same tensors, same RNG draws)."""
+    pm = _peft("llama", dropout=0.25).train()
+    patch_peft(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    ours = LinearWithLoRA(layer.base_layer, rank=4, alpha=8, dropout=0.25)
+    ours.lora.lora_A, ours.lora.lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 5, 32)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, ours(x))
+    layer.eval()
+    assert rel_err(y, layer(x)) > 1e-3  # dropout really acts in training mode
+    ours.eval()
+    assert torch.equal(layer(x), ours(x))
+
+
+def test_merged_and_disabled_adapters_fall_back_to_peft(spy):
+    pm = _peft("gpt2").eval()
+    ref_model = copy.deepcopy(pm)
+    patch_peft(pm)
+    ids = _ids()
+    with torch.no_grad():
+        with pm.disable_adapter(), ref_model.disable_adapter():
+            assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, "disabled")
+        assert not spy
+        pm.merge_adapter(), ref_model.merge_adapter()
+        assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, "merged")
+        assert not spy
+        pm.unmerge_adapter(), ref_model.unmerge_adapter()
+        assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, "unmerged again")
+    assert spy  # back on lora_fast's path
+
+
+def test_unpatch_restores_peft_forward(spy):
+    pm = _peft("llama").eval()
+    patch_peft(pm)
+    patch_peft(pm)  # twice is harmless: one wrapper, no warning
+    ids = _ids()
+    with torch.no_grad():
+        patched = pm(input_ids=ids).logits
+        calls = len(spy)
+        assert calls == 8
+        assert unpatch_peft(pm) is pm
+        assert not any("forward" in m.__dict__ for m in pm.modules() if hasattr(m, "lora_A"))
+        assert_rel_close(pm(input_ids=ids).logits, patched, TOL, "after unpatch")
+    assert len(spy) == calls  # PEFT's own forward: lora_fast no longer called
+
+
+def test_save_pretrained_after_patch(tmp_path):
+    base = _gpt2()
+    pm = _peft("gpt2", base=copy.deepcopy(base)).eval()
+    patch_peft(pm)
+    pm.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ours = copy.deepcopy(base).eval()
+    lora_fast.load_adapter(ours, tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        assert_rel_close(loaded(input_ids=ids).logits, ref, TOL, "PEFT reloading what the patched model saved")
+        assert_rel_close(ours(input_ids=ids).logits, ref, TOL, "lora_fast loading it")
+
+
+@pytest.mark.parametrize("case", ["embedding", "dora", "lora_bias", "two_adapters"])
+def test_unsupported_layers_stay_on_peft_with_one_warning(case):
+    kw = {"embedding": {"target_modules": ["c_attn", "wte"]}, "dora": {"use_dora": True},
+          "lora_bias": {"lora_bias": True}, "two_adapters": {}}[case]
+    pm = _peft("gpt2", **kw).eval()
+    if case == "two_adapters":
+        pm.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+        pm.base_model.set_adapter(["default", "other"])
+    ref_model = copy.deepcopy(pm)
+    reason = {"embedding": "embedding: base_model.model.transformer.wte", "dora": "DoRA: .*h.0.attn.c_attn",
+              "lora_bias": "lora_bias: .*h.0.attn.c_attn", "two_adapters": "2 active adapters .*h.0.attn.c_attn"}[case]
+    with pytest.warns(UserWarning, match=f"stay on PEFT's own path — .*{reason}") as record:
+        patch_peft(pm)
+    assert len([w for w in record if "patch_peft" in str(w.message)]) == 1
+    message = str(record[0].message)
+    if case == "embedding":
+        assert "transformer.wte" in message and "c_attn" not in message
+        assert sum(is_patched(m) for m in pm.modules()) == 2  # the two c_attn
+    elif case == "two_adapters":
+        assert "transformer.h.0.attn.c_attn" in message and "c_fc" not in message  # 'other' only on c_attn
+    else:
+        assert not any(is_patched(m) for m in pm.modules())
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, case)
+
+
+def test_non_float_base_weight_is_left_as_quantised():
+    """A base whose weight is not a float Parameter (how quantised bases look) is named and left alone."""
+    pm = _peft("llama")
+    layer = pm.base_model.model.model.layers[1].self_attn.o_proj
+    w = layer.base_layer.weight
+    layer.base_layer.weight = nn.Parameter(w.detach().to(torch.int8), requires_grad=False)
+    with pytest.warns(UserWarning, match=r"1 of 8 .*quantised base weight \(Parameter, torch.int8\): "
+                                         r"base_model.model.model.layers.1.self_attn.o_proj$"):
+        patch_peft(pm)
+    assert not is_patched(layer) and sum(is_patched(m) for m in pm.modules()) == 7
+
+
+def test_bf16_layer_within_half_precision_error():
+    """bf16 base, fp32 adapters (PEFT's default autocast_adapter_dtype): error vs fp64 at most twice PEFT's own."""
+    base = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16)
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    layer = pm.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    x = torch.randn(37, 64).to(torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = lora_fast.lora_linear_ref(x, layer.base_layer.weight, layer.base_layer.bias, a, b, layer.scaling["default"],
+                                    upcast=True)
+    with torch.no_grad():
+        peft_err = rel_err(layer(x), ref)
+        patch_peft(pm)
+        ours = layer(x)
+    assert ours.dtype == torch.bfloat16
+    assert rel_err(ours, ref) <= 2 * peft_err + 1e-4 and rel_err(ours, ref) <= 1e-2
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """The device the Triton kernels run on here: CUDA, else CPU through triton's interpreter (for this test)."""
+    if TRITON_DEVICE is None:
+        pytest.skip("triton missing: patch_peft's Triton path is tested where triton is installed (CI, GPU)")
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return TRITON_DEVICE
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_triton_path_matches_peft(triton_device, conv1d, dropout):
+    """One PEFT layer on backend="triton": PEFT's output and gradients (no dropout), or exactly lora_fast's own
+    layer with the same seed (dropout: the mask comes from the kernels' generator)."""
+    tol = 1e-5 if triton_device == "cpu" else 2e-3  # interpreter: exact fp32 dots; GPU: TF32 may be allowed
+    base = transformers.pytorch_utils.Conv1D(48, 32) if conv1d else nn.Linear(32, 48)  # in 32, out 48
+    pm = get_peft_model(nn.Sequential(base).to(triton_device),
+                        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0"],
+                                   fan_in_fan_out=conv1d))
+    layer = pm.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.normal_(0, 0.2)
+    ref_layer = copy.deepcopy(layer)
+    patch_peft(pm, backend="triton")
+    x = torch.randn(2, 7, 32, device=triton_device)
+    dy = torch.randn(2, 7, 48, device=triton_device)
+    if dropout:
+        ours = LinearWithLoRA(layer.base_layer, rank=4, alpha=8, dropout=dropout, backend="triton")
+        ours.lora.lora_A, ours.lora.lora_B = a, b
+        torch.manual_seed(3)
+        y = layer(x)
+        torch.manual_seed(3)
+        assert torch.equal(y, ours(x))
+        return
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, y_ref = layer(xs[0]), ref_layer(xs[1])
+    (y * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    assert_rel_close(y, y_ref, tol, "y")
+    assert_rel_close(xs[0].grad, xs[1].grad, tol, "dx")
+    assert_rel_close(a.grad, ref_layer.lora_A["default"].weight.grad, tol, "dA")
+    assert_rel_close(b.grad, ref_layer.lora_B["default"].weight.grad, tol, "dB")
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="PeftModel"):
+        patch_peft("not a model")
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        patch_peft(_gpt2())
+    assert lora_fast.patch_peft is patch_peft and lora_fast.unpatch_peft is unpatch_peft
