@@ -1,0 +1,58 @@
+"""Plots of ``lora-fast train`` and ``sweep`` (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from lora_fast.train_io import write_atomic
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+
+
+def loss_curve(path: Path, train_loss: list[float], eval_steps: list[int], eval_loss: list[float],
+               title: str = "LoRA fine-tuning") -> None:
+    """Train loss per optimizer step and eval loss at each evaluation, in one PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(train_loss) + 1), train_loss, label="train loss", lw=1)
+    if eval_loss:
+        ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def sweep_plot(path: Path, rows: list[dict]) -> None:
+    """Final eval loss of each sweep run against its trainable parameters (log scale), labelled by run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "s" if r["target_modules"] == "all-linear" else "o"
+        ax.scatter(r["trainable_params"], r["final_eval_loss"], marker=marker)
+        ax.annotate(r["run"], (r["trainable_params"], r["final_eval_loss"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("final eval loss")
+    ax.set_title("LoRA sweep (o: named target modules, s: all-linear)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)

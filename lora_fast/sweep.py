@@ -1,0 +1,161 @@
+"""``lora-fast sweep``: the LoRA tutorials' experiments — rank, alpha and target modules — in one command.
+
+Default grid ``one-at-a-time`` (as the tutorials vary one knob with the others at the baseline ``--rank`` /
+``--alpha`` / first target set): ranks 2 4 8 16 32, alphas 4 8 16 32, targets ``c_attn`` vs ``all-linear`` —
+9 distinct runs. ``--grid full`` runs the whole product (40 runs by default). Data, tokenizer and base model are
+prepared once and every run starts from a fresh copy of the base model, so runs differ only in the LoRA setting.
+
+Outputs in ``--output_dir`` (default ``outputs/lora-sweep``, written all at once like ``train``): one directory
+per run (the full ``train`` outputs), ``sweep_results.md`` and ``sweep_results.csv`` (final eval loss, perplexity,
+trainable parameters, tokens/s, peak memory, wall time) and ``sweep_plot.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import itertools
+import sys
+
+from lora_fast.train_args import ConfigError, add_train_options, load_yaml, normalize_targets, resolve
+from lora_fast.train_model import log_stderr
+
+COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_perplexity", "trainable_params",
+           "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-fast sweep", description="Sweep LoRA rank, alpha and target modules")
+    add_train_options(p)
+    p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"], help="ranks to try")
+    p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try")
+    p.add_argument("--target_sets", nargs="+", default=["c_attn", "all-linear"],
+                   help="target-module sets to try; names within a set are comma-separated (c_attn,c_proj)")
+    p.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time")
+    return p
+
+
+def _numbers(values, kind, name):
+    out = []
+    for v in values:
+        try:
+            x = kind(v)
+        except ValueError:
+            raise ConfigError(f"--{name}: {v!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if x <= 0:
+            raise ConfigError(f"--{name}: {v!r} must be positive")
+        out.append(x)
+    return out
+
+
+def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[dict]:
+    """Distinct (rank, alpha, targets) settings, baseline first. ``targets`` keeps the user's spelling."""
+    if grid == "full":
+        combos = list(itertools.product(ranks, alphas, target_sets))
+    else:
+        t0 = target_sets[0]
+        combos = [(base_rank, base_alpha, t0)] + [(r, base_alpha, t0) for r in ranks] \
+            + [(base_rank, a, t0) for a in alphas] + [(base_rank, base_alpha, t) for t in target_sets]
+    seen, runs = set(), []
+    for r, a, t in combos:
+        if (r, a, t) not in seen:
+            seen.add((r, a, t))
+            runs.append({"rank": r, "alpha": a, "targets": t, "run": f"r{r}_a{a:g}_{t.replace(',', '+')}"})
+    return runs
+
+
+def _table_md(rows) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _table_csv(rows) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]:
+    """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted)."""
+    from lora_fast.plots import sweep_plot
+    from lora_fast.train import prepare, resolve_device, train
+    from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
+
+    out = check_output_dir(opts.output_dir, opts.overwrite)
+    resolve_device(opts.device)
+    prep = prepare(opts, log)
+    from lora_fast.inject import find_target_modules
+
+    for spec in runs:  # every target set must match before minutes of training start
+        try:
+            find_target_modules(prep.model, normalize_targets(spec["targets"].split(",")))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    staged = StagedDir(out)
+    rows, interrupted = [], False
+    try:
+        for i, spec in enumerate(runs, 1):
+            log(f"lora-fast sweep: run {i}/{len(runs)}: {spec['run']}")
+            ro = copy.copy(opts)
+            ro.rank, ro.alpha, ro.overwrite = spec["rank"], spec["alpha"], False
+            ro.target_modules = normalize_targets(spec["targets"].split(","))
+            ro.output_dir = str(staged.path / spec["run"])
+            ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
+            m = train(ro, prep, log=log)
+            p = m["parameters"]
+            rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
+                         "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
+                         "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
+                         "trainable_pct": p["percentage"], "tokens_per_sec": m["mean_tokens_per_sec"],
+                         "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
+                         "steps": m["steps"]})
+            if m["interrupted"]:
+                interrupted = True
+                log("lora-fast sweep: interrupted; writing the table of the runs so far")
+                break
+        write_atomic(staged.path / "sweep_results.md", _table_md(rows))
+        write_atomic(staged.path / "sweep_results.csv", _table_csv(rows))
+        if all(r["final_eval_loss"] is not None for r in rows) and rows:
+            sweep_plot(staged.path / "sweep_plot.png", rows)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    return rows, interrupted
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lora-fast sweep``; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.output_dir is None and not (ns.config and "output_dir" in load_yaml(ns.config)):
+            ns.output_dir = "outputs/lora-sweep"
+        opts = resolve(ns)
+        ranks = _numbers(ns.ranks, int, "ranks")
+        alphas = _numbers(ns.alphas, float, "alphas")
+        if opts.task != "causal-lm":
+            raise ConfigError("lora-fast sweep runs --task causal-lm only")
+        runs = plan_runs(ranks, alphas, ns.target_sets, opts.rank, opts.alpha, ns.grid)
+        rows, interrupted = run_sweep(opts, runs)
+    except ConfigError as e:
+        print(f"lora-fast sweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-fast sweep: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(_table_md(rows))
+    print(f"Sweep outputs in {opts.output_dir}: sweep_results.md, sweep_results.csv, sweep_plot.png, one directory "
+          "per run")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Options of ``lora-fast train`` / ``sweep``: one table, parsed from the command line and an optional YAML file.
+
+Precedence (lowest to highest): the defaults below, the keys of ``--config config.yaml``, the command line. YAML
+keys are the option names without dashes (``rank: 16``, ``target_modules: [c_attn, c_proj]``); an unknown key is
+an error, never ignored. Every value — from either source — goes through the same checks (``validate``), so that
+``rank: 0`` in a YAML file fails exactly like ``--rank 0`` does, with a one-line message naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+BACKEND_CHOICES = ("auto", "reference", "triton")
+TASK_CHOICES = ("causal-lm", "classification")
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+class ConfigError(ValueError):
+    """Bad option value or config file; the CLI prints it as one line and exits with status 2."""
+
+
+def _pos_int(v):
+    return isinstance(v, int) and v >= 1
+
+
+def _pos_float(v):
+    return math.isfinite(v) and v > 0
+
+
+# name: (type, default, check or None, what the check requires, help)
+OPTIONS: dict[str, tuple] = {
+    "model": (str, "gpt2", None, "", "local model directory, hub name, or 'gpt2-random' (GPT-2 124M, random init)"),
+    "task": (str, "causal-lm", lambda v: v in TASK_CHOICES, f"one of {TASK_CHOICES}", "causal-lm or classification"),
+    "dataset": (str, None, None, "", "text/JSON lines/CSV file (a directory of train/validation/test CSVs for "
+                "classification) or a `datasets` hub name; default: Python's pydoc_data.topics corpus"),
+    "text_column": (str, None, None, "", "column/field holding the text (default: 'text' or 'Text')"),
+    "rank": (int, 8, _pos_int, "a positive integer", "LoRA rank r"),
+    "alpha": (float, 16.0, _pos_float, "a positive number", "LoRA alpha (scaling = alpha / rank)"),
+    "dropout": (float, 0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "dropout on the LoRA input"),
+    "use_rslora": (bool, False, None, "", "scale by alpha/sqrt(rank) (rank-stabilised LoRA)"),
+    "target_modules": (list, None, None, "", "module names, one regex, or 'all-linear' (default: the "
+                       "architecture's, c_attn for GPT-2)"),
+    "epochs": (float, 1.0, _pos_float, "a positive number", "passes over the training data"),
+    "max_steps": (int, None, _pos_int, "a positive integer", "optimizer steps (overrides --epochs)"),
+    "batch_size": (int, 8, _pos_int, "a positive integer", "sequences per micro-batch"),
+    "gradient_accumulation_steps": (int, 1, _pos_int, "a positive integer", "micro-batches per optimizer step"),
+    "lr": (float, 3e-4, _pos_float, "a positive number", "peak learning rate (AdamW)"),
+    "weight_decay": (float, 0.0, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "AdamW weight decay"),
+    "warmup_ratio": (float, 0.05, lambda v: 0.0 <= v <= 1.0, "in [0, 1]", "fraction of steps of linear warm-up"),
+    "max_grad_norm": (float, 1.0, lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0 disables)",
+                      "gradient clipping norm"),
+    "max_length": (int, 128, lambda v: isinstance(v, int) and v >= 2, "an integer >= 2", "tokens per sequence"),
+    "eval_steps": (int, 50, _pos_int, "a positive integer", "evaluate every N optimizer steps (and at the end)"),
+    "eval_batches": (int, None, _pos_int, "a positive integer", "cap on evaluation batches (default: all)"),
+    "val_fraction": (float, 0.1, lambda v: 0.0 < v < 1.0, "in (0, 1)", "held-out share when the data has no "
+                     "validation split"),
+    "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),
+    "bf16": (bool, False, None, "", "bfloat16 autocast"),
+    "seed": (int, 42, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "random seed"),
+    "output_dir": (str, "outputs/lora-gpt2", None, "", "where the adapter, metrics and plots go"),
+    "overwrite": (bool, False, None, "", "replace a non-empty output directory"),
+    "backend": (str, "auto", lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}", "LoRA kernels"),
+    "device": (str, "auto", None, "", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
+    "logdir": (str, None, None, "", "TensorBoard log directory (needs the tensorboard package)"),
+    "num_workers": (int, 0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "DataLoader workers"),
+    "progress": (bool, True, None, "", "tqdm progress bar (--no-progress to hide)"),
+}
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option of ``OPTIONS`` (plus ``--config``) to ``parser``; defaults are resolved in ``parse``."""
+    parser.add_argument("--config", help="YAML file whose keys are these options (the command line overrides)")
+    for name, (typ, default, _, _, help_) in OPTIONS.items():
+        flag = f"--{name}"
+        d = f" (default: {default})" if default is not None else ""
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_ + d)
+        elif typ is list:
+            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=help_)
+        else:
+            # Parsed as strings and converted in `validate`, so CLI and YAML values share one check and message.
+            parser.add_argument(flag, default=None, metavar=name.upper(), help=help_ + d)
+
+
+def _convert(name: str, value, typ):
+    if value is None:
+        return None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is list:
+        vals = [value] if isinstance(value, str) else value
+        if not isinstance(vals, (list, tuple)) or not vals or not all(isinstance(v, str) and v for v in vals):
+            raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {value!r}")
+        return list(vals)
+    if typ is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        if typ is int:
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = "an integer" if typ is int else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
+
+
+def validate(values: dict) -> argparse.Namespace:
+    """Convert and check every option; fills defaults. Raises ``ConfigError`` naming the first bad option."""
+    out = {}
+    for name, (typ, default, check, needs, _) in OPTIONS.items():
+        v = _convert(name, values.get(name), typ)
+        if v is None:
+            v = default
+        elif check is not None and not check(v):
+            raise ConfigError(f"{name} must be {needs}, got {values.get(name)!r}")
+        out[name] = v
+    if out["fp16"] and out["bf16"]:
+        raise ConfigError("choose one of fp16 and bf16, not both")
+    out["target_modules"] = normalize_targets(out["target_modules"])
+    out["config"] = values.get("config")
+    return argparse.Namespace(**out)
+
+
+def normalize_targets(values: list[str] | None):
+    """CLI words → ``apply_lora``'s ``target_modules``: None, 'all-linear', one regex string, or a list of names."""
+    if values is None:
+        return None
+    if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
+        return values[0]
+    if "all-linear" in values or any(_REGEX_CHARS & set(v) for v in values):
+        raise ConfigError(f"target_modules: give either module names, or a single regex / 'all-linear', "
+                          f"got {values!r}")
+    return list(values)
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of option names to values; unknown keys and non-mappings are errors."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must be a mapping of option: value, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(OPTIONS) - {"config"})
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+    data.pop("config", None)
+    return data
+
+
+def resolve(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> argparse.Namespace:
+    """Merge defaults < YAML (``ns.config``) < command line, then validate. ``extra`` names pass through as-is."""
+    merged = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    for name in OPTIONS:
+        v = getattr(ns, name, None)
+        if v is not None:
+            merged[name] = v
+    merged["config"] = getattr(ns, "config", None)
+    opts = validate(merged)
+    for name in extra:
+        setattr(opts, name, getattr(ns, name))
+    return opts
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``lora-fast train`` arguments into a validated Namespace (raises ``ConfigError`` on bad values)."""
+    parser = argparse.ArgumentParser(prog="lora-fast train", description="LoRA fine-tuning of GPT-2 style models")
+    add_train_options(parser)
+    return resolve(parser.parse_args(argv))

@@ -1,0 +1,133 @@
+"""Output directories of ``lora-fast train`` / ``sweep`` / ``merge``: all or nothing.
+
+Everything a run writes goes into a hidden staging directory beside ``--output_dir`` (same filesystem); only when
+the run has finished — or was interrupted and has saved what it trained — is the staging directory renamed onto
+the output directory (``os.replace``, atomic on POSIX). A crash or a bad input therefore leaves no half-written
+output, and a non-empty existing output directory is never replaced unless ``--overwrite`` is given (then the old
+one is moved aside first and deleted only after the new one is in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora_fast.train_args import ConfigError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> Path:
+    """Refuse an existing non-empty directory (unless ``overwrite``) or a file; returns the resolved path."""
+    out = Path(output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {output_dir!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {output_dir!r} exists and is not empty; choose another directory or pass "
+                          "--overwrite")
+    return out
+
+
+class StagedDir:
+    """A temporary directory that becomes ``final`` on ``commit()`` and vanishes on ``discard()``."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
+        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like a mkdir's
+
+    def commit(self) -> Path:
+        for p in self.path.rglob("*"):  # temp-file writers (mkstemp) leave 0600; use the umask's modes
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+        old = None
+        if self.final.exists():
+            if self.final.is_dir() and not any(self.final.iterdir()):
+                self.final.rmdir()
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+                os.replace(self.final, old / "previous")
+        os.replace(self.path, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file via a temporary in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator statistics, or Linux's VmHWM (``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the RSS high-water mark VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(peak MB, what was measured): CUDA's max allocated bytes on a GPU; the process's peak RSS on CPU (Linux's
+    VmHWM since ``reset_peak_memory``, else ``ru_maxrss`` over the whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10, "process peak RSS (VmHWM since training started)"
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "process max RSS (ru_maxrss, whole process)"
+
+
+def _dir_bytes(path: Path, names) -> int:
+    return sum((path / n).stat().st_size for n in names if (path / n).is_file())
+
+
+def model_comparison(counts: dict, model: torch.nn.Module, adapter_dir: Path) -> str:
+    """Text report: total/trainable/frozen parameters and adapter size on disk vs the full model's weights."""
+    full = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    adapter = _dir_bytes(adapter_dir, ("adapter_model.safetensors", "adapter_config.json"))
+    lines = [
+        "LoRA vs full fine-tuning",
+        "",
+        f"total parameters      {counts['total']:>14,}",
+        f"trainable parameters  {counts['trainable']:>14,}  ({counts['percentage']:.4f} %)",
+        f"frozen parameters     {counts['frozen']:>14,}",
+        "",
+        f"adapter on disk       {adapter / 2**20:>14.3f} MB  (adapter_model.safetensors + adapter_config.json)",
+        f"full model weights    {full / 2**20:>14.3f} MB  (every parameter at its dtype, as save_pretrained writes)",
+        f"adapter / full        {100.0 * adapter / full if full else 0.0:>14.4f} %",
+    ]
+    return "\n".join(lines) + "\n"

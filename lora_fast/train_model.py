@@ -1,0 +1,203 @@
+"""Base model and tokenizer for ``lora-fast train``: local directory, hub name, or GPT-2 124M at random.
+
+``--model`` resolution, in order:
+    ``gpt2-random``          GPT-2 124M (``GPT2Config()``), randomly initialised from ``--seed``.
+    an existing path         must be a saved transformers model (``config.json``); anything else is an error.
+    a path-like missing name (``./x``, ``/x``, ``~/x``)  an error: the directory does not exist.
+    a hub name               the Hugging Face cache first (no network), then the hub.
+Offline: when the name is not cached and the hub cannot be reached (``HF_HUB_OFFLINE=1``, or a 3-second TCP probe
+of the endpoint fails — this avoids huggingface_hub's ~25 s of retries), the default ``gpt2`` continues with the
+random 124M model after one line saying so; any other name is an error. A name the reachable hub does not know
+(a misspelling) is always an error, never a fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from lora_fast.train_args import ConfigError
+
+RANDOM_GPT2 = "gpt2-random"
+FALLBACK_NAMES = ("gpt2", "openai-community/gpt2")  # names whose architecture GPT2Config() reproduces
+PROBE_TIMEOUT_S = 3.0  # long enough for a slow network, far below huggingface_hub's retry loop
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def hub_offline_flag() -> bool:
+    """True when the user asked for offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    env = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        from huggingface_hub import constants
+
+        return env or bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return env
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face endpoint (or the HTTPS proxy, when one is set) accepts a TCP connection within
+    ``timeout`` seconds, name resolution included. ``HF_ENDPOINT`` overrides the endpoint, as in huggingface_hub."""
+    if hub_offline_flag():
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    proxy = os.environ.get(f"{url.scheme.upper()}_PROXY") or os.environ.get(f"{url.scheme}_proxy")
+    if proxy:  # behind a proxy the hub is reachable when the proxy is
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _offline(on: bool):
+    """Force huggingface_hub's offline mode for a block. transformers' PEFT-adapter lookup inside
+    ``from_pretrained`` ignores ``local_files_only`` and would otherwise spend ~25 s retrying an unreachable hub."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def random_gpt2(task: str = "causal-lm", num_labels: int = 2, seed: int = 0, vocab_size: int | None = None):
+    """GPT-2 124M with random weights drawn from ``seed`` (the same seed gives the same base model)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    config = GPT2Config(num_labels=num_labels) if vocab_size is None else \
+        GPT2Config(num_labels=num_labels, vocab_size=vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cls = GPT2ForSequenceClassification if task == "classification" else GPT2LMHeadModel
+        return cls(config)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_not_found(e: BaseException) -> bool:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    while e is not None:
+        if isinstance(e, RepositoryNotFoundError) or "is not a valid model identifier" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, seed: int = 0,
+                    cache_dir: str | None = None, log=print):
+    """Load the base model named by ``--model``.
+
+    Args:
+        name: local directory, hub name, or ``gpt2-random``.
+        task: ``causal-lm`` or ``classification`` (adds a ``num_labels`` sequence-classification head).
+        seed: seed of the random initialisation (``gpt2-random`` and the offline fallback).
+        cache_dir: Hugging Face cache to look in (default: the usual one).
+        log: where the one-line offline notice goes.
+
+    Returns:
+        (model, resolved name): the resolved name is what ``adapter_config.json`` records as the base model.
+
+    Raises:
+        ConfigError: a missing or broken local directory, a name unknown to the hub, or offline with no cache.
+    """
+    cls = _model_class(task)
+    kw = {"num_labels": num_labels} if task == "classification" else {}
+    if name == RANDOM_GPT2:
+        return random_gpt2(task, num_labels, seed), RANDOM_GPT2
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(f"--model {name!r} is not a saved transformers model directory (no config.json)")
+        try:
+            return cls.from_pretrained(path, **kw), str(path.resolve())
+        except Exception as e:  # noqa: BLE001  (broken weights raise OSError, ValueError, RuntimeError, ...)
+            raise ConfigError(f"could not load the model in {name!r}: {_first_line(e)}") from None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError(f"model directory {name!r} does not exist")
+    reachable = hub_reachable()
+    try:  # the cache first
+        with _offline(not reachable):
+            return cls.from_pretrained(name, local_files_only=True, cache_dir=cache_dir, **kw,
+                                       adapter_kwargs={"local_files_only": True, "cache_dir": cache_dir}), name
+    except Exception:  # noqa: BLE001  (not cached; decided below)
+        pass
+    if reachable:
+        try:
+            return cls.from_pretrained(name, cache_dir=cache_dir, **kw), name
+        except Exception as e:  # noqa: BLE001
+            if _is_not_found(e):
+                raise ConfigError(f"--model {name!r}: no such local directory and no such model on the Hugging "
+                                  "Face hub (misspelt?)") from None
+            offline_reason = _first_line(e)
+    else:
+        offline_reason = "HF_HUB_OFFLINE is set" if hub_offline_flag() else "the hub is unreachable"
+    if name in FALLBACK_NAMES:
+        log(f"lora-fast: cannot load {name!r} ({offline_reason}, not cached): continuing with the GPT-2 124M "
+            f"architecture randomly initialised (same as --model {RANDOM_GPT2})")
+        return random_gpt2(task, num_labels, seed), RANDOM_GPT2
+    raise ConfigError(f"--model {name!r} is not a local directory and not in the Hugging Face cache, and it cannot "
+                      f"be downloaded ({offline_reason})")
+
+
+def load_tokenizer(name: str):
+    """The model's own tokenizer (local files, or the cache for a hub name), or None when it has none."""
+    from transformers import AutoTokenizer
+
+    if name == RANDOM_GPT2:
+        return None
+    path = Path(name)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    tok = None
+    reachable = not path.is_dir() and hub_reachable()
+    for local_only in (True, False):
+        if not local_only and not reachable:
+            break
+        try:
+            with _offline(not reachable):
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            break
+        except Exception:  # noqa: BLE001  (a model without a tokenizer: we train one)
+            continue
+    if tok is None:
+        return None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

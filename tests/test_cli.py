@@ -1,0 +1,227 @@
+"""``lora-fast`` options, YAML precedence, data readers, model resolution offline, and bad input.
+
+Bad input must give one clear line on stderr, exit status 2, and leave nothing behind (no output directory, no
+staging directory). The offline fallback is tested with the hub unreachable for real: ``HF_ENDPOINT`` points at a
+closed local port and the cache is an empty temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_fast.cli import main as cli_main
+from lora_fast.data import load_texts
+from lora_fast.train_args import ConfigError, parse_train_args
+from lora_fast.train_model import load_base_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64)).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ options / YAML
+def test_yaml_values_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rank: 4\nalpha: 8\nlr: 1.0e-3\ntarget_modules: [c_attn, c_proj]\nbf16: true\nmax_steps: 7\n")
+    o = parse_train_args(["--config", str(cfg)])
+    assert (o.rank, o.alpha, o.lr, o.target_modules, o.bf16, o.max_steps) == (4, 8.0, 1e-3, ["c_attn", "c_proj"],
+                                                                              True, 7)
+    assert o.batch_size == 8 and o.dropout == 0.0  # untouched options keep their defaults
+    o = parse_train_args(["--config", str(cfg), "--rank", "16", "--target_modules", "all-linear", "--no-bf16"])
+    assert (o.rank, o.alpha, o.target_modules, o.bf16) == (16, 8.0, "all-linear", False)
+    assert parse_train_args(["--target_modules", r"h\.\d+\.attn\.c_attn"]).target_modules == r"h\.\d+\.attn\.c_attn"
+
+
+@pytest.mark.parametrize("yaml_text, phrase", [
+    ("rank: 0\n", "rank must be a positive integer"),
+    ("rank: eight\n", "rank must be an integer"),
+    ("dropout: 1.5\n", "dropout must be in [0, 1)"),
+    ("learning_rate: 0.1\n", "unknown option(s) ['learning_rate']"),
+    ("- rank\n", "must be a mapping"),
+    ("rank: [\n", "not valid YAML"),
+    ("fp16: yes please\n", "fp16 must be true or false"),
+])
+def test_yaml_bad_values(tmp_path, yaml_text, phrase):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        parse_train_args(["--config", str(cfg)])
+    assert phrase in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _bad(tmp_path, tiny, extra):
+    return ["train", "--model", str(tiny), "--max_steps", "2", "--max_length", "32", "--output_dir",
+            str(tmp_path / "out"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--dataset", "{tmp}/missing.txt"], "does not exist"),
+    (["--dataset", "{tmp}/empty.txt"], "is empty"),
+    (["--dataset", "{tmp}/bad.jsonl"], "line 2 is not valid JSON"),
+    (["--target_modules", "q_proj"], "matched no module"),
+    (["--rank", "0"], "rank must be a positive integer"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--lr=-1e-4"], "lr must be a positive number"),
+    (["--lr", "fast"], "lr must be a number"),
+    (["--batch_size", "2.5"], "batch_size must be an integer"),
+    (["--fp16", "--bf16"], "not both"),
+    (["--max_length", "100"], "exceeds the model's 64 positions"),
+    (["--model", "{tmp}/no-such-model"], "does not exist"),
+    (["--config", "{tmp}/missing.yaml"], "config file"),
+])
+def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, extra, phrase):
+    (tmp_path / "empty.txt").write_text("  \n\n \n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in _bad(tmp_path, tiny_gpt2, extra)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("lora-fast")]  # not transformers' load bar
+    assert len(ours) == 1 and ours[0].startswith("lora-fast train: error:") and phrase in ours[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert cli_main(_bad(tmp_path, tiny_gpt2, [])) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))
+
+
+def test_cli_dispatch(capsys):
+    assert cli_main(["--help"]) == 0 and "train" in capsys.readouterr().out
+    assert cli_main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0 and "--gradient_accumulation_steps" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def test_data_readers_and_split(tmp_path):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": f"document number {i}", "id": i}) for i in range(20)) + "\n")
+    train, val, _ = load_texts(str(jl), val_fraction=0.1, seed=1)
+    assert len(val) == 2 and len(train) == 18 and not set(train) & set(val)
+    assert sorted(train + val) == sorted(f"document number {i}" for i in range(20))
+    cs = tmp_path / "d.csv"
+    cs.write_text("Label,Text\n0,alpha beta\n1,\"gamma, delta\"\n0,epsilon\n")
+    train, val, _ = load_texts(str(cs), val_fraction=0.34, seed=0)
+    assert sorted(train + val) == ["alpha beta", "epsilon", "gamma, delta"]
+    with pytest.raises(ConfigError, match="no 'body' column"):
+        load_texts(str(cs), text_column="body")
+    train, val, src = load_texts(None)  # the embedded corpus: whole documents, none in both splits
+    assert "pydoc_data" in src and len(val) >= 1 and not set(train) & set(val)
+    assert sum(map(len, train + val)) > 400_000
+
+
+# ----------------------------------------------------------------------------------------- model resolution
+def test_gpt2_falls_back_to_random_124m_when_hub_unreachable(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    lines = []
+    model, name = load_base_model("gpt2", seed=3, cache_dir=str(tmp_path), log=lines.append)
+    assert name == "gpt2-random" and len(lines) == 1 and "unreachable" in lines[0] and "randomly" in lines[0]
+    c = model.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.n_positions) == (12, 768, 12, 50257, 1024)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # GPT-2 small, tied embeddings counted once
+    again, _ = load_base_model("gpt2-random", seed=3)  # the seed rebuilds the same base (lora-fast merge relies on it)
+    assert torch.equal(again.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    with pytest.raises(ConfigError, match="cannot be downloaded"):  # only the default falls back
+        load_base_model("gtp2", cache_dir=str(tmp_path), log=lines.append)
+    assert len(lines) == 1
+
+
+def test_misspelt_hub_name_is_an_error(tmp_path, monkeypatch):
+    import transformers
+
+    from lora_fast import train_model
+
+    def fake_from_pretrained(name, **kw):  # what transformers raises for a repository the hub does not have
+        if kw.get("local_files_only"):
+            raise OSError(f"{name} is not cached")
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'")
+
+    monkeypatch.setattr(train_model, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(ConfigError, match="misspelt"):
+        load_base_model("gtp2", cache_dir=str(tmp_path), log=pytest.fail)
+
+
+def test_broken_local_model_dir_is_an_error(tmp_path, tiny_gpt2):
+    import shutil
+
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_base_model(str(no_config))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gpt2, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="could not load the model"):
+        load_base_model(str(broken))
+
+
+def test_hub_dataset_name_offline_is_an_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="not a local file and the Hugging Face hub is not reachable"):
+        load_texts("someone/some_corpus")
+
+
+def test_classification_single_csv_split_and_string_labels(tmp_path):
+    from lora_fast.data import load_classification
+
+    f = tmp_path / "sms.csv"
+    f.write_text("Label,Text\n" + "".join(f"{'spam' if i % 3 == 0 else 'ham'},message {i}\n" for i in range(50)))
+    splits, names = load_classification(str(f), seed=0)
+    assert names == ["ham", "spam"]
+    assert {s: len(t) for s, (t, _) in splits.items()} == {"train": 35, "validation": 5, "test": 10}  # 70/10/20
+    texts = [t for s in splits.values() for t in s[0]]
+    assert sorted(texts) == sorted(f"message {i}" for i in range(50))
+    for t, y in zip(*splits["train"], strict=True):
+        assert y == (1 if int(t.split()[1]) % 3 == 0 else 0)
+    with pytest.raises(ConfigError, match="no 'Label' or 'label' column"):
+        (tmp_path / "nolabel.csv").write_text("Text\n" + "hello\n" * 20)
+        load_classification(str(tmp_path / "nolabel.csv"))
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lora_fast.train", "--rank", "0", "--output_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "lora-fast train: error: rank must be a positive integer, got '0'"
+    assert not (tmp_path / "o").exists()

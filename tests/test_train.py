@@ -1,0 +1,244 @@
+"""End-to-end ``lora-fast train`` / ``sweep`` / ``merge`` runs on a tiny GPT-2 saved locally.
+
+The tiny model is saved with ``save_pretrained`` and passed as ``--model <dir>``, so ``from_pretrained(path)`` is
+exercised. Its ``initializer_range`` is 0.3 (GPT-2 uses 0.02): with frozen random embeddings of std 0.02 the
+logits span about ±1 and no adapter can move the loss much; at 0.3 a LoRA run shows a clear fall in a few dozen
+steps, like a pretrained model would. Runs are single-threaded (tiny matmuls; and on a loaded 2-core machine
+torch's thread pool spins far more than it computes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import pytest
+import torch
+
+try:  # builds the Triton kernels under the interpreter on CPU (scoped); before anything imports triton itself
+    from tests.triton_interpret import HAS_CUDA, interpret  # noqa: F401  (fixture)
+
+    HAS_TRITON = True
+except ImportError:  # triton missing: the Triton-path test is skipped
+    HAS_TRITON, HAS_CUDA = False, torch.cuda.is_available()
+
+from lora_fast import LinearWithLoRA, load_adapter
+from lora_fast.cli import main as cli_main
+from tests.utils import assert_rel_close, rel_err
+
+OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_metrics.json",
+                "training_loss_curve.png", "model_comparison.txt", "training_args.json", "tokenizer.json")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_env():
+    """One thread, and no TRITON_INTERPRET left over from elsewhere (it would route CPU runs through the slow
+    interpreter); the Triton-path test sets it itself."""
+    n, interp = torch.get_num_threads(), os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    if interp is not None:
+        os.environ["TRITON_INTERPRET"] = interp
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128, initializer_range=0.3)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_gpt2, tmp_path_factory):
+    """One training run on the default corpus, options from a YAML file with one overridden on the command line."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = root / "config.yaml"
+    cfg.write_text("max_steps: 5\nlr: 0.01\nmax_length: 32\nbatch_size: 8\neval_steps: 10\neval_batches: 4\n"
+                   "target_modules: [c_attn]\nrank: 8\nalpha: 16\n")
+    out = root / "out"
+    rc = cli_main(["train", "--config", str(cfg), "--model", str(tiny_gpt2), "--max_steps", "40",
+                   "--output_dir", str(out), "--no-progress", "--logdir", str(root / "tb")])
+    assert rc == 0
+    return out
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_train_loss_falls_and_outputs_complete(trained):
+    for name in OUTPUT_FILES:
+        assert (trained / name).is_file(), name
+    m = json.loads((trained / "training_metrics.json").read_text())
+    assert m["steps"] == 40 and not m["interrupted"]  # the command line's --max_steps beat the YAML's 5
+    loss = m["train_loss"]
+    assert len(loss) == len(m["learning_rate"]) == len(m["tokens_per_sec"]) == 40
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, loss
+    assert m["eval_steps"] == [10, 20, 30, 40] and m["eval_loss"][-1] < m["eval_loss"][0]
+    assert m["final_perplexity"] == pytest.approx(float(torch.tensor(m["final_eval_loss"]).exp()), rel=1e-5)
+    lr = m["learning_rate"]  # warm-up 5 % of 40 steps = 2 steps, then linear decay to 0
+    assert lr[0] < lr[2] and lr[2] == pytest.approx(0.01) and lr[-1] < lr[10] < lr[2]
+    assert m["peak_memory_mb"] > 0 and m["peak_memory_kind"] and m["wall_time_s"] > 0
+    assert m["backend"] == "auto" and m["backend_used"] in ("reference", "triton") and m["device"] == "cpu"
+    args = json.loads((trained / "training_args.json").read_text())
+    assert args["rank"] == 8 and args["tokenizer_trained"] is True
+    text = (trained / "model_comparison.txt").read_text()
+    assert "trainable parameters" in text and f"{2 * 8 * (64 + 192):,}" in text  # 2 layers × r·(in + out)
+
+
+def test_outputs_load_in_peft_with_lora_fast_logits(trained, tiny_gpt2):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained)  # the trained byte-level BPE, saved with the adapter
+    ids = tok(["def f(x): return x", "The while statement is used for repeated execution"], padding=True,
+              return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < 512
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), trained)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    load_adapter(ours, trained)
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_gpt2), ids)
+    out_peft, out_ours = _logits(peft_model, ids), _logits(ours, ids)
+    assert_rel_close(out_ours, out_peft, 1e-6, "lora_fast vs PEFT logits")
+    assert rel_err(out_peft, base) > 1e-3  # the adapter was trained: it changes the output
+
+
+def test_merge_saves_plain_model(trained, tiny_gpt2, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any(isinstance(m, LinearWithLoRA) for m in merged.modules())
+    assert (merged_dir / "tokenizer.json").is_file()
+    ids = torch.randint(0, 512, (2, 24))
+    ref = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), trained), ids)
+    assert_rel_close(_logits(merged, ids), ref, 1e-5, "merged vs PEFT logits")
+    # merging into an existing, non-empty directory is refused
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 2
+
+
+def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_interrupt(*a, **k):  # Ctrl-C arrives during the 4th optimizer step
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    out = tmp_path / "out"
+    rc = cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "20", "--max_length", "32", "--batch_size",
+                   "4", "--eval_batches", "2", "--output_dir", str(out), "--no-progress"])
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().out
+    m = json.loads((out / "training_metrics.json").read_text())
+    assert m["interrupted"] and m["steps"] == 3 and len(m["train_loss"]) == 3
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    assert load_adapter(model, out) == ([], [])
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+def _spam_csvs(root):
+    """Label/Text CSVs like the SMS-spam tutorial's split; the two classes use disjoint vocabularies."""
+    spam = "win free prize cash claim urgent offer winner call now txt reward".split()
+    ham = "see you at lunch tomorrow thanks for the notes meeting later home dinner ok sure".split()
+    for split, n, seed in (("train", 64, 1), ("validation", 16, 2), ("test", 16, 3)):
+        rng = random.Random(seed)
+        rows = [{"Label": i % 2, "Text": " ".join(rng.choice(spam if i % 2 else ham)
+                                                   for _ in range(rng.randint(4, 10)))} for i in range(n)]
+        rng.shuffle(rows)
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["Label", "Text"])
+            w.writeheader()
+            w.writerows(rows)
+    return root
+
+
+def test_classification_csv(tiny_gpt2, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data, out = _spam_csvs(tmp_path), tmp_path / "cls"
+    rc = cli_main(["train", "--task", "classification", "--model", str(tiny_gpt2), "--dataset", str(data),
+                   "--epochs", "3", "--batch_size", "8", "--lr", "0.01", "--max_length", "32", "--eval_steps", "100",
+                   "--output_dir", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "training_metrics.json").read_text())
+    epochs = m["epochs"]
+    assert [e["epoch"] for e in epochs] == [1.0, 2.0, 3.0]
+    assert all(0.0 <= e["train_accuracy"] <= 1.0 and 0.0 <= e["val_accuracy"] <= 1.0 for e in epochs)
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] and epochs[-1]["train_accuracy"] >= 0.75
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(["win cash now", "see you at lunch tomorrow"], padding=True, return_tensors="pt")
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2,
+                                                                  pad_token_id=tok.pad_token_id)
+
+    peft_model = PeftModel.from_pretrained(base(), out).eval()
+    ours = base()
+    load_adapter(ours, out)
+    ours.eval()
+    merged_dir = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(out), "--output", str(merged_dir)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert merged.config.id2label == {0: "0", 1: "1"}
+    with torch.no_grad():
+        ref = peft_model(**batch).logits
+        assert_rel_close(ours(**batch).logits, ref, 1e-6, "classification logits")
+        assert_rel_close(merged(**batch).logits, ref, 1e-5, "merged classifier logits")
+
+
+def test_sweep_table(tiny_gpt2, tmp_path):
+    out = tmp_path / "sweep"
+    rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "3", "--max_length", "32", "--batch_size",
+                   "4", "--eval_batches", "2", "--ranks", "2", "4", "--alphas", "16", "--target_sets", "c_attn",
+                   "all-linear", "--rank", "4", "--output_dir", str(out), "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "sweep_results.csv")))
+    assert [r["run"] for r in rows] == ["r4_a16_c_attn", "r2_a16_c_attn", "r4_a16_all-linear"]
+    params = {r["run"]: int(r["trainable_params"]) for r in rows}
+    assert params["r2_a16_c_attn"] == 2 * 2 * (64 + 192) and params["r4_a16_c_attn"] == 2 * 4 * (64 + 192)
+    # all-linear at r=4: c_attn (64→192), attn c_proj (64→64), c_fc (64→256), mlp c_proj (256→64), per layer
+    assert params["r4_a16_all-linear"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert all(float(r["final_eval_loss"]) > 0 and float(r["tokens_per_sec"]) > 0 for r in rows)
+    assert (out / "sweep_results.md").read_text().count("\n") == 2 + len(rows)
+    assert (out / "sweep_plot.png").stat().st_size > 0
+    for r in rows:
+        assert (out / r["run"] / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the Triton path is tested where it is "
+                    "(CPU interpreter or GPU); the reference path is tested above")
+def test_triton_backend_trains_like_reference(tiny_gpt2, tmp_path, interpret):
+    """The same run through the fused kernels (GPU, or the CPU interpreter) gives the reference's losses."""
+    losses = {}
+    for backend in ("reference", "triton"):
+        out = tmp_path / backend
+        assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "3", "--batch_size", "2",
+                         "--max_length", "16", "--eval_batches", "1", "--rank", "16", "--lr", "0.01", "--backend",
+                         backend, "--output_dir", str(out), "--no-progress"]) == 0
+        m = json.loads((out / "training_metrics.json").read_text())
+        assert m["backend_used"] == backend
+        losses[backend] = torch.tensor(m["train_loss"] + m["eval_loss"], dtype=torch.float64)
+    # interpreter: fp32 dots, only the summation order differs; GPU: TF32 may be used inside the kernels
+    assert_rel_close(losses["triton"], losses["reference"], 1e-5 if not HAS_CUDA else 2e-3, "losses")
