@@ -140,6 +140,11 @@ def lora_linear(
     Returns:
         y (..., out_features) in x's (or autocast's) dtype.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
+        from lora_fast.ops import lora_linear_op
+
+        return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
+                              backend=backend)
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

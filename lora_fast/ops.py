@@ -1,0 +1,304 @@
+"""``torch.library`` registration of the LoRA linear: ``torch.ops.lora_fast.lora_linear`` and its backward op.
+
+Why: ``torch.compile`` cannot trace into Triton launchers, ``torch.Generator`` objects or Python-side dispatch; a
+custom op is opaque to dynamo and AOTAutograd, which see only its schema, a fake (meta) implementation that gives
+output shapes, and a registered autograd formula. So ``torch.compile(LinearWithLoRA(...), fullgraph=True)``
+traces forward *and* backward without graph breaks, and the compiled graph calls the same implementation eager
+code calls. The pattern is the one of PyTorch's "Python custom operators" tutorial (``custom_op`` +
+``register_fake`` + ``register_autograd``, the backward being a custom op too).
+
+Ops (x is 2-D: the entry ``lora_linear_op`` flattens leading dims; keep is the dropout keep-mask, p its probability):
+
+    lora_fast::lora_linear(x (M,K), W₀, b?, A (r,K), B (N,r), s, p, seed?, fan_in_fan_out, backend)
+        xa = (x ⊙ keep)·Aᵀ/(1−p)                 (M, r)  returned in fp32 (fp64 for fp64 x): saved with x
+        y  = x·W₀ᵀ + b + s·xa·Bᵀ                  (M, N)
+    lora_fast::lora_linear_backward(dy, x, W₀, A, B, xa, s, p, seed?, fan_in_fan_out, backend, needs_dx)
+        g  = s·dy·B                               (M, r)  dL/dxa
+        dx = dy·W₀ + (g·A) ⊙ keep/(1−p)           (M, K)  (an empty tensor when x needs no grad)
+        dA = gᵀ·(x ⊙ keep)/(1−p)                  (r, K)
+        dB = s·dyᵀ·xa                             (N, r)
+    The chain rule: y depends on A only through xa and on B through s·xa·Bᵀ; dropout is a fixed diagonal
+    scaling of x once the mask is fixed, so it appears once in dx and once in dA. xa is returned only to be saved
+    for backward: it is marked non-differentiable (``lora_linear_op`` drops it). Gradients of a trainable
+    (unfrozen) W₀ or b, dW₀ = dyᵀ·x (or xᵀ·dy in Conv1D layout) and db = Σ_rows dy, are plain aten ops in the
+    autograd formula, so they compile too.
+
+Dropout is deterministic given the seed: ``seed`` is a 1-element int64 tensor (as the Triton kernels take it) and
+the keep-mask is a pure function of it. The reference implementation seeds a ``torch.Generator`` on x's device
+and draws ``torch.rand(M, K) >= p`` — the same mask ``lora_fast.functional.lora_linear(..., backend="reference",
+seed=s)`` uses. Backward regenerates it from the seed: nothing of size M×K is kept beyond x. Because the seed is
+drawn from torch's generator for x's device when the caller gives none, ``torch.manual_seed`` reproduces a run
+and ``torch.utils.checkpoint`` (which stashes and restores the CPU and device RNG states) recomputes the same mask.
+
+Seeds and dynamo (what ``lora_linear_op`` does with ``seed``):
+    None      drawn with ``torch.randint(..., device=x.device)``: a tensor op, traced into the graph (no graph
+              break, no host sync, no recompilation per step). Under inductor the draw itself uses inductor's
+              RNG, so the masks differ from eager's unless ``torch._inductor.config.fallback_random = True``
+              (``aot_eager`` and eager agree draw for draw).
+    Tensor    used as is (one int64): the way to pass a changing seed into a compiled region without recompiling.
+    int       fine in eager; under compile a Python int starts as a graph constant: the first new value costs
+              one recompilation (dynamo then treats it as a dynamic SymInt). Prefer a tensor there.
+
+Autocast: as on the Triton path, x, W₀ and b are cast to the autocast dtype by the entry (ordinary,
+differentiable casts), A and B stay in their dtype (fp32 adapters) and are cast inside the op, dA and dB come back
+in the parameters' dtype; the op itself runs with autocast off.
+
+Known limits: no double backward; ``backend="triton"`` raises under this op until the Triton launchers are wired
+into ``_impl_fwd``/``_impl_bwd`` (see there), so today a compiled model runs the reference behind the op on every
+device (and on CUDA the reference reads the dropout seed with ``.item()``, one host sync per call).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+SEED_HIGH = 2**62  # seeds are drawn in [0, 2**62), the range the Triton kernels accept (any int64 >= 0 is valid)
+BACKENDS = ("auto", "reference", "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Implementations behind the ops. THE place to plug in the Triton path (see _impl_fwd).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Boolean keep-mask (M, K) regenerated from the seed (reference convention, as functional.py's reference)."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed.item()))
+    return torch.rand(x.shape, device=x.device, generator=gen) >= p  # (M, K)
+
+
+def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """x ⊙ keep/(1−p) (a temporary, never saved); x itself when dropout is off."""
+    if seed is None or p == 0.0:
+        return x
+    return x * _keep_mask(x, p, seed).to(x.dtype) / (1.0 - p)  # (M, K)
+
+
+def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
+    """xa is kept in fp32 (fp64 for fp64 inputs): as the Triton path saves it, and it is only (M, r)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
+    w = weight.t() if fan_in_fan_out else weight  # (N, K) view
+    xa = F.linear(_dropped(x, dropout_p, seed), lora_A.to(x.dtype))  # (M, r)
+    y = F.linear(x, w, bias) + scaling * F.linear(xa, lora_B.to(x.dtype))  # (M, N)
+    return y, xa.to(_xa_dtype(x.dtype))
+
+
+def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx):
+    dtype = x.dtype
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    g = scaling * (dy @ b)  # (M, r) = dL/dxa
+    dA = (g.t() @ _dropped(x, dropout_p, seed)).to(lora_A.dtype)  # (r, K)
+    dB = (scaling * (dy.t() @ xa.to(dtype))).to(lora_B.dtype)  # (N, r)
+    if not needs_dx:
+        return x.new_empty(0), dA, dB
+    dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)
+    dx = dx + _dropped(g @ a, dropout_p, seed)  # the mask is a function of (seed, shape): same for (M, K) g·A
+    return dx, dA, dB
+
+
+def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
+    """Forward implementation chosen behind the op. Now: the reference for every backend but "triton".
+
+    Wiring the Triton path (once ``lora_fast.triton_fn`` is final): on CUDA (or CPU under TRITON_INTERPRET=1)
+    with ``backend != "reference"`` and ``triton_fn.unsupported_reason(x, weight, lora_A) is None``, return
+    ``kernels.lora_fwd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+    fan_in_fan_out, write_xa=True)`` — same conventions (2-D x, 1-element int64 seed on x's device, xa fp32).
+    Then the eager Triton path and the compiled graph use the same kernels and the same Philox mask.
+    """
+    if backend == "triton":  # the entry refuses it already; direct torch.ops callers land here
+        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet")
+    return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+
+
+def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
+    """Backward implementation chosen behind the op; must mirror ``_impl_fwd``'s choice (same mask convention).
+
+    Triton wiring: ``kernels.lora_bwd.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
+    fan_in_fan_out, needs_dx=needs_dx)``, returning ``x.new_empty(0)`` in place of a None dx (custom ops return
+    tensors, and the fake implementation promises that shape).
+    """
+    if backend == "triton":
+        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet")
+    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ops: schema, fake implementations, autograd formula.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_fast::lora_linear", mutates_args=())
+def _lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend)
+
+
+@_lora_linear.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
+    n_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty(x.shape[0], n_out), x.new_empty(x.shape[0], lora_A.shape[0], dtype=_xa_dtype(x.dtype))
+
+
+@torch.library.custom_op("lora_fast::lora_linear_backward", mutates_args=())
+def _lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    backend: str,
+    needs_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out,
+                         backend, needs_dx)
+
+
+@_lora_linear_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.mark_non_differentiable(output[1])  # xa is saved state, not a result: no gradient flows into it
+    ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = scaling, dropout_p, fan_in_fan_out, backend
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # (x, weight, bias, lora_A, lora_B, ...)
+    dx, dA, dB = torch.ops.lora_fast.lora_linear_backward(
+        dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out, ctx.backend,
+        needs[0],
+    )
+    dW = db = None
+    if needs[1]:  # an unfrozen base weight: dW₀ = dyᵀ·x, (N, K), or its transpose in Conv1D layout
+        dW = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x).to(weight.dtype)
+    if needs[2]:
+        db = dy.sum(0)
+    return dx if needs[0] else None, dW, db, dA, dB, None, None, None, None, None
+
+
+_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Python entry.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    if seed is None:  # torch's generator for x's device: manual_seed and checkpoint's RNG stash reproduce it
+        return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
+        return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be None, an int in [0, 2**63) or an int64 tensor, got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    n_out, k_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"input feature size mismatch: the layer expects in_features={k_in} but the input has "
+                         f"shape {tuple(x.shape)}")
+    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+    if lora_A.shape != (r, k_in):
+        raise ValueError(f"lora_A must be (rank, in_features=({k_in})), got {tuple(lora_A.shape)}")
+    if lora_B.shape != (n_out, r):
+        raise ValueError(f"lora_B must be (out_features, rank)=({n_out}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"bias must be (out_features,)=({n_out},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias "
+                         f"({None if bias is None else bias.dtype}) must share a dtype (or run under autocast)")
+
+
+def lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x·W₀ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ through ``torch.ops.lora_fast.lora_linear`` (compile-friendly).
+
+    Same contract as ``lora_fast.functional.lora_linear``; everything here traces under dynamo without graph
+    breaks (no environment reads, imports or logging).
+
+    Args:
+        x: input (..., in_features), any rank >= 1; leading dims are flattened for the op and restored.
+        weight: frozen W₀: (out, in), or (in, out) when ``fan_in_fan_out`` (transformers' Conv1D).
+        bias: frozen bias (out,) or None.
+        lora_A: (r, in). lora_B: (out, r). Kept in their dtype (fp32 adapters), cast inside the op.
+        scaling: α/r (or α/√r with rsLoRA).
+        dropout_p: dropout probability on the LoRA input, in [0, 1); applied only when ``training``.
+        seed: None (drawn from torch's generator for x's device, inside the graph under compile), an int
+            (eager; a constant under compile, so recompiles when it changes), or a 1-element int64 tensor.
+        training: whether dropout is active.
+        fan_in_fan_out: W₀ in Conv1D layout.
+        backend: "auto", "reference" or "triton"; None reads ``LORA_FAST_BACKEND``. The reference runs behind
+            the op today; "triton" raises until the kernels are wired into ``_impl_fwd``/``_impl_bwd``.
+
+    Returns:
+        y (..., out_features) in x's dtype (the autocast dtype under autocast).
+    """
+    if backend is None:  # as functional.default_backend; dynamo traces os.environ reads without a graph break
+        backend = os.environ.get("LORA_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet; use "
+                           "backend='auto' or 'reference' under torch.compile")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    seed_t = _seed_tensor(seed, x.device) if p > 0.0 else None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
+    lead, k_in = x.shape[:-1], x.shape[-1]
+    n_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y, _ = torch.ops.lora_fast.lora_linear(
+        x.reshape(-1, k_in), weight, bias, lora_A, lora_B, float(scaling), p, seed_t, bool(fan_in_fan_out), backend
+    )  # (M, N), (M, r)
+    return y.reshape(*lead, n_out)

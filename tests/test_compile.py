@@ -1,0 +1,285 @@
+"""torch.compile: the ``lora_fast::lora_linear`` custom op, compiled ``LinearWithLoRA`` and a LoRA-injected GPT-2.
+
+Compile time on CPU dominates (inductor calls gcc): most variants use ``backend="aot_eager"``, which still runs
+dynamo, AOTAutograd (the op's fake implementation and its autograd formula, forward and backward graphs) and
+functionalisation — everything but inductor's code generation; one test compiles with inductor.
+
+Routing: ``LinearWithLoRA`` goes through ``lora_fast.functional.lora_linear``, which must hand over to
+``lora_fast.ops.lora_linear_op`` under ``torch.compiler.is_compiling()``. Until functional.py does, the fixture
+``routed`` monkeypatches the layer's ``lora_linear`` with a wrapper doing exactly that; once it does, the fixture
+does nothing and these tests exercise the real module path.
+
+Dropout masks: the op draws its seed with ``torch.randint`` and regenerates the mask from it; eager
+``functional.lora_linear`` (reference backend) draws the mask with ``torch.rand`` directly. The two agree for an
+explicit seed (tested) but not for seed=None, so compiled modules with dropout are compared with the op in eager
+mode at the same ``torch.manual_seed`` (``aot_eager`` and inductor with ``fallback_random`` draw what eager draws).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+import lora_fast.functional as functional
+import lora_fast.layer as layer_mod
+from lora_fast import apply_lora, lora_layers
+from lora_fast.layer import LinearWithLoRA
+from lora_fast.ops import lora_linear_op
+from lora_fast.reference import lora_linear_ref
+from tests.utils import assert_rel_close, rel_err
+
+FP32_TOL = 1e-5  # fp32 CPU matmuls against a float64 reference on these small shapes (errors are ~1e-7)
+
+
+def _routes_under_compile() -> bool:
+    return "lora_linear_op" in inspect.getsource(functional.lora_linear)
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """Route LinearWithLoRA to the custom op under compile, unless functional.lora_linear already does."""
+    if not _routes_under_compile():
+
+        def lora_linear(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return lora_linear_op(*args, **kwargs)
+            return functional.lora_linear(*args, **kwargs)
+
+        monkeypatch.setattr(layer_mod, "lora_linear", lora_linear)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(M, K, N, r, fan_in_fan_out, bias=True, dtype=torch.float32):
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    w = torch.randn(K, N, dtype=dtype) if fan_in_fan_out else torch.randn(N, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    a = (torch.randn(r, K, dtype=dtype) / K**0.5).requires_grad_()
+    bb = torch.randn(N, r, dtype=dtype).requires_grad_()
+    return x, w, b, a, bb
+
+
+# --- the custom op -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "M, K, N, r, fan_in_fan_out, bias, p",
+    [(37, 97, 45, 3, False, True, 0.0), (16, 32, 24, 4, True, False, 0.3), (5, 8, 8, 16, False, True, 0.5)],
+)
+def test_opcheck(M, K, N, r, fan_in_fan_out, bias, p):
+    """Schema, fake tensor, AOT dispatch (with and without dynamic shapes) and autograd registration."""
+    x, w, b, a, bb = _inputs(M, K, N, r, fan_in_fan_out, bias)
+    seed = torch.tensor([1234]) if p > 0 else None
+    args = (x, w, b, a, bb, 0.5, p, seed, fan_in_fan_out, "auto")
+    torch.library.opcheck(torch.ops.lora_fast.lora_linear.default, args)
+    with torch.no_grad():
+        _, xa = torch.ops.lora_fast.lora_linear(x, w, b, a, bb, 0.5, p, seed, fan_in_fan_out, "auto")
+    dy = torch.randn(M, N)
+    for needs_dx in (True, False):
+        args = (dy, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, p, seed, fan_in_fan_out, "auto", needs_dx)
+        torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default, args)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_op_matches_reference(fan_in_fan_out, p):
+    """Forward and every LoRA gradient vs the float64 reference with the same mask (seeded generator)."""
+    x, w, b, a, bb = _inputs(2 * 19, 97, 45, 3, fan_in_fan_out)
+    x3 = x.detach().reshape(2, 19, 97).requires_grad_()  # leading dims are flattened and restored by the entry
+    y = lora_linear_op(x3, w, b, a, bb, 0.7, dropout_p=p, seed=99, fan_in_fan_out=fan_in_fan_out)
+    gen = torch.Generator().manual_seed(99)
+    y_ref = lora_linear_ref(x3, w, b, a, bb, 0.7, p, fan_in_fan_out=fan_in_fan_out, upcast=True, generator=gen)
+    assert y.shape == (2, 19, 45) and y.dtype == torch.float32
+    assert_rel_close(y, y_ref, FP32_TOL, "y")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x3, a, bb), dy)
+    grads_ref = torch.autograd.grad(y_ref, (x3, a, bb), dy.double())
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
+        assert_rel_close(g, g_ref, FP32_TOL, name)
+    # Same seed, same mask as the eager reference backend of functional.lora_linear.
+    y_fn = functional.lora_linear(x3, w, b, a, bb, 0.7, p, seed=99, fan_in_fan_out=fan_in_fan_out,
+                                  backend="reference")
+    torch.testing.assert_close(y, y_fn, rtol=0, atol=1e-6)
+
+
+def test_op_dropout_seed_semantics():
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    args = (x, w, b, a, bb, 2.0)
+    y1 = lora_linear_op(*args, dropout_p=0.5, seed=7)
+    assert torch.equal(y1, lora_linear_op(*args, dropout_p=0.5, seed=torch.tensor([7])))
+    assert not torch.allclose(y1, lora_linear_op(*args, dropout_p=0.5, seed=8))  # the mask depends on the seed
+    y_off = lora_linear_op(*args, dropout_p=0.0)
+    assert not torch.allclose(y1, y_off)  # dropout really acts
+    assert torch.equal(lora_linear_op(*args, dropout_p=0.5, seed=7, training=False), y_off)  # eval: no dropout
+    torch.manual_seed(5)
+    y_a = lora_linear_op(*args, dropout_p=0.5)  # seed=None: drawn from torch's generator
+    torch.manual_seed(5)
+    assert torch.equal(y_a, lora_linear_op(*args, dropout_p=0.5))
+
+
+def test_op_saves_no_mask():
+    """Backward regenerates the mask: besides x nothing of size M×K is saved (reference autograd saves x⊙keep)."""
+    M, K, N, r = 64, 48, 8, 4
+    x, w, b, a, bb = _inputs(M, K, N, r, False)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear_op(x, w, b, a, bb, 1.0, dropout_p=0.3, seed=1)
+    big = [tuple(t.shape) for t in saved if t.numel() >= M * K]
+    assert big == [(M, K)], f"saved activations of size >= M×K: {big} (only x expected)"
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear_ref(x, w, b, a, bb, 1.0, 0.3)
+    assert len([t for t in saved if t.numel() >= M * K]) > 1  # the check can tell the difference
+
+
+def test_op_unfrozen_base_gradients():
+    """A trainable W₀ / bias (not the LoRA default) gets its gradient, in both layouts — never silently None."""
+    for fan_in_fan_out in (False, True):
+        x, w, b, a, bb = _inputs(9, 12, 10, 2, fan_in_fan_out)
+        w.requires_grad_(), b.requires_grad_()
+        y = lora_linear_op(x, w, b, a, bb, 0.5, fan_in_fan_out=fan_in_fan_out)
+        y_ref = lora_linear_ref(x, w, b, a, bb, 0.5, fan_in_fan_out=fan_in_fan_out, upcast=True)
+        dy = torch.randn_like(y)
+        for name, g, g_ref in zip("WbAB", torch.autograd.grad(y, (w, b, a, bb), dy),
+                                  torch.autograd.grad(y_ref, (w, b, a, bb), dy.double()), strict=True):
+            assert_rel_close(g, g_ref, FP32_TOL, f"d{name}")
+
+
+def test_op_autocast_bf16():
+    """Under CPU autocast: bf16 compute, fp32 adapters get fp32 grads; error at most 2x the reference's own."""
+    x, w, b, a, bb = _inputs(32, 64, 48, 8, False)
+    exact = lora_linear_ref(x, w, b, a, bb, 0.5, upcast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear_op(x, w, b, a, bb, 0.5)
+        y_ref = lora_linear_ref(x, w, b, a, bb, 0.5)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, exact) <= 2 * rel_err(y_ref, exact) + 1e-3
+    da, db = torch.autograd.grad(y.float().sum(), (a, bb))
+    da_ref, db_ref = torch.autograd.grad(y_ref.float().sum(), (a, bb))
+    assert da.dtype == db.dtype == torch.float32
+    assert_rel_close(da, da_ref, 1e-2, "dA")
+    assert_rel_close(db, db_ref, 1e-2, "dB")
+
+
+def test_op_errors():
+    x, w, b, a, bb = _inputs(4, 8, 6, 2, False)
+    with pytest.raises(ValueError, match="seed"):
+        lora_linear_op(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=-1)
+    with pytest.raises(ValueError, match="int64"):
+        lora_linear_op(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear_op(x, w, b, a, bb, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="in_features=8"):
+        lora_linear_op(x[:, :7], w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear_op(x, w, b, a, bb[:, :1], 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        lora_linear_op(x.double(), w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="backend"):
+        lora_linear_op(x, w, b, a, bb, 1.0, backend="cuda")
+    with pytest.raises(RuntimeError, match="triton"):
+        lora_linear_op(x, w, b, a, bb, 1.0, backend="triton")
+
+
+# --- compiled LinearWithLoRA -----------------------------------------------------------------------------------
+
+
+def _layer(fan_in_fan_out: bool, dropout: float) -> LinearWithLoRA:
+    base = Conv1D(24, 32) if fan_in_fan_out else nn.Linear(32, 24)
+    m = LinearWithLoRA(base, rank=4, alpha=8.0, dropout=dropout)
+    nn.init.normal_(m.lora.lora_B)  # B = 0 at init would hide every error in A's path
+    return m
+
+
+def _run(fn, m, x, seed):
+    torch.manual_seed(seed)
+    y = fn(x)
+    dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    grads = torch.autograd.grad(y, (x, m.lora.lora_A, m.lora.lora_B), dy)
+    return (y, *grads)
+
+
+def _eager_op(m):
+    """The eager op with the module's parameters (what the compiled module computes, seed drawn the same way)."""
+    return lambda x: lora_linear_op(x, m.linear.weight, m.linear.bias, m.lora.lora_A, m.lora.lora_B, m.scaling,
+                                    m.lora.dropout, training=m.training, fan_in_fan_out=m.fan_in_fan_out)
+
+
+@pytest.mark.usefixtures("routed")
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_compiled_layer_aot_eager(fan_in_fan_out, dropout):
+    m = _layer(fan_in_fan_out, dropout)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out = _run(compiled, m, x, seed=11)
+    ref = _run(m if dropout == 0 else _eager_op(m), m, x, seed=11)  # p = 0: the real eager module path
+    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+        assert_rel_close(o, r, FP32_TOL, name)
+    if dropout > 0:  # the mask is active and follows the RNG: another seed gives another output
+        assert rel_err(_run(compiled, m, x, seed=12)[0], out[0]) > 1e-3
+
+
+@pytest.mark.usefixtures("routed")
+def test_compiled_layer_inductor(monkeypatch):
+    """One inductor build (gcc): forward and backward with dropout, vs eager at the same seed."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # draw the seed as eager does
+    # Inductor's on-disk caches key on the graph, not on the custom op's schema: a stale entry from an older
+    # lora_fast::lora_linear_backward would be replayed against the new op. Compile from scratch (a few s more).
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    m = _layer(False, 0.2)
+    x = torch.randn(3, 32, requires_grad=True)
+    out = _run(torch.compile(m, fullgraph=True), m, x, seed=5)
+    ref = _run(_eager_op(m), m, x, seed=5)
+    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+        assert_rel_close(o, r, FP32_TOL, name)
+
+
+# --- compiled GPT-2 ------------------------------------------------------------------------------------------
+
+
+def _tiny_gpt2() -> GPT2LMHeadModel:
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.usefixtures("routed")
+def test_compiled_gpt2_no_extra_graph_breaks_and_matches_eager():
+    plain = _tiny_gpt2()
+    model = _tiny_gpt2()
+    model.load_state_dict(plain.state_dict())
+    apply_lora(model, target_modules=["c_attn", "c_proj", "c_fc"], rank=4, alpha=8.0)
+    for lyr in lora_layers(model).values():
+        nn.init.normal_(lyr.lora.lora_B, std=0.05)
+    ids = torch.randint(0, 101, (2, 12))
+
+    plain_breaks = torch._dynamo.explain(plain)(input_ids=ids).graph_break_count
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert explained.graph_break_count <= plain_breaks, [str(r.reason)[:300] for r in explained.break_reasons]
+    torch._dynamo.reset()
+
+    def step(fn):
+        out = fn(input_ids=ids, labels=ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out.logits, out.loss, torch.autograd.grad(out.loss, params)
+
+    logits, loss, grads = step(torch.compile(model, backend="aot_eager"))
+    logits_ref, loss_ref, grads_ref = step(model)
+    assert_rel_close(logits, logits_ref, FP32_TOL, "logits")
+    assert_rel_close(loss, loss_ref, FP32_TOL, "loss")
+    assert len(grads) == 2 * len(lora_layers(model)) == 2 * 8  # A, B of c_attn, attn/mlp c_proj, c_fc × 2 blocks
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
+        assert_rel_close(g, g_ref, 1e-4, f"LoRA grad {i}")  # reduction order differs between graphs

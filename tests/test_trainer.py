@@ -1,0 +1,125 @@
+"""transformers.Trainer and activation (gradient) checkpointing with a LoRA-injected tiny GPT-2, on CPU.
+
+Checkpointing: ``torch.utils.checkpoint`` stashes the CPU (and input devices') RNG state before the forward and
+restores it for the recomputation, so a dropout mask drawn from torch's generator — the reference path's
+``torch.rand``, the custom op's and the Triton path's seed drawn with ``torch.randint`` — is drawn again
+identically: gradients with checkpointing equal those without, at the same seed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+import lora_fast.layer as layer_mod
+from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
+from lora_fast.ops import lora_linear_op
+from tests.triton_interpret import DEVICE as TRITON_DEVICE
+from tests.triton_interpret import interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close, rel_err
+
+VOCAB = 101
+
+
+def _config(**kw) -> GPT2Config:
+    # GPT-2's own dropouts off: the checkpointing tests are about the LoRA masks alone.
+    return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+
+
+def _enable_checkpointing(model, use_reentrant: bool) -> None:
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def test_trainer_trains_saves_and_reloads(tmp_path):
+    """A few Trainer steps update only the adapter; save_adapter/load_adapter restore the same logits."""
+    GPT2LMHeadModel(_config()).save_pretrained(tmp_path / "base")  # a "pretrained" base, locally
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    apply_lora(model, target_modules=["c_attn", "c_fc"], rank=4, alpha=8.0, dropout=0.1)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    ids = torch.randint(0, VOCAB, (8, 16))
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=2e-2,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 6
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses  # one batch, seen six times: the loss goes down
+
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), f"frozen {n} changed"
+    layers = lora_layers(model)
+    assert len(layers) == 4 and all(lyr.lora.lora_B.abs().sum() > 0 for lyr in layers.values())
+
+    save_adapter(model, tmp_path / "adapter")
+    fresh = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    load_adapter(fresh, tmp_path / "adapter")
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        logits_loaded = fresh(input_ids=ids).logits
+        logits_base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")(input_ids=ids).logits
+    assert rel_err(logits, logits_base) > 1e-4  # the adapter changes the output...
+    assert_rel_close(logits_loaded, logits, 1e-6, "logits after load")  # ...and comes back intact
+
+
+def _lora_grads(model, ids, seed):
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    loss.backward()  # not autograd.grad: reentrant checkpointing supports only .backward()
+    return [loss.detach(), *(p.grad.clone() for p in params)]
+
+
+def _checkpointing_matches(path: str, use_reentrant: bool, device: str, targets) -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config()).to(device)
+    apply_lora(model, target_modules=targets, rank=4, alpha=8.0, dropout=0.3, backend=path)
+    for lyr in lora_layers(model).values():
+        nn.init.normal_(lyr.lora.lora_B, std=0.1)  # B = 0 at init would make every A gradient zero
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 12), device=device)
+
+    calls = []
+    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in lora_layers(model).values()]
+    plain = _lora_grads(model, ids, seed=7)
+    n_plain = len(calls)
+    _enable_checkpointing(model, use_reentrant)
+    ckpt = _lora_grads(model, ids, seed=7)
+    # Recomputation re-runs LoRA layers (non-reentrant checkpointing stops early, after the last saved tensor).
+    assert len(calls) - n_plain > n_plain, "checkpointing did not recompute the LoRA layers"
+    for h in handles:
+        h.remove()
+    other = _lora_grads(model, ids, seed=8)
+
+    for i, (g, g_ref) in enumerate(zip(ckpt, plain, strict=True)):
+        assert_rel_close(g, g_ref, 1e-6, "loss" if i == 0 else f"LoRA grad {i}")  # same ops, same masks
+    assert max(rel_err(g, g_ref) for g, g_ref in zip(other[1:], plain[1:], strict=True)) > 1e-3  # masks matter
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("path", ["reference", "op"])
+def test_checkpointing_regenerates_dropout_masks(path, use_reentrant, monkeypatch):
+    """Reference backend (the real module path) and the torch.library op (what torch.compile runs), on CPU."""
+    if path == "op":
+        monkeypatch.setattr(layer_mod, "lora_linear", lambda *a, backend=None, **k: lora_linear_op(*a, **k))
+    _checkpointing_matches("reference", use_reentrant, "cpu", ["c_attn", "c_proj", "c_fc"])
+
+
+@pytest.mark.usefixtures("interpret")
+def test_checkpointing_regenerates_dropout_masks_triton():
+    """The Triton path (interpreter on CPU, real kernels with a GPU): the seed tensor is drawn again on recompute."""
+    _checkpointing_matches("triton", False, TRITON_DEVICE, ["c_attn"])
