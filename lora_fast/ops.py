@@ -43,9 +43,11 @@ Autocast: as on the Triton path, x, W₀ and b are cast to the autocast dtype by
 differentiable casts), A and B stay in their dtype (fp32 adapters) and are cast inside the op, dA and dB come back
 in the parameters' dtype; the op itself runs with autocast off.
 
-Known limits: no double backward; ``backend="triton"`` raises under this op until the Triton launchers are wired
-into ``_impl_fwd``/``_impl_bwd`` (see there), so today a compiled model runs the reference behind the op on every
-device (and on CUDA the reference reads the dropout seed with ``.item()``, one host sync per call).
+Behind the op, ``_impl_fwd``/``_impl_bwd`` run the fused Triton kernels wherever eager ``lora_linear`` would (CUDA,
+or CPU under TRITON_INTERPRET=1; ``_use_triton``), with the same Philox mask and seed draw as the eager Triton path,
+and the reference elsewhere (the reference reads the dropout seed with ``.item()``: one host sync per call on CUDA).
+
+Known limits: no double backward. On a GPU the compiled Triton path is unverified (no GPU in the building session).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ BACKENDS = ("auto", "reference", "triton")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Implementations behind the ops. THE place to plug in the Triton path (see _impl_fwd).
+# Implementations behind the ops: the fused Triton kernels where they run, the reference otherwise.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -103,29 +105,42 @@ def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in
     return dx, dA, dB
 
 
-def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
-    """Forward implementation chosen behind the op. Now: the reference for every backend but "triton".
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, backend: str) -> bool:
+    """Whether the fused kernels run behind the op: the same rule as eager ``functional.lora_linear``.
 
-    Wiring the Triton path (once ``lora_fast.triton_fn`` is final): on CUDA (or CPU under TRITON_INTERPRET=1)
-    with ``backend != "reference"`` and ``triton_fn.unsupported_reason(x, weight, lora_A) is None``, return
-    ``kernels.lora_fwd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-    fan_in_fan_out, write_xa=True)`` — same conventions (2-D x, 1-element int64 seed on x's device, xa fp32).
-    Then the eager Triton path and the compiled graph use the same kernels and the same Philox mask.
+    A pure function of (backend, device, dtypes, rank, TRITON_INTERPRET), so forward and backward always choose
+    alike (the two paths draw different masks from one seed). The op runs with grad mode off, so a trainable W₀
+    does not veto the kernels here: its gradient is computed by the autograd formula with plain aten ops.
     """
-    if backend == "triton":  # the entry refuses it already; direct torch.ops callers land here
-        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet")
+    if backend == "reference":
+        return False
+    from lora_fast.functional import triton_unsupported_reason
+
+    reason = triton_unsupported_reason(x, weight, lora_A)
+    if reason is not None and backend == "triton":
+        raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
+    return reason is None
+
+
+def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
+    """Forward behind the op: the fused Triton forward where it runs (same kernels, Philox mask and fp32 xa as
+    the eager Triton path), the reference otherwise."""
+    if _use_triton(x, weight, lora_A, backend):
+        from lora_fast.kernels.lora_fwd import lora_linear_fwd
+
+        return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                               write_xa=True)
     return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
 
 
 def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
-    """Backward implementation chosen behind the op; must mirror ``_impl_fwd``'s choice (same mask convention).
+    """Backward behind the op; makes ``_impl_fwd``'s choice again (same inputs, same rule, same mask)."""
+    if _use_triton(x, weight, lora_A, backend):
+        from lora_fast.kernels.lora_bwd import lora_linear_bwd
 
-    Triton wiring: ``kernels.lora_bwd.lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
-    fan_in_fan_out, needs_dx=needs_dx)``, returning ``x.new_empty(0)`` in place of a None dx (custom ops return
-    tensors, and the fake implementation promises that shape).
-    """
-    if backend == "triton":
-        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet")
+        dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                                     needs_dx=needs_dx, needs_dA=True, needs_dB=True)
+        return (dx if dx is not None else x.new_empty(0)), dA, dB
     return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx)
 
 
@@ -273,8 +288,8 @@ def lora_linear_op(
             (eager; a constant under compile, so recompiles when it changes), or a 1-element int64 tensor.
         training: whether dropout is active.
         fan_in_fan_out: W₀ in Conv1D layout.
-        backend: "auto", "reference" or "triton"; None reads ``LORA_FAST_BACKEND``. The reference runs behind
-            the op today; "triton" raises until the kernels are wired into ``_impl_fwd``/``_impl_bwd``.
+        backend: "auto", "reference" or "triton"; None reads ``LORA_FAST_BACKEND``. Behind the op the same rule
+            as in eager mode picks the fused kernels or the reference ("triton" raises where they cannot run).
 
     Returns:
         y (..., out_features) in x's dtype (the autocast dtype under autocast).
@@ -283,9 +298,6 @@ def lora_linear_op(
         backend = os.environ.get("LORA_FAST_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise RuntimeError("lora_fast.ops: backend='triton' is not wired behind the torch.library op yet; use "
-                           "backend='auto' or 'reference' under torch.compile")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0

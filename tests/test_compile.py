@@ -4,10 +4,9 @@ Compile time on CPU dominates (inductor calls gcc): most variants use ``backend=
 dynamo, AOTAutograd (the op's fake implementation and its autograd formula, forward and backward graphs) and
 functionalisation — everything but inductor's code generation; one test compiles with inductor.
 
-Routing: ``LinearWithLoRA`` goes through ``lora_fast.functional.lora_linear``, which must hand over to
-``lora_fast.ops.lora_linear_op`` under ``torch.compiler.is_compiling()``. Until functional.py does, the fixture
-``routed`` monkeypatches the layer's ``lora_linear`` with a wrapper doing exactly that; once it does, the fixture
-does nothing and these tests exercise the real module path.
+Routing: ``LinearWithLoRA`` goes through ``lora_fast.functional.lora_linear``, which hands over to
+``lora_fast.ops.lora_linear_op`` under ``torch.compiler.is_compiling()``: these tests exercise the real module path.
+Behind the op the fused Triton kernels run where eager would run them (here: CPU under TRITON_INTERPRET=1).
 
 Dropout masks: the op draws its seed with ``torch.randint`` and regenerates the mask from it; eager
 ``functional.lora_linear`` (reference backend) draws the mask with ``torch.rand`` directly. The two agree for an
@@ -17,8 +16,6 @@ mode at the same ``torch.manual_seed`` (``aot_eager`` and inductor with ``fallba
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn as nn
@@ -26,31 +23,19 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 import lora_fast.functional as functional
-import lora_fast.layer as layer_mod
 from lora_fast import apply_lora, lora_layers
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.ops import lora_linear_op
 from lora_fast.reference import lora_linear_ref
+from tests.triton_interpret import interpret  # noqa: F401  (fixture)
 from tests.utils import assert_rel_close, rel_err
 
 FP32_TOL = 1e-5  # fp32 CPU matmuls against a float64 reference on these small shapes (errors are ~1e-7)
 
 
-def _routes_under_compile() -> bool:
-    return "lora_linear_op" in inspect.getsource(functional.lora_linear)
-
-
 @pytest.fixture
-def routed(monkeypatch):
-    """Route LinearWithLoRA to the custom op under compile, unless functional.lora_linear already does."""
-    if not _routes_under_compile():
-
-        def lora_linear(*args, **kwargs):
-            if torch.compiler.is_compiling():
-                return lora_linear_op(*args, **kwargs)
-            return functional.lora_linear(*args, **kwargs)
-
-        monkeypatch.setattr(layer_mod, "lora_linear", lora_linear)
+def routed():
+    """A clean dynamo state around a compile test."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -188,8 +173,8 @@ def test_op_errors():
         lora_linear_op(x.double(), w, b, a, bb, 1.0)
     with pytest.raises(ValueError, match="backend"):
         lora_linear_op(x, w, b, a, bb, 1.0, backend="cuda")
-    with pytest.raises(RuntimeError, match="triton"):
-        lora_linear_op(x, w, b, a, bb, 1.0, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this case"):
+        lora_linear_op(x, w, b, a, bb, 1.0, backend="triton")  # CPU without TRITON_INTERPRET
 
 
 # --- compiled LinearWithLoRA -----------------------------------------------------------------------------------
@@ -283,3 +268,40 @@ def test_compiled_gpt2_no_extra_graph_breaks_and_matches_eager():
     assert len(grads) == 2 * len(lora_layers(model)) == 2 * 8  # A, B of c_attn, attn/mlp c_proj, c_fc × 2 blocks
     for i, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
         assert_rel_close(g, g_ref, 1e-4, f"LoRA grad {i}")  # reduction order differs between graphs
+
+
+# --- the Triton kernels behind the op (CPU: triton's interpreter) ---------------------------------------------
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_op_runs_the_triton_kernels_where_eager_would(fan_in_fan_out):
+    """With TRITON_INTERPRET=1 the op's forward and backward are the fused kernels: the dropout mask is the
+    kernels' Philox mask (``dropout_mask``), not the reference's torch.Generator mask."""
+    from lora_fast.functional import dropout_mask
+
+    x, w, b, a, bb = _inputs(37, 40, 24, 3, fan_in_fan_out)
+    y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=1234, fan_in_fan_out=fan_in_fan_out)
+    keep = dropout_mask(1234, 37, 40, 0.3, x.device)
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
+    ref = lora_linear_ref(x64, w.double(), b.double(), a64, b64, 0.5, dropout_p=0.3, keep_mask=keep,
+                          fan_in_fan_out=fan_in_fan_out)
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    grads_ref = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
+        assert_rel_close(g, g_ref, FP32_TOL, name)
+
+
+@pytest.mark.usefixtures("routed", "interpret")
+def test_compiled_layer_on_the_triton_path_matches_eager():
+    """torch.compile(fullgraph=True) of a layer on the Triton path: same seed draw, same kernels as eager."""
+    m = _layer(True, 0.3)
+    m.backend = "triton"
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    out = _run(torch.compile(m, backend="aot_eager", fullgraph=True), m, x, seed=3)
+    ref = _run(m, m, x, seed=3)  # the eager module on the Triton path (lora_fast.triton_fn)
+    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+        assert_rel_close(o, r, FP32_TOL, name)
