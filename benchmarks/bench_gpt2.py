@@ -194,13 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return utils.run_with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -57,6 +57,17 @@ CPU_TIMING_NOTE = ("CPU timings measure PyTorch's CPU kernels on this machine; t
 # --------------------------------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------------------------------
+def run_with_threads(threads: int | None, fn: Callable[[], int]) -> int:
+    """Run ``fn`` with ``torch.set_num_threads(threads)`` (None: as is), restoring the thread count after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def device_name(device: torch.device | str) -> str:
     """The GPU's name (``torch.cuda.get_device_name``) for a CUDA device, else ``cpu``."""
     device = torch.device(device)

@@ -57,6 +57,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lora_fast.functional import check_shapes, triton_unsupported_reason
+
 SEED_HIGH = 2**62  # seeds are drawn in [0, 2**62), the range the Triton kernels accept (any int64 >= 0 is valid)
 BACKENDS = ("auto", "reference", "triton")
 
@@ -114,8 +116,6 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
     """
     if backend == "reference":
         return False
-    from lora_fast.functional import triton_unsupported_reason
-
     reason = triton_unsupported_reason(x, weight, lora_A)
     if reason is not None and backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
@@ -241,19 +241,7 @@ def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
 
 
 def _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    n_out, k_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    if x.dim() < 1 or x.shape[-1] != k_in:
-        raise ValueError(f"input feature size mismatch: the layer expects in_features={k_in} but the input has "
-                         f"shape {tuple(x.shape)}")
-    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
-    if lora_A.shape != (r, k_in):
-        raise ValueError(f"lora_A must be (rank, in_features=({k_in})), got {tuple(lora_A.shape)}")
-    if lora_B.shape != (n_out, r):
-        raise ValueError(f"lora_B must be (out_features, rank)=({n_out}, {r}), got {tuple(lora_B.shape)}")
-    if bias is not None and bias.shape != (n_out,):
-        raise ValueError(f"bias must be (out_features,)=({n_out},), got {tuple(bias.shape)}")
+    check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)  # the eager entry's checks and messages
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias "
                          f"({None if bias is None else bias.dtype}) must share a dtype (or run under autocast)")
