@@ -23,6 +23,11 @@ Writes are atomic: both files go to temporary files in the target directory (fsy
 puts them in place, so an interrupted save leaves the previous adapter intact. The one window left is between the
 two renames (microseconds), where the new weights may sit beside the old config.
 
+Sharded models (FSDP2 ``fully_shard``: parameters are DTensors): ``save_adapter`` must then be called on every
+rank, in the same order; it gathers each LoRA tensor (``DTensor.full_tensor()``, a collective) and rank 0 alone
+writes the files (the other ranks return without writing). Everything is serialised before the directory is
+created, so a failure leaves no empty or half-written directory behind.
+
 Known limits: one adapter per model; DoRA, ``lora_bias``, ``bias != "none"``, embedding/conv targets and PEFT's
 other LoRA variants are refused with an error naming the field (PEFT serves those).
 """
@@ -213,9 +218,39 @@ def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
                 pass
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _gather_full(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(plain CPU copies of ``tensors``, whether any was a sharded DTensor). Gathering is a collective."""
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and any(isinstance(v, dtensor) for v in tensors.values())
+    if sharded:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("save_adapter: the model holds sharded DTensor parameters (FSDP2) but no process group "
+                             "is initialized; call save_adapter on every rank of the distributed job")
+    out = {}
+    for k, v in tensors.items():  # the same order on every rank: the gathers pair up
+        v = v.detach()
+        if dtensor is not None and isinstance(v, dtensor):
+            v = v.full_tensor()
+        # Own contiguous CPU copies: safetensors refuses shared or strided storage (tied weights, transposed views).
+        out[k] = v.to("cpu", copy=True).contiguous()
+    return out, sharded
+
+
 def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> Path:
     """Save the model's LoRA adapter (and trainable non-LoRA modules) in PEFT's format, atomically.
+
+    On an FSDP2-sharded model call it on every rank: the full tensors are gathered there and rank 0 writes.
 
     Args:
         model: a model with lora_fast LoRA layers (``apply_lora`` or ``load_adapter``).
@@ -231,7 +266,8 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
 
     Raises:
         TypeError: ``model`` is a PEFT model (use its ``save_pretrained``).
-        ValueError: no LoRA layer, or state PEFT's format cannot express (mixed rsLoRA, trainable base weights).
+        ValueError: no LoRA layer, or state PEFT's format cannot express (mixed rsLoRA, trainable base weights),
+            or DTensor parameters without an initialized process group to gather them.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -252,15 +288,19 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     for owner in extras:
         for k, v in model.get_submodule(owner).state_dict().items():
             tensors[f"{PREFIX}{owner}.{k}"] = v
-    # Own contiguous CPU copies: safetensors refuses shared or strided storage (tied weights, transposed views).
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_all(directory, {
+    tensors, sharded = _gather_full(tensors)
+    files = {  # serialised before anything touches the disk
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-    })
+    }
+    directory = Path(directory)
+    if sharded:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write_all(directory, files)
     return directory
 
 

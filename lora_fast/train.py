@@ -10,6 +10,10 @@ Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``a
 ``adapter_config.json`` (PEFT's format: ``PeftModel.from_pretrained(base, output_dir)`` loads it), the tokenizer,
 ``training_metrics.json``, ``training_args.json`` (resolved options: what ``lora-fast merge`` needs to rebuild the
 base), ``training_loss_curve.png`` and ``model_comparison.txt``.
+
+Several processes: ``torchrun --nproc_per_node N -m lora_fast.train ...`` trains with DDP (``--distributed fsdp``
+for FSDP2); the global batch is batch_size × N × gradient_accumulation_steps, rank 0 alone writes and shows
+progress (see ``lora_fast.distributed``). One process and N processes see the same sequence of global batches.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lora_fast.train_args import ConfigError, parse_train_args
+from lora_fast.train_io import print_summary
 from lora_fast.train_model import load_base_model, load_tokenizer, log_stderr
 
 HEAD_NAMES = ("score", "classifier")  # sequence-classification heads of GPT-2 / BERT-style models
@@ -88,23 +92,28 @@ def prepare(opts, log=log_stderr) -> Prepared:
     return Prepared(model, base_name, tokenizer, trained, data, source, label_names)
 
 
-def _loaders(opts, prep: Prepared):
+def _loaders(opts, prep: Prepared, ctx):
+    """DataLoaders; the training one shuffles with ``ctx``'s shard of a (seed, epoch) permutation (any world size,
+    one process included), the evaluation ones are in order (``evaluate`` shards them by batch)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lora_fast.data import ClassificationCollator
+    from lora_fast.distributed import train_sampler
 
-    g = torch.Generator().manual_seed(opts.seed)
     kw = {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
     if opts.task == "classification":
         collate = ClassificationCollator(prep.tokenizer, opts.max_length)
-        mk = lambda split, shuffle: DataLoader(list(zip(*prep.data[split], strict=True)), shuffle=shuffle,
-                                               collate_fn=collate, generator=g if shuffle else None, **kw)
-        return {s: mk(s, s == "train") for s in prep.data} | {"train_eval": mk("train", False)}
-    to_batch = lambda b: {"input_ids": b[0], "labels": b[0]}  # the model shifts labels itself
-    mk = lambda split, shuffle: DataLoader(TensorDataset(prep.data[split]), shuffle=shuffle, generator=g
-                                           if shuffle else None, collate_fn=lambda xs: to_batch(
-                                               torch.utils.data.default_collate(xs)), **kw)
-    return {"train": mk("train", True), "validation": mk("validation", False)}
+        datasets = {s: list(zip(*prep.data[s], strict=True)) for s in prep.data}
+    else:
+        to_batch = lambda b: {"input_ids": b[0], "labels": b[0]}  # the model shifts labels itself
+        collate = lambda xs: to_batch(torch.utils.data.default_collate(xs))
+        datasets = {s: TensorDataset(prep.data[s]) for s in prep.data}
+    mk = lambda split, shuffle: DataLoader(datasets[split], collate_fn=collate, **kw, sampler=train_sampler(
+        datasets[split], ctx, opts.seed) if shuffle else None)
+    loaders = {s: mk(s, s == "train") for s in datasets}
+    if opts.task == "classification":
+        loaders["train_eval"] = mk("train", False)
+    return loaders
 
 
 def _inject(opts, model):
@@ -138,22 +147,42 @@ def _backend_used(opts, model, device, amp_dtype) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp, max_batches=None) -> dict:
-    """Mean loss (causal LM: perplexity too) and, with class labels, accuracy over ``loader``."""
+def evaluate(model, loader, device, amp, max_batches=None, ctx=None) -> dict:
+    """Mean loss (causal LM: perplexity too) and, with class labels, accuracy over ``loader``.
+
+    With several ranks (``ctx``), rank k evaluates batches k, k+W, ... and the sums are all-reduced: the result is
+    the one-process result. Under FSDP every forward is a collective, so ranks with one batch fewer run one more
+    forward on a batch they already saw and discard it (lockstep).
+    """
+    from lora_fast.distributed import DistContext, all_reduce_sum
+
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
     total_loss, n_batches, correct, seen = 0.0, 0, 0, 0
+    n_total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    n_forwards = -(-n_total // ctx.world_size) if ctx.mode == "fsdp" else 0  # ceil: the busiest rank's count
+    done, spare = 0, None
     for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
+        if i >= n_total:
             break
+        if i % ctx.world_size != ctx.rank:
+            spare = spare or batch
+            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with amp():
             out = model(**batch)
+        done += 1
         total_loss += out.loss.float().item()
         n_batches += 1
         if out.logits.dim() == 2:  # (B, n_labels): classification
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
             seen += batch["labels"].numel()
+    while done < n_forwards:  # FSDP lockstep filler, result discarded
+        with amp():
+            model(**{k: v.to(device) for k, v in spare.items()})
+        done += 1
+    total_loss, n_batches, correct, seen = all_reduce_sum([total_loss, n_batches, correct, seen], ctx, device)
     model.train(was_training)
     loss = total_loss / max(n_batches, 1)
     res = {"loss": loss}
@@ -175,7 +204,7 @@ def _tensorboard(logdir, log):
     return SummaryWriter(logdir)
 
 
-def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True) -> dict:
+def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None) -> dict:
     """Run the loop on ``prep.model`` (a copy of it by default) and write the outputs; returns the metrics dict.
 
     Args:
@@ -183,14 +212,25 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         prep: from ``prepare``; its model is left unmodified when ``copy_model`` (a sweep reuses it).
         on_step: optional ``callable(step, metrics)`` after every optimizer step (tests raise KeyboardInterrupt).
         log: one-line messages (stderr by default).
+        ctx: ``lora_fast.distributed.DistContext`` from ``distributed.init`` (``run`` does that); None: one process.
     """
+    import os
+
     from tqdm.auto import tqdm
 
-    from lora_fast.train_io import StagedDir, check_output_dir, reset_peak_memory
+    from lora_fast import distributed as D
+    from lora_fast.train_io import StagedDir, check_output_dir, finish_metrics, reset_peak_memory, write_outputs
 
+    if ctx is None:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or getattr(opts, "distributed", "none") in ("ddp", "fsdp"):
+            raise ConfigError("this command trains in one process; only `lora-fast train` (python -m "
+                              "lora_fast.train) runs under torchrun")
+        ctx = D.DistContext()
     out_dir = check_output_dir(opts.output_dir, opts.overwrite)
-    device = resolve_device(opts.device)
-    torch.manual_seed(opts.seed)
+    device = D.device(ctx) if ctx.enabled else resolve_device(opts.device)
+    main = ctx.is_main
+    log = log if main else (lambda msg: None)
+    torch.manual_seed(opts.seed)  # the same LoRA init on every rank
     model = copy.deepcopy(prep.model) if copy_model else prep.model
     _inject(opts, model)
     model.to(device).train()
@@ -198,8 +238,15 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     backend_used = _backend_used(opts, model, device, amp_dtype)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=opts.fp16)
-    loaders = _loaders(opts, prep)
-    params = [p for p in model.parameters() if p.requires_grad]
+    loaders = _loaders(opts, prep, ctx)
+    if ctx.enabled:  # e.g. a tokenizer trained differently on two ranks would silently train on different data
+        D.check_same(D.digest(prep.data["train"], prep.tokenizer), ctx, "the training data and tokenizer (digest)")
+    reduced = [0]  # gradient elements all-reduced by DDP (its comm hook counts them)
+    model = D.wrap_model(model, ctx, device, on_reduce=lambda n: reduced.__setitem__(0, reduced[0] + n))
+    plain = D.unwrap(model)  # what evaluation (DDP: no collectives needed) and saving see
+    eval_model = model if ctx.mode == "fsdp" else plain
+    D.seed_dropout_rng(opts.seed, ctx)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     steps_per_epoch = max(1, len(loaders["train"]) // opts.gradient_accumulation_steps)
     total = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
@@ -212,34 +259,39 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     m = {"train_loss": [], "learning_rate": [], "tokens_per_sec": [], "eval": [], "epochs": []}
     step, micro, tokens_seen, interrupted = 0, 0, 0, False
     t_start = time.perf_counter()
-    bar = tqdm(total=total, disable=not opts.progress, dynamic_ncols=True, desc="train", file=sys.stderr)
+    bar = tqdm(total=total, disable=not (opts.progress and main), dynamic_ncols=True, desc="train", file=sys.stderr)
+    say = bar.write if main else (lambda msg: None)  # tqdm.write prints even when the bar is disabled
 
     def do_eval():
-        r = evaluate(model, loaders["validation"], device, amp, opts.eval_batches)
+        r = evaluate(eval_model, loaders["validation"], device, amp, opts.eval_batches, ctx)
         m["eval"].append({"step": step, **{f"eval_{k}": v for k, v in r.items()}})
         if writer:
             for k, v in r.items():
                 writer.add_scalar(f"eval/{k}", v, step)
-        bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in r.items()))
+        say(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in r.items()))
 
     def epoch_accuracy():
-        tr = evaluate(model, loaders["train_eval"], device, amp, opts.eval_batches)
-        va = evaluate(model, loaders["validation"], device, amp, opts.eval_batches)
+        tr = evaluate(eval_model, loaders["train_eval"], device, amp, opts.eval_batches, ctx)
+        va = evaluate(eval_model, loaders["validation"], device, amp, opts.eval_batches, ctx)
         ep = round(step / steps_per_epoch, 3)
         m["epochs"].append({"epoch": ep, "step": step, "train_accuracy": tr["accuracy"],
                             "val_accuracy": va["accuracy"], "val_loss": va["loss"]})
-        bar.write(f"epoch {ep:g}: train accuracy {tr['accuracy']:.2%}, validation accuracy {va['accuracy']:.2%}")
+        say(f"epoch {ep:g}: train accuracy {tr['accuracy']:.2%}, validation accuracy {va['accuracy']:.2%}")
 
-    staged = StagedDir(out_dir)
+    staged = StagedDir(out_dir) if main else None
+    final = None
     try:
         try:
-            acc_loss, acc_tokens, t_step = 0.0, 0, time.perf_counter()
+            acc_loss, acc_tokens, t_step, epoch = 0.0, 0, time.perf_counter(), 0
             while step < total:
+                loaders["train"].sampler.set_epoch(epoch)  # a new (seed, epoch) permutation, the same on all ranks
+                epoch += 1
                 for batch in loaders["train"]:
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with amp():
-                        loss = model(**batch).loss / opts.gradient_accumulation_steps
-                    scaler.scale(loss).backward()
+                    with D.gradient_sync(model, ctx, (micro + 1) % opts.gradient_accumulation_steps == 0):
+                        with amp():
+                            loss = model(**batch).loss / opts.gradient_accumulation_steps
+                        scaler.scale(loss).backward()
                     acc_loss += loss.item()
                     acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                         else batch["input_ids"].numel()
@@ -255,6 +307,9 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                     optimizer.zero_grad(set_to_none=True)
                     sched.step()
                     step += 1
+                    if ctx.enabled:  # the global batch: mean loss over ranks, tokens of all ranks
+                        acc_loss, acc_tokens = D.all_reduce_sum([acc_loss / ctx.world_size, acc_tokens], ctx, device)
+                        acc_tokens = int(acc_tokens)
                     now = time.perf_counter()
                     tps = acc_tokens / max(now - t_step, 1e-9)
                     m["train_loss"].append(acc_loss)
@@ -281,108 +336,83 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                 epoch_accuracy()  # the last, partial epoch
         except KeyboardInterrupt:
             interrupted = True
-            bar.write(f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
+            if ctx.mode == "fsdp":  # the other ranks may be anywhere: no collective (gather) can be trusted now
+                say(f"lora-fast: interrupted at step {step}/{total}; an FSDP run cannot gather its shards now, "
+                    "nothing is saved")
+                raise
+            say(f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
         bar.close()
         model.eval()
         if is_cls and "test" in loaders and not interrupted:
-            m["test_accuracy"] = evaluate(model, loaders["test"], device, amp, None)["accuracy"]
+            m["test_accuracy"] = evaluate(eval_model, loaders["test"], device, amp, None, ctx)["accuracy"]
             log(f"test accuracy {m['test_accuracy']:.2%}")
-        metrics = _finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used,
-                                  interrupted)
-        _write_outputs(staged.path, opts, prep, model, metrics)
-        final = staged.commit()
+        metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used,
+                                 interrupted)
+        metrics.update(distributed=ctx.mode, world_size=ctx.world_size, dist_backend=ctx.backend,
+                       per_device_batch_size=opts.batch_size, global_batch_size=opts.batch_size * ctx.world_size
+                       * opts.gradient_accumulation_steps, grad_allreduce_numel_per_step=reduced[0] / max(step, 1)
+                       if ctx.mode == "ddp" else None)
+        if not interrupted:
+            D.dump_rank_state(model, ctx)
+        if main:
+            write_outputs(staged.path, opts, prep, plain, metrics)
+            final = staged.commit()
+        elif ctx.mode == "fsdp":
+            from lora_fast.adapter import save_adapter
+
+            save_adapter(plain, out_dir)  # the gather (a collective) rank 0's save needs; only rank 0 writes
     except BaseException:
-        staged.discard()
+        if staged is not None:  # a failing rank exits non-zero and torchrun stops the others: no collective here
+            staged.discard()
         raise
     finally:
         if writer:
             writer.close()
+    if ctx.enabled and not interrupted:
+        final = D.broadcast_object(str(final) if main else None, ctx)  # and the ranks leave together
     metrics["output_dir"] = str(final)
     return metrics
 
 
-def _finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used, interrupted) -> dict:
-    from lora_fast.train_io import peak_memory
-
-    peak, kind = peak_memory(device)
-    evals = m.pop("eval")
-    m["eval_steps"] = [e["step"] for e in evals]
-    m["eval_loss"] = [e["eval_loss"] for e in evals]
-    if evals and "eval_perplexity" in evals[0]:
-        m["eval_perplexity"] = [e["eval_perplexity"] for e in evals]
-    if evals and "eval_accuracy" in evals[0]:
-        m["eval_accuracy"] = [e["eval_accuracy"] for e in evals]
-    if not m["epochs"]:
-        m.pop("epochs")
-    wall = time.perf_counter() - t_start
-    return {
-        **m,
-        "final_eval_loss": m["eval_loss"][-1] if m["eval_loss"] else None,
-        "final_perplexity": m["eval_perplexity"][-1] if m.get("eval_perplexity") else None,
-        "steps": step, "planned_steps": total, "interrupted": interrupted, "tokens_seen": tokens_seen,
-        "mean_tokens_per_sec": tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
-        "peak_memory_mb": peak, "peak_memory_kind": kind,
-        "backend": opts.backend, "backend_used": backend_used, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "base_model": prep.base_name, "dataset": prep.source, "task": opts.task,
-        "torch_version": torch.__version__,
-    }
-
-
-def _write_outputs(path: Path, opts, prep: Prepared, model, metrics: dict) -> None:
-    from lora_fast import count_parameters, save_adapter
-    from lora_fast.plots import loss_curve
-    from lora_fast.train_io import model_comparison, write_atomic, write_json
-
-    task_type = "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
-    save_adapter(model, path, base_model_name_or_path=prep.base_name, task_type=task_type)
-    prep.tokenizer.save_pretrained(path)
-    args = {k: v for k, v in vars(opts).items()}
-    args.update(base_model=prep.base_name, tokenizer_trained=prep.tokenizer_trained, label_names=prep.label_names,
-                vocab_size=model.config.vocab_size)
-    write_json(path / "training_args.json", args)
-    counts = count_parameters(model)
-    metrics["parameters"] = counts
-    write_json(path / "training_metrics.json", metrics)
-    loss_curve(path / "training_loss_curve.png", metrics["train_loss"], metrics["eval_steps"],
-               metrics["eval_loss"], title=f"LoRA r={opts.rank} alpha={opts.alpha:g} on {Path(prep.base_name).name}")
-    write_atomic(path / "model_comparison.txt", model_comparison(counts, model, path))
-
-
 def run(opts, on_step=None, log=log_stderr) -> dict:
-    """``prepare`` then ``train``: one complete ``lora-fast train``. Returns the metrics (with ``output_dir``)."""
+    """``prepare`` then ``train``: one complete ``lora-fast train`` (one process, or one rank under torchrun).
+    Returns the metrics (with ``output_dir``)."""
+    from lora_fast import distributed as D
     from lora_fast.train_io import check_output_dir
 
     check_output_dir(opts.output_dir, opts.overwrite)  # fail before minutes of loading
-    resolve_device(opts.device)
-    return train(opts, prepare(opts, log), on_step, log, copy_model=False)
+    ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
+    try:
+        if not ctx.enabled:
+            resolve_device(opts.device)
+        if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers
+            from transformers.utils import logging as hf_logging
 
-
-def print_summary(metrics: dict) -> None:
-    out = metrics["output_dir"]
-    status = "interrupted, partial results" if metrics["interrupted"] else "done"
-    loss = metrics["final_eval_loss"]
-    print(f"\nlora-fast train {status}: {metrics['steps']} steps in {metrics['wall_time_s']:.1f} s"
-          + (f", eval loss {loss:.4f}" if loss is not None else "")
-          + (f", perplexity {metrics['final_perplexity']:.2f}" if metrics.get("final_perplexity") else "")
-          + (f", test accuracy {metrics['test_accuracy']:.2%}" if "test_accuracy" in metrics else ""))
-    print(f"Outputs in {out}:")
-    for p in sorted(Path(out).iterdir()):
-        print(f"  {p}")
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        torch.manual_seed(opts.seed)  # weights from_pretrained initialises (a new classification head) follow --seed
+        prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
+        return train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
+    finally:
+        D.shutdown(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lora-fast train``; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    from lora_fast.distributed import torchrun_env
+
     try:
         metrics = run(parse_train_args(argv))
     except ConfigError as e:
-        print(f"lora-fast train: error: {e}", file=sys.stderr)
+        if (torchrun_env() or {}).get("rank", 0) == 0:  # every rank fails alike on bad options: say it once
+            print(f"lora-fast train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-fast train: interrupted before training started (or while saving); nothing was written",
               file=sys.stderr)
         return 130
-    print_summary(metrics)
+    if metrics.get("world_size", 1) == 1 or (torchrun_env() or {}).get("rank", 0) == 0:
+        print_summary(metrics)
     return 130 if metrics["interrupted"] else 0
 
 

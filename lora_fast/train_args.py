@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
+DISTRIBUTED_CHOICES = ("auto", "none", "ddp", "fsdp")
 TASK_CHOICES = ("causal-lm", "classification")
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -66,6 +67,9 @@ OPTIONS: dict[str, tuple] = {
     "logdir": (str, None, None, "", "TensorBoard log directory (needs the tensorboard package)"),
     "num_workers": (int, 0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "DataLoader workers"),
     "progress": (bool, True, None, "", "tqdm progress bar (--no-progress to hide)"),
+    "distributed": (str, "auto", lambda v: v in DISTRIBUTED_CHOICES, f"one of {DISTRIBUTED_CHOICES}",
+                    "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp when "
+                    "WORLD_SIZE > 1, none otherwise. Global batch = batch_size x world size x accumulation"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Output directories of ``lora-fast train`` / ``sweep`` / ``merge``: all or nothing.
+"""Output directories of ``lora-fast train`` / ``sweep`` / ``merge``: all or nothing; and what a run writes there.
 
 Everything a run writes goes into a hidden staging directory beside ``--output_dir`` (same filesystem); only when
 the run has finished — or was interrupted and has saved what it trained — is the staging directory renamed onto
@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -131,3 +132,63 @@ def model_comparison(counts: dict, model: torch.nn.Module, adapter_dir: Path) ->
         f"adapter / full        {100.0 * adapter / full if full else 0.0:>14.4f} %",
     ]
     return "\n".join(lines) + "\n"
+
+
+def finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used, interrupted) -> dict:
+    """The metrics dict of a run (``training_metrics.json``) from the loop's lists and totals."""
+    peak, kind = peak_memory(device)
+    evals = m.pop("eval")
+    m["eval_steps"] = [e["step"] for e in evals]
+    m["eval_loss"] = [e["eval_loss"] for e in evals]
+    if evals and "eval_perplexity" in evals[0]:
+        m["eval_perplexity"] = [e["eval_perplexity"] for e in evals]
+    if evals and "eval_accuracy" in evals[0]:
+        m["eval_accuracy"] = [e["eval_accuracy"] for e in evals]
+    if not m["epochs"]:
+        m.pop("epochs")
+    wall = time.perf_counter() - t_start
+    return {
+        **m,
+        "final_eval_loss": m["eval_loss"][-1] if m["eval_loss"] else None,
+        "final_perplexity": m["eval_perplexity"][-1] if m.get("eval_perplexity") else None,
+        "steps": step, "planned_steps": total, "interrupted": interrupted, "tokens_seen": tokens_seen,
+        "mean_tokens_per_sec": tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
+        "peak_memory_mb": peak, "peak_memory_kind": kind,
+        "backend": opts.backend, "backend_used": backend_used, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "base_model": prep.base_name, "dataset": prep.source, "task": opts.task,
+        "torch_version": torch.__version__,
+    }
+
+
+def write_outputs(path: Path, opts, prep, model, metrics: dict) -> None:
+    """Everything a run writes into ``path`` (the staging directory): adapter, tokenizer, args, metrics, plots."""
+    from lora_fast import count_parameters, save_adapter
+    from lora_fast.plots import loss_curve
+
+    task_type = "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
+    save_adapter(model, path, base_model_name_or_path=prep.base_name, task_type=task_type)
+    prep.tokenizer.save_pretrained(path)
+    args = {k: v for k, v in vars(opts).items()}
+    args.update(base_model=prep.base_name, tokenizer_trained=prep.tokenizer_trained, label_names=prep.label_names,
+                vocab_size=model.config.vocab_size)
+    write_json(path / "training_args.json", args)
+    counts = count_parameters(model)
+    metrics["parameters"] = counts
+    write_json(path / "training_metrics.json", metrics)
+    loss_curve(path / "training_loss_curve.png", metrics["train_loss"], metrics["eval_steps"],
+               metrics["eval_loss"], title=f"LoRA r={opts.rank} alpha={opts.alpha:g} on {Path(prep.base_name).name}")
+    write_atomic(path / "model_comparison.txt", model_comparison(counts, model, path))
+
+
+def print_summary(metrics: dict) -> None:
+    out = metrics["output_dir"]
+    status = "interrupted, partial results" if metrics["interrupted"] else "done"
+    loss = metrics["final_eval_loss"]
+    print(f"\nlora-fast train {status}: {metrics['steps']} steps in {metrics['wall_time_s']:.1f} s"
+          + (f", eval loss {loss:.4f}" if loss is not None else "")
+          + (f", perplexity {metrics['final_perplexity']:.2f}" if metrics.get("final_perplexity") else "")
+          + (f", test accuracy {metrics['test_accuracy']:.2%}" if "test_accuracy" in metrics else ""))
+    print(f"Outputs in {out}:")
+    for p in sorted(Path(out).iterdir()):
+        print(f"  {p}")

@@ -1,0 +1,305 @@
+"""Multi-process training for ``lora-fast train``: torchrun's environment, DDP / FSDP2 wrapping, data sharding.
+
+    torchrun --nproc_per_node 4 -m lora_fast.train --model gpt2 --batch_size 8 ...        # DDP (the default)
+    torchrun --nproc_per_node 4 -m lora_fast.train --distributed fsdp ...                  # FSDP2 (fully_shard)
+
+torchrun (or ``accelerate launch``, ``python -m torch.distributed.run``) starts one process per device and sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``init`` reads them and joins the
+process group: NCCL with one GPU per process (``cuda:LOCAL_RANK``), gloo on CPU.
+
+What each rank does:
+    data        the training set is permuted from (seed, epoch) alone and cut into ``world_size`` interleaved
+                shards (``DistributedSampler``: rank k takes positions k, k+W, ...). Step t of the run consumes
+                positions [t·G, (t+1)·G) of the permutation, G = batch_size × world_size × grad_accum the global
+                batch, whatever the world size: N processes with batch B train like one process with batch N·B.
+                The single-process run uses the same sampler (W = 1), so this holds against a plain run too.
+    gradients   DDP only registers parameters with ``requires_grad`` in its reducer: the frozen base is broadcast
+                once at wrap time and never all-reduced; the LoRA gradients are averaged across ranks once per
+                optimizer step (``no_sync`` on the other micro-steps of gradient accumulation). A DDP comm hook
+                counts the elements it reduces (``grad_allreduce_numel_per_step`` in the metrics).
+    FSDP2       rank 0's weights are broadcast (as DDP does), then ``fully_shard`` on every block named by the
+                model's ``_no_split_modules`` (``GPT2Block``), then on the root. Frozen base and trainable LoRA
+                weights share the groups; parameters become DTensors (sharded on dim 0), gradients are
+                reduce-scattered, gradient clipping sees the global norm. Saving gathers the full LoRA tensors on
+                every rank (``DTensor.full_tensor``, a collective) and rank 0 writes (``adapter.save_adapter``).
+                The per-block-then-root layout is the one of PyTorch's FSDP2 tutorial and torchtitan.
+    evaluation  rank k evaluates batches k, k+W, ... of the (unsharded, in-order) eval loader and the sums are
+                all-reduced; ``--eval_batches`` counts batches of ``batch_size``, as in one process.
+    dropout     LoRA init uses ``--seed`` on every rank (identical replicas); then rank k > 0 reseeds torch with
+                ``seed + 1_000_003·k`` so ranks draw different, reproducible dropout masks (rank 0 keeps the
+                single-process stream).
+    output      rank 0 alone shows the progress bar, logs and writes the output directory; metrics (train loss,
+                tokens, evaluation) are all-reduced so they describe the global batch and the whole eval set.
+                ``training_metrics.json`` records distributed, world_size, dist_backend, per_device_batch_size
+                and global_batch_size. A failing rank exits non-zero and torchrun stops the others.
+
+Known limits: ``--fp16`` is refused with FSDP (``torch.amp.GradScaler`` would check non-finite gradients per
+shard and ranks could disagree on skipping a step; use ``--bf16``). Ctrl-C under torchrun is not coordinated:
+DDP's rank 0 still saves its (complete) replica; an FSDP run cannot gather after an interrupt and saves nothing.
+``LORA_FAST_RANK_STATE_DIR`` (a debugging/test hook) makes every rank write its final LoRA tensors there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lora_fast.train_args import ConfigError
+
+MODES = ("auto", "none", "ddp", "fsdp")
+RANK_SEED_STRIDE = 1_000_003  # a prime: rank k's dropout seed is far from the seeds a user tries by hand (42, 43..)
+RANK_STATE_ENV = "LORA_FAST_RANK_STATE_DIR"
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: ``mode`` "none" (one process), "ddp" or "fsdp"; ``backend`` gloo or nccl."""
+
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env() -> dict | None:
+    """``{rank, world_size, local_rank}`` from torchrun's variables, or None outside a launcher."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    try:
+        env = {k.lower(): int(os.environ[k]) for k in ("RANK", "WORLD_SIZE")}
+        env["local_rank"] = int(os.environ.get("LOCAL_RANK", env["rank"]))
+    except ValueError:
+        raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if env["world_size"] < 1 or not 0 <= env["rank"] < env["world_size"]:
+        raise ConfigError(f"RANK={env['rank']} / WORLD_SIZE={env['world_size']} are inconsistent")
+    return env
+
+
+def resolve_mode(requested: str) -> str:
+    """``--distributed`` → "none", "ddp" or "fsdp": auto is ddp when WORLD_SIZE > 1, none otherwise."""
+    if requested not in MODES:
+        raise ConfigError(f"distributed must be one of {MODES}, got {requested!r}")
+    env = torchrun_env()
+    world = env["world_size"] if env else 1
+    if requested == "auto":
+        return "ddp" if world > 1 else "none"
+    if requested == "none" and world > 1:
+        raise ConfigError(f"--distributed none but WORLD_SIZE={world}: every process would train alone and write "
+                          "the same output directory; use ddp or fsdp, or launch one process")
+    if requested in ("ddp", "fsdp") and env is None:
+        raise ConfigError(f"--distributed {requested} needs a launcher (torchrun --nproc_per_node N -m "
+                          "lora_fast.train ...): RANK and WORLD_SIZE are not set")
+    return requested
+
+
+def init(requested: str, device_name: str, fp16: bool = False) -> DistContext:
+    """Join the process group torchrun describes (or do nothing for one process); ``device(ctx)`` is its device.
+
+    Args:
+        requested: ``--distributed`` (auto, none, ddp, fsdp).
+        device_name: ``--device``: auto / cuda give ``cuda:LOCAL_RANK`` (NCCL) when CUDA is available, cpu gives
+            gloo. An explicit ``cuda:N`` is refused: each process owns the GPU of its local rank.
+        fp16: ``--fp16`` (refused with FSDP, see the module docstring).
+    """
+    import torch.distributed as dist
+
+    mode = resolve_mode(requested)
+    if mode == "none":
+        return DistContext()
+    env = torchrun_env()
+    if mode == "fsdp" and fp16:
+        raise ConfigError("--fp16 is not supported with --distributed fsdp (the gradient scaler would check "
+                          "non-finite gradients per shard); use --bf16")
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device_name!r} under torchrun: use auto, cuda (each process takes "
+                          "cuda:LOCAL_RANK) or cpu")
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    if use_cuda:
+        if env["local_rank"] >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={env['local_rank']} but only {torch.cuda.device_count()} GPU(s) here")
+        torch.cuda.set_device(env["local_rank"])
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=torch.device("cuda", env["local_rank"]) if use_cuda
+                                else None)
+    return DistContext(mode, env["rank"], env["world_size"], env["local_rank"], backend)
+
+
+def device(ctx: DistContext) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo."""
+    return torch.device("cuda", ctx.local_rank) if ctx.backend == "nccl" else torch.device("cpu")
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (``init``'s counterpart; nothing for one process)."""
+    import torch.distributed as dist
+
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_for_rank(seed: int, rank: int) -> int:
+    """The torch seed of rank ``rank`` after LoRA init (see the module docstring); rank 0 keeps ``seed``."""
+    return (seed + RANK_SEED_STRIDE * rank) % 2**63
+
+
+def seed_dropout_rng(seed: int, ctx: DistContext) -> None:
+    """Give rank k > 0 its own reproducible torch RNG stream (dropout masks); rank 0's stream is left as is."""
+    if ctx.rank > 0:
+        torch.manual_seed(seed_for_rank(seed, ctx.rank))
+
+
+def train_sampler(dataset, ctx: DistContext, seed: int):
+    """Shuffled, sharded sampler of the training set: the permutation depends on (seed, epoch) only."""
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------------- wrapping
+def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, on_reduce=None) -> nn.Module:
+    """DDP or FSDP2 around ``model`` (already on ``device``, LoRA injected); the model itself when not distributed.
+
+    Args:
+        on_reduce: optional ``callable(numel)`` called by a DDP comm hook for every gradient bucket it all-reduces.
+    """
+    if ctx.mode == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if on_reduce is not None:
+            def counting_hook(state, bucket):
+                on_reduce(bucket.buffer().numel())
+                return allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, counting_hook)
+        return ddp
+    if ctx.mode == "fsdp":
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():  # rank 0's weights everywhere, as DDP does at wrap time (FSDP2 does not)
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+        mesh = init_device_mesh(device.type, (ctx.world_size,))
+        for block in _fsdp_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP (FSDP2 shards in place: the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, ctx: DistContext, sync: bool):
+    """Around one micro-step: with ``sync`` False the gradients stay local (DDP ``no_sync``; FSDP2
+    ``set_requires_gradient_sync(False)``) and are reduced with those of the final micro-step."""
+    if ctx.mode == "ddp" and not sync:
+        with model.no_sync():
+            yield
+    elif ctx.mode == "fsdp":
+        model.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+# -------------------------------------------------------------------------------------------------- collectives
+def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a few numbers (float64); the numbers themselves for one process."""
+    if not ctx.enabled:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, ctx: DistContext):
+    """rank 0's ``obj`` on every rank (pickled)."""
+    if not ctx.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_same(value, ctx: DistContext, what: str) -> None:
+    """Raise on every rank when ranks hold different ``value`` (e.g. a digest of the tokenized data)."""
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
+
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"ranks disagree on {what}: {values}")
+
+
+def digest(data, tokenizer=None) -> str:
+    """sha256 of a training split (a token tensor, or (texts, labels)) and of the tokenizer's vocabulary."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(data, torch.Tensor):
+        h.update(repr(tuple(data.shape)).encode())
+        h.update(data.contiguous().numpy().tobytes())
+    else:
+        h.update(repr(data).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    return h.hexdigest()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor holding all of ``t``: ``DTensor.full_tensor()`` (a collective: every rank must call it in
+    the same order) for a sharded tensor, ``t`` itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def dump_rank_state(model: nn.Module, ctx: DistContext) -> None:
+    """With ``LORA_FAST_RANK_STATE_DIR`` set, every rank writes its LoRA tensors to ``rank<k>.safetensors`` there
+    (gathered under FSDP, so all ranks must call this). A debugging and test hook; nothing happens otherwise."""
+    directory = os.environ.get(RANK_STATE_ENV)
+    if not directory:
+        return
+    from safetensors.torch import save_file
+
+    state = {n: full_tensor(p.detach()).to("cpu", copy=True).contiguous()
+             for n, p in unwrap(model).named_parameters() if ".lora.lora_" in f".{n}"}
+    os.makedirs(directory, exist_ok=True)
+    save_file(state, os.path.join(directory, f"rank{ctx.rank}.safetensors"))

@@ -1,0 +1,305 @@
+"""Multi-process training on CPU: ``torchrun -m lora_fast.train`` with DDP and FSDP2 (gloo), 2 processes.
+
+Each distributed run is compared with ONE plain process trained on the same global batch (batch_size × 2), the
+same seed and therefore the same data order (``lora_fast.distributed``: the permutation depends on (seed, epoch)
+only). The tiny GPT-2 has its own dropouts set to 0 and LoRA dropout is 0, so the runs compute the same function
+and differ only by the order of floating-point sums (fp32: ~1e-6 relative after a few AdamW steps).
+``LORA_FAST_RANK_STATE_DIR`` makes every rank dump its final LoRA tensors, so both replicas are compared too.
+The launcher runs with ``--standalone`` (a free rendezvous port: parallel test runs cannot collide) and a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_fast import distributed as D
+from lora_fast.train_args import ConfigError
+from tests.utils import assert_rel_close
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 120  # a 2-process run takes ~10 s on an idle 2-core machine; generous for a loaded one
+# fp32 runs differing only in summation order (DDP/FSDP reduce per rank, then across ranks): ~1e-6 observed.
+ADAPTER_TOL = 1e-4
+LOSS_TOL = 1e-5
+COMMON = ["--max_steps", "4", "--max_length", "32", "--eval_steps", "2", "--eval_batches", "2", "--lr", "0.01",
+          "--target_modules", "c_attn", "c_fc", "--rank", "8", "--backend", "reference", "--device", "cpu",
+          "--seed", "7", "--no-progress"]
+TRAINABLE = 2 * 8 * ((64 + 192) + (64 + 256))  # 2 blocks × r·(in+out) for c_attn (64→192) and c_fc (64→256)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny GPT-2 without dropout (saved locally), a small text file, and the one-process reference run."""
+    from pydoc_data.topics import topics
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64, initializer_range=0.3,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(cfg).save_pretrained(root / "tiny")
+    (root / "data.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:12]))
+    ref = root / "single"
+    hf_logging.set_verbosity_error()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from lora_fast.train import main
+
+        assert main(["--model", str(root / "tiny"), "--dataset", str(root / "data.txt"), *COMMON,
+                     "--batch_size", "8", "--output_dir", str(ref)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return root, ref
+
+
+def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tuple(COMMON)):
+    """Launch 2 ranks (torchrun by default); returns (output dir, rank-dump dir, the completed process)."""
+    out, dump = root / name, root / f"{name}-ranks"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                           "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **{D.RANK_STATE_ENV: str(dump)})
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, "-m", "lora_fast.train", "--model", str(root / "tiny"), "--dataset", str(root / "data.txt"),
+           *common, "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, dump, proc
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _check_against_single(ref: Path, out: Path, dump: Path, proc, mode: str) -> dict:
+    from safetensors.torch import load_file
+
+    ranks = [load_file(dump / f"rank{k}.safetensors") for k in range(2)]
+    assert len(ranks[0]) == 8 and ranks[0].keys() == ranks[1].keys()
+    for k in ranks[0]:  # the replicas (DDP) / the gathered shards (FSDP) are the same, bit for bit
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    single, saved = _adapter(ref), _adapter(out)
+    assert single.keys() == saved.keys()
+    for k, v in saved.items():
+        name = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora.lora_A").replace(
+            ".lora_B.weight", ".lora.lora_B")
+        assert torch.equal(v, ranks[0][name]), k  # rank 0 wrote what it trained
+        assert_rel_close(v, single[k], ADAPTER_TOL, f"{mode} vs one process: {k}")
+        if "lora_B" in k:
+            assert v.abs().max() > 0, k  # it trained (B starts at 0)
+    m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (out, ref))
+    assert (m["distributed"], m["world_size"], m["dist_backend"], m["global_batch_size"]) == (mode, 2, "gloo", 8)
+    assert m["tokens_seen"] == m1["tokens_seen"] == 4 * 8 * 32
+    assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"]), LOSS_TOL, "train loss")
+    assert m["parameters"]["trainable"] == TRAINABLE
+    # rank 0 alone reports: one summary, one line per evaluation; no stray staging directories
+    assert proc.stdout.count("lora-fast train done") == 1, proc.stdout
+    assert (proc.stdout + proc.stderr).count("step 2: eval loss") == 1, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("Loading weights") <= 2, proc.stderr  # rank 0's bar only
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")) == []
+    return m
+
+
+def test_ddp_two_ranks_equal_one_process(setup):
+    """DDP, batch 2 × accumulation 2 × 2 ranks = the reference's batch 8; only LoRA gradients are all-reduced,
+    once per optimizer step (``no_sync`` on the first micro-step): the DDP comm hook saw exactly the trainable
+    element count per step (the frozen base, 141k elements, was never reduced; without no_sync it would be 2×)."""
+    root, ref = setup
+    out, dump, proc = _torchrun(root, "ddp", ["--batch_size", "2", "--gradient_accumulation_steps", "2"])
+    m = _check_against_single(ref, out, dump, proc, "ddp")
+    assert m["grad_allreduce_numel_per_step"] == TRAINABLE
+    assert m["per_device_batch_size"] == 2
+
+
+def test_fsdp_two_ranks_equal_one_process(setup):
+    """FSDP2 (fully_shard per GPT2Block + root, frozen base and LoRA in the same groups) on gloo; the adapter is
+    gathered from DTensor shards for saving and loads back with PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, ref = setup
+    out, dump, proc = _torchrun(root, "fsdp", ["--batch_size", "4", "--distributed", "fsdp"])
+    _check_against_single(ref, out, dump, proc, "fsdp")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "tiny"), out)  # a valid PEFT adapter
+
+
+def _spam_like_csvs(root: Path) -> Path:
+    """Label/Text CSVs (train 64, validation 16, test 16 rows); the classes use disjoint words."""
+    import csv
+    import random
+
+    words = {"spam": "win free prize cash claim urgent offer".split(), "ham": "see you at lunch tomorrow ok".split()}
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
+        with (root / f"{split}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["Label", "Text"])
+            for i in range(n):
+                label = ("spam", "ham")[i % 2]
+                w.writerow([label, " ".join(rng.choices(words[label], k=rng.randint(3, 9)))])
+    return root
+
+
+def test_fsdp_classification_two_epochs_equal_one_process(setup):
+    """Sequence classification under FSDP2 for two epochs (the sampler's set_epoch, sharded evaluation of every
+    split, a new ``score`` head that is trainable and saved as ``modules_to_save``): adapter, head, losses and
+    accuracies equal a one-process run with the global batch."""
+    from lora_fast.train import main
+
+    root, _ = setup
+    data = _spam_like_csvs(root)
+    args = ["--task", "classification", "--dataset", str(data), "--epochs", "2", "--eval_steps", "100"]
+    drop = {COMMON.index("--max_steps"), COMMON.index("--eval_batches")}  # epochs instead; every split whole
+    cls_common = [a for i, a in enumerate(COMMON) if i not in drop and i - 1 not in drop]
+    ref = root / "cls-single"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["--model", str(root / "tiny"), *cls_common, *args, "--batch_size", "8",
+                     "--output_dir", str(ref)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out, dump, _ = _torchrun(root, "cls-fsdp", ["--distributed", "fsdp", "--batch_size", "4", *args],
+                             common=cls_common)
+    single, saved = _adapter(ref), _adapter(out)
+    assert single.keys() == saved.keys() and any(".score." in k for k in saved)
+    for k in saved:
+        assert_rel_close(saved[k], single[k], ADAPTER_TOL, f"fsdp classification vs one process: {k}")
+    m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (out, ref))
+    assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"]), LOSS_TOL, "train loss")
+    assert len(m["train_loss"]) == 16 and [e["epoch"] for e in m["epochs"]] == [1.0, 2.0]
+    for e, e1 in zip(m["epochs"], m1["epochs"], strict=True):  # 2 × 4 = 8 rows per global batch, like batch 8
+        assert e["train_accuracy"] == e1["train_accuracy"] and e["val_accuracy"] == e1["val_accuracy"]
+        assert e["val_loss"] == pytest.approx(e1["val_loss"], rel=ADAPTER_TOL)  # 16 fp32 steps: ~1e-5 apart
+    assert m["test_accuracy"] == m1["test_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------- in-process, no launcher
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-process gloo group (file store: no port), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _tiny_lora_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_fast import apply_lora
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32))
+    apply_lora(model, ["c_attn"], rank=4, alpha=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()  # B non-zero too, so the saved values say something
+    return model
+
+
+def test_save_adapter_gathers_dtensor_params(one_rank_group, tmp_path):
+    """save_adapter on an FSDP2-sharded model (DTensor parameters) writes the full tensors (it used to fail with
+    "invalid python storage" and leave an empty directory)."""
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    from lora_fast.adapter import save_adapter
+
+    model = _tiny_lora_model()
+    plain = copy.deepcopy(model)
+    ctx = D.DistContext("fsdp", 0, 1, 0, "gloo")
+    D.wrap_model(model, ctx, torch.device("cpu"))
+    assert isinstance(model.transformer.h[0].attn.c_attn.lora.lora_A, DTensor)
+    save_adapter(model, tmp_path / "sharded")
+    save_adapter(plain, tmp_path / "plain")
+    a, b = _adapter(tmp_path / "sharded"), _adapter(tmp_path / "plain")
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = lambda p: json.loads((p / "adapter_config.json").read_text())  # noqa: E731
+    assert cfg(tmp_path / "sharded") == cfg(tmp_path / "plain")
+
+
+def test_save_adapter_failure_leaves_no_directory(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from lora_fast.adapter import save_adapter
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated serialisation failure")
+
+    monkeypatch.setattr(safetensors.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        save_adapter(_tiny_lora_model(), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_mode_resolution_and_errors(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert D.resolve_mode("auto") == "none"
+    with pytest.raises(ConfigError, match="needs a launcher"):
+        D.resolve_mode("fsdp")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert D.resolve_mode("auto") == "ddp" and D.resolve_mode("fsdp") == "fsdp"
+    with pytest.raises(ConfigError, match="every process would train alone"):
+        D.resolve_mode("none")
+    with pytest.raises(ConfigError, match="--fp16 is not supported with --distributed fsdp"):
+        D.init("fsdp", "cpu", fp16=True)
+    with pytest.raises(ConfigError, match="cuda:LOCAL_RANK"):
+        D.init("ddp", "cuda:1")
+    from lora_fast.train import train
+    from lora_fast.train_args import parse_train_args
+
+    with pytest.raises(ConfigError, match="only `lora-fast train`"):  # e.g. `lora-fast sweep` under torchrun
+        train(parse_train_args(["--output_dir", "/nonexistent/never-written"]), prep=None)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="inconsistent"):
+        D.torchrun_env()
+
+
+def test_rank_dropout_streams_differ_and_reproduce():
+    """Rank k > 0 reseeds after LoRA init: different masks from rank 0, the same ones on a rerun; rank 0 keeps
+    the single-process stream."""
+    def masks(rank):
+        torch.manual_seed(5)
+        D.seed_dropout_rng(5, D.DistContext("ddp", rank, 4, rank, "gloo"))
+        return torch.rand(1000) >= 0.5
+
+    torch.manual_seed(5)
+    single = torch.rand(1000) >= 0.5
+    m0, m1, m2 = masks(0), masks(1), masks(2)
+    assert torch.equal(m0, single)
+    assert not torch.equal(m0, m1) and not torch.equal(m1, m2) and not torch.equal(m0, m2)
+    assert torch.equal(masks(1), m1)
+
+
+def test_accelerate_launch_runs_ddp(setup):
+    """``accelerate launch --multi_gpu`` sets torchrun's variables (it runs torch.distributed.run): on CPU it gives
+    the same 2-rank DDP run (``--device cpu``: gloo)."""
+    import shutil
+
+    exe = shutil.which("accelerate")
+    if exe is None:
+        pytest.skip("accelerate is not installed here; the torchrun tests above cover the same code path")
+    root, ref = setup
+    launcher = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # port 0: the OS picks a free one
+    out, dump, proc = _torchrun(root, "accelerate", ["--batch_size", "4"], launcher)
+    m = _check_against_single(ref, out, dump, proc, "ddp")
+    assert m["grad_allreduce_numel_per_step"] == TRAINABLE
