@@ -217,15 +217,16 @@ def test_compiled_layer_aot_eager(fan_in_fan_out, dropout):
 
 
 @pytest.mark.usefixtures("routed")
-def test_compiled_layer_inductor(monkeypatch):
+def test_compiled_layer_inductor():
     """One inductor build (gcc): forward and backward with dropout, vs eager at the same seed."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # draw the seed as eager does
-    # Inductor's on-disk caches key on the graph, not on the custom op's schema: a stale entry from an older
-    # lora_fast::lora_linear_backward would be replayed against the new op. Compile from scratch (a few s more).
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    # fallback_random: draw the seed as eager does. force_disable_caches: inductor's on-disk caches key on the
+    # graph, not on the custom op's schema, so a stale entry from an older lora_fast::lora_linear_backward would be
+    # replayed against the new op; compile from scratch (a few s more). config.patch restores both afterwards
+    # (monkeypatching the config module's attributes can delete its entries on undo).
     m = _layer(False, 0.2)
     x = torch.randn(3, 32, requires_grad=True)
-    out = _run(torch.compile(m, fullgraph=True), m, x, seed=5)
+    with torch._inductor.config.patch(fallback_random=True, force_disable_caches=True):
+        out = _run(torch.compile(m, fullgraph=True), m, x, seed=5)
     ref = _run(_eager_op(m), m, x, seed=5)
     for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
         assert_rel_close(o, r, FP32_TOL, name)
