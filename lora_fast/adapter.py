@@ -47,7 +47,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from lora_fast.inject import _resolve_targets, _set_submodule, lora_layers, module_matches
+from lora_fast.functional import BACKENDS
+from lora_fast.inject import _resolve_targets, _set_submodule, classifier_head_name, lora_layers, module_matches
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
 
@@ -279,6 +280,9 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     extras = _trainable_extras(model, layers)
+    head = classifier_head_name(model)
+    if (task_type or _default_task_type(model)) == "SEQ_CLS" and head and head not in layers and head not in extras:
+        extras.append(head)  # PEFT always saves a SEQ_CLS head (modules_to_save) and expects it when loading
     config = _adapter_config(model, layers, extras, base_model_name_or_path, task_type)
 
     tensors = {}
@@ -421,7 +425,8 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
 
 def _all_linear(model: nn.Module) -> list[str]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out]
+    head = classifier_head_name(model)  # PEFT leaves a SEQ_CLS head out of "all-linear"
+    return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out and n != head]
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -507,7 +512,16 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
 
     # Checks done: from here on the model is modified.
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0) or 0.0)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"load_adapter: backend must be None or one of {BACKENDS}, got {backend!r}")
+    new_layers = {}  # built (bases checked) before anything is replaced
     for name, (_, _, r, alpha) in plan.items():
+        if name not in existing:
+            base = model.get_submodule(name)
+            layer = LinearWithLoRA(base, rank=r, alpha=float(alpha), dropout=dropout, use_rslora=use_rslora,
+                                   backend=backend)
+            new_layers[name] = layer.train(base.training)  # an eval model stays in eval mode
+    for name, (_, _, _r, alpha) in plan.items():
         if name in existing:
             lora = existing[name].lora
             lora.alpha, lora.use_rslora, lora.dropout = float(alpha), use_rslora, dropout
@@ -515,10 +529,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             if backend is not None:
                 existing[name].backend = backend
         else:
-            base = model.get_submodule(name)
-            layer = LinearWithLoRA(base, rank=r, alpha=float(alpha), dropout=dropout, use_rslora=use_rslora,
-                                   backend=backend)
-            _set_submodule(model, name, layer.train(base.training))  # an eval model stays in eval mode
+            _set_submodule(model, name, new_layers[name])
     if not existing:
         for pname, p in model.named_parameters():
             p.requires_grad_(".lora.lora_" in f".{pname}")

@@ -3,7 +3,8 @@
 Matching follows PEFT's ``target_modules`` rules, so a PEFT config carries over unchanged:
     list/tuple/set  a module matches when its full name equals an entry or ends with "." + entry;
     str             a regular expression matched (``re.fullmatch``) against the full module name;
-    "all-linear"    every nn.Linear / Conv1D except the output embedding (``lm_head``);
+    "all-linear"    every nn.Linear / Conv1D except the output embedding (``lm_head``) and, on a
+                    ``*ForSequenceClassification`` model, its head (``score``/``classifier``), as PEFT;
     None            a per-architecture default (``DEFAULT_TARGET_MODULES``, e.g. ``c_attn`` for GPT-2).
 Unlike the tutorials' ``isinstance(module, nn.Linear)`` loop (which silently changes nothing on GPT-2, whose
 projections are Conv1D), a target that matches nothing is an error listing the candidates.
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
 
-# Same defaults as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these architectures.
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these architectures (distilbert: ours).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
     "gpt_bigcode": ["c_attn"],
@@ -54,6 +55,16 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return names
 
 
+def classifier_head_name(model: nn.Module) -> str | None:
+    """The sequence-classification head PEFT leaves out of "all-linear" (``score``, else ``classifier``)."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
+
+
 def _resolve_targets(model: nn.Module, target_modules):
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -64,7 +75,7 @@ def _resolve_targets(model: nn.Module, target_modules):
             )
         return list(DEFAULT_TARGET_MODULES[model_type])
     if isinstance(target_modules, str):
-        return target_modules
+        return "all-linear" if target_modules.lower() == "all-linear" else target_modules
     if isinstance(target_modules, Iterable):
         targets = list(target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -90,7 +101,7 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     """
     targets = _resolve_targets(model, target_modules)
     all_linear = targets == "all-linear"
-    skip = _output_embedding_names(model) if all_linear else set()
+    skip = _output_embedding_names(model) | {classifier_head_name(model)} if all_linear else set()
     wrapped_inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)
                      for c, _ in m.named_modules() if c}
     found, candidates = [], []
@@ -148,6 +159,7 @@ def apply_lora(
     """
     _check_hparams(rank, alpha, dropout)
     names = find_target_modules(model, target_modules)
+    new = {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
@@ -161,7 +173,10 @@ def apply_lora(
             continue
         wrapped = LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                  backend=backend)
-        _set_submodule(model, name, wrapped.train(module.training))  # an eval model stays in eval (no dropout)
+        new[name] = wrapped.train(module.training)  # an eval model stays in eval (no dropout)
+    _warn_tied(model, new)
+    for name, wrapped in new.items():
+        _set_submodule(model, name, wrapped)
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora.lora_" in f".{pname}")
     model.lora_fast_config = {
@@ -170,6 +185,19 @@ def apply_lora(
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
     }
     return model
+
+
+def _warn_tied(model: nn.Module, new: dict) -> None:
+    """Warn when a targeted base weight is shared (tied embeddings): merging would change the other user too."""
+    names_of: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
+    for name, wrapped in new.items():
+        tied = [n for n in names_of.get(id(wrapped.linear.weight), []) if n != f"{name}.weight"]
+        if tied:
+            warnings.warn(f"apply_lora: {name}.weight is tied to {tied}; merging this adapter (merge_lora, "
+                          "merge_and_unload) changes those too. Untie the weights first to keep them apart.",
+                          stacklevel=3)
 
 
 def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, target_modules=None,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_fast.functional import lora_linear
+from lora_fast.functional import BACKENDS, lora_linear
 from lora_fast.reference import lora_delta_weight, lora_scaling
 
 try:  # transformers is a dependency, but keep the layer importable without it
@@ -36,6 +36,20 @@ def _check_hparams(rank, alpha, dropout) -> None:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+_FLOAT_BASE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_base(base: nn.Module) -> None:
+    """Refuse bases a LoRA wrapper cannot compute with: quantised/integer weights, meta or offloaded weights."""
+    w = base.weight
+    if w.dtype not in _FLOAT_BASE_DTYPES:
+        raise TypeError(f"LinearWithLoRA needs a floating-point base weight (fp32/fp16/bf16/fp64), got {w.dtype} "
+                        f"in {type(base).__name__}: quantised bases are not supported")
+    if w.device.type == "meta" or hasattr(base, "_hf_hook"):
+        raise ValueError(f"LinearWithLoRA cannot wrap a {type(base).__name__} whose weight is offloaded or on the "
+                         "meta device (accelerate device_map/cpu_offload): load the model onto a real device first")
 
 
 def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,6 +161,9 @@ class LinearWithLoRA(nn.Module):
         if not isinstance(base, LORA_BASE_TYPES):
             raise TypeError(f"LinearWithLoRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         _check_hparams(rank, alpha, dropout)
+        _check_base(base)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be None or one of {BACKENDS}, got {self.backend!r}")
 
         self.linear = base
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as (in, out)

@@ -401,3 +401,23 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
 
 def test_lazy_exports():
     assert lora_fast.save_adapter is save_adapter and lora_fast.load_adapter is load_adapter
+
+
+def test_seq_cls_adapter_always_carries_its_head_for_peft(tmp_path):
+    """PEFT always saves a SEQ_CLS head (modules_to_save) and expects it when loading: so does save_adapter,
+    even when the user left the head frozen."""
+    torch.manual_seed(0)
+    model = _gpt2("GPT2ForSequenceClassification")
+    apply_lora(model, ["c_attn"], rank=2)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_()
+    assert not model.score.weight.requires_grad
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    torch.manual_seed(0)
+    fresh = _gpt2("GPT2ForSequenceClassification")  # the same base weights ...
+    torch.nn.init.normal_(fresh.score.weight)  # ... but another head: the loaded one must come from the file
+    theirs = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    ids = torch.randint(1, VOCAB, (2, 7))
+    assert_rel_close(theirs(ids).logits, model(ids).logits, TOL, "SEQ_CLS logits")

@@ -178,3 +178,37 @@ def test_llama_linear_default_targets():
     assert all(not m.fan_in_fan_out for m in lora_layers(model).values())
     plain = merge_and_unload(model)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_all_linear_leaves_out_classification_heads_as_peft():
+    from transformers import BertConfig, BertForSequenceClassification, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    gpt = GPT2ForSequenceClassification(GPT2Config(**TINY, num_labels=3, pad_token_id=0))
+    names = find_target_modules(gpt, "ALL-LINEAR")  # the shorthand is case-insensitive, as in PEFT
+    assert "score" not in names and len(names) == 8
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=48, vocab_size=101, num_labels=2))
+    ours = set(find_target_modules(bert, "all-linear"))
+    theirs = peft.get_peft_model(bert, peft.LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert "classifier" not in ours and ours == peft_names
+
+
+def test_unsupported_bases_are_refused_before_the_model_changes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(model[1].weight.detach().to(torch.int8), requires_grad=False)  # quantised-like
+    with pytest.raises(TypeError, match="int8"):
+        apply_lora(model, target_modules=["0", "1"])
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], LinearWithLoRA)  # untouched
+    with pytest.raises(ValueError, match="meta"):
+        LinearWithLoRA(nn.Linear(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="backend"):
+        apply_lora(tiny_gpt2(), rank=2, backend="trtion")
+
+
+def test_tied_output_embedding_warns():
+    model = tiny_gpt2()
+    with pytest.warns(UserWarning, match="tied to"):
+        apply_lora(model, ["lm_head"], rank=2)
