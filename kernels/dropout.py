@@ -42,9 +42,16 @@ def kernels_interpreted(fn) -> bool:
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision for fp32 operands: IEEE unless torch itself allows TF32 for matmuls (a drop-in must
     give the numbers ``F.linear`` gives). fp16/bf16 dots are unaffected by this flag."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype != torch.float32:
+        return "tf32"  # ignored for fp16/bf16 operands
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9 prefers fp32_precision; reading the legacy flag after it was set raises
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is not None and precision != "none":
+            return "tf32" if precision == "tf32" else "ieee"
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:
+        return "tf32" if getattr(matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
 
 
 def bucket_m(m: int) -> int:
@@ -156,3 +163,28 @@ def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, 
         _dropout_mask_kernel[grid](seed_t, out, rows, cols, out.stride(0), out.stride(1), float(p),
                                    BLOCK_M=block_m, BLOCK_K=block_k)
     return out.view(torch.bool)
+
+
+# Shared-memory budget for autotune pruning. On a GPU: the device's own per-block limit (H100 ~227 KiB, A100 ~163,
+# consumer Ampere/Ada ~99); elsewhere 96 KiB, which every recent NVIDIA GPU allows. Estimate per config:
+# (num_stages − 1) × (A-tile + B-tile + rank tile) × element size — the buffers the software pipeline keeps in flight.
+SMEM_BUDGET = 96 * 1024
+
+
+def smem_budget(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (``SMEM_BUDGET`` when it cannot be queried)."""
+    if device.type != "cuda":
+        return SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BUDGET)
+
+
+def smem_estimate(num_stages: int, tiles: tuple[int, ...], elem_bytes: int) -> int:
+    """Bytes of shared memory a pipelined tile loop needs: (stages − 1) × Σ tile elements × element size."""
+    return max(num_stages - 1, 1) * sum(tiles) * elem_bytes
+
+
+def prune_by_smem(configs, estimate, budget: int = SMEM_BUDGET) -> list:
+    """Keep the configs whose estimated shared memory fits ``budget`` (the smallest one if none does)."""
+    kept = [c for c in configs if estimate(c) <= budget]
+    return kept or [min(configs, key=estimate)]

@@ -28,7 +28,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lora_fast.kernels.dropout import block_r, bucket_m, input_precision, interpreting, keep_mask
+from lora_fast.kernels.dropout import (
+    block_r,
+    bucket_m,
+    input_precision,
+    interpreting,
+    keep_mask,
+    prune_by_smem,
+    smem_budget,
+    smem_estimate,
+)
 
 
 @triton.jit
@@ -48,7 +57,7 @@ def _lora_bwd_dx_kernel(
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # int64: k·stride may exceed 2**31
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, k_mask, r_mask = offs_m < M, offs_k < K, offs_r < R
     dtype = dy_ptr.dtype.element_ty
@@ -56,7 +65,7 @@ def _lora_bwd_dx_kernel(
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)  # g·W₀
     gb_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)  # g·B
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_mask = offs_n < N
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BM, BN)
@@ -99,7 +108,7 @@ def _lora_bwd_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_q, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     q_mask, r_mask = offs_q < Q, offs_r < R
     if HAS_DROPOUT:
@@ -129,9 +138,21 @@ WGRAD_BLOCK_M, WGRAD_BLOCK_Q = 64, 64
 
 def get_dx_configs() -> list[triton.Config]:
     """GPU autotune space for the dx kernel. Unverified on a GPU in the building session."""
-    shapes = [(128, 32, 128, 8, 3), (64, 32, 128, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+    shapes = [(128, 32, 128, 8, 3), (64, 32, 128, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+              (32, 32, 64, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
+
+
+def prune_dx_configs(configs, named_args, **kwargs):
+    """Keep the configs whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit the shared-memory budget."""
+    r_pad, elem = block_r(named_args["R"]), named_args["dy_ptr"].element_size()
+
+    def estimate(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return smem_estimate(c.num_stages, (bm * bn, bn * bk, bn * r_pad), elem)
+
+    return prune_by_smem(configs, estimate, smem_budget(named_args["dy_ptr"].device))
 
 
 _dx_tuned = None
@@ -142,8 +163,8 @@ def _dx_kernel():
     if interpreting():
         return _lora_bwd_dx_kernel, INTERPRET_DX_CONFIG
     if _dx_tuned is None:
-        _dx_tuned = triton.autotune(get_dx_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX"])(
-            _lora_bwd_dx_kernel)
+        _dx_tuned = triton.autotune(get_dx_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX"],
+                                    prune_configs_by={"early_config_prune": prune_dx_configs})(_lora_bwd_dx_kernel)
     return _dx_tuned, {}
 
 

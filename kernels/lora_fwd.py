@@ -27,7 +27,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lora_fast.kernels.dropout import MAX_RANK, block_r, bucket_m, input_precision, interpreting, keep_mask
+from lora_fast.kernels.dropout import (
+    MAX_RANK,
+    block_r,
+    bucket_m,
+    input_precision,
+    interpreting,
+    keep_mask,
+    prune_by_smem,
+    smem_budget,
+    smem_estimate,
+)
 
 
 @triton.jit
@@ -56,7 +66,7 @@ def _lora_fwd_kernel(
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2**31
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # × stride_wn: N·K may exceed 2**31 too
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
     dtype = x_ptr.dtype.element_ty
@@ -66,7 +76,7 @@ def _lora_fwd_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # x·W₀ᵀ
     xa_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)  # (keep ⊙ x)·Aᵀ
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # strided views: k·stride may exceed 2**31
         k_mask = offs_k < K
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
@@ -101,7 +111,8 @@ INTERPRET_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 
 
 def get_fwd_configs() -> list[triton.Config]:
     """A small GPU autotune space (tutorial-03-sized tiles). Unverified on a GPU in the building session."""
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4),
+              (32, 64, 32, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
@@ -109,10 +120,17 @@ def get_fwd_configs() -> list[triton.Config]:
 
 
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop the 128×128 tile for ranks > 64: with a 128-wide rank tile it spills registers."""
+    """Drop the 128×128 tile for ranks > 64 (with a 128-wide rank tile it spills registers), then every config whose
+    pipelined tiles — x (BM, BK), W₀ (BK, BN), A (BK, R) — exceed the shared-memory budget (fp32 at large rank)."""
     big_rank = named_args["R"] > 64
-    kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
-    return kept or configs[-1:]
+    kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)] or configs
+    r_pad, elem = block_r(named_args["R"]), named_args["x_ptr"].element_size()
+
+    def estimate(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return smem_estimate(c.num_stages, (bm * bk, bk * bn, bk * r_pad), elem)
+
+    return prune_by_smem(kept, estimate, smem_budget(named_args["x_ptr"].device))
 
 
 _fwd_tuned = None

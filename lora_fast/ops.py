@@ -195,7 +195,7 @@ def _lora_linear_backward(
 @_lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)  # contiguous, as the real impls
 
 
 def _setup_context(ctx, inputs, output):

@@ -39,7 +39,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def unsupported_reason(
-    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
 ) -> str | None:
     """Why the fused kernels cannot run this case (a sentence), or None when they can.
 
@@ -54,15 +55,20 @@ def unsupported_reason(
             return "TRITON_INTERPRET=1 was set after lora_fast.kernels was imported (set it before)"
     elif dev.type != "cuda":
         return f"the Triton kernels run on CUDA tensors, got a {dev.type} tensor"
-    if weight.device != dev or lora_A.device != dev:
-        return f"x ({dev}), weight ({weight.device}) and lora_A ({lora_A.device}) are on different devices"
+    others = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
+    off = {k: t.device for k, t in others.items() if t is not None and t.device != dev}
+    if off:
+        return f"x is on {dev} but {', '.join(f'{k} on {d}' for k, d in off.items())}"
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
+        return f"x ({x.dtype}) and weight ({weight.dtype}) must be fp32, fp16 or bf16"
     dtype = _compute_dtype(x)
     if dtype not in SUPPORTED_DTYPES:
         return f"compute dtype {dtype} is not one of {SUPPORTED_DTYPES}"
     if not torch.is_autocast_enabled(dev.type) and weight.dtype != x.dtype:
         return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
-    if not lora_A.dtype.is_floating_point or lora_A.dtype == torch.float64:
-        return f"lora_A dtype {lora_A.dtype} is not supported (fp32/fp16/bf16)"
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} is not supported (fp32/fp16/bf16)"
     if dtype == torch.bfloat16 and dev.type == "cpu":
         return "bf16 is not supported under TRITON_INTERPRET (the interpreter's bf16 tl.dot is wrong); use a GPU"
     if lora_A.shape[0] > _drop.MAX_RANK:
@@ -86,6 +92,7 @@ class LoRALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are not differentiable: no double backward
     def backward(ctx, dy):
         x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
         needs_dx, needs_dA, needs_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -120,7 +127,7 @@ def lora_linear_triton(
             checkpoint recomputation reproduce the mask). The mask is ``dropout_mask(seed, M, K, p, device)``.
         training: whether dropout is active. fan_in_fan_out: Conv1D weight layout.
     """
-    reason = unsupported_reason(x, weight, lora_A, bias)
+    reason = unsupported_reason(x, weight, lora_A, bias, lora_B)
     if reason is not None:
         raise RuntimeError(f"the Triton LoRA path cannot run this case: {reason}")
     p = float(dropout_p) if training else 0.0

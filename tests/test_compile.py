@@ -157,6 +157,15 @@ def test_op_autocast_bf16():
     assert_rel_close(db, db_ref, 1e-2, "dB")
 
 
+def test_opcheck_noncontiguous_adapters():
+    """The fake backward must promise the strides the real one returns (contiguous dA, dB)."""
+    x, w, b, _, _ = _inputs(6, 8, 5, 3, False)
+    a = torch.randn(8, 3).t().requires_grad_()  # (r, K) view with transposed strides
+    bb = torch.randn(3, 5).t().requires_grad_()
+    torch.library.opcheck(torch.ops.lora_fast.lora_linear.default,
+                          (x, w, b, a, bb, 0.5, 0.2, torch.tensor([7]), False, "reference"))
+
+
 def test_op_errors():
     x, w, b, a, bb = _inputs(4, 8, 6, 2, False)
     with pytest.raises(ValueError, match="seed"):

@@ -238,3 +238,26 @@ def test_uniform_is_bit_identical_to_tl_rand():
             ref, ours = torch.empty(512, device=DEVICE), torch.empty(512, device=DEVICE)
             _both[(1,)](seed_tensor(seed, DEVICE), ref, ours, base, BLOCK=512)
             assert torch.equal(ref, ours), (seed, base)
+
+
+@pytest.mark.parametrize("dtype, r", [(torch.float32, 128), (torch.float32, 16), (torch.float16, 128)])
+def test_autotune_pruning_respects_the_shared_memory_budget(dtype, r):
+    """GPU configs are pruned against the shared-memory budget (checked here on the config lists themselves; the
+    configs are compiled only on a GPU). fp32 at rank 128 keeps only tiles every recent GPU can run."""
+    from lora_fast.kernels.dropout import SMEM_BUDGET, block_r, smem_estimate
+    from lora_fast.kernels.lora_bwd import get_dx_configs, prune_dx_configs
+    from lora_fast.kernels.lora_fwd import get_fwd_configs, prune_fwd_configs
+
+    t = torch.empty(1, dtype=dtype)
+    e, rp = t.element_size(), block_r(r)
+    fwd = prune_fwd_configs(get_fwd_configs(), {"R": r, "x_ptr": t})
+    dx = prune_dx_configs(get_dx_configs(), {"R": r, "dy_ptr": t})
+    assert fwd and dx
+    for c in fwd:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert smem_estimate(c.num_stages, (bm * bk, bk * bn, bk * rp), e) <= SMEM_BUDGET
+    for c in dx:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert smem_estimate(c.num_stages, (bm * bn, bn * bk, bn * rp), e) <= SMEM_BUDGET
+    if dtype == torch.float32 and r == 128:  # the case the budget is for: some configs go, a small one stays
+        assert len(fwd) < len(get_fwd_configs()) and len(dx) < len(get_dx_configs())

@@ -276,3 +276,49 @@ def test_gpt2_20_steps_triton_matches_reference():
     t, rf = torch.tensor(losses["triton"]), torch.tensor(losses["reference"])
     assert t[-1] < t[0] - 0.1, "training did not move the loss: the comparison would be vacuous"
     assert torch.allclose(t, rf, rtol=1e-4, atol=0), f"triton {t.tolist()}\nreference {rf.tolist()}"
+
+
+def test_no_silent_double_backward():
+    """The kernels are not differentiable: create_graph through the Triton path is an error, never a gradient
+    silently missing its second-order term."""
+    w, b, a, bb = _params(16, 12, 2)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    y = lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    # a gradient penalty: without the guard, gx would silently carry no second-order term and this would "work"
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (y.sum() + gx.pow(2).sum()).backward()
+
+
+def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
+    w, b, a, bb = _params(16, 12, 2)
+    x = torch.randn(5, 16, device=DEVICE)
+    w8 = w.to(torch.int8)
+    x64, w64 = x.double(), w.double()
+    with pytest.raises(RuntimeError, match="fp32, fp16 or bf16"):
+        lora_linear(x64, w64, None, a, bb, 1.0, backend="triton")
+    y = lora_linear(x64, w64, None, a, bb, 1.0, backend="auto")  # the reference takes fp64
+    assert y.dtype == torch.float64
+    with torch.autocast(DEVICE, dtype=torch.float16), pytest.raises(RuntimeError, match="int8"):
+        lora_linear(x, w8, None, a, bb, 1.0, backend="triton")  # integer codes are never used as values
+    with pytest.raises(RuntimeError, match="lora_B dtype"):
+        lora_linear(x, w, None, a, bb.detach().to(torch.int32), 1.0, backend="triton")
+
+
+def test_fp32_precision_api_is_honoured():
+    """torch's newer fp32_precision API must not break the path (reading the legacy flag after it raises)."""
+    from lora_fast.kernels.dropout import input_precision
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API (torch < 2.9); nothing to check here")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert input_precision(torch.float32) == "tf32"
+        w, b, a, bb = _params(16, 12, 2)
+        assert lora_linear(torch.randn(3, 16, device=DEVICE), w, b, a, bb, 1.0, backend="triton").shape == (3, 12)
+        matmul.fp32_precision = "ieee"
+        assert input_precision(torch.float32) == "ieee"
+    finally:
+        matmul.fp32_precision = before
