@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lora_fast.train_args import ConfigError
-from lora_fast.train_model import load_base_model, log_stderr
+from lora_fast.train_model import load_base_model, log_stderr, set_special_tokens
 
 USAGE = """usage: lora-fast {train,sweep,merge} ...
 
@@ -26,7 +26,48 @@ USAGE = """usage: lora-fast {train,sweep,merge} ...
 """
 
 
-def merge(adapter: str, output: str, model: str | None = None, overwrite: bool = False, log=log_stderr) -> Path:
+HEAD_KEYS = ("{m}.weight", "{m}.out_proj.weight")  # a saved head's output layer: GPT-2/BERT score or classifier,
+# RoBERTa-style classifier.out_proj; its first dimension is num_labels
+
+
+def _saved_num_labels(adir: Path, cfg: dict) -> int | None:
+    """num_labels of a SEQ_CLS adapter from the shape of the head it saved (``modules_to_save``), or None."""
+    st = adir / "adapter_model.safetensors"
+    if not st.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(st, "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception:  # noqa: BLE001  (a corrupt file: load_adapter reports it below)
+        return None
+    found = {shapes[k][0] for m in cfg.get("modules_to_save") or [] for pattern in HEAD_KEYS
+             if len(shapes.get(k := "base_model.model." + pattern.format(m=m), ())) == 2}
+    return found.pop() if len(found) == 1 else None
+
+
+def _num_labels(adir: Path, cfg: dict, args: dict, num_labels: int | None) -> list[str]:
+    """Label names of a classification adapter: training_args.json's, else ``num_labels`` (--num_labels, or the
+    saved head's shape) names "0", "1", ...; a disagreement between these sources is an error."""
+    saved = _saved_num_labels(adir, cfg)
+    names = args.get("label_names")
+    for n, source in ((num_labels, "--num_labels"), (len(names) if names else None, "training_args.json")):
+        if n is not None and saved is not None and n != saved:
+            raise ConfigError(f"{source} gives {n} labels but the classification head saved in {adir} has {saved}")
+    if names:
+        if num_labels is not None and num_labels != len(names):
+            raise ConfigError(f"--num_labels {num_labels} but training_args.json names {len(names)} labels")
+        return list(names)
+    n = num_labels or saved
+    if n is None:
+        raise ConfigError(f"cannot tell the number of labels of the classification adapter {adir} (no "
+                          "training_args.json, no saved head); pass --num_labels")
+    return [str(i) for i in range(n)]
+
+
+def merge(adapter: str, output: str, model: str | None = None, overwrite: bool = False, log=log_stderr,
+          num_labels: int | None = None) -> Path:
     """Load base + adapter, merge ΔW into the base weights, save a plain transformers model (and tokenizer).
 
     Args:
@@ -34,6 +75,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         output: directory for ``save_pretrained`` (refused when non-empty unless ``overwrite``).
         model: the base model; default: the adapter's ``base_model_name_or_path`` (``gpt2-random`` is rebuilt from
             the training seed recorded in ``training_args.json``).
+        overwrite: replace a non-empty ``output``. Never allowed when ``output`` is the adapter directory, inside
+            it, or contains it (the adapter would be deleted).
+        num_labels: classes of a SEQ_CLS adapter without ``training_args.json`` (default: the saved head's rows).
 
     Returns:
         The output directory.
@@ -54,9 +98,17 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     base = model or cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{cfg_path} names no base model; pass --model")
+    a_res, o_res = adir.resolve(), Path(output).expanduser().resolve()
+    if o_res == a_res or a_res in o_res.parents or o_res in a_res.parents:
+        raise ConfigError(f"--output {output!r} and --adapter {adapter!r} overlap (the same directory, or one inside "
+                          "the other): writing the merged model there would delete the adapter; choose another "
+                          "--output")
     out = check_output_dir(output, overwrite)
     task = "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal-lm"
-    labels = args.get("label_names") or ["0", "1"]
+    if num_labels is not None and task != "classification":
+        raise ConfigError(f"--num_labels is for classification (SEQ_CLS) adapters; {adapter!r} is "
+                          f"{cfg.get('task_type') or 'CAUSAL_LM'}")
+    labels = _num_labels(adir, cfg, args, num_labels) if task == "classification" else ["0", "1"]
     base_model, _ = load_base_model(base, task, len(labels), int(args.get("seed", 0)), log=log)
     tokenizer = None
     if (adir / "tokenizer_config.json").is_file():
@@ -64,13 +116,12 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
 
         tokenizer = AutoTokenizer.from_pretrained(adir)
         if args.get("tokenizer_trained"):  # as training set them (lora_fast.train.prepare)
-            for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-                setattr(base_model.config, key, tokenizer.eos_token_id)
+            set_special_tokens(base_model, tokenizer.eos_token_id)  # config and generation_config
     if task == "classification":
         base_model.config.id2label = dict(enumerate(labels))
         base_model.config.label2id = {n: i for i, n in enumerate(labels)}
         if tokenizer is not None:
-            base_model.config.pad_token_id = tokenizer.pad_token_id
+            set_special_tokens(base_model, tokenizer.pad_token_id, ("pad_token_id",))
     try:
         load_adapter(base_model, adir)
     except (ValueError, FileNotFoundError) as e:
@@ -93,9 +144,13 @@ def _merge_main(argv) -> int:
     p.add_argument("--output", required=True, help="directory for the merged model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--num_labels", type=int, help="classes of a classification adapter without training_args.json "
+                   "(default: read from the saved head)")
     a = p.parse_args(argv)
     try:
-        out = merge(a.adapter, a.output, a.model, a.overwrite)
+        if a.num_labels is not None and a.num_labels < 2:
+            raise ConfigError(f"--num_labels must be at least 2, got {a.num_labels}")
+        out = merge(a.adapter, a.output, a.model, a.overwrite, num_labels=a.num_labels)
     except ConfigError as e:
         print(f"lora-fast merge: error: {e}", file=sys.stderr)
         return 2

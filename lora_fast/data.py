@@ -6,10 +6,14 @@ prose that ships with every CPython, so the first run needs no download. Its dis
 document is in both. Other files are split the same way (one document only: cut at a word boundary).
 
 ``--dataset`` may also be a plain-text file (documents = blank-line separated paragraphs), JSON lines (one object
-per line, the ``text`` field), CSV/TSV (the ``text``/``Text`` column), or a ``datasets`` hub name (its ``train``
-split, and its ``validation``/``test`` split when there is one). Classification reads CSV files with ``Label`` and
-``Text`` columns: a directory holding ``train.csv``, ``validation.csv`` and optionally ``test.csv`` (the layout of
-the SMS-spam tutorial), or one CSV split 70/10/20 as that tutorial does.
+per line, the ``text`` field, a string; a ``.json`` file may also hold one array of such objects), CSV/TSV (the
+``text``/``Text`` column), or a ``datasets`` hub name (its ``train`` split, and its ``validation``/``test`` split
+when there is one). Files must be UTF-8 (a byte-order mark is accepted); a file with another extension is read as
+plain text when it is UTF-8 text, and refused when it is binary (``data.parquet``). Classification reads CSV files
+with ``Label`` and ``Text`` columns: a directory holding ``train.csv``, ``validation.csv`` and optionally
+``test.csv`` (the layout of the SMS-spam tutorial), or one CSV split (1 - val_fraction - 0.2) / val_fraction / 0.2
+— the tutorial's 70/10/20 at the default ``--val_fraction 0.1``. Every row needs a non-empty text and label; the
+label set is the training split's (a label seen only in validation/test is an error, not a new class).
 
 Tokenizer fallback: a byte-level BPE (GPT-2's scheme: bytes as the base alphabet, so no text is unknown) trained on
 the training split with ``tokenizers``; its vocabulary size is the model's ``vocab_size`` at most (a small corpus
@@ -55,33 +59,78 @@ def _pick_column(fields, text_column: str | None, where: str, wanted=("text", "T
     raise ConfigError(f"{where}: no {' or '.join(repr(n) for n in names)} column/field (found {sorted(fields)[:10]})")
 
 
-def _read_csv(path: Path) -> list[dict]:
+SUPPORTED = ".txt/.md/.rst (plain text), .jsonl/.json/.ndjson (JSON lines), .csv/.tsv"
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a leading byte-order mark dropped); ``ConfigError`` for binary or other
+    encodings, naming the supported formats, instead of a ``UnicodeDecodeError`` traceback."""
+    data = path.read_bytes()
+    known = path.suffix.lower() in TEXT_EXTS | JSON_EXTS | CSV_EXTS
+    try:
+        if b"\x00" in data:  # valid UTF-8 can hold NUL bytes, text files do not: a binary file
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        what = f"is not UTF-8 text (byte {e.start})" if known else \
+            f"is binary, not text ({path.suffix or 'no extension'} is not a supported format)"
+        raise ConfigError(f"{path} {what}; supported: {SUPPORTED}, UTF-8 encoded") from None
+
+
+def read_csv(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every data row of a CSV/TSV file (the header is line 1)."""
+    import io
+
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter=delim))
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delim)
+    out, line = [], 1
+    for row in reader:
+        out.append((line + 1, row))  # a row's first line (quoted fields may span several)
+        line = reader.line_num
+    return out
+
+
+def _json_docs(path: Path, text_column: str | None) -> list[str]:
+    text = read_utf8(path)
+    if text.lstrip().startswith("["):  # one JSON array of objects (what json.dump of a list writes)
+        try:
+            objs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected JSON lines (one "
+                              "object per line) or one array of objects") from None
+        items = [(f"{path} item {i}", o) for i, o in enumerate(objs, 1)]
+    else:
+        items = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"{path} line {i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {i} is not valid JSON ({e.msg}); expected JSON lines: one complete "
+                                  "object per line (not pretty-printed)") from None
+    docs = []
+    for where, obj in items:
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{where} is not a JSON object")
+        col = _pick_column(obj, text_column, where)
+        if not isinstance(obj[col], str):
+            raise ConfigError(f"{where}: field {col!r} is {json.dumps(obj[col])[:40]}, expected a string")
+        docs.append(obj[col])
+    return docs
 
 
 def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
     """Documents of one local file (see the module docstring for the formats)."""
     ext = path.suffix.lower()
     if ext in JSON_EXTS:
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{path}: line {i} is not a JSON object")
-            docs.append(str(obj[_pick_column(obj, text_column, f"{path} line {i}")]))
+        docs = _json_docs(path, text_column)
     elif ext in CSV_EXTS:
-        rows = _read_csv(path)
+        rows = [r for _, r in read_csv(path)]
         col = _pick_column(rows[0].keys(), text_column, str(path)) if rows else None
         docs = [r[col] or "" for r in rows]
     else:
-        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        docs = re.split(r"\n\s*\n", read_utf8(path))
     return [d.strip() for d in docs if d and d.strip()]
 
 
@@ -187,17 +236,39 @@ def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------- classification
-def _label_ids(rows_by_split: dict, label_col: str) -> list[str]:
-    labels = sorted({r[label_col].strip() for rows in rows_by_split.values() for r in rows})
-    numeric = all(re.fullmatch(r"-?\d+", v) for v in labels)
-    return sorted(labels, key=int) if numeric else labels
+def _sort_labels(labels) -> list[str]:
+    labels = sorted(labels)
+    return sorted(labels, key=int) if all(re.fullmatch(r"-?\d+", v) for v in labels) else labels
 
 
-def load_classification(dataset: str | None, text_column: str | None = None, seed: int = 42):
+def _check_rows(rows, name: str, label_col: str, text_col: str) -> None:
+    """Every row of one CSV file has a non-empty text and label; the error names the file and line."""
+    for line, r in rows:
+        if label_col not in r or text_col not in r:
+            raise ConfigError(f"{name} lacks the {label_col!r}/{text_col!r} columns (found {sorted(r)[:10]})")
+        for col in (label_col, text_col):
+            if r[col] is None or not r[col].strip():
+                raise ConfigError(f"{name} line {line}: {'missing' if r[col] is None else 'empty'} {col!r}; every "
+                                  "row needs a label and a non-empty text")
+
+
+def load_classification(dataset: str | None, text_column: str | None = None, seed: int = 42,
+                        val_fraction: float = 0.1):
     """CSV splits for sequence classification.
+
+    Args:
+        dataset: a directory with train.csv, validation.csv (or val.csv) and optionally test.csv; or one CSV file,
+            split (1 - val_fraction - 0.2) / val_fraction / 0.2 after a seeded shuffle (test share fixed at 20 %).
+        text_column: the text column (default ``text`` or ``Text``); the label column is ``Label`` or ``label``.
+        seed: seed of the shuffle of a single file.
+        val_fraction: validation share of a single file.
 
     Returns:
         ({split: (texts, label_ids)} for train, validation and (when present) test, label names in id order).
+
+    Raises:
+        ConfigError: a missing file or split, a row without text or label (file and line named), fewer than two
+        labels in train, or labels in validation/test that the training split lacks.
     """
     if dataset is None:
         raise ConfigError("--task classification needs --dataset: a directory with train.csv/validation.csv[/test.csv]"
@@ -210,34 +281,52 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         for split in ("train", "validation"):
             if not files[split].is_file():
                 raise ConfigError(f"classification dataset directory {dataset!r} has no {files[split].name}")
-        rows = {s: _read_csv(f) for s, f in files.items() if f.is_file()}
+        files = {s: f for s, f in files.items() if f.is_file()}
+        checks = {f"{f} ({s} split)": read_csv(f) for s, f in files.items()}
+        rows = dict(zip(files, checks.values(), strict=True))
     elif path.is_file():
-        all_rows = _read_csv(path)
-        random.Random(seed).shuffle(all_rows)
-        n_train, n_val = int(0.7 * len(all_rows)), int(0.1 * len(all_rows))  # the tutorial's 70/10/20 split
-        rows = {"train": all_rows[:n_train], "validation": all_rows[n_train:n_train + n_val],
-                "test": all_rows[n_train + n_val:]}
+        if not 0.0 < val_fraction < 0.8:
+            raise ConfigError(f"val_fraction={val_fraction} leaves no training rows in the single classification "
+                              f"file {dataset!r} (test takes 20 %): use a value in (0, 0.8)")
+        all_rows = read_csv(path)
+        checks = {str(path): all_rows}
+        shuffled = list(all_rows)
+        random.Random(seed).shuffle(shuffled)
+        n_val = int(val_fraction * len(all_rows))
+        n_train = int(round(0.8 - val_fraction, 12) * len(all_rows))  # round: 0.8 - 0.1 is 0.7000000000000001
+        rows = {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
+                "test": shuffled[n_train + n_val:]}
     else:
         raise ConfigError(f"dataset {dataset!r} does not exist")
-    for split, rs in rows.items():
+    for name, rs in checks.items():
         if not rs:
-            raise ConfigError(f"classification dataset {dataset!r}: the {split} split is empty")
-    first = rows["train"][0].keys()
+            raise ConfigError(f"classification dataset {name} has no rows")
+    first = next(iter(checks.values()))[0][1].keys()
     label_col = _pick_column(first, None, f"{dataset} (train)", wanted=("Label", "label"))
     text_col = _pick_column(first, text_column, f"{dataset} (train)")
+    for name, rs in checks.items():
+        _check_rows(rs, name, label_col, text_col)
     for split, rs in rows.items():
-        if label_col not in rs[0] or text_col not in rs[0]:
-            raise ConfigError(f"{dataset}: the {split} split lacks the {label_col!r}/{text_col!r} columns")
-    names = _label_ids(rows, label_col)
+        if not rs:
+            raise ConfigError(f"classification dataset {dataset!r}: the {split} split is empty (val_fraction="
+                              f"{val_fraction}, test 20 % of {len(all_rows)} rows)")
+    names = _sort_labels({r[label_col].strip() for _, r in rows["train"]})
     if len(names) < 2:
-        raise ConfigError(f"classification dataset {dataset!r} has a single label {names}; need at least two")
+        raise ConfigError(f"classification dataset {dataset!r} has a single label {names} in its train split; "
+                          "need at least two")
     index = {n: i for i, n in enumerate(names)}
-    out = {s: ([r[text_col] or "" for r in rs], [index[r[label_col].strip()] for r in rs]) for s, rs in rows.items()}
+    for split, rs in rows.items():
+        unseen = _sort_labels({r[label_col].strip() for _, r in rs} - set(index))
+        if unseen:
+            raise ConfigError(f"classification dataset {dataset!r}: label(s) {unseen[:10]} of the {split} split do "
+                              f"not occur in the train split (labels: {names[:10]})")
+    out = {s: ([r[text_col] for _, r in rs], [index[r[label_col].strip()] for _, r in rs]) for s, rs in rows.items()}
     return out, names
 
 
 class ClassificationCollator:
-    """Tokenise, truncate to ``max_length`` and right-pad a batch of (text, label) pairs."""
+    """Tokenise, truncate to ``max_length`` and right-pad a batch of (text, label) pairs (a module-level class:
+    DataLoader workers on spawn platforms pickle it)."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -248,3 +337,10 @@ class ClassificationCollator:
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (B, T)
                 "labels": torch.tensor(labels, dtype=torch.long)}  # (B,)
+
+
+def lm_collate(items) -> dict:
+    """Batch of ``TensorDataset`` items (one (T,) block each) → ``{"input_ids", "labels"}`` (B, T); the model
+    shifts the labels itself. Module-level, hence picklable for DataLoader workers."""
+    ids = torch.stack([x[0] for x in items])  # (B, T)
+    return {"input_ids": ids, "labels": ids}

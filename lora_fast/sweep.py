@@ -6,8 +6,13 @@ Default grid ``one-at-a-time`` (as the tutorials vary one knob with the others a
 prepared once and every run starts from a fresh copy of the base model, so runs differ only in the LoRA setting.
 
 Outputs in ``--output_dir`` (default ``outputs/lora-sweep``, written all at once like ``train``): one directory
-per run (the full ``train`` outputs), ``sweep_results.md`` and ``sweep_results.csv`` (final eval loss, perplexity,
-trainable parameters, tokens/s, peak memory, wall time) and ``sweep_plot.png``.
+per run (the full ``train`` outputs), ``sweep_results.md`` and ``sweep_results.csv`` (final eval loss and the step it
+was taken at, perplexity, trainable parameters, training tokens/s — step 1 and evaluations left out, see
+``train_tokens_per_sec`` in ``lora_fast.train_io.finish_metrics`` — peak memory, wall time) and ``sweep_plot.png``.
+
+Target modules: ``--target_sets`` lists the sets to compare. Without it, ``--target_modules`` (command line or
+YAML) is the one set every run uses, so the sweep varies rank and alpha on the modules asked for; giving both is
+an error. With neither, the sets are ``c_attn`` and ``all-linear``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import copy
 import csv
 import io
 import itertools
+import math
+import re
 import sys
 
 from lora_fast.train_args import ConfigError, add_train_options, load_yaml, normalize_targets, resolve
 from lora_fast.train_model import log_stderr
 
-COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_perplexity", "trainable_params",
-           "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps")
+COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
+           "trainable_params", "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps")
+DEFAULT_TARGET_SETS = ["c_attn", "all-linear"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p)
     p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"], help="ranks to try")
     p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try")
-    p.add_argument("--target_sets", nargs="+", default=["c_attn", "all-linear"],
-                   help="target-module sets to try; names within a set are comma-separated (c_attn,c_proj)")
+    p.add_argument("--target_sets", nargs="+", default=None,
+                   help="target-module sets to try; names within a set are comma-separated (c_attn,c_proj) "
+                   f"(default: --target_modules as the only set, else {' '.join(DEFAULT_TARGET_SETS)})")
     p.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time")
     return p
 
@@ -44,14 +53,31 @@ def _numbers(values, kind, name):
             x = kind(v)
         except ValueError:
             raise ConfigError(f"--{name}: {v!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if x <= 0:
-            raise ConfigError(f"--{name}: {v!r} must be positive")
+        if not math.isfinite(x) or x <= 0:
+            raise ConfigError(f"--{name}: {v!r} must be a positive finite number")
         out.append(x)
     return out
 
 
+def target_sets(ns, opts) -> list[str]:
+    """The target sets to sweep: ``--target_sets``; else ``--target_modules`` (CLI or YAML) as one set; else the
+    defaults. Both given is an error (one of them would be ignored)."""
+    if ns.target_sets is not None and opts.target_modules is not None:
+        raise ConfigError("give either --target_sets (the sets to compare) or --target_modules (one set for every "
+                          "run), not both")
+    if ns.target_sets is not None:
+        return list(ns.target_sets)
+    if opts.target_modules is None:
+        return list(DEFAULT_TARGET_SETS)
+    t = opts.target_modules
+    if isinstance(t, str) and "," in t:  # a regex with a comma would be split into names by the run loop
+        raise ConfigError(f"target_modules regex {t!r} contains a comma; sweep sets are comma-separated names")
+    return [t if isinstance(t, str) else ",".join(t)]
+
+
 def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[dict]:
-    """Distinct (rank, alpha, targets) settings, baseline first. ``targets`` keeps the user's spelling."""
+    """Distinct (rank, alpha, targets) settings, baseline first. ``targets`` keeps the user's spelling; the run
+    name replaces what a directory name should not hold (a regex's ``\\``, ``*``, ...) by ``_``."""
     if grid == "full":
         combos = list(itertools.product(ranks, alphas, target_sets))
     else:
@@ -62,7 +88,8 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
     for r, a, t in combos:
         if (r, a, t) not in seen:
             seen.add((r, a, t))
-            runs.append({"rank": r, "alpha": a, "targets": t, "run": f"r{r}_a{a:g}_{t.replace(',', '+')}"})
+            name = re.sub(r"[^A-Za-z0-9_.+-]", "_", t.replace(",", "+"))
+            runs.append({"rank": r, "alpha": a, "targets": t, "run": f"r{r}_a{a:g}_{name}"})
     return runs
 
 
@@ -113,8 +140,9 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
             p = m["parameters"]
             rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
                          "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
+                         "final_eval_step": m["final_eval_step"],
                          "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
-                         "trainable_pct": p["percentage"], "tokens_per_sec": m["mean_tokens_per_sec"],
+                         "trainable_pct": p["percentage"], "tokens_per_sec": m["train_tokens_per_sec"],
                          "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
                          "steps": m["steps"]})
             if m["interrupted"]:
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         alphas = _numbers(ns.alphas, float, "alphas")
         if opts.task != "causal-lm":
             raise ConfigError("lora-fast sweep runs --task causal-lm only")
-        runs = plan_runs(ranks, alphas, ns.target_sets, opts.rank, opts.alpha, ns.grid)
+        runs = plan_runs(ranks, alphas, target_sets(ns, opts), opts.rank, opts.alpha, ns.grid)
         rows, interrupted = run_sweep(opts, runs)
     except ConfigError as e:
         print(f"lora-fast sweep: error: {e}", file=sys.stderr)

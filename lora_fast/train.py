@@ -2,8 +2,10 @@
 
 The loop is the one the LoRA tutorials teach, with the pieces a real run needs: AdamW over the LoRA parameters
 only (plus the classification head for ``--task classification``), linear warm-up then linear decay to zero,
-gradient clipping, gradient accumulation, fp16/bf16 autocast (a gradient scaler with fp16), periodic evaluation
-(loss and perplexity, or accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
+gradient clipping, gradient accumulation (a pass whose micro-batches do not divide evenly ends with one step on
+the leftover ones, their mean loss, as the HF Trainer does: ``--epochs N`` is N whole passes), fp16/bf16 autocast
+(a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
+accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
 what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130).
 
 Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``adapter_model.safetensors`` +
@@ -28,7 +30,15 @@ import torch
 
 from lora_fast.train_args import ConfigError, parse_train_args
 from lora_fast.train_io import print_summary
-from lora_fast.train_model import load_base_model, load_tokenizer, log_stderr
+from lora_fast.train_model import (
+    backend_used,
+    evaluate,
+    load_base_model,
+    load_tokenizer,
+    log_stderr,
+    resolve_device,
+    set_special_tokens,
+)
 
 HEAD_NAMES = ("score", "classifier")  # sequence-classification heads of GPT-2 / BERT-style models
 
@@ -46,47 +56,34 @@ class Prepared:
     label_names: list[str] | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
 def prepare(opts, log=log_stderr) -> Prepared:
     """Load data, base model and tokenizer (training one when the model has none). Writes nothing."""
     from lora_fast import data as D
 
     label_names = None
     if opts.task == "classification":
-        splits, label_names = D.load_classification(opts.dataset, opts.text_column, opts.seed)
+        splits, label_names = D.load_classification(opts.dataset, opts.text_column, opts.seed, opts.val_fraction)
         train_texts, source = splits["train"][0], opts.dataset
     else:
         train_texts, val_texts, source = D.load_texts(opts.dataset, opts.text_column, opts.val_fraction, opts.seed)
     model, base_name = load_base_model(opts.model, opts.task, len(label_names or [0, 1]), opts.seed, log=log)
     tokenizer = load_tokenizer(base_name)
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_pos is not None and opts.max_length > n_pos:  # both tasks: longer inputs would index past wpe
+        raise ConfigError(f"max_length={opts.max_length} exceeds the model's {n_pos} positions")
     trained = tokenizer is None
     if trained:
         tokenizer = D.train_bpe_tokenizer(train_texts, model.config.vocab_size)
-        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            setattr(model.config, key, tokenizer.eos_token_id)
+        set_special_tokens(model, tokenizer.eos_token_id, ("eos_token_id", "bos_token_id", "pad_token_id"))
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer of {opts.model!r} has {len(tokenizer)} tokens but the model only "
                           f"{model.get_input_embeddings().num_embeddings} embeddings")
     if opts.task == "classification":
-        model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 pools the last non-padding token
+        set_special_tokens(model, tokenizer.pad_token_id, ("pad_token_id",))  # GPT-2 pools the last non-pad token
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {n: i for i, n in enumerate(label_names)}
         data = splits
     else:
-        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-        if n_pos is not None and opts.max_length > n_pos:
-            raise ConfigError(f"max_length={opts.max_length} exceeds the model's {n_pos} positions")
         data = {"train": D.lm_blocks(tokenizer, train_texts, opts.max_length, "train"),
                 "validation": D.lm_blocks(tokenizer, val_texts, opts.max_length, "validation")}
     return Prepared(model, base_name, tokenizer, trained, data, source, label_names)
@@ -97,7 +94,7 @@ def _loaders(opts, prep: Prepared, ctx):
     one process included), the evaluation ones are in order (``evaluate`` shards them by batch)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lora_fast.data import ClassificationCollator
+    from lora_fast.data import ClassificationCollator, lm_collate
     from lora_fast.distributed import train_sampler
 
     kw = {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
@@ -105,11 +102,13 @@ def _loaders(opts, prep: Prepared, ctx):
         collate = ClassificationCollator(prep.tokenizer, opts.max_length)
         datasets = {s: list(zip(*prep.data[s], strict=True)) for s in prep.data}
     else:
-        to_batch = lambda b: {"input_ids": b[0], "labels": b[0]}  # the model shifts labels itself
-        collate = lambda xs: to_batch(torch.utils.data.default_collate(xs))
+        collate = lm_collate  # module-level callables: workers on spawn platforms (macOS, Windows) pickle them
         datasets = {s: TensorDataset(prep.data[s]) for s in prep.data}
-    mk = lambda split, shuffle: DataLoader(datasets[split], collate_fn=collate, **kw, sampler=train_sampler(
-        datasets[split], ctx, opts.seed) if shuffle else None)
+
+    def mk(split, shuffle):
+        sampler = train_sampler(datasets[split], ctx, opts.seed) if shuffle else None
+        return DataLoader(datasets[split], collate_fn=collate, sampler=sampler, **kw)
+
     loaders = {s: mk(s, s == "train") for s in datasets}
     if opts.task == "classification":
         loaders["train_eval"] = mk("train", False)
@@ -129,68 +128,6 @@ def _inject(opts, model):
         if not heads:
             raise ConfigError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
         getattr(model, heads[0]).requires_grad_(True)
-
-
-def _backend_used(opts, model, device, amp_dtype) -> str:
-    from lora_fast import lora_layers
-    from lora_fast.functional import triton_unsupported_reason
-
-    if opts.backend == "reference":
-        return "reference"
-    layer = next(iter(lora_layers(model).values()))
-    x = torch.zeros(1, layer.in_features, device=device, dtype=layer.linear.weight.dtype)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        reason = triton_unsupported_reason(x, layer.linear.weight, layer.lora.lora_A)
-    if reason is not None and opts.backend == "triton":
-        raise ConfigError(f"--backend triton cannot run here: {reason}")
-    return "reference" if reason else "triton"
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp, max_batches=None, ctx=None) -> dict:
-    """Mean loss (causal LM: perplexity too) and, with class labels, accuracy over ``loader``.
-
-    With several ranks (``ctx``), rank k evaluates batches k, k+W, ... and the sums are all-reduced: the result is
-    the one-process result. Under FSDP every forward is a collective, so ranks with one batch fewer run one more
-    forward on a batch they already saw and discard it (lockstep).
-    """
-    from lora_fast.distributed import DistContext, all_reduce_sum
-
-    ctx = ctx or DistContext()
-    was_training = model.training
-    model.eval()
-    total_loss, n_batches, correct, seen = 0.0, 0, 0, 0
-    n_total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    n_forwards = -(-n_total // ctx.world_size) if ctx.mode == "fsdp" else 0  # ceil: the busiest rank's count
-    done, spare = 0, None
-    for i, batch in enumerate(loader):
-        if i >= n_total:
-            break
-        if i % ctx.world_size != ctx.rank:
-            spare = spare or batch
-            continue
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with amp():
-            out = model(**batch)
-        done += 1
-        total_loss += out.loss.float().item()
-        n_batches += 1
-        if out.logits.dim() == 2:  # (B, n_labels): classification
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-            seen += batch["labels"].numel()
-    while done < n_forwards:  # FSDP lockstep filler, result discarded
-        with amp():
-            model(**{k: v.to(device) for k, v in spare.items()})
-        done += 1
-    total_loss, n_batches, correct, seen = all_reduce_sum([total_loss, n_batches, correct, seen], ctx, device)
-    model.train(was_training)
-    loss = total_loss / max(n_batches, 1)
-    res = {"loss": loss}
-    if seen:
-        res["accuracy"] = correct / seen
-    else:
-        res["perplexity"] = math.exp(min(loss, 700.0))  # exp overflows a float past ~709
-    return res
 
 
 def _tensorboard(logdir, log):
@@ -235,7 +172,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     _inject(opts, model)
     model.to(device).train()
     amp_dtype = torch.float16 if opts.fp16 else torch.bfloat16 if opts.bf16 else None
-    backend_used = _backend_used(opts, model, device, amp_dtype)
+    used = backend_used(opts.backend, model, device, amp_dtype)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=opts.fp16)
     loaders = _loaders(opts, prep, ctx)
@@ -248,7 +185,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     D.seed_dropout_rng(opts.seed, ctx)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = max(1, len(loaders["train"]) // opts.gradient_accumulation_steps)
+    n_micro, ga = len(loaders["train"]), opts.gradient_accumulation_steps  # micro-batches per pass (per rank)
+    steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     total = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
     warmup = round(opts.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
@@ -256,8 +194,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     writer = _tensorboard(opts.logdir, log)
     reset_peak_memory(device)
     is_cls = opts.task == "classification"
-    m = {"train_loss": [], "learning_rate": [], "tokens_per_sec": [], "eval": [], "epochs": []}
-    step, micro, tokens_seen, interrupted = 0, 0, 0, False
+    m = {"train_loss": [], "learning_rate": [], "tokens_per_sec": [], "eval": [], "epochs": [], "_timed": [0, 0.0]}
+    step, tokens_seen, interrupted = 0, 0, False
     t_start = time.perf_counter()
     bar = tqdm(total=total, disable=not (opts.progress and main), dynamic_ncols=True, desc="train", file=sys.stderr)
     say = bar.write if main else (lambda msg: None)  # tqdm.write prints even when the bar is disabled
@@ -286,17 +224,18 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             while step < total:
                 loaders["train"].sampler.set_epoch(epoch)  # a new (seed, epoch) permutation, the same on all ranks
                 epoch += 1
-                for batch in loaders["train"]:
+                for j, batch in enumerate(loaders["train"]):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with D.gradient_sync(model, ctx, (micro + 1) % opts.gradient_accumulation_steps == 0):
+                    group = min(ga, n_micro - j // ga * ga)  # micro-batches of this step: fewer at a pass's end
+                    last = (j + 1) % ga == 0 or j + 1 == n_micro
+                    with D.gradient_sync(model, ctx, last):
                         with amp():
-                            loss = model(**batch).loss / opts.gradient_accumulation_steps
+                            loss = model(**batch).loss / group  # the step's gradient: mean over its micro-batches
                         scaler.scale(loss).backward()
                     acc_loss += loss.item()
                     acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                         else batch["input_ids"].numel()
-                    micro += 1
-                    if micro % opts.gradient_accumulation_steps:
+                    if not last:
                         continue
                     if opts.max_grad_norm > 0:
                         scaler.unscale_(optimizer)
@@ -312,6 +251,9 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                         acc_tokens = int(acc_tokens)
                     now = time.perf_counter()
                     tps = acc_tokens / max(now - t_step, 1e-9)
+                    if step > 1 or total == 1:  # training throughput: step 1 (warm-up, kernel builds) left out
+                        m["_timed"][0] += acc_tokens
+                        m["_timed"][1] += now - t_step
                     m["train_loss"].append(acc_loss)
                     m["learning_rate"].append(lr)
                     m["tokens_per_sec"].append(tps)
@@ -332,6 +274,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                 else:  # a full pass over the training data
                     if is_cls:
                         epoch_accuracy()
+                        t_step = time.perf_counter()  # evaluation time is not training time
             if is_cls and (not m["epochs"] or m["epochs"][-1]["step"] != step):
                 epoch_accuracy()  # the last, partial epoch
         except KeyboardInterrupt:
@@ -346,7 +289,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         if is_cls and "test" in loaders and not interrupted:
             m["test_accuracy"] = evaluate(eval_model, loaders["test"], device, amp, None, ctx)["accuracy"]
             log(f"test accuracy {m['test_accuracy']:.2%}")
-        metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used,
+        metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, used,
                                  interrupted)
         metrics.update(distributed=ctx.mode, world_size=ctx.world_size, dist_backend=ctx.backend,
                        per_device_batch_size=opts.batch_size, global_batch_size=opts.batch_size * ctx.world_size

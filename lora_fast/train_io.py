@@ -135,8 +135,15 @@ def model_comparison(counts: dict, model: torch.nn.Module, adapter_dir: Path) ->
 
 
 def finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, backend_used, interrupted) -> dict:
-    """The metrics dict of a run (``training_metrics.json``) from the loop's lists and totals."""
+    """The metrics dict of a run (``training_metrics.json``) from the loop's lists and totals.
+
+    ``final_eval_loss`` is the last evaluation's, taken at ``final_eval_step`` (an interrupted run is not evaluated
+    again on the way out: its last evaluation may be older than ``steps``). ``train_tokens_per_sec`` is training
+    throughput: tokens of the optimizer steps over their time (evaluations and step 1 — warm-up, kernel builds —
+    left out); ``mean_tokens_per_sec`` is all tokens over the whole wall time.
+    """
     peak, kind = peak_memory(device)
+    timed_tokens, timed_s = m.pop("_timed")
     evals = m.pop("eval")
     m["eval_steps"] = [e["step"] for e in evals]
     m["eval_loss"] = [e["eval_loss"] for e in evals]
@@ -151,8 +158,10 @@ def finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, bac
         **m,
         "final_eval_loss": m["eval_loss"][-1] if m["eval_loss"] else None,
         "final_perplexity": m["eval_perplexity"][-1] if m.get("eval_perplexity") else None,
+        "final_eval_step": m["eval_steps"][-1] if m["eval_steps"] else None,
         "steps": step, "planned_steps": total, "interrupted": interrupted, "tokens_seen": tokens_seen,
         "mean_tokens_per_sec": tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
+        "train_tokens_per_sec": timed_tokens / timed_s if timed_s > 0 else None,
         "peak_memory_mb": peak, "peak_memory_kind": kind,
         "backend": opts.backend, "backend_used": backend_used, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -184,9 +193,10 @@ def write_outputs(path: Path, opts, prep, model, metrics: dict) -> None:
 def print_summary(metrics: dict) -> None:
     out = metrics["output_dir"]
     status = "interrupted, partial results" if metrics["interrupted"] else "done"
-    loss = metrics["final_eval_loss"]
+    loss, at = metrics["final_eval_loss"], metrics.get("final_eval_step")
     print(f"\nlora-fast train {status}: {metrics['steps']} steps in {metrics['wall_time_s']:.1f} s"
           + (f", eval loss {loss:.4f}" if loss is not None else "")
+          + (f" (at step {at})" if loss is not None and at != metrics["steps"] else "")
           + (f", perplexity {metrics['final_perplexity']:.2f}" if metrics.get("final_perplexity") else "")
           + (f", test accuracy {metrics['test_accuracy']:.2%}" if "test_accuracy" in metrics else ""))
     print(f"Outputs in {out}:")

@@ -14,6 +14,7 @@ random 124M model after one line saying so; any other name is an error. A name t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sys
@@ -201,3 +202,103 @@ def load_tokenizer(name: str):
 
 def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def set_special_tokens(model, token_id: int, keys=("eos_token_id", "bos_token_id", "pad_token_id")) -> None:
+    """Set ``keys`` to ``token_id`` on ``model.config`` and on its ``generation_config`` (when it has one): a saved
+    model must not keep GPT-2's id 50256 in ``generation_config.json`` when its tokenizer has 9k tokens."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            for key in keys:
+                setattr(cfg, key, token_id)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto (cuda when available), cpu, cuda, cuda:N; an unavailable device is a ``ConfigError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:
+    """Which LoRA path the injected layers will take ("reference" or "triton"), probed with an input in the dtype
+    the layers compute in (the autocast dtype under --fp16/--bf16); ``--backend triton`` that cannot run here is
+    a ``ConfigError``."""
+    from lora_fast import lora_layers
+    from lora_fast.functional import triton_unsupported_reason
+
+    if backend == "reference":
+        return "reference"
+    layer = next(iter(lora_layers(model).values()))
+    x = torch.zeros(1, layer.in_features, device=device, dtype=amp_dtype or layer.linear.weight.dtype)  # (1, K)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        reason = triton_unsupported_reason(x, layer.linear.weight, layer.lora.lora_A)
+    if reason is not None and backend == "triton":
+        raise ConfigError(f"--backend triton cannot run here: {reason}")
+    return "reference" if reason else "triton"
+
+
+def _n_targets(out, batch) -> int:
+    """How many targets the batch's mean loss averages over: B for classification; for a causal LM the labels
+    that count after the model's one-token shift (ignore index -100 excluded)."""
+    labels = batch["labels"]
+    if out.logits.dim() == 2:  # (B, n_labels)
+        return labels.numel()
+    return int((labels[..., 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, max_batches=None, ctx=None) -> dict:
+    """Loss (causal LM: perplexity too) and, with class labels, accuracy over ``loader``.
+
+    The loss is the mean over every target of the split (each token, or each example), not a mean of batch means:
+    a batch's mean loss is weighted by its target count, so an uneven last batch counts for what it holds.
+    With several ranks (``ctx``), rank k evaluates batches k, k+W, ... and the sums (loss × count, count, correct,
+    seen) are all-reduced: the result is the one-process result. Under FSDP every forward is a collective, so ranks
+    with one batch fewer run one more forward on a batch they already saw and discard it (lockstep).
+    """
+    from lora_fast.distributed import DistContext, all_reduce_sum
+
+    ctx = ctx or DistContext()
+    was_training = model.training
+    model.eval()
+    loss_sum, n_targets, correct, seen = 0.0, 0, 0, 0
+    n_total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    n_forwards = -(-n_total // ctx.world_size) if ctx.mode == "fsdp" else 0  # ceil: the busiest rank's count
+    done, spare = 0, None
+    for i, batch in enumerate(loader):
+        if i >= n_total:
+            break
+        if i % ctx.world_size != ctx.rank:
+            spare = spare or batch
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with amp():
+            out = model(**batch)
+        done += 1
+        n = _n_targets(out, batch)
+        if n:  # a batch with no target has a NaN mean and nothing to add
+            loss_sum += out.loss.double().item() * n
+            n_targets += n
+        if out.logits.dim() == 2:  # (B, n_labels): classification
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            seen += batch["labels"].numel()
+    while done < n_forwards:  # FSDP lockstep filler, result discarded
+        with amp():
+            model(**{k: v.to(device) for k, v in spare.items()})
+        done += 1
+    loss_sum, n_targets, correct, seen = all_reduce_sum([loss_sum, n_targets, correct, seen], ctx, device)
+    model.train(was_training)
+    loss = loss_sum / n_targets if n_targets else float("nan")
+    res = {"loss": loss}
+    if seen:
+        res["accuracy"] = correct / seen
+    else:
+        res["perplexity"] = math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+    return res

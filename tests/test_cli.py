@@ -86,10 +86,33 @@ def _bad(tmp_path, tiny, extra):
     (["--max_length", "100"], "exceeds the model's 64 positions"),
     (["--model", "{tmp}/no-such-model"], "does not exist"),
     (["--config", "{tmp}/missing.yaml"], "config file"),
+    # review round 3: each of these was a traceback, a wrong answer or a silent fallback before
+    (["--task", "classification", "--dataset", "{tmp}/cls", "--max_length", "100"], "exceeds the model's 64 positions"),
+    (["--task", "classification", "--dataset", "{tmp}/cls_empty_text"], "train.csv (train split) line 3: empty 'Text'"),
+    (["--task", "classification", "--dataset", "{tmp}/cls_no_label"], "validation.csv (validation split) line 2: "
+     "missing 'Label'"),
+    (["--task", "classification", "--dataset", "{tmp}/cls_unseen"], "label(s) ['maybe'] of the validation split do "
+     "not occur in the train split"),
+    (["--dataset", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text (byte 3)"),
+    (["--dataset", "{tmp}/data.parquet"], "is binary, not text (.parquet is not a supported format)"),
+    (["--dataset", "{tmp}/null.jsonl"], "null.jsonl line 2: field 'text' is null, expected a string"),
+    (["--dataset", "{tmp}/number.jsonl"], "number.jsonl line 1: field 'text' is 5, expected a string"),
+    (["--dataset", "{tmp}/pretty.json"], "line 1 is not valid JSON (Expecting property name enclosed in double "
+     "quotes); expected JSON lines"),
 ])
 def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, extra, phrase):
     (tmp_path / "empty.txt").write_text("  \n\n \n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "data.parquet").write_bytes(b"PAR1\x15\x00\x15\x1c" + bytes(range(256)))
+    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    (tmp_path / "number.jsonl").write_text('{"text": 5}\n')
+    (tmp_path / "pretty.json").write_text('{\n  "text": "one object over several lines"\n}\n')
+    ok = "Label,Text\nspam,win cash now\nham,see you at lunch\nspam,free prize\n"
+    _write_csvs(tmp_path / "cls", ok, ok)
+    _write_csvs(tmp_path / "cls_empty_text", "Label,Text\nspam,win cash\nham,\n", ok)
+    _write_csvs(tmp_path / "cls_no_label", ok, "Text,Label\nwin cash now\n")  # a short row: no Label field
+    _write_csvs(tmp_path / "cls_unseen", ok, ok + "maybe,who knows\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in _bad(tmp_path, tiny_gpt2, extra)]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
@@ -98,6 +121,12 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, ext
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".*staging*"))
+
+
+def _write_csvs(root, train: str, validation: str):
+    root.mkdir()
+    (root / "train.csv").write_text(train)
+    (root / "validation.csv").write_text(validation)
 
 
 def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsys):
@@ -224,4 +253,70 @@ def test_module_entry_point_exit_status(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lora_fast.train", "--rank", "0", "--output_dir", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "lora-fast train: error: rank must be a positive integer, got '0'"
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------- review round 3: data, sweep
+def test_csv_bom_json_array_and_val_fraction_of_one_csv(tmp_path):
+    from lora_fast.data import load_classification
+
+    bom = tmp_path / "bom"  # Excel's "CSV UTF-8" starts with a byte-order mark; it is not part of the first header
+    _write_csvs(bom, "\ufeffLabel,Text\nspam,win cash\nham,lunch at noon\n", "\ufeffLabel,Text\nham,see you\n")
+    splits, names = load_classification(str(bom))
+    assert names == ["ham", "spam"] and splits["validation"] == (["see you"], [0])
+    arr = tmp_path / "docs.json"  # one JSON array of objects is accepted beside JSON lines
+    arr.write_text(json.dumps([{"text": f"doc {i}"} for i in range(10)], indent=2))
+    train, val, _ = load_texts(str(arr), val_fraction=0.2, seed=0)
+    assert sorted(train + val) == sorted(f"doc {i}" for i in range(10)) and len(val) == 2
+    f = tmp_path / "sms.csv"
+    f.write_text("Label,Text\n" + "".join(f"{i % 2},message {i}\n" for i in range(50)))
+    splits, _ = load_classification(str(f), seed=0, val_fraction=0.3)  # test share stays 20 %
+    assert {s: len(t) for s, (t, _) in splits.items()} == {"train": 25, "validation": 15, "test": 10}
+    with pytest.raises(ConfigError, match="val_fraction=0.85 leaves no training rows"):
+        load_classification(str(f), val_fraction=0.85)
+    with pytest.raises(ConfigError, match="the validation split is empty"):
+        load_classification(str(f), val_fraction=0.01)
+
+
+def test_collate_functions_pickle_for_dataloader_workers(tmp_path):
+    """Workers on spawn platforms (macOS, Windows) pickle the DataLoader's collate_fn: no lambdas."""
+    import pickle
+
+    from lora_fast.data import train_bpe_tokenizer
+    from lora_fast.distributed import DistContext
+    from lora_fast.train import Prepared, _loaders
+
+    blocks = torch.arange(64).view(4, 16)
+    for task, data in (("causal-lm", {"train": blocks, "validation": blocks}),
+                       ("classification", {"train": (["a b", "c d"], [0, 1]), "validation": (["a"], [0])})):
+        opts = parse_train_args(["--task", task, "--batch_size", "2", "--max_length", "16"])
+        tok = train_bpe_tokenizer(["a b c d"] * 4, 300) if task == "classification" else None
+        loaders = _loaders(opts, Prepared(None, "m", tok, True, data, "src"), DistContext())
+        fn = pickle.loads(pickle.dumps(loaders["train"].collate_fn))
+        items = [loaders["train"].dataset[i] for i in range(2)]
+        expect, got = loaders["train"].collate_fn(items), fn(items)
+        assert expect.keys() == got.keys() and all(torch.equal(expect[k], got[k]) for k in expect)
+
+
+def test_sweep_target_modules_used_or_refused(tmp_path, capsys):
+    from lora_fast.sweep import build_parser, plan_runs, target_sets
+    from lora_fast.train_args import resolve
+
+    def sets(argv):
+        ns = build_parser().parse_args(argv)
+        return target_sets(ns, resolve(ns))
+
+    assert sets([]) == ["c_attn", "all-linear"]
+    assert sets(["--target_modules", "c_fc", "c_proj"]) == ["c_fc,c_proj"]  # was silently ignored
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("target_modules: [c_fc]\n")
+    assert sets(["--config", str(cfg)]) == ["c_fc"]
+    assert sets(["--target_modules", r"h\.\d+\.attn\.c_attn"]) == [r"h\.\d+\.attn\.c_attn"]
+    runs = plan_runs([2], [16.0], [r"h\.\d+\.attn\.c_attn"], 4, 16.0, "one-at-a-time")
+    assert [r["run"] for r in runs] == ["r4_a16_h_._d+_.attn_.c_attn", "r2_a16_h_._d+_.attn_.c_attn"]
+    with pytest.raises(ConfigError, match="not both"):
+        sets(["--config", str(cfg), "--target_sets", "c_attn"])
+    for bad in ("nan", "inf"):
+        assert cli_main(["sweep", "--alphas", "16", bad, "--output_dir", str(tmp_path / "o")]) == 2
+        assert f"--alphas: '{bad}' must be a positive finite number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -114,13 +114,17 @@ def test_outputs_load_in_peft_with_lora_fast_logits(trained, tiny_gpt2):
 
 def test_merge_saves_plain_model(trained, tiny_gpt2, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged_dir = tmp_path / "merged"
     assert cli_main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any(isinstance(m, LinearWithLoRA) for m in merged.modules())
     assert (merged_dir / "tokenizer.json").is_file()
+    eos = AutoTokenizer.from_pretrained(merged_dir).eos_token_id  # the trained tokenizer's, not GPT-2's 50256
+    gen = json.loads((merged_dir / "generation_config.json").read_text())
+    assert (gen["eos_token_id"], gen["bos_token_id"], gen["pad_token_id"]) == (eos, eos, eos)
+    assert merged.config.eos_token_id == eos
     ids = torch.randint(0, 512, (2, 24))
     ref = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), trained), ids)
     assert_rel_close(_logits(merged, ids), ref, 1e-5, "merged vs PEFT logits")
@@ -143,11 +147,13 @@ def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
     out = tmp_path / "out"
     rc = cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "20", "--max_length", "32", "--batch_size",
-                   "4", "--eval_batches", "2", "--output_dir", str(out), "--no-progress"])
+                   "4", "--eval_batches", "2", "--eval_steps", "2", "--output_dir", str(out), "--no-progress"])
     assert rc == 130
-    assert "interrupted" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "interrupted" in printed and "(at step 2)" in printed  # the summary says how old its eval loss is
     m = json.loads((out / "training_metrics.json").read_text())
     assert m["interrupted"] and m["steps"] == 3 and len(m["train_loss"]) == 3
+    assert m["final_eval_step"] == 2 and m["final_eval_loss"] == m["eval_loss"][-1]  # no eval on the way out
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     assert load_adapter(model, out) == ([], [])
     assert not list(tmp_path.glob(".*staging*"))
@@ -221,6 +227,11 @@ def test_sweep_table(tiny_gpt2, tmp_path):
     # all-linear at r=4: c_attn (64→192), attn c_proj (64→64), c_fc (64→256), mlp c_proj (256→64), per layer
     assert params["r4_a16_all-linear"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     assert all(float(r["final_eval_loss"]) > 0 and float(r["tokens_per_sec"]) > 0 for r in rows)
+    for r in rows:  # training throughput: the steps' tokens over the steps' time, step 1 and evaluations left out
+        m = json.loads((out / r["run"] / "training_metrics.json").read_text())
+        assert float(r["tokens_per_sec"]) == m["train_tokens_per_sec"] and int(r["final_eval_step"]) == 3
+        per_step = m["tokens_per_sec"][1:]  # a ratio of sums lies between the smallest and largest ratio
+        assert min(per_step) * (1 - 1e-9) <= m["train_tokens_per_sec"] <= max(per_step) * (1 + 1e-9)
     assert (out / "sweep_results.md").read_text().count("\n") == 2 + len(rows)
     assert (out / "sweep_plot.png").stat().st_size > 0
     for r in rows:
@@ -242,3 +253,99 @@ def test_triton_backend_trains_like_reference(tiny_gpt2, tmp_path, interpret):
         losses[backend] = torch.tensor(m["train_loss"] + m["eval_loss"], dtype=torch.float64)
     # interpreter: fp32 dots, only the summation order differs; GPU: TF32 may be used inside the kernels
     assert_rel_close(losses["triton"], losses["reference"], 1e-5 if not HAS_CUDA else 2e-3, "losses")
+
+
+# ------------------------------------------------------------------------------------------- review round 3
+def test_merge_refuses_output_overlapping_the_adapter(trained, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter)
+    files = sorted(p.name for p in adapter.iterdir())
+    for output in (adapter, adapter / "merged", tmp_path):  # the same directory, inside it, around it
+        assert cli_main(["merge", "--adapter", str(adapter), "--output", str(output), "--overwrite"]) == 2
+        assert "overlap" in capsys.readouterr().err
+    assert sorted(p.name for p in adapter.iterdir()) == files  # --overwrite used to delete the adapter
+
+
+def test_merge_peft_classification_adapter_with_three_labels(tiny_gpt2, tmp_path):
+    """A PEFT SEQ_CLS adapter has no training_args.json: num_labels comes from the saved head's shape."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=3, pad_token_id=0)
+
+    peft_model = get_peft_model(base(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"],
+                                                   init_lora_weights=False))  # B ≠ 0: the merge changes weights
+    peft_model.save_pretrained(tmp_path / "peft3")
+    assert cli_main(["merge", "--adapter", str(tmp_path / "peft3"), "--output", str(tmp_path / "m")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.num_labels == 3
+    merged.config.pad_token_id = 0  # the adapter has no tokenizer to take it from; ids below hold no 0
+    ids = torch.randint(1, 512, (2, 12))
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(base(), tmp_path / "peft3").eval()(input_ids=ids).logits
+        assert_rel_close(merged(input_ids=ids).logits, ref, 1e-5, "merged 3-label classifier logits")
+    assert cli_main(["merge", "--adapter", str(tmp_path / "peft3"), "--output", str(tmp_path / "m2"),
+                     "--num_labels", "2"]) == 2  # contradicts the saved head
+
+
+def _batches(seqs, labels, sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append({"input_ids": seqs[i:i + n], "labels": labels[i:i + n]})
+        i += n
+    return out
+
+
+def test_eval_loss_weights_every_target_not_every_batch(tiny_gpt2):
+    """Uneven batches (8 + 1 sequences; ignored labels) give the loss of one batch holding everything."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lora_fast.train import evaluate
+
+    cpu, amp = torch.device("cpu"), contextlib.nullcontext
+    lm = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    ids = torch.cat([torch.full((8, 16), 5), torch.randint(0, 512, (1, 16))])  # 8 easy blocks, 1 hard one
+    labels = ids.clone()
+    labels[:4, :10] = -100  # prompt-masked targets are not counted
+    with torch.no_grad():
+        ref = lm(input_ids=ids, labels=labels).loss.double()
+    r = evaluate(lm, _batches(ids, labels, (8, 1)), cpu, amp)
+    assert r["loss"] == pytest.approx(ref.item(), rel=1e-5) and r["perplexity"] == pytest.approx(ref.exp().item())
+    cls = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2, pad_token_id=0)
+    y = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        ref = cls(input_ids=ids[5:], labels=y).loss.item()
+    assert evaluate(cls, _batches(ids[5:], y, (3, 1)), cpu, amp)["loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_epochs_with_uneven_gradient_accumulation(tiny_gpt2, tmp_path):
+    """8 micro-batches per pass, accumulation 3: each pass is 3 steps (3 + 3 + 2 micro-batches), ``--epochs 2`` is
+    2 whole passes, and the short step's loss is the mean of its 2 micro-batches. lr 1e-8 keeps the model at its
+    start, so each step's logged loss is the mean of the base model's micro-batch losses, computed here."""
+    from lora_fast.distributed import DistContext
+    from lora_fast.train import _loaders, prepare, train
+    from lora_fast.train_args import parse_train_args
+
+    opts = parse_train_args(["--task", "classification", "--model", str(tiny_gpt2), "--dataset",
+                             str(_spam_csvs(tmp_path)), "--epochs", "2", "--gradient_accumulation_steps", "3",
+                             "--batch_size", "8", "--lr", "1e-8", "--max_length", "32", "--eval_steps", "100",
+                             "--output_dir", str(tmp_path / "out"), "--no-progress"])
+    prep = prepare(opts, log=lambda msg: None)
+    for mod in prep.model.modules():  # deterministic forwards; train() copies the model, dropouts included
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    m = train(opts, prep, log=lambda msg: None)
+    assert [(e["epoch"], e["step"]) for e in m["epochs"]] == [(1.0, 3), (2.0, 6)] and m["steps"] == 6
+    loader = _loaders(opts, prep, DistContext())["train"]
+    expect = []
+    with torch.no_grad():
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            losses = [prep.model(**b).loss.item() for b in loader]
+            expect += [sum(g) / len(g) for g in (losses[0:3], losses[3:6], losses[6:8])]
+    assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(expect), 1e-4, "per-step mean losses")
