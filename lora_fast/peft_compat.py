@@ -1,14 +1,15 @@
 """One line to accelerate existing PEFT code: ``patch_peft(peft_model)`` / ``unpatch_peft(peft_model)``.
 
-``patch_peft`` gives every supported PEFT LoRA layer an instance-level ``forward`` that computes
+``patch_peft`` switches every supported PEFT LoRA layer to ``FastLoraLinear`` (a subclass of PEFT's ``lora.Linear``
+whose only change is ``forward``; the instance's ``__class__`` is swapped in place) that computes
 
     y = base(x) + scaling[a]·(dropout_a(x)·A[a]ᵀ)·B[a]ᵀ          (a = the one active adapter)
 
 with ``lora_fast.functional.lora_linear`` — the fused kernels where they run — reading the layer's own tensors at
 call time (``base_layer.weight``/``bias``, ``lora_A[a].weight``, ``lora_B[a].weight``, ``scaling[a]``, the
 ``lora_dropout[a]`` probability and training flag). Nothing is copied: the optimizer, ``state_dict`` and
-``save_pretrained`` see the same parameters as before. The class's ``forward`` is untouched, so ``unpatch_peft``
-only deletes the instance attribute.
+``save_pretrained`` see the same parameters as before; ``unpatch_peft`` swaps PEFT's class back. A class (not a
+bound method stored on the instance) keeps patched models picklable and ``nn.DataParallel`` replicas correct.
 
 Supported: ``peft.tuners.lora.layer.Linear`` over nn.Linear or transformers' Conv1D (``fan_in_fan_out``), plain
 LoRA, exactly one active adapter, with or without dropout. Everything else — DoRA and other LoRA variants,
@@ -27,7 +28,6 @@ with dropout the masks (not their distribution) differ from ``nn.Dropout``'s.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
@@ -48,10 +48,31 @@ def _lora_classes():
     return Linear, LoraLayer, BaseTunerLayer
 
 
+_FAST_CLASS = None
+
+
+def _fast_class():
+    """``FastLoraLinear``: PEFT's ``lora.Linear`` with lora_fast's forward (built once, on first use)."""
+    global _FAST_CLASS
+    if _FAST_CLASS is None:
+        peft_linear, _, _ = _lora_classes()
+        _FAST_CLASS = type("FastLoraLinear", (peft_linear,), {
+            "forward": _fast_forward, "__module__": __name__, "__qualname__": "FastLoraLinear",
+            "__doc__": "PEFT's lora.Linear computing its forward with lora_fast (see lora_fast.peft_compat).",
+        })
+    return _FAST_CLASS
+
+
+def __getattr__(name: str):
+    if name == "FastLoraLinear":  # pickle finds the class by name, also in a process that has not patched yet
+        return _fast_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why this PEFT LoRA layer cannot take the fused path (now), or None when it can."""
     peft_linear, _, base_tuner = _lora_classes()
-    if type(module) is not peft_linear:
+    if type(module) not in (peft_linear, _fast_class()):
         kind = "embedding" if "Embedding" in type(module).__name__ else "not a plain lora.Linear (quantised, conv, ...)"
         return f"{type(module).__module__}.{type(module).__name__}: {kind}"
     base = module.base_layer
@@ -82,7 +103,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors."""
     if args or kwargs or self.disable_adapters or self.merged or _unsupported_reason(self) is not None:
-        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path
+        return _lora_classes()[0].forward(self, x, *args, **kwargs)  # PEFT's own path
     a = next(a for a in self.active_adapters if a in self.lora_A)
     base, drop = self.base_layer, self.lora_dropout[a]
     return lora_linear(
@@ -130,7 +151,7 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
             left.setdefault(reason, []).append(name)
             continue
         setattr(module, _MARK, backend)
-        module.forward = types.MethodType(_fast_forward, module)
+        module.__class__ = _fast_class()
     if left:
         n = sum(map(len, left.values()))
         detail = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in left.items())
@@ -140,21 +161,16 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
 
 
 def unpatch_peft(peft_model: nn.Module) -> nn.Module:
-    """Give every layer patched by ``patch_peft`` its PEFT forward back (in place); returns the model."""
-    for name, module in _peft_lora_layers(peft_model).items():
-        if not hasattr(module, _MARK):
-            continue
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and fwd.__func__ is _fast_forward:
-            del module.forward
-        else:
-            warnings.warn(f"unpatch_peft: the forward of {name} was replaced after patching; left as it is",
-                          stacklevel=2)
-        delattr(module, _MARK)
+    """Give every layer patched by ``patch_peft`` its PEFT class (and forward) back, in place; returns the model."""
+    peft_linear = _lora_classes()[0]
+    for module in _peft_lora_layers(peft_model).values():
+        if type(module) is _fast_class():
+            module.__class__ = peft_linear
+        if hasattr(module, _MARK):
+            delattr(module, _MARK)
     return peft_model
 
 
 def is_patched(module: nn.Module) -> bool:
     """Whether a PEFT LoRA layer currently runs through lora_fast."""
-    fwd = module.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _fast_forward
+    return type(module) is _fast_class()

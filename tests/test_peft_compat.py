@@ -307,3 +307,31 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         patch_peft(_gpt2())
     assert lora_fast.patch_peft is patch_peft and lora_fast.unpatch_peft is unpatch_peft
+
+
+def test_patched_model_pickles_and_replicates(spy):
+    """The patch is a class swap, not a bound method on the instance: a patched model pickles (and loads back
+    still patched), and a data-parallel style replica computes with its own tensors."""
+    import io
+
+    pm = _peft("gpt2").eval()
+    patch_peft(pm)
+    ids = _ids()
+    ref = pm(input_ids=ids).logits
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert sum(is_patched(m) for m in loaded.modules()) == sum(is_patched(m) for m in pm.modules()) > 0
+    spy.clear()
+    assert_rel_close(loaded(input_ids=ids).logits, ref, 1e-6, "pickled patched model")
+    assert spy  # the loaded copy runs through lora_fast too
+    layer = next(m for m in pm.modules() if is_patched(m))
+    replica = layer._replicate_for_data_parallel()  # what nn.DataParallel does per device (shallow copies)
+    replica._modules["lora_B"] = copy.deepcopy(layer.lora_B)  # the replica's own B (DataParallel broadcasts one)
+    with torch.no_grad():
+        for p in replica.lora_B.parameters():
+            p.zero_()  # zero only the replica's B: its output must then be the base alone
+    x = torch.randn(3, layer.in_features)
+    assert rel_err(layer(x), layer.base_layer(x)) > 1e-3  # the original still has its adapter
+    assert_rel_close(replica(x), layer.base_layer(x), 1e-6, "replica uses its own tensors")
