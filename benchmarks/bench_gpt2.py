@@ -169,9 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-path", help="a local GPT-2 checkpoint directory (weights do not change speed)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; 1 with --quick)")
     p.add_argument("--rep", type=int, help="timed steps (default 10; 4 with --quick)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for this run (recorded in the config; default torch's)")
-    p.add_argument("--csv", default=str(utils.DEFAULT_CSV), help="results CSV to upsert into")
+    utils.add_common_args(p)
     args = p.parse_args(argv)
     args.shape = dict(QUICK_SET if args.quick else FULL_SET)
     if args.batch is not None:
@@ -185,10 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.shape['seq']}, {args.warmup}, {args.rep}")
     if args.shape["seq"] > 1024 and args.model_path:
         p.error("--seq > 1024 exceeds a pretrained GPT-2's positions")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
+    utils.check_common_args(p, args)
     return args
 
 

@@ -191,9 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-all", action="store_true", help="torch.compile every configuration")
     p.add_argument("--warmup", type=int, help="untimed calls per measurement (default 10 on GPU, 2 on CPU, 1 quick)")
     p.add_argument("--rep", type=int, help="timed calls per measurement (default 50 on GPU, 10 on CPU, 7 quick)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for this run (recorded in the config; default torch's)")
-    p.add_argument("--csv", default=str(utils.DEFAULT_CSV), help="results CSV to upsert into")
+    utils.add_common_args(p)
     args = p.parse_args(argv)
     base = QUICK_SET if args.quick else FULL_SET
     args.M = args.M or base["M"]
@@ -205,10 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rep = args.rep if args.rep is not None else (50 if cuda else 7 if args.quick else 10)
     if args.warmup < 0 or args.rep < 1:
         p.error(f"need --warmup >= 0 and --rep >= 1, got {args.warmup}, {args.rep}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    if cuda and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
+    utils.check_common_args(p, args)
     bad = [m for m in args.M if m <= 0] + [r for r in args.ranks if r <= 0]
     if bad or any(not 0.0 <= d < 1.0 for d in args.dropouts):
         p.error(f"M and ranks must be positive and dropouts in [0, 1); got M={args.M}, ranks={args.ranks}, "

@@ -57,6 +57,21 @@ CPU_TIMING_NOTE = ("CPU timings measure PyTorch's CPU kernels on this machine; t
 # --------------------------------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------------------------------
+def add_common_args(p) -> None:
+    """The options every benchmark script takes: --device, --threads, --csv."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for this run (recorded in the config; default torch's)")
+    p.add_argument("--csv", default=str(DEFAULT_CSV), help="results CSV to upsert into")
+
+
+def check_common_args(p, args) -> None:
+    """Reject a bad --threads or a CUDA --device where there is none (``p.error`` exits with a usage line)."""
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+
+
 def run_with_threads(threads: int | None, fn: Callable[[], int]) -> int:
     """Run ``fn`` with ``torch.set_num_threads(threads)`` (None: as is), restoring the thread count after."""
     before = torch.get_num_threads()

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fast.functional import SEED_HIGH, seed_tensor  # noqa: F401  (re-exported for the launchers)
+
 MAX_RANK = 128  # the rank tile (BLOCK_R) lives in registers next to the output tile; 128 is the largest we allow
-SEED_HIGH = 2**62  # seeds are drawn in [0, 2**62): any non-negative int64 is a valid Philox key
 
 
 def interpreting() -> bool:
@@ -64,17 +65,6 @@ def block_r(r: int) -> int:
     """The rank padded to a power of two >= 16: a GPU ``tl.dot`` needs every dimension >= 16; the padding columns
     are masked to zero on load, so they contribute nothing."""
     return max(16, triton.next_power_of_2(r))
-
-
-def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The seed as the 1-element int64 tensor the kernels load."""
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
-        return seed.reshape(1).to(device)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), as in tl.rand.
@@ -155,6 +145,8 @@ def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, 
     device = torch.device(device)
     if device.type == "cpu" and not interpreting():
         raise RuntimeError("dropout_mask on CPU needs TRITON_INTERPRET=1 (the mask comes from a Triton kernel)")
+    if seed is None:  # a mask "for no seed" would be a fresh random one: never what a caller comparing masks wants
+        raise ValueError("seed must be an int (or a 1-element int64 tensor), got None")
     seed_t = seed_tensor(seed, device)
     out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
     if rows and cols:
@@ -184,7 +176,19 @@ def smem_estimate(num_stages: int, tiles: tuple[int, ...], elem_bytes: int) -> i
     return max(num_stages - 1, 1) * sum(tiles) * elem_bytes
 
 
-def prune_by_smem(configs, estimate, budget: int = SMEM_BUDGET) -> list:
-    """Keep the configs whose estimated shared memory fits ``budget`` (the smallest one if none does)."""
-    kept = [c for c in configs if estimate(c) <= budget]
-    return kept or [min(configs, key=estimate)]
+def prune_smem(configs, named_args, ptr: str, tiles) -> list:
+    """Keep the autotune configs whose pipelined tiles fit the device's shared memory (the smallest if none does).
+
+    Args:
+        configs: triton.Config list with BLOCK_M, BLOCK_N, BLOCK_K. named_args: the launch's arguments.
+        ptr: the argument whose element size and device set the estimate ("x_ptr", "dy_ptr").
+        tiles: (BLOCK_M, BLOCK_N, BLOCK_K, padded rank) -> element counts of the tiles one pipeline stage holds.
+    """
+    r_pad, t = block_r(named_args["R"]), named_args[ptr]
+
+    def estimate(c):
+        kw = c.kwargs
+        return smem_estimate(c.num_stages, tiles(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], r_pad), t.element_size())
+
+    budget = smem_budget(t.device)
+    return [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]

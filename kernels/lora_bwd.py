@@ -34,9 +34,7 @@ from lora_fast.kernels.dropout import (
     input_precision,
     interpreting,
     keep_mask,
-    prune_by_smem,
-    smem_budget,
-    smem_estimate,
+    prune_smem,
 )
 
 
@@ -145,14 +143,8 @@ def get_dx_configs() -> list[triton.Config]:
 
 
 def prune_dx_configs(configs, named_args, **kwargs):
-    """Keep the configs whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit the shared-memory budget."""
-    r_pad, elem = block_r(named_args["R"]), named_args["dy_ptr"].element_size()
-
-    def estimate(c):
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return smem_estimate(c.num_stages, (bm * bn, bn * bk, bn * r_pad), elem)
-
-    return prune_by_smem(configs, estimate, smem_budget(named_args["dy_ptr"].device))
+    """Keep the configs whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit the shared memory."""
+    return prune_smem(configs, named_args, "dy_ptr", lambda bm, bn, bk, r: (bm * bn, bn * bk, bn * r))
 
 
 _dx_tuned = None

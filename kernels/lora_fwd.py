@@ -34,9 +34,7 @@ from lora_fast.kernels.dropout import (
     input_precision,
     interpreting,
     keep_mask,
-    prune_by_smem,
-    smem_budget,
-    smem_estimate,
+    prune_smem,
 )
 
 
@@ -121,16 +119,10 @@ def get_fwd_configs() -> list[triton.Config]:
 
 def prune_fwd_configs(configs, named_args, **kwargs):
     """Drop the 128×128 tile for ranks > 64 (with a 128-wide rank tile it spills registers), then every config whose
-    pipelined tiles — x (BM, BK), W₀ (BK, BN), A (BK, R) — exceed the shared-memory budget (fp32 at large rank)."""
+    pipelined tiles — x (BM, BK), W₀ (BK, BN), A (BK, R) — exceed the shared memory (fp32 at large rank)."""
     big_rank = named_args["R"] > 64
     kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)] or configs
-    r_pad, elem = block_r(named_args["R"]), named_args["x_ptr"].element_size()
-
-    def estimate(c):
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return smem_estimate(c.num_stages, (bm * bk, bk * bn, bk * r_pad), elem)
-
-    return prune_by_smem(kept, estimate, smem_budget(named_args["x_ptr"].device))
+    return prune_smem(kept, named_args, "x_ptr", lambda bm, bn, bk, r: (bm * bk, bk * bn, bk * r))
 
 
 _fwd_tuned = None

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from lora_fast.functional import BACKENDS
+from lora_fast.functional import resolve_backend
 from lora_fast.inject import _resolve_targets, _set_submodule, classifier_head_name, lora_layers, module_matches
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
@@ -512,8 +512,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
 
     # Checks done: from here on the model is modified.
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0) or 0.0)
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"load_adapter: backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend is not None:
+        resolve_backend(backend)  # before the model is touched
     new_layers = {}  # built (bases checked) before anything is replaced
     for name, (_, _, r, alpha) in plan.items():
         if name not in existing:

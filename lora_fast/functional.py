@@ -36,6 +36,51 @@ def default_backend() -> str:
     return backend
 
 
+SEED_HIGH = 2**62  # drawn seeds lie in [0, 2**62); any int in [0, 2**63) is a valid seed (a Philox key)
+
+
+def check_seed(seed) -> None:
+    """A seed is None, an int in [0, 2**63), or a 1-element int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None, an int in [0, 2**63) or an int64 tensor, got {seed!r}")
+
+
+def seed_tensor(seed, device: torch.device | str) -> torch.Tensor:
+    """The dropout seed as the 1-element int64 tensor on ``device`` that the kernels and the op read.
+
+    None draws one from torch's generator for ``device`` (no host sync on CUDA; ``torch.manual_seed`` reproduces
+    it and checkpoint recomputation, which restores the device RNG state, draws it again).
+    """
+    check_seed(seed)
+    if seed is None:
+        return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Under autocast, cast x, W₀ and b to the autocast dtype (differentiable casts) as ``F.linear`` would; the
+    adapters keep their dtype (fp32) and are cast tile by tile by the kernels. Returns (x, weight, bias)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend to use: ``backend``, or ``LORA_FAST_BACKEND`` when None; an unknown name is an error."""
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def _log_once(msg: str) -> None:
     if msg not in _logged:
         _logged.add(msg)
@@ -146,13 +191,12 @@ def lora_linear(
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                               backend=backend)
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        raise ValueError("seed must be None or an int here (a seed tensor is for the torch.compile op)")
+    check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 
     if backend != "reference":
@@ -162,8 +206,8 @@ def lora_linear(
 
             _log_once(f"lora_fast: Triton path for {x.device.type} {x.dtype}")
             return triton_fn.lora_linear_triton(
-                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out
-            )
+                x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, check=False
+            )  # check=False: the case was just checked above
         if backend == "triton":
             raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
         _log_once(f"lora_fast: reference path ({reason})")

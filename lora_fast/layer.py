@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_fast.functional import BACKENDS, lora_linear
+from lora_fast.functional import lora_linear, resolve_backend
 from lora_fast.reference import lora_delta_weight, lora_scaling
 
 try:  # transformers is a dependency, but keep the layer importable without it
@@ -162,8 +162,8 @@ class LinearWithLoRA(nn.Module):
             raise TypeError(f"LinearWithLoRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         _check_hparams(rank, alpha, dropout)
         _check_base(base)
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"backend must be None or one of {BACKENDS}, got {self.backend!r}")
+        if self.backend is not None:
+            resolve_backend(self.backend)  # an unknown name fails here, not at the first forward
 
         self.linear = base
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as (in, out)

@@ -52,16 +52,17 @@ Known limits: no double backward. On a GPU the compiled Triton path is unverifie
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from lora_fast.functional import check_shapes, triton_unsupported_reason
-
-SEED_HIGH = 2**62  # seeds are drawn in [0, 2**62), the range the Triton kernels accept (any int64 >= 0 is valid)
-BACKENDS = ("auto", "reference", "triton")
-
+from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the range drawn seeds lie in)
+    SEED_HIGH,
+    autocast_inputs,
+    check_shapes,
+    resolve_backend,
+    seed_tensor,
+    triton_unsupported_reason,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Implementations behind the ops: the fused Triton kernels where they run, the reference otherwise.
@@ -228,18 +229,6 @@ _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
-    if seed is None:  # torch's generator for x's device: manual_seed and checkpoint's RNG stash reproduce it
-        return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
-        return seed.reshape(1).to(device)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be None, an int in [0, 2**63) or an int64 tensor, got {seed!r}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
 def _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out) -> None:
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)  # the eager entry's checks and messages
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -282,19 +271,12 @@ def lora_linear_op(
     Returns:
         y (..., out_features) in x's dtype (the autocast dtype under autocast).
     """
-    if backend is None:  # as functional.default_backend; dynamo traces os.environ reads without a graph break
-        backend = os.environ.get("LORA_FAST_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend)  # dynamo traces its os.environ read without a graph break
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
-    seed_t = _seed_tensor(seed, x.device) if p > 0.0 else None
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    seed_t = seed_tensor(seed, x.device) if p > 0.0 else None
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
     lead, k_in = x.shape[:-1], x.shape[-1]
     n_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
+from lora_fast.functional import autocast_inputs, seed_tensor
 from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import lora_bwd as _bwd
 from lora_fast.kernels import lora_fwd as _fwd
@@ -116,6 +117,7 @@ def lora_linear_triton(
     seed: int | None = None,
     training: bool = True,
     fan_in_fan_out: bool = False,
+    check: bool = True,
 ) -> torch.Tensor:
     """The fused Triton LoRA linear for x (..., K): same contract as ``lora_fast.functional.lora_linear``.
 
@@ -126,22 +128,14 @@ def lora_linear_triton(
         seed: dropout seed; None draws one from torch's generator for x's device (so ``torch.manual_seed`` and
             checkpoint recomputation reproduce the mask). The mask is ``dropout_mask(seed, M, K, p, device)``.
         training: whether dropout is active. fan_in_fan_out: Conv1D weight layout.
+        check: verify the case with ``unsupported_reason`` first (the dispatcher, which has just done so, skips it).
     """
-    reason = unsupported_reason(x, weight, lora_A, bias, lora_B)
-    if reason is not None:
+    if check and (reason := unsupported_reason(x, weight, lora_A, bias, lora_B)) is not None:
         raise RuntimeError(f"the Triton LoRA path cannot run this case: {reason}")
     p = float(dropout_p) if training else 0.0
     dev = x.device
-    seed_t = None
-    if p > 0.0:
-        if seed is None:  # drawn on x's device: no host sync, and captured by checkpoint's RNG stash
-            seed_t = torch.randint(0, _drop.SEED_HIGH, (1,), dtype=torch.int64, device=dev)
-        else:
-            seed_t = _drop.seed_tensor(seed, dev)
-    if torch.is_autocast_enabled(dev.type):
-        dtype = torch.get_autocast_dtype(dev.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    seed_t = seed_tensor(seed, dev) if p > 0.0 else None
+    x, weight, bias = autocast_inputs(x, weight, bias)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K): a view when the leading dims allow it; 2-D strides are passed to the kernels
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]

@@ -162,8 +162,10 @@ def test_dropout_mask_properties():
 def test_dropout_mask_rejects_bad_arguments():
     with pytest.raises(ValueError, match="p must be in"):
         dropout_keep_mask(1, 4, 4, 1.0, DEVICE)
-    with pytest.raises(ValueError, match="seed must be an int"):
+    with pytest.raises(ValueError, match=r"seed must be None, an int in \[0, 2\*\*63\)"):
         dropout_keep_mask(-1, 4, 4, 0.5, DEVICE)
+    with pytest.raises(ValueError, match="seed must be an int .*got None"):
+        dropout_keep_mask(None, 4, 4, 0.5, DEVICE)
     with pytest.raises(ValueError, match="rows must be"):
         dropout_keep_mask(1, -4, 4, 0.5, DEVICE)
 

@@ -72,3 +72,13 @@ def test_lora_fast_modules_import_kernels_by_full_name():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith("kernels"), f"{path}: import {alias.name}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index("<!-- test-command -->")
+    assert readme[start + 1].startswith("```")
+    command = readme[start + 2]
+    assert "pytest" in command and not readme[start + 3].strip("`").strip()  # one line, then the closing fence
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci_lines, f".ci/run does not run the README's test command {command!r}"
