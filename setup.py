@@ -38,6 +38,7 @@ setup(
             "tokenizers",
             "matplotlib",
             "pyyaml",
+            "tensorboard",
             "ruff",
             "setuptools>=64",
             "wheel",

@@ -349,3 +349,18 @@ def test_epochs_with_uneven_gradient_accumulation(tiny_gpt2, tmp_path):
             losses = [prep.model(**b).loss.item() for b in loader]
             expect += [sum(g) / len(g) for g in (losses[0:3], losses[3:6], losses[6:8])]
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(expect), 1e-4, "per-step mean losses")
+
+
+def test_logdir_writes_tensorboard_events_matching_the_metrics(trained):
+    """--logdir: TensorBoard event files whose train/loss scalars are the run's per-step train_loss."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is in the [dev] extra; without it only the 'not installed, ignored' note is written")
+    acc = event_accumulator.EventAccumulator(str(trained.parent / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/lr"} <= set(acc.Tags()["scalars"])
+    logged = [e.value for e in acc.Scalars("train/loss")]
+    metrics = json.loads((trained / "training_metrics.json").read_text())
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, len(metrics["train_loss"]) + 1))
+    assert_rel_close(torch.tensor(logged), torch.tensor(metrics["train_loss"]), 1e-6, "tensorboard train/loss")
+    assert any(t.startswith("eval/") for t in acc.Tags()["scalars"])
