@@ -5,7 +5,10 @@
 #
 # Stages (default: all but pytest-bench, in this order):
 #   env           nvidia-smi, versions                                     -> OUT_DIR/env.txt
-#   tests         python -m pytest tests (GPU-only tests run when CUDA is there)  -> OUT_DIR/tests.log
+#   tests         python -m pytest tests, LORA_FAST_AUTOTUNE=0 (GPU-only tests run when CUDA is there) -> OUT_DIR/tests.log
+#   tests-kernels the GPU-relevant test files only (kernels, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
+#   probe         python -m benchmarks.gpu_probe: ceilings, per-kernel times, errors   -> OUT_DIR/probe.json, probe.log
+#   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)               -> OUT_DIR/train_parity.json
 #   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
 #   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
@@ -34,6 +37,8 @@ if [ ${#STAGES[@]} -eq 0 ]; then
 fi
 
 cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}
+python() { "$PY" "$@"; }
 unset TRITON_INTERPRET  # real kernels, never the interpreter
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "run_gpu.sh: no CUDA GPU visible to torch; this script is for GPU machines (use --quick on a CPU)" >&2
@@ -60,7 +65,12 @@ run() {  # run NAME LOG COMMAND...: tee the output, remember failures
 for stage in "${STAGES[@]}"; do
     case $stage in
         env) run env env.txt bash -c 'nvidia-smi; python -c "import torch, triton, transformers, peft; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, peft.__version__); print(torch.cuda.get_device_name())"; git rev-parse --short HEAD' ;;
-        tests) run tests tests.log python -m pytest -q tests --durations=15 -p no:cacheprovider ;;
+        tests) run tests tests.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -q -rfEs tests --durations=15 \
+            -p no:cacheprovider ;;
+        tests-kernels) run tests-kernels tests_kernels.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs \
+            -p no:cacheprovider tests/test_kernels.py tests/test_triton_fn.py tests/test_compile.py tests/test_layer.py ;;
+        probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
+        train-parity) run train-parity train_parity.log "$PY" -m benchmarks.train_parity --out "$OUT/parity" --bf16 ;;
         layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \
             --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-fp32) run layer-fp32 bench_layer_fp32.log python -m benchmarks.bench_layer --dtypes fp32 \

@@ -29,37 +29,47 @@ import torch
 import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import (
+    autotune_enabled,
     block_r,
     bucket_m,
+    fixed_stages,
     input_precision,
     interpreting,
     keep_mask,
+    keep_threshold,
     prune_smem,
 )
 
 
 @triton.jit
-def _lora_bwd_dx_kernel(
-    # pointers
-    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, gb_ptr, seed_ptr,
+def _lora_bwd_kernel(
+    # pointers (da/db: (S, r, K) / (S, N, r) fp32 — S = 1 with ATOMIC, else one slice per row block)
+    dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, da_ptr, db_ptr, seed_ptr,
     # sizes (M_BUCKET is only an autotune key)
     M, N, K, R, M_BUCKET,
     # strides
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_dxm, stride_dxk, stride_gbm, stride_gbr,
-    # scalars
-    lora_scale, p,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xam, stride_xar, stride_dxm, stride_dxk, stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn,
+    stride_dbr,
+    # scalars: lora_scale = s/(1−p), db_scale = s, thr = keep_threshold(p)
+    lora_scale, db_scale, thr,
     # switches
-    COMPUTE_DX: tl.constexpr, WRITE_GB: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    num_pid_k = tl.num_programs(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # int64: k·stride may exceed 2**31
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, k_mask, r_mask = offs_m < M, offs_k < K, offs_r < R
     dtype = dy_ptr.dtype.element_ty
+    slot = 0 if ATOMIC else pid_m  # which partial slice this program adds into / writes
 
+    if COMPUTE_DB:  # xa rows of this block, for dB[n] += s · gᵀ·xa
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)  # g·W₀
     gb_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)  # g·B
     for n0 in range(0, N, BLOCK_N):
@@ -71,125 +81,87 @@ def _lora_bwd_dx_kernel(
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
             acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
-        gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DX or COMPUTE_DA:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
+            gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            if (n0 // BLOCK_N) % num_pid_k == pid_k:  # N-tiles dealt round-robin over the row block's programs
+                dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                db_ptrs = db_ptr + slot * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+                db_msk = n_mask[:, None] & r_mask[None, :]
+                if ATOMIC:
+                    tl.atomic_add(db_ptrs, dbp, mask=db_msk, sem="relaxed")
+                else:
+                    tl.store(db_ptrs, dbp, mask=db_msk)
 
-    if WRITE_GB:
-        if pid_k == 0:
-            tl.store(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr, gb_acc,
-                     mask=m_mask[:, None] & r_mask[None, :])
+    if COMPUTE_DX or COMPUTE_DA:
+        gb = gb_acc.to(dtype)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
     if COMPUTE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (R, BK)
-        lora = tl.dot(gb_acc.to(dtype), a, input_precision=INPUT_PRECISION)  # (BM, BK) = gb·A
+        lora = tl.dot(gb, a, input_precision=INPUT_PRECISION)  # (BM, BK) = gb·A
         if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-            lora = tl.where(keep_mask(seed, offs_m, offs_k, K, p), lora, 0.0)
+            lora = tl.where(keep, lora, 0.0)
         acc += lora_scale * lora
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _lora_bwd_wgrad_kernel(
-    # pointers
-    l_ptr, rop_ptr, out_ptr, seed_ptr,
-    # sizes: L (M, R), Rop (M, Q), rows handled per split
-    M, Q, R, ROWS_PER_SPLIT,
-    # strides (out is indexed [split, r, q])
-    stride_lm, stride_lr, stride_rm, stride_rq, stride_os, stride_or, stride_oq,
-    # scalars
-    scale, p,
-    # switches
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_q, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    q_mask, r_mask = offs_q < Q, offs_r < R
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    m_start = pid_s * ROWS_PER_SPLIT
-    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
-    acc = tl.full((BLOCK_R, BLOCK_Q), 0.0, dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_mask = offs_m < m_end
-        lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # (BM, R)
-        rop = tl.load(rop_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-                      mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)  # (BM, BQ)
+    if COMPUTE_DA:  # dA[:, k] += s/(1−p) · gbᵀ·(keep ⊙ x)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
         if HAS_DROPOUT:
-            rop = tl.where(keep_mask(seed, offs_m, offs_q, Q, p), rop, 0.0)
-        acc = tl.dot(tl.trans(lt), rop, acc, input_precision=INPUT_PRECISION)  # (R, BQ)
-    out_ptrs = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_q[None, :] * stride_oq
-    tl.store(out_ptrs, acc * scale, mask=r_mask[:, None] & q_mask[None, :])
+            x = tl.where(keep, x, 0.0)
+        dap = tl.dot(tl.trans(gb), x, input_precision=INPUT_PRECISION) * lora_scale  # (R, BK)
+        da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+        da_msk = r_mask[:, None] & k_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(da_ptrs, dap, mask=da_msk, sem="relaxed")
+        else:
+            tl.store(da_ptrs, dap, mask=da_msk)
 
 
-# Interpreter: fixed tiles (autotune with several configs fails there). GPU: dx is a GEMM like the forward and
-# gets the forward's small autotune list; wgrad is skinny (r rows) and uses one fixed tile.
-INTERPRET_DX_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
-WGRAD_BLOCK_M, WGRAD_BLOCK_Q = 64, 64
+# Interpreter and deterministic mode: one fixed tile (autotune with several configs fails under the interpreter;
+# the deterministic partial buffers are sized by BLOCK_M, so it must be known before the launch).
+FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+FIXED_WARPS = 4
 
 
-def get_dx_configs() -> list[triton.Config]:
-    """GPU autotune space for the dx kernel. Unverified on a GPU in the building session."""
-    shapes = [(128, 32, 128, 8, 3), (64, 32, 128, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+def get_bwd_configs() -> list[triton.Config]:
+    """GPU autotune space (output tile BLOCK_M × BLOCK_K, reduction over N in BLOCK_N steps): Hopper-sized tiles,
+    and smaller ones for fp32 / rank 128 / pre-Hopper GPUs. Pruned by shared memory per launch."""
+    shapes = [(128, 64, 256, 8, 3), (128, 64, 128, 8, 4), (128, 64, 128, 4, 4), (128, 32, 256, 8, 4),
+              (64, 64, 256, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 4),
               (32, 32, 64, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
 
-def prune_dx_configs(configs, named_args, **kwargs):
+def prune_bwd_configs(configs, named_args, **kwargs):
     """Keep the configs whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit the shared memory."""
     return prune_smem(configs, named_args, "dy_ptr", lambda bm, bn, bk, r: (bm * bn, bn * bk, bn * r))
 
 
-_dx_tuned = None
+_bwd_tuned = None
 
 
-def _dx_kernel():
-    global _dx_tuned
-    if interpreting():
-        return _lora_bwd_dx_kernel, INTERPRET_DX_CONFIG
-    if _dx_tuned is None:
-        _dx_tuned = triton.autotune(get_dx_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX"],
-                                    prune_configs_by={"early_config_prune": prune_dx_configs})(_lora_bwd_dx_kernel)
-    return _dx_tuned, {}
-
-
-def _n_splits(M: int, q_tiles: int, device: torch.device) -> int:
-    """How many programs share the M reduction of wgrad: enough for ~2 waves of SMs, >= 4 row blocks each."""
-    if interpreting() or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms // max(q_tiles, 1), triton.cdiv(M, 4 * WGRAD_BLOCK_M)))
-
-
-def _wgrad(lmat, rop, out, scale, p, seed, precision, splits=None):
-    """out (P, Q) ← scale · lmatᵀ · (rop, masked when p > 0); out may be a strided view (dB written as (N, r)).
-    ``splits`` (how many programs share the M reduction) is chosen from the SM count unless given (tests)."""
-    M, Q = rop.shape
-    R = lmat.shape[1]
-    q_tiles = triton.cdiv(Q, WGRAD_BLOCK_Q)
-    splits = _n_splits(M, q_tiles, rop.device) if splits is None else splits
-    rows = triton.cdiv(triton.cdiv(M, splits), WGRAD_BLOCK_M) * WGRAD_BLOCK_M
-    splits = triton.cdiv(M, rows)
-    # one split writes straight into out; several write fp32 partials (splits, P, Q), summed below (deterministic)
-    part = out.unsqueeze(0) if splits == 1 else torch.empty((splits, *out.shape), dtype=torch.float32,
-                                                             device=out.device)
-    _lora_bwd_wgrad_kernel[(q_tiles, splits)](
-        lmat, rop, part, seed if p > 0.0 else lmat,
-        M, Q, R, rows,
-        lmat.stride(0), lmat.stride(1), rop.stride(0), rop.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        float(scale), float(p),
-        HAS_DROPOUT=p > 0.0, INPUT_PRECISION=precision,
-        BLOCK_M=WGRAD_BLOCK_M, BLOCK_Q=WGRAD_BLOCK_Q, BLOCK_R=block_r(R),
-    )
-    if splits > 1:
-        out.copy_(part.sum(0))
+def _bwd_kernel(deterministic: bool, dtype: torch.dtype, r: int):
+    """(kernel, launch meta): the plain kernel with FIXED_CONFIG under the interpreter or in deterministic mode,
+    else the autotuned one (built once; dA/dB are zeroed between its trial runs, which add into them)."""
+    global _bwd_tuned
+    if interpreting() or deterministic or not autotune_enabled():
+        meta = dict(FIXED_CONFIG)
+        if not interpreting():
+            meta.update(num_warps=FIXED_WARPS, num_stages=fixed_stages(dtype, r))
+        return _lora_bwd_kernel, meta
+    if _bwd_tuned is None:
+        _bwd_tuned = triton.autotune(
+            get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT"],
+            prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
+        )(_lora_bwd_kernel)
+    return _bwd_tuned, {}
 
 
 def lora_linear_bwd(
@@ -206,6 +178,7 @@ def lora_linear_bwd(
     needs_dx: bool = True,
     needs_dA: bool = True,
     needs_dB: bool = True,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward on 2-D tensors. Returns (dx in x's dtype, dA in A's dtype, dB in B's dtype); a gradient
     that is not needed is None and not computed.
@@ -215,39 +188,47 @@ def lora_linear_bwd(
             (needed for dB). weight: (N, K), or (K, N) with ``fan_in_fan_out``. lora_A: (r, K). lora_B: (N, r).
         scaling: s. dropout_p: p (0 when dropout was off). seed: the forward's seed tensor when p > 0.
         needs_dx, needs_dA, needs_dB: which gradients to produce.
+        deterministic: reduce dA/dB over row blocks through per-block fp32 partials summed in a fixed order
+            (bitwise reproducible; (M/64)·(K + N)·r·4 bytes of scratch) instead of fp32 atomics. None: follow
+            ``torch.are_deterministic_algorithms_enabled()``.
     """
     M, K = x.shape
     N = dy.shape[1]
     r = lora_A.shape[0]
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
-    precision = input_precision(x.dtype)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    if needs_dB and xa is None:
+        raise ValueError("dB needs xa from the forward pass")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    dev = x.device
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else None
-    dA = torch.zeros((r, K), dtype=torch.float32, device=x.device) if needs_dA else None
-    dB = torch.zeros((N, r), dtype=torch.float32, device=x.device) if needs_dB else None
-    if M == 0:
-        return (dx, dA.to(lora_A.dtype) if needs_dA else None, dB.to(lora_B.dtype) if needs_dB else None)
+    if M == 0 or not (needs_dx or needs_dA or needs_dB):
+        zeros = lambda shape, t: torch.zeros(shape, dtype=t.dtype, device=dev)  # noqa: E731
+        return (dx, zeros((r, K), lora_A) if needs_dA else None, zeros((N, r), lora_B) if needs_dB else None)
 
-    gb = torch.empty((M, r), dtype=torch.float32, device=x.device) if needs_dA else None  # dy·B
-    if needs_dx or needs_dA:
-        stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
-        kernel, meta = _dx_kernel()
-        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]) if needs_dx else 1)  # noqa: E731
-        dx_arg, gb_arg = (dx if needs_dx else dy), (gb if needs_dA else dy)  # dummies are never dereferenced
-        kernel[grid](
-            dy, weight, lora_A, lora_B, dx_arg, gb_arg, seed if dropout_p > 0.0 else dy,
-            M, N, K, r, bucket_m(M),
-            dy.stride(0), dy.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), dx_arg.stride(0), dx_arg.stride(1), gb_arg.stride(0), gb_arg.stride(1),
-            float(scaling * keep_scale), float(dropout_p),
-            COMPUTE_DX=needs_dx, WRITE_GB=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
-            BLOCK_R=block_r(r), **meta,
-        )
-    if needs_dA:  # dA (r, K) = s/(1−p) · gbᵀ · (x ⊙ keep)
-        _wgrad(gb, x, dA, scaling * keep_scale, dropout_p, seed, precision)
-    if needs_dB:  # dBᵀ (r, N) = s · xaᵀ · dy, stored transposed into dB (N, r)
-        if xa is None:
-            raise ValueError("dB needs xa from the forward pass")
-        _wgrad(xa, dy, dB.t(), scaling, 0.0, seed, precision)
-    return dx, (dA.to(lora_A.dtype) if needs_dA else None), (dB.to(lora_B.dtype) if needs_dB else None)
+    kernel, meta = _bwd_kernel(deterministic, x.dtype, r)
+    atomic = not deterministic
+    slots = 1 if atomic else triton.cdiv(M, meta["BLOCK_M"])
+    # fp32 reductions: zeroed for the atomics; partials (written whole) need no zeroing. Unneeded ones stay tiny.
+    alloc = torch.zeros if atomic else torch.empty
+    da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
+    db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+    stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
+    k_programs = needs_dx or needs_dA
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]) if k_programs else 1)  # noqa: E731
+    dx_arg, xa_arg = (dx if needs_dx else dy), (xa if needs_dB else dy)  # dummies are never dereferenced
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    kernel[grid](
+        dy, x, weight, lora_A, lora_B, xa_arg, dx_arg, da, db, seed if dropout_p > 0.0 else dy,
+        M, N, K, r, bucket_m(M),
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0),
+        lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1),
+        dx_arg.stride(0), dx_arg.stride(1), *da.stride(), *db.stride(),
+        float(scaling * keep_scale), float(scaling), keep_threshold(dropout_p),
+        COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
+        ATOMIC=atomic, INPUT_PRECISION=input_precision(x.dtype), BLOCK_R=block_r(r), **meta,
+    )
+    dA = (da[0] if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
+    dB = (db[0] if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
+    return dx, dA, dB

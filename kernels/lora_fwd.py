@@ -29,11 +29,14 @@ import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import (
     MAX_RANK,
+    autotune_enabled,
     block_r,
     bucket_m,
+    fixed_stages,
     input_precision,
     interpreting,
     keep_mask,
+    keep_threshold,
     prune_smem,
 )
 
@@ -47,10 +50,11 @@ def _lora_fwd_kernel(
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_xam, stride_xar,
-    # scalars
-    scaling, p, keep_scale,
-    # switches
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_XA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # scalars (thr: keep_threshold(p))
+    scaling, thr, keep_scale,
+    # switches (XA_IN: xa was computed by _lora_xa_kernel and is read from xa_ptr instead of computed here)
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_XA: tl.constexpr, XA_IN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -68,7 +72,7 @@ def _lora_fwd_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
     dtype = x_ptr.dtype.element_ty
-    if HAS_DROPOUT:
+    if HAS_DROPOUT and not XA_IN:
         seed = tl.load(seed_ptr)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # x·W₀ᵀ
@@ -81,14 +85,19 @@ def _lora_fwd_kernel(
         w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN) = W₀ᵀ tile
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
-        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
-        if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, offs_m, offs_k, K, p), x, 0.0)
-        xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
+        if not XA_IN:
+            a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+            a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
+            if HAS_DROPOUT:
+                x = tl.where(keep_mask(seed, offs_m, k0, thr, BLOCK_K), x, 0.0)
+            xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
 
-    xa_acc = xa_acc * keep_scale  # 1/(1-p), or 1 without dropout
-    if WRITE_XA:
+    if XA_IN:  # (BM, R) fp32, already scaled by 1/(1-p)
+        xa_acc = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    else:
+        xa_acc = xa_acc * keep_scale  # 1/(1-p), or 1 without dropout
+    if WRITE_XA and not XA_IN:
         if pid_n == 0:
             xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
             tl.store(xa_ptrs, xa_acc, mask=m_mask[:, None] & r_mask[None, :])
@@ -102,14 +111,54 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _lora_xa_kernel(
+    # pointers
+    x_ptr, a_ptr, xa_ptr, seed_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
+    # scalars
+    thr, keep_scale,
+    # switches
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """xa (M, r) fp32 = (keep ⊙ x)·Aᵀ/(1−p): one program per BLOCK_M rows, one pass over x, the mask drawn once."""
+    pid_m = tl.program_id(0)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, r_mask = offs_m < M, offs_r < R
+    dtype = x_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    xa_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(seed, offs_m, k0, thr, BLOCK_K), x, 0.0)
+        a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
+        xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
+    tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa_acc * keep_scale,
+             mask=m_mask[:, None] & r_mask[None, :])
+
+
 # Interpreter: one fixed config (autotune over several configs fails there); 64 keeps the program count low,
 # which is what costs time in numpy.
 INTERPRET_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+XA_BLOCK_M, XA_BLOCK_K = 64, 64  # the xa kernel is a memory-bound skinny product: one fixed tile
 
 
 def get_fwd_configs() -> list[triton.Config]:
-    """A small GPU autotune space (tutorial-03-sized tiles). Unverified on a GPU in the building session."""
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 4),
+    """GPU autotune space: Hopper-sized tiles (wgmma wants 64-row warpgroups and long N), and smaller ones for
+    fp32 / rank 128 and pre-Hopper GPUs. Pruned by shared memory per launch (``prune_fwd_configs``)."""
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 32, 8, 4),
+              (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
               (32, 64, 32, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -118,9 +167,10 @@ def get_fwd_configs() -> list[triton.Config]:
 
 
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop the 128×128 tile for ranks > 64 (with a 128-wide rank tile it spills registers), then every config whose
-    pipelined tiles — x (BM, BK), W₀ (BK, BN), A (BK, R) — exceed the shared memory (fp32 at large rank)."""
-    big_rank = named_args["R"] > 64
+    """Drop tiles over 128×64 for ranks > 64 when the rank is computed in the loop (a 128-wide rank tile next to a
+    large output tile spills registers), then every config whose pipelined tiles — x (BM, BK), W₀ (BK, BN), A
+    (BK, R) — exceed the shared memory (fp32 at large rank)."""
+    big_rank = named_args["R"] > 64 and not kwargs.get("XA_IN", named_args.get("XA_IN", False))
     kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)] or configs
     return prune_smem(kept, named_args, "x_ptr", lambda bm, bn, bk, r: (bm * bk, bk * bn, bk * r))
 
@@ -128,15 +178,32 @@ def prune_fwd_configs(configs, named_args, **kwargs):
 _fwd_tuned = None
 
 
-def _fwd_kernel():
-    """The kernel to launch: the plain one under the interpreter, an autotuned wrapper on a GPU (built once)."""
+def _fwd_kernel(dtype: torch.dtype, r: int):
+    """The kernel to launch and its meta: the plain one with a fixed tile under the interpreter or with
+    ``LORA_FAST_AUTOTUNE=0``, else an autotuned wrapper (built once)."""
     global _fwd_tuned
     if interpreting():
         return _lora_fwd_kernel, INTERPRET_FWD_CONFIG
+    if not autotune_enabled():
+        return _lora_fwd_kernel, {**INTERPRET_FWD_CONFIG, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
     if _fwd_tuned is None:
-        _fwd_tuned = triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET"],
+        _fwd_tuned = triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"],
                                      prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel)
     return _fwd_tuned, {}
+
+
+FWD_VARIANTS = ("one_pass", "xa_first")
+
+
+def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
+    """Which forward to run. ``one_pass`` computes xa inside every (BLOCK_M, BLOCK_N) program (N/BLOCK_N times per
+    row block, and regenerates the dropout mask as often); ``xa_first`` computes xa once in a skinny kernel (one
+    extra read of x) and the GEMM adds s·xa·Bᵀ in its epilogue. With dropout the mask regeneration per N-tile
+    dominates, so xa_first; without, the recomputation costs ≈ r/BLOCK_N of the base FLOPs against one more pass
+    over x and a launch. Rule from the measurements in benchmarks/PERF_NOTES.md."""
+    if dropout_p > 0.0:
+        return "xa_first"
+    return "one_pass" if N <= 128 else "xa_first"
 
 
 def lora_linear_fwd(
@@ -150,6 +217,7 @@ def lora_linear_fwd(
     seed: torch.Tensor | None = None,
     fan_in_fan_out: bool = False,
     write_xa: bool = True,
+    variant: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused forward on 2-D x. Returns (y (M, N) in x's dtype, xa (M, r) fp32 or None).
 
@@ -157,7 +225,8 @@ def lora_linear_fwd(
         x: (M, K), any strides. weight: (N, K), or (K, N) with ``fan_in_fan_out``, same dtype as x.
         bias: (N,) or None. lora_A: (r, K). lora_B: (N, r). scaling: s.
         dropout_p: p in [0, 1); 0 disables dropout. seed: 1-element int64 tensor (needed when p > 0).
-        write_xa: store xa = dropout(x)·Aᵀ for the backward pass (False under no_grad).
+        write_xa: return xa = dropout(x)·Aᵀ for the backward pass (False under no_grad).
+        variant: "one_pass" or "xa_first" (see ``fwd_variant``, the default rule); both compute the same function.
     """
     if x.dim() != 2:
         raise ValueError(f"lora_linear_fwd expects 2-D x (flatten leading dims first), got {tuple(x.shape)}")
@@ -170,23 +239,38 @@ def lora_linear_fwd(
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed tensor")
+    variant = variant or fwd_variant(M, N, K, r, dropout_p)
+    if variant not in FWD_VARIANTS:
+        raise ValueError(f"variant must be one of {FWD_VARIANTS}, got {variant!r}")
+    xa_in = variant == "xa_first"
     stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    xa = torch.empty((M, r), dtype=torch.float32, device=x.device) if write_xa else None
+    xa = torch.empty((M, r), dtype=torch.float32, device=x.device) if (write_xa or xa_in) else None
     if M == 0:
-        return y, xa
-    kernel, meta = _fwd_kernel()
-    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+        return y, (xa if write_xa else None)
     has_dropout = dropout_p > 0.0
-    xa_arg = xa if write_xa else y  # never dereferenced when WRITE_XA is off
+    thr, keep_scale = keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    precision = input_precision(x.dtype)
+    if xa_in:
+        _lora_xa_kernel[(triton.cdiv(M, XA_BLOCK_M),)](
+            x, lora_A, xa, seed if has_dropout else x,
+            M, K, r,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            thr, keep_scale,
+            HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
+            BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=block_r(r),
+        )
+    kernel, meta = _fwd_kernel(x.dtype, r)
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    xa_arg = xa if xa is not None else y  # never dereferenced when neither WRITE_XA nor XA_IN
     kernel[grid](
         x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa_arg, seed if has_dropout else y,
         M, N, K, r, bucket_m(M),
         x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         xa_arg.stride(0), xa_arg.stride(1),
-        float(scaling), float(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa,
-        INPUT_PRECISION=input_precision(x.dtype), BLOCK_R=block_r(r), **meta,
+        float(scaling), thr, keep_scale,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa and not xa_in, XA_IN=xa_in,
+        INPUT_PRECISION=precision, BLOCK_R=block_r(r), **meta,
     )
-    return y, xa
+    return y, (xa if write_xa else None)
