@@ -30,6 +30,20 @@ def bench(fn, grad_to_none=None) -> float:
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def graph_ms(fn) -> float:
+    """GPU milliseconds of ``fn`` replayed from a CUDA graph (launch overhead removed): what the kernels cost
+    when the CPU is ahead, as in a full model. NaN when ``fn`` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        fn()  # tuned and compiled outside the capture
+        torch.cuda.synchronize()
+        return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception as e:  # noqa: BLE001 - a probe reports and goes on
+        print(f"graph capture failed: {e!r}", file=sys.stderr)
+        return float("nan")
+
+
 def host_ms(fn, n: int = 30) -> float:
     """Host (CPU) milliseconds per call with no synchronisation inside the loop: the launch overhead, when the
     GPU keeps up (its queue is far deeper than n calls)."""
@@ -112,6 +126,17 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     t["bwd_atomic"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=False))
     t["bwd_determ"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=True))
     t["mask_MK"] = bench(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
+    g = {}  # the same pieces from CUDA graphs
+    g["base_fwd"] = graph_ms(lambda: torch.addmm(bias, x, w))
+    g["base_dx"] = graph_ms(lambda: dy @ w.t())
+    for v in lora_fwd.FWD_VARIANTS:
+        g[f"fwd_{v}"] = graph_ms(lambda v=v: lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, sd, True, variant=v))
+    g["bwd_dx_only"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
+                                                                 needs_dA=False, needs_dB=False))
+    g["bwd_atomic"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
+                                                                deterministic=False))
+    g["mask_MK"] = graph_ms(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
+    out["graph_ms"] = g
 
     # --- whole layers, forward + backward
     conv = Conv1D(N, K).to(device=device, dtype=dtype).requires_grad_(False)
@@ -142,6 +167,10 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     except Exception as e:  # noqa: BLE001 - a probe reports and goes on
         print(f"peft failed: {e!r}", file=sys.stderr)
     out["ms"] = t
+    g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy))
+    g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy))
+    if "layer_peft" in t:
+        g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy))
     cfgs = {}
     for name, k in (("fwd", lora_fwd._fwd_tuned), ("bwd", lora_bwd._bwd_tuned)):
         if k is not None and getattr(k, "best_config", None) is not None:
@@ -187,6 +216,7 @@ def main(argv=None) -> int:
         if "ms" in c:
             print(f"{c['layer']:<12} {c['r']:>3} {c['p']:<4} | " + " ".join(
                 f"{c['ms'].get(k, float('nan')):10.4f}" for k in keys))
+            print("    graph " + " ".join(f"{k}={v:.4f}" for k, v in c.get("graph_ms", {}).items()))
             print("    err " + " ".join(f"{k}={v:.1e}" for k, v in c["err"].items()) + f"  cfg {c['configs']}")
     return 0
 

@@ -198,12 +198,15 @@ FWD_VARIANTS = ("one_pass", "xa_first")
 def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     """Which forward to run. ``one_pass`` computes xa inside every (BLOCK_M, BLOCK_N) program (N/BLOCK_N times per
     row block, and regenerates the dropout mask as often); ``xa_first`` computes xa once in a skinny kernel (one
-    extra read of x) and the GEMM adds s·xa·Bᵀ in its epilogue. With dropout the mask regeneration per N-tile
-    dominates, so xa_first; without, the recomputation costs ≈ r/BLOCK_N of the base FLOPs against one more pass
-    over x and a launch. Rule from the measurements in benchmarks/PERF_NOTES.md."""
-    if dropout_p > 0.0:
+    extra read of x, one more launch) and the GEMM adds s·xa·Bᵀ in its epilogue.
+
+    Rule, from the H100 measurements in benchmarks/PERF_NOTES.md (bf16, M = 8192, r = 16): without dropout the
+    one-pass kernel was faster at all four GPT-2 shapes; with dropout xa_first was faster wherever the
+    regenerated mask is large (K·N ≥ 768·2304: c_attn 0.16 vs 0.54 ms, c_fc, mlp.c_proj) and one-pass at
+    768×768 (6 N-tiles: 0.064 vs 0.10 ms)."""
+    if dropout_p > 0.0 and N * K > 1_000_000:
         return "xa_first"
-    return "one_pass" if N <= 128 else "xa_first"
+    return "one_pass"
 
 
 def lora_linear_fwd(
