@@ -55,7 +55,7 @@ def _lora_bwd_kernel(
     lora_scale, db_scale, thr,
     # switches
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -67,7 +67,7 @@ def _lora_bwd_kernel(
     dtype = dy_ptr.dtype.element_ty
     slot = 0 if ATOMIC else pid_m  # which partial slice this program adds into / writes
 
-    if COMPUTE_DB:  # xa rows of this block, for dB[n] += s · gᵀ·xa
+    if COMPUTE_DB and not DB_RELOAD:  # xa rows of this block, for dB[n] += s · gᵀ·xa
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)  # g·W₀
@@ -87,7 +87,14 @@ def _lora_bwd_kernel(
             gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DB:
             if (n0 // BLOCK_N) % num_pid_k == pid_k:  # N-tiles dealt round-robin over the row block's programs
-                dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                if DB_RELOAD:  # fp32: gᵀ and xa loaded afresh (tl.trans(g) here gave a wrong dB on Triton 3.6/H100)
+                    gt = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+                                 mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # (BN, BM)
+                    xa_t = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                                   mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
+                    dbp = tl.dot(gt, xa_t, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                else:
+                    dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
                 db_ptrs = db_ptr + slot * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
                 db_msk = n_mask[:, None] & r_mask[None, :]
                 if ATOMIC:
@@ -227,7 +234,8 @@ def lora_linear_bwd(
         dx_arg.stride(0), dx_arg.stride(1), *da.stride(), *db.stride(),
         float(scaling * keep_scale), float(scaling), keep_threshold(dropout_p),
         COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
-        ATOMIC=atomic, INPUT_PRECISION=input_precision(x.dtype), BLOCK_R=block_r(r), **meta,
+        ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
+        BLOCK_R=block_r(r), **meta,
     )
     dA = (da[0] if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
     dB = (db[0] if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
