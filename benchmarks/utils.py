@@ -92,7 +92,10 @@ def device_name(device: torch.device | str) -> str:
 def git_commit() -> str:
     """``git rev-parse --short HEAD``, with ``-dirty`` when tracked or untracked files outside
     ``benchmarks/results`` differ from HEAD (the results being written do not make a run dirty); ``unknown`` when
-    git cannot tell."""
+    git cannot tell. ``LORA_FAST_BENCH_COMMIT`` overrides it: on a machine that receives a copy of the working tree
+    but a stale ``.git`` (the lent GPU machines do), the launcher names the commit it sent."""
+    if os.environ.get("LORA_FAST_BENCH_COMMIT"):
+        return os.environ["LORA_FAST_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True, timeout=30).stdout.strip()

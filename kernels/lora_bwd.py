@@ -1,4 +1,4 @@
-"""Fused LoRA backward: dx, dA, dB from dy, x, xa and the seed (the dropout mask is regenerated, never stored).
+"""Fused LoRA backward: dx, dA, dB in one kernel from dy, x, xa and the seed (the mask is regenerated).
 
 Forward: y = x·W₀ᵀ + b + s·xa·Bᵀ with xa = (x ⊙ keep)·Aᵀ / (1 − p). Chain rule, with g = dy (M, N):
 
@@ -7,19 +7,21 @@ Forward: y = x·W₀ᵀ + b + s·xa·Bᵀ with xa = (x ⊙ keep)·Aᵀ / (1 − 
     dA = d(xa)ᵀ·(x ⊙ keep)/(1 − p) = s/(1−p) · gbᵀ·(x ⊙ keep)  (r, K)   reduction over M, keep regenerated
     dx = g·W₀ + keep ⊙ (d(xa)·A)/(1 − p) = g·W₀ + s/(1−p) · keep ⊙ (gb·A)   (M, K)
 
-No gradient for the frozen W₀ and b. The split into a dx kernel that also produces gb (the small shared factor)
-and a weight-gradient kernel follows the usual "dgrad / wgrad" split of GEMM backward passes (e.g. unsloth's
-``fast_lora.py`` derives the same three products; the fusion here is ours).
+No gradient for the frozen W₀ and b. (unsloth's ``fast_lora.py`` derives the same products; the fusion is ours.)
 
-Kernels:
-    ``_lora_bwd_dx_kernel``    grid (M/BM, K/BK): loops over N, acc += g·W₀ and gb_acc += g·B in the same loop
-                               (each g tile is loaded once for both); epilogue: + s/(1−p)·keep ⊙ (gb·A).
-                               With COMPUTE_DX off (x needs no grad) the grid is (M/BM, 1) and only gb is made.
-    ``_lora_bwd_wgrad_kernel`` C (r, Q) = scale·Lᵀ·Rop for skinny fp32 L (M, r) and wide Rop (M, Q), the
-                               optional dropout mask applied to Rop: dA (L = gb, Rop = x, masked) and
-                               dBᵀ (L = xa, Rop = g), stored through strides straight into (N, r) for dB.
-                               The M reduction may be split over programs into fp32 partials summed by torch
-                               (deterministic, no atomics).
+``_lora_bwd_kernel``, grid (M/BM, K/BK), one program per dx tile::
+
+    for each N block:  ĝ = g[m, n]                                   (BM, BN)   loaded once, used up to three times:
+                       acc    += ĝ · W₀[n, k]                         (BM, BK)   the base dgrad
+                       gb_acc += ĝ · B[n, :R]                         (BM, R)
+                       if this program owns N-tile n (n mod K/BK):   dB[n] += s · ĝᵀ · xa[m]     (BN, R)
+    epilogue:          keep = mask(m, k)                              drawn once, for dx and dA
+                       dx   = acc + s/(1−p) · keep ⊙ (gb · A[:, k])
+                       dA[:, k] += s/(1−p) · gbᵀ · (keep ⊙ x[m, k])    (R, BK)
+
+gb is recomputed by each of the K/BK programs of a row block (R/BK extra FLOPs), which costs less than another
+pass over dy. dA and dB are reduced over row blocks by fp32 ``atomic_add`` (the default), or — deterministic
+mode, or ``torch.use_deterministic_algorithms(True)`` — by per-row-block fp32 partials summed in a fixed order.
 Everything accumulates in fp32; dA and dB are returned in the parameters' dtypes.
 """
 

@@ -1,8 +1,10 @@
-"""Fused LoRA forward: y = x·W₀ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ in one pass over x, and xa = dropout(x)·Aᵀ.
+"""Fused LoRA forward: y = x·W₀ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, and xa = dropout(x)·Aᵀ (M, r) for the backward.
 
     x (M, K)   W₀ (N, K) Linear or (K, N) Conv1D (strides only)   A (r, K)   B (N, r)   b (N,)   s: float
 
-Tiling (one program per (BLOCK_M, BLOCK_N) output tile, grouped along M for L2 reuse as in triton's
+Two variants of one kernel (``fwd_variant`` picks; both tested against the float64 reference):
+
+``one_pass`` (one program per (BLOCK_M, BLOCK_N) output tile, grouped along M for L2 reuse as in triton's
 ``tutorials/03-matrix-multiplication.py``)::
 
     for each K block:  x̂ = x[m, k]                         (BM, BK)   loaded once, used twice:
@@ -12,11 +14,13 @@ Tiling (one program per (BLOCK_M, BLOCK_N) output tile, grouped along M for L2 r
                        y    = acc + s · xa · Bᵀ[:R, n] + b[n]           up-projection, scaling, bias
                        programs with pid_n == 0 also store xa (M, r) in fp32, for the backward pass.
 
-No M×N or M×K intermediate is written: dropout(x) exists only as the register tile (keep ⊙ x̂). The rank is
-padded to R = max(16, next_pow2(r)) with masked (zero) loads: a GPU ``tl.dot`` needs every side >= 16.
-The down-projection is recomputed by each of the N/BLOCK_N programs of a row block (BM·K·R extra MACs each,
-R/BLOCK_N of the base cost); the issue allows a separate skinny xa kernel for large ranks if it measures faster
-on a GPU — not measured here (no GPU in the building session), so only the one-pass kernel exists.
+``xa_first``: ``_lora_xa_kernel`` computes xa once (one pass over x, the mask drawn once per element), then the
+same GEMM kernel with ``XA_IN`` reads xa in its epilogue instead of computing it. The one-pass kernel recomputes xa
+— and regenerates the dropout mask — in each of the N/BLOCK_N programs of a row block: R/BLOCK_N extra FLOPs and
+N/BLOCK_N mask draws per element, which on an H100 made it 1.5–1.9× slower than xa_first with dropout on.
+
+No M×N or M×K intermediate is written: dropout(x) exists only as register tiles (keep ⊙ x̂). The rank is padded to
+R = max(16, next_pow2(r)) with masked (zero) loads: a GPU ``tl.dot`` needs every side >= 16.
 
 Known limits: r <= 128 (``MAX_RANK``); x, W₀ in fp32/fp16/bf16 with equal dtypes; A, B any float dtype (tiles
 are cast to the compute dtype, as autocast casts them for ``F.linear``).
@@ -200,13 +204,11 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     row block, and regenerates the dropout mask as often); ``xa_first`` computes xa once in a skinny kernel (one
     extra read of x, one more launch) and the GEMM adds s·xa·Bᵀ in its epilogue.
 
-    Rule, from the H100 measurements in benchmarks/PERF_NOTES.md (bf16, M = 8192, r = 16): without dropout the
-    one-pass kernel was faster at all four GPT-2 shapes; with dropout xa_first was faster wherever the
-    regenerated mask is large (K·N ≥ 768·2304: c_attn 0.16 vs 0.54 ms, c_fc, mlp.c_proj) and one-pass at
-    768×768 (6 N-tiles: 0.064 vs 0.10 ms)."""
-    if dropout_p > 0.0 and N * K > 1_000_000:
-        return "xa_first"
-    return "one_pass"
+    Rule, from GPU times measured on an H100 (CUDA-graph replays, bf16, M = 8192, r = 16, dropout 0.1;
+    benchmarks/PERF_NOTES.md): xa_first was faster at all four GPT-2 shapes (c_attn 0.095 vs 0.173 ms, attn.c_proj
+    0.038 vs 0.059, c_fc 0.121 vs 0.229, mlp.c_proj 0.126 vs 0.213). Without dropout the one-pass kernel was the
+    faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs)."""
+    return "xa_first" if dropout_p > 0.0 else "one_pass"
 
 
 def lora_linear_fwd(
