@@ -4,7 +4,7 @@
 
 Prints, per GPT-2 projection and dropout p:
   * correctness of the fused forward and backward against a float64 reference that uses the kernels' own mask
-    (‖out − ref‖ / ‖ref‖ for y, dx, dA, dB), poisoned outputs first;
+    (‖out − ref‖ / ‖ref‖ for y, dx, dA, dB);
   * median times (``triton.testing.do_bench``, ms) of the pieces: cuBLAS base forward / base dx, the fused forward,
     the dx kernel alone, the whole fused backward, the mask kernel (one Philox pass over M×K), and whole-layer
     forward+backward for base, lora_fast and PEFT;

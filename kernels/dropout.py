@@ -148,6 +148,7 @@ def keep_mask(seed, offs_m, k_start, thr, BLOCK_C: tl.constexpr):
     part of regenerating a mask: ~10 integer multiply rounds) and the counter is the element's logical (row,
     column), so the mask does not depend on strides, tiles or K.
     """
+    tl.static_assert(BLOCK_C % 8 == 0, "keep_mask: BLOCK_C must be a multiple of 8 (one Philox call per 8)")
     G: tl.constexpr = BLOCK_C // 8
     rows = offs_m.to(tl.int64)[:, None] + tl.full((1, G), 0, tl.int64)  # (BM, G)
     groups = (k_start // 8 + tl.arange(0, G)).to(tl.uint32)[None, :] + tl.full(rows.shape, 0, tl.uint32)

@@ -67,7 +67,8 @@ def _lora_bwd_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_mask, k_mask, r_mask = offs_m < M, offs_k < K, offs_r < R
     dtype = dy_ptr.dtype.element_ty
-    slot = 0 if ATOMIC else pid_m  # which partial slice this program adds into / writes
+    slot = 0 if ATOMIC else pid_m.to(tl.int64)  # partial slice this program adds into / writes (int64: slot·stride
+    #                                                may pass 2**31 for large M·(K + N)·r)
 
     if COMPUTE_DB and not DB_RELOAD:  # xa rows of this block, for dB[n] += s · gᵀ·xa
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
@@ -220,7 +221,7 @@ def lora_linear_bwd(
     atomic = not deterministic
     slots = 1 if atomic else triton.cdiv(M, meta["BLOCK_M"])
     # fp32 reductions: zeroed for the atomics; partials (written whole) need no zeroing. Unneeded ones stay tiny.
-    alloc = torch.zeros if atomic else torch.empty
+    alloc = torch.zeros if atomic or K == 0 else torch.empty  # K == 0: no program runs to write the partials
     da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
     db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
     stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]

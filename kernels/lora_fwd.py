@@ -64,7 +64,7 @@ def _lora_fwd_kernel(
 ):
     # grouped program order: GROUP_M row blocks share the W₀ column blocks while they are in L2
     pid = tl.program_id(0)
-    num_pid_m, num_pid_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N  # no tl.cdiv: see uniform()
+    num_pid_m, num_pid_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N  # no tl.cdiv: dropout.philox
     group_id = pid // (GROUP_M * num_pid_n)
     first_m = group_id * GROUP_M
     group_size = min(num_pid_m - first_m, GROUP_M)

@@ -101,7 +101,8 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device
     Args:
         seed: non-negative int (< 2**63), the per-call dropout seed.
         rows: M, the number of input rows (all leading dims flattened). cols: K, in_features.
-        p: dropout probability in [0, 1); an element is kept when its uniform draw is >= p.
+        p: dropout probability in [0, 1); an element is kept when its 16-bit draw is >= round(p·2¹⁶)
+            (``lora_fast.rng.keep_threshold``); kept elements are scaled by 1/(1 − p).
         device: where to build the mask (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Returns:

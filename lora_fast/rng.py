@@ -22,7 +22,8 @@ DRAW_BITS = 16  # one Philox call: 4 words = 8 draws of 16 bits
 
 def keep_threshold(p: float) -> int:
     """The integer form of p the kernels compare with: an element is kept when its 16-bit draw u >= t, t = round(p·2¹⁶)
-    (capped at 2¹⁶ − 1), so P(keep) = 1 − t/2¹⁶, within 2⁻¹⁷ of 1 − p. Kept elements are scaled by 1/(1 − p), as in
+    (capped at 2¹⁶ − 1, so that p < 1 keeps something), so P(keep) = 1 − t/2¹⁶, within 2⁻¹⁷ of 1 − p below
+    the cap (p ≤ 1 − 2⁻¹⁷). Kept elements are scaled by 1/(1 − p), as in
     torch's dropout; E[dropout(x)] = x·(1 − t/2¹⁶)/(1 − p) differs from x by at most 2⁻¹⁷/(1 − p) relative
     (8.5e-6 at p = 0.1): far below one bf16 or fp32-accumulation rounding of the LoRA term."""
     if not 0.0 <= p < 1.0:

@@ -164,6 +164,53 @@ def test_dropout_mask_properties():
     assert torch.equal(m[:, :37], dropout_keep_mask(5, M, 37, p, DEVICE))
 
 
+@pytest.mark.parametrize("seed, rows, cols, p", [(5, 37, 50, 0.3), (2**40 + 7, 64, 203, 0.1), (0, 3, 8, 0.5),
+                                                 (2**63 - 1, 130, 1, 0.9)])
+def test_dropout_mask_equals_independent_numpy_philox(seed, rows, cols, p):
+    """The kernels' mask (Triton: 8 draws of 16 bits per Philox-4x32-10 call) equals lora_fast.rng's numpy
+    implementation of the documented formula bit for bit (seeds past 2³², column counts not multiples of 8)."""
+    from lora_fast.rng import keep_mask_numpy
+
+    m = dropout_keep_mask(seed, rows, cols, p, DEVICE).cpu().numpy()
+    assert (m == keep_mask_numpy(seed, rows, cols, p)).all()
+
+
+def test_keep_threshold_resolution():
+    """p is resolved to 2⁻¹⁶: P(keep) = 1 − t/2¹⁶ within 2⁻¹⁷ of 1 − p (below the cap); p = 0 keeps all."""
+    from lora_fast.rng import keep_threshold
+
+    for p in (0.0, 0.1, 0.3, 1 / 3, 0.5, 0.9, 0.99999):
+        t = keep_threshold(p)
+        assert 0 <= t < 2**16 and abs(t / 2**16 - p) <= 2**-17 + 1e-12
+    assert keep_threshold(0.0) == 0 and keep_threshold(1 - 2**-20) == 2**16 - 1  # capped: something is kept
+    with pytest.raises(ValueError, match="p must be in"):
+        keep_threshold(1.0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("M, K, N", [(150, 200, 300), (65, 30, 130)])
+def test_every_gradient_subset_and_reduction(M, K, N, deterministic):
+    """Every combination of needed gradients (dx skipped for a first layer, dB alone for a frozen A, ...), with
+    atomic and deterministic reductions, at shapes with several K programs per row block and more N tiles than
+    K programs (the round-robin dB ownership wraps) and with one K program (the dB-only grid)."""
+    import itertools
+
+    r, p, s = 5, 0.2, 0.7
+    x, w, b, a, bb = _make(M, K, N, r, True, False)
+    dy = torch.randn(M, N, device=DEVICE)
+    st = seed_tensor(21, DEVICE)
+    _, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, True)
+    ref = _ref_grads(x, w, b, a, bb, s, p, dropout_keep_mask(21, M, K, p, DEVICE), True, dy)[2:]
+    for need in itertools.product((False, True), repeat=3):
+        if not any(need):
+            continue
+        out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, *need, deterministic=deterministic)
+        for name, n, o, rf in zip(("dx", "dA", "dB"), need, out, ref, strict=True):
+            assert (o is not None) == n, (name, need)
+            if n:
+                assert_rel_close(o, rf, FP32_TOL, f"{name} {need}")
+
+
 def test_dropout_mask_rejects_bad_arguments():
     with pytest.raises(ValueError, match="p must be in"):
         dropout_keep_mask(1, 4, 4, 1.0, DEVICE)
@@ -185,8 +232,8 @@ def test_launcher_rejects_unsupported_rank():
                     "interpreter): runs in the GPU job")
 @pytest.mark.gpu
 def test_large_mk_int64_offsets_gpu():
-    """M·K > 2³¹: int64 pointer offsets and RNG counters. Checks the last rows (beyond element 2³¹) against the
-    reference with the kernels' mask, and dx/dA on them through the full backward."""
+    """M·K > 2³¹: int64 pointer offsets. Checks the last rows (beyond element 2³¹) against the reference with the
+    kernels' mask, and dx/dA on them through the full backward."""
     K, N, r, p = 4096, 64, 16, 0.1
     M = 2**31 // K + 4096  # M·K > 2**31
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -221,12 +268,25 @@ def test_deterministic_reduction_is_reproducible_and_matches_atomics():
     for name, d1, d2, at in zip(("dx", "dA", "dB"), det1, det2, atom, strict=True):
         assert torch.equal(d1, d2), name
         assert_rel_close(at, d1.double(), FP32_TOL, name)
+    # torch.use_deterministic_algorithms(True) selects the partials (spied: on CPU both reductions are exact,
+    # so equal results alone would not show which one ran)
+    from lora_fast.kernels import lora_bwd
+
+    seen, real = [], lora_bwd._bwd_kernel
+
+    def spy(deterministic, *args):
+        seen.append(deterministic)
+        return real(deterministic, *args)
+
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
+        lora_bwd._bwd_kernel = spy
         auto = lora_linear_bwd(dy, x, xa, w, a, bb, 0.7, p, st)
     finally:
+        lora_bwd._bwd_kernel = real
         torch.use_deterministic_algorithms(prev)
+    assert seen == [True]
     assert all(torch.equal(u, v) for u, v in zip(auto, det1, strict=True))
 
 
