@@ -39,6 +39,9 @@ fi
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 python() { "$PY" "$@"; }
+# the GPU tests compile many kernel variants: spread them over 8 workers where pytest-xdist is installed (the lent
+# GPU machines have it; one 10-minute command then fits the whole suite). -v: per-test lines survive a time-out.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 unset TRITON_INTERPRET  # real kernels, never the interpreter
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "run_gpu.sh: no CUDA GPU visible to torch; this script is for GPU machines (use --quick on a CPU)" >&2
@@ -65,8 +68,8 @@ run() {  # run NAME LOG COMMAND...: tee the output, remember failures
 for stage in "${STAGES[@]}"; do
     case $stage in
         env) run env env.txt bash -c 'nvidia-smi; python -c "import torch, triton, transformers, peft; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, peft.__version__); print(torch.cuda.get_device_name())"; git rev-parse --short HEAD' ;;
-        tests) run tests tests.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -q -rfEs tests --durations=15 \
-            -p no:cacheprovider ;;
+        tests) run tests tests.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs tests --durations=15 \
+            -p no:cacheprovider $XDIST ;;
         tests-kernels) run tests-kernels tests_kernels.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs \
             -p no:cacheprovider tests/test_kernels.py tests/test_triton_fn.py tests/test_compile.py tests/test_layer.py ;;
         probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
