@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 from lora_fast.kernels import lora_bwd, lora_fwd
 
+from benchmarks.gpu_probe import fp64_reference, rel
 from lora_fast.functional import dropout_mask, seed_tensor
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
 def case(M, K, N, r, p, fifo, variant, det, tf32):
@@ -29,17 +26,9 @@ def case(M, K, N, r, p, fifo, variant, det, tf32):
     st = seed_tensor(7, dev) if p else None
     y, xa = lora_fwd.lora_linear_fwd(x, w, b, A, B, 0.5, p, st, fifo, variant=variant)
     dx, dA, dB = lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, 0.5, p, st, fifo, deterministic=det)
-    keep = dropout_mask(7, M, K, p, dev).double() if p else torch.ones(M, K, device=dev, dtype=torch.float64)
-    W = (w.double() if fifo else w.double().t())  # (K, N)
-    xin = x.double() * keep / (1 - p)
-    xa_r = xin @ A.double().t()
-    y_r = x.double() @ W + b.double() + 0.5 * xa_r @ B.double().t()
-    gb = dy.double() @ B.double()
-    dx_r = dy.double() @ W.t() + 0.5 * keep * (gb @ A.double()) / (1 - p)
-    dA_r = 0.5 * gb.t() @ xin
-    dB_r = 0.5 * dy.double().t() @ xa_r
-    errs = {k: rel(o, rf) for k, o, rf in (("y", y, y_r), ("xa", xa, xa_r), ("dx", dx, dx_r), ("dA", dA, dA_r),
-                                          ("dB", dB, dB_r))}
+    keep = dropout_mask(7, M, K, p, dev) if p else None
+    ref = fp64_reference(x, w, b, A, B, dy, 0.5, p, keep, fifo)
+    errs = {k: rel(o, ref[k]) for k, o in (("y", y), ("xa", xa), ("dx", dx), ("dA", dA), ("dB", dB))}
     print(f"M={M} K={K} N={N} r={r} p={p} fifo={fifo} {variant:<8} det={det!s:<5} tf32={tf32!s:<5} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 

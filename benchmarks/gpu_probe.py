@@ -64,6 +64,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def fp64_reference(x, w, bias, A, B, dy, s: float, p: float, keep, fan_in_fan_out: bool) -> dict:
+    """y, xa, dx, dA, dB in float64 from ``lora_fast.reference`` (the test oracle) with the given keep-mask."""
+    from lora_fast.reference import lora_linear_ref
+
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    y = lora_linear_ref(x64, w, bias, a64, b64, s, dropout_p=p, keep_mask=keep if p else None,
+                        fan_in_fan_out=fan_in_fan_out, upcast=True)
+    y.backward(dy.double())
+    xin = x64.detach() * keep / (1 - p) if p else x64.detach()
+    return {"y": y.detach(), "xa": xin @ a64.detach().t(), "dx": x64.grad, "dA": a64.grad, "dB": b64.grad}
+
+
 def ceilings(device) -> dict:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -96,23 +108,16 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     # --- correctness vs float64 with the kernels' own mask
     y, xa = lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, seed if p else None, fan_in_fan_out=True)
     dx, dA, dB = lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, seed if p else None, fan_in_fan_out=True)
-    keep = dropout_mask(1234, M, K, p, device) if p else torch.ones(M, K, dtype=torch.bool, device=device)
-    xd, wd, Ad, Bd, dyd = x.double(), w.double(), A.double(), B.double(), dy.double()
-    xin = xd * keep / (1 - p)
-    xa_ref = xin @ Ad.t()
-    y_ref = xd @ wd + bias.double() + s * xa_ref @ Bd.t()
-    gb = dyd @ Bd
-    dx_ref = dyd @ wd.t() + s * keep * (gb @ Ad) / (1 - p)
-    dA_ref = s * gb.t() @ xin
-    dB_ref = s * dyd.t() @ xa_ref
+    keep = dropout_mask(1234, M, K, p, device) if p else None
+    ref = fp64_reference(x, w, bias, A, B, dy, s, p, keep, True)
     y_other, _ = lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, seed if p else None, fan_in_fan_out=True,
                                           variant="one_pass" if lora_fwd.fwd_variant(M, N, K, r, p) == "xa_first"
                                           else "xa_first")
-    out["err"] = {"y": rel(y, y_ref), "y_other_variant": rel(y_other, y_ref),
-                  "dx": rel(dx, dx_ref), "dA": rel(dA, dA_ref), "dB": rel(dB, dB_ref),
-                  "torch_y": rel(torch.addmm(bias, x, w) + s * ((x * keep / (1 - p)).to(dtype) @ A.t().to(dtype))
-                                 @ B.t().to(dtype), y_ref)}
-    del xd, wd, dyd, xin, y_ref, dx_ref
+    xk = x * keep / (1 - p) if p else x
+    torch_y = torch.addmm(bias, x, w) + s * (xk.to(dtype) @ A.t().to(dtype)) @ B.t().to(dtype)
+    out["err"] = {"y": rel(y, ref["y"]), "y_other_variant": rel(y_other, ref["y"]), "dx": rel(dx, ref["dx"]),
+                  "dA": rel(dA, ref["dA"]), "dB": rel(dB, ref["dB"]), "torch_y": rel(torch_y, ref["y"])}
+    del ref
 
     # --- pieces
     t = {}

@@ -53,6 +53,12 @@ def fixed_stages(dtype: torch.dtype, r: int) -> int:
     return 2 if dtype == torch.float32 and r > 64 else 3
 
 
+def fixed_meta(tile: dict, dtype: torch.dtype, r: int) -> dict:
+    """Launch meta for a kernel run without autotuning: the tile, plus warps and pipeline depth on a GPU (the
+    interpreter takes neither)."""
+    return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
+
+
 def kernels_interpreted(fn) -> bool:
     """Whether a ``@triton.jit`` object was built by the interpreter (decided once, when its module was imported)."""
     return type(fn).__name__ == "InterpretedFunction"

@@ -34,7 +34,7 @@ from lora_fast.kernels.dropout import (
     autotune_enabled,
     block_r,
     bucket_m,
-    fixed_stages,
+    fixed_meta,
     input_precision,
     interpreting,
     keep_mask,
@@ -136,7 +136,6 @@ def _lora_bwd_kernel(
 # Interpreter and deterministic mode: one fixed tile (autotune with several configs fails under the interpreter;
 # the deterministic partial buffers are sized by BLOCK_M, so it must be known before the launch).
 FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
-FIXED_WARPS = 4
 
 
 def get_bwd_configs() -> list[triton.Config]:
@@ -162,10 +161,7 @@ def _bwd_kernel(deterministic: bool, dtype: torch.dtype, r: int):
     else the autotuned one (built once; dA/dB are zeroed between its trial runs, which add into them)."""
     global _bwd_tuned
     if interpreting() or deterministic or not autotune_enabled():
-        meta = dict(FIXED_CONFIG)
-        if not interpreting():
-            meta.update(num_warps=FIXED_WARPS, num_stages=fixed_stages(dtype, r))
-        return _lora_bwd_kernel, meta
+        return _lora_bwd_kernel, fixed_meta(FIXED_CONFIG, dtype, r)
     if _bwd_tuned is None:
         _bwd_tuned = triton.autotune(
             get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT"],

@@ -36,7 +36,7 @@ from lora_fast.kernels.dropout import (
     autotune_enabled,
     block_r,
     bucket_m,
-    fixed_stages,
+    fixed_meta,
     input_precision,
     interpreting,
     keep_mask,
@@ -152,9 +152,9 @@ def _lora_xa_kernel(
              mask=m_mask[:, None] & r_mask[None, :])
 
 
-# Interpreter: one fixed config (autotune over several configs fails there); 64 keeps the program count low,
-# which is what costs time in numpy.
-INTERPRET_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+# Interpreter and LORA_FAST_AUTOTUNE=0: one fixed config (autotune over several configs fails under the
+# interpreter; 64 keeps the program count low, which is what costs time in numpy).
+FIXED_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 XA_BLOCK_M, XA_BLOCK_K = 64, 64  # the xa kernel is a memory-bound skinny product: one fixed tile
 
 
@@ -186,10 +186,8 @@ def _fwd_kernel(dtype: torch.dtype, r: int):
     """The kernel to launch and its meta: the plain one with a fixed tile under the interpreter or with
     ``LORA_FAST_AUTOTUNE=0``, else an autotuned wrapper (built once)."""
     global _fwd_tuned
-    if interpreting():
-        return _lora_fwd_kernel, INTERPRET_FWD_CONFIG
-    if not autotune_enabled():
-        return _lora_fwd_kernel, {**INTERPRET_FWD_CONFIG, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
+    if interpreting() or not autotune_enabled():
+        return _lora_fwd_kernel, fixed_meta(FIXED_FWD_CONFIG, dtype, r)
     if _fwd_tuned is None:
         _fwd_tuned = triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"],
                                      prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel)
