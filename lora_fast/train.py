@@ -335,9 +335,12 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
             hf_logging.set_verbosity_error()
         torch.manual_seed(opts.seed)  # weights from_pretrained initialises (a new classification head) follow --seed
         prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
-        return train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
-    finally:
-        D.shutdown(ctx)
+        metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
+    except BaseException:
+        D.shutdown(ctx, ok=False)
+        raise
+    D.shutdown(ctx)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
