@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_fast
-from lora_fast import adapter as adapter_mod
+from lora_fast import adapter_files
 from lora_fast.adapter import AdapterLoadResult, load_adapter, save_adapter
 from lora_fast.inject import apply_lora, lora_layers
 from tests.utils import assert_rel_close
@@ -388,7 +388,7 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
             raise KeyboardInterrupt("simulated interruption")
         fh.write(data)
 
-    monkeypatch.setattr(adapter_mod, "_write_file", interrupted)
+    monkeypatch.setattr(adapter_files, "_write_file", interrupted)  # the seam in _atomic_write_all
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, directory)
     assert len(calls) == fail_at + 1

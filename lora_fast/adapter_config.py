@@ -1,0 +1,176 @@
+"""An adapter's PEFT-style ``adapter_config.json``: built on save, checked and resolved to target modules on load.
+
+``save_adapter`` describes the model's LoRA layers with PEFT's ``LoraConfig`` fields (``_adapter_config``);
+``load_adapter`` refuses configs it cannot honour (``_check_config``) and finds the modules PEFT would wrap
+(``_peft_targets``). Per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern``, matched as PEFT 0.21
+does: a key is a regex that must match the end of the module name at a "." boundary, the first matching key wins
+(``pattern_value``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+
+import torch.nn as nn
+
+from lora_fast.inject import _resolve_targets, classifier_head_name, module_matches
+from lora_fast.layer import LORA_BASE_TYPES
+
+# LoraConfig fields that change what the adapter computes and that lora_fast does not implement.
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+                "velora_config", "monteclora_config", "kasa_config")
+_MAX_NAMED = 20  # keys listed in an error message before "... and N more"
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - _MAX_NAMED} more" if len(keys) > _MAX_NAMED else ""
+    return ", ".join(map(str, keys[:_MAX_NAMED])) + more
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT 0.21's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` with
+    ``re.match(rf"(.*\\.)?({k})$", name)`` gives the value, else ``default``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+# ----------------------------------------------------------------------------------------------------------- save
+def _default_task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if cls.endswith("ForSequenceClassification") else None
+
+
+def _candidate_names(model: nn.Module, lora_names) -> list[str]:
+    """Module names as PEFT sees the base model: the modules inside a LinearWithLoRA do not exist there."""
+    return [n for n, _ in model.named_modules() if n and not any(n.startswith(f"{w}.") for w in lora_names)]
+
+
+def _target_modules_for(model: nn.Module, names: list[str], configured):
+    """The first of (configured targets, module-name suffixes, exact names) that selects exactly ``names``."""
+    candidates, wanted = _candidate_names(model, names), set(names)
+    options = [] if configured is None or configured == "all-linear" else [configured]
+    options += [sorted({n.rsplit(".", 1)[-1] for n in names}), "|".join(re.escape(n) for n in sorted(names))]
+    for targets in options:
+        targets = targets if isinstance(targets, str) else list(targets)
+        if {n for n in candidates if module_matches(n, targets)} == wanted:
+            return targets
+    raise AssertionError("unreachable: the escaped alternation of exact names always matches")  # pragma: no cover
+
+
+def _patterns(values: dict[str, float], default) -> dict:
+    """{module: value} for the modules whose value differs from ``default``, checked against PEFT's lookup."""
+    pattern = {n: v for n, v in values.items() if v != default}
+    if any(pattern_value(pattern, n, default) != v for n, v in values.items()):
+        pattern = {re.escape(n): v for n, v in pattern.items()}
+    return pattern
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, task_type) -> dict:
+    cfg = getattr(model, "lora_fast_config", None) or {}
+    ranks = {n: m.lora.rank for n, m in layers.items()}
+    alphas = {n: m.lora.alpha for n, m in layers.items()}
+    r = cfg["rank"] if cfg.get("rank") in ranks.values() else Counter(ranks.values()).most_common(1)[0][0]
+    alpha = cfg["alpha"] if cfg.get("alpha") in alphas.values() else Counter(alphas.values()).most_common(1)[0][0]
+    rslora = {n: m.lora.use_rslora for n, m in layers.items()}
+    if len(set(rslora.values())) > 1:
+        raise ValueError("save_adapter: PEFT's format has one use_rslora for all layers, but these layers use "
+                         f"rsLoRA and the others do not: {_names(n for n, v in rslora.items() if v)}")
+    dropouts = Counter(m.lora.dropout for m in layers.values())
+    dropout = dropouts.most_common(1)[0][0]
+    if len(dropouts) > 1:
+        warnings.warn(f"save_adapter: layers use different dropout probabilities {sorted(dropouts)}; PEFT's format "
+                      f"has one lora_dropout, {dropout} is written (dropout does not change inference)", stacklevel=3)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = (getattr(getattr(model, "config", None), "_name_or_path", None)
+                                   or getattr(model, "name_or_path", None) or None)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type if task_type is not None else _default_task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": dropout,
+        "use_rslora": next(iter(rslora.values())),
+        "target_modules": _target_modules_for(model, list(layers), cfg.get("target_modules")),
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": {k: _number(v) for k, v in _patterns(alphas, alpha).items()},
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "bias": "none",
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------- load
+def _check_config(cfg: dict, where) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: {where} is a {cfg['peft_type']} adapter; lora_fast loads LoRA adapters")
+    bad = {f: cfg[f] for f in _UNSUPPORTED if cfg.get(f)}
+    if str(cfg.get("init_lora_weights", "")).lower().startswith("mica"):
+        bad["init_lora_weights"] = cfg["init_lora_weights"]
+    if cfg.get("bias", "none") != "none":
+        bad["bias"] = cfg["bias"]
+    if bad:
+        raise ValueError(f"load_adapter: {where} uses {bad}, which lora_fast does not implement; load it with "
+                         "PEFT's PeftModel.from_pretrained instead")
+    ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
+    alphas = {"lora_alpha": cfg.get("lora_alpha"),
+              **{f"alpha_pattern[{k!r}]": v for k, v in (cfg.get("alpha_pattern") or {}).items()}}
+    for field, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"load_adapter: {where}: {field} must be a positive int, got {r!r}")
+    for field, alpha in alphas.items():
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+            raise ValueError(f"load_adapter: {where}: {field} must be a positive number, got {alpha!r}")
+    p = cfg.get("lora_dropout", 0.0) or 0.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"load_adapter: {where}: lora_dropout must be in [0, 1), got {p!r}")
+
+
+def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
+    """Module names PEFT would wrap for this config (its ``check_target_module_exists`` rules: exclude_modules,
+    modules_to_save, target_modules as a full-match regex or names/suffixes, layers_to_transform/layers_pattern)."""
+    targets = _resolve_targets(model, cfg.get("target_modules"))
+    if targets == "all-linear":
+        targets = "|".join(re.escape(n) for n in _all_linear(model))
+    exclude, to_save = cfg.get("exclude_modules"), cfg.get("modules_to_save") or []
+    layers_idx, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if isinstance(layers_idx, int):
+        layers_idx = [layers_idx]
+    if isinstance(layers_pattern, str):
+        layers_pattern = [layers_pattern]
+    found = []
+    for name, _ in model.named_modules():
+        if not name or (exclude and module_matches(name, exclude)):
+            continue
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in to_save) or not module_matches(name, targets):
+            continue
+        if layers_idx and not isinstance(targets, str):  # the first numbered segment is the layer index
+            pats = ([rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in layers_pattern] if layers_pattern
+                    else [r".*?\.[^.]*\.(?P<idx>\d+)\."])
+            idx = next((m.group("idx") for p in pats if (m := re.match(p, name))), None)
+            if idx is None or int(idx) not in layers_idx:
+                continue
+        found.append(name)
+    return found
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = classifier_head_name(model)  # PEFT leaves a SEQ_CLS head out of "all-linear"
+    return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out and n != head]

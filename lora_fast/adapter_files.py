@@ -1,0 +1,159 @@
+"""The files of an adapter directory: atomic writing, reading in every accepted layout, gathering sharded tensors.
+
+Writes are atomic: both files go to temporary files in the target directory (fsync'ed), then ``os.replace``
+puts them in place, so an interrupted save leaves the previous adapter intact. The one window left is between the
+two renames (microseconds), where the new weights may sit beside the old config.
+
+Besides the safetensors file, ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary
+unpickling) in two forms: PEFT's plain state dict (keys ``base_model.model.<module>.lora_A.weight``, ...), or the
+tutorials' ``{'lora_state_dict': {...}, 'config': {...}}`` whose keys are lora_fast state-dict keys
+``<module>.lora.lora_A`` / ``<module>.lora.lora_B`` and whose config is ``model.lora_fast_config``
+(``rank``/``alpha``/``dropout``/``use_rslora``/``target_modules``) or PEFT's field names. Both are normalised to
+PEFT's keys and field names.
+
+Sharded (FSDP2) parameters are DTensors: ``_gather_full`` gathers each one (``DTensor.full_tensor()``, a collective,
+so every rank must call it in the same order) into a plain CPU tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------------------- write
+def _write_file(fh, data: bytes) -> None:
+    """Write ``data`` to an open temporary file (a seam for tests simulating an interrupted save)."""
+    fh.write(data)
+
+
+def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
+    """Write every file to a fsync'ed temporary in ``directory`` first, then rename them all into place."""
+    temps: dict[str, str] = {}
+    umask = os.umask(0o022)  # mkstemp creates 0600 files; give them the mode a plain open() would
+    os.umask(umask)
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            temps[name] = tmp
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o666 & ~umask)
+            with os.fdopen(fd, "wb") as fh:
+                _write_file(fh, data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+        temps.clear()
+        if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable (POSIX)
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    finally:
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _gather_full(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(plain CPU copies of ``tensors``, whether any was a sharded DTensor). Gathering is a collective."""
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and any(isinstance(v, dtensor) for v in tensors.values())
+    if sharded:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("save_adapter: the model holds sharded DTensor parameters (FSDP2) but no process group "
+                             "is initialized; call save_adapter on every rank of the distributed job")
+    out = {}
+    for k, v in tensors.items():  # the same order on every rank: the gathers pair up
+        v = v.detach()
+        if dtensor is not None and isinstance(v, dtensor):
+            v = v.full_tensor()
+        # Own contiguous CPU copies: safetensors refuses shared or strided storage (tied weights, transposed views).
+        out[k] = v.to("cpu", copy=True).contiguous()
+    return out, sharded
+
+
+# ----------------------------------------------------------------------------------------------------------- read
+def _normalise_key(key: str) -> str:
+    """lora_fast state-dict keys (``<m>.lora.lora_A``) → PEFT keys; anything else is kept as it is."""
+    for ab in ("A", "B"):
+        if key.endswith(f".lora.lora_{ab}") and not key.startswith(PREFIX):
+            return f"{PREFIX}{key[: -len(f'.lora.lora_{ab}')]}.lora_{ab}.weight"
+    return key
+
+
+def _normalise_config(cfg: dict) -> dict:
+    """Accept ``lora_fast_config`` names (rank/alpha/dropout) beside PEFT's (r/lora_alpha/lora_dropout)."""
+    cfg = dict(cfg)
+    for ours, peft in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+        if ours in cfg and peft not in cfg:
+            cfg[peft] = cfg.pop(ours)
+    cfg.setdefault("peft_type", "LORA")
+    return cfg
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"load_adapter: cannot read {path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"load_adapter: {path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(config, {PEFT key: tensor}, weights file) from a directory in any of the accepted layouts."""
+    cfg_path, st_path, bin_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME, directory / BIN_NAME
+    config = _read_json(cfg_path) if cfg_path.is_file() else None
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            state, source = load_file(st_path), st_path
+        except Exception as e:  # safetensors raises its own error type on a truncated/corrupt header
+            raise ValueError(f"load_adapter: {st_path} is not a valid safetensors file: {e}") from e
+    elif bin_path.is_file():
+        source = bin_path
+        try:
+            obj = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"load_adapter: {bin_path} holds objects other than tensors and plain containers; "
+                             f"refusing to unpickle them (torch.load weights_only=True): {e}") from e
+        except Exception as e:  # truncated or not a torch file
+            raise ValueError(f"load_adapter: cannot read {bin_path}: {e}") from e
+        if isinstance(obj, dict) and "lora_state_dict" in obj:  # the tutorials' legacy layout
+            state, config = obj["lora_state_dict"], obj.get("config") or config
+        else:
+            state = obj
+    else:
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} or {BIN_NAME} in {directory}")
+    if config is None:
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory} (and no 'config' in {source.name})")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"load_adapter: {source} must hold a dict of tensors keyed by name")
+    return _normalise_config(config), {_normalise_key(k): v for k, v in state.items()}, source
