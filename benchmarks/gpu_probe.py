@@ -177,7 +177,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     if "layer_peft" in t:
         g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy))
     cfgs = {}
-    for name, k in (("fwd", lora_fwd._fwd_tuned), ("bwd", lora_bwd._bwd_tuned)):
+    for name, k in (("fwd", lora_fwd.FWD_TUNED.tuner), ("bwd", lora_bwd.BWD_TUNED.tuner)):
         if k is not None and getattr(k, "best_config", None) is not None:
             cfgs[name] = str(k.best_config)
     out["configs"] = cfgs

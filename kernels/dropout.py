@@ -18,78 +18,18 @@ The seed travels as a 1-element int64 tensor on the input's device and is loaded
 from the CUDA generator (``torch.randint(..., device=x.device)``) then needs no host synchronisation, and
 ``torch.utils.checkpoint`` (which stashes and restores the device RNG state) recomputes the same seed.
 
-Also here (shared by the launchers): ``interpreting()``, ``input_precision``, ``bucket_m``, ``block_r``.
+The host-side launch helpers the launchers share (tiles, autotune, environment switches) are in ``launch.py``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from lora_fast.kernels.launch import cdiv, interpreting
 
 from lora_fast.functional import SEED_HIGH, seed_tensor  # noqa: F401  (re-exported for the launchers)
 from lora_fast.rng import keep_threshold  # noqa: F401  (re-exported for the launchers)
-
-MAX_RANK = 128  # the rank tile (BLOCK_R) lives in registers next to the output tile; 128 is the largest we allow
-
-
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` is set: kernels run on CPU tensors through triton's numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def autotune_enabled() -> bool:
-    """False when ``LORA_FAST_AUTOTUNE=0``: the GPU kernels then launch one fixed, everywhere-valid tile instead of
-    timing their config lists on each new (shape, rank, M-bucket) key — for tests of many small shapes, and for
-    launches that must not spend the first call of each shape on tuning."""
-    return os.environ.get("LORA_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def fixed_stages(dtype: torch.dtype, r: int) -> int:
-    """Pipeline depth of the fixed 64×64×64 tile: 3, or 2 for fp32 at rank > 64 (whose rank tile would otherwise
-    exceed the ~99 KiB of shared memory of consumer GPUs)."""
-    return 2 if dtype == torch.float32 and r > 64 else 3
-
-
-def fixed_meta(tile: dict, dtype: torch.dtype, r: int) -> dict:
-    """Launch meta for a kernel run without autotuning: the tile, plus warps and pipeline depth on a GPU (the
-    interpreter takes neither)."""
-    return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
-
-
-def kernels_interpreted(fn) -> bool:
-    """Whether a ``@triton.jit`` object was built by the interpreter (decided once, when its module was imported)."""
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for fp32 operands: IEEE unless torch itself allows TF32 for matmuls (a drop-in must
-    give the numbers ``F.linear`` gives). fp16/bf16 dots are unaffected by this flag."""
-    if dtype != torch.float32:
-        return "tf32"  # ignored for fp16/bf16 operands
-    matmul = torch.backends.cuda.matmul
-    try:  # torch >= 2.9 prefers fp32_precision; reading the legacy flag after it was set raises
-        precision = getattr(matmul, "fp32_precision", None)
-        if precision is not None and precision != "none":
-            return "tf32" if precision == "tf32" else "ieee"
-        return "tf32" if matmul.allow_tf32 else "ieee"
-    except RuntimeError:
-        return "tf32" if getattr(matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
-
-
-def bucket_m(m: int) -> int:
-    """Autotune key for the row count: the next power of two (capped), so that each new sequence length does not
-    re-tune (as Liger's ``get_bucket_m`` and flash-attention's ``CACHE_KEY_M``)."""
-    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
-
-
-def block_r(r: int) -> int:
-    """The rank padded to a power of two >= 16: a GPU ``tl.dot`` needs every dimension >= 16; the padding columns
-    are masked to zero on load, so they contribute nothing."""
-    return max(16, triton.next_power_of_2(r))
-
 
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), as in tl.rand.
 _PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
@@ -206,44 +146,7 @@ def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, 
     out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
     if rows and cols:
         block_m, block_k = 64, 64  # any tile works: the mask is tile-size independent
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
+        grid = (cdiv(rows, block_m), cdiv(cols, block_k))
         _dropout_mask_kernel[grid](seed_t, out, rows, cols, out.stride(0), out.stride(1), thr,
                                    BLOCK_M=block_m, BLOCK_K=block_k)
     return out.view(torch.bool)
-
-
-# Shared-memory budget for autotune pruning. On a GPU: the device's own per-block limit (H100 ~227 KiB, A100 ~163,
-# consumer Ampere/Ada ~99); elsewhere 96 KiB, which every recent NVIDIA GPU allows. Estimate per config:
-# (num_stages − 1) × (A-tile + B-tile + rank tile) × element size — the buffers the software pipeline keeps in flight.
-SMEM_BUDGET = 96 * 1024
-
-
-def smem_budget(device: torch.device) -> int:
-    """Shared memory one program may use on ``device`` (``SMEM_BUDGET`` when it cannot be queried)."""
-    if device.type != "cuda":
-        return SMEM_BUDGET
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BUDGET)
-
-
-def smem_estimate(num_stages: int, tiles: tuple[int, ...], elem_bytes: int) -> int:
-    """Bytes of shared memory a pipelined tile loop needs: (stages − 1) × Σ tile elements × element size."""
-    return max(num_stages - 1, 1) * sum(tiles) * elem_bytes
-
-
-def prune_smem(configs, named_args, ptr: str, tiles) -> list:
-    """Keep the autotune configs whose pipelined tiles fit the device's shared memory (the smallest if none does).
-
-    Args:
-        configs: triton.Config list with BLOCK_M, BLOCK_N, BLOCK_K. named_args: the launch's arguments.
-        ptr: the argument whose element size and device set the estimate ("x_ptr", "dy_ptr").
-        tiles: (BLOCK_M, BLOCK_N, BLOCK_K, padded rank) -> element counts of the tiles one pipeline stage holds.
-    """
-    r_pad, t = block_r(named_args["R"]), named_args[ptr]
-
-    def estimate(c):
-        kw = c.kwargs
-        return smem_estimate(c.num_stages, tiles(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], r_pad), t.element_size())
-
-    budget = smem_budget(t.device)
-    return [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]

@@ -30,15 +30,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lora_fast.kernels.dropout import (
+from lora_fast.kernels.dropout import keep_mask, keep_threshold
+from lora_fast.kernels.launch import (
+    TunedKernel,
     autotune_enabled,
     block_r,
     bucket_m,
+    cdiv,
     fixed_meta,
     input_precision,
     interpreting,
-    keep_mask,
-    keep_threshold,
     prune_smem,
 )
 
@@ -153,21 +154,23 @@ def prune_bwd_configs(configs, named_args, **kwargs):
     return prune_smem(configs, named_args, "dy_ptr", lambda bm, bn, bk, r: (bm * bn, bn * bk, bn * r))
 
 
-_bwd_tuned = None
+# The GPU launch path (autotuned; dA/dB are zeroed between the tuner's trial runs, which add into them;
+# steady-state launches skip the tuner's bookkeeping, see TunedKernel).
+BWD_TUNED = TunedKernel(
+    _lora_bwd_kernel,
+    lambda: triton.autotune(
+        get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT"],
+        prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
+    )(_lora_bwd_kernel),
+)
 
 
-def _bwd_kernel(deterministic: bool, dtype: torch.dtype, r: int):
-    """(kernel, launch meta): the plain kernel with FIXED_CONFIG under the interpreter or in deterministic mode,
-    else the autotuned one (built once; dA/dB are zeroed between its trial runs, which add into them)."""
-    global _bwd_tuned
+def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> dict | None:
+    """Launch meta of the fixed tile (FIXED_CONFIG) under the interpreter, in deterministic mode (the partial
+    buffers are sized by BLOCK_M before the launch) or with ``LORA_FAST_AUTOTUNE=0``; None: the autotuned path."""
     if interpreting() or deterministic or not autotune_enabled():
-        return _lora_bwd_kernel, fixed_meta(FIXED_CONFIG, dtype, r)
-    if _bwd_tuned is None:
-        _bwd_tuned = triton.autotune(
-            get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT"],
-            prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
-        )(_lora_bwd_kernel)
-    return _bwd_tuned, {}
+        return fixed_meta(FIXED_CONFIG, dtype, r)
+    return None
 
 
 def lora_linear_bwd(
@@ -213,29 +216,48 @@ def lora_linear_bwd(
         zeros = lambda shape, t: torch.zeros(shape, dtype=t.dtype, device=dev)  # noqa: E731
         return (dx, zeros((r, K), lora_A) if needs_dA else None, zeros((N, r), lora_B) if needs_dB else None)
 
-    kernel, meta = _bwd_kernel(deterministic, x.dtype, r)
+    fixed = _bwd_fixed_meta(deterministic, x.dtype, r)
     atomic = not deterministic
-    slots = 1 if atomic else triton.cdiv(M, meta["BLOCK_M"])
-    # fp32 reductions: zeroed for the atomics; partials (written whole) need no zeroing. Unneeded ones stay tiny.
-    alloc = torch.zeros if atomic or K == 0 else torch.empty  # K == 0: no program runs to write the partials
-    da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
-    db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+    # fp32 reductions: with atomics one zeroed (r, K) / (N, r) buffer (its slot stride 0); deterministic: one slice
+    # per row block, written whole (no zeroing, except at K == 0 where no program runs to write them). Unneeded
+    # ones stay tiny and are never dereferenced.
+    if atomic:
+        da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)
+        db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
+        da_strides, db_strides = (0, *da.stride()), (0, *db.stride())
+    else:
+        slots = cdiv(M, fixed["BLOCK_M"])
+        alloc = torch.zeros if K == 0 else torch.empty
+        da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
+        db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+        da_strides, db_strides = da.stride(), db.stride()
     stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
     k_programs = needs_dx or needs_dA
-    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]) if k_programs else 1)  # noqa: E731
-    dx_arg, xa_arg = (dx if needs_dx else dy), (xa if needs_dB else dy)  # dummies are never dereferenced
+    grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]) if k_programs else 1)  # noqa: E731
+    xa_arg = xa if needs_dB else dy  # a dummy is never dereferenced
+    dx_strides = (K, 1) if needs_dx else (0, 0)  # dx is a fresh contiguous (M, K)
     keep_scale = 1.0 / (1.0 - dropout_p)
-    kernel[grid](
-        dy, x, weight, lora_A, lora_B, xa_arg, dx_arg, da, db, seed if dropout_p > 0.0 else dy,
+    args = (
+        dy, x, weight, lora_A, lora_B, xa_arg, dx if needs_dx else dy, da, db, seed if dropout_p > 0.0 else dy,
         M, N, K, r, bucket_m(M),
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0),
-        lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1),
-        dx_arg.stride(0), dx_arg.stride(1), *da.stride(), *db.stride(),
+        *dy.stride(), *x.stride(), stride_wn, stride_wk, *lora_A.stride(), *lora_B.stride(), *xa_arg.stride(),
+        *dx_strides, *da_strides, *db_strides,
         float(scaling * keep_scale), float(scaling), keep_threshold(dropout_p),
-        COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
-        ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
-        BLOCK_R=block_r(r), **meta,
     )
-    dA = (da[0] if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
-    dB = (db[0] if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
+    meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
+                ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
+                BLOCK_R=block_r(r))
+    if fixed is not None:
+        _lora_bwd_kernel[grid](*args, **meta, **fixed)
+    else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
+        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, x.dtype, weight.dtype,
+               lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, dev)
+        BWD_TUNED.launch(key, grid, *args, **meta)
+    dA = dB = None
+    if needs_dA:
+        dA = da if atomic else da.sum(0)
+        dA = dA if dA.dtype == lora_A.dtype else dA.to(lora_A.dtype)
+    if needs_dB:
+        dB = db if atomic else db.sum(0)
+        dB = dB if dB.dtype == lora_B.dtype else dB.to(lora_B.dtype)
     return dx, dA, dB

@@ -31,16 +31,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lora_fast.kernels.dropout import (
+from lora_fast.kernels.dropout import keep_mask, keep_threshold
+from lora_fast.kernels.launch import (
     MAX_RANK,
+    TunedKernel,
     autotune_enabled,
     block_r,
     bucket_m,
+    cdiv,
     fixed_meta,
     input_precision,
     interpreting,
-    keep_mask,
-    keep_threshold,
     prune_smem,
 )
 
@@ -179,19 +180,12 @@ def prune_fwd_configs(configs, named_args, **kwargs):
     return prune_smem(kept, named_args, "x_ptr", lambda bm, bn, bk, r: (bm * bk, bk * bn, bk * r))
 
 
-_fwd_tuned = None
-
-
-def _fwd_kernel(dtype: torch.dtype, r: int):
-    """The kernel to launch and its meta: the plain one with a fixed tile under the interpreter or with
-    ``LORA_FAST_AUTOTUNE=0``, else an autotuned wrapper (built once)."""
-    global _fwd_tuned
-    if interpreting() or not autotune_enabled():
-        return _lora_fwd_kernel, fixed_meta(FIXED_FWD_CONFIG, dtype, r)
-    if _fwd_tuned is None:
-        _fwd_tuned = triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"],
-                                     prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel)
-    return _fwd_tuned, {}
+# The GPU launch path (autotuned; steady-state launches skip the tuner's bookkeeping, see TunedKernel).
+FWD_TUNED = TunedKernel(
+    _lora_fwd_kernel,
+    lambda: triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"],
+                            prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel),
+)
 
 
 FWD_VARIANTS = ("one_pass", "xa_first")
@@ -246,34 +240,44 @@ def lora_linear_fwd(
     if variant not in FWD_VARIANTS:
         raise ValueError(f"variant must be one of {FWD_VARIANTS}, got {variant!r}")
     xa_in = variant == "xa_first"
+    # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
+    sxm, sxk = x.stride()
+    sar, sak = lora_A.stride()
+    sbn, sbr = lora_B.stride()
     stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    xa = torch.empty((M, r), dtype=torch.float32, device=x.device) if (write_xa or xa_in) else None
+    dev = x.device
+    y = torch.empty((M, N), dtype=x.dtype, device=dev)
+    xa = torch.empty((M, r), dtype=torch.float32, device=dev) if (write_xa or xa_in) else None
     if M == 0:
         return y, (xa if write_xa else None)
     has_dropout = dropout_p > 0.0
     thr, keep_scale = keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
     precision = input_precision(x.dtype)
+    br = block_r(r)
+    seed_arg = seed if has_dropout else y  # never dereferenced without dropout
     if xa_in:
-        _lora_xa_kernel[(triton.cdiv(M, XA_BLOCK_M),)](
-            x, lora_A, xa, seed if has_dropout else x,
+        _lora_xa_kernel[(cdiv(M, XA_BLOCK_M),)](
+            x, lora_A, xa, seed_arg,
             M, K, r,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            sxm, sxk, sar, sak, r, 1,
             thr, keep_scale,
             HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
-            BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=block_r(r),
+            BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=br,
         )
-    kernel, meta = _fwd_kernel(x.dtype, r)
-    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
-    xa_arg = xa if xa is not None else y  # never dereferenced when neither WRITE_XA nor XA_IN
-    kernel[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa_arg, seed if has_dropout else y,
+    grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    # xa is contiguous (M, r): strides (r, 1); without it the pointer is y's and never dereferenced
+    args = (
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa if xa is not None else y, seed_arg,
         M, N, K, r, bucket_m(M),
-        x.stride(0), x.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        xa_arg.stride(0), xa_arg.stride(1),
+        sxm, sxk, stride_wn, stride_wk, sar, sak, sbn, sbr, N, 1, r, 1,
         float(scaling), thr, keep_scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa and not xa_in, XA_IN=xa_in,
-        INPUT_PRECISION=precision, BLOCK_R=block_r(r), **meta,
     )
+    meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa and not xa_in, XA_IN=xa_in,
+                INPUT_PRECISION=precision, BLOCK_R=br)
+    if interpreting() or not autotune_enabled():  # one fixed tile (the interpreter cannot autotune)
+        _lora_fwd_kernel[grid](*args, **meta, **fixed_meta(FIXED_FWD_CONFIG, x.dtype, r))
+    else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
+        key = (N, K, r, args[12], xa_in, has_dropout, write_xa, x.dtype, lora_A.dtype, lora_B.dtype,
+               None if bias is None else bias.dtype, dev)
+        FWD_TUNED.launch(key, grid, *args, **meta)
     return y, (xa if write_xa else None)

@@ -26,7 +26,7 @@ import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
 from lora_fast.functional import autocast_inputs, seed_tensor
-from lora_fast.kernels import dropout as _drop
+from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
 from lora_fast.kernels import lora_fwd as _fwd
 
@@ -50,15 +50,15 @@ def unsupported_reason(
     """
     dev = x.device
     if dev.type == "cpu":
-        if not _drop.interpreting():
+        if not _launch.interpreting():
             return "CPU tensors run on the Triton path only with TRITON_INTERPRET=1"
-        if not _drop.kernels_interpreted(_fwd._lora_fwd_kernel):
+        if not _launch.kernels_interpreted(_fwd._lora_fwd_kernel):
             return "TRITON_INTERPRET=1 was set after lora_fast.kernels was imported (set it before)"
     elif dev.type != "cuda":
         return f"the Triton kernels run on CUDA tensors, got a {dev.type} tensor"
-    others = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
-    off = {k: t.device for k, t in others.items() if t is not None and t.device != dev}
-    if off:
+    if any(t is not None and t.device != dev for t in (weight, lora_A, lora_B, bias)):
+        others = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
+        off = {k: t.device for k, t in others.items() if t is not None and t.device != dev}
         return f"x is on {dev} but {', '.join(f'{k} on {d}' for k, d in off.items())}"
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
         return f"x ({x.dtype}) and weight ({weight.dtype}) must be fp32, fp16 or bf16"
@@ -72,8 +72,8 @@ def unsupported_reason(
             return f"{name} dtype {t.dtype} is not supported (fp32/fp16/bf16)"
     if dtype == torch.bfloat16 and dev.type == "cpu":
         return "bf16 is not supported under TRITON_INTERPRET (the interpreter's bf16 tl.dot is wrong); use a GPU"
-    if lora_A.shape[0] > _drop.MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {_drop.MAX_RANK}"
+    if lora_A.shape[0] > _launch.MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {_launch.MAX_RANK}"
     if x.shape[-1] == 0:
         return "in_features is 0"
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -137,12 +137,12 @@ def lora_linear_triton(
     seed_t = seed_tensor(seed, dev) if p > 0.0 else None
     x, weight, bias = autocast_inputs(x, weight, bias)
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)  # (M, K): a view when the leading dims allow it; 2-D strides are passed to the kernels
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # (M, K): a view where it can be; strides go to the kernels
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    with torch.autocast(dev.type, enabled=False):
-        if torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
-            y = LoRALinearFn.apply(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t, fan_in_fan_out)
-        else:  # nothing to differentiate: no Function, nothing saved, xa not written
-            y, _ = _fwd.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t,
-                                        fan_in_fan_out, write_xa=False)
-    return y.reshape(*lead, N)
+    # no autocast guard needed here: the launchers call no autocast-eligible op (only allocations and kernels)
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+        y = LoRALinearFn.apply(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t, fan_in_fan_out)
+    else:  # nothing to differentiate: no Function, nothing saved, xa not written
+        y, _ = _fwd.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed_t,
+                                    fan_in_fan_out, write_xa=False)
+    return y if len(lead) == 1 else y.reshape(*lead, N)

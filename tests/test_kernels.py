@@ -272,7 +272,7 @@ def test_deterministic_reduction_is_reproducible_and_matches_atomics():
     # so equal results alone would not show which one ran)
     from lora_fast.kernels import lora_bwd
 
-    seen, real = [], lora_bwd._bwd_kernel
+    seen, real = [], lora_bwd._bwd_fixed_meta
 
     def spy(deterministic, *args):
         seen.append(deterministic)
@@ -281,10 +281,10 @@ def test_deterministic_reduction_is_reproducible_and_matches_atomics():
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        lora_bwd._bwd_kernel = spy
+        lora_bwd._bwd_fixed_meta = spy
         auto = lora_linear_bwd(dy, x, xa, w, a, bb, 0.7, p, st)
     finally:
-        lora_bwd._bwd_kernel = real
+        lora_bwd._bwd_fixed_meta = real
         torch.use_deterministic_algorithms(prev)
     assert seen == [True]
     assert all(torch.equal(u, v) for u, v in zip(auto, det1, strict=True))
@@ -319,7 +319,7 @@ def test_uniform_is_bit_identical_to_tl_rand():
 def test_autotune_pruning_respects_the_shared_memory_budget(dtype, r):
     """GPU configs are pruned against the shared-memory budget (checked here on the config lists themselves; the
     configs are compiled only on a GPU). fp32 at rank 128 keeps only tiles every recent GPU can run."""
-    from lora_fast.kernels.dropout import SMEM_BUDGET, block_r, smem_estimate
+    from lora_fast.kernels.launch import SMEM_BUDGET, block_r, smem_estimate
     from lora_fast.kernels.lora_bwd import get_bwd_configs, prune_bwd_configs
     from lora_fast.kernels.lora_fwd import get_fwd_configs, prune_fwd_configs
 

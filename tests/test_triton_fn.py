@@ -307,7 +307,7 @@ def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
 
 def test_fp32_precision_api_is_honoured():
     """torch's newer fp32_precision API must not break the path (reading the legacy flag after it raises)."""
-    from lora_fast.kernels.dropout import input_precision
+    from lora_fast.kernels.launch import input_precision
 
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):

@@ -1,0 +1,165 @@
+"""Host-side launch helpers shared by the LoRA launchers: environment switches, tile and autotune helpers, and
+``TunedKernel`` (an autotuned kernel whose steady-state launches skip the autotuner's per-launch bookkeeping).
+
+No Triton kernels here: ``lora_fwd.py``, ``lora_bwd.py`` and ``dropout.py`` hold those.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_RANK = 128  # the rank tile (BLOCK_R) lives in registers next to the output tile; 128 is the largest we allow
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set: kernels run on CPU tensors through triton's numpy interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def autotune_enabled() -> bool:
+    """False when ``LORA_FAST_AUTOTUNE=0``: the GPU kernels then launch one fixed, everywhere-valid tile instead of
+    timing their config lists on each new (shape, rank, M-bucket) key — for tests of many small shapes, and for
+    launches that must not spend the first call of each shape on tuning."""
+    return os.environ.get("LORA_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fixed_stages(dtype: torch.dtype, r: int) -> int:
+    """Pipeline depth of the fixed 64×64×64 tile: 3, or 2 for fp32 at rank > 64 (whose rank tile would otherwise
+    exceed the ~99 KiB of shared memory of consumer GPUs)."""
+    return 2 if dtype == torch.float32 and r > 64 else 3
+
+
+def fixed_meta(tile: dict, dtype: torch.dtype, r: int) -> dict:
+    """Launch meta for a kernel run without autotuning: the tile, plus warps and pipeline depth on a GPU (the
+    interpreter takes neither)."""
+    return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
+
+
+def kernels_interpreted(fn) -> bool:
+    """Whether a ``@triton.jit`` object was built by the interpreter (decided once, when its module was imported)."""
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands: IEEE unless torch itself allows TF32 for matmuls (a drop-in must
+    give the numbers ``F.linear`` gives). fp16/bf16 dots are unaffected by this flag."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for fp16/bf16 operands
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9 prefers fp32_precision; reading the legacy flag after it was set raises
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is not None and precision != "none":
+            return "tf32" if precision == "tf32" else "ieee"
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:
+        return "tf32" if getattr(matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
+
+
+# Host-side integer helpers. Plain Python on purpose: ``triton.cdiv`` and ``triton.next_power_of_2`` are
+# ConstexprFunction objects costing ~3 µs per host call (triton 3.9, measured with timeit) — a dozen of them per
+# layer call was a measurable part of the launch overhead (benchmarks/host_overhead.py).
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for non-negative a and positive b."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def bucket_m(m: int) -> int:
+    """Autotune key for the row count: the next power of two (capped), so that each new sequence length does not
+    re-tune (as Liger's ``get_bucket_m`` and flash-attention's ``CACHE_KEY_M``)."""
+    return min(next_pow2(m), 1 << 16)
+
+
+def block_r(r: int) -> int:
+    """The rank padded to a power of two >= 16: a GPU ``tl.dot`` needs every dimension >= 16; the padding columns
+    are masked to zero on load, so they contribute nothing."""
+    return max(16, next_pow2(r))
+
+
+# Shared-memory budget for autotune pruning. On a GPU: the device's own per-block limit (H100 ~227 KiB, A100 ~163,
+# consumer Ampere/Ada ~99); elsewhere 96 KiB, which every recent NVIDIA GPU allows. Estimate per config:
+# (num_stages − 1) × (A-tile + B-tile + rank tile) × element size — the buffers the software pipeline keeps in flight.
+SMEM_BUDGET = 96 * 1024
+
+
+def smem_budget(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (``SMEM_BUDGET`` when it cannot be queried)."""
+    if device.type != "cuda":
+        return SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BUDGET)
+
+
+def smem_estimate(num_stages: int, tiles: tuple[int, ...], elem_bytes: int) -> int:
+    """Bytes of shared memory a pipelined tile loop needs: (stages − 1) × Σ tile elements × element size."""
+    return max(num_stages - 1, 1) * sum(tiles) * elem_bytes
+
+
+def prune_smem(configs, named_args, ptr: str, tiles) -> list:
+    """Keep the autotune configs whose pipelined tiles fit the device's shared memory (the smallest if none does).
+
+    Args:
+        configs: triton.Config list with BLOCK_M, BLOCK_N, BLOCK_K. named_args: the launch's arguments.
+        ptr: the argument whose element size and device set the estimate ("x_ptr", "dy_ptr").
+        tiles: (BLOCK_M, BLOCK_N, BLOCK_K, padded rank) -> element counts of the tiles one pipeline stage holds.
+    """
+    r_pad, t = block_r(named_args["R"]), named_args[ptr]
+
+    def estimate(c):
+        kw = c.kwargs
+        return smem_estimate(c.num_stages, tiles(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], r_pad), t.element_size())
+
+    budget = smem_budget(t.device)
+    return [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]
+
+
+def config_meta(config) -> dict:
+    """A ``triton.Config`` as launch keywords (its tile constants and num_warps/num_stages/...), as the autotuner
+    itself passes them to the kernel (``Config.all_kwargs``; older triton: kwargs plus warps and stages)."""
+    if hasattr(config, "all_kwargs"):
+        return config.all_kwargs()
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+class TunedKernel:
+    """An autotuned Triton kernel whose launches, once the tuner has chosen a config for a launch key, go straight
+    to the JIT kernel with that config.
+
+    ``triton.autotune``'s wrapper redoes its bookkeeping on every launch — a dict of all arguments, a filter of it
+    against the argument-name list, ``str(dtype)`` of each tensor — which cost ~29 µs per launch of the LoRA
+    forward kernel (38 arguments) on a 2-core CPU even with the key cached (measured with a stubbed kernel;
+    benchmarks/PERF_NOTES.md, "host overhead"). Here the first launch of each ``key`` goes through the tuner
+    (timing the configs if the tuner has not seen its own key yet) and records ``tuner.best_config``, the config
+    it just launched; later launches with that key call ``kernel[grid](..., **config)``: what the tuner itself
+    would call.
+
+    ``key`` must determine the tuner's key (it may be finer): the launchers use every autotune key argument plus
+    the dtypes and presence of every tensor argument. Not thread-safe for the first launch of a key (two threads
+    tuning at once could record each other's config; both are valid configs for either key, only not the best).
+    """
+
+    def __init__(self, kernel, build_tuner):
+        self.kernel = kernel  # the @triton.jit function
+        self._build_tuner = build_tuner  # () -> triton.autotune(...)(kernel), built on the first launch
+        self.tuner = None
+        self.chosen: dict[tuple, dict] = {}  # launch key -> launch keywords of the config the tuner chose
+
+    def launch(self, key: tuple, grid, *args, **meta) -> None:
+        chosen = self.chosen.get(key)
+        if chosen is not None:
+            self.kernel[grid](*args, **meta, **chosen)
+            return
+        if self.tuner is None:
+            self.tuner = self._build_tuner()
+        self.tuner[grid](*args, **meta)
+        best = getattr(self.tuner, "best_config", None)
+        if best is not None:
+            self.chosen[key] = config_meta(best)

@@ -1,0 +1,113 @@
+"""Host-side launch helpers (``lora_fast.kernels.launch``): integer helpers, and ``TunedKernel``'s routing — the
+first launch of a key through the autotuner, later ones straight to the kernel with the config it chose.
+
+On a CPU the routing is checked with a recording stand-in for the tuner and the kernel (the interpreter cannot
+autotune); on a GPU ``test_autotuned_path_matches_fixed_tile_gpu`` runs the real autotuned launchers twice per key
+(tuned, then direct) against the fixed-tile launch.
+"""
+
+# ruff: noqa: I001  (the kernels are imported after tests.triton_interpret has set up the interpreter)
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.triton_interpret import HAS_CUDA, interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close
+
+from lora_fast.kernels.launch import TunedKernel, block_r, bucket_m, cdiv, config_meta, next_pow2
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 15, 16, 17, 1000, 2**20 + 1])
+def test_integer_helpers(n):
+    assert next_pow2(n) == (1 if n <= 1 else 2 ** math.ceil(math.log2(n)))
+    assert next_pow2(n) >= max(n, 1) and next_pow2(n) & (next_pow2(n) - 1) == 0
+    for b in (1, 7, 64):
+        assert cdiv(n, b) == math.ceil(n / b)
+    assert bucket_m(n) == min(next_pow2(n), 1 << 16)
+    assert block_r(n) == max(16, next_pow2(n))
+
+
+class _Config:  # the attributes of triton.Config that config_meta reads (older triton: no all_kwargs)
+    def __init__(self, bm):
+        self.kwargs, self.num_warps, self.num_stages = {"BLOCK_M": bm}, 4, 3
+
+
+class _Recorder:
+    """Stands in for a jit kernel or an autotuner: ``obj[grid](*args, **meta)`` records the call."""
+
+    def __init__(self, name, log, best=None):
+        self.name, self.log, self.best = name, log, best
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.log.append((self.name, args, meta))
+            if self.best is not None:
+                self.best_config = self.best[args[0]]  # the tuner records the config it launched
+
+        return launch
+
+
+def test_tuned_kernel_routes_first_launch_through_the_tuner_then_direct():
+    log, builds = [], []
+    best = {"a": _Config(64), "b": _Config(128)}
+
+    def build():
+        builds.append(1)
+        return _Recorder("tuner", log, best)
+
+    tk = TunedKernel(_Recorder("kernel", log), build)
+    tk.launch(("key-a",), None, "a", 1, FLAG=True)
+    tk.launch(("key-a",), None, "a", 2, FLAG=True)
+    tk.launch(("key-b",), None, "b", 3, FLAG=False)
+    tk.launch(("key-b",), None, "b", 4, FLAG=False)
+    tk.launch(("key-a",), None, "a", 5, FLAG=True)
+    assert builds == [1]  # the tuner is built once, on the first launch
+    assert [(n, a[1]) for n, a, _ in log] == [("tuner", 1), ("kernel", 2), ("tuner", 3), ("kernel", 4),
+                                            ("kernel", 5)]
+    assert log[1][2] == {"FLAG": True, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # key a's config
+    assert log[3][2] == {"FLAG": False, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3}  # key b's config
+    assert log[4][2]["BLOCK_M"] == 64
+
+
+def test_config_meta_matches_triton_config():
+    triton = pytest.importorskip("triton")
+    cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    meta = config_meta(cfg)
+    assert {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} == {
+        "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="autotuning compiles and times configs on a CUDA GPU (the interpreter runs "
+                    "one fixed tile); runs in the GPU job (benchmarks/run_gpu.sh tests)")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p):
+    """The autotuned launchers — first call tuned, second launched directly with the chosen config — give the
+    fixed-tile results (same mask, same math; tile order changes fp32 summation only)."""
+    from lora_fast.kernels.dropout import seed_tensor
+    from lora_fast.kernels.lora_bwd import BWD_TUNED, lora_linear_bwd
+    from lora_fast.kernels.lora_fwd import FWD_TUNED, lora_linear_fwd
+
+    torch.manual_seed(0)
+    M, K, N, r = 300, 192, 320, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16) / K**0.5
+    a, bb = torch.randn(r, K, device="cuda") / K**0.5, torch.randn(N, r, device="cuda") / r**0.5
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    st = seed_tensor(7, "cuda") if p else None
+
+    def run():
+        y, xa = lora_linear_fwd(x, w, None, a, bb, 0.5, p, st, True)
+        return (y, *lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, True, deterministic=False))
+
+    monkeypatch.setenv("LORA_FAST_AUTOTUNE", "0")
+    fixed = run()
+    monkeypatch.setenv("LORA_FAST_AUTOTUNE", "1")
+    n_fwd, n_bwd = len(FWD_TUNED.chosen), len(BWD_TUNED.chosen)
+    tuned, direct = run(), run()
+    assert len(FWD_TUNED.chosen) == n_fwd + 1 and len(BWD_TUNED.chosen) == n_bwd + 1  # recorded, then reused
+    for name, f, t, d in zip(("y", "dx", "dA", "dB"), fixed, tuned, direct, strict=True):
+        assert_rel_close(t, f.double(), 1e-2, f"{name} tuned")
+        assert_rel_close(d, f.double(), 1e-2, f"{name} direct")
