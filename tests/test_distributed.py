@@ -82,13 +82,14 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
 
-def _check_against_single(ref: Path, out: Path, dump: Path, proc, mode: str) -> dict:
+def _check_against_single(ref: Path, out: Path, dump: Path, proc, mode: str, world: int = 2,
+                          backend: str = "gloo") -> dict:
     from safetensors.torch import load_file
 
-    ranks = [load_file(dump / f"rank{k}.safetensors") for k in range(2)]
-    assert len(ranks[0]) == 8 and ranks[0].keys() == ranks[1].keys()
+    ranks = [load_file(dump / f"rank{k}.safetensors") for k in range(world)]
+    assert len(ranks[0]) == 8 and all(r.keys() == ranks[0].keys() for r in ranks)
     for k in ranks[0]:  # the replicas (DDP) / the gathered shards (FSDP) are the same, bit for bit
-        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert all(torch.equal(ranks[0][k], r[k]) for r in ranks[1:]), k
     single, saved = _adapter(ref), _adapter(out)
     assert single.keys() == saved.keys()
     for k, v in saved.items():
@@ -99,7 +100,7 @@ def _check_against_single(ref: Path, out: Path, dump: Path, proc, mode: str) -> 
         if "lora_B" in k:
             assert v.abs().max() > 0, k  # it trained (B starts at 0)
     m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (out, ref))
-    assert (m["distributed"], m["world_size"], m["dist_backend"], m["global_batch_size"]) == (mode, 2, "gloo", 8)
+    assert (m["distributed"], m["world_size"], m["dist_backend"], m["global_batch_size"]) == (mode, world, backend, 8)
     assert m["tokens_seen"] == m1["tokens_seen"] == 4 * 8 * 32
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"]), LOSS_TOL, "train loss")
     assert m["parameters"]["trainable"] == TRAINABLE
@@ -120,6 +121,22 @@ def test_ddp_two_ranks_equal_one_process(setup):
     m = _check_against_single(ref, out, dump, proc, "ddp")
     assert m["grad_allreduce_numel_per_step"] == TRAINABLE
     assert m["per_device_batch_size"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs CUDA GPUs: runs in the GPU job (run_gpu.sh "
+                    "tests) with as many ranks as GPUs, up to 2 (the lent machines have one: a 1-rank NCCL group)")
+def test_ddp_nccl_gpu_equals_one_cpu_process(setup):
+    """DDP over NCCL, one rank per GPU (up to 2), fused Triton path in fp32 (IEEE dots unless torch allows TF32),
+    global batch 8 as the one-process CPU reference run: the same adapter within fp32 summation-order error."""
+    root, ref = setup
+    world = min(2, torch.cuda.device_count())
+    common = [a for a in COMMON]
+    common[common.index("--backend") + 1], common[common.index("--device") + 1] = "triton", "cuda"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    out, dump, proc = _torchrun(root, f"ddp-nccl{world}", ["--batch_size", str(8 // (2 * world)),
+                                                          "--gradient_accumulation_steps", "2"],
+                                launcher=launcher, common=tuple(common))
+    _check_against_single(ref, out, dump, proc, "ddp", world=world, backend="nccl")
 
 
 def test_fsdp_two_ranks_equal_one_process(setup):
