@@ -13,6 +13,11 @@ Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only — o
 run, whose timings are never kernel timings, so it is skipped with a message), ``peft`` (``get_peft_model`` with
 ``fan_in_fan_out=True``), ``reference`` (``apply_lora(..., backend="reference")``).
 
+``--compile MODE`` runs each provider's model under ``torch.compile(mode=MODE)`` (``default`` or
+``reduce-overhead``, the latter with CUDA graphs: no per-launch host cost) and records it as provider
+``<name>+compile`` (``<name>+compile:<MODE>`` for a non-default mode): lora_fast's layers enter the graph as the
+``lora_fast::lora_linear`` custom op (issue 7), PEFT's as traced aten ops. The optimizer step stays eager.
+
 Modes and metrics (rows of ``bench=gpt2``): ``train`` — one optimizer step (forward, backward, AdamW step,
 zero_grad): time (ms), tokens_per_s, peak_mem (MB above the live model and optimizer state); ``infer_unmerged`` and
 ``infer_merged`` — a no-grad forward with the adapters separate, then folded into the weights: time, tokens_per_s,
@@ -96,11 +101,23 @@ def set_merged(model: nn.Module, provider: str, merged: bool) -> None:
         merge_lora(model) if merged else unmerge_lora(model)
 
 
-def prepare_provider(provider: str, shape: dict, device: torch.device | str, model_path: str | None = None) -> dict:
+def provider_label(provider: str, compile_mode: str | None) -> str:
+    """The provider name recorded in the CSV: ``lora_fast``, ``lora_fast+compile``, ``peft+compile:reduce-overhead``."""
+    if compile_mode is None:
+        return provider
+    return f"{provider}+compile" + ("" if compile_mode == "default" else f":{compile_mode}")
+
+
+def prepare_provider(provider: str, shape: dict, device: torch.device | str, model_path: str | None = None,
+                     compile_mode: str | None = None, compile_backend: str = "inductor") -> dict:
     """Build provider's LoRA GPT-2, its optimizer and a batch source.
 
+    Args:
+        compile_mode: None (eager), or a ``torch.compile`` mode the forward (and so backward) runs under.
+        compile_backend: the ``torch.compile`` backend (``aot_eager`` for a quick CPU check).
+
     Returns:
-        {"train": one optimizer step, "infer": one no-grad forward, "model": the model}.
+        {"train": one optimizer step, "infer": one no-grad forward, "model": the (uncompiled) model}.
     """
     device = torch.device(device)
     B, T = shape["batch"], shape["seq"]
@@ -112,6 +129,10 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
         raise RuntimeError(f"{trainable} trainable parameters, expected {shape['n_layer'] * per_block}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = [torch.randint(1, shape["vocab"], (B, T), device=device) for _ in range(3)]  # (B, T), never zeros
+    run = model
+    if compile_mode is not None:
+        torch._dynamo.reset()  # a fresh cache per provider
+        run = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, backend=compile_backend)
     count = [0]
 
     def next_ids():
@@ -121,14 +142,14 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
     def train_step():
         ids = next_ids()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def infer():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            model(input_ids=next_ids())
+            run(input_ids=next_ids())
 
     return {"train": train_step, "infer": infer, "model": model}
 
@@ -136,9 +157,12 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
 def run_provider(provider: str, shape: dict, device: torch.device, args, env) -> list[dict]:
     """All rows of one provider."""
     B, T = shape["batch"], shape["seq"]
-    case = prepare_provider(provider, shape, device, args.model_path)
+    case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend)
     model = case["model"]
+    label = provider_label(provider, args.compile)
     config = {**shape, **LORA, "dtype": "bf16-autocast", "targets": TARGETS}
+    if args.compile is not None and args.compile_backend != "inductor":
+        config["compile_backend"] = args.compile_backend
     if device.type == "cpu":
         config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
     rows, merged = [], False
@@ -151,10 +175,10 @@ def run_provider(provider: str, shape: dict, device: torch.device, args, env) ->
         t = utils.measure_time(fn, warmup=args.warmup, rep=args.rep, device=device)
         mb = utils.peak_memory_mb(fn, device=device)
         tps = [B * T / (ms / 1e3) for ms in t[::-1]]  # p20 of tokens/s comes from p80 of time
-        rows += [utils.make_row("gpt2", provider, mode, "time", config, t, env),
-                 utils.make_row("gpt2", provider, mode, "tokens_per_s", config, tps, env),
-                 utils.make_row("gpt2", provider, mode, "peak_mem", config, [mb], env)]
-        print(f"  {provider:<10}{mode:<15} {t[1]:9.2f} ms [{t[0]:.2f}, {t[2]:.2f}]  {tps[1]:10.0f} tokens/s  "
+        rows += [utils.make_row("gpt2", label, mode, "time", config, t, env),
+                 utils.make_row("gpt2", label, mode, "tokens_per_s", config, tps, env),
+                 utils.make_row("gpt2", label, mode, "peak_mem", config, [mb], env)]
+        print(f"  {label:<18}{mode:<15} {t[1]:9.2f} ms [{t[0]:.2f}, {t[2]:.2f}]  {tps[1]:10.0f} tokens/s  "
               f"peak {mb:9.1f} MB", flush=True)
     return rows
 
@@ -167,6 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="sequences per step (default 8; 2 with --quick)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 64 with --quick)")
     p.add_argument("--model-path", help="a local GPT-2 checkpoint directory (weights do not change speed)")
+    p.add_argument("--compile", choices=["default", "reduce-overhead"],
+                   help="run each model under torch.compile with this mode (provider recorded as <name>+compile)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; 1 with --quick)")
     p.add_argument("--rep", type=int, help="timed steps (default 10; 4 with --quick)")
     utils.add_common_args(p)

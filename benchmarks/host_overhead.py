@@ -49,7 +49,6 @@ def tuner_overhead(calls: int, rep: int) -> dict[str, float]:
     tuned, and through ``TunedKernel``'s direct path — both around a no-op kernel, so only the wrappers count."""
     import torch
     import triton
-
     from lora_fast.kernels import launch, lora_fwd
 
     class _NoOpKernel:  # what the wrappers call: JITFunction.run / JITFunction[grid]

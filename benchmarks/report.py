@@ -109,13 +109,17 @@ def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
         extra = f", CPU threads: {cfg['threads']}" if "threads" in cfg else ""
         out += [f"**{cfg['model']}** ({cfg['n_layer']} layers, {cfg['n_embd']} wide), batch {cfg['batch']} × "
                 f"{cfg['seq']}, r={cfg['r']} α={cfg['alpha']} dropout={cfg['dropout']}, {cfg['dtype']}{extra}", "",
-                "| provider | mode | ms [p20–p80] | tokens/s | vs peft | peak MB |", "|---|---|---:|---:|---:|---:|"]
+                "| provider | mode | ms [p20–p80] | tokens/s | vs peft (compiled alike) | peak MB |", "|---|---|---:|---:|---:|---:|"]
+        present = {r["provider"] for r in rows if r["config"] == c}
+        compiled = sorted(p for p in present if "+compile" in p)  # bench_gpt2 --compile: <name>+compile[:mode]
         for mode in ("train", "infer_unmerged", "infer_merged"):
-            peft_tps = p50(idx, "gpt2", dev, c, "peft", mode, "tokens_per_s")
-            for prov in GPT2_PROVIDERS:
+            for prov in [*GPT2_PROVIDERS, *compiled]:
                 t = idx.get(("gpt2", dev, c, prov, mode, "time"))
                 if t is None:
                     continue
+                # a compiled provider is compared with PEFT compiled the same way (eager with eager)
+                peer = "peft" + (prov[prov.index("+compile"):] if "+compile" in prov else "")
+                peft_tps = p50(idx, "gpt2", dev, c, peer, mode, "tokens_per_s")
                 tps = p50(idx, "gpt2", dev, c, prov, mode, "tokens_per_s")
                 out.append(f"| {prov} | {mode} | {float(t['p50']):.4g} [{float(t['p20']):.4g}–{float(t['p80']):.4g}] "
                            f"| {fmt(tps, '.4g')} | {fmt(ratio(tps, peft_tps), '.2f')} | "

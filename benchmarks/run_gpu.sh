@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR [STAGE ...]
 #
-# Stages (default: all but pytest-bench, in this order):
+# Stages (default: env tests layer-bf16 layer-fp32 layer-compile gpt2 report, in this order):
 #   env           nvidia-smi, versions                                     -> OUT_DIR/env.txt
 #   tests         python -m pytest tests, LORA_FAST_AUTOTUNE=0 (GPU-only tests run when CUDA is there) -> OUT_DIR/tests.log
 #   tests-kernels the GPU-relevant test files only (kernels, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
@@ -13,6 +13,8 @@
 #   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
+#   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
+#   host          host µs per layer call (launch overhead), base / peft / reference / lora_fast -> OUT_DIR/host.json
 #   pytest-bench  pytest benchmarks --benchmark-only (json)                -> OUT_DIR/pytest_bench.json
 #   report        SUMMARY.md and PNGs from OUT_DIR/results.csv             -> OUT_DIR/SUMMARY.md, *.png
 #
@@ -81,6 +83,10 @@ for stage in "${STAGES[@]}"; do
         layer-compile) run layer-compile bench_layer_compile.log python -m benchmarks.bench_layer --dtypes bf16 \
             --ranks 16 --dropouts 0.1 --providers torch_compile --csv "$CSV" ${LAYER_ARGS:-} ;;
         gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --csv "$CSV" ;;
+        gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c "$PY -m benchmarks.bench_gpt2 --modes train \
+            --providers lora_fast peft --compile default --csv '$CSV' && $PY -m benchmarks.bench_gpt2 --modes train \
+            --providers lora_fast peft --compile reduce-overhead --csv '$CSV'" ;;
+        host) run host host.log "$PY" -m benchmarks.host_overhead --device cuda --json "$OUT/host.json" ;;
         pytest-bench) run pytest-bench pytest_bench.log python -m pytest benchmarks --benchmark-only -q \
             -p no:cacheprovider --benchmark-json "$OUT/pytest_bench.json" ;;
         report) run report report.log python -m benchmarks.report --csv "$CSV" --out "$OUT" ;;

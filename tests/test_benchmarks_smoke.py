@@ -157,3 +157,19 @@ def test_report_checks_the_issue_targets_on_gpu_rows(tmp_path):
     assert "| c_fc: peft / lora_fast time ≥ 1.5 | 1.538 | met |" in text
     assert "| GPT-2 train: lora_fast / peft tokens/s ≥ 1.25 | 1.300 | met |" in text
     assert "| GPT-2 train: lora_fast / peft peak memory < 1 | 0.900 | met |" in text
+
+
+@pytest.mark.skipif(not CPU, reason="CPU smoke test; on a GPU benchmarks/run_gpu.sh runs the compiled GPT-2 step")
+def test_gpt2_compile_rows_are_labelled(tmp_path):
+    """``--compile`` records the compiled model as its own provider (aot_eager here: no C++ build on CPU)."""
+    path = tmp_path / "results.csv"
+    args = ["--quick", "--providers", "reference", "--modes", "train", "--batch", "1", "--seq", "16", "--rep", "1",
+            "--warmup", "1", "--threads", "1", "--compile", "default", "--compile-backend", "aot_eager"]
+    assert bench_gpt2.main([*args, "--csv", str(path)]) == 0
+    _, rows = read(path)
+    assert {(r["provider"], r["mode"], r["metric"]) for r in rows} == {
+        ("reference+compile", "train", m) for m in ("time", "tokens_per_s", "peak_mem")}
+    for row in rows:
+        check_row(row)
+        assert json.loads(row["config"])["compile_backend"] == "aot_eager"
+    assert bench_gpt2.provider_label("peft", "reduce-overhead") == "peft+compile:reduce-overhead"
