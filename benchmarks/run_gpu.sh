@@ -14,6 +14,7 @@
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
 #   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
+#   gemm-probe    GEMM-core variants (pointer/TMA tiles, persistent) vs cuBLAS and lora_fast -> OUT_DIR/gemm_probe.json
 #   host          host µs per layer call (launch overhead), base / peft / reference / lora_fast -> OUT_DIR/host.json
 #   pytest-bench  pytest benchmarks --benchmark-only (json)                -> OUT_DIR/pytest_bench.json
 #   report        SUMMARY.md and PNGs from OUT_DIR/results.csv             -> OUT_DIR/SUMMARY.md, *.png
@@ -86,6 +87,7 @@ for stage in "${STAGES[@]}"; do
         gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c "$PY -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile default --csv '$CSV' && $PY -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile reduce-overhead --csv '$CSV'" ;;
+        gemm-probe) run gemm-probe gemm_probe.log "$PY" -m benchmarks.gemm_probe --json "$OUT/gemm_probe.json" ;;
         host) run host host.log "$PY" -m benchmarks.host_overhead --device cuda --json "$OUT/host.json" ;;
         pytest-bench) run pytest-bench pytest_bench.log python -m pytest benchmarks --benchmark-only -q \
             -p no:cacheprovider --benchmark-json "$OUT/pytest_bench.json" ;;

@@ -173,3 +173,22 @@ def test_gpt2_compile_rows_are_labelled(tmp_path):
         check_row(row)
         assert json.loads(row["config"])["compile_backend"] == "aot_eager"
     assert bench_gpt2.provider_label("peft", "reduce-overhead") == "peft+compile:reduce-overhead"
+
+
+@pytest.mark.skipif(not CPU, reason="interpreter check; on a GPU `python -m benchmarks.gemm_probe` checks (bf16) and "
+                    "times the variants")
+def test_gemm_probe_variants_compute_the_product():
+    """The GEMM-core probe's variants (pointer and TMA-descriptor tiles, persistent grid) compute x·W₀ and dy·W₀ᵀ
+    (odd M, fp32 under the interpreter): a timing of a wrong kernel would be meaningless. Runs in a subprocess
+    because the probe's kernels are interpreted only if TRITON_INTERPRET=1 is set before their module is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gemm_probe", "--check"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errs = json.loads(proc.stdout)
+    assert set(errs) == {f"{g}/{v}" for g in ("fwd", "dx") for v in ("ptr32", "ptr64", "tma", "tma_persist")}
+    assert all(e < 1e-5 for e in errs.values()), errs
