@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -115,8 +116,14 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                           else "xa_first")
     xk = x * keep / (1 - p) if p else x
     torch_y = torch.addmm(bias, x, w) + s * (xk.to(dtype) @ A.t().to(dtype)) @ B.t().to(dtype)
+    y_cb, xa_cb = lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, seed if p else None, True, variant="cublas")
+    dx_cb, dA_cb, dB_cb = lora_bwd.lora_linear_bwd(dy, x, xa_cb, w, A, B, s, p, seed if p else None, True,
+                                                   variant="cublas")
     out["err"] = {"y": rel(y, ref["y"]), "y_other_variant": rel(y_other, ref["y"]), "dx": rel(dx, ref["dx"]),
-                  "dA": rel(dA, ref["dA"]), "dB": rel(dB, ref["dB"]), "torch_y": rel(torch_y, ref["y"])}
+                  "dA": rel(dA, ref["dA"]), "dB": rel(dB, ref["dB"]), "torch_y": rel(torch_y, ref["y"]),
+                  "y_cublas": rel(y_cb, ref["y"]), "dx_cublas": rel(dx_cb, ref["dx"]),
+                  "dA_cublas": rel(dA_cb, ref["dA"]), "dB_cublas": rel(dB_cb, ref["dB"])}
+    del y_cb, xa_cb, dx_cb, dA_cb, dB_cb
     del ref
 
     # --- pieces
@@ -129,6 +136,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     t["bwd_dx_only"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, needs_dA=False,
                                                              needs_dB=False))
     t["bwd_atomic"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=False))
+    t["bwd_cublas"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="cublas"))
     t["bwd_determ"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=True))
     t["mask_MK"] = bench(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     g = {}  # the same pieces from CUDA graphs
@@ -140,6 +148,8 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                                                  needs_dA=False, needs_dB=False))
     g["bwd_atomic"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
                                                                 deterministic=False))
+    g["bwd_cublas"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
+                                                                variant="cublas"))
     g["mask_MK"] = graph_ms(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     out["graph_ms"] = g
 
@@ -174,6 +184,12 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     out["ms"] = t
     g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy))
     g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy))
+    os.environ["LORA_FAST_FWD_VARIANT"] = os.environ["LORA_FAST_BWD_VARIANT"] = "cublas"  # the module path, forced
+    try:
+        g["layer_lora_fast_cublas"] = graph_ms(lambda: lf(xg).backward(dy))
+        t["cpu_lora_fast_cublas"] = host_ms(lambda: lf(xg).backward(dy))
+    finally:
+        del os.environ["LORA_FAST_FWD_VARIANT"], os.environ["LORA_FAST_BWD_VARIANT"]
     if "layer_peft" in t:
         g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy))
     cfgs = {}

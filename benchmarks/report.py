@@ -109,7 +109,8 @@ def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
         extra = f", CPU threads: {cfg['threads']}" if "threads" in cfg else ""
         out += [f"**{cfg['model']}** ({cfg['n_layer']} layers, {cfg['n_embd']} wide), batch {cfg['batch']} × "
                 f"{cfg['seq']}, r={cfg['r']} α={cfg['alpha']} dropout={cfg['dropout']}, {cfg['dtype']}{extra}", "",
-                "| provider | mode | ms [p20–p80] | tokens/s | vs peft (compiled alike) | peak MB |", "|---|---|---:|---:|---:|---:|"]
+                "| provider | mode | ms [p20–p80] | tokens/s | vs peft (compiled alike) | peak MB |",
+                "|---|---|---:|---:|---:|---:|"]
         present = {r["provider"] for r in rows if r["config"] == c}
         compiled = sorted(p for p in present if "+compile" in p)  # bench_gpt2 --compile: <name>+compile[:mode]
         for mode in ("train", "infer_unmerged", "infer_merged"):

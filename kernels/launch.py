@@ -25,6 +25,17 @@ def autotune_enabled() -> bool:
     return os.environ.get("LORA_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def variant_override(env: str, allowed: tuple[str, ...]) -> str | None:
+    """The kernel variant forced by the environment variable ``env`` (None when unset or empty): how a benchmark
+    times a variant through the whole module path. An unknown name is an error, never ignored."""
+    value = os.environ.get(env, "").strip().lower()
+    if not value:
+        return None
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r} is not one of {allowed}")
+    return value
+
+
 def fixed_stages(dtype: torch.dtype, r: int) -> int:
     """Pipeline depth of the fixed 64×64×64 tile: 3, or 2 for fp32 at rank > 64 (whose rank tile would otherwise
     exceed the ~99 KiB of shared memory of consumer GPUs)."""

@@ -41,7 +41,9 @@ from lora_fast.kernels.launch import (
     input_precision,
     interpreting,
     prune_smem,
+    variant_override,
 )
+from lora_fast.kernels.lora_bwd_cublas import lora_linear_bwd_cublas
 
 
 @triton.jit
@@ -173,6 +175,20 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> dict | N
     return None
 
 
+BWD_VARIANTS = ("fused", "cublas")
+
+
+def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool) -> str:
+    """Which backward to run: ``fused`` (``_lora_bwd_kernel``: dx, dA, dB in one kernel) or ``cublas``
+    (``lora_bwd_cublas``: cuBLAS dgrad plus two skinny Triton passes; atomics only). ``fused`` until a GPU
+    measurement says where ``cublas`` wins (benchmarks/PERF_NOTES.md); ``LORA_FAST_BWD_VARIANT`` forces one
+    (deterministic mode always runs ``fused``, the variant with a reproducible reduction)."""
+    forced = variant_override("LORA_FAST_BWD_VARIANT", BWD_VARIANTS)
+    if deterministic:
+        return "fused"
+    return forced or "fused"
+
+
 def lora_linear_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -188,6 +204,7 @@ def lora_linear_bwd(
     needs_dA: bool = True,
     needs_dB: bool = True,
     deterministic: bool | None = None,
+    variant: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward on 2-D tensors. Returns (dx in x's dtype, dA in A's dtype, dB in B's dtype); a gradient
     that is not needed is None and not computed.
@@ -200,6 +217,8 @@ def lora_linear_bwd(
         deterministic: reduce dA/dB over row blocks through per-block fp32 partials summed in a fixed order
             (bitwise reproducible; (M/64)·(K + N)·r·4 bytes of scratch) instead of fp32 atomics. None: follow
             ``torch.are_deterministic_algorithms_enabled()``.
+        variant: "fused" or "cublas" (see ``bwd_variant``, the default rule); "cublas" with deterministic=True is
+            an error (its reductions are atomic).
     """
     M, K = x.shape
     N = dy.shape[1]
@@ -216,6 +235,15 @@ def lora_linear_bwd(
         zeros = lambda shape, t: torch.zeros(shape, dtype=t.dtype, device=dev)  # noqa: E731
         return (dx, zeros((r, K), lora_A) if needs_dA else None, zeros((N, r), lora_B) if needs_dB else None)
 
+    variant = variant or bwd_variant(M, N, K, r, deterministic)
+    if variant not in BWD_VARIANTS:
+        raise ValueError(f"variant must be one of {BWD_VARIANTS}, got {variant!r}")
+    if variant == "cublas":
+        if deterministic:
+            raise ValueError("the cublas backward reduces dA/dB with atomics: use variant='fused' when "
+                             "deterministic")
+        return lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                                      needs_dx, needs_dA, needs_dB)
     fixed = _bwd_fixed_meta(deterministic, x.dtype, r)
     atomic = not deterministic
     # fp32 reductions: with atomics one zeroed (r, K) / (N, r) buffer (its slot stride 0); deterministic: one slice

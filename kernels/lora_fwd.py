@@ -43,6 +43,7 @@ from lora_fast.kernels.launch import (
     input_precision,
     interpreting,
     prune_smem,
+    variant_override,
 )
 
 
@@ -188,7 +189,7 @@ FWD_TUNED = TunedKernel(
 )
 
 
-FWD_VARIANTS = ("one_pass", "xa_first")
+FWD_VARIANTS = ("one_pass", "xa_first", "cublas")
 
 
 def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
@@ -199,7 +200,14 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     Rule, from GPU times measured on an H100 (CUDA-graph replays, bf16, M = 8192, r = 16, dropout 0.1;
     benchmarks/PERF_NOTES.md): xa_first was faster at all four GPT-2 shapes (c_attn 0.095 vs 0.173 ms, attn.c_proj
     0.038 vs 0.059, c_fc 0.121 vs 0.229, mlp.c_proj 0.126 vs 0.213). Without dropout the one-pass kernel was the
-    faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs)."""
+    faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs).
+
+    ``cublas`` (xa by ``_lora_xa_kernel``, then y = x·W₀ + b by cuBLAS and y += s·xa·Bᵀ by a cuBLAS rank-r update
+    in place) is selected only by ``LORA_FAST_FWD_VARIANT=cublas`` until a GPU measurement says where it wins
+    (benchmarks/PERF_NOTES.md: predicted faster than both where our GEMM core trails cuBLAS)."""
+    forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
+    if forced is not None:
+        return forced
     return "xa_first" if dropout_p > 0.0 else "one_pass"
 
 
@@ -239,7 +247,7 @@ def lora_linear_fwd(
     variant = variant or fwd_variant(M, N, K, r, dropout_p)
     if variant not in FWD_VARIANTS:
         raise ValueError(f"variant must be one of {FWD_VARIANTS}, got {variant!r}")
-    xa_in = variant == "xa_first"
+    xa_in = variant in ("xa_first", "cublas")
     # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
     sxm, sxk = x.stride()
     sar, sak = lora_A.stride()
@@ -264,6 +272,15 @@ def lora_linear_fwd(
             HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
             BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=br,
         )
+    if variant == "cublas":  # y = x·W₀ + b, then y += s·xa·Bᵀ (xa rounded to x's dtype, as the kernels do)
+        w_kn = weight if fan_in_fan_out else weight.t()  # (K, N) view
+        with torch.autocast(dev.type, enabled=False):
+            if bias is not None:
+                torch.addmm(bias, x, w_kn, out=y)
+            else:
+                torch.mm(x, w_kn, out=y)
+            y.addmm_(xa.to(x.dtype), lora_B.to(x.dtype).t(), alpha=float(scaling))
+        return y, (xa if write_xa else None)
     grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     # xa is contiguous (M, r): strides (r, 1); without it the pointer is y's and never dereferenced
     args = (

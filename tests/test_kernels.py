@@ -18,7 +18,7 @@ from tests.utils import assert_rel_close, rel_err
 
 from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor, uniform
 from lora_fast.kernels.lora_bwd import lora_linear_bwd
-from lora_fast.kernels.lora_fwd import lora_linear_fwd
+from lora_fast.kernels.lora_fwd import FWD_VARIANTS, lora_linear_fwd
 
 pytestmark = pytest.mark.usefixtures("interpret")
 FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3  # interpreter: exact fp32 dots; GPU: TF32 may be allowed
@@ -53,31 +53,42 @@ def _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy):
     return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
 
 
-def _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant=None, deterministic=None):
+# Backward modes: the fused kernel with fp32 atomics or deterministic partials, and the cublas variant.
+BWD_MODES = (("fused", False), ("fused", True), ("cublas", False))
+
+
+def _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant=None, deterministic=None, bwd_variant=None):
     st = seed_tensor(seed, x.device) if p > 0 else None
     y, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
-    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, deterministic=deterministic)
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, deterministic=deterministic,
+                                 variant=bwd_variant)
     return y, xa, dx, da, db
 
 
 @pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p", CASES)
 def test_forward_backward_match_fp64_reference(M, K, N, r, fifo, has_bias, p):
-    """Both forward variants (one-pass and xa-first) and both reductions of dA/dB (fp32 atomics, deterministic
-    per-block partials) against the float64 reference with the kernels' own mask; the case index picks the pair
-    so that every variant meets dropout on and off."""
-    i = CASES.index((M, K, N, r, fifo, has_bias, p))
-    variant, deterministic = ("one_pass", "xa_first")[i % 2], (False, True)[(i // 2) % 2]
+    """Every forward variant (one-pass, xa-first, cublas) and every backward mode (fused with fp32 atomics or
+    deterministic per-block partials, cublas) against the float64 reference with the kernels' own mask, at every
+    case (dropout on and off, both layouts, ranks 1–128)."""
     x, w, b, a, bb = _make(M, K, N, r, fifo, has_bias)
     dy = torch.randn(M, N, device=x.device)
     seed, s = 1234 + M, 2.0 / r
+    st = seed_tensor(seed, x.device) if p > 0 else None
     mask = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
     if p > 0:  # the mask really drops something, so parity below is not vacuous
         assert 0 < mask.sum() < mask.numel() or M * K < 8
-    out = _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant, deterministic)
     ref = _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy)
-    for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
-        assert o.dtype == {"xa": torch.float32, "dA": a.dtype, "dB": bb.dtype}.get(name, x.dtype), name
-        assert_rel_close(o, rf, FP32_TOL, name)
+    xa = None
+    for variant in FWD_VARIANTS:
+        y, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
+        for name, o, rf in (("y", y, ref[0]), ("xa", xa, ref[1])):
+            assert o.dtype == (torch.float32 if name == "xa" else x.dtype), (variant, name)
+            assert_rel_close(o, rf, FP32_TOL, f"{variant}: {name}")
+    for bwd_variant, deterministic in BWD_MODES:
+        out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, deterministic=deterministic, variant=bwd_variant)
+        for name, o, rf in zip(("dx", "dA", "dB"), out, ref[2:], strict=True):
+            assert o.dtype == {"dA": a.dtype, "dB": bb.dtype}.get(name, x.dtype), name
+            assert_rel_close(o, rf, FP32_TOL, f"{bwd_variant} (deterministic={deterministic}): {name}")
 
 
 def test_noncontiguous_inputs_use_strides():
@@ -89,10 +100,11 @@ def test_noncontiguous_inputs_use_strides():
     dy = torch.randn(N, M, device=DEVICE).t()
     assert not x.is_contiguous() and not w.is_contiguous() and not dy.is_contiguous()
     mask = dropout_keep_mask(7, M, K, p, DEVICE)
-    out = _run(x, w, None, a, bb, s, p, 7, False, dy)
     ref = _ref_grads(x, w, None, a, bb, s, p, mask, False, dy)
-    for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
-        assert_rel_close(o, rf, FP32_TOL, name)
+    for fwd, bwd in ((None, None), ("cublas", "cublas")):
+        out = _run(x, w, None, a, bb, s, p, 7, False, dy, variant=fwd, bwd_variant=bwd)
+        for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
+            assert_rel_close(o, rf, FP32_TOL, f"{fwd or 'default'}: {name}")
 
 
 def test_backward_skips_unneeded_gradients():
@@ -111,12 +123,13 @@ def test_backward_skips_unneeded_gradients():
     assert_rel_close(db, ref[4], FP32_TOL, "dB")
 
 
-def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2):
-    """(kernel error, PyTorch's own error) against fp64 for y, dx, dA, dB in ``dtype``."""
+def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, None)):
+    """(kernel error, PyTorch's own error) against fp64 for y, dx, dA, dB in ``dtype``; ``variants``: (forward,
+    backward) variant, None for the default rule."""
     x, w, b, a, bb = _make(M, K, N, r, False, True, dtype=dtype, device=device)
     dy = torch.randn(M, N, device=device, dtype=dtype)
     mask = dropout_keep_mask(99, M, K, p, device)
-    out = _run(x, w, b, a, bb, 0.5, p, 99, False, dy)
+    out = _run(x, w, b, a, bb, 0.5, p, 99, False, dy, variant=variants[0], bwd_variant=variants[1])
     ref = _ref_grads(x, w, b, a, bb, 0.5, p, mask, False, dy)
     # PyTorch in the same dtype (adapters cast to it, as the reference does outside autocast)
     xt, at, bt = (t.detach().clone().requires_grad_() for t in (x, a.to(dtype), bb.to(dtype)))
@@ -128,9 +141,16 @@ def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2):
 
 
 def _check_dtype(dtype, device):
-    for name, (err, torch_err) in zip(("y", "dx", "dA", "dB"), _dtype_errors(dtype, device), strict=True):
-        assert err <= 1e-2, f"{name}: {dtype} error {err:.2e} > 1e-2"
-        assert err <= 2 * torch_err + 1e-4, f"{name}: {dtype} error {err:.2e} > 2 x PyTorch's {torch_err:.2e}"
+    for variants in ((None, None), ("cublas", "cublas")):
+        _check_dtype_variants(dtype, device, variants)
+
+
+def _check_dtype_variants(dtype, device, variants):
+    for name, (err, torch_err) in zip(("y", "dx", "dA", "dB"), _dtype_errors(dtype, device, variants=variants),
+                                      strict=True):
+        assert err <= 1e-2, f"{name} {variants}: {dtype} error {err:.2e} > 1e-2"
+        assert err <= 2 * torch_err + 1e-4, (f"{name} {variants}: {dtype} error {err:.2e} > 2 x PyTorch's "
+                                             f"{torch_err:.2e}")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter fp16 check; on a GPU test_fp16_bf16_gpu covers fp16")
@@ -187,9 +207,9 @@ def test_keep_threshold_resolution():
         keep_threshold(1.0)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("variant, deterministic", BWD_MODES)
 @pytest.mark.parametrize("M, K, N", [(150, 200, 300), (65, 30, 130)])
-def test_every_gradient_subset_and_reduction(M, K, N, deterministic):
+def test_every_gradient_subset_and_reduction(M, K, N, variant, deterministic):
     """Every combination of needed gradients (dx skipped for a first layer, dB alone for a frozen A, ...), with
     atomic and deterministic reductions, at shapes with several K programs per row block and more N tiles than
     K programs (the round-robin dB ownership wraps) and with one K program (the dB-only grid)."""
@@ -204,11 +224,42 @@ def test_every_gradient_subset_and_reduction(M, K, N, deterministic):
     for need in itertools.product((False, True), repeat=3):
         if not any(need):
             continue
-        out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, *need, deterministic=deterministic)
+        out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, *need, deterministic=deterministic,
+                              variant=variant)
         for name, n, o, rf in zip(("dx", "dA", "dB"), need, out, ref, strict=True):
             assert (o is not None) == n, (name, need)
             if n:
                 assert_rel_close(o, rf, FP32_TOL, f"{name} {need}")
+
+
+def test_variant_rules_and_overrides(monkeypatch):
+    """Default rules (fused backward; xa-first iff dropout), the environment overrides a benchmark uses to time a
+    variant through the module path (spied: on CPU every variant gives the same numbers), and their errors."""
+    from lora_fast.kernels import lora_bwd, lora_fwd
+
+    monkeypatch.delenv("LORA_FAST_FWD_VARIANT", raising=False)
+    monkeypatch.delenv("LORA_FAST_BWD_VARIANT", raising=False)
+    assert [lora_fwd.fwd_variant(64, 64, 64, 8, p) for p in (0.0, 0.1)] == ["one_pass", "xa_first"]
+    assert lora_bwd.bwd_variant(64, 64, 64, 8, deterministic=False) == "fused"
+    monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "cublas")
+    monkeypatch.setenv("LORA_FAST_BWD_VARIANT", "CUBLAS")
+    assert lora_fwd.fwd_variant(64, 64, 64, 8, 0.0) == "cublas"
+    assert lora_bwd.bwd_variant(64, 64, 64, 8, deterministic=False) == "cublas"
+    assert lora_bwd.bwd_variant(64, 64, 64, 8, deterministic=True) == "fused"  # reproducible reduction wins
+    seen, real = [], lora_bwd.lora_linear_bwd_cublas
+    monkeypatch.setattr(lora_bwd, "lora_linear_bwd_cublas", lambda *a: seen.append(1) or real(*a))
+    x, w, b, a, bb = _make(16, 24, 20, 4, True, True)
+    y, xa = lora_linear_fwd(x, w, b, a, bb, 1.0, fan_in_fan_out=True)
+    lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, fan_in_fan_out=True)
+    assert seen == [1]
+    with pytest.raises(ValueError, match="deterministic"):
+        lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, fan_in_fan_out=True,
+                        deterministic=True, variant="cublas")
+    monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "fast")
+    with pytest.raises(ValueError, match="LORA_FAST_FWD_VARIANT='fast' is not one of"):
+        lora_fwd.fwd_variant(64, 64, 64, 8, 0.0)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, variant="split")
 
 
 def test_dropout_mask_rejects_bad_arguments():

@@ -1,0 +1,175 @@
+"""LoRA backward, ``cublas`` variant: the base dgrad on cuBLAS, the LoRA terms in two skinny Triton passes.
+
+Same math as ``lora_bwd.py`` (g = dy (M, N), s the scaling, p the dropout probability, keep regenerated)::
+
+    dx = g·W₀ + s/(1−p) · keep ⊙ (gb·A),   gb = g·B        (M, K)
+    dA = s/(1−p) · gbᵀ·(keep ⊙ x)                          (r, K)
+    dB = s · gᵀ·xa                                         (N, r)
+
+split as
+    1. dx₀ = g·W₀ by cuBLAS (``torch.matmul``), written into dx                   (M, K) — the FLOPs
+    2. ``_lora_dy_kernel``, one program per row block, one pass over g:
+           gb[m] = g[m]·B      (M, r) fp32, stored          dB += s·g[m]ᵀ·xa[m]   (fp32 atomics)
+    3. ``_lora_dx_lora_kernel``, one program per (row block, K block):
+           dx[m, k] += s/(1−p) · keep ⊙ (gb[m]·A[:, k])   (in place)
+           dA[:, k] += s/(1−p) · gb[m]ᵀ·(keep ⊙ x[m, k])  (fp32 atomics)
+
+Why: the fused kernel's GEMM core measured 2.0–2.4× cuBLAS's dgrad on an H100 (benchmarks/PERF_NOTES.md); this
+variant pays cuBLAS's dgrad plus memory-bound passes — one read of g (pass 2), and a read of x and a
+read-modify-write of dx (pass 3): arithmetic says 1.5–1.9× less than the fused v2 backward at the GPT-2 shapes
+(PERF_NOTES, "cublas variant"), to be confirmed on a GPU before any rule selects it (``bwd_variant``).
+
+Only fp32 atomics (``torch.use_deterministic_algorithms`` keeps the fused kernel, whose partial-sum reduction is
+bitwise reproducible). Nothing of size M×K or M×N is allocated beyond dx itself; gb is M×r fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_fast.kernels.dropout import keep_mask, keep_threshold
+from lora_fast.kernels.launch import block_r, cdiv, input_precision, interpreting
+
+
+@triton.jit
+def _lora_dy_kernel(
+    # pointers (db: (N, r) fp32, added into atomically; gb: (M, r) fp32)
+    dy_ptr, b_ptr, xa_ptr, gb_ptr, db_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_gbm, stride_gbr, stride_dbn,
+    stride_dbr,
+    # scalars: db_scale = s
+    db_scale,
+    # switches (DB_RELOAD: fp32 loads gᵀ afresh, as lora_bwd.py does, instead of tl.trans of a tile used twice)
+    COMPUTE_GB: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, r_mask = offs_m < M, offs_r < R
+    dtype = dy_ptr.dtype.element_ty
+    if COMPUTE_DB:
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
+    gb_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_mask = offs_n < N
+        g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BM, BN)
+        if COMPUTE_GB:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
+            gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            if DB_RELOAD:
+                gt = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+                             mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # (BN, BM)
+                dbp = tl.dot(gt, xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+            else:
+                dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+            tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, dbp,
+                          mask=n_mask[:, None] & r_mask[None, :], sem="relaxed")
+    if COMPUTE_GB:
+        tl.store(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr, gb_acc,
+                 mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lora_dx_lora_kernel(
+    # pointers (dx: (M, K) holding g·W₀, updated in place; da: (r, K) fp32, added into atomically)
+    x_ptr, a_ptr, gb_ptr, dx_ptr, da_ptr, seed_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_gbm, stride_gbr, stride_dxm, stride_dxk, stride_dar,
+    stride_dak,
+    # scalars: lora_scale = s/(1−p), thr = keep_threshold(p)
+    lora_scale, thr,
+    # switches
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask, k_mask, r_mask = offs_m < M, offs_k < K, offs_r < R
+    mk_mask = m_mask[:, None] & k_mask[None, :]
+    dtype = x_ptr.dtype.element_ty
+    gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr,
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R), rounded like F.linear's
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
+    if COMPUTE_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (R, BK)
+        lora = tl.dot(gb, a, input_precision=INPUT_PRECISION)  # (BM, BK) = gb·A
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora, 0.0)
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        dx = tl.load(dx_ptrs, mask=mk_mask, other=0.0).to(tl.float32) + lora_scale * lora
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mk_mask)
+    if COMPUTE_DA:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk_mask, other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0)
+        dap = tl.dot(tl.trans(gb), x, input_precision=INPUT_PRECISION) * lora_scale  # (R, BK)
+        tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
+                      mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
+
+
+# One fixed tile per kernel: both are skinny, memory-bound passes (rank-wide products), not worth a tuner yet.
+DY_TILE = {"BLOCK_M": 64, "BLOCK_N": 64}
+DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
+
+
+def _meta(tile: dict) -> dict:
+    return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": 3}
+
+
+def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                           needs_dx, needs_dA, needs_dB):
+    """The backward in three steps (module docstring). Same contract as ``lora_bwd.lora_linear_bwd``, whose
+    checks and empty-case handling have already run: dy is in x's dtype, M > 0, some gradient is needed."""
+    M, K = x.shape
+    N, r = dy.shape[1], lora_A.shape[0]
+    dev = x.device
+    br, precision = block_r(r), input_precision(x.dtype)
+    dx = None
+    if needs_dx:  # dx₀ = g·W₀: W₀ is (N, K) (Linear) or the (K, N) Conv1D storage, read transposed
+        with torch.autocast(dev.type, enabled=False):  # dx in x's dtype even if backward runs under autocast
+            dx = torch.matmul(dy, weight.t() if fan_in_fan_out else weight)  # (M, K) contiguous
+    lora_terms = needs_dx or needs_dA
+    gb = torch.empty((M, r), dtype=torch.float32, device=dev) if lora_terms else dy  # dummy: never dereferenced
+    db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
+    xa_arg = xa if needs_dB else dy
+    _lora_dy_kernel[(cdiv(M, DY_TILE["BLOCK_M"]),)](
+        dy, lora_B, xa_arg, gb, db,
+        M, N, r,
+        *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
+        float(scaling),
+        COMPUTE_GB=lora_terms, COMPUTE_DB=needs_dB, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=precision,
+        BLOCK_R=br, **_meta(DY_TILE),
+    )
+    da = None
+    if lora_terms:
+        da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)
+        dx_arg = dx if needs_dx else x  # dummy: never dereferenced
+        grid = (cdiv(M, DX_TILE["BLOCK_M"]), cdiv(K, DX_TILE["BLOCK_K"]))
+        _lora_dx_lora_kernel[grid](
+            x, lora_A, gb, dx_arg, da, seed if dropout_p > 0.0 else x,
+            M, K, r,
+            *x.stride(), *lora_A.stride(), *gb.stride(), *dx_arg.stride(), *da.stride(),
+            float(scaling / (1.0 - dropout_p)), keep_threshold(dropout_p),
+            COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
+            BLOCK_R=br, **_meta(DX_TILE),
+        )
+    dA = (da if da.dtype == lora_A.dtype else da.to(lora_A.dtype)) if needs_dA else None
+    dB = (db if db.dtype == lora_B.dtype else db.to(lora_B.dtype)) if needs_dB else None
+    return dx, dA, dB
