@@ -16,8 +16,10 @@ Variants of the same product, each over a few Hopper-sized tiles (the fastest is
     tma          tiles loaded through host-built TMA descriptors (``triton.tools.tensor_descriptor``), output
                  stored through one; "B transposed" loads (BN, BK) boxes of W₀ and transposes in registers
     tma_persist  the same with a persistent grid (one program per SM looping over tiles, grouped order)
-and the references: cuBLAS (``torch.matmul``) and lora_fast's own kernels (forward with xa precomputed, and the
-backward's dx part alone, LoRA terms included). Times are CUDA-graph replays (no launch overhead).
+and the references: cuBLAS (``torch.matmul``) and lora_fast's own kernels at dropout 0 (the xa_first forward —
+the skinny xa kernel, then the GEMM with the LoRA up-projection in its epilogue — and the backward's dx part
+alone, LoRA term included). Times are CUDA-graph replays (no launch overhead). A variant whose bf16 result is off
+by more than 2e-2 (relative, vs an fp32 product) is reported as wrong and not timed; the run exits 1 if any is.
 Working tool like ``gpu_probe``: its output goes to benchmarks/PERF_NOTES.md by hand.
 """
 
@@ -39,6 +41,7 @@ LAYERS = {"c_attn": (768, 2304), "attn.c_proj": (768, 768), "c_fc": (768, 3072),
 GPU_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
                (128, 256, 64, 8, 4)]
 CHECK_CONFIG = (32, 32, 32, 4, 2)
+WRONG = 2e-2  # bf16 GEMM vs an fp32 product: ~3e-3 expected; more means a broken kernel
 
 
 @triton.jit
@@ -177,9 +180,9 @@ def probe(M: int, layers) -> dict:
             row = {"layer": layer, "gemm": name, "ms": {}, "best_cfg": {}, "err": {}}
             ref = a.float() @ (b.float().t() if b_trans else b.float())
             row["ms"]["cublas"] = graph_ms(lambda a=a, b=b, t=b_trans: a @ (b.t() if t else b))
-            if name == "fwd":  # lora_fast's forward, xa precomputed: the GEMM plus the LoRA epilogue
+            if name == "fwd":  # lora_fast's xa_first forward: xa kernel + GEMM with the LoRA epilogue
                 row["ms"]["lora_fast"] = graph_ms(lambda a=a, b=b, A=A, B=B: lora_fwd.lora_linear_fwd(
-                    a, b, None, A, B, s, 0.0, None, True, write_xa=False, variant="one_pass"))
+                    a, b, None, A, B, s, 0.0, None, True, write_xa=False, variant="xa_first"))
             else:  # lora_fast's backward, dx only (LoRA term included)
                 xk = torch.randn(M, K, device=device, dtype=torch.bfloat16)
                 row["ms"]["lora_fast"] = graph_ms(lambda a=a, b=b, xk=xk, A=A, B=B: lora_bwd.lora_linear_bwd(
@@ -188,14 +191,19 @@ def probe(M: int, layers) -> dict:
                 best = None
                 for cfg in GPU_CONFIGS:
                     try:
+                        c.zero_()
                         run_variant(v, a, b, b_trans, c, cfg, sms)
                         err = float((c.float() - ref).norm() / ref.norm())
+                        if not err <= WRONG:  # a wrong kernel's time means nothing
+                            row["wrong"] = {**row.get("wrong", {}), f"{v} {cfg}": err}
+                            print(f"  {layer} {name} {v} {cfg}: WRONG, rel. error {err:.2e}", file=sys.stderr)
+                            continue
                         ms = graph_ms(lambda v=v, a=a, b=b, t=b_trans, c=c, cfg=cfg: run_variant(v, a, b, t, c, cfg,
                                                                                                   sms))
                     except Exception as e:  # noqa: BLE001 - a probe reports and goes on (e.g. out of resources)
                         print(f"  {layer} {name} {v} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                         continue
-                    if best is None or ms < best[0]:
+                    if ms == ms and (best is None or ms < best[0]):  # NaN: capture failed
                         best = (ms, cfg, err)
                 if best is not None:
                     row["ms"][v], row["best_cfg"][v], row["err"][v] = best
@@ -228,9 +236,14 @@ def main(argv=None) -> int:
         return 0
     res = probe(args.M, args.layers)
     res["check_bf16"] = check("bf16")
+    bad = {k: e for k, e in res["check_bf16"].items() if not e <= WRONG}
+    bad.update({f"{c['layer']} {c['gemm']} {k}": e for c in res["cases"] for k, e in c.get("wrong", {}).items()})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
+    if bad:
+        print(f"WRONG results (rel. error > {WRONG}): {bad}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -193,9 +193,8 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     if "layer_peft" in t:
         g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy))
     cfgs = {}
-    for name, k in (("fwd", lora_fwd.FWD_TUNED.tuner), ("bwd", lora_bwd.BWD_TUNED.tuner)):
-        if k is not None and getattr(k, "best_config", None) is not None:
-            cfgs[name] = str(k.best_config)
+    for name, tk in (("fwd", lora_fwd.FWD_TUNED), ("bwd", lora_bwd.BWD_TUNED)):  # the config per launch key
+        cfgs[name] = {str(key[:7]): meta for key, meta in tk.chosen.items() if key[0] == N and key[1] == K}
     out["configs"] = cfgs
     return out
 

@@ -12,8 +12,10 @@ kernels (checks, seed draw, allocations, autograd Function, argument marshalling
 never a kernel time. ``base`` (the Conv1D alone) and ``peft`` run for real at a tiny shape (M = 1, 64 → 192) where
 their compute is negligible: their figure is PyTorch's per-op dispatch cost on this CPU.
 
-GPU mode (``--device cuda``): host milliseconds per call with no synchronisation in the loop (the GPU queue absorbs
-the work), at the given shape, for base, peft and lora_fast — Triton's launch path included.
+GPU mode (``--device cuda``): host microseconds per call with no synchronisation in the loop, for base, peft,
+reference and lora_fast — Triton's launch path included. The default shape is small (M = 256) and the runs short
+(50 calls) so that the GPU keeps up and its launch queue (~1024 entries) never fills: a full queue would block the
+host and turn the figure into GPU time.
 
 Printed: median µs per call over ``--rep`` repetitions of ``--calls`` calls; ``--json FILE`` writes them.
 """
@@ -114,12 +116,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
     p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
                    choices=["base", "peft", "reference", "lora_fast"])
-    p.add_argument("--M", type=int, help="rows (default 8192 on a GPU, 1 on CPU)")
+    p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--calls", type=int, help="calls per timed run (default 50 on a GPU, 200 on CPU)")
     p.add_argument("--rep", type=int, default=7)
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("CPU mode needs TRITON_INTERPRET=1 (unset, or set to 1, in the environment)")
-    M = args.M or (8192 if on_gpu else 1)
+    M = args.M or (256 if on_gpu else 1)
+    args.calls = args.calls or (50 if on_gpu else 200)
     K, N = args.K or (768 if on_gpu else 64), args.N or (2304 if on_gpu else 192)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if not on_gpu:

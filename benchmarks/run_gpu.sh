@@ -29,7 +29,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: bash benchmarks/run_gpu.sh OUT_DIR [env tests layer-bf16 layer-fp32 layer-compile gpt2 pytest-bench report]" >&2
+    echo "usage: bash benchmarks/run_gpu.sh OUT_DIR [STAGE ...] (stages: see the header of this script)" >&2
     exit 2
 fi
 OUT=$1

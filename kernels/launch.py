@@ -153,8 +153,9 @@ class TunedKernel:
     would call.
 
     ``key`` must determine the tuner's key (it may be finer): the launchers use every autotune key argument plus
-    the dtypes and presence of every tensor argument. Not thread-safe for the first launch of a key (two threads
-    tuning at once could record each other's config; both are valid configs for either key, only not the best).
+    the dtypes and presence of every tensor argument (the seed's included), and the device. Not thread-safe for
+    the first launch of a key (two threads tuning at once could record each other's config; both are valid
+    configs for either key, only not the best).
     """
 
     def __init__(self, kernel, build_tuner):

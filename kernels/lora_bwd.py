@@ -279,7 +279,7 @@ def lora_linear_bwd(
         _lora_bwd_kernel[grid](*args, **meta, **fixed)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
         key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, x.dtype, weight.dtype,
-               lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, dev)
+               lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
         BWD_TUNED.launch(key, grid, *args, **meta)
     dA = dB = None
     if needs_dA:

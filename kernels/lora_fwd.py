@@ -247,6 +247,10 @@ def lora_linear_fwd(
     variant = variant or fwd_variant(M, N, K, r, dropout_p)
     if variant not in FWD_VARIANTS:
         raise ValueError(f"variant must be one of {FWD_VARIANTS}, got {variant!r}")
+    if N == 0 and variant == "one_pass":  # no output tile, so no program would write xa: compute it first
+        variant = "xa_first"
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads b[n] at bias_ptr + n (N elements: a cheap copy)
+        bias = bias.contiguous()
     xa_in = variant in ("xa_first", "cublas")
     # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
     sxm, sxk = x.stride()
@@ -295,6 +299,6 @@ def lora_linear_fwd(
         _lora_fwd_kernel[grid](*args, **meta, **fixed_meta(FIXED_FWD_CONFIG, x.dtype, r))
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
         key = (N, K, r, args[12], xa_in, has_dropout, write_xa, x.dtype, lora_A.dtype, lora_B.dtype,
-               None if bias is None else bias.dtype, dev)
+               None if bias is None else bias.dtype, seed_arg.dtype, dev)
         FWD_TUNED.launch(key, grid, *args, **meta)
     return y, (xa if write_xa else None)

@@ -159,7 +159,8 @@ def test_report_checks_the_issue_targets_on_gpu_rows(tmp_path):
     assert "| GPT-2 train: lora_fast / peft peak memory < 1 | 0.900 | met |" in text
 
 
-@pytest.mark.skipif(not CPU, reason="CPU smoke test; on a GPU benchmarks/run_gpu.sh runs the compiled GPT-2 step")
+@pytest.mark.skipif(not CPU, reason="CPU smoke test; on a GPU the compiled GPT-2 step is the gpt2-compile stage of "
+                    "benchmarks/run_gpu.sh")
 def test_gpt2_compile_rows_are_labelled(tmp_path):
     """``--compile`` records the compiled model as its own provider (aot_eager here: no C++ build on CPU)."""
     path = tmp_path / "results.csv"
@@ -175,8 +176,8 @@ def test_gpt2_compile_rows_are_labelled(tmp_path):
     assert bench_gpt2.provider_label("peft", "reduce-overhead") == "peft+compile:reduce-overhead"
 
 
-@pytest.mark.skipif(not CPU, reason="interpreter check; on a GPU `python -m benchmarks.gemm_probe` checks (bf16) and "
-                    "times the variants")
+@pytest.mark.skipif(not CPU, reason="interpreter check; on a GPU the gemm-probe stage of benchmarks/run_gpu.sh checks "
+                    "every variant in bf16 (exit 1 if one is wrong) and times them")
 def test_gemm_probe_variants_compute_the_product():
     """The GEMM-core probe's variants (pointer and TMA-descriptor tiles, persistent grid) compute x·W₀ and dy·W₀ᵀ
     (odd M, fp32 under the interpreter): a timing of a wrong kernel would be meaningless. Runs in a subprocess

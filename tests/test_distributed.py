@@ -134,7 +134,8 @@ def test_ddp_nccl_gpu_equals_one_cpu_process(setup):
     common[common.index("--backend") + 1], common[common.index("--device") + 1] = "triton", "cuda"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     out, dump, proc = _torchrun(root, f"ddp-nccl{world}", ["--batch_size", str(8 // (2 * world)),
-                                                          "--gradient_accumulation_steps", "2"],
+                                                          "--gradient_accumulation_steps", "2",
+                                                          "--distributed", "ddp"],  # DDP even with one rank
                                 launcher=launcher, common=tuple(common))
     _check_against_single(ref, out, dump, proc, "ddp", world=world, backend="nccl")
 

@@ -92,19 +92,29 @@ def test_forward_backward_match_fp64_reference(M, K, N, r, fifo, has_bias, p):
 
 
 def test_noncontiguous_inputs_use_strides():
-    """x as a transposed view and a strided slice, W₀ and dy non-contiguous: same result as contiguous copies."""
+    """x as a transposed view, W₀, dy and the bias strided: the same result as the reference on these views."""
     M, K, N, r, p, s = 37, 45, 29, 8, 0.25, 0.5
     x = torch.randn(K, M, device=DEVICE).t()  # (M, K), column-major
     w = torch.randn(N, 2 * K, device=DEVICE)[:, ::2]  # (N, K) with stride 2
+    bias = torch.randn(N, 3, device=DEVICE)[:, 1]  # (N,) with stride 3
     a, bb = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
     dy = torch.randn(N, M, device=DEVICE).t()
-    assert not x.is_contiguous() and not w.is_contiguous() and not dy.is_contiguous()
+    assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous() or bias.is_contiguous())
     mask = dropout_keep_mask(7, M, K, p, DEVICE)
-    ref = _ref_grads(x, w, None, a, bb, s, p, mask, False, dy)
-    for fwd, bwd in ((None, None), ("cublas", "cublas")):
-        out = _run(x, w, None, a, bb, s, p, 7, False, dy, variant=fwd, bwd_variant=bwd)
+    ref = _ref_grads(x, w, bias, a, bb, s, p, mask, False, dy)
+    for fwd, bwd in ((None, None), ("one_pass", None), ("cublas", "cublas")):
+        out = _run(x, w, bias, a, bb, s, p, 7, False, dy, variant=fwd, bwd_variant=bwd)
         for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
             assert_rel_close(o, rf, FP32_TOL, f"{fwd or 'default'}: {name}")
+
+
+def test_zero_output_features_still_give_xa():
+    """N = 0 (an empty projection): y is (M, 0) and xa = x·Aᵀ is still computed by every forward variant."""
+    x, w, _, a, bb = _make(9, 20, 0, 4, True, False)
+    for variant in FWD_VARIANTS:
+        y, xa = lora_linear_fwd(x, w, None, a, bb, 1.0, fan_in_fan_out=True, variant=variant)
+        assert y.shape == (9, 0)
+        assert_rel_close(xa, x.double() @ a.double().t(), FP32_TOL, f"{variant}: xa")
 
 
 def test_backward_skips_unneeded_gradients():

@@ -106,8 +106,16 @@ def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p):
     fixed = run()
     monkeypatch.setenv("LORA_FAST_AUTOTUNE", "1")
     n_fwd, n_bwd = len(FWD_TUNED.chosen), len(BWD_TUNED.chosen)
-    tuned, direct = run(), run()
-    assert len(FWD_TUNED.chosen) == n_fwd + 1 and len(BWD_TUNED.chosen) == n_bwd + 1  # recorded, then reused
+    tuned = run()
+    assert len(FWD_TUNED.chosen) == n_fwd + 1 and len(BWD_TUNED.chosen) == n_bwd + 1  # recorded
+
+    class _NoTuner:  # the second run must launch the kernels directly
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuner ran again for an already chosen key")
+
+    monkeypatch.setattr(FWD_TUNED, "tuner", _NoTuner())
+    monkeypatch.setattr(BWD_TUNED, "tuner", _NoTuner())
+    direct = run()
     for name, f, t, d in zip(("y", "dx", "dA", "dB"), fixed, tuned, direct, strict=True):
         assert_rel_close(t, f.double(), 1e-2, f"{name} tuned")
         assert_rel_close(d, f.double(), 1e-2, f"{name} direct")
