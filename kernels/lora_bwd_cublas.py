@@ -8,6 +8,7 @@ Same math as ``lora_bwd.py`` (g = dy (M, N), s the scaling, p the dropout probab
 
 split as
     1. dx₀ = g·W₀ by cuBLAS (``torch.matmul``), written into dx                   (M, K) — the FLOPs
+       (without dropout: dx = g·W_effᵀ whole, W_eff = W₀ᵀ + s·Aᵀ·Bᵀ (``merged_weight``), and step 3 only reduces dA)
     2. ``_lora_dy_kernel``, one program per row block, one pass over g:
            gb[m] = g[m]·B      (M, r) fp32, stored          dB += s·g[m]ᵀ·xa[m]   (fp32 atomics)
     3. ``_lora_dx_lora_kernel``, one program per (row block, K block):
@@ -124,6 +125,18 @@ def _lora_dx_lora_kernel(
                       mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  fan_in_fan_out: bool) -> torch.Tensor:
+    """W_eff = W₀ᵀ + s·Aᵀ·Bᵀ as a (K, N) tensor in W₀'s dtype (one K×r×N product; a transient, never kept):
+    with no dropout, x·W_eff = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ is the whole LoRA forward in one GEMM and dy·W_effᵀ the whole
+    dx. Rounding W_eff to a 16-bit dtype costs one rounding of the weight, as rounding y does in PyTorch's own
+    base + LoRA sum; the kernel tests hold it to ≤ 2× PyTorch's error."""
+    dtype = weight.dtype
+    w_kn = weight if fan_in_fan_out else weight.t()  # (K, N) view
+    with torch.autocast(weight.device.type, enabled=False):
+        return torch.addmm(w_kn, lora_A.to(dtype).t(), lora_B.to(dtype).t(), alpha=float(scaling))  # (K, N)
+
+
 # One fixed tile per kernel: both are skinny, memory-bound passes (rank-wide products), not worth a tuner yet.
 DY_TILE = {"BLOCK_M": 64, "BLOCK_N": 64}
 DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
@@ -142,10 +155,14 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     dev = x.device
     br, precision = block_r(r), input_precision(x.dtype)
     dx = None
-    if needs_dx:  # dx₀ = g·W₀: W₀ is (N, K) (Linear) or the (K, N) Conv1D storage, read transposed
+    fix_dx = needs_dx and dropout_p > 0.0  # without dropout dx comes whole from one GEMM (merged weight)
+    if needs_dx:
         with torch.autocast(dev.type, enabled=False):  # dx in x's dtype even if backward runs under autocast
-            dx = torch.matmul(dy, weight.t() if fan_in_fan_out else weight)  # (M, K) contiguous
-    lora_terms = needs_dx or needs_dA
+            if fix_dx:  # dx₀ = g·W₀: W₀ is (N, K) (Linear) or the (K, N) Conv1D storage, read transposed
+                dx = torch.matmul(dy, weight.t() if fan_in_fan_out else weight)  # (M, K) contiguous
+            else:  # dx = g·(W₀ + s·(B·A)) exactly when nothing is dropped
+                dx = torch.matmul(dy, merged_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out).t())
+    lora_terms = fix_dx or needs_dA
     gb = torch.empty((M, r), dtype=torch.float32, device=dev) if lora_terms else dy  # dummy: never dereferenced
     db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
     xa_arg = xa if needs_dB else dy
@@ -160,14 +177,14 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     da = None
     if lora_terms:
         da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)
-        dx_arg = dx if needs_dx else x  # dummy: never dereferenced
+        dx_arg = dx if fix_dx else x  # dummy: never dereferenced
         grid = (cdiv(M, DX_TILE["BLOCK_M"]), cdiv(K, DX_TILE["BLOCK_K"]))
         _lora_dx_lora_kernel[grid](
             x, lora_A, gb, dx_arg, da, seed if dropout_p > 0.0 else x,
             M, K, r,
             *x.stride(), *lora_A.stride(), *gb.stride(), *dx_arg.stride(), *da.stride(),
             float(scaling / (1.0 - dropout_p)), keep_threshold(dropout_p),
-            COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
+            COMPUTE_DX=fix_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
             BLOCK_R=br, **_meta(DX_TILE),
         )
     dA = (da if da.dtype == lora_A.dtype else da.to(lora_A.dtype)) if needs_dA else None

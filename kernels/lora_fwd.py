@@ -45,6 +45,7 @@ from lora_fast.kernels.launch import (
     prune_smem,
     variant_override,
 )
+from lora_fast.kernels.lora_bwd_cublas import merged_weight
 
 
 @triton.jit
@@ -203,8 +204,9 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs).
 
     ``cublas`` (xa by ``_lora_xa_kernel``, then y = x·W₀ + b by cuBLAS and y += s·xa·Bᵀ by a cuBLAS rank-r update
-    in place) is selected only by ``LORA_FAST_FWD_VARIANT=cublas`` until a GPU measurement says where it wins
-    (benchmarks/PERF_NOTES.md: predicted faster than both where our GEMM core trails cuBLAS)."""
+    in place; without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is selected only by
+    ``LORA_FAST_FWD_VARIANT=cublas`` until a GPU measurement says where it wins (benchmarks/PERF_NOTES.md:
+    predicted faster than both where our GEMM core trails cuBLAS)."""
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
     if forced is not None:
         return forced
@@ -276,14 +278,18 @@ def lora_linear_fwd(
             HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
             BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=br,
         )
-    if variant == "cublas":  # y = x·W₀ + b, then y += s·xa·Bᵀ (xa rounded to x's dtype, as the kernels do)
-        w_kn = weight if fan_in_fan_out else weight.t()  # (K, N) view
+    if variant == "cublas":  # cuBLAS for the (K, N) product; xa (computed above) serves the backward's dB
         with torch.autocast(dev.type, enabled=False):
+            if has_dropout:  # y = x·W₀ + b, then y += s·xa·Bᵀ (xa rounded to x's dtype, as the kernels do)
+                w_kn = weight if fan_in_fan_out else weight.t()  # (K, N) view
+            else:  # nothing dropped: y = x·(W₀ᵀ + s·Aᵀ·Bᵀ) + b in one GEMM
+                w_kn = merged_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out)
             if bias is not None:
                 torch.addmm(bias, x, w_kn, out=y)
             else:
                 torch.mm(x, w_kn, out=y)
-            y.addmm_(xa.to(x.dtype), lora_B.to(x.dtype).t(), alpha=float(scaling))
+            if has_dropout:
+                y.addmm_(xa.to(x.dtype), lora_B.to(x.dtype).t(), alpha=float(scaling))
         return y, (xa if write_xa else None)
     grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     # xa is contiguous (M, r): strides (r, 1); without it the pointer is y's and never dereferenced
