@@ -253,7 +253,9 @@ def lora_linear_fwd(
         variant = "xa_first"
     if bias is not None and bias.stride(0) != 1:  # the kernel reads b[n] at bias_ptr + n (N elements: a cheap copy)
         bias = bias.contiguous()
-    xa_in = variant in ("xa_first", "cublas")
+    # xa computed first: always for xa_first; for cublas unless nothing needs it (no dropout, so the merged-weight
+    # GEMM does without it, and no backward to feed)
+    xa_in = variant == "xa_first" or (variant == "cublas" and (dropout_p > 0.0 or write_xa))
     # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
     sxm, sxk = x.stride()
     sar, sak = lora_A.stride()

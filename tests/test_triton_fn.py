@@ -115,6 +115,27 @@ def test_autocast_fp32_params_half_compute():
     assert rel_err(y, yr) <= 1e-2
 
 
+def test_cublas_variant_through_the_module(monkeypatch):
+    """The cublas variant forced through the environment, as a benchmark runs it: every gradient against fp64 with
+    dropout on and off (off: the merged-weight GEMMs), both layouts, under autocast and under no_grad."""
+    monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "cublas")
+    monkeypatch.setenv("LORA_FAST_BWD_VARIANT", "cublas")
+    for shape, N, r, fifo, p in (((3, 7, 40), 33, 8, True, 0.3), ((37, 40), 33, 3, False, 0.0)):
+        x = torch.randn(*shape, device=DEVICE)
+        _grads_vs_reference(x, *_params(shape[-1], N, r, fifo), s=16.0 / r, p=p, seed=99, fifo=fifo)
+    half = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    layer = LinearWithLoRA(nn.Linear(40, 36), rank=8, dropout=0.0, backend="triton").to(DEVICE)
+    nn.init.normal_(layer.lora.lora_B)
+    ref = LinearWithLoRA(nn.Linear(40, 36), rank=8, dropout=0.0, backend="reference").to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 17, 40, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=half):
+        y, yr = layer(x), ref(x)
+    assert y.dtype == half and rel_err(y, yr) <= 1e-2
+    with torch.no_grad():
+        assert_rel_close(layer.eval()(x), ref.eval()(x).double(), FP32_TOL, "no_grad")
+
+
 def test_dispatch_auto_and_triton(monkeypatch, caplog):
     x = torch.randn(8, 16, device=DEVICE)
     w, b, a, bb = _params(16, 12, 4)
