@@ -9,7 +9,8 @@ autocast, LoRA on ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc`` with r
 adapters. The adapters' B starts random (not PEFT's zeros) and token ids are random in [1, vocab): no all-zero
 inputs anywhere.
 
-Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only — on a CPU the Triton interpreter would
+Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only; ``lora_fast_cublas``, asked for by name,
+forces the cublas kernel variant — on a CPU the Triton interpreter would
 run, whose timings are never kernel timings, so it is skipped with a message), ``peft`` (``get_peft_model`` with
 ``fan_in_fan_out=True``), ``reference`` (``apply_lora(..., backend="reference")``).
 
@@ -36,6 +37,7 @@ import torch.nn as nn
 from benchmarks import utils
 
 PROVIDERS = ("lora_fast", "peft", "reference")
+ALL_PROVIDERS = (*PROVIDERS, *utils.VARIANT_PROVIDERS)  # lora_fast_cublas: the cublas kernel variant, by name
 MODES = ("train", "infer_unmerged", "infer_merged")
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
@@ -82,7 +84,7 @@ def add_lora(model: nn.Module, provider: str) -> nn.Module:
     else:
         from lora_fast import apply_lora
 
-        backend = "triton" if provider == "lora_fast" else "reference"
+        backend = "triton" if provider in utils.TRITON_PROVIDERS else "reference"
         apply_lora(model, TARGETS, rank=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], backend=backend)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -186,7 +188,7 @@ def run_provider(provider: str, shape: dict, device: torch.device, args, env) ->
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpt2", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny GPT-2 and batch (CPU-friendly)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch", type=int, help="sequences per step (default 8; 2 with --quick)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 64 with --quick)")
@@ -229,14 +231,15 @@ def _run(args: argparse.Namespace) -> int:
     providers = list(args.providers)
     if device.type != "cuda":
         print("note: " + utils.CPU_TIMING_NOTE)
-        if "lora_fast" in providers:
-            providers.remove("lora_fast")
-            print("note: provider lora_fast skipped: without a GPU its Triton kernels run in the interpreter, whose "
+        for name in [p for p in providers if p in utils.TRITON_PROVIDERS]:
+            providers.remove(name)
+            print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
                   "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
     rows, failures = [], []
     for provider in providers:
         try:
-            rows += run_provider(provider, s, device, args, env)
+            with utils.provider_env(provider):
+                rows += run_provider(provider, s, device, args, env)
         except Exception as e:  # report, keep the other providers' numbers
             failures.append(f"{provider}: {type(e).__name__}: {e}")
             print(f"  {provider:<10}FAILED: {type(e).__name__}: {e}", flush=True)

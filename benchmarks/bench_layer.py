@@ -12,6 +12,8 @@ same random adapter weights — never zeros — and α = 2r):
     torch_compile  the reference layer under ``torch.compile(dynamic=False)`` (one compile per shape).
     lora_fast      ``LinearWithLoRA(conv, backend="triton")``: CUDA only. On a CPU it would run in the Triton
                    interpreter (numpy), whose timings are never kernel timings, so it is skipped with a message.
+    lora_fast_cublas  the same layer with the cublas kernel variant forced (``LORA_FAST_{FWD,BWD}_VARIANT``):
+                   cuBLAS for the frozen GEMMs, Triton for the LoRA terms; CUDA only, not in the default list.
 Each library keeps its defaults for a bf16 base (both lora_fast and PEFT hold fp32 adapter weights).
 
 Modes: ``fwd`` (forward with autograd recording), ``bwd`` (backward alone, after an untimed forward), ``full``.
@@ -36,6 +38,7 @@ from benchmarks import utils
 
 LAYERS = {"c_attn": (768, 2304), "attn.c_proj": (768, 768), "c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}
 PROVIDERS = ("base", "reference", "peft", "torch_compile", "lora_fast")
+ALL_PROVIDERS = (*PROVIDERS, *utils.VARIANT_PROVIDERS)  # the variant providers are asked for by name
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FULL_SET = {"M": [2048, 8192, 32768], "r": [8, 16, 64], "dropout": [0.0, 0.1], "dtype": ["bf16", "fp32"]}
@@ -80,7 +83,7 @@ def build_provider(name: str, conv: nn.Module, r: int, dropout: float, lora_A: t
         layer = get_peft_model(_Wrapper(conv), cfg).base_model.model.proj
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     else:
-        backend = "triton" if name == "lora_fast" else "reference"
+        backend = "triton" if name in utils.TRITON_PROVIDERS else "reference"
         layer = LinearWithLoRA(conv, rank=r, alpha=2 * r, dropout=dropout, backend=backend)
         a, b = layer.lora.lora_A, layer.lora.lora_B
     with torch.no_grad():
@@ -154,6 +157,11 @@ def prepare_case(name: str, layer_name: str, M: int, r: int, dropout: float, dty
 def run_case(name: str, layer_name: str, M: int, r: int, dropout: float, dtype: str, modes, device, args,
              env, measure_mem: bool) -> list[dict]:
     """All rows of one provider on one configuration."""
+    with utils.provider_env(name):
+        return _run_case(name, layer_name, M, r, dropout, dtype, modes, device, args, env, measure_mem)
+
+
+def _run_case(name, layer_name, M, r, dropout, dtype, modes, device, args, env, measure_mem) -> list[dict]:
     K, N = LAYERS[layer_name]
     case = prepare_case(name, layer_name, M, r, dropout, dtype, device)
     config = {"layer": layer_name, "M": M, "K": K, "N": N, "r": r, "dropout": dropout, "dtype": dtype}
@@ -186,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", nargs="+", type=int)
     p.add_argument("--dropouts", nargs="+", type=float)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--compile-all", action="store_true", help="torch.compile every configuration")
     p.add_argument("--warmup", type=int, help="untimed calls per measurement (default 10 on GPU, 2 on CPU, 1 quick)")
@@ -223,9 +231,9 @@ def _run(args: argparse.Namespace) -> int:
     providers = list(args.providers)
     if device.type != "cuda":
         print("note: " + utils.CPU_TIMING_NOTE)
-        if "lora_fast" in providers:
-            providers.remove("lora_fast")
-            print("note: provider lora_fast skipped: without a GPU its Triton kernels run in the interpreter, whose "
+        for name in [p for p in providers if p in utils.TRITON_PROVIDERS]:
+            providers.remove(name)
+            print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
                   "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
     # Inductor's CPU buffers bypass the dispatcher, so LiveBytes cannot see them.
     no_mem = {"torch_compile"} if device.type != "cuda" else set()

@@ -32,7 +32,7 @@ import time
 
 def _stub_launches() -> None:
     """Replace the Triton launches of the fused path by no-ops (the grid lambdas still run, as before a launch)."""
-    from lora_fast.kernels import launch, lora_bwd, lora_fwd
+    from lora_fast.kernels import launch, lora_bwd, lora_bwd_cublas, lora_fwd
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -44,6 +44,7 @@ def _stub_launches() -> None:
 
     stub = _NoLaunch()
     lora_fwd._lora_xa_kernel = lora_fwd._lora_fwd_kernel = lora_bwd._lora_bwd_kernel = stub
+    lora_bwd_cublas._lora_dy_kernel = lora_bwd_cublas._lora_dx_lora_kernel = stub
     launch.kernels_interpreted = lambda fn: True  # the dispatcher's check that the kernels were built interpreted
 
 def tuner_overhead(calls: int, rep: int) -> dict[str, float]:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
     p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
-                   choices=["base", "peft", "reference", "lora_fast"])
+                   choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas"])
     p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     if args.device in (None, "cpu"):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch/triton/lora_fast import the kernels
     import torch
+
+    from benchmarks.utils import provider_env
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
                 layer(x)
 
         for mode, fn in (("fwd+bwd", full), ("fwd no_grad", infer)):
-            us = time_calls(fn, args.calls, args.rep, sync)
+            with provider_env(provider):
+                us = time_calls(fn, args.calls, args.rep, sync)
             results[f"{provider} {mode}"] = statistics.median(us)
             print(f"  {provider:<10} {mode:<12} {statistics.median(us):8.1f} µs  (min {min(us):.1f})", flush=True)
     if not on_gpu:

@@ -78,12 +78,13 @@ for stage in "${STAGES[@]}"; do
         probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
         train-parity) run train-parity train_parity.log "$PY" -m benchmarks.train_parity --out "$OUT/parity" --bf16 ;;
         layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \
-            --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
+            --providers base reference peft lora_fast lora_fast_cublas --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-fp32) run layer-fp32 bench_layer_fp32.log python -m benchmarks.bench_layer --dtypes fp32 \
             --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-compile) run layer-compile bench_layer_compile.log python -m benchmarks.bench_layer --dtypes bf16 \
             --ranks 16 --dropouts 0.1 --providers torch_compile --csv "$CSV" ${LAYER_ARGS:-} ;;
-        gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --csv "$CSV" ;;
+        gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --providers lora_fast lora_fast_cublas peft \
+            reference --csv "$CSV" ;;
         gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c "$PY -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile default --csv '$CSV' && $PY -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile reduce-overhead --csv '$CSV'" ;;

@@ -22,6 +22,7 @@ renamed, so an interrupted run never leaves a half-written CSV.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -30,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -333,3 +334,25 @@ def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(merged)
+
+
+# Providers that run lora_fast's Triton path with a kernel variant forced (kernels/lora_fwd.fwd_variant and
+# lora_bwd.bwd_variant read these variables on every launch), next to ``lora_fast`` with the default rules.
+VARIANT_PROVIDERS = {"lora_fast_cublas": {"LORA_FAST_FWD_VARIANT": "cublas", "LORA_FAST_BWD_VARIANT": "cublas"}}
+TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
+
+
+@contextlib.contextmanager
+def provider_env(provider: str) -> Iterator[None]:
+    """Set the environment a provider's kernels read for the duration of its measurements (restored after)."""
+    settings = VARIANT_PROVIDERS.get(provider, {})
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
