@@ -27,6 +27,27 @@ except ImportError:  # pragma: no cover
     Conv1D = None
 
 LORA_BASE_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+_PLAIN_FORWARDS = tuple(t.forward for t in LORA_BASE_TYPES)
+
+
+def _global_hooks() -> bool:
+    """Whether global module forward hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
+    mod = nn.modules.module
+    return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
+
+
+def calls_more_than_forward(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward``: forward (pre-)hooks on it or global ones,
+    or a forward replaced on the instance (accelerate's offload hooks, ...)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
+
+
+def fusable_base(base: nn.Module) -> bool:
+    """Whether the fused ``lora_linear`` computes exactly what calling ``base`` computes: a plain nn.Linear /
+    Conv1D forward (a subclass that overrides it, e.g. a QAT Linear that fake-quantises its weight, does not
+    qualify), nothing else running around it, and its weight materialised (not on the meta device)."""
+    return (type(base).forward in _PLAIN_FORWARDS and not calls_more_than_forward(base)
+            and base.weight.device.type != "meta")
 
 
 def _check_hparams(rank, alpha, dropout) -> None:
@@ -119,6 +140,10 @@ class LinearWithLoRA(nn.Module):
         LinearWithLoRA(base, rank=8, alpha=16.0, dropout=0.0)          # wraps (does not copy) a Linear/Conv1D
         LinearWithLoRA(in_features, out_features, rank=8, alpha=16.0, bias=True, dropout=0.0)
 
+    The fused ``lora_linear`` reads the base's weight and bias directly. When calling the base would do more than
+    nn.Linear's / Conv1D's forward — a subclass overriding it (e.g. QAT fake-quantisation), forward hooks on the
+    base or the adapter, accelerate's offload hooks — forward instead runs ``linear(x) + lora(x)``, as PEFT does.
+
     Attributes:
         linear: the frozen base module (nn.Linear or transformers' Conv1D, weight (in, out)).
         lora: the ``LoRALayer``.
@@ -199,6 +224,10 @@ class LinearWithLoRA(nn.Module):
                 raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
             return self.linear(x)
+        if not fusable_base(self.linear) or calls_more_than_forward(self.lora):
+            # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
+            # base(x) + the adapter's term, computed as PEFT computes it
+            return self.linear(x) + self.lora(x)
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,
             dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from lora_fast.functional import lora_linear
-from lora_fast.layer import LORA_BASE_TYPES
+from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, fusable_base
 
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
 
@@ -80,6 +80,9 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return "nested adapter layers"
     if not isinstance(base, LORA_BASE_TYPES):
         return f"base layer is a {type(base).__name__}, not nn.Linear/Conv1D"
+    if not fusable_base(base):  # PEFT calls base_layer(x): what runs there must run
+        return (f"base layer {type(base).__name__} runs more than nn.Linear/Conv1D's forward (an overriding "
+                "subclass, hooks, offloaded weights)")
     w = base.weight
     if type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point():
         return f"quantised base weight ({type(w).__name__}, {w.dtype})"
@@ -97,6 +100,10 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return "lora_bias"
     if not isinstance(module.lora_dropout[a], (nn.Dropout, nn.Identity)):
         return f"custom dropout {type(module.lora_dropout[a]).__name__}"
+    parts = (module.lora_A[a], module.lora_B[a], module.lora_dropout[a])
+    if any(calls_more_than_forward(m) or m.weight.device.type == "meta" for m in parts[:2]) or \
+            calls_more_than_forward(parts[2]):
+        return "hooks or offloaded weights on the adapter's modules"
     return None
 
 

@@ -235,3 +235,57 @@ def test_bf16_activations_with_fp32_adapters_train():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer32.lora.lora_B.grad.dtype == torch.float32
+
+
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward does more than F.linear (as a QAT Linear fake-quantising its weight)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_base_forward_runs_when_it_does_more_than_linear():
+    """A subclass overriding forward, forward hooks on the base or the adapter, a replaced instance forward: the
+    layer computes base(x) + the LoRA term, as PEFT does (the fused path would read the weight around them)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12)
+
+    def lora_term(layer):
+        return layer.lora(x)
+
+    layer = LinearWithLoRA(_DoubledLinear(12, 6), rank=3)
+    nn.init.normal_(layer.lora.lora_B)
+    assert_rel_close(layer(x), (layer.linear(x) + lora_term(layer)).double(), 1e-6, "overriding subclass")
+    assert_rel_close(layer(x), (2 * nn.functional.linear(x, layer.weight, layer.bias) + lora_term(layer)).double(),
+                     1e-6, "doubled")
+
+    layer = LinearWithLoRA(nn.Linear(12, 6), rank=3)
+    nn.init.normal_(layer.lora.lora_B)
+    plain = layer(x)
+    calls = []
+    handle = layer.linear.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0)  # zeroes the base output
+    assert_rel_close(layer(x), lora_term(layer).double(), 1e-6, "hooked base")
+    assert calls == [1]
+    handle.remove()
+    assert torch.equal(layer(x), plain)  # back on the fused path
+    handle = layer.lora.register_forward_pre_hook(lambda m, i: calls.append(2))
+    layer(x)
+    assert calls == [1, 2]
+    handle.remove()
+    layer.linear.forward = lambda inp: 3 * nn.functional.linear(inp, layer.weight, layer.bias)  # as accelerate does
+    assert_rel_close(layer(x), (3 * nn.functional.linear(x, layer.weight, layer.bias) + lora_term(layer)).double(),
+                     1e-6, "instance forward")
+
+
+def test_accelerate_offload_after_wrapping():
+    """accelerate's cpu_offload moves the weights to the meta device and restores them in forward pre-hooks on the
+    base and the adapter: the layer must call those modules (PEFT's order of use works the same)."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = nn.Sequential(LinearWithLoRA(nn.Linear(12, 6), rank=3))
+    nn.init.normal_(model[0].lora.lora_B)
+    x = torch.randn(4, 12)
+    ref = model(x).detach()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model[0].linear.weight.device.type == "meta"
+    assert_rel_close(model(x), ref.double(), 1e-6, "offloaded")

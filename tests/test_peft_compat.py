@@ -335,3 +335,34 @@ def test_patched_model_pickles_and_replicates(spy):
     x = torch.randn(3, layer.in_features)
     assert rel_err(layer(x), layer.base_layer(x)) > 1e-3  # the original still has its adapter
     assert_rel_close(replica(x), layer.base_layer(x), 1e-6, "replica uses its own tensors")
+
+
+def test_base_layer_doing_more_than_linear_stays_on_peft():
+    """A base_layer whose forward does more than nn.Linear's (an overriding subclass, or a hook added after
+    patching) is computed by PEFT's own forward, so the patched model's output never changes."""
+    torch.manual_seed(0)
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    seq = nn.Sequential()
+    seq.add_module("proj", Doubled(12, 6))
+    pm = get_peft_model(seq, LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]))
+    x = torch.randn(4, 12)
+    ref = pm(x).detach()
+    with pytest.warns(UserWarning, match="runs more than nn.Linear/Conv1D's forward"):
+        patch_peft(pm)
+    assert_rel_close(pm(x), ref.double(), TOL, "subclass base")
+
+    pm = _peft("llama").eval()
+    ids = _ids()
+    patch_peft(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)  # added after patching
+    with torch.no_grad():
+        hooked = pm(input_ids=ids).logits
+        unpatch_peft(pm)
+        assert_rel_close(hooked, pm(input_ids=ids).logits.double(), TOL, "hooked base after patching")
+    assert len(calls) == 2
