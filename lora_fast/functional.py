@@ -117,7 +117,7 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device
 
 def triton_unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
-    lora_B: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None, dropout_p: float = 0.0,
 ) -> str | None:
     """Why the Triton path cannot run this case, or None when it can."""
     if x.device.type == "cpu" and not _interpret_env():
@@ -126,7 +126,7 @@ def triton_unsupported_reason(
         from lora_fast import triton_fn  # noqa: F401  (imports triton)
     except ImportError as e:  # triton missing, or the kernels not built in this version
         return f"triton is not available ({e})"
-    return triton_fn.unsupported_reason(x, weight, lora_A, bias, lora_B)
+    return triton_fn.unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p)
 
 
 def check_shapes(
@@ -201,7 +201,7 @@ def lora_linear(
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 
     if backend != "reference":
-        reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B)
+        reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p if training else 0.0)
         if reason is None:
             from lora_fast import triton_fn
 

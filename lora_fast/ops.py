@@ -108,16 +108,17 @@ def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in
     return dx, dA, dB
 
 
-def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, backend: str) -> bool:
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, backend: str,
+                dropout_p: float = 0.0) -> bool:
     """Whether the fused kernels run behind the op: the same rule as eager ``functional.lora_linear``.
 
-    A pure function of (backend, device, dtypes, rank, TRITON_INTERPRET), so forward and backward always choose
+    A pure function of (backend, device, dtypes, rank, dropout p, TRITON_INTERPRET), so forward and backward choose
     alike (the two paths draw different masks from one seed). The op runs with grad mode off, so a trainable W₀
     does not veto the kernels here: its gradient is computed by the autograd formula with plain aten ops.
     """
     if backend == "reference":
         return False
-    reason = triton_unsupported_reason(x, weight, lora_A)
+    reason = triton_unsupported_reason(x, weight, lora_A, dropout_p=dropout_p)
     if reason is not None and backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
     return reason is None
@@ -126,7 +127,7 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
 def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
     """Forward behind the op: the fused Triton forward where it runs (same kernels, Philox mask and fp32 xa as
     the eager Triton path), the reference otherwise."""
-    if _use_triton(x, weight, lora_A, backend):
+    if _use_triton(x, weight, lora_A, backend, dropout_p):
         from lora_fast.kernels.lora_fwd import lora_linear_fwd
 
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
@@ -136,7 +137,7 @@ def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_
 
 def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
     """Backward behind the op; makes ``_impl_fwd``'s choice again (same inputs, same rule, same mask)."""
-    if _use_triton(x, weight, lora_A, backend):
+    if _use_triton(x, weight, lora_A, backend, dropout_p):
         from lora_fast.kernels.lora_bwd import lora_linear_bwd
 
         dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,

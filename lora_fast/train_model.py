@@ -238,7 +238,7 @@ def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:
     layer = next(iter(lora_layers(model).values()))
     x = torch.zeros(1, layer.in_features, device=device, dtype=amp_dtype or layer.linear.weight.dtype)  # (1, K)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        reason = triton_unsupported_reason(x, layer.linear.weight, layer.lora.lora_A)
+        reason = triton_unsupported_reason(x, layer.linear.weight, layer.lora.lora_A, dropout_p=layer.lora.dropout)
     if reason is not None and backend == "triton":
         raise ConfigError(f"--backend triton cannot run here: {reason}")
     return "reference" if reason else "triton"

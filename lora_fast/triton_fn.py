@@ -29,6 +29,7 @@ from lora_fast.functional import autocast_inputs, seed_tensor
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
 from lora_fast.kernels import lora_fwd as _fwd
+from lora_fast.rng import keep_threshold
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,14 +40,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# Largest relative bias of E[dropout(x)] the kernels' 16-bit keep threshold may introduce (lora_fast.rng): 2⁻¹⁷/(1−p)
+# is 7.6e-5 at p = 0.9; only p within ~1 % of 1 exceeds this and runs on the reference path instead.
+MAX_DROPOUT_BIAS = 1e-3
+
+
+def dropout_bias(p: float) -> float:
+    """|E[dropout(x)]/x − 1| on the kernels' path: keep probability 1 − t/2¹⁶ (t = ``keep_threshold(p)``), scale
+    1/(1 − p)."""
+    return abs((1.0 - keep_threshold(p) / 2.0**16) / (1.0 - p) - 1.0)
+
+
 def unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
-    lora_B: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None, dropout_p: float = 0.0,
 ) -> str | None:
     """Why the fused kernels cannot run this case (a sentence), or None when they can.
 
     Besides device/dtype/rank limits, a base weight or bias that requires grad is refused: the kernels treat W₀ and
-    b as frozen and would silently return no gradient for them (the reference path differentiates them).
+    b as frozen and would silently return no gradient for them (the reference path differentiates them). So are a
+    bias in another dtype than x and W₀ outside autocast (PyTorch's F.linear raises there; the kernels would cast
+    it) and a dropout probability so close to 1 that the 16-bit keep threshold would bias E[dropout(x)] by more
+    than ``MAX_DROPOUT_BIAS``.
     """
     dev = x.device
     if dev.type == "cpu":
@@ -67,6 +82,11 @@ def unsupported_reason(
         return f"compute dtype {dtype} is not one of {SUPPORTED_DTYPES}"
     if not torch.is_autocast_enabled(dev.type) and weight.dtype != x.dtype:
         return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
+    if not torch.is_autocast_enabled(dev.type) and bias is not None and bias.dtype != x.dtype:
+        return f"x ({x.dtype}) and bias ({bias.dtype}) have different dtypes"
+    if dropout_p > 0.0 and dropout_bias(dropout_p) > MAX_DROPOUT_BIAS:
+        return (f"dropout p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (E[dropout(x)] "
+                f"off by {dropout_bias(dropout_p):.1e})")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             return f"{name} dtype {t.dtype} is not supported (fp32/fp16/bf16)"
@@ -130,7 +150,8 @@ def lora_linear_triton(
         training: whether dropout is active. fan_in_fan_out: Conv1D weight layout.
         check: verify the case with ``unsupported_reason`` first (the dispatcher, which has just done so, skips it).
     """
-    if check and (reason := unsupported_reason(x, weight, lora_A, bias, lora_B)) is not None:
+    if check and (reason := unsupported_reason(x, weight, lora_A, bias, lora_B,
+                                               float(dropout_p) if training else 0.0)) is not None:
         raise RuntimeError(f"the Triton LoRA path cannot run this case: {reason}")
     p = float(dropout_p) if training else 0.0
     dev = x.device

@@ -324,6 +324,31 @@ def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
         lora_linear(x, w8, None, a, bb, 1.0, backend="triton")  # integer codes are never used as values
     with pytest.raises(RuntimeError, match="lora_B dtype"):
         lora_linear(x, w, None, a, bb.detach().to(torch.int32), 1.0, backend="triton")
+    # a bias in another dtype: F.linear refuses it, so the kernels must not quietly cast it
+    with pytest.raises(RuntimeError, match=r"bias \(torch.float64\) have different dtypes"):
+        lora_linear(x, w, b.double(), a, bb, 1.0, backend="triton")
+    with pytest.raises(RuntimeError):  # auto: the reference path, which raises as F.linear does
+        lora_linear(x, w, b.double(), a, bb, 1.0, backend="auto")
+
+
+def test_dropout_too_close_to_one_runs_unbiased():
+    """p so close to 1 that the kernels' 16-bit keep threshold would bias E[dropout(x)] by > 1e-3: refused by
+    backend="triton" with the reason, run by the (unbiased) reference under "auto"; ordinary p stays on the kernels."""
+    from lora_fast import triton_fn
+
+    assert triton_fn.dropout_bias(0.1) < 1e-5 and triton_fn.dropout_bias(0.9) < 1e-4  # resolution 2^-16
+    assert triton_fn.dropout_bias(0.99999) > 0.1
+    w, b, a, bb = _params(16, 12, 2)
+    x = torch.randn(5, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="too close to 1"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.99999, backend="triton")
+    assert triton_fn.unsupported_reason(x, w, a, b, bb, dropout_p=0.5) is None
+    assert "too close to 1" in triton_fn.unsupported_reason(x, w, a, b, bb, dropout_p=0.99999)
+    assert triton_fn.dropout_bias(0.995) > 1e-3  # "auto" takes the reference path, its mask included
+    xs = torch.randn(2000, 16, device=DEVICE)  # ~160 kept elements: the mask decides the output
+    ref = [lora_linear(xs, w, b, a, bb, 1.0, dropout_p=0.995, seed=s, backend="reference") for s in (5, 6)]
+    assert not torch.equal(ref[0], ref[1])
+    assert torch.equal(lora_linear(xs, w, b, a, bb, 1.0, dropout_p=0.995, seed=5, backend="auto"), ref[0])
 
 
 def test_fp32_precision_api_is_honoured():
