@@ -123,7 +123,7 @@ class LoRALayer(nn.Module):
         return self.scaling * F.linear(F.linear(x, a), b)  # (..., r) -> (..., N)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = scaling·B·A, (out, in), fp32."""
+        """ΔW = scaling·B·A, (out, in), in fp32 (fp64 for fp64 adapters)."""
         return lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
@@ -236,13 +236,15 @@ class LinearWithLoRA(nn.Module):
 
     @torch.no_grad()
     def merge_weights(self) -> None:
-        """W₀ ← W₀ + ΔW (computed in fp32, stored in W₀'s dtype). Merging a merged layer warns and does nothing."""
+        """W₀ ← W₀ + ΔW (computed in fp32 — fp64 for a fp64 W₀ — and stored in W₀'s dtype). Merging a merged layer
+        warns and does nothing."""
         if self.merged:
             warnings.warn("LinearWithLoRA.merge_weights: already merged, nothing done", stacklevel=2)
             return
         w = self.linear.weight
-        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out)
-        w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
+                                  dtype=w.dtype)  # fp32, or fp64 for a fp64 base
+        w.copy_((w.to(delta.dtype) + delta.to(w.device)).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -253,8 +255,9 @@ class LinearWithLoRA(nn.Module):
             warnings.warn("LinearWithLoRA.unmerge_weights: not merged, nothing done", stacklevel=2)
             return
         w = self.linear.weight
-        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out)
-        w.copy_((w.float() - delta.to(w.device)).to(w.dtype))
+        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
+                                  dtype=w.dtype)
+        w.copy_((w.to(delta.dtype) - delta.to(w.device)).to(w.dtype))
         self.merged = False
 
     def merged_base(self) -> nn.Module:

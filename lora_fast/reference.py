@@ -78,8 +78,12 @@ def lora_linear_ref(
 
 
 def lora_delta_weight(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """ΔW = s·B·A in fp32, (N, K), or its transpose (K, N) for the Conv1D layout."""
-    delta = scaling * (lora_B.float() @ lora_A.float())  # (N, K)
+    """ΔW = s·B·A, (N, K), or its transpose (K, N) for the Conv1D layout, computed in fp32 or wider: in
+    ``promote_types(dtype, float32)`` (fp64 for a fp64 base weight, fp32 for 16-bit ones), ``dtype`` defaulting to
+    the adapters' dtype."""
+    dtype = torch.promote_types(dtype or torch.promote_types(lora_A.dtype, lora_B.dtype), torch.float32)
+    delta = scaling * (lora_B.to(dtype) @ lora_A.to(dtype))  # (N, K)
     return delta.t() if fan_in_fan_out else delta

@@ -289,3 +289,17 @@ def test_accelerate_offload_after_wrapping():
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     assert model[0].linear.weight.device.type == "meta"
     assert_rel_close(model(x), ref.double(), 1e-6, "offloaded")
+
+
+def test_fp64_merge_round_trip_is_fp64_exact():
+    """A float64 base merges and unmerges in float64 (not through float32): the merged output equals the unmerged
+    one and the base weight comes back to within fp64 rounding."""
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8).double(), rank=4)
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    w0, y = layer.weight.detach().clone(), layer(x).detach()
+    layer.merge_weights()
+    assert_rel_close(layer(x), y, 1e-13, "merged")
+    layer.unmerge_weights()
+    assert (layer.weight - w0).abs().max() < 1e-14
