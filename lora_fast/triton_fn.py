@@ -51,6 +51,12 @@ def dropout_bias(p: float) -> float:
     return abs((1.0 - keep_threshold(p) / 2.0**16) / (1.0 - p) - 1.0)
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform is running (the reference path, plain aten ops, supports them all)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None, dropout_p: float = 0.0,
@@ -63,6 +69,9 @@ def unsupported_reason(
     it) and a dropout probability so close to 1 that the 16-bit keep threshold would bias E[dropout(x)] by more
     than ``MAX_DROPOUT_BIAS``.
     """
+    if _functorch_active():
+        return ("torch.func transforms (grad, vmap, jacrev, ...) are active: the fused kernels' autograd Function "
+                "does not support them")
     dev = x.device
     if dev.type == "cpu":
         if not _launch.interpreting():

@@ -368,3 +368,30 @@ def test_fp32_precision_api_is_honoured():
         assert input_precision(torch.float32) == "ieee"
     finally:
         matmul.fp32_precision = before
+
+
+def test_torch_func_transforms_take_the_reference_path():
+    """torch.func.grad and vmap (per-sample gradients) over a layer: "auto" computes them on the reference path
+    (the kernels' Function does not support functorch), equal to the same layer on the reference backend;
+    backend="triton" refuses with the reason."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layers = {b: LinearWithLoRA(nn.Linear(16, 8), rank=4, dropout=0.0, backend=b).to(DEVICE)
+              for b in ("auto", "reference", "triton")}
+    nn.init.normal_(layers["auto"].lora.lora_B)
+    for other in ("reference", "triton"):
+        layers[other].load_state_dict(layers["auto"].state_dict())
+    params = {k: v.detach() for k, v in layers["auto"].named_parameters() if "lora" in k}
+    x = torch.randn(5, 16, device=DEVICE)
+
+    def per_sample(layer):
+        loss = lambda p, xi: functional_call(layer, p, (xi[None],)).square().sum()  # noqa: E731
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    got, ref = per_sample(layers["auto"]), per_sample(layers["reference"])
+    for k in params:
+        assert got[k].shape == (5, *params[k].shape)
+        assert_rel_close(got[k], ref[k].double(), 1e-6, k)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        per_sample(layers["triton"])
