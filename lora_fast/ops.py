@@ -47,7 +47,8 @@ Behind the op, ``_impl_fwd``/``_impl_bwd`` run the fused Triton kernels wherever
 or CPU under TRITON_INTERPRET=1; ``_use_triton``), with the same Philox mask and seed draw as the eager Triton path,
 and the reference elsewhere (the reference reads the dropout seed with ``.item()``: one host sync per call on CUDA).
 
-Known limits: no double backward. On a GPU the compiled Triton path is unverified (no GPU in the building session).
+Known limits: no double backward through the op (the eager Triton path has one). On a GPU the compiled Triton path is
+unverified (no GPU in the building session).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
 from lora_fast.functional import autocast_inputs, seed_tensor
+from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
 from lora_fast.kernels import lora_fwd as _fwd
@@ -122,17 +123,40 @@ class LoRALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels are not differentiable: no double backward
     def backward(ctx, dy):
         x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
         needs_dx, needs_dA, needs_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if not (needs_dx or needs_dA or needs_dB):
             return (None,) * 9
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty, ...): differentiable aten ops
+            return _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B)
         dx, dA, dB = _bwd.lora_linear_bwd(
             dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
             needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB,
         )
         return dx, None, None, dA, dB, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B):
+    """The backward formulas of the module docstring in plain aten ops on the saved inputs, with the kernels' own
+    keep-mask regenerated from the seed: run only under ``create_graph=True``, so that the gradients themselves
+    are differentiable (double backward) and equal what the kernels compute, to rounding."""
+    s, p = ctx.scaling, ctx.dropout_p
+    dtype = x.dtype
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    w_nk = weight.t() if ctx.fan_in_fan_out else weight  # (N, K)
+    keep = _drop.dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0.0 else None
+    xd = x * keep / (1.0 - p) if keep is not None else x  # (M, K) dropped input (a temporary)
+    gb = dy @ b  # (M, r)
+    dx = dA = dB = None
+    if ctx.needs_input_grad[0]:
+        lora = s * (gb @ a)  # (M, K)
+        dx = dy @ w_nk + (lora * keep / (1.0 - p) if keep is not None else lora)
+    if ctx.needs_input_grad[3]:
+        dA = (s * (gb.t() @ xd)).to(lora_A.dtype)  # (r, K)
+    if ctx.needs_input_grad[4]:
+        dB = (s * (dy.t() @ (xd @ a.t()))).to(lora_B.dtype)  # (N, r)
+    return dx, None, None, dA, dB, None, None, None, None
 
 
 def lora_linear_triton(

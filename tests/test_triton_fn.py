@@ -299,16 +299,27 @@ def test_gpt2_20_steps_triton_matches_reference():
     assert torch.allclose(t, rf, rtol=1e-4, atol=0), f"triton {t.tolist()}\nreference {rf.tolist()}"
 
 
-def test_no_silent_double_backward():
-    """The kernels are not differentiable: create_graph through the Triton path is an error, never a gradient
-    silently missing its second-order term."""
-    w, b, a, bb = _params(16, 12, 2)
+@pytest.mark.parametrize("p, fifo", [(0.0, False), (0.3, True)])
+def test_double_backward_matches_reference(p, fifo):
+    """create_graph=True through the Triton path (a gradient penalty): first- and second-order gradients equal
+    the reference path's with the kernels' own mask (the backward then runs differentiable aten ops)."""
+    torch.manual_seed(0)
+    w, b, a, bb = _params(16, 12, 3, fifo=fifo)
     x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
-    y = lora_linear(x, w, b, a, bb, 1.0, backend="triton")
-    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    # a gradient penalty: without the guard, gx would silently carry no second-order term and this would "work"
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        (y.sum() + gx.pow(2).sum()).backward()
+    mask = dropout_mask(11, 5, 16, p, DEVICE) if p else None
+    results = []
+    for path in ("triton", "reference"):
+        for t in (x, a, bb):
+            t.grad = None
+        if path == "triton":
+            y = lora_linear(x, w, b, a, bb, 1.5, dropout_p=p, seed=11, fan_in_fan_out=fifo, backend="triton")
+        else:
+            y = lora_linear_ref(x, w, b, a, bb, 1.5, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo)
+        gx, ga = torch.autograd.grad(y.pow(2).sum(), (x, a), create_graph=True)
+        (y.sum() + gx.pow(2).sum() + ga.pow(2).sum()).backward()
+        results.append((gx.detach(), ga.detach(), x.grad, a.grad, bb.grad))
+    for name, t, r in zip(("gx", "gA", "dx", "dA", "dB"), *results, strict=True):
+        assert_rel_close(t, r.double(), 1e-5, name)
 
 
 def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
