@@ -104,17 +104,26 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     skip = _output_embedding_names(model) | {classifier_head_name(model)} if all_linear else set()
     wrapped_inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)
                      for c, _ in m.named_modules() if c}
+    # nn.MultiheadAttention reads out_proj.weight/bias directly (F.multi_head_attention_forward), never calling
+    # out_proj: a wrapper there would never run. Excluded from all-linear; naming it is an error.
+    mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     found, candidates = [], []
     for name, module in model.named_modules():
         if not name or name in wrapped_inner:
             continue
-        is_base = isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES)
+        is_base = isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES) and name not in mha_out
         if is_base:
             candidates.append(name)
         if all_linear:
             if is_base and name not in skip:
                 found.append(name)
         elif module_matches(name, targets):
+            if name in mha_out:
+                raise ValueError(
+                    f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                    "directly and never calls it: a LoRA adapter there would change nothing. Target other modules "
+                    "(or a model whose attention calls its projections)"
+                )
             if not is_base:
                 raise ValueError(
                     f"target module {name!r} matches {targets!r} but is a {type(module).__name__}; lora_fast "

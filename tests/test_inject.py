@@ -212,3 +212,14 @@ def test_tied_output_embedding_warns():
     model = tiny_gpt2()
     with pytest.warns(UserWarning, match="tied to"):
         apply_lora(model, ["lm_head"], rank=2)
+
+
+def test_multihead_attention_out_proj_is_refused_not_silently_inert():
+    """nn.MultiheadAttention uses out_proj.weight directly (never calling out_proj): targeting it is an error
+    naming the reason, and "all-linear" leaves it out instead of adding an adapter that would do nothing."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        apply_lora(model, ["out_proj"])
+    apply_lora(model, "all-linear", rank=2)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+    assert wrapped == {"0.linear1", "0.linear2"}
