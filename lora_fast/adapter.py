@@ -32,6 +32,7 @@ other LoRA variants are refused with an error naming the field (PEFT serves thos
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,6 +159,28 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
 
 
+def _untie_extras(model: nn.Module, owners) -> None:
+    """Give each ``modules_to_save`` module its own copy of any parameter it shares with the rest of the model (a
+    GPT-2 ``lm_head`` tied to ``wte``), as PEFT keeps a separate copy of such modules: loading the saved head must
+    not overwrite the input embeddings. Warns once, naming what was untied."""
+    names_of: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
+    untied = []
+    for owner in owners:
+        module = model.get_submodule(owner)
+        for sub_name, sub in module.named_modules():
+            for leaf, p in list(sub.named_parameters(recurse=False)):
+                full = ".".join(x for x in (owner, sub_name, leaf) if x)
+                others = [n for n in names_of.get(id(p), []) if n != full and not n.startswith(f"{owner}.")]
+                if others:
+                    setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                    untied.append(f"{full} (was tied to {', '.join(others)})")
+    if untied:
+        warnings.warn("load_adapter: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
+                      "PEFT (loading them must not change the tied parameters)", stacklevel=3)
+
+
 def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str | None = None) -> AdapterLoadResult:
     """Load an adapter directory (PEFT's format, or the legacy ``adapter_model.bin``) into ``model`` in place.
 
@@ -259,6 +282,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             p.requires_grad_(".lora.lora_" in f".{pname}")
         model.lora_fast_config = {"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
                                   "alpha": float(cfg["lora_alpha"]), "dropout": dropout, "use_rslora": use_rslora}
+    if not cfg.get("ensure_weight_tying"):  # PEFT keeps tied modules_to_save tied only when asked to
+        _untie_extras(model, extras)
     params = {}
     for name in lora_names:
         lora = model.get_submodule(name).lora

@@ -21,7 +21,12 @@ from lora_fast.layer import LORA_BASE_TYPES
 # LoraConfig fields that change what the adapter computes and that lora_fast does not implement.
 _UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-                "velora_config", "monteclora_config", "kasa_config")
+                "velora_config", "monteclora_config", "kasa_config", "megatron_config")
+# init_lora_weights values whose adapters only make sense on a base PEFT modifies when it loads them (PiSSA/OLoRA/
+# CorDA subtract the adapter's initial components from W₀, LoftQ and LoRA-GA replace W₀): the trained A, B alone
+# would be added to the unmodified base. (PEFT's converted adapters, saved with path_initial_model_for_weight_
+# conversion, say init_lora_weights: true and load fine.) MiCA changes the computation itself.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 _MAX_NAMED = 20  # keys listed in an error message before "... and N more"
 
 
@@ -121,7 +126,7 @@ def _check_config(cfg: dict, where) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: {where} is a {cfg['peft_type']} adapter; lora_fast loads LoRA adapters")
     bad = {f: cfg[f] for f in _UNSUPPORTED if cfg.get(f)}
-    if str(cfg.get("init_lora_weights", "")).lower().startswith("mica"):
+    if str(cfg.get("init_lora_weights", "")).lower().startswith(_BASE_MODIFYING_INITS):
         bad["init_lora_weights"] = cfg["init_lora_weights"]
     if cfg.get("bias", "none") != "none":
         bad["bias"] = cfg["bias"]

@@ -421,3 +421,41 @@ def test_seq_cls_adapter_always_carries_its_head_for_peft(tmp_path):
     theirs = PeftModel.from_pretrained(fresh, tmp_path).eval()
     ids = torch.randint(1, VOCAB, (2, 7))
     assert_rel_close(theirs(ids).logits, model(ids).logits, TOL, "SEQ_CLS logits")
+
+
+def test_tied_modules_to_save_head_loads_without_touching_the_embeddings(tmp_path):
+    """A PEFT adapter with modules_to_save=["lm_head"] on GPT-2 (lm_head tied to wte): PEFT keeps its own copy
+    of the head, so loading must not overwrite the input embeddings through the tie (warned, untied)."""
+    torch.manual_seed(0)
+    base = _gpt2()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                        fan_in_fan_out=True, modules_to_save=["lm_head"]))
+    _randomise_lora(pm)
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)  # a trained head
+    pm.save_pretrained(tmp_path)
+    ids = _ids()
+    ref = _logits(pm, ids)
+    model = copy.deepcopy(base)
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"lm_head.weight \(was tied to transformer.wte.weight\)"):
+        load_adapter(model, tmp_path)
+    assert torch.equal(model.transformer.wte.weight, wte)  # the embeddings are untouched
+    assert_rel_close(_logits(model, ids), ref, TOL, "logits vs PEFT")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_base_modifying_inits_are_refused(tmp_path, init):
+    """Adapters whose initialisation changed the base weights (PiSSA, OLoRA, CorDA subtract components of W₀;
+    LoftQ, LoRA-GA replace it) cannot be added to an unmodified base: refused by name, model untouched."""
+    model = apply_lora(_gpt2(), ["c_attn"], rank=4)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = init
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    target = _gpt2()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=f"init_lora_weights': '{init}'"):
+        load_adapter(target, tmp_path)
+    assert target.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
