@@ -127,7 +127,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     merged = merge_and_unload(base_model)
-    staged = StagedDir(out)
+    staged = StagedDir(out, overwrite)
     try:
         merged.save_pretrained(staged.path)
         if tokenizer is not None:

@@ -99,6 +99,11 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
         ValueError: nothing matches (the message names the targets and lists candidate module names), or a
             matching module is neither nn.Linear nor Conv1D.
     """
+    if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") and hasattr(m, "base_layer")
+                                            for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already holds PEFT LoRA layers: lora_fast would nest adapters "
+                         "inside PEFT's. Use lora_fast.patch_peft(model) to run PEFT's layers through lora_fast, or "
+                         "apply_lora on the base model")
     targets = _resolve_targets(model, target_modules)
     all_linear = targets == "all-linear"
     skip = _output_embedding_names(model) | {classifier_head_name(model)} if all_linear else set()

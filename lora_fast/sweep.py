@@ -84,12 +84,16 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
         t0 = target_sets[0]
         combos = [(base_rank, base_alpha, t0)] + [(r, base_alpha, t0) for r in ranks] \
             + [(base_rank, a, t0) for a in alphas] + [(base_rank, base_alpha, t) for t in target_sets]
-    seen, runs = set(), []
+    seen, runs, names = set(), [], set()
     for r, a, t in combos:
         if (r, a, t) not in seen:
             seen.add((r, a, t))
             name = re.sub(r"[^A-Za-z0-9_.+-]", "_", t.replace(",", "+"))
-            runs.append({"rank": r, "alpha": a, "targets": t, "run": f"r{r}_a{a:g}_{name}"})
+            run, n = f"r{r}_a{a:g}_{name}", 2
+            while run in names:  # two spellings that sanitise alike ("(0)" and "[0]") get distinct directories
+                run, n = f"r{r}_a{a:g}_{name}-{n}", n + 1
+            names.add(run)
+            runs.append({"rank": r, "alpha": a, "targets": t, "run": run})
     return runs
 
 
@@ -113,10 +117,10 @@ def _table_csv(rows) -> str:
 def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]:
     """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted)."""
     from lora_fast.plots import sweep_plot
-    from lora_fast.train import prepare, resolve_device, train
+    from lora_fast.train import prepare, resolve_device, run_inputs, train
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
-    out = check_output_dir(opts.output_dir, opts.overwrite)
+    out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
     resolve_device(opts.device)
     prep = prepare(opts, log)
     from lora_fast.inject import find_target_modules
@@ -126,7 +130,7 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
             find_target_modules(prep.model, normalize_targets(spec["targets"].split(",")))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    staged = StagedDir(out)
+    staged = StagedDir(out, opts.overwrite)
     rows, interrupted = [], False
     try:
         for i, spec in enumerate(runs, 1):

@@ -163,7 +163,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             raise ConfigError("this command trains in one process; only `lora-fast train` (python -m "
                               "lora_fast.train) runs under torchrun")
         ctx = D.DistContext()
-    out_dir = check_output_dir(opts.output_dir, opts.overwrite)
+    out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
     device = D.device(ctx) if ctx.enabled else resolve_device(opts.device)
     main = ctx.is_main
     log = log if main else (lambda msg: None)
@@ -216,7 +216,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                             "val_accuracy": va["accuracy"], "val_loss": va["loss"]})
         say(f"epoch {ep:g}: train accuracy {tr['accuracy']:.2%}, validation accuracy {va['accuracy']:.2%}")
 
-    staged = StagedDir(out_dir) if main else None
+    staged = StagedDir(out_dir, opts.overwrite) if main else None
     final = None
     try:
         try:
@@ -317,13 +317,18 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     return metrics
 
 
+def run_inputs(opts) -> dict:
+    """The run's local inputs an ``--overwrite`` of the output directory must never delete: {flag: path}."""
+    return {"--model": opts.model, "--dataset": opts.dataset, "--config": getattr(opts, "config", None)}
+
+
 def run(opts, on_step=None, log=log_stderr) -> dict:
     """``prepare`` then ``train``: one complete ``lora-fast train`` (one process, or one rank under torchrun).
     Returns the metrics (with ``output_dir``)."""
     from lora_fast import distributed as D
     from lora_fast.train_io import check_output_dir
 
-    check_output_dir(opts.output_dir, opts.overwrite)  # fail before minutes of loading
+    check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)  # before minutes of loading
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
         if not ctx.enabled:

@@ -59,7 +59,7 @@ OPTIONS: dict[str, tuple] = {
                      "validation split"),
     "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),
     "bf16": (bool, False, None, "", "bfloat16 autocast"),
-    "seed": (int, 42, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "random seed"),
+    "seed": (int, 42, lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)", "random seed"),
     "output_dir": (str, "outputs/lora-gpt2", None, "", "where the adapter, metrics and plots go"),
     "overwrite": (bool, False, None, "", "replace a non-empty output directory"),
     "backend": (str, "auto", lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}", "LoRA kernels"),
@@ -108,10 +108,16 @@ def _convert(name: str, value, typ):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     try:
         if typ is int:
-            f = float(value)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
+            if isinstance(value, int):
+                return value
+            text = str(value).strip()
+            try:
+                return int(text)  # exact, any size ("9007199254740993" must not round through a float)
+            except ValueError:
+                f = float(text)  # "1e3", "4.0" (YAML floats)
+                if not f.is_integer():
+                    raise
+                return int(f)
         return float(value)
     except (TypeError, ValueError, OverflowError):
         kind = "an integer" if typ is int else "a number"

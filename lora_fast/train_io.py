@@ -29,22 +29,52 @@ def _umask() -> int:
     return mask
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> Path:
-    """Refuse an existing non-empty directory (unless ``overwrite``) or a file; returns the resolved path."""
+def _inside(path: Path, out: Path) -> bool:
+    return path == out or out in path.parents
+
+
+def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None) -> Path:
+    """Refuse an output directory the run could not replace safely; returns the resolved path.
+
+    Refused: a file, or a directory under a file; an existing non-empty directory unless ``overwrite``; with
+    ``overwrite``, a directory holding the run's own inputs (``inputs``: {flag: path}; hub names, which are no
+    local path, are skipped) or the current directory — replacing it would delete them; and a ``logdir`` inside
+    it (written during the run, it would vanish when the finished outputs replace the directory).
+    """
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {output_dir!r} exists and is not a directory")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"output_dir {output_dir!r} cannot be created: {str(blocker)!r} is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {output_dir!r} exists and is not empty; choose another directory or pass "
                           "--overwrite")
+    if logdir and _inside(Path(logdir).expanduser().resolve(), out):
+        raise ConfigError(f"--logdir {logdir!r} is inside output_dir {output_dir!r}, which is replaced as a whole "
+                          "when the run finishes (deleting the logs); put the logs beside it, e.g. "
+                          f"{str(out.parent / (out.name + '-logs'))!r}")
+    if overwrite:
+        named = {flag: p for flag, p in (inputs or {}).items() if p and Path(p).expanduser().exists()}
+        named["the current directory"] = os.getcwd()
+        for flag, p in named.items():
+            if _inside(Path(p).expanduser().resolve(), out):
+                what = flag if flag.startswith("the ") else f"{flag} {str(p)!r}"
+                raise ConfigError(f"output_dir {output_dir!r} contains {what}: --overwrite replaces the whole "
+                                  "directory and would delete it; choose another output_dir")
     return out
 
 
 class StagedDir:
-    """A temporary directory that becomes ``final`` on ``commit()`` and vanishes on ``discard()``."""
+    """A temporary directory that becomes ``final`` on ``commit()`` and vanishes on ``discard()``.
 
-    def __init__(self, final: Path):
-        self.final = Path(final)
+    ``overwrite``: whether ``final`` may be replaced when it is not empty at commit time. Without it, a ``final``
+    that became non-empty during the run (another run, a user's file) is left alone: ``commit`` keeps this run's
+    outputs under a new sibling name and raises, saying where — nobody's files are deleted.
+    """
+
+    def __init__(self, final: Path, overwrite: bool = False):
+        self.final, self.overwrite = Path(final), overwrite
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like a mkdir's
@@ -56,6 +86,12 @@ class StagedDir:
         if self.final.exists():
             if self.final.is_dir() and not any(self.final.iterdir()):
                 self.final.rmdir()
+            elif not self.overwrite:
+                kept = Path(tempfile.mkdtemp(prefix=f"{self.final.name}.kept-", dir=self.final.parent))
+                os.replace(self.path, kept / "outputs")
+                raise ConfigError(f"output_dir {str(self.final)!r} became non-empty while this run was going "
+                                  f"(another run or process wrote there); it was left as it is and this run's "
+                                  f"outputs are in {str(kept / 'outputs')!r}")
             else:
                 old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
                 os.replace(self.final, old / "previous")

@@ -8,6 +8,7 @@ closed local port and the cache is an empty temporary directory.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,8 @@ def _bad(tmp_path, tiny, extra):
     (["--max_length", "100"], "exceeds the model's 64 positions"),
     (["--model", "{tmp}/no-such-model"], "does not exist"),
     (["--config", "{tmp}/missing.yaml"], "config file"),
+    (["--seed", "99999999999999999999"], "seed must be an integer in [0, 2**63)"),
+    (["--device", "mps"], "device must be auto, cpu or cuda[:N], got 'mps'"),
     # review round 3: each of these was a traceback, a wrong answer or a silent fallback before
     (["--task", "classification", "--dataset", "{tmp}/cls", "--max_length", "100"], "exceeds the model's 64 positions"),
     (["--task", "classification", "--dataset", "{tmp}/cls_empty_text"], "train.csv (train split) line 3: empty 'Text'"),
@@ -139,6 +142,51 @@ def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsy
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))
+
+
+def test_output_dir_that_would_delete_inputs_or_logs_is_refused(tmp_path, tiny_gpt2, capsys, monkeypatch):
+    """--overwrite replaces the whole output directory: one holding the run's dataset, config or the current
+    directory is refused (nothing deleted); so is a --logdir inside it (the logs would vanish at the end) and an
+    output_dir under a file."""
+    (tmp_path / "data.txt").write_text("some text to train on, " * 50)
+    base = ["train", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "32", "--no-progress"]
+    cases = [
+        (["--dataset", str(tmp_path / "data.txt"), "--output_dir", str(tmp_path), "--overwrite"],
+         f"contains --dataset {str(tmp_path / 'data.txt')!r}"),
+        (["--output_dir", str(tmp_path / "out"), "--logdir", str(tmp_path / "out" / "runs")],
+         "is inside output_dir"),
+        (["--output_dir", str(tmp_path / "data.txt" / "sub")], "is a file"),
+    ]
+    for extra, phrase in cases:
+        assert cli_main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err, err
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli_main(base + ["--output_dir", ".", "--overwrite"]) == 2
+    assert "contains the current directory" in capsys.readouterr().err
+    assert (tmp_path / "data.txt").is_file() and not (tmp_path / "out").exists()
+
+
+def test_output_dir_filled_during_the_run_is_not_replaced(tmp_path):
+    """Without --overwrite an output directory that became non-empty while the run went on (another run wrote
+    there) is left alone at commit; this run's outputs are kept beside it and the error says where."""
+    from lora_fast.train_io import StagedDir
+
+    final = tmp_path / "out"
+    staged = StagedDir(final)
+    (staged.path / "adapter_model.safetensors").write_text("this run")
+    final.mkdir()
+    (final / "other_run.txt").write_text("the other run")
+    with pytest.raises(ConfigError, match="became non-empty") as e:
+        staged.commit()
+    assert [p.name for p in final.iterdir()] == ["other_run.txt"]
+    kept = str(e.value).split("outputs are in ")[1].strip("'")
+    assert (Path(kept) / "adapter_model.safetensors").read_text() == "this run"
+    staged = StagedDir(final, overwrite=True)  # with --overwrite the replacement is what the user asked for
+    (staged.path / "new.txt").write_text("new")
+    staged.commit()
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
 
 
 def test_cli_dispatch(capsys):
@@ -314,6 +362,8 @@ def test_sweep_target_modules_used_or_refused(tmp_path, capsys):
     assert sets(["--target_modules", r"h\.\d+\.attn\.c_attn"]) == [r"h\.\d+\.attn\.c_attn"]
     runs = plan_runs([2], [16.0], [r"h\.\d+\.attn\.c_attn"], 4, 16.0, "one-at-a-time")
     assert [r["run"] for r in runs] == ["r4_a16_h_._d+_.attn_.c_attn", "r2_a16_h_._d+_.attn_.c_attn"]
+    runs = plan_runs([], [], [".*(0).attn.c_attn", ".*[0].attn.c_attn"], 8, 16.0, "one-at-a-time")
+    assert len({r["run"] for r in runs}) == 2  # both spellings sanitise alike: distinct directories anyway
     with pytest.raises(ConfigError, match="not both"):
         sets(["--config", str(cfg), "--target_sets", "c_attn"])
     for bad in ("nan", "inf"):

@@ -223,3 +223,15 @@ def test_multihead_attention_out_proj_is_refused_not_silently_inert():
     apply_lora(model, "all-linear", rank=2)
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
     assert wrapped == {"0.linear1", "0.linear2"}
+
+
+def test_peft_wrapped_model_is_refused():
+    """apply_lora on a model PEFT has already wrapped would nest adapters (all-linear wrapped PEFT's own lora_A and
+    base_layer): an error that names the ways forward."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)),
+                             peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    for targets in ("all-linear", ["c_attn"]):
+        with pytest.raises(ValueError, match="already holds PEFT LoRA layers.*patch_peft"):
+            apply_lora(pm, targets)
+    assert not lora_layers(pm)
