@@ -6,7 +6,8 @@ gradient clipping, gradient accumulation (a pass whose micro-batches do not divi
 the leftover ones, their mean loss, as the HF Trainer does: ``--epochs N`` is N whole passes), fp16/bf16 autocast
 (a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
 accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
-what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130).
+what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130);
+so does SIGTERM in a single-process run (a scheduler's preemption).
 
 Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``adapter_model.safetensors`` +
 ``adapter_config.json`` (PEFT's format: ``PeftModel.from_pretrained(base, output_dir)`` loads it), the tokenizer,
@@ -20,9 +21,12 @@ progress (see ``lora_fast.distributed``). One process and N processes see the sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -348,12 +352,34 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     return metrics
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """In a single-process run, SIGTERM (a scheduler's preemption, ``kill``) stops training like Ctrl-C: what was
+    trained is saved. Under torchrun the launcher owns the signals (it forwards them to every rank), so nothing
+    changes there; nor off the main thread, where signal handlers cannot be set."""
+    from lora_fast.distributed import torchrun_env
+
+    if torchrun_env() is not None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lora-fast train``; returns the exit status (0, 2 bad input, 130 interrupted)."""
     from lora_fast.distributed import torchrun_env
 
     try:
-        metrics = run(parse_train_args(argv))
+        with sigterm_as_interrupt():
+            metrics = run(parse_train_args(argv))
     except ConfigError as e:
         if (torchrun_env() or {}).get("rank", 0) == 0:  # every rank fails alike on bad options: say it once
             print(f"lora-fast train: error: {e}", file=sys.stderr)

@@ -132,16 +132,26 @@ def test_merge_saves_plain_model(trained, tiny_gpt2, tmp_path):
     assert cli_main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 2
 
 
-def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys, how):
+    """Ctrl-C, or SIGTERM (a scheduler's preemption) in a single-process run, saves what was trained."""
+    import os
+    import signal
+
     from transformers import AutoModelForCausalLM
 
-    calls = {"n": 0}
+    calls = {"n": 0, "handler": None}
     real_clip = torch.nn.utils.clip_grad_norm_
 
-    def clip_then_interrupt(*a, **k):  # Ctrl-C arrives during the 4th optimizer step
+    def clip_then_interrupt(*a, **k):  # the interruption arrives during the 4th optimizer step
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            calls["handler"] = signal.getsignal(signal.SIGTERM)
+            if calls["handler"] in (signal.SIG_DFL, signal.SIG_IGN, None):
+                raise AssertionError("no SIGTERM handler installed: sending SIGTERM would kill the test run")
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_clip(*a, **k)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
