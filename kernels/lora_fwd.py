@@ -45,7 +45,7 @@ from lora_fast.kernels.launch import (
     prune_smem,
     variant_override,
 )
-from lora_fast.kernels.lora_bwd_cublas import merged_weight
+from lora_fast.kernels.lora_bwd_cublas import merge_exact, merged_weight
 
 
 @triton.jit
@@ -204,7 +204,7 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs).
 
     ``cublas`` (xa by ``_lora_xa_kernel``, then y = x·W₀ + b by cuBLAS and y += s·xa·Bᵀ by a cuBLAS rank-r update
-    in place; without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is selected only by
+    in place; in fp32 without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is selected only by
     ``LORA_FAST_FWD_VARIANT=cublas`` until a GPU measurement says where it wins (benchmarks/PERF_NOTES.md:
     predicted faster than both where our GEMM core trails cuBLAS)."""
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
@@ -253,9 +253,10 @@ def lora_linear_fwd(
         variant = "xa_first"
     if bias is not None and bias.stride(0) != 1:  # the kernel reads b[n] at bias_ptr + n (N elements: a cheap copy)
         bias = bias.contiguous()
-    # xa computed first: always for xa_first; for cublas unless nothing needs it (no dropout, so the merged-weight
-    # GEMM does without it, and no backward to feed)
-    xa_in = variant == "xa_first" or (variant == "cublas" and (dropout_p > 0.0 or write_xa))
+    # xa computed first: always for xa_first; for cublas unless nothing needs it (the merged-weight GEMM, fp32
+    # without dropout, does without it, and no backward to feed)
+    xa_in = variant == "xa_first" or (variant == "cublas" and (dropout_p > 0.0 or write_xa
+                                                               or not merge_exact(x.dtype)))
     # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
     sxm, sxk = x.stride()
     sar, sak = lora_A.stride()
@@ -281,16 +282,17 @@ def lora_linear_fwd(
             BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=br,
         )
     if variant == "cublas":  # cuBLAS for the (K, N) product; xa (computed above) serves the backward's dB
+        separate = has_dropout or not merge_exact(x.dtype)
         with torch.autocast(dev.type, enabled=False):
-            if has_dropout:  # y = x·W₀ + b, then y += s·xa·Bᵀ (xa rounded to x's dtype, as the kernels do)
+            if separate:  # y = x·W₀ + b, then y += s·xa·Bᵀ (xa rounded to x's dtype, as the kernels do)
                 w_kn = weight if fan_in_fan_out else weight.t()  # (K, N) view
-            else:  # nothing dropped: y = x·(W₀ᵀ + s·Aᵀ·Bᵀ) + b in one GEMM
+            else:  # fp32/fp64, nothing dropped: y = x·(W₀ᵀ + s·Aᵀ·Bᵀ) + b in one GEMM
                 w_kn = merged_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out)
             if bias is not None:
                 torch.addmm(bias, x, w_kn, out=y)
             else:
                 torch.mm(x, w_kn, out=y)
-            if has_dropout:
+            if separate:
                 y.addmm_(xa.to(x.dtype), lora_B.to(x.dtype).t(), alpha=float(scaling))
         return y, (xa if write_xa else None)
     grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731

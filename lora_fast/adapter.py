@@ -129,6 +129,11 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     if (task_type or _default_task_type(model)) == "SEQ_CLS" and head and head not in layers and head not in extras:
         extras.append(head)  # PEFT always saves a SEQ_CLS head (modules_to_save) and expects it when loading
     config = _adapter_config(model, layers, extras, base_model_name_or_path, task_type)
+    tied = _tied_outside(model, extras)
+    if tied:  # trained as one tensor: loading must keep them one (load_adapter unties unless told otherwise)
+        config["ensure_weight_tying"] = True
+        warnings.warn(f"save_adapter: {', '.join(tied)} are tied to parameters outside the saved modules; the "
+                      "adapter says ensure_weight_tying: true so that loading keeps the tie", stacklevel=2)
 
     tensors = {}
     for name, layer in layers.items():
@@ -159,23 +164,34 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
 
 
-def _untie_extras(model: nn.Module, owners) -> None:
-    """Give each ``modules_to_save`` module its own copy of any parameter it shares with the rest of the model (a
-    GPT-2 ``lm_head`` tied to ``wte``), as PEFT keeps a separate copy of such modules: loading the saved head must
-    not overwrite the input embeddings. Warns once, naming what was untied."""
+def _shared_params(model: nn.Module, owners):
+    """(owner's sub-module, leaf name, full name, the other names sharing that tensor) for each parameter of the
+    ``owners`` modules that is shared with a parameter outside them."""
     names_of: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)
-    untied = []
     for owner in owners:
-        module = model.get_submodule(owner)
-        for sub_name, sub in module.named_modules():
+        for sub_name, sub in model.get_submodule(owner).named_modules():
             for leaf, p in list(sub.named_parameters(recurse=False)):
                 full = ".".join(x for x in (owner, sub_name, leaf) if x)
                 others = [n for n in names_of.get(id(p), []) if n != full and not n.startswith(f"{owner}.")]
                 if others:
-                    setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-                    untied.append(f"{full} (was tied to {', '.join(others)})")
+                    yield sub, leaf, full, others
+
+
+def _tied_outside(model: nn.Module, owners) -> list[str]:
+    return [f"{full} (~ {', '.join(others)})" for _, _, full, others in _shared_params(model, owners)]
+
+
+def _untie_extras(model: nn.Module, owners) -> None:
+    """Give each ``modules_to_save`` module its own copy of any parameter it shares with the rest of the model (a
+    GPT-2 ``lm_head`` tied to ``wte``), as PEFT keeps a separate copy of such modules: loading the saved head must
+    not overwrite the input embeddings. Warns once, naming what was untied."""
+    untied = []
+    for sub, leaf, full, others in list(_shared_params(model, owners)):
+        p = getattr(sub, leaf)
+        setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        untied.append(f"{full} (was tied to {', '.join(others)})")
     if untied:
         warnings.warn("load_adapter: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
                       "PEFT (loading them must not change the tied parameters)", stacklevel=3)

@@ -103,7 +103,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         raise ConfigError(f"--output {output!r} and --adapter {adapter!r} overlap (the same directory, or one inside "
                           "the other): writing the merged model there would delete the adapter; choose another "
                           "--output")
-    out = check_output_dir(output, overwrite)
+    out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter})
     task = "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal-lm"
     if num_labels is not None and task != "classification":
         raise ConfigError(f"--num_labels is for classification (SEQ_CLS) adapters; {adapter!r} is "

@@ -99,8 +99,7 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
         ValueError: nothing matches (the message names the targets and lists candidate module names), or a
             matching module is neither nn.Linear nor Conv1D.
     """
-    if hasattr(model, "peft_config") or any(type(m).__module__.startswith("peft.") and hasattr(m, "base_layer")
-                                            for m in model.modules()):
+    if any(type(m).__module__.startswith("peft.") and hasattr(m, "base_layer") for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already holds PEFT LoRA layers: lora_fast would nest adapters "
                          "inside PEFT's. Use lora_fast.patch_peft(model) to run PEFT's layers through lora_fast, or "
                          "apply_lora on the base model")
@@ -110,9 +109,10 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     wrapped_inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)
                      for c, _ in m.named_modules() if c}
     # nn.MultiheadAttention reads out_proj.weight/bias directly (F.multi_head_attention_forward), never calling
-    # out_proj: a wrapper there would never run. Excluded from all-linear; naming it is an error.
+    # out_proj: a wrapper there would never run. Left out with a warning (an error when named in full or when
+    # nothing else matches).
     mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    found, candidates = [], []
+    found, candidates, skipped = [], [], []
     for name, module in model.named_modules():
         if not name or name in wrapped_inner:
             continue
@@ -124,17 +124,22 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
                 found.append(name)
         elif module_matches(name, targets):
             if name in mha_out:
-                raise ValueError(
-                    f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                    "directly and never calls it: a LoRA adapter there would change nothing. Target other modules "
-                    "(or a model whose attention calls its projections)"
-                )
+                skipped.append(name)
+                continue
             if not is_base:
                 raise ValueError(
                     f"target module {name!r} matches {targets!r} but is a {type(module).__name__}; lora_fast "
                     "supports nn.Linear and transformers' Conv1D"
                 )
             found.append(name)
+    if skipped:
+        why = (f"{_mha_names(skipped)} the out_proj of an nn.MultiheadAttention, which reads its weight directly "
+               "and never calls it: a LoRA adapter there would change nothing")
+        named = isinstance(targets, (list, tuple, set)) and any(n in targets for n in skipped)
+        if named or not found:
+            raise ValueError(f"target module {why}. Target other modules (or a model whose attention calls its "
+                             "projections)")
+        warnings.warn(f"apply_lora: left out {why}", stacklevel=3)
     if not found:
         suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
         raise ValueError(
@@ -142,6 +147,10 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
             f"could be targeted: {suffixes} (e.g. {candidates[:4]})"
         )
     return found
+
+
+def _mha_names(names: list[str]) -> str:
+    return (f"{names[0]!r} is" if len(names) == 1 else f"{', '.join(map(repr, names))} are")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

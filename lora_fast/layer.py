@@ -37,9 +37,10 @@ def _global_hooks() -> bool:
 
 
 def calls_more_than_forward(module: nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: forward (pre-)hooks on it or global ones,
-    or a forward replaced on the instance (accelerate's offload hooks, ...)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
+    """Whether calling ``module`` does more than its class's ``forward``: forward (pre-)hooks or full backward hooks
+    on it, global forward hooks, or a forward replaced on the instance (accelerate's offload hooks, ...)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
 
 
 def fusable_base(base: nn.Module) -> bool:
@@ -227,6 +228,10 @@ class LinearWithLoRA(nn.Module):
         if not fusable_base(self.linear) or calls_more_than_forward(self.lora):
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
             # base(x) + the adapter's term, computed as PEFT computes it
+            if resolve_backend(self.backend) == "triton":
+                raise RuntimeError(f"backend='triton' cannot fuse this layer: calling its {type(self.linear).__name__}"
+                                   " base does more than nn.Linear/Conv1D's forward (an overriding subclass, hooks, "
+                                   "offloaded weights); use backend='auto' (base(x) + LoRA term, as PEFT)")
             return self.linear(x) + self.lora(x)
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,

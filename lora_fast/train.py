@@ -93,6 +93,13 @@ def prepare(opts, log=log_stderr) -> Prepared:
     return Prepared(model, base_name, tokenizer, trained, data, source, label_names)
 
 
+def worker_ignores_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a SIGTERM sent to the whole process group (``scancel``, ``timeout``,
+    ``kill -TERM -PGID``) must stop the training loop, which saves (``sigterm_as_interrupt``), not kill the workers
+    mid-batch, which makes the loader raise instead. The loader still shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loaders(opts, prep: Prepared, ctx):
     """DataLoaders; the training one shuffles with ``ctx``'s shard of a (seed, epoch) permutation (any world size,
     one process included), the evaluation ones are in order (``evaluate`` shards them by batch)."""
@@ -102,6 +109,8 @@ def _loaders(opts, prep: Prepared, ctx):
     from lora_fast.distributed import train_sampler
 
     kw = {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
+    if opts.num_workers > 0:
+        kw["worker_init_fn"] = worker_ignores_sigterm
     if opts.task == "classification":
         collate = ClassificationCollator(prep.tokenizer, opts.max_length)
         datasets = {s: list(zip(*prep.data[s], strict=True)) for s in prep.data}

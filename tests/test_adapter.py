@@ -459,3 +459,22 @@ def test_base_modifying_inits_are_refused(tmp_path, init):
         load_adapter(target, tmp_path)
     assert target.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_trained_tied_parameter_round_trips(tmp_path):
+    """A trainable parameter tied to another (GPT-2 wte ~ lm_head) is one tensor in training: save_adapter says
+    ensure_weight_tying so that load_adapter keeps the tie and the reloaded model equals the trained one."""
+    torch.manual_seed(0)
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4)
+    _randomise_lora(model)
+    model.transformer.wte.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.3)  # "trained" embeddings, shared with lm_head
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):
+        save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "reloaded vs trained")

@@ -346,6 +346,32 @@ def test_collate_functions_pickle_for_dataloader_workers(tmp_path):
         assert expect.keys() == got.keys() and all(torch.equal(expect[k], got[k]) for k in expect)
 
 
+def test_dataloader_workers_ignore_sigterm(tmp_path):
+    """With --num_workers > 0 a SIGTERM to the whole process group must reach only the training loop (which
+    saves), not kill the workers mid-batch: the workers' init ignores SIGTERM (checked in a real worker)."""
+    import signal
+
+    from lora_fast.distributed import DistContext
+    from lora_fast.train import Prepared, _loaders, worker_ignores_sigterm
+
+    blocks = torch.arange(64).view(4, 16)
+    opts = parse_train_args(["--batch_size", "2", "--max_length", "16", "--num_workers", "1"])
+    loader = _loaders(opts, Prepared(None, "m", None, True, {"train": blocks, "validation": blocks}, "src"),
+                      DistContext())["train"]
+    assert loader.worker_init_fn is worker_ignores_sigterm
+
+    class Probe(torch.utils.data.Dataset):  # reports the SIGTERM disposition inside the worker process
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor(int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN))
+
+    probe = torch.utils.data.DataLoader(Probe(), num_workers=1, worker_init_fn=loader.worker_init_fn)
+    assert next(iter(probe)).item() == 1
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the main process keeps its handler
+
+
 def test_sweep_target_modules_used_or_refused(tmp_path, capsys):
     from lora_fast.sweep import build_parser, plan_runs, target_sets
     from lora_fast.train_args import resolve

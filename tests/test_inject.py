@@ -214,15 +214,22 @@ def test_tied_output_embedding_warns():
         apply_lora(model, ["lm_head"], rank=2)
 
 
-def test_multihead_attention_out_proj_is_refused_not_silently_inert():
-    """nn.MultiheadAttention uses out_proj.weight directly (never calling out_proj): targeting it is an error
-    naming the reason, and "all-linear" leaves it out instead of adding an adapter that would do nothing."""
-    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+def test_multihead_attention_out_proj_is_never_silently_inert():
+    """nn.MultiheadAttention uses out_proj.weight directly (never calling out_proj): such a module is left out
+    with a warning when a suffix or regex also matches other modules (as PEFT configs targeting q/k/v/out_proj do),
+    and is an error when it is all that matches or is named in full; "all-linear" leaves it out."""
+    def model():
+        return nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+
     with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
-        apply_lora(model, ["out_proj"])
-    apply_lora(model, "all-linear", rank=2)
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
-    assert wrapped == {"0.linear1", "0.linear2"}
+        apply_lora(model(), ["out_proj"])  # nothing else matches
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        apply_lora(model(), ["0.self_attn.out_proj", "linear1"])  # named in full
+    with pytest.warns(UserWarning, match=r"left out '0.self_attn.out_proj'"):
+        m = apply_lora(model(), ["out_proj", "linear1"])
+    assert {n for n, x in m.named_modules() if isinstance(x, LinearWithLoRA)} == {"0.linear1"}
+    m = apply_lora(model(), "all-linear", rank=2)
+    assert {n for n, x in m.named_modules() if isinstance(x, LinearWithLoRA)} == {"0.linear1", "0.linear2"}
 
 
 def test_peft_wrapped_model_is_refused():

@@ -275,6 +275,9 @@ def test_base_forward_runs_when_it_does_more_than_linear():
     layer.linear.forward = lambda inp: 3 * nn.functional.linear(inp, layer.weight, layer.bias)  # as accelerate does
     assert_rel_close(layer(x), (3 * nn.functional.linear(x, layer.weight, layer.bias) + lora_term(layer)).double(),
                      1e-6, "instance forward")
+    layer.backend = "triton"  # strict: no silent fallback
+    with pytest.raises(RuntimeError, match="backend='triton' cannot fuse this layer"):
+        layer(x)
 
 
 def test_accelerate_offload_after_wrapping():

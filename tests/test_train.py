@@ -276,6 +276,17 @@ def test_merge_refuses_output_overlapping_the_adapter(trained, tmp_path, capsys)
         assert cli_main(["merge", "--adapter", str(adapter), "--output", str(output), "--overwrite"]) == 2
         assert "overlap" in capsys.readouterr().err
     assert sorted(p.name for p in adapter.iterdir()) == files  # --overwrite used to delete the adapter
+    models = tmp_path / "models"  # the base model inside the output directory: --overwrite would delete it
+    shutil.copytree(tiny_gpt2_path(trained), models / "base")
+    assert cli_main(["merge", "--adapter", str(adapter), "--model", str(models / "base"), "--output", str(models),
+                     "--overwrite"]) == 2
+    assert "contains --model" in capsys.readouterr().err
+    assert (models / "base" / "config.json").is_file()
+
+
+def tiny_gpt2_path(trained) -> str:
+    """The base model a training output names (its adapter_config's base_model_name_or_path)."""
+    return json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def test_merge_peft_classification_adapter_with_three_labels(tiny_gpt2, tmp_path):
