@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if opts.task != "causal-lm":
             raise ConfigError("lora-fast sweep runs --task causal-lm only")
         runs = plan_runs(ranks, alphas, target_sets(ns, opts), opts.rank, opts.alpha, ns.grid)
-        rows, interrupted = run_sweep(opts, runs)
+        from lora_fast.train import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():  # SIGTERM stops the current run like Ctrl-C: the runs so far are kept
+            rows, interrupted = run_sweep(opts, runs)
     except ConfigError as e:
         print(f"lora-fast sweep: error: {e}", file=sys.stderr)
         return 2
