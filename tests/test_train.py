@@ -265,6 +265,27 @@ def test_triton_backend_trains_like_reference(tiny_gpt2, tmp_path, interpret):
     assert_rel_close(losses["triton"], losses["reference"], 1e-5 if not HAS_CUDA else 2e-3, "losses")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: without it every layer takes the reference "
+                    "path anyway (tested above)")
+def test_backend_line_reports_hooked_bases_as_reference(tiny_gpt2, interpret):
+    """A model whose projections run more than nn.Linear/Conv1D's forward (here a forward hook) computes
+    base(x) + LoRA on the reference path: the CLI says so, and --backend triton refuses it up front."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_fast import apply_lora
+    from lora_fast.train_args import ConfigError
+    from lora_fast.train_model import backend_used
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_gpt2), ["c_attn"], rank=4)
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    model.to(device)
+    assert backend_used("auto", model, device, None) == "triton"
+    model.transformer.h[0].attn.c_attn.linear.register_forward_hook(lambda m, i, o: o)
+    assert backend_used("auto", model, device, None) == "reference"
+    with pytest.raises(ConfigError, match="does more than nn.Linear"):
+        backend_used("triton", model, device, None)
+
+
 # ------------------------------------------------------------------------------------------- review round 3
 def test_merge_refuses_output_overlapping_the_adapter(trained, tmp_path, capsys):
     import shutil
