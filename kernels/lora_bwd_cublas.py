@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
-from lora_fast.kernels.launch import block_r, cdiv, input_precision, interpreting
+from lora_fast.kernels.launch import block_r, cdiv, fixed_meta, input_precision
 
 
 @triton.jit
@@ -150,10 +150,6 @@ DY_TILE = {"BLOCK_M": 64, "BLOCK_N": 64}
 DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
 
 
-def _meta(tile: dict) -> dict:
-    return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": 3}
-
-
 def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                            needs_dx, needs_dA, needs_dB):
     """The backward in three steps (module docstring). Same contract as ``lora_bwd.lora_linear_bwd``, whose
@@ -181,7 +177,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
         *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
         float(scaling),
         COMPUTE_GB=lora_terms, COMPUTE_DB=needs_dB, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=precision,
-        BLOCK_R=br, **_meta(DY_TILE),
+        BLOCK_R=br, **fixed_meta(DY_TILE, x.dtype, r),
     )
     da = None
     if lora_terms:
@@ -194,7 +190,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
             *x.stride(), *lora_A.stride(), *gb.stride(), *dx_arg.stride(), *da.stride(),
             float(scaling / (1.0 - dropout_p)), keep_threshold(dropout_p),
             COMPUTE_DX=fix_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
-            BLOCK_R=br, **_meta(DX_TILE),
+            BLOCK_R=br, **fixed_meta(DX_TILE, x.dtype, r),
         )
     dA = (da if da.dtype == lora_A.dtype else da.to(lora_A.dtype)) if needs_dA else None
     dB = (db if db.dtype == lora_B.dtype else db.to(lora_B.dtype)) if needs_dB else None
