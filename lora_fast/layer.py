@@ -225,7 +225,7 @@ class LinearWithLoRA(nn.Module):
                 raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
             return self.linear(x)
-        if not fusable_base(self.linear) or calls_more_than_forward(self.lora):
+        if not self.fusable():
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
             # base(x) + the adapter's term, computed as PEFT computes it
             if resolve_backend(self.backend) == "triton":
@@ -238,6 +238,11 @@ class LinearWithLoRA(nn.Module):
             dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,
             backend=self.backend,
         )
+
+    def fusable(self) -> bool:
+        """Whether ``lora_linear`` on the base's tensors computes what calling the base and the adapter computes
+        (``fusable_base``, and no hooks on the adapter); otherwise forward runs ``linear(x) + lora(x)``."""
+        return fusable_base(self.linear) and not calls_more_than_forward(self.lora)
 
     @torch.no_grad()
     def merge_weights(self) -> None:

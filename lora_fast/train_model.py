@@ -234,7 +234,6 @@ def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:
     a ``ConfigError``."""
     from lora_fast import lora_layers
     from lora_fast.functional import triton_unsupported_reason
-    from lora_fast.layer import calls_more_than_forward, fusable_base
 
     if backend == "reference":
         return "reference"
@@ -242,7 +241,7 @@ def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:
     x = torch.zeros(1, layer.in_features, device=device, dtype=amp_dtype or layer.linear.weight.dtype)  # (1, K)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         reason = triton_unsupported_reason(x, layer.linear.weight, layer.lora.lora_A, dropout_p=layer.lora.dropout)
-    if reason is None and (not fusable_base(layer.linear) or calls_more_than_forward(layer.lora)):
+    if reason is None and not layer.fusable():
         reason = "the base module does more than nn.Linear/Conv1D's forward (hooks, a subclass, offloading)"
     if reason is not None and backend == "triton":
         raise ConfigError(f"--backend triton cannot run here: {reason}")
