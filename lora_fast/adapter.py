@@ -58,7 +58,7 @@ from lora_fast.adapter_files import (
     _read_adapter,
 )
 from lora_fast.functional import resolve_backend
-from lora_fast.inject import _set_submodule, classifier_head_name, lora_layers, module_matches
+from lora_fast.inject import _set_submodule, classifier_head_name, lora_layers, module_matches, parameter_names
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
 
@@ -167,9 +167,7 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
 def _shared_params(model: nn.Module, owners):
     """(owner's sub-module, leaf name, full name, the other names sharing that tensor) for each parameter of the
     ``owners`` modules that is shared with a parameter outside them."""
-    names_of: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(pname)
+    names_of = parameter_names(model)
     for owner in owners:
         for sub_name, sub in model.get_submodule(owner).named_modules():
             for leaf, p in list(sub.named_parameters(recurse=False)):

@@ -210,11 +210,17 @@ def apply_lora(
     return model
 
 
-def _warn_tied(model: nn.Module, new: dict) -> None:
-    """Warn when a targeted base weight is shared (tied embeddings): merging would change the other user too."""
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): every name it has in ``model``}: tied parameters have several."""
     names_of: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)
+    return names_of
+
+
+def _warn_tied(model: nn.Module, new: dict) -> None:
+    """Warn when a targeted base weight is shared (tied embeddings): merging would change the other user too."""
+    names_of = parameter_names(model)
     for name, wrapped in new.items():
         tied = [n for n in names_of.get(id(wrapped.linear.weight), []) if n != f"{name}.weight"]
         if tied:
