@@ -138,25 +138,23 @@ class LoRALinearFn(torch.autograd.Function):
 
 
 def _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B):
-    """The backward formulas of the module docstring in plain aten ops on the saved inputs, with the kernels' own
-    keep-mask regenerated from the seed: run only under ``create_graph=True``, so that the gradients themselves
-    are differentiable (double backward) and equal what the kernels compute, to rounding."""
-    s, p = ctx.scaling, ctx.dropout_p
-    dtype = x.dtype
-    a, b = lora_A.to(dtype), lora_B.to(dtype)
-    w_nk = weight.t() if ctx.fan_in_fan_out else weight  # (N, K)
+    """Under ``create_graph=True`` (a gradient penalty, ...) the gradients must themselves be differentiable: they
+    are taken through the reference forward (``lora_linear_ref``, the test oracle) on the saved inputs with the
+    kernels' own keep-mask regenerated from the seed, so they equal the kernels' to rounding. The bias needs no
+    gradient (frozen); the forward is recomputed, only on this path."""
+    from lora_fast.reference import lora_linear_ref
+
+    p = ctx.dropout_p
     keep = _drop.dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0.0 else None
-    xd = x * keep / (1.0 - p) if keep is not None else x  # (M, K) dropped input (a temporary)
-    gb = dy @ b  # (M, r)
-    dx = dA = dB = None
-    if ctx.needs_input_grad[0]:
-        lora = s * (gb @ a)  # (M, K)
-        dx = dy @ w_nk + (lora * keep / (1.0 - p) if keep is not None else lora)
-    if ctx.needs_input_grad[3]:
-        dA = (s * (gb.t() @ xd)).to(lora_A.dtype)  # (r, K)
-    if ctx.needs_input_grad[4]:
-        dB = (s * (dy.t() @ (xd @ a.t()))).to(lora_B.dtype)  # (N, r)
-    return dx, None, None, dA, dB, None, None, None, None
+    wanted = [(i, t) for i, t in ((0, x), (3, lora_A), (4, lora_B)) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        y = lora_linear_ref(x, weight, None, lora_A, lora_B, ctx.scaling, dropout_p=p, keep_mask=keep,
+                            fan_in_fan_out=ctx.fan_in_fan_out)
+        grads = torch.autograd.grad(y, [t for _, t in wanted], dy, create_graph=True)
+    out = [None] * 9
+    for (i, _), g in zip(wanted, grads, strict=True):
+        out[i] = g
+    return tuple(out)
 
 
 def lora_linear_triton(
