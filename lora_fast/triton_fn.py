@@ -94,9 +94,9 @@ def unsupported_reason(
         return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
     if not torch.is_autocast_enabled(dev.type) and bias is not None and bias.dtype != x.dtype:
         return f"x ({x.dtype}) and bias ({bias.dtype}) have different dtypes"
-    if dropout_p > 0.0 and dropout_bias(dropout_p) > MAX_DROPOUT_BIAS:
+    if dropout_p > 0.0 and (bias_p := dropout_bias(dropout_p)) > MAX_DROPOUT_BIAS:
         return (f"dropout p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (E[dropout(x)] "
-                f"off by {dropout_bias(dropout_p):.1e})")
+                f"off by {bias_p:.1e})")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
             return f"{name} dtype {t.dtype} is not supported (fp32/fp16/bf16)"
