@@ -48,6 +48,52 @@ def fixed_meta(tile: dict, dtype: torch.dtype, r: int) -> dict:
     return dict(tile) if interpreting() else {**tile, "num_warps": 4, "num_stages": fixed_stages(dtype, r)}
 
 
+def fixed_rungs(tile: dict, dtype: torch.dtype, r: int, fallbacks: tuple[dict, ...]) -> list[dict]:
+    """The launch metas ``launch_fitting`` tries, in order: the fixed tile (``fixed_meta``), then ``fallbacks``
+    (smaller tiles / shallower pipelines, each a full meta with ``num_warps`` and ``num_stages``). The interpreter
+    has no shared memory to run out of: the fixed tile alone."""
+    first = fixed_meta(tile, dtype, r)
+    return [first] if interpreting() else [first, *fallbacks]
+
+
+_FITTED: dict[tuple, dict] = {}  # (kernel, launch key, *meta) -> the rung that fitted the device
+
+
+def launch_fitting(kernel, rungs, key: tuple, grid, *args, **meta) -> dict:
+    """Launch ``kernel`` with the first of ``rungs()`` whose compiled kernel fits the device, and return that rung.
+
+    Why: the shared memory a Triton kernel needs is known only once it is compiled, and it is well above any
+    tile-size estimate (the fused backward at rank 128 in bf16: 160 KiB on sm_90, 96 KiB on sm_86, against 64 KiB
+    from the tiles alone; ``benchmarks/compile_check.py``), while GPUs allow 64 KiB (T4) to 227 KiB (H100) per
+    block. Triton raises ``OutOfResources`` before anything runs when a kernel does not fit; the next rung is then
+    tried. The rung that launched is remembered per ``key`` and launch meta — together they must determine the
+    compiled kernel apart from the tile, and the rung list: the key holds the tensors' dtypes and the device, the
+    meta the rank tile — so later launches go straight to it (one dict lookup; ``rungs`` is not called).
+
+    ``rungs``: a callable returning the metas to try (``fixed_rungs``). ``grid`` must be a callable of the launch
+    meta, since the rungs' tiles differ; rungs that change ``BLOCK_M`` are not allowed where a buffer was sized by
+    it (the deterministic backward keeps it fixed).
+    """
+    full_key = (kernel, key, *meta.values())
+    rung = _FITTED.get(full_key)
+    if rung is not None:
+        kernel[grid](*args, **meta, **rung)
+        return rung
+    from triton.runtime.errors import OutOfResources
+
+    todo = rungs()
+    for i, rung in enumerate(todo):
+        try:
+            kernel[grid](*args, **meta, **rung)
+        except OutOfResources:
+            if i + 1 == len(todo):
+                raise
+            continue
+        _FITTED[full_key] = rung
+        return rung
+    raise ValueError("launch_fitting needs at least one rung")
+
+
 def kernels_interpreted(fn) -> bool:
     """Whether a ``@triton.jit`` object was built by the interpreter (decided once, when its module was imported)."""
     return type(fn).__name__ == "InterpretedFunction"
@@ -97,7 +143,11 @@ def block_r(r: int) -> int:
 
 # Shared-memory budget for autotune pruning. On a GPU: the device's own per-block limit (H100 ~227 KiB, A100 ~163,
 # consumer Ampere/Ada ~99); elsewhere 96 KiB, which every recent NVIDIA GPU allows. Estimate per config:
-# (num_stages − 1) × (A-tile + B-tile + rank tile) × element size — the buffers the software pipeline keeps in flight.
+# num_stages × (A-tile + B-tile + rank tile) × element size: one buffer per pipeline stage. Against the sizes the
+# compiler allocates (benchmarks/compile_check.py --autotune: sm_90, bf16, r = 16, the 18 configs of both lists
+# with their flag combinations) this is 0.88× of them or more (the rest is epilogue scratch; it over-estimates
+# only the smallest tiles); the earlier (num_stages − 1) × ... was as low as 0.63×. A config that still does not
+# fit is skipped by the autotuner itself (OutOfResources, raised before anything runs).
 SMEM_BUDGET = 96 * 1024
 
 
@@ -110,8 +160,8 @@ def smem_budget(device: torch.device) -> int:
 
 
 def smem_estimate(num_stages: int, tiles: tuple[int, ...], elem_bytes: int) -> int:
-    """Bytes of shared memory a pipelined tile loop needs: (stages − 1) × Σ tile elements × element size."""
-    return max(num_stages - 1, 1) * sum(tiles) * elem_bytes
+    """Bytes of shared memory a pipelined tile loop needs: stages × Σ tile elements × element size."""
+    return max(num_stages, 1) * sum(tiles) * elem_bytes
 
 
 def prune_smem(configs, named_args, ptr: str, tiles) -> list:

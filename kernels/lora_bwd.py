@@ -37,9 +37,10 @@ from lora_fast.kernels.launch import (
     block_r,
     bucket_m,
     cdiv,
-    fixed_meta,
+    fixed_rungs,
     input_precision,
     interpreting,
+    launch_fitting,
     prune_smem,
     variant_override,
 )
@@ -139,6 +140,11 @@ def _lora_bwd_kernel(
 # Interpreter and deterministic mode: one fixed tile (autotune with several configs fails under the interpreter;
 # the deterministic partial buffers are sized by BLOCK_M, so it must be known before the launch).
 FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+# Where the fixed tile needs more shared memory than the GPU has (compiled sizes: fp32 at rank 128 112 KiB, over
+# sm_86's 99 KiB; 16 bits at rank 128 160 KiB on sm_90, 96 KiB on sm_86; a T4 allows 64 KiB), the launch falls
+# back to these, in order (``launch_fitting``). BLOCK_M stays 64: the deterministic partials are sized by it.
+BWD_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+                 {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
 
 
 def get_bwd_configs() -> list[triton.Config]:
@@ -167,11 +173,12 @@ BWD_TUNED = TunedKernel(
 )
 
 
-def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> dict | None:
-    """Launch meta of the fixed tile (FIXED_CONFIG) under the interpreter, in deterministic mode (the partial
-    buffers are sized by BLOCK_M before the launch) or with ``LORA_FAST_AUTOTUNE=0``; None: the autotuned path."""
+def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dict] | None:
+    """Launch metas of the fixed tile (FIXED_CONFIG, then BWD_FALLBACKS where it does not fit) under the
+    interpreter, in deterministic mode (the partial buffers are sized by BLOCK_M before the launch) or with
+    ``LORA_FAST_AUTOTUNE=0``; None: the autotuned path."""
     if interpreting() or deterministic or not autotune_enabled():
-        return fixed_meta(FIXED_CONFIG, dtype, r)
+        return fixed_rungs(FIXED_CONFIG, dtype, r, BWD_FALLBACKS)
     return None
 
 
@@ -254,7 +261,7 @@ def lora_linear_bwd(
         db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
         da_strides, db_strides = (0, *da.stride()), (0, *db.stride())
     else:
-        slots = cdiv(M, fixed["BLOCK_M"])
+        slots = cdiv(M, fixed[0]["BLOCK_M"])  # every rung has the same BLOCK_M
         alloc = torch.zeros if K == 0 else torch.empty
         da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
         db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
@@ -276,7 +283,9 @@ def lora_linear_bwd(
                 ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
                 BLOCK_R=block_r(r))
     if fixed is not None:
-        _lora_bwd_kernel[grid](*args, **meta, **fixed)
+        key = (x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype,
+               dev)
+        launch_fitting(_lora_bwd_kernel, lambda: fixed, key, grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
         key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, x.dtype, weight.dtype,
                lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)

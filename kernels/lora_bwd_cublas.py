@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
-from lora_fast.kernels.launch import block_r, cdiv, fixed_meta, input_precision
+from lora_fast.kernels.launch import block_r, cdiv, fixed_rungs, input_precision, launch_fitting
 
 
 @triton.jit
@@ -148,6 +148,12 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 # One fixed tile per kernel: both are skinny, memory-bound passes (rank-wide products), not worth a tuner yet.
 DY_TILE = {"BLOCK_M": 64, "BLOCK_N": 64}
 DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
+# smaller tiles where those need more shared memory than the GPU has (``launch_fitting``; at rank 128 in fp32 the
+# dy pass needs 98 KiB on sm_86, whose limit is 99; a T4 allows 64)
+DY_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+                {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
+DX_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+                {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
 
 
 def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
@@ -171,26 +177,32 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     gb = torch.empty((M, r), dtype=torch.float32, device=dev) if lora_terms else dy  # dummy: never dereferenced
     db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
     xa_arg = xa if needs_dB else dy
-    _lora_dy_kernel[(cdiv(M, DY_TILE["BLOCK_M"]),)](
+    key = (x.dtype, lora_B.dtype, xa_arg.dtype, dev)
+    launch_fitting(
+        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE, x.dtype, r, DY_FALLBACKS), key,
+        lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
         dy, lora_B, xa_arg, gb, db,
         M, N, r,
         *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
         float(scaling),
         COMPUTE_GB=lora_terms, COMPUTE_DB=needs_dB, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=precision,
-        BLOCK_R=br, **fixed_meta(DY_TILE, x.dtype, r),
+        BLOCK_R=br,
     )
     da = None
     if lora_terms:
         da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)
         dx_arg = dx if fix_dx else x  # dummy: never dereferenced
-        grid = (cdiv(M, DX_TILE["BLOCK_M"]), cdiv(K, DX_TILE["BLOCK_K"]))
-        _lora_dx_lora_kernel[grid](
-            x, lora_A, gb, dx_arg, da, seed if dropout_p > 0.0 else x,
+        seed_arg = seed if dropout_p > 0.0 else x
+        launch_fitting(
+            _lora_dx_lora_kernel, lambda: fixed_rungs(DX_TILE, x.dtype, r, DX_FALLBACKS),
+            (x.dtype, lora_A.dtype, seed_arg.dtype, dev),
+            lambda cfg: (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"])),
+            x, lora_A, gb, dx_arg, da, seed_arg,
             M, K, r,
             *x.stride(), *lora_A.stride(), *gb.stride(), *dx_arg.stride(), *da.stride(),
             float(scaling / (1.0 - dropout_p)), keep_threshold(dropout_p),
             COMPUTE_DX=fix_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
-            BLOCK_R=br, **fixed_meta(DX_TILE, x.dtype, r),
+            BLOCK_R=br,
         )
     dA = (da if da.dtype == lora_A.dtype else da.to(lora_A.dtype)) if needs_dA else None
     dB = (db if db.dtype == lora_B.dtype else db.to(lora_B.dtype)) if needs_dB else None

@@ -39,9 +39,10 @@ from lora_fast.kernels.launch import (
     block_r,
     bucket_m,
     cdiv,
-    fixed_meta,
+    fixed_rungs,
     input_precision,
     interpreting,
+    launch_fitting,
     prune_smem,
     variant_override,
 )
@@ -158,7 +159,14 @@ def _lora_xa_kernel(
 # Interpreter and LORA_FAST_AUTOTUNE=0: one fixed config (autotune over several configs fails under the
 # interpreter; 64 keeps the program count low, which is what costs time in numpy).
 FIXED_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-XA_BLOCK_M, XA_BLOCK_K = 64, 64  # the xa kernel is a memory-bound skinny product: one fixed tile
+XA_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}  # the xa kernel is a memory-bound skinny product: one fixed tile
+# Where the fixed tile needs more shared memory than the GPU has (compiled sizes, sm_86's 99 KiB: the one-pass
+# forward at rank 128 in 16 bits 104 KiB, the xa kernel at rank 128 in fp32 112 KiB; a T4 allows 64 KiB), the
+# launch falls back to these, in order (``launch_fitting``; benchmarks/compile_check.py checks that the last fits).
+FWD_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+                 {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2})
+XA_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+                {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
 
 
 def get_fwd_configs() -> list[triton.Config]:
@@ -273,13 +281,14 @@ def lora_linear_fwd(
     br = block_r(r)
     seed_arg = seed if has_dropout else y  # never dereferenced without dropout
     if xa_in:
-        _lora_xa_kernel[(cdiv(M, XA_BLOCK_M),)](
+        launch_fitting(
+            _lora_xa_kernel, lambda: fixed_rungs(XA_TILE, x.dtype, r, XA_FALLBACKS),
+            (x.dtype, lora_A.dtype, seed_arg.dtype, dev), lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
             x, lora_A, xa, seed_arg,
             M, K, r,
             sxm, sxk, sar, sak, r, 1,
             thr, keep_scale,
-            HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
-            BLOCK_M=XA_BLOCK_M, BLOCK_K=XA_BLOCK_K, BLOCK_R=br,
+            HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision, BLOCK_R=br,
         )
     if variant == "cublas":  # cuBLAS for the (K, N) product; xa (computed above) serves the backward's dB
         separate = has_dropout or not merge_exact(x.dtype)
@@ -306,7 +315,9 @@ def lora_linear_fwd(
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa and not xa_in, XA_IN=xa_in,
                 INPUT_PRECISION=precision, BLOCK_R=br)
     if interpreting() or not autotune_enabled():  # one fixed tile (the interpreter cannot autotune)
-        _lora_fwd_kernel[grid](*args, **meta, **fixed_meta(FIXED_FWD_CONFIG, x.dtype, r))
+        key = (x.dtype, lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype, seed_arg.dtype, dev)
+        launch_fitting(_lora_fwd_kernel, lambda: fixed_rungs(FIXED_FWD_CONFIG, x.dtype, r, FWD_FALLBACKS), key,
+                       grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
         key = (N, K, r, args[12], xa_in, has_dropout, write_xa, x.dtype, lora_A.dtype, lora_B.dtype,
                None if bias is None else bias.dtype, seed_arg.dtype, dev)

@@ -72,7 +72,8 @@ def read_utf8(path: Path) -> str:
             raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        what = f"is not UTF-8 text (byte {e.start})" if known else \
+        line = data.count(b"\n", 0, e.start) + 1
+        what = f"is not UTF-8 text (line {line}, byte {e.start})" if known else \
             f"is binary, not text ({path.suffix or 'no extension'} is not a supported format)"
         raise ConfigError(f"{path} {what}; supported: {SUPPORTED}, UTF-8 encoded") from None
 

@@ -96,7 +96,7 @@ def _bad(tmp_path, tiny, extra):
      "missing 'Label'"),
     (["--task", "classification", "--dataset", "{tmp}/cls_unseen"], "label(s) ['maybe'] of the validation split do "
      "not occur in the train split"),
-    (["--dataset", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text (byte 3)"),
+    (["--dataset", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text (line 2, byte 14)"),
     (["--dataset", "{tmp}/data.parquet"], "is binary, not text (.parquet is not a supported format)"),
     (["--dataset", "{tmp}/null.jsonl"], "null.jsonl line 2: field 'text' is null, expected a string"),
     (["--dataset", "{tmp}/number.jsonl"], "number.jsonl line 1: field 'text' is 5, expected a string"),
@@ -106,7 +106,7 @@ def _bad(tmp_path, tiny, extra):
 def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, extra, phrase):
     (tmp_path / "empty.txt").write_text("  \n\n \n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
-    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (tmp_path / "data.parquet").write_bytes(b"PAR1\x15\x00\x15\x1c" + bytes(range(256)))
     (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
     (tmp_path / "number.jsonl").write_text('{"text": 5}\n')

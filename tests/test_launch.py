@@ -72,6 +72,76 @@ def test_tuned_kernel_routes_first_launch_through_the_tuner_then_direct():
     assert log[4][2]["BLOCK_M"] == 64
 
 
+class _SmemKernel:
+    """A jit kernel stand-in whose launch raises triton's OutOfResources, as the device does before running a
+    compiled kernel that needs more shared memory than it has, when BLOCK_K × stages exceeds ``limit``."""
+
+    def __init__(self, limit, log):
+        self.limit, self.log = limit, log
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, **meta):
+            need = meta["BLOCK_K"] * meta.get("num_stages", 1)
+            self.log.append((meta["BLOCK_K"], meta.get("FLAG"), grid(meta)))
+            if need > self.limit:
+                raise OutOfResources(need, self.limit, "shared memory")
+
+        return launch
+
+
+def test_launch_fitting_falls_back_and_remembers_the_rung_per_key():
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+    from lora_fast.kernels.launch import launch_fitting
+
+    rungs = [{"BLOCK_K": 64, "num_stages": 3}, {"BLOCK_K": 32, "num_stages": 2}, {"BLOCK_K": 16, "num_stages": 2}]
+    log = []
+    grid = lambda cfg: (128 // cfg["BLOCK_K"],)  # noqa: E731  (a grid that depends on the tile)
+    big = _SmemKernel(1000, log)  # every rung fits: the first is used, nothing else is tried
+    assert launch_fitting(big, lambda: rungs, ("k",), grid, 1, FLAG=True) == rungs[0]
+    assert log == [(64, True, (2,))]
+    log.clear()
+    small = _SmemKernel(63, log)  # 64·3 and 32·2 do not fit, 16·2 does
+    assert launch_fitting(small, lambda: rungs, ("k",), grid, 1, FLAG=True) == rungs[2]
+    assert log == [(64, True, (2,)), (32, True, (4,)), (16, True, (8,))]
+    log.clear()
+    assert launch_fitting(small, lambda: rungs, ("k",), grid, 2, FLAG=True) == rungs[2]  # remembered: straight to it
+    assert log == [(16, True, (8,))]
+    log.clear()
+    assert launch_fitting(small, lambda: rungs, ("k",), grid, 2, FLAG=False) == rungs[2]  # other meta: tried afresh
+    assert [b for b, _, _ in log] == [64, 32, 16]
+    log.clear()
+    with pytest.raises(OutOfResources):  # no rung fits: the device's own error, not a silent skip
+        launch_fitting(_SmemKernel(16, log), lambda: rungs, ("k",), grid, 1, FLAG=True)
+    assert [b for b, _, _ in log] == [64, 32, 16]
+
+
+def test_fixed_tile_fallbacks_keep_what_the_launchers_rely_on(monkeypatch):
+    """Every fallback is a complete launch meta with dot dimensions >= 16; the backward's keep BLOCK_M (its
+    deterministic partials are sized by it); the interpreter gets the fixed tile alone."""
+    pytest.importorskip("triton")
+    from lora_fast.kernels import launch, lora_bwd, lora_bwd_cublas, lora_fwd
+
+    cub = lora_bwd_cublas
+    families = [(lora_fwd.FIXED_FWD_CONFIG, lora_fwd.FWD_FALLBACKS), (lora_fwd.XA_TILE, lora_fwd.XA_FALLBACKS),
+                (lora_bwd.FIXED_CONFIG, lora_bwd.BWD_FALLBACKS), (cub.DY_TILE, cub.DY_FALLBACKS),
+                (cub.DX_TILE, cub.DX_FALLBACKS)]
+    for tile, fallbacks in families:
+        assert fallbacks, tile
+        for fb in fallbacks:
+            assert set(fb) == set(tile) | {"num_warps", "num_stages"}, (tile, fb)
+            assert all(v >= 16 for k, v in fb.items() if k.startswith("BLOCK")), fb
+    assert all(fb["BLOCK_M"] == lora_bwd.FIXED_CONFIG["BLOCK_M"] for fb in lora_bwd.BWD_FALLBACKS)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch.fixed_rungs(lora_bwd.FIXED_CONFIG, torch.float32, 16, lora_bwd.BWD_FALLBACKS) == [
+        lora_bwd.FIXED_CONFIG]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rungs = launch.fixed_rungs(lora_bwd.FIXED_CONFIG, torch.bfloat16, 128, lora_bwd.BWD_FALLBACKS)
+    assert rungs == [{**lora_bwd.FIXED_CONFIG, "num_warps": 4, "num_stages": 3}, *lora_bwd.BWD_FALLBACKS]
+
+
 def test_config_meta_matches_triton_config():
     triton = pytest.importorskip("triton")
     cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)
