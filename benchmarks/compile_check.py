@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.utils import env_vars
+
 # per-block opt-in shared memory (bytes), from NVIDIA's CUDA C programming guide, "compute capabilities" table
 SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
@@ -176,17 +178,6 @@ def run_launchers(M, K, N, r, dtype, p, conv1d=True, bias=True, no_grad=False, s
 
 
 @contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-@contextlib.contextmanager
 def _tf32(enabled: bool):
     matmul = torch.backends.cuda.matmul
     old = matmul.allow_tf32
@@ -260,7 +251,7 @@ def autotune_cases():
         orig = TunedKernel.launch
         TunedKernel.launch = every_config
         try:
-            with _env(LORA_FAST_AUTOTUNE="1"):
+            with env_vars({"LORA_FAST_AUTOTUNE": "1"}):
                 for p in (0.0, 0.1):
                     run_launchers(8192 // 64, 768, 2304, 16, torch.bfloat16, p)
         finally:
@@ -281,8 +272,8 @@ def check(arch: int = 90, full: bool = False, autotune: bool = False, log=print,
     if autotune:
         extra, pruned = autotune_cases()
         cases += [(label, thunk, True) for label, thunk in extra]
-    with offline_compiler(arch, records), _env(LORA_FAST_AUTOTUNE="0", LORA_FAST_FWD_VARIANT="",
-                                                LORA_FAST_BWD_VARIANT=""):
+    with offline_compiler(arch, records), env_vars(
+            {"LORA_FAST_AUTOTUNE": "0", "LORA_FAST_FWD_VARIANT": "", "LORA_FAST_BWD_VARIANT": ""}):
         for label, thunk, tuning in cases:
             n0, t0 = len(records), time.perf_counter()
             try:

@@ -345,7 +345,13 @@ TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed i
 @contextlib.contextmanager
 def provider_env(provider: str) -> Iterator[None]:
     """Set the environment a provider's kernels read for the duration of its measurements (restored after)."""
-    settings = VARIANT_PROVIDERS.get(provider, {})
+    with env_vars(VARIANT_PROVIDERS.get(provider, {})):
+        yield
+
+
+@contextlib.contextmanager
+def env_vars(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block; each is restored (or removed) after."""
     old = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:

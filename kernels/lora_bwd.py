@@ -45,6 +45,7 @@ from lora_fast.kernels.launch import (
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import lora_linear_bwd_cublas
+from lora_fast.kernels.lora_terms import da_part, dx_lora_term
 
 
 @triton.jit
@@ -111,24 +112,18 @@ def _lora_bwd_kernel(
 
     if COMPUTE_DX or COMPUTE_DA:
         gb = gb_acc.to(dtype)
+        keep = None
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
             keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (R, BK)
-        lora = tl.dot(gb, a, input_precision=INPUT_PRECISION)  # (BM, BK) = gb·A
-        if HAS_DROPOUT:
-            lora = tl.where(keep, lora, 0.0)
-        acc += lora_scale * lora
+        acc += lora_scale * dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak,
+                                         HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
     if COMPUTE_DA:  # dA[:, k] += s/(1−p) · gbᵀ·(keep ⊙ x)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x, 0.0)
-        dap = tl.dot(tl.trans(gb), x, input_precision=INPUT_PRECISION) * lora_scale  # (R, BK)
+        dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
+                      INPUT_PRECISION) * lora_scale  # (R, BK)
         da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
         da_msk = r_mask[:, None] & k_mask[None, :]
         if ATOMIC:

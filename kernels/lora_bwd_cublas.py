@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import block_r, cdiv, fixed_rungs, input_precision, launch_fitting
+from lora_fast.kernels.lora_terms import da_part, dx_lora_term
 
 
 @triton.jit
@@ -105,23 +106,19 @@ def _lora_dx_lora_kernel(
     dtype = x_ptr.dtype.element_ty
     gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr,
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R), rounded like F.linear's
+    keep = None
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (R, BK)
-        lora = tl.dot(gb, a, input_precision=INPUT_PRECISION)  # (BM, BK) = gb·A
-        if HAS_DROPOUT:
-            lora = tl.where(keep, lora, 0.0)
+        lora = dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak, HAS_DROPOUT,
+                            INPUT_PRECISION)  # (BM, BK)
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         dx = tl.load(dx_ptrs, mask=mk_mask, other=0.0).to(tl.float32) + lora_scale * lora
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mk_mask)
     if COMPUTE_DA:
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk_mask, other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x, 0.0)
-        dap = tl.dot(tl.trans(gb), x, input_precision=INPUT_PRECISION) * lora_scale  # (R, BK)
+        dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
+                      INPUT_PRECISION) * lora_scale  # (R, BK)
         tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
                       mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
 
