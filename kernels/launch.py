@@ -114,6 +114,25 @@ def input_precision(dtype: torch.dtype) -> str:
         return "tf32" if getattr(matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
 
 
+def fma_dots(dtype: torch.dtype, precision: str) -> bool:
+    """Whether ``tl.dot`` runs on FMA units rather than tensor cores: fp32 operands with IEEE precision (TF32 off,
+    torch's default). Triton's FMA lowering holds each thread's rows and columns of both operands over the whole
+    reduction length in registers, so long reductions (a rank of 128, BLOCK_K = 64) spill kilobytes per thread
+    and take ptxas ~1 min per kernel (benchmarks/compile_check.py; PERF_NOTES "fp32 with IEEE dots"). Kernels
+    then take small tiles and reduce the rank in ``FMA_RANK_CHUNK`` pieces."""
+    return dtype == torch.float32 and precision == "ieee"
+
+
+FMA_FUSED_MAX_RANK = 32  # fp32 with IEEE dots above this rank: the cublas variant (``fwd_variant``, ``bwd_variant``)
+FMA_RANK_CHUNK = 16  # rank chunk of an FMA dot over the rank (sm_90, r = 128: 0 spill with 32-wide tiles)
+
+
+def rank_chunk(br: int, fma: bool) -> int:
+    """Width of the pieces a kernel reduces the (padded) rank ``br`` in: ``FMA_RANK_CHUNK`` for FMA dots, else all
+    of it in one ``tl.dot`` (tensor cores take a 128-long reduction in stride)."""
+    return min(br, FMA_RANK_CHUNK) if fma else br
+
+
 # Host-side integer helpers. Plain Python on purpose: ``triton.cdiv`` and ``triton.next_power_of_2`` are
 # ConstexprFunction objects costing ~3 µs per host call (triton 3.9, measured with timeit) — a dozen of them per
 # layer call was a measurable part of the launch overhead (benchmarks/host_overhead.py).

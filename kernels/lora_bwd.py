@@ -16,8 +16,9 @@ No gradient for the frozen W₀ and b. (unsloth's ``fast_lora.py`` derives the s
                        gb_acc += ĝ · B[n, :R]                         (BM, R)
                        if this program owns N-tile n (n mod K/BK):   dB[n] += s · ĝᵀ · xa[m]     (BN, R)
     epilogue:          keep = mask(m, k)                              drawn once, for dx and dA
-                       dx   = acc + s/(1−p) · keep ⊙ (gb · A[:, k])
-                       dA[:, k] += s/(1−p) · gbᵀ · (keep ⊙ x[m, k])    (R, BK)
+                       ĝb   = s · gb rounded to x's dtype             (BM, R)    s before rounding, as autograd
+                       dx   = acc + 1/(1−p) · keep ⊙ (ĝb · A[:, k])
+                       dA[:, k] += 1/(1−p) · ĝbᵀ · (keep ⊙ x[m, k])    (R, BK)
 
 gb is recomputed by each of the K/BK programs of a row block (R/BK extra FLOPs), which costs less than another
 pass over dy. dA and dB are reduced over row blocks by fp32 ``atomic_add`` (the default), or — deterministic
@@ -32,12 +33,14 @@ import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import (
+    FMA_FUSED_MAX_RANK,
     TunedKernel,
     autotune_enabled,
     block_r,
     bucket_m,
     cdiv,
     fixed_rungs,
+    fma_dots,
     input_precision,
     interpreting,
     launch_fitting,
@@ -58,8 +61,8 @@ def _lora_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xam, stride_xar, stride_dxm, stride_dxk, stride_das, stride_dar, stride_dak, stride_dbs, stride_dbn,
     stride_dbr,
-    # scalars: lora_scale = s/(1−p), db_scale = s, thr = keep_threshold(p)
-    lora_scale, db_scale, thr,
+    # scalars: keep_scale = 1/(1−p), db_scale = s, thr = keep_threshold(p)
+    keep_scale, db_scale, thr,
     # switches
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ATOMIC: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -111,19 +114,19 @@ def _lora_bwd_kernel(
                     tl.store(db_ptrs, dbp, mask=db_msk)
 
     if COMPUTE_DX or COMPUTE_DA:
-        gb = gb_acc.to(dtype)
+        gb = (gb_acc * db_scale).to(dtype)  # s·g·B rounded as autograd rounds (s·g)·B: s first, no overflow
         keep = None
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
             keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
     if COMPUTE_DX:
-        acc += lora_scale * dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak,
+        acc += keep_scale * dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak,
                                          HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
-    if COMPUTE_DA:  # dA[:, k] += s/(1−p) · gbᵀ·(keep ⊙ x)
+    if COMPUTE_DA:  # dA[:, k] += 1/(1−p) · (s·gb)ᵀ·(keep ⊙ x)
         dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
-                      INPUT_PRECISION) * lora_scale  # (R, BK)
+                      INPUT_PRECISION) * keep_scale  # (R, BK)
         da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
         da_msk = r_mask[:, None] & k_mask[None, :]
         if ATOMIC:
@@ -180,14 +183,18 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dic
 BWD_VARIANTS = ("fused", "cublas")
 
 
-def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool) -> str:
+def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torch.dtype = torch.bfloat16) -> str:
     """Which backward to run: ``fused`` (``_lora_bwd_kernel``: dx, dA, dB in one kernel) or ``cublas``
     (``lora_bwd_cublas``: cuBLAS dgrad plus two skinny Triton passes; atomics only). ``fused`` until a GPU
-    measurement says where ``cublas`` wins (benchmarks/PERF_NOTES.md); ``LORA_FAST_BWD_VARIANT`` forces one
-    (deterministic mode always runs ``fused``, the variant with a reproducible reduction)."""
+    measurement says where ``cublas`` wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE dots above rank
+    ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes (as in ``lora_fwd.fwd_variant``);
+    ``LORA_FAST_BWD_VARIANT`` forces one (deterministic mode always runs ``fused``, the variant with a
+    reproducible reduction)."""
     forced = variant_override("LORA_FAST_BWD_VARIANT", BWD_VARIANTS)
     if deterministic:
         return "fused"
+    if forced is None and r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
+        return "cublas"
     return forced or "fused"
 
 
@@ -237,7 +244,7 @@ def lora_linear_bwd(
         zeros = lambda shape, t: torch.zeros(shape, dtype=t.dtype, device=dev)  # noqa: E731
         return (dx, zeros((r, K), lora_A) if needs_dA else None, zeros((N, r), lora_B) if needs_dB else None)
 
-    variant = variant or bwd_variant(M, N, K, r, deterministic)
+    variant = variant or bwd_variant(M, N, K, r, deterministic, x.dtype)
     if variant not in BWD_VARIANTS:
         raise ValueError(f"variant must be one of {BWD_VARIANTS}, got {variant!r}")
     if variant == "cublas":
@@ -272,7 +279,7 @@ def lora_linear_bwd(
         M, N, K, r, bucket_m(M),
         *dy.stride(), *x.stride(), stride_wn, stride_wk, *lora_A.stride(), *lora_B.stride(), *xa_arg.stride(),
         *dx_strides, *da_strides, *db_strides,
-        float(scaling * keep_scale), float(scaling), keep_threshold(dropout_p),
+        float(keep_scale), float(scaling), keep_threshold(dropout_p),
     )
     meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
                 ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),

@@ -11,15 +11,18 @@ split as
        (fp32 without dropout: dx = g·W_effᵀ whole, W_eff = W₀ᵀ + s·Aᵀ·Bᵀ (``merged_weight``); step 3 then only
        reduces dA)
     2. ``_lora_dy_kernel``, one program per row block, one pass over g:
-           gb[m] = g[m]·B      (M, r) fp32, stored          dB += s·g[m]ᵀ·xa[m]   (fp32 atomics)
-    3. ``_lora_dx_lora_kernel``, one program per (row block, K block):
-           dx[m, k] += s/(1−p) · keep ⊙ (gb[m]·A[:, k])   (in place)
-           dA[:, k] += s/(1−p) · gb[m]ᵀ·(keep ⊙ x[m, k])  (fp32 atomics)
+           ĝb[m] = s·g[m]·B    (M, r) fp32, stored          dB += s·g[m]ᵀ·xa[m]   (fp32 atomics)
+    3. ``_lora_dx_lora_kernel``, one program per (row block, K block), ĝb read in x's dtype (s applied before
+       that rounding, as autograd rounds (s·g)·B — after it, s < 1 could turn a finite fp16 product into inf):
+           dx[m, k] += 1/(1−p) · keep ⊙ (ĝb[m]·A[:, k])   (in place)
+           dA[:, k] += 1/(1−p) · ĝb[m]ᵀ·(keep ⊙ x[m, k])  (fp32 atomics)
 
 Why: the fused kernel's GEMM core measured 2.0–2.4× cuBLAS's dgrad on an H100 (benchmarks/PERF_NOTES.md); this
 variant pays cuBLAS's dgrad plus memory-bound passes — one read of g (pass 2), and a read of x and a
 read-modify-write of dx (pass 3): arithmetic says 1.5–1.9× less than the fused v2 backward at the GPT-2 shapes
-(PERF_NOTES, "cublas variant"), to be confirmed on a GPU before any rule selects it (``bwd_variant``).
+(PERF_NOTES, "cublas variant"), to be confirmed on a GPU before a rule selects it for 16-bit inputs. It is the
+rule for fp32 with IEEE dots above rank 32 (``bwd_variant``), where the fused kernel's FMA dots spill kilobytes
+and this variant's passes, on FMA-sized tiles with the rank reduced in chunks, spill nothing (compile data).
 
 Only fp32 atomics (``torch.use_deterministic_algorithms`` keeps the fused kernel, whose partial-sum reduction is
 bitwise reproducible). Nothing of size M×K or M×N is allocated beyond dx itself; gb is M×r fp32.
@@ -31,8 +34,15 @@ import torch
 import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
-from lora_fast.kernels.launch import block_r, cdiv, fixed_rungs, input_precision, launch_fitting
-from lora_fast.kernels.lora_terms import da_part, dx_lora_term
+from lora_fast.kernels.launch import (
+    block_r,
+    cdiv,
+    fixed_rungs,
+    fma_dots,
+    input_precision,
+    launch_fitting,
+    rank_chunk,
+)
 
 
 @triton.jit
@@ -44,7 +54,7 @@ def _lora_dy_kernel(
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_gbm, stride_gbr, stride_dbn,
     stride_dbr,
-    # scalars: db_scale = s
+    # scalars: db_scale = s (also gb's: s·g·B is stored, the product autograd rounds)
     db_scale,
     # switches (DB_RELOAD: fp32 loads gᵀ afresh, as lora_bwd.py does, instead of tl.trans of a tile used twice)
     COMPUTE_GB: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -78,7 +88,7 @@ def _lora_dy_kernel(
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, dbp,
                           mask=n_mask[:, None] & r_mask[None, :], sem="relaxed")
     if COMPUTE_GB:
-        tl.store(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr, gb_acc,
+        tl.store(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr, gb_acc * db_scale,
                  mask=m_mask[:, None] & r_mask[None, :])
 
 
@@ -91,36 +101,50 @@ def _lora_dx_lora_kernel(
     # strides
     stride_xm, stride_xk, stride_ar, stride_ak, stride_gbm, stride_gbr, stride_dxm, stride_dxk, stride_dar,
     stride_dak,
-    # scalars: lora_scale = s/(1−p), thr = keep_threshold(p)
-    lora_scale, thr,
-    # switches
+    # scalars: keep_scale = 1/(1−p) (gb holds s·g·B), thr = keep_threshold(p)
+    keep_scale, thr,
+    # switches (R_CHUNK: the rank is reduced in chunks of this width, see ``rank_chunk``)
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
 ):
+    """Per (row block, K block), rank chunk by rank chunk c (gb read from memory a chunk at a time, so only
+    (BM, R_CHUNK) of it is live):  lora += ĝb[m, c]·A[c, k]  and  dA[c, k] += 1/(1−p)·ĝb[m, c]ᵀ·(keep ⊙ x[m, k]);
+    then dx[m, k] += 1/(1−p)·keep ⊙ lora.  (ĝb = s·g·B, from ``_lora_dy_kernel``.)"""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_mask, k_mask, r_mask = offs_m < M, offs_k < K, offs_r < R
+    m_mask, k_mask = offs_m < M, offs_k < K
     mk_mask = m_mask[:, None] & k_mask[None, :]
     dtype = x_ptr.dtype.element_ty
-    gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr,
-                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R), rounded like F.linear's
-    keep = None
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
-    if COMPUTE_DX:
-        lora = dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak, HAS_DROPOUT,
-                            INPUT_PRECISION)  # (BM, BK)
-        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        dx = tl.load(dx_ptrs, mask=mk_mask, other=0.0).to(tl.float32) + lora_scale * lora
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mk_mask)
     if COMPUTE_DA:
-        dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
-                      INPUT_PRECISION) * lora_scale  # (R, BK)
-        tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
-                      mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk_mask, other=0.0)
+        if HAS_DROPOUT:
+            xk = tl.where(keep, xk, 0.0)  # (BM, BK) = keep ⊙ x
+    lora = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_R, R_CHUNK):
+        offs_r = c + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < R
+        if COMPUTE_DX:  # gb rounded to the activations' dtype, as F.linear rounds its input
+            gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :] * stride_gbr,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, RC)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (RC, BK)
+            lora = tl.dot(gb, a, lora, input_precision=INPUT_PRECISION)
+        if COMPUTE_DA:  # gbᵀ loaded transposed (no tl.trans of a tile that feeds another dot, see lora_bwd.py)
+            gbt = tl.load(gb_ptr + offs_r[:, None] * stride_gbr + offs_m[None, :] * stride_gbm,
+                          mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(dtype)  # (RC, BM)
+            dap = tl.dot(gbt, xk, input_precision=INPUT_PRECISION) * keep_scale  # (RC, BK)
+            tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
+                          mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
+    if COMPUTE_DX:
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora, 0.0)
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        dx = tl.load(dx_ptrs, mask=mk_mask, other=0.0).to(tl.float32) + keep_scale * lora
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mk_mask)
 
 
 def merge_exact(dtype: torch.dtype) -> bool:
@@ -145,6 +169,11 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 # One fixed tile per kernel: both are skinny, memory-bound passes (rank-wide products), not worth a tuner yet.
 DY_TILE = {"BLOCK_M": 64, "BLOCK_N": 64}
 DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
+# FMA dots (fp32, TF32 off; ``fma_dots``): 32-wide tiles, the dx pass reducing the rank in 16-wide chunks. Compiled
+# for sm_90 at rank 128, the 64-wide tiles spill 0.5–14 KB per thread (dy pass 816 B, dx pass with dropout 14.5 KB);
+# these spill nothing (benchmarks/PERF_NOTES.md, "fp32 with IEEE dots").
+DY_TILE_FMA = {"BLOCK_M": 32, "BLOCK_N": 32}
+DX_TILE_FMA = {"BLOCK_M": 32, "BLOCK_K": 32}
 # smaller tiles where those need more shared memory than the GPU has (``launch_fitting``; at rank 128 in fp32 the
 # dy pass needs 98 KiB on sm_86, whose limit is 99; a T4 allows 64)
 DY_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
@@ -161,6 +190,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     N, r = dy.shape[1], lora_A.shape[0]
     dev = x.device
     br, precision = block_r(r), input_precision(x.dtype)
+    fma = fma_dots(x.dtype, precision)
     dx = None
     # fp32 without dropout: dx comes whole from one GEMM with the merged weight; else dgrad + the LoRA term added
     fix_dx = needs_dx and (dropout_p > 0.0 or not merge_exact(x.dtype))
@@ -176,7 +206,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     xa_arg = xa if needs_dB else dy
     key = (x.dtype, lora_B.dtype, xa_arg.dtype, dev)
     launch_fitting(
-        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE, x.dtype, r, DY_FALLBACKS), key,
+        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE_FMA if fma else DY_TILE, x.dtype, r, DY_FALLBACKS), key,
         lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
         dy, lora_B, xa_arg, gb, db,
         M, N, r,
@@ -191,15 +221,15 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
         dx_arg = dx if fix_dx else x  # dummy: never dereferenced
         seed_arg = seed if dropout_p > 0.0 else x
         launch_fitting(
-            _lora_dx_lora_kernel, lambda: fixed_rungs(DX_TILE, x.dtype, r, DX_FALLBACKS),
+            _lora_dx_lora_kernel, lambda: fixed_rungs(DX_TILE_FMA if fma else DX_TILE, x.dtype, r, DX_FALLBACKS),
             (x.dtype, lora_A.dtype, seed_arg.dtype, dev),
             lambda cfg: (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"])),
             x, lora_A, gb, dx_arg, da, seed_arg,
             M, K, r,
             *x.stride(), *lora_A.stride(), *gb.stride(), *dx_arg.stride(), *da.stride(),
-            float(scaling / (1.0 - dropout_p)), keep_threshold(dropout_p),
+            float(1.0 / (1.0 - dropout_p)), keep_threshold(dropout_p),
             COMPUTE_DX=fix_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=precision,
-            BLOCK_R=br,
+            BLOCK_R=br, R_CHUNK=rank_chunk(br, fma),
         )
     dA = (da if da.dtype == lora_A.dtype else da.to(lora_A.dtype)) if needs_dA else None
     dB = (db if db.dtype == lora_B.dtype else db.to(lora_B.dtype)) if needs_dB else None

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import (
+    FMA_FUSED_MAX_RANK,
     MAX_RANK,
     TunedKernel,
     autotune_enabled,
@@ -40,6 +41,7 @@ from lora_fast.kernels.launch import (
     bucket_m,
     cdiv,
     fixed_rungs,
+    fma_dots,
     input_precision,
     interpreting,
     launch_fitting,
@@ -160,6 +162,7 @@ def _lora_xa_kernel(
 # interpreter; 64 keeps the program count low, which is what costs time in numpy).
 FIXED_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 XA_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}  # the xa kernel is a memory-bound skinny product: one fixed tile
+XA_TILE_FMA = {"BLOCK_M": 32, "BLOCK_K": 64}  # FMA dots (``fma_dots``): at r = 128, 64×64 spills 528 B, this 0
 # Where the fixed tile needs more shared memory than the GPU has (compiled sizes, sm_86's 99 KiB: the one-pass
 # forward at rank 128 in 16 bits 104 KiB, the xa kernel at rank 128 in fp32 112 KiB; a T4 allows 64 KiB), the
 # launch falls back to these, in order (``launch_fitting``; benchmarks/compile_check.py checks that the last fits).
@@ -199,9 +202,10 @@ FWD_TUNED = TunedKernel(
 
 
 FWD_VARIANTS = ("one_pass", "xa_first", "cublas")
+ONE_PASS_MAX_RANK = 32  # above it the one-pass kernel's recomputed xa costs more than xa_first's extra pass
 
 
-def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
+def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.dtype = torch.bfloat16) -> str:
     """Which forward to run. ``one_pass`` computes xa inside every (BLOCK_M, BLOCK_N) program (N/BLOCK_N times per
     row block, and regenerates the dropout mask as often); ``xa_first`` computes xa once in a skinny kernel (one
     extra read of x, one more launch) and the GEMM adds s·xa·Bᵀ in its epilogue.
@@ -211,14 +215,22 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float) -> str:
     0.038 vs 0.059, c_fc 0.121 vs 0.229, mlp.c_proj 0.126 vs 0.213). Without dropout the one-pass kernel was the
     faster at all four (timed with launch overhead included; its only redundancy is ≈ r/BLOCK_N extra FLOPs).
 
+    Above rank ``ONE_PASS_MAX_RANK`` xa_first also without dropout — arithmetic, not yet timed: the one-pass
+    kernel's redundant down-projection costs r/BLOCK_N of the base GEMM's FLOPs (50–100 % at r = 64–128 with the
+    H100 tuner's BLOCK_N = 128), against xa_first's one extra read of x and its r/N extra FLOPs (8–17 % at N = 768).
+
     ``cublas`` (xa by ``_lora_xa_kernel``, then y = x·W₀ + b by cuBLAS and y += s·xa·Bᵀ by a cuBLAS rank-r update
-    in place; in fp32 without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is selected only by
-    ``LORA_FAST_FWD_VARIANT=cublas`` until a GPU measurement says where it wins (benchmarks/PERF_NOTES.md:
-    predicted faster than both where our GEMM core trails cuBLAS)."""
+    in place; in fp32 without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is the rule for fp32 with IEEE
+    dots (``fma_dots``) above rank ``FMA_FUSED_MAX_RANK``: there the fused kernels' FMA dots over a long rank spill
+    9–21 KB per thread and take ~1 min each to compile (benchmarks/compile_check.py, PERF_NOTES "fp32 with IEEE
+    dots"), while cuBLAS runs the FP32 GEMMs. Elsewhere it runs only when ``LORA_FAST_FWD_VARIANT=cublas`` asks,
+    until a GPU measurement says where it wins (PERF_NOTES: predicted faster where our GEMM core trails cuBLAS)."""
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
     if forced is not None:
         return forced
-    return "xa_first" if dropout_p > 0.0 else "one_pass"
+    if r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
+        return "cublas"
+    return "xa_first" if dropout_p > 0.0 or r > ONE_PASS_MAX_RANK else "one_pass"
 
 
 def lora_linear_fwd(
@@ -254,7 +266,7 @@ def lora_linear_fwd(
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed tensor")
-    variant = variant or fwd_variant(M, N, K, r, dropout_p)
+    variant = variant or fwd_variant(M, N, K, r, dropout_p, x.dtype)
     if variant not in FWD_VARIANTS:
         raise ValueError(f"variant must be one of {FWD_VARIANTS}, got {variant!r}")
     if N == 0 and variant == "one_pass":  # no output tile, so no program would write xa: compute it first
@@ -281,8 +293,9 @@ def lora_linear_fwd(
     br = block_r(r)
     seed_arg = seed if has_dropout else y  # never dereferenced without dropout
     if xa_in:
+        xa_tile = XA_TILE_FMA if fma_dots(x.dtype, precision) else XA_TILE
         launch_fitting(
-            _lora_xa_kernel, lambda: fixed_rungs(XA_TILE, x.dtype, r, XA_FALLBACKS),
+            _lora_xa_kernel, lambda: fixed_rungs(xa_tile, x.dtype, r, XA_FALLBACKS),
             (x.dtype, lora_A.dtype, seed_arg.dtype, dev), lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
             x, lora_A, xa, seed_arg,
             M, K, r,

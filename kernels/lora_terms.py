@@ -1,10 +1,12 @@
-"""Triton device functions for the two LoRA terms that every backward computes per (row block, K block), shared
-by the fused backward (``lora_bwd.py``) and the cublas variant's second pass (``lora_bwd_cublas.py``)::
+"""Triton device functions for the two LoRA terms the fused backward (``lora_bwd.py``) computes per (row block,
+K block) from its register-resident ĝb (the cublas variant's second pass reads ĝb from memory and reduces the rank
+in chunks instead, ``lora_bwd_cublas.py``)::
 
-    dx term   keep ⊙ (gb·A[:, k])          (BM, BK)   added to dx with the scale s/(1−p)
-    dA part   gbᵀ·(keep ⊙ x[m, k])         (R, BK)    reduced over row blocks into dA, scaled likewise
+    dx term   keep ⊙ (ĝb·A[:, k])          (BM, BK)   added to dx with the scale 1/(1−p)
+    dA part   ĝbᵀ·(keep ⊙ x[m, k])         (R, BK)    reduced over row blocks into dA, scaled likewise
 
-gb = g·B (BM, R) arrives rounded to the activations' dtype (as F.linear rounds its input); ``keep`` is the tile's
+ĝb = s·g·B (BM, R) arrives rounded to the activations' dtype, s applied first (autograd rounds (s·g)·B, F.linear's
+output; rounding g·B and scaling after could overflow fp16 where autograd does not); ``keep`` is the tile's
 dropout mask (``keep_mask``, drawn once by the caller for both terms), None when HAS_DROPOUT is off. Both return
 fp32 tiles; the caller scales and stores or reduces them.
 """

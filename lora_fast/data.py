@@ -83,6 +83,7 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
     import io
 
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is below a long document (C long on Windows)
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delim)
     out, line = [], 1
     for row in reader:

@@ -12,7 +12,10 @@ What each rank does:
                 shards (``DistributedSampler``: rank k takes positions k, k+W, ...). Step t of the run consumes
                 positions [t·G, (t+1)·G) of the permutation, G = batch_size × world_size × grad_accum the global
                 batch, whatever the world size: N processes with batch B train like one process with batch N·B.
-                The single-process run uses the same sampler (W = 1), so this holds against a plain run too.
+                The single-process run uses the same sampler (W = 1), so this holds against a plain run too, up
+                to the end of each pass: the permutation's last (n mod W) examples are left out of that pass
+                (``drop_last``; the permutation changes each pass, so do they) — padding the shards instead
+                would repeat examples. A training set smaller than W is an error.
     gradients   DDP only registers parameters with ``requires_grad`` in its reducer: the frozen base is broadcast
                 once at wrap time and never all-reduced; the LoRA gradients are averaged across ranks once per
                 optimizer step (``no_sync`` on the other micro-steps of gradient accumulation). A DDP comm hook
@@ -174,7 +177,10 @@ def train_sampler(dataset, ctx: DistContext, seed: int):
     """Shuffled, sharded sampler of the training set: the permutation depends on (seed, epoch) only."""
     from torch.utils.data import DistributedSampler
 
-    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+    # drop_last: the permutation's last (n mod W) examples are left out of this pass (a different few each pass)
+    # rather than padded with repeats of its first ones, which trained on those twice
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                              drop_last=True)
 
 
 # ------------------------------------------------------------------------------------------------------- wrapping

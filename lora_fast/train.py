@@ -2,8 +2,10 @@
 
 The loop is the one the LoRA tutorials teach, with the pieces a real run needs: AdamW over the LoRA parameters
 only (plus the classification head for ``--task classification``), linear warm-up then linear decay to zero,
-gradient clipping, gradient accumulation (a pass whose micro-batches do not divide evenly ends with one step on
-the leftover ones, their mean loss, as the HF Trainer does: ``--epochs N`` is N whole passes), fp16/bf16 autocast
+gradient clipping, gradient accumulation (each step's loss is the mean over its examples, a short last
+micro-batch weighted by its size — one big batch's loss, as the HF Trainer's token-weighted accumulation gives; a
+pass whose micro-batches do not divide evenly ends with one step on the leftover ones: ``--epochs N`` is N whole
+passes), fp16/bf16 autocast
 (a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
 accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
 what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130);
@@ -98,6 +100,12 @@ def worker_ignores_sigterm(worker_id: int) -> None:
     ``kill -TERM -PGID``) must stop the training loop, which saves (``sigterm_as_interrupt``), not kill the workers
     mid-batch, which makes the loader raise instead. The loader still shuts its workers down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ⌈epochs × steps per pass⌉ (at least 1), the product rounded
+    first so that float noise (1.1 × 50 = 55.000000000000007) does not add a step."""
+    return max_steps or max(1, math.ceil(round(epochs * steps_per_epoch, 9)))
 
 
 def _loaders(opts, prep: Prepared, ctx):
@@ -199,8 +207,12 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     n_micro, ga = len(loaders["train"]), opts.gradient_accumulation_steps  # micro-batches per pass (per rank)
+    n_rows, bs = len(loaders["train"].sampler), opts.batch_size  # examples per pass (per rank; equal on all ranks)
+    if n_micro == 0:
+        raise ValueError(f"the training set has {len(loaders['train'].dataset)} examples, fewer than the "
+                         f"{ctx.world_size} processes: each needs at least one")
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
-    total = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+    total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
     warmup = round(opts.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
                                               else max(0.0, (total - s) / max(1, total - warmup)))
@@ -239,11 +251,12 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                 epoch += 1
                 for j, batch in enumerate(loaders["train"]):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    group = min(ga, n_micro - j // ga * ga)  # micro-batches of this step: fewer at a pass's end
+                    first = j // ga * ga  # the step's first micro-batch; fewer than ga at a pass's end
+                    rows = sum(min(bs, n_rows - i * bs) for i in range(first, min(first + ga, n_micro)))
                     last = (j + 1) % ga == 0 or j + 1 == n_micro
                     with D.gradient_sync(model, ctx, last):
-                        with amp():
-                            loss = model(**batch).loss / group  # the step's gradient: mean over its micro-batches
+                        with amp():  # the step's gradient: mean over its examples (a short micro-batch weighs less)
+                            loss = model(**batch).loss * (len(batch["input_ids"]) / rows)
                         scaler.scale(loss).backward()
                     acc_loss += loss.item()
                     acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \

@@ -267,9 +267,18 @@ def evaluate(model, loader, device, amp, max_batches=None, ctx=None) -> dict:
     seen) are all-reduced: the result is the one-process result. Under FSDP every forward is a collective, so ranks
     with one batch fewer run one more forward on a batch they already saw and discard it (lockstep).
     """
-    from lora_fast.distributed import DistContext, all_reduce_sum
+    from lora_fast.distributed import DistContext
 
     ctx = ctx or DistContext()
+    # the global RNG is left as it was: iterating a DataLoader draws its base seed from it, which would otherwise
+    # shift every later dropout mask, so that --eval_steps changed the trained adapter
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        return _evaluate(model, loader, device, amp, max_batches, ctx)
+
+
+def _evaluate(model, loader, device, amp, max_batches, ctx) -> dict:
+    from lora_fast.distributed import all_reduce_sum
+
     was_training = model.training
     model.eval()
     loss_sum, n_targets, correct, seen = 0.0, 0, 0, 0

@@ -291,6 +291,22 @@ def test_mode_resolution_and_errors(monkeypatch):
         D.torchrun_env()
 
 
+def test_train_shards_never_repeat_an_example():
+    """27 examples over 2 ranks: each pass both shards hold 13 distinct examples and no example twice (the last
+    one of the pass's permutation is left out) — a padded sampler trained one example twice per pass."""
+    dataset = list(range(27))
+    for epoch in range(3):
+        shards = []
+        for rank in range(2):
+            sampler = D.train_sampler(dataset, D.DistContext(mode="ddp", rank=rank, world_size=2), seed=7)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        assert [len(s) for s in shards] == [13, 13]
+        assert len(set(shards[0]) | set(shards[1])) == 26
+    one = D.train_sampler(dataset, D.DistContext(), seed=7)
+    assert sorted(one) == dataset  # one process: every example, each once
+
+
 def test_rank_dropout_streams_differ_and_reproduce():
     """Rank k > 0 reseeds after LoRA init: different masks from rank 0, the same ones on a rerun; rank 0 keeps
     the single-process stream."""

@@ -179,6 +179,24 @@ def test_fp16_bf16_gpu(dtype):
     _check_dtype(dtype, "cuda")
 
 
+@pytest.mark.parametrize("bwd_variant", ["fused", "cublas"])
+def test_fp16_backward_scales_before_rounding(bwd_variant):
+    """fp16 with s < 1 and a large dy (a GradScaler-scaled loss): autograd computes (s·dy)·B in fp16, finite here,
+    while dy·B alone exceeds fp16's 65504. The kernels must round s·dy·B, not dy·B scaled afterwards (which gave
+    inf in dx and dA), and stay within fp16 error of the fp64 result."""
+    M, K, N, r, s = 8, 32, 40, 4, 0.25
+    dev = DEVICE
+    x, w, b, a, bb = _make(M, K, N, r, False, False, dtype=torch.float16, device=dev)
+    bb = torch.full((N, r), 0.5, device=dev)  # every dy·B entry = 0.5·N·dy = 20·dy
+    dy = torch.full((M, N), 6000.0, dtype=torch.float16, device=dev)  # dy·B = 1.2e5 > 65504; s·dy·B = 3e4
+    assert (dy.double() @ bb.double()).abs().max() > 65504 > s * (dy.double() @ bb.double()).abs().max()
+    out = _run(x, w, b, a, bb, s, 0.0, 0, False, dy, bwd_variant=bwd_variant)
+    ref = _ref_grads(x, w, b, a, bb, s, 0.0, None, False, dy)
+    for name, o, rf in zip(("dx", "dA", "dB"), out[2:], ref[2:], strict=True):
+        assert torch.isfinite(o).all(), f"{bwd_variant}: {name} has inf/nan where fp64 is {rf.abs().max():.3g} at most"
+        assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
+
+
 def test_dropout_mask_properties():
     """Keep-rate within 4σ of 1−p; the mask is a function of (seed, row, col): prefix-stable in rows, reproducible,
     different for another seed."""
@@ -244,7 +262,8 @@ def test_every_gradient_subset_and_reduction(M, K, N, variant, deterministic):
 
 
 def test_variant_rules_and_overrides(monkeypatch):
-    """Default rules (fused backward; xa-first iff dropout), the environment overrides a benchmark uses to time a
+    """Default rules (fused backward; xa-first with dropout or above rank 32; cuBLAS for fp32 IEEE above rank 32),
+    the environment overrides a benchmark uses to time a
     variant through the module path (spied: on CPU every variant gives the same numbers), and their errors."""
     from lora_fast.kernels import lora_bwd, lora_fwd
 
@@ -252,6 +271,19 @@ def test_variant_rules_and_overrides(monkeypatch):
     monkeypatch.delenv("LORA_FAST_BWD_VARIANT", raising=False)
     assert [lora_fwd.fwd_variant(64, 64, 64, 8, p) for p in (0.0, 0.1)] == ["one_pass", "xa_first"]
     assert lora_bwd.bwd_variant(64, 64, 64, 8, deterministic=False) == "fused"
+    # above rank 32: xa computed once (bf16, or fp32 with TF32); fp32 with IEEE dots: cuBLAS (FMA dots spill)
+    assert [lora_fwd.fwd_variant(64, 64, 64, r, 0.0) for r in (32, 33, 128)] == ["one_pass", "xa_first", "xa_first"]
+    real_precision = lora_fwd.input_precision
+    for precision, fwd, bwd in (("ieee", "cublas", "cublas"), ("tf32", "xa_first", "fused")):
+        monkeypatch.setattr(lora_fwd, "input_precision", lambda dtype, p=precision: p)
+        monkeypatch.setattr(lora_bwd, "input_precision", lambda dtype, p=precision: p)
+        assert lora_fwd.fwd_variant(64, 64, 64, 64, 0.0, torch.float32) == fwd
+        assert lora_bwd.bwd_variant(64, 64, 64, 64, False, torch.float32) == bwd
+        assert lora_fwd.fwd_variant(64, 64, 64, 16, 0.1, torch.float32) == "xa_first"  # small rank: fused kernels
+        assert lora_bwd.bwd_variant(64, 64, 64, 16, False, torch.float32) == "fused"
+        assert lora_bwd.bwd_variant(64, 64, 64, 64, True, torch.float32) == "fused"  # deterministic: fused
+    monkeypatch.setattr(lora_fwd, "input_precision", real_precision)
+    monkeypatch.setattr(lora_bwd, "input_precision", real_precision)
     monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "cublas")
     monkeypatch.setenv("LORA_FAST_BWD_VARIANT", "CUBLAS")
     assert lora_fwd.fwd_variant(64, 64, 64, 8, 0.0) == "cublas"

@@ -366,16 +366,17 @@ def test_eval_loss_weights_every_target_not_every_batch(tiny_gpt2):
 
 
 def test_epochs_with_uneven_gradient_accumulation(tiny_gpt2, tmp_path):
-    """8 micro-batches per pass, accumulation 3: each pass is 3 steps (3 + 3 + 2 micro-batches), ``--epochs 2`` is
-    2 whole passes, and the short step's loss is the mean of its 2 micro-batches. lr 1e-8 keeps the model at its
-    start, so each step's logged loss is the mean of the base model's micro-batch losses, computed here."""
+    """64 examples in micro-batches of 7: 10 per pass, the last holding 1. Accumulation 4: each pass is 3 steps
+    (4 + 4 + 2 micro-batches), ``--epochs 2`` is 2 whole passes, and each step's loss is the mean over its
+    examples — the short step's is (7·l₈ + 1·l₉)/8, one batch of 8, not the mean of two micro-batch means. lr 1e-8
+    keeps the model at its start, so each step's logged loss is computed here from the base model's losses."""
     from lora_fast.distributed import DistContext
     from lora_fast.train import _loaders, prepare, train
     from lora_fast.train_args import parse_train_args
 
     opts = parse_train_args(["--task", "classification", "--model", str(tiny_gpt2), "--dataset",
-                             str(_spam_csvs(tmp_path)), "--epochs", "2", "--gradient_accumulation_steps", "3",
-                             "--batch_size", "8", "--lr", "1e-8", "--max_length", "32", "--eval_steps", "100",
+                             str(_spam_csvs(tmp_path)), "--epochs", "2", "--gradient_accumulation_steps", "4",
+                             "--batch_size", "7", "--lr", "1e-8", "--max_length", "32", "--eval_steps", "100",
                              "--output_dir", str(tmp_path / "out"), "--no-progress"])
     prep = prepare(opts, log=lambda msg: None)
     for mod in prep.model.modules():  # deterministic forwards; train() copies the model, dropouts included
@@ -388,8 +389,10 @@ def test_epochs_with_uneven_gradient_accumulation(tiny_gpt2, tmp_path):
     with torch.no_grad():
         for epoch in range(2):
             loader.sampler.set_epoch(epoch)
-            losses = [prep.model(**b).loss.item() for b in loader]
-            expect += [sum(g) / len(g) for g in (losses[0:3], losses[3:6], losses[6:8])]
+            losses = [(prep.model(**b).loss.item(), len(b["input_ids"])) for b in loader]
+            assert [n for _, n in losses] == [7] * 9 + [1]
+            for g in (losses[0:4], losses[4:8], losses[8:10]):
+                expect.append(sum(loss * n for loss, n in g) / sum(n for _, n in g))
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(expect), 1e-4, "per-step mean losses")
 
 
@@ -406,3 +409,38 @@ def test_logdir_writes_tensorboard_events_matching_the_metrics(trained):
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, len(metrics["train_loss"]) + 1))
     assert_rel_close(torch.tensor(logged), torch.tensor(metrics["train_loss"]), 1e-6, "tensorboard train/loss")
     assert any(t.startswith("eval/") for t in acc.Tags()["scalars"])
+
+
+def test_eval_steps_do_not_change_training(tiny_gpt2, tmp_path):
+    """Evaluating iterates a DataLoader, which draws a seed from the global RNG: unless evaluation forks the RNG,
+    every later dropout mask shifts and ``--eval_steps`` changes the trained adapter (LoRA dropout 0.2 here)."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for every in ("1", "100"):
+        out = tmp_path / f"eval{every}"
+        assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "4", "--max_length", "32",
+                         "--batch_size", "2", "--eval_steps", every, "--eval_batches", "1", "--dropout", "0.2",
+                         "--target_modules", "c_attn", "--output_dir", str(out), "--no-progress"]) == 0
+        adapters.append(load_file(out / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        assert torch.equal(adapters[0][k], adapters[1][k]), k
+
+
+def test_total_steps_rounds_the_epoch_product():
+    from lora_fast.train import total_steps
+
+    assert total_steps(0, 1.1, 50) == 55  # 1.1 × 50 = 55.000000000000007 in floats
+    assert [total_steps(0, e, 3) for e in (2, 1.5, 0.01)] == [6, 5, 1]
+    assert total_steps(7, 3.0, 50) == 7  # --max_steps wins
+
+
+def test_csv_field_longer_than_the_csv_module_default(tmp_path):
+    """Python's csv module refuses fields over 128 KiB by default; a long document is a valid row."""
+    from lora_fast.data import read_csv
+
+    text = "word " * 40_000  # 200 kB
+    (tmp_path / "big.csv").write_text(f"Label,Text\nham,{text}\nspam,short\n")
+    rows = read_csv(tmp_path / "big.csv")
+    assert [(line, r["Label"], len(r["Text"])) for line, r in rows] == [(2, "ham", len(text)), (3, "spam", 5)]
