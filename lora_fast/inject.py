@@ -75,7 +75,13 @@ def _resolve_targets(model: nn.Module, target_modules):
             )
         return list(DEFAULT_TARGET_MODULES[model_type])
     if isinstance(target_modules, str):
-        return "all-linear" if target_modules.lower() == "all-linear" else target_modules
+        if target_modules.lower() == "all-linear":
+            return "all-linear"
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {e}") from None
+        return target_modules
     if isinstance(target_modules, Iterable):
         targets = list(target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -146,6 +152,11 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
             f"target_modules {targets!r} matched no module of {type(model).__name__}. Linear/Conv1D modules that "
             f"could be targeted: {suffixes} (e.g. {candidates[:4]})"
         )
+    if isinstance(targets, list):  # PEFT drops a dead entry silently; a typo ("c_prj") deserves a word
+        dead = [t for t in targets if not any(module_matches(n, [t]) for n in found)]
+        if dead:
+            warnings.warn(f"apply_lora: target_modules {dead} matched no module of {type(model).__name__} (the "
+                          f"other entries matched {len(found)} modules, which are wrapped)", stacklevel=3)
     return found
 
 
@@ -186,6 +197,9 @@ def apply_lora(
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
+            if module.merged:  # it would run the base alone: its LoRA weights, made trainable below, get no gradient
+                raise ValueError(f"apply_lora: {name} is merged (ΔW folded into its base weight), so training its "
+                                 "adapter would change nothing; unmerge first (lora_fast.unmerge_lora(model))")
             lora = module.lora
             if (lora.rank, lora.alpha, lora.dropout, lora.use_rslora) != (rank, float(alpha), float(dropout),
                                                                           bool(use_rslora)):

@@ -117,6 +117,8 @@ class LoRALayer(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"input feature size mismatch: LoRALayer expects in_features={self.in_features} but "
                              f"the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
+        if not x.is_floating_point():  # A and B cast to an integer dtype would truncate to a wrong answer
+            raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
         x = F.dropout(x, self.dropout, self.training)
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):

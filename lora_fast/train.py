@@ -209,7 +209,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     n_micro, ga = len(loaders["train"]), opts.gradient_accumulation_steps  # micro-batches per pass (per rank)
     n_rows, bs = len(loaders["train"].sampler), opts.batch_size  # examples per pass (per rank; equal on all ranks)
     if n_micro == 0:
-        raise ValueError(f"the training set has {len(loaders['train'].dataset)} examples, fewer than the "
+        raise ConfigError(f"the training set has {len(loaders['train'].dataset)} examples, fewer than the "
                          f"{ctx.world_size} processes: each needs at least one")
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)

@@ -1,5 +1,7 @@
 """Model injection: PEFT's matching rules, parity with PEFT's LoRA on GPT-2, merge/unload, parameter counts."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,6 +123,26 @@ def test_unsupported_module_and_unknown_architecture():
         apply_lora(tiny_gpt2(), rank=0)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(tiny_gpt2(), target_modules=[])
+
+
+def test_bad_regex_dead_entries_and_merged_layers_are_reported():
+    """An invalid regex is a ValueError naming target_modules (not a bare re.error); a list entry matching nothing
+    next to ones that match is warned about (PEFT drops it silently); re-applying over a merged layer, whose LoRA
+    weights would train without effect, is refused before the model changes."""
+    with pytest.raises(ValueError, match=r"target_modules 'c_attn\[' is not a valid regular expression"):
+        apply_lora(tiny_gpt2(), target_modules="c_attn[")
+    with pytest.warns(UserWarning, match=r"target_modules \['c_prj'\] matched no module"):
+        model = apply_lora(tiny_gpt2(), target_modules=["c_attn", "c_prj"])
+    assert len(lora_layers(model)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry matching: no warning
+        apply_lora(tiny_gpt2(), target_modules=["c_attn", "mlp.c_proj"])
+    merge_lora(model)
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn is merged"):
+        apply_lora(model, ["c_attn"], rank=8)
+    assert all(layer.merged for layer in lora_layers(model).values())
+    unmerge_lora(model)
+    apply_lora(model, ["c_attn"], rank=8)
 
 
 def test_freezes_everything_but_lora_and_never_nests():

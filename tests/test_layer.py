@@ -132,6 +132,8 @@ def test_bad_base_and_bad_input():
         layer(torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"in_features=6.*5"):
         LoRALayer(6, 4)(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):  # A, B cast to int: all zeros
+        LoRALayer(6, 4)(torch.ones(2, 6, dtype=torch.int64))
     layer.merge_weights()
     with pytest.raises(ValueError, match=r"in_features=6.*5"):
         layer(torch.randn(3, 5))
