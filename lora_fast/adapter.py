@@ -25,6 +25,14 @@ rank, in the same order; it gathers each LoRA tensor (``DTensor.full_tensor()``,
 writes the files (the other ranks return without writing). Everything is serialised before the directory is
 created, so a failure leaves no empty or half-written directory behind.
 
+Full base weights that PEFT saves beside the adapter are loaded into the base model (shape-checked, left frozen):
+the input/output embeddings of a resized vocabulary (``model.embed_tokens.weight``, ``lm_head.weight``), a LoRA-
+targeted embedding or lm_head (``lm_head.base_layer.weight``), and, with ``ensure_weight_tying``, the partner tied to
+a ``modules_to_save`` parameter (``lm_head.weight`` beside ``model.embed_tokens.weight``; keys going into one tied
+tensor must hold equal values). ``save_adapter`` writes that tied partner's key too, as PEFT does and needs, and,
+like PEFT's ``save_embedding_layers="auto"``, the full embedding weights when the model's ``vocab_size`` differs from
+the one in ``<base_model_name_or_path>/config.json`` (a local directory; the hub is not consulted).
+
 Known limits: one adapter per model; DoRA, ``lora_bias``, ``bias != "none"``, embedding/conv targets and PEFT's
 other LoRA variants are refused with an error naming the field (PEFT serves those).
 """
@@ -142,6 +150,12 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     for owner in extras:
         for k, v in model.get_submodule(owner).state_dict().items():
             tensors[f"{PREFIX}{owner}.{k}"] = v
+    for sub, leaf, _full, others in _shared_params(model, extras):
+        for other in others:  # PEFT saves the tied partner too (lm_head.weight beside embed_tokens.weight) and needs it
+            tensors.setdefault(f"{PREFIX}{_peft_param_name(other, layers)}", getattr(sub, leaf))
+    if _vocab_resized(model, config["base_model_name_or_path"]):  # PEFT's save_embedding_layers="auto" rule
+        for key, (module, leaf) in _base_weight_keys(model, layers, []).items():
+            tensors.setdefault(key, getattr(module, leaf))
     tensors, sharded = _gather_full(tensors)
     files = {  # serialised before anything touches the disk
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
@@ -156,6 +170,20 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write_all(directory, files)
     return directory
+
+
+def _vocab_resized(model: nn.Module, base_model_name_or_path) -> bool:
+    """Whether the model's vocabulary differs from the one in ``<base_model_name_or_path>/config.json`` (a local
+    directory only: no hub look-up): then, as PEFT does, the full embedding weights go into the adapter."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    path = Path(base_model_name_or_path) / "config.json" if base_model_name_or_path else None
+    if not vocab or path is None or not path.is_file():
+        return False
+    try:
+        base_vocab = json.loads(path.read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(base_vocab, int) and base_vocab != vocab
 
 
 # ----------------------------------------------------------------------------------------------------------- load
@@ -175,6 +203,39 @@ def _shared_params(model: nn.Module, owners):
                 others = [n for n in names_of.get(id(p), []) if n != full and not n.startswith(f"{owner}.")]
                 if others:
                     yield sub, leaf, full, others
+
+
+def _peft_param_name(pname: str, lora_names) -> str:
+    """A base parameter's name as PEFT sees it: inside a (present or planned) LoRA layer ``X`` it is
+    ``X.base_layer.<leaf>`` (lora_fast: ``X.linear.<leaf>`` once wrapped, ``X.<leaf>`` before)."""
+    owner, _, leaf = pname.rpartition(".")
+    for name in lora_names:
+        if owner in (name, f"{name}.linear"):
+            return f"{name}.base_layer.{leaf}"
+    return pname
+
+
+def _base_weight_keys(model: nn.Module, lora_names, owners) -> dict[str, tuple[nn.Module, str]]:
+    """{PEFT key: (module, leaf)} for base parameters a PEFT adapter may carry in full: those of the input and output
+    embeddings (``save_embedding_layers``: a resized vocabulary, or an embedding/lm_head LoRA target, whose key is
+    then ``<module>.base_layer.weight``) and the parameters tied to a ``modules_to_save`` parameter
+    (``ensure_weight_tying``: ``lm_head.weight`` beside ``embed_tokens.weight``). Keys of LoRA tensors excluded."""
+    wanted = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, get)() if hasattr(model, get) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if isinstance(module, nn.Module):
+            wanted.update(id(p) for n, p in module.named_parameters() if ".lora." not in f".{n}")
+    for sub, leaf, _full, _others in _shared_params(model, owners):
+        wanted.add(id(getattr(sub, leaf)))
+    out = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in wanted and ".lora." not in f".{pname}":
+            owner, _, leaf = pname.rpartition(".")
+            out[f"{PREFIX}{_peft_param_name(pname, lora_names)}"] = (model.get_submodule(owner), leaf)
+    return out
 
 
 def _tied_outside(model: nn.Module, owners) -> list[str]:
@@ -251,18 +312,40 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     to_save = cfg.get("modules_to_save") or []
     extras = [n for n in _candidate_names(model, lora_names) if any(module_matches(n, [m]) for m in to_save)]
     extras = [n for n in extras if not any(n.startswith(f"{e}.") for e in extras)]  # outermost only
+    destination = {}  # key -> the tensor it is copied into (extras untied below get their own copies)
+    untie = not cfg.get("ensure_weight_tying")  # PEFT keeps tied modules_to_save tied only when asked to
+    untied = {id(getattr(sub, leaf)) for sub, leaf, _, _ in _shared_params(model, extras)} if untie else set()
     for owner in extras:
-        for k, v in model.get_submodule(owner).state_dict().items():
-            expected[f"{PREFIX}{owner}.{k}"] = tuple(v.shape)
+        for k, v in model.get_submodule(owner).state_dict(keep_vars=True).items():
+            key = f"{PREFIX}{owner}.{k}"
+            expected[key], destination[key] = tuple(v.shape), (("copy", key) if id(v) in untied else id(v))
+    # Full base weights PEFT may save (resized or targeted embeddings, tied partners): loaded when present.
+    base_weights = {k: ml for k, ml in _base_weight_keys(model, lora_names, extras).items() if k not in expected}
+    for k, (module, leaf) in base_weights.items():
+        expected[k] = tuple(getattr(module, leaf).shape)
+        destination[k] = id(getattr(module, leaf))
 
-    missing = sorted(k for k in expected if k not in state)
+    missing = sorted(k for k in expected if k not in state and k not in base_weights)
     unexpected = sorted(k for k in state if k not in expected)
     misshaped = [f"{k} (expected {expected[k]}, file has {tuple(v.shape)})"
                  for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
     misshaped += [f"{k} (dtype {v.dtype} is not floating point)"
                   for k, v in state.items() if k in expected and not v.is_floating_point()]
     if misshaped:
-        raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: {_names(misshaped)}")
+        resized = [k for k in base_weights if k in state and tuple(state[k].shape) != expected[k]]
+        hint = (f" ({_names(resized)}: full embedding weights of another vocabulary size; resize the model's "
+                "embeddings (model.resize_token_embeddings) to the adapter's vocabulary first)" if resized else "")
+        raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: {_names(misshaped)}{hint}")
+    groups = {}  # keys going into one (tied) tensor must agree: which one would win is arbitrary
+    for k in state:
+        if k in destination:
+            groups.setdefault(destination[k], []).append(k)
+    for keys in groups.values():
+        keys = sorted(keys)
+        differing = [k for k in keys[1:] if not torch.equal(state[k], state[keys[0]])]
+        if differing:
+            raise ValueError(f"load_adapter: {source}: {keys[0]} and {_names(differing)} load into one tied tensor "
+                             "(ensure_weight_tying / tied embeddings) but hold different values")
     if strict and (missing or unexpected):
         raise ValueError(
             f"load_adapter: {source} does not fit {type(model).__name__} "
@@ -296,7 +379,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             p.requires_grad_(".lora.lora_" in f".{pname}")
         model.lora_fast_config = {"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
                                   "alpha": float(cfg["lora_alpha"]), "dropout": dropout, "use_rslora": use_rslora}
-    if not cfg.get("ensure_weight_tying"):  # PEFT keeps tied modules_to_save tied only when asked to
+    if untie:
         _untie_extras(model, extras)
     params = {}
     for name in lora_names:
@@ -306,6 +389,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         module = model.get_submodule(owner)
         params.update({f"{PREFIX}{owner}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
         module.requires_grad_(True)
+    for k, (module, leaf) in base_weights.items():  # frozen base weights, as in PEFT
+        params.setdefault(k, getattr(module, leaf))
     with torch.no_grad():
         for k, v in state.items():
             if k in params:

@@ -165,7 +165,9 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
             continue
         if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in to_save) or not module_matches(name, targets):
             continue
-        if layers_idx and not isinstance(targets, str):  # the first numbered segment is the layer index
+        # An entry equal to the full name selects the module whatever its layer (PEFT: ``key in target_modules``);
+        # a suffix match is filtered by layer: the first numbered segment is the layer index.
+        if layers_idx and not isinstance(targets, str) and name not in targets:
             pats = ([rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in layers_pattern] if layers_pattern
                     else [r".*?\.[^.]*\.(?P<idx>\d+)\."])
             idx = next((m.group("idx") for p in pats if (m := re.match(p, name))), None)

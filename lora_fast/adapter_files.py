@@ -29,6 +29,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# PEFT 0.21 LoraConfig defaults of the fields load_adapter reads without a default of its own (the others --
+# lora_dropout 0.0, use_rslora False, bias "none", rank_pattern/alpha_pattern {}, modules_to_save None, ... -- are
+# read with their PEFT default already).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------- write
@@ -107,12 +111,15 @@ def _normalise_key(key: str) -> str:
 
 
 def _normalise_config(cfg: dict) -> dict:
-    """Accept ``lora_fast_config`` names (rank/alpha/dropout) beside PEFT's (r/lora_alpha/lora_dropout)."""
+    """Accept ``lora_fast_config`` names (rank/alpha/dropout) beside PEFT's (r/lora_alpha/lora_dropout); an omitted
+    ``r``/``lora_alpha`` takes PEFT's default (8), as ``LoraConfig`` does."""
     cfg = dict(cfg)
     for ours, peft in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
         if ours in cfg and peft not in cfg:
             cfg[peft] = cfg.pop(ours)
     cfg.setdefault("peft_type", "LORA")
+    for field, default in PEFT_DEFAULTS.items():  # fields PEFT's LoraConfig fills in when a config omits them
+        cfg.setdefault(field, default)
     return cfg
 
 

@@ -478,3 +478,190 @@ def test_trained_tied_parameter_round_trips(tmp_path):
     load_adapter(fresh, tmp_path)
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "reloaded vs trained")
+
+
+# ------------------------------------------------------------------------ PEFT's full-weight keys, config defaults
+def _tied_llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+TIED = {"gpt2": (_gpt2, "transformer.wte", ["c_attn"]), "tied_llama": (_tied_llama, "model.embed_tokens",
+                                                                       ["q_proj", "v_proj"])}
+
+
+def _non_lora(directory):
+    return {k: v for k, v in load_file(directory / "adapter_model.safetensors").items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize("arch", list(TIED))
+def test_trained_tied_embeddings_match_peft_both_ways(arch, tmp_path):
+    """Input embeddings tied to lm_head and trained (modules_to_save + ensure_weight_tying): lora_fast writes the
+    keys and config PEFT writes (the tied partner lm_head.weight too: PEFT needs it), and each side loads the
+    other's file to the same logits."""
+    build, emb, targets = TIED[arch]
+    torch.manual_seed(0)
+    base = build()
+    assert base.lm_head.weight is base.get_submodule(emb).weight
+    ids = _ids()
+    # lora_fast trains the adapter and the (tied) embeddings, PEFT loads
+    ours = apply_lora(copy.deepcopy(base), targets, rank=4, alpha=8)
+    _randomise_lora(ours)
+    ours.get_submodule(emb).requires_grad_(True)
+    with torch.no_grad():
+        ours.get_submodule(emb).weight.add_(torch.randn_like(ours.get_submodule(emb).weight) * 0.5)
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):
+        save_adapter(ours, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_rel_close(_logits(theirs, ids), _logits(ours, ids), TOL, f"{arch}: PEFT loading lora_fast's tied adapter")
+    # PEFT trains with its tied recipe, lora_fast loads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            modules_to_save=["lm_head"], ensure_weight_tying=True,
+                                                            fan_in_fan_out=arch == "gpt2"))
+    _randomise_lora(pm)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path / "peft") == AdapterLoadResult([], [])
+    assert fresh.lm_head.weight is fresh.get_submodule(emb).weight  # the tie is kept
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, f"{arch}: lora_fast loading PEFT's tied adapter")
+    # the same files: keys, and the config fields that say how the tie is handled
+    assert set(_non_lora(tmp_path / "ours")) == set(_non_lora(tmp_path / "peft")) == {
+        f"base_model.model.{emb}.weight", "base_model.model.lm_head.weight"}
+    for field in ("modules_to_save", "ensure_weight_tying"):
+        assert (json.loads((tmp_path / "ours" / "adapter_config.json").read_text())[field]
+                == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[field]), field
+
+
+def test_tied_partner_key_must_agree_with_the_embedding(tmp_path):
+    """Two keys that load into one tied tensor must hold the same values: refused by name, model untouched."""
+    model = apply_lora(_gpt2(), ["c_attn"], rank=4)
+    model.transformer.wte.requires_grad_(True)
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):
+        save_adapter(model, tmp_path)
+    _edit_weights(tmp_path, lambda sd: sd["base_model.model.lm_head.weight"].add_(1.0))
+    fresh = _gpt2()
+    with pytest.raises(ValueError, match=r"lm_head\.weight and base_model\.model\.transformer\.wte\.weight load "
+                                         r"into one tied tensor"):
+        load_adapter(fresh, tmp_path)
+    assert not lora_layers(fresh)
+
+
+def test_peft_lm_head_target_with_its_base_layer_weight(tmp_path):
+    """lm_head as a LoRA target: PEFT (save_embedding_layers="auto") also saves lm_head.base_layer.weight; it is
+    loaded into the base lm_head and the logits equal PEFT's."""
+    torch.manual_seed(0)
+    base = _llama()
+    pm = _peft_model(copy.deepcopy(base), ["q_proj", "lm_head"])
+    with torch.no_grad():
+        pm.base_model.model.lm_head.base_layer.weight.add_(0.3)  # the saved base weight must be the one used
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in _non_lora(tmp_path)
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert not fresh.lm_head.linear.weight.requires_grad  # a base weight stays frozen
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "lm_head target vs PEFT")
+
+
+def test_peft_resized_vocabulary_embeddings_load(tmp_path):
+    """After resize_token_embeddings PEFT saves the full embed_tokens and lm_head weights: loaded on a resized base
+    they give PEFT's logits; on a base of the old vocabulary the error names the keys and shapes."""
+    torch.manual_seed(0)
+    _llama().save_pretrained(tmp_path / "base")  # PEFT saves the embeddings: the vocabulary differs from this one
+
+    def resized():
+        m = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+        m.resize_token_embeddings(VOCAB + 4, mean_resizing=False)
+        return m
+
+    base, model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), resized()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[VOCAB:].normal_()
+        model.lm_head.weight[VOCAB:].normal_()
+    pm = _peft_model(model, ["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "adapter")
+    assert set(_non_lora(tmp_path / "adapter")) == {"base_model.model.model.embed_tokens.weight",
+                                                     "base_model.model.lm_head.weight"}
+    fresh = resized()  # new rows not the trained ones: they must come from the file
+    assert load_adapter(fresh, tmp_path / "adapter") == AdapterLoadResult([], [])
+    ids = torch.tensor([[1, 2, VOCAB + 1, VOCAB + 3]])
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "resized vocabulary vs PEFT")
+    old = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.weight \(expected \(97, 32\), "
+                                         r"file has \(101, 32\)\).*resize_token_embeddings"):
+        load_adapter(old, tmp_path / "adapter")
+    assert not lora_layers(old)
+
+
+def test_layers_to_transform_keeps_full_name_targets(tmp_path):
+    """PEFT: a target_modules entry equal to a module's full name selects it whatever layers_to_transform says."""
+    base = _llama()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, ["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    pm.save_pretrained(tmp_path)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert sorted(lora_layers(fresh)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "full-name targets with layers_to_transform")
+
+
+def test_config_without_r_and_alpha_takes_peft_defaults(tmp_path):
+    """r and lora_alpha left out of adapter_config.json mean PEFT's defaults (8, 8), in PEFT and here."""
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=8, alpha=8)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "target_modules": ["c_attn"], "fan_in_fan_out": True}))
+    ids = _ids()
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert_rel_close(_logits(theirs, ids), _logits(model, ids), TOL, "PEFT with a minimal config")
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert all(m.rank == 8 and m.scaling == 1.0 for m in lora_layers(fresh).values())
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "lora_fast with a minimal config")
+
+
+def test_resized_vocabulary_embeddings_are_saved_like_peft(tmp_path):
+    """A model whose vocabulary differs from its base directory's config: save_adapter writes the full embedding
+    weights as PEFT does (same keys), so PEFT and lora_fast reload it on a freshly resized base exactly."""
+    torch.manual_seed(0)
+    _llama().save_pretrained(tmp_path / "base")
+
+    def resized(seed):
+        torch.manual_seed(seed)  # the new rows are random: a reload must take them from the file
+        m = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+        m.resize_token_embeddings(VOCAB + 4)
+        return m
+
+    model = apply_lora(resized(1), ["q_proj", "v_proj"], rank=4, alpha=8)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path / "ours")
+    pm = _peft_model(resized(1), ["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "peft")
+    assert set(_non_lora(tmp_path / "ours")) == set(_non_lora(tmp_path / "peft")) == {
+        "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
+    ids = torch.tensor([[1, 2, VOCAB + 1, VOCAB + 3]])
+    fresh = resized(2)
+    assert load_adapter(fresh, tmp_path / "ours") == AdapterLoadResult([], [])
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "lora_fast reloading the resized adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(resized(2), tmp_path / "ours").eval()
+    assert_rel_close(_logits(theirs, ids), _logits(model, ids), TOL, "PEFT loading the resized adapter")
