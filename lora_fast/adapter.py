@@ -285,7 +285,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     if hasattr(model, "peft_config"):
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
     cfg, state, source = _read_adapter(directory)
-    _check_config(cfg, source)
+    _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
     existing = lora_layers(model)
     merged = [n for n, m in existing.items() if m.merged]
     if merged:
