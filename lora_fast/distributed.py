@@ -45,11 +45,13 @@ DDP's rank 0 still saves its (complete) replica; an FSDP run cannot gather after
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DistributedSampler
 
 from lora_fast.train_args import ConfigError
 
@@ -173,14 +175,23 @@ def seed_dropout_rng(seed: int, ctx: DistContext) -> None:
         torch.manual_seed(seed_for_rank(seed, ctx.rank))
 
 
-def train_sampler(dataset, ctx: DistContext, seed: int):
-    """Shuffled, sharded sampler of the training set: the permutation depends on (seed, epoch) only."""
-    from torch.utils.data import DistributedSampler
+class ShardSampler(DistributedSampler):
+    """``DistributedSampler`` that can start a pass at position ``skip`` of its shard (a resumed run)."""
 
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+def train_sampler(dataset, ctx: DistContext, seed: int):
+    """Shuffled, sharded sampler of the training set: the permutation depends on (seed, epoch) only. Its ``skip``
+    attribute (0; a resumed run sets it) leaves out this rank's first ``skip`` positions of the pass; its length
+    stays the whole shard's."""
     # drop_last: the permutation's last (n mod W) examples are left out of this pass (a different few each pass)
     # rather than padded with repeats of its first ones, which trained on those twice
-    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
-                              drop_last=True)
+    return ShardSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                        drop_last=True)
 
 
 # ------------------------------------------------------------------------------------------------------- wrapping

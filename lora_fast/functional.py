@@ -63,13 +63,17 @@ def seed_tensor(seed, device: torch.device | str) -> torch.Tensor:
 
 
 def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """Under autocast, cast x, W₀ and b to the autocast dtype (differentiable casts) as ``F.linear`` would; the
-    adapters keep their dtype (fp32) and are cast tile by tile by the kernels. Returns (x, weight, bias)."""
+    """Under autocast, cast x, W₀ and b to the autocast dtype (differentiable casts) as ``F.linear`` would: only
+    floating-point tensors other than float64 (autocast leaves fp64 alone). The adapters keep their dtype (fp32) and
+    are cast tile by tile by the kernels. Returns (x, weight, bias)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        x, weight, bias = cast(x), cast(weight), cast(bias)
     return x, weight, bias
 
 

@@ -165,6 +165,8 @@ def _mha_names(names: list[str]) -> str:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:  # setattr(model, "", new) would register a child with an empty name, silently
+        raise ValueError("cannot replace the root module in place; use the returned module instead")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -274,8 +276,11 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the original module types back: a plain model, no lora_fast inside.
 
-    Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them.
+    Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them. A
+    ``LinearWithLoRA`` given itself returns its merged base (use the return value).
     """
+    if isinstance(model, LinearWithLoRA):
+        return model.merged_base()
     for name, m in lora_layers(model).items():
         _set_submodule(model, name, m.merged_base())
     if hasattr(model, "lora_fast_config"):

@@ -31,14 +31,16 @@ _PLAIN_FORWARDS = tuple(t.forward for t in LORA_BASE_TYPES)
 
 
 def _global_hooks() -> bool:
-    """Whether global module forward hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
+    """Whether global module hooks are registered (``nn.modules.module.register_module_forward_hook``, ``..._pre_``,
+    ``register_module_full_backward_hook``, ``..._pre_hook``): they must see the base module run."""
     mod = nn.modules.module
-    return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
+    return any(getattr(mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                      "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def calls_more_than_forward(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's ``forward``: forward (pre-)hooks or full backward hooks
-    on it, global forward hooks, or a forward replaced on the instance (accelerate's offload hooks, ...)."""
+    on it, global module hooks, or a forward replaced on the instance (accelerate's offload hooks, ...)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
 
@@ -177,6 +179,9 @@ class LinearWithLoRA(nn.Module):
         dropout, use_rslora = kwargs.pop("dropout", 0.0), kwargs.pop("use_rslora", False)
         self.backend = kwargs.pop("backend", None)
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if base is not None and (device is not None or dtype is not None):
+            raise TypeError("LinearWithLoRA: device/dtype apply when it builds its own nn.Linear from in_features; "
+                            "a wrapped base keeps its own: move or cast it (or the wrapper) with .to()")
         if base is None:
             out_features = kwargs.pop("out_features", None)
             if not isinstance(out_features, int) or out_features <= 0 or base_or_in_features <= 0:

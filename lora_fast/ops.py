@@ -99,9 +99,10 @@ def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
 def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx):
     dtype = x.dtype
     a, b = lora_A.to(dtype), lora_B.to(dtype)
-    g = scaling * (dy @ b)  # (M, r) = dL/dxa
+    sdy = scaling * dy  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16, dy·B may
+    g = sdy @ b  # (M, r) = dL/dxa                 # pass 65504 where s·dy·B does not (s < 1, GradScaler-sized dy)
     dA = (g.t() @ _dropped(x, dropout_p, seed)).to(lora_A.dtype)  # (r, K)
-    dB = (scaling * (dy.t() @ xa.to(dtype))).to(lora_B.dtype)  # (N, r)
+    dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype)  # (N, r)
     if not needs_dx:
         return x.new_empty(0), dA, dB
     dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)

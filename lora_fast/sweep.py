@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         alphas = _numbers(ns.alphas, float, "alphas")
         if opts.task != "causal-lm":
             raise ConfigError("lora-fast sweep runs --task causal-lm only")
+        given = [f"--{k}" for k in ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")
+                 if getattr(opts, k) is not None]
+        if given:
+            raise ConfigError(f"lora-fast sweep does not checkpoint ({', '.join(given)}); train the configuration "
+                              "to resume with lora-fast train")
         runs = plan_runs(ranks, alphas, target_sets(ns, opts), opts.rank, opts.alpha, ns.grid)
         from lora_fast.train import sigterm_as_interrupt
 

@@ -9,7 +9,8 @@ passes), fp16/bf16 autocast
 (a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
 accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
 what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130);
-so does SIGTERM in a single-process run (a scheduler's preemption).
+so does SIGTERM in a single-process run (a scheduler's preemption). ``--save_steps`` writes resumable checkpoints
+and ``--resume_from_checkpoint`` continues one, bit for bit (``lora_fast.train_ckpt``).
 
 Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``adapter_model.safetensors`` +
 ``adapter_config.json`` (PEFT's format: ``PeftModel.from_pretrained(base, output_dir)`` loads it), the tokenizer,
@@ -177,6 +178,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     from tqdm.auto import tqdm
 
     from lora_fast import distributed as D
+    from lora_fast import train_ckpt as C
     from lora_fast.train_io import StagedDir, check_output_dir, finish_metrics, reset_peak_memory, write_outputs
 
     if ctx is None:
@@ -184,7 +186,13 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             raise ConfigError("this command trains in one process; only `lora-fast train` (python -m "
                               "lora_fast.train) runs under torchrun")
         ctx = D.DistContext()
-    out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
+    out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir, opts.checkpoint_dir)
+    checkpointing = opts.save_steps is not None or opts.resume_from_checkpoint is not None
+    if checkpointing and ctx.mode == "fsdp":
+        raise ConfigError("--save_steps / --resume_from_checkpoint: FSDP runs do not checkpoint (the optimizer "
+                          "state is sharded); use DDP (the default under torchrun)")
+    ckpt_root = C.checkpoint_root(opts)
+    resume_path = C.find_checkpoint(opts.resume_from_checkpoint, ckpt_root) if opts.resume_from_checkpoint else None
     device = D.device(ctx) if ctx.enabled else resolve_device(opts.device)
     main = ctx.is_main
     log = log if main else (lambda msg: None)
@@ -197,8 +205,9 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=opts.fp16)
     loaders = _loaders(opts, prep, ctx)
+    digest = D.digest(prep.data["train"], prep.tokenizer) if ctx.enabled or checkpointing else None
     if ctx.enabled:  # e.g. a tokenizer trained differently on two ranks would silently train on different data
-        D.check_same(D.digest(prep.data["train"], prep.tokenizer), ctx, "the training data and tokenizer (digest)")
+        D.check_same(digest, ctx, "the training data and tokenizer (digest)")
     reduced = [0]  # gradient elements all-reduced by DDP (its comm hook counts them)
     model = D.wrap_model(model, ctx, device, on_reduce=lambda n: reduced.__setitem__(0, reduced[0] + n))
     plain = D.unwrap(model)  # what evaluation (DDP: no collectives needed) and saving see
@@ -213,16 +222,35 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                          f"{ctx.world_size} processes: each needs at least one")
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
+    resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total) if resume_path else None
+    if resumed:
+        C.load_trainable(plain, resumed["trainable"], resume_path)  # DDP replicas: every rank loads the same
     warmup = round(opts.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
                                               else max(0.0, (total - s) / max(1, total - warmup)))
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
     writer = _tensorboard(opts.logdir, log)
     reset_peak_memory(device)
     is_cls = opts.task == "classification"
     m = {"train_loss": [], "learning_rate": [], "tokens_per_sec": [], "eval": [], "epochs": [], "_timed": [0, 0.0]}
-    step, tokens_seen, interrupted = 0, 0, False
+    step, tokens_seen, interrupted, passes, skip, pending_rng = 0, 0, False, 0, 0, None
+    if resumed:  # continue at the checkpoint's position, with its RNG stream
+        m, step, tokens_seen = resumed["metrics"], resumed["step"], resumed["tokens_seen"]
+        passes, skip, pending_rng = resumed["passes"], resumed["micro_done"], resumed["rng"][ctx.rank]
+        if skip >= n_micro:  # that pass was over: the next one starts as it would have
+            skip = 0
+            C.restore_rng(pending_rng, device)
+            pending_rng = None
+        else:  # re-enter the pass; its RNG state is restored after the loader's iterator draws its seed
+            passes -= 1
+        log(f"lora-fast: resuming from {resume_path} at step {step}/{total}")
+    start_step, boundary, in_update, last_saved = step, None, False, step
     t_start = time.perf_counter()
-    bar = tqdm(total=total, disable=not (opts.progress and main), dynamic_ncols=True, desc="train", file=sys.stderr)
+    bar = tqdm(total=total, initial=step, disable=not (opts.progress and main), dynamic_ncols=True, desc="train",
+               file=sys.stderr)
     say = bar.write if main else (lambda msg: None)  # tqdm.write prints even when the bar is disabled
 
     def do_eval():
@@ -241,15 +269,29 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                             "val_accuracy": va["accuracy"], "val_loss": va["loss"]})
         say(f"epoch {ep:g}: train accuracy {tr['accuracy']:.2%}, validation accuracy {va['accuracy']:.2%}")
 
+    def checkpoint(pos):
+        return C.save_checkpoint(ckpt_root, pos, model=plain, optimizer=optimizer, scheduler=sched, scaler=scaler,
+                                 metrics=m, opts=opts, prep=prep, total=total, digest=digest, ctx=ctx,
+                                 limit=opts.save_total_limit)
+
     staged = StagedDir(out_dir, opts.overwrite) if main else None
     final = None
     try:
         try:
-            acc_loss, acc_tokens, t_step, epoch = 0.0, 0, time.perf_counter(), 0
+            acc_loss, acc_tokens, t_step = 0.0, 0, time.perf_counter()
+            if is_cls and resumed and skip == 0 and step < total and (not m["epochs"] or m["epochs"][-1]["step"]
+                                                                     != step):
+                epoch_accuracy()  # the checkpoint ended a pass before that pass's accuracy was taken
             while step < total:
-                loaders["train"].sampler.set_epoch(epoch)  # a new (seed, epoch) permutation, the same on all ranks
-                epoch += 1
-                for j, batch in enumerate(loaders["train"]):
+                sampler = loaders["train"].sampler
+                sampler.set_epoch(passes)  # a new (seed, pass) permutation, the same on all ranks
+                start, skip, passes = skip, 0, passes + 1
+                sampler.skip = start * bs  # a resumed pass starts after its consumed micro-batches
+                batches = iter(loaders["train"])  # draws the workers' base seed from torch's RNG
+                if pending_rng is not None:
+                    C.restore_rng(pending_rng, device)
+                    pending_rng = None
+                for j, batch in enumerate(batches, start=start):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     first = j // ga * ga  # the step's first micro-batch; fewer than ga at a pass's end
                     rows = sum(min(bs, n_rows - i * bs) for i in range(first, min(first + ga, n_micro)))
@@ -267,6 +309,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                     lr = optimizer.param_groups[0]["lr"]
+                    in_update = True  # from here to the next boundary an interrupt leaves no consistent state
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -277,7 +320,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                         acc_tokens = int(acc_tokens)
                     now = time.perf_counter()
                     tps = acc_tokens / max(now - t_step, 1e-9)
-                    if step > 1 or total == 1:  # training throughput: step 1 (warm-up, kernel builds) left out
+                    if step > start_step + 1 or total == 1:  # throughput: the first step (warm-up, builds) left out
                         m["_timed"][0] += acc_tokens
                         m["_timed"][1] += now - t_step
                     m["train_loss"].append(acc_loss)
@@ -290,8 +333,14 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                     bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     bar.update(1)
                     acc_loss, acc_tokens = 0.0, 0
+                    if checkpointing:
+                        boundary = C.Position(step, passes, j + 1, tokens_seen, C.capture_rng(device))
+                    in_update = False
                     if step % opts.eval_steps == 0 or step == total:
                         do_eval()
+                    if opts.save_steps and step % opts.save_steps == 0:
+                        checkpoint(boundary)
+                        last_saved = step
                     if on_step is not None:
                         on_step(step, m)
                     t_step = time.perf_counter()
@@ -310,6 +359,12 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                     "nothing is saved")
                 raise
             say(f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
+            if opts.save_steps and not ctx.enabled and step > last_saved:
+                if in_update or boundary is None or boundary.step != step:
+                    say("lora-fast: the interrupt came during an optimizer update: no checkpoint of this step "
+                        "(resume from the last one)")
+                else:
+                    say(f"lora-fast: checkpoint written to {checkpoint(boundary)}")
         bar.close()
         model.eval()
         if is_cls and "test" in loaders and not interrupted:
@@ -317,10 +372,14 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             log(f"test accuracy {m['test_accuracy']:.2%}")
         metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, used,
                                  interrupted)
+        per_step = reduced[0] / max(step - start_step, 1) if ctx.mode == "ddp" else None  # this process's steps
         metrics.update(distributed=ctx.mode, world_size=ctx.world_size, dist_backend=ctx.backend,
                        per_device_batch_size=opts.batch_size, global_batch_size=opts.batch_size * ctx.world_size
-                       * opts.gradient_accumulation_steps, grad_allreduce_numel_per_step=reduced[0] / max(step, 1)
-                       if ctx.mode == "ddp" else None)
+                       * opts.gradient_accumulation_steps, grad_allreduce_numel_per_step=per_step,
+                       resumed_from=str(resume_path) if resume_path else None,
+                       resumed_at_step=start_step if resume_path else None)
+        if resumed and metrics["wall_time_s"] > 0:  # this process's tokens over this process's time
+            metrics["mean_tokens_per_sec"] = (tokens_seen - resumed["tokens_seen"]) / metrics["wall_time_s"]
         if not interrupted:
             D.dump_rank_state(model, ctx)
         if main:
@@ -345,7 +404,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
 
 def run_inputs(opts) -> dict:
     """The run's local inputs an ``--overwrite`` of the output directory must never delete: {flag: path}."""
-    return {"--model": opts.model, "--dataset": opts.dataset, "--config": getattr(opts, "config", None)}
+    return {"--model": opts.model, "--dataset": opts.dataset, "--config": getattr(opts, "config", None),
+            "--resume_from_checkpoint": getattr(opts, "resume_from_checkpoint", None)}
 
 
 def run(opts, on_step=None, log=log_stderr) -> dict:
@@ -354,7 +414,8 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     from lora_fast import distributed as D
     from lora_fast.train_io import check_output_dir
 
-    check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)  # before minutes of loading
+    check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
+                     opts.checkpoint_dir)
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
         if not ctx.enabled:

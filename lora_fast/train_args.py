@@ -67,6 +67,14 @@ OPTIONS: dict[str, tuple] = {
     "logdir": (str, None, None, "", "TensorBoard log directory (needs the tensorboard package)"),
     "num_workers": (int, 0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "DataLoader workers"),
     "progress": (bool, True, None, "", "tqdm progress bar (--no-progress to hide)"),
+    "save_steps": (int, None, _pos_int, "a positive integer", "write a resumable checkpoint every N optimizer "
+                   "steps (and when interrupted) into --checkpoint_dir"),
+    "save_total_limit": (int, None, _pos_int, "a positive integer", "keep only the newest N checkpoints "
+                         "(default: all)"),
+    "checkpoint_dir": (str, None, None, "", "where checkpoints go (default: <output_dir>-checkpoints, beside the "
+                       "output directory)"),
+    "resume_from_checkpoint": (str, None, None, "", "continue a run from a checkpoint directory, or 'latest' (the "
+                               "newest in --checkpoint_dir); the run's other options must be the same"),
     "distributed": (str, "auto", lambda v: v in DISTRIBUTED_CHOICES, f"one of {DISTRIBUTED_CHOICES}",
                     "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp when "
                     "WORLD_SIZE > 1, none otherwise. Global batch = batch_size x world size x accumulation"),

@@ -33,13 +33,15 @@ def _inside(path: Path, out: Path) -> bool:
     return path == out or out in path.parents
 
 
-def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None) -> Path:
+def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
+                     checkpoint_dir: str | None = None) -> Path:
     """Refuse an output directory the run could not replace safely; returns the resolved path.
 
     Refused: a file, or a directory under a file; an existing non-empty directory unless ``overwrite``; with
     ``overwrite``, a directory holding the run's own inputs (``inputs``: {flag: path}; hub names, which are no
-    local path, are skipped) or the current directory — replacing it would delete them; and a ``logdir`` inside
-    it (written during the run, it would vanish when the finished outputs replace the directory).
+    local path, are skipped) or the current directory — replacing it would delete them; and a ``logdir`` or
+    ``checkpoint_dir`` inside it (written during the run, they would vanish when the finished outputs replace the
+    directory).
     """
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -54,6 +56,10 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
         raise ConfigError(f"--logdir {logdir!r} is inside output_dir {output_dir!r}, which is replaced as a whole "
                           "when the run finishes (deleting the logs); put the logs beside it, e.g. "
                           f"{str(out.parent / (out.name + '-logs'))!r}")
+    if checkpoint_dir and _inside(Path(checkpoint_dir).expanduser().resolve(), out):
+        raise ConfigError(f"--checkpoint_dir {checkpoint_dir!r} is inside output_dir {output_dir!r}, which is "
+                          "replaced as a whole when the run finishes (deleting the checkpoints); leave the default "
+                          f"{str(out.parent / (out.name + '-checkpoints'))!r} or choose another directory beside it")
     if overwrite:
         named = {flag: p for flag, p in (inputs or {}).items() if p and Path(p).expanduser().exists()}
         named["the current directory"] = os.getcwd()

@@ -58,6 +58,16 @@ def _functorch_active() -> bool:
     return bool(active and active())
 
 
+def _dual(*tensors) -> bool:
+    """Whether any tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``): the fused kernels'
+    autograd Function has no ``jvp``; the reference path's aten ops have one."""
+    from torch.autograd import forward_ad as fwad
+
+    if getattr(fwad, "_current_level", 0) < 0:  # no dual level entered: nothing can carry a tangent (cheap test)
+        return False
+    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None, dropout_p: float = 0.0,
@@ -73,6 +83,8 @@ def unsupported_reason(
     if _functorch_active():
         return ("torch.func transforms (grad, vmap, jacrev, ...) are active: the fused kernels' autograd Function "
                 "does not support them")
+    if _dual(x, weight, lora_A, bias, lora_B):
+        return "forward-mode AD (dual tensors) is active: the fused kernels' autograd Function has no jvp"
     dev = x.device
     if dev.type == "cpu":
         if not _launch.interpreting():

@@ -157,6 +157,34 @@ def test_op_autocast_bf16():
     assert_rel_close(db, db_ref, 1e-2, "dB")
 
 
+def test_op_fp16_backward_scales_before_rounding():
+    """fp16, s = 1/4 and a GradScaler-sized dy: dy·B passes fp16's 65504 (inf) while s·dy·B does not. The op's
+    reference backward must scale first, as autograd of the eager path does: finite dx and dB, equal to eager's."""
+    x = torch.randn(4, 8, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(32, 8, dtype=torch.float16)
+    a = torch.full((4, 8), 0.25, dtype=torch.float16, requires_grad=True)
+    bb = torch.ones(32, 4, dtype=torch.float16, requires_grad=True)
+    dy = torch.full((4, 32), 3000.0, dtype=torch.float16)  # s·dy·B = 24000 per rank column; dy·B = 96000
+    y = lora_linear_op(x, w, None, a, bb, 0.25, backend="reference")
+    y_ref = lora_linear_ref(x, w, None, a, bb, 0.25)
+    dx, db = torch.autograd.grad(y, (x, bb), dy)
+    dx_ref, db_ref = torch.autograd.grad(y_ref, (x, bb), dy)
+    assert torch.isfinite(dx_ref).all() and torch.isfinite(db_ref).all()  # the premise: eager stays finite
+    assert torch.isfinite(dx).all() and torch.isfinite(db).all()
+    assert_rel_close(dx, dx_ref, 1e-2, "dx")
+    assert_rel_close(db, db_ref, 1e-2, "dB")
+
+
+def test_op_autocast_leaves_fp64_alone():
+    """Autocast never casts float64 tensors (F.linear stays fp64 under bf16 autocast); neither does the op."""
+    x, w, b, a, bb = _inputs(5, 16, 8, 4, False, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear_op(x, w, b, a, bb, 0.5)
+        y_ref = lora_linear_ref(x, w, b, a, bb, 0.5)
+    assert y.dtype == y_ref.dtype == torch.float64
+    assert_rel_close(y, y_ref, 1e-12, "fp64 under bf16 autocast")
+
+
 def test_opcheck_noncontiguous_adapters():
     """The fake backward must promise the strides the real one returns (contiguous dA, dB)."""
     x, w, b, _, _ = _inputs(6, 8, 5, 3, False)

@@ -123,6 +123,27 @@ def test_ddp_two_ranks_equal_one_process(setup):
     assert m["per_device_batch_size"] == 2
 
 
+def test_ddp_resume_from_checkpoint_is_the_uninterrupted_run(setup):
+    """2 ranks with LoRA dropout 0.1 (each rank draws its own masks) and a checkpoint every 2 steps; resuming from
+    checkpoint-2 with 2 ranks gives the uninterrupted run's adapter and losses bit for bit: the data position and
+    every rank's own RNG state come back (rank 1 restoring rank 0's stream would draw other masks)."""
+    root, _ = setup
+    extra = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--dropout", "0.1"]
+    out, _, _ = _torchrun(root, "ddp-ckpt", [*extra, "--save_steps", "2"])
+    ck = root / "ddp-ckpt-checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    state = torch.load(ck / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
+    resumed, _, proc = _torchrun(root, "ddp-resumed", [*extra, "--resume_from_checkpoint", str(ck / "checkpoint-2"),
+                                                       "--checkpoint_dir", str(root / "ddp-resumed-checkpoints")])
+    want, got = _adapter(out), _adapter(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (resumed, out))
+    assert m["train_loss"] == m1["train_loss"] and m["resumed_at_step"] == 2
+    assert m["grad_allreduce_numel_per_step"] == TRAINABLE  # per step of the resumed process
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs CUDA GPUs: runs in the GPU job (run_gpu.sh "
                     "tests) with as many ranks as GPUs, up to 2 (the lent machines have one: a 1-rank NCCL group)")
 def test_ddp_nccl_gpu_equals_one_cpu_process(setup):
@@ -286,6 +307,10 @@ def test_mode_resolution_and_errors(monkeypatch):
 
     with pytest.raises(ConfigError, match="only `lora-fast train`"):  # e.g. `lora-fast sweep` under torchrun
         train(parse_train_args(["--output_dir", "/nonexistent/never-written"]), prep=None)
+    fsdp = D.DistContext(mode="fsdp", world_size=2, backend="gloo")
+    for flag, value in (("--save_steps", "2"), ("--resume_from_checkpoint", "latest")):
+        with pytest.raises(ConfigError, match="FSDP runs do not checkpoint"):  # refused before anything happens
+            train(parse_train_args(["--output_dir", "/nonexistent/never-written", flag, value]), prep=None, ctx=fsdp)
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="inconsistent"):
         D.torchrun_env()

@@ -194,6 +194,18 @@ def test_merge_unmerge_and_unload():
     assert not hasattr(plain, "lora_fast_config")
 
 
+def test_merge_and_unload_of_a_single_layer_returns_the_merged_base():
+    """A LinearWithLoRA given itself (the root) comes back as its plain merged base, computing the same function;
+    nothing is registered under an empty name."""
+    layer = LinearWithLoRA(nn.Linear(6, 4), rank=2)
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(3, 6)
+    ref = layer(x)
+    plain = merge_and_unload(layer)
+    assert type(plain) is nn.Linear and sorted(plain.state_dict()) == ["bias", "weight"]
+    assert_rel_close(plain(x), ref.double(), 1e-6, "merged root")
+
+
 def test_llama_linear_default_targets():
     model = apply_lora(tiny_llama(), rank=2)
     assert sorted(n.rsplit(".", 1)[-1] for n in lora_layers(model)) == ["q_proj", "q_proj", "v_proj", "v_proj"]

@@ -123,6 +123,10 @@ def test_bad_hyperparameters(kwargs, exc, word):
 def test_bad_base_and_bad_input():
     with pytest.raises(TypeError, match="Conv2d"):
         LinearWithLoRA(nn.Conv2d(3, 3, 1))
+    for kw in ({"dtype": torch.float16}, {"device": "cpu"}):  # were silently ignored next to a base module
+        with pytest.raises(TypeError, match="a wrapped base keeps its own"):
+            LinearWithLoRA(nn.Linear(4, 4), rank=2, **kw)
+    assert LinearWithLoRA(4, 4, rank=2, dtype=torch.float16).weight.dtype == torch.float16
     with pytest.raises(TypeError):
         LinearWithLoRA("linear")
     layer = LinearWithLoRA(nn.Linear(6, 4))

@@ -406,3 +406,39 @@ def test_torch_func_transforms_take_the_reference_path():
         assert_rel_close(got[k], ref[k].double(), 1e-6, k)
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         per_sample(layers["triton"])
+
+
+def test_forward_mode_ad_takes_the_reference_path():
+    """Dual tensors (torch.autograd.forward_ad): the kernels' Function has no jvp, so "auto" runs the reference,
+    whose JVP equals the float64 one; backend="triton" refuses with the reason."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 12), rank=4, backend="auto").to(DEVICE)
+    nn.init.normal_(layer.lora.lora_B)
+    x, t = torch.randn(3, 16, device=DEVICE), torch.randn(3, 16, device=DEVICE)
+    with fwad.dual_level():
+        y, jvp = fwad.unpack_dual(layer(fwad.make_dual(x, t)))
+    w, a, bb = layer.weight.double(), layer.lora.lora_A.double(), layer.lora.lora_B.double()
+    exact = t.double() @ (w + layer.lora.scaling * bb @ a).t()  # the layer is linear in x
+    assert_rel_close(jvp, exact, FP32_TOL, "jvp")
+    assert_rel_close(y, layer(x).double(), FP32_TOL, "primal")
+    layer.backend = "triton"
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        layer(fwad.make_dual(x, t))
+
+
+def test_global_backward_hooks_see_the_base_module_run():
+    """A global full backward hook (nn.modules.module.register_module_full_backward_hook) must fire for the base
+    Linear, as it does for a plain model: the layer then runs the base module, not the fused kernels."""
+    seen = []
+    layer = LinearWithLoRA(nn.Linear(4, 3), rank=2).to(DEVICE)
+    assert layer.fusable()
+    handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: seen.append(type(m).__name__))
+    try:
+        assert not layer.fusable()
+        layer(torch.randn(2, 4, device=DEVICE, requires_grad=True)).sum().backward()
+    finally:
+        handle.remove()
+    assert "Linear" in seen and "LinearWithLoRA" in seen
+    assert layer.fusable()

@@ -1,0 +1,221 @@
+"""Resumable checkpoints of ``lora-fast train``: ``--save_steps N`` writes them, ``--resume_from_checkpoint``
+continues from one.
+
+Layout (``--checkpoint_dir``, default ``<output_dir>-checkpoints`` beside the output directory, which is replaced as
+a whole when the run finishes)::
+
+    checkpoint-<step>/
+        adapter_config.json, adapter_model.safetensors   the adapter at that step (PEFT's format: loads on its own)
+        training_state.pt    what resuming needs (read with ``torch.load(weights_only=True)``: tensors and plain
+                             data only): trainable parameters, AdamW, LR schedule, gradient scaler, the torch RNG
+                             states of every rank (CPU and the device's: dropout masks), the data position (passes
+                             started, micro-batches done in the current one), the metrics so far, the options
+        trainer_state.json   step, position and options, for people
+
+A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and,
+in a single-process run, when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial
+step's gradients are dropped). Each is staged in a hidden directory and renamed into place, so a crash leaves the
+previous ones intact; ``--save_total_limit`` keeps the newest N.
+
+Resuming restores all of it and continues at the next micro-batch of the same (seed, pass) permutation, with the
+same RNG stream: on the same device, backend and number of processes the resumed run is the uninterrupted run,
+bit for bit (the test compares adapters with ``torch.equal``). The options that shape the run must be the same
+(``MUST_MATCH``; an error names those that differ), and so must the tokenized training data (sha256 digest) and
+the number of processes. Output, logging, evaluation cadence, device and backend may change (a different device or
+backend continues the run, but with other rounding and dropout masks).
+
+Known limits: FSDP runs neither write nor resume checkpoints (the optimizer state is sharded; an error says so).
+Under torchrun, checkpoints are written at ``save_steps`` only (an interrupt is not coordinated across ranks:
+resume from the last periodic checkpoint); every rank must see the same ``checkpoint_dir`` (one machine, or a
+shared filesystem).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_fast.train_args import OPTIONS, ConfigError
+from lora_fast.train_io import _umask
+
+FORMAT = 1
+STATE_NAME = "training_state.pt"
+INFO_NAME = "trainer_state.json"
+_DIR_RE = re.compile(r"checkpoint-(\d+)")
+# Options that change nothing of the trajectory (where things go, how often evaluation runs, what is printed) or
+# that a user may need to change to resume at all (device, backend): everything else must match.
+MAY_CHANGE = frozenset({"output_dir", "overwrite", "logdir", "progress", "eval_steps", "eval_batches", "num_workers",
+                        "save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint", "device",
+                        "backend", "distributed"})
+MUST_MATCH = tuple(k for k in OPTIONS if k not in MAY_CHANGE)
+
+
+@dataclass
+class Position:
+    """Where a run stands at the end of an optimizer step: what a checkpoint restores."""
+
+    step: int  # optimizer steps done
+    passes: int  # passes over the training data started (the current one is passes - 1, for set_epoch)
+    micro_done: int  # micro-batches of the current pass consumed (== micro-batches per pass: the pass is over)
+    tokens_seen: int
+    rng: dict  # this rank's torch RNG states, captured at that moment
+
+
+def checkpoint_root(opts) -> Path:
+    return Path(opts.checkpoint_dir or f"{Path(opts.output_dir).expanduser()}-checkpoints").expanduser()
+
+
+def capture_rng(device: torch.device) -> dict:
+    """This process's torch RNG states: CPU, and the CUDA device's (``device``) when training there."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _options(opts) -> dict:
+    return {k: getattr(opts, k) for k in MUST_MATCH}
+
+
+def _gather_rng(rng: dict, ctx) -> list[dict]:
+    """Every rank's RNG states, on every rank (a collective under torchrun)."""
+    if not ctx.enabled:
+        return [rng]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, rng)
+    return out
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, scaler, metrics: dict, opts, prep,
+                    total: int, digest: str, ctx, limit: int | None) -> Path | None:
+    """Write ``root/checkpoint-<step>`` (staged, then renamed into place; one already there is replaced) and prune
+    to the newest ``limit``. Under torchrun every rank must call this (the RNG states are gathered); rank 0 writes
+    and returns the path, the others return None.
+    """
+    from lora_fast.adapter import save_adapter
+
+    rngs = _gather_rng(pos.rng, ctx)
+    if not ctx.is_main:
+        return None
+    state = {
+        "format": FORMAT, "step": pos.step, "passes": pos.passes, "micro_done": pos.micro_done,
+        "tokens_seen": pos.tokens_seen, "planned_steps": total, "world_size": ctx.world_size, "digest": digest,
+        "options": _options(opts), "rng": rngs, "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "metrics": copy.deepcopy(metrics),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{pos.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=root))
+    try:
+        task_type = "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
+        save_adapter(model, tmp, base_model_name_or_path=prep.base_name, task_type=task_type)
+        torch.save(state, tmp / STATE_NAME)
+        info = {"step": pos.step, "planned_steps": total, "passes_started": pos.passes,
+                "micro_batches_done_in_pass": pos.micro_done, "world_size": ctx.world_size,
+                "options": state["options"]}
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        for p in tmp.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if limit:
+        for _, path in list_checkpoints(root)[:-limit]:
+            if path != final:
+                shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _DIR_RE.fullmatch(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_checkpoint(spec: str, root: Path) -> Path:
+    """``spec``: a checkpoint directory, or 'latest' (the newest complete one in ``root``)."""
+    if spec == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint latest: no checkpoint in {str(root)!r} (checkpoint-<step> "
+                              f"directories with {STATE_NAME}); give its path, or --checkpoint_dir")
+        return found[-1][1]
+    path = Path(spec).expanduser()
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"resume_from_checkpoint {spec!r} is not a checkpoint (no {STATE_NAME} in it)")
+    return path
+
+
+def load_checkpoint(path: Path, opts, digest: str, ctx, total: int) -> dict:
+    """Read and check a checkpoint against this run; raises ``ConfigError`` naming what does not fit."""
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"resume_from_checkpoint: cannot read {str(path / STATE_NAME)!r}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"resume_from_checkpoint: {str(path / STATE_NAME)!r} is not a lora-fast checkpoint of "
+                          f"format {FORMAT}")
+    saved, now = state["options"], _options(opts)
+    differ = [f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in MUST_MATCH if saved.get(k) != now[k]]
+    if differ:
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: options differ from the checkpointed run: "
+                          f"{'; '.join(differ)}. Resuming continues that run; start a new run to change them")
+    if state["world_size"] != ctx.world_size:
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: written by {state['world_size']} process(es), "
+                          f"resumed with {ctx.world_size}; the data shards and RNG streams need the same number")
+    if state["digest"] != digest:
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: the tokenized training data (or tokenizer) "
+                          "differs from the checkpointed run's")
+    if state["planned_steps"] != total:
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: the run was planned for {state['planned_steps']} "
+                          f"steps, this one for {total}")
+    return state
+
+
+def load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the checkpoint's trainable parameters into ``model`` (names and shapes must be those it trains)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    bad = sorted(params.keys() ^ saved.keys()) + [n for n in params if n in saved and params[n].shape != saved[n].shape]
+    if bad:
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: its trainable parameters do not fit the model "
+                          f"({len(bad)} missing, unexpected or mis-shaped: {', '.join(bad[:3])}...)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])

@@ -1,0 +1,231 @@
+"""``lora-fast train --save_steps / --resume_from_checkpoint``: a resumed run is the uninterrupted run, bit for bit.
+
+The runs use LoRA dropout 0.1 and GPT-2's own dropout (so the RNG stream matters), an uneven pass (23 training
+blocks in micro-batches of 3: 8 micro-batches, the last of 2 rows) and gradient accumulation 3, so a pass is
+3 optimizer steps (3 + 3 + 2 micro-batches) and 8 steps cross two pass boundaries. Interruptions land at the end of
+a pass, in the middle of one, and in the middle of a step's accumulation. One thread, reference path (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_fast import load_adapter
+from lora_fast.cli import main as cli_main
+from lora_fast.train import run
+from lora_fast.train_args import parse_train_args
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+STEPS, PER_PASS = 8, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny GPT-2 (dropout on) saved locally, a text file, and the uninterrupted reference run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("resume")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64,
+                               initializer_range=0.3)).save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    (root / "data.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(20)))
+    ref = _run(root, "ref")
+    return root, ref
+
+
+def _args(root, name, *extra):
+    return ["--model", str(root / "tiny"), "--dataset", str(root / "data.txt"), "--max_steps", str(STEPS),
+            "--max_length", "32", "--batch_size", "3", "--gradient_accumulation_steps", "3", "--dropout", "0.1",
+            "--lr", "0.01", "--eval_steps", "4", "--eval_batches", "1", "--target_modules", "c_attn", "c_fc",
+            "--backend", "reference", "--device", "cpu", "--no-progress", "--output_dir", str(root / name), *extra]
+
+
+def _run(root, name, *extra, on_step=None):
+    return run(parse_train_args(_args(root, name, *extra)), on_step=on_step, log=lambda msg: None)
+
+
+def _stop_at(n):
+    def on_step(step, metrics):
+        if step == n:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def _assert_same_run(out, ref_metrics, ref_dir):
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(ref_dir / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    m = json.loads((out / "training_metrics.json").read_text())
+    for key in ("train_loss", "learning_rate", "eval_steps", "eval_loss", "tokens_seen", "steps"):
+        assert m[key] == ref_metrics[key], key
+    assert not m["interrupted"]
+    return m
+
+
+def test_the_run_crosses_uneven_passes(setup):
+    """The premise of the tests below: 8 micro-batches per pass, the last short; 3 steps per pass."""
+    from lora_fast.distributed import DistContext
+    from lora_fast.train import _loaders, prepare
+
+    root, _ = setup
+    opts = parse_train_args(_args(root, "unused"))
+    sizes = [len(b["input_ids"]) for b in _loaders(opts, prepare(opts, log=lambda msg: None), DistContext())["train"]]
+    assert sizes == [3] * 7 + [2]
+
+
+@pytest.mark.parametrize("stop", [PER_PASS, PER_PASS + 2], ids=["end-of-pass", "mid-pass"])
+def test_resume_after_interrupt_is_the_uninterrupted_run(setup, stop):
+    root, ref = setup
+    name = f"stop{stop}"
+    first = _run(root, name, "--save_steps", "100", on_step=_stop_at(stop))
+    assert first["interrupted"] and first["steps"] == stop
+    ckpts = root / f"{name}-checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"checkpoint-{stop}"]  # the interrupt's checkpoint only
+    m = _run(root, name, "--overwrite", "--resume_from_checkpoint", "latest")
+    assert m["resumed_at_step"] == stop and m["resumed_from"] == str(ckpts / f"checkpoint-{stop}")
+    _assert_same_run(root / name, ref, root / "ref")
+
+
+def test_resume_from_a_periodic_checkpoint_and_pruning(setup):
+    """save_steps 2 with save_total_limit 2: 2, 4, 6, 8 written, 6 and 8 kept; each holds the adapter of its step
+    (it loads with load_adapter); resuming from 6 — whose pass ends at step 6 — gives the reference again."""
+    from transformers import AutoModelForCausalLM
+
+    root, ref = setup
+    m = _run(root, "periodic", "--save_steps", "2", "--save_total_limit", "2")
+    _assert_same_run(root / "periodic", ref, root / "ref")  # checkpointing changes nothing of the run
+    ckpts = root / "periodic-checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    last = load_file(ckpts / "checkpoint-8" / "adapter_model.safetensors")
+    final = load_file(root / "periodic" / "adapter_model.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert load_adapter(AutoModelForCausalLM.from_pretrained(root / "tiny"), ckpts / "checkpoint-6") == ([], [])
+    info = json.loads((ckpts / "checkpoint-6" / "trainer_state.json").read_text())
+    assert (info["step"], info["passes_started"], info["micro_batches_done_in_pass"]) == (6, 2, 8)
+    resumed = _run(root, "from6", "--resume_from_checkpoint", str(ckpts / "checkpoint-6"), "--checkpoint_dir",
+                   str(root / "from6-checkpoints"))
+    assert resumed["resumed_at_step"] == 6 and m["resumed_from"] is None
+    _assert_same_run(root / "from6", ref, root / "ref")
+
+
+def test_interrupt_mid_accumulation_checkpoints_the_last_whole_step(setup, monkeypatch):
+    """Ctrl-C during step 6's third micro-batch: the checkpoint is step 5's state (step 6's partial gradients are
+    dropped), and resuming redoes step 6 whole."""
+    root, ref = setup
+    calls = {"n": 0}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(*a, **k):  # called once per step, after the step's last micro-batch
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    first = _run(root, "midacc", "--save_steps", "4")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    assert first["interrupted"] and first["steps"] == 5
+    assert sorted(p.name for p in (root / "midacc-checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    assert _run(root, "midacc", "--overwrite", "--resume_from_checkpoint", "latest")["resumed_at_step"] == 5
+    _assert_same_run(root / "midacc", ref, root / "ref")
+
+
+def test_interrupt_inside_the_optimizer_update_writes_no_checkpoint(setup, monkeypatch, capsys):
+    """An interrupt inside AdamW's step may leave half-updated parameters: no checkpoint claims that state."""
+    root, _ = setup
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    first = _run(root, "inupdate", "--save_steps", "2")
+    assert first["interrupted"] and first["steps"] == 3
+    assert sorted(p.name for p in (root / "inupdate-checkpoints").iterdir()) == ["checkpoint-2"]
+    assert "during an optimizer update: no checkpoint" in capsys.readouterr().out
+
+
+def test_classification_resume_at_a_pass_end_keeps_the_epoch_accuracies(tmp_path):
+    """Classification: the checkpoint at the end of pass 1 is taken before that pass's accuracy; the resumed run
+    takes it, and the epochs table (accuracies, losses) is the uninterrupted run's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.test_train import _spam_csvs
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320, n_positions=64,
+                               initializer_range=0.3)).save_pretrained(tmp_path / "tiny")
+    data = _spam_csvs(tmp_path)
+    args = ["--task", "classification", "--model", str(tmp_path / "tiny"), "--dataset", str(data), "--epochs", "2",
+            "--batch_size", "8", "--gradient_accumulation_steps", "3", "--lr", "0.01", "--max_length", "24",
+            "--dropout", "0.1", "--eval_steps", "100", "--device", "cpu", "--no-progress"]
+    ref = run(parse_train_args(args + ["--output_dir", str(tmp_path / "ref")]), log=lambda msg: None)
+    assert [e["step"] for e in ref["epochs"]] == [3, 6]
+    out = str(tmp_path / "cls")
+    first = run(parse_train_args(args + ["--output_dir", out, "--save_steps", "3"]), on_step=_stop_at(3),
+                log=lambda msg: None)
+    assert first["interrupted"] and "epochs" not in first  # stopped before pass 1's accuracy
+    m = run(parse_train_args(args + ["--output_dir", out, "--overwrite", "--resume_from_checkpoint", "latest"]),
+            log=lambda msg: None)
+    assert m["epochs"] == ref["epochs"] and m["train_loss"] == ref["train_loss"]
+    assert m["test_accuracy"] == ref["test_accuracy"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "4"], "rank (checkpoint 8, now 4)"),
+    (["--lr", "0.02", "--seed", "1"], "lr (checkpoint 0.01, now 0.02); seed (checkpoint 42, now 1)"),
+    (["--max_steps", "9"], "max_steps (checkpoint 8, now 9)"),
+])
+def test_resume_refuses_changed_options(setup, capsys, extra, message):
+    root, _ = setup
+    ck = root / "periodic-checkpoints" / "checkpoint-8"
+    if not ck.is_dir():
+        _run(root, "periodic", "--save_steps", "8", "--overwrite")
+    rc = cli_main(["train", *_args(root, "changed", "--resume_from_checkpoint", str(ck), *extra)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "options differ" in err, err
+    assert not (root / "changed").exists()
+
+
+def test_checkpoint_option_errors(setup, tmp_path, capsys):
+    root, _ = setup
+    cases = [
+        (["train", *_args(root, "none", "--resume_from_checkpoint", "latest", "--checkpoint_dir", str(tmp_path))],
+         "no checkpoint in"),
+        (["train", *_args(root, "none", "--resume_from_checkpoint", str(tmp_path))], "is not a checkpoint"),
+        (["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(root / "none" / "ck"))],
+         "is inside output_dir"),
+        (["train", *_args(root, "none", "--save_steps", "0")], "save_steps must be a positive integer"),
+        (["sweep", "--model", str(root / "tiny"), "--save_steps", "2", "--ranks", "2", "--output_dir",
+          str(tmp_path / "sweep")], "sweep does not checkpoint (--save_steps)"),
+    ]
+    for argv, message in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, err
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "training_state.pt").write_bytes(b"truncated")
+    assert cli_main(["train", *_args(root, "none", "--resume_from_checkpoint", "latest", "--checkpoint_dir",
+                                     str(tmp_path))]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not (root / "none").exists()
