@@ -66,9 +66,20 @@ from lora_fast.adapter_files import (
     _read_adapter,
 )
 from lora_fast.functional import resolve_backend
-from lora_fast.inject import _set_submodule, classifier_head_name, lora_layers, module_matches, parameter_names
+from lora_fast.inject import _set_submodule, lora_layers, parameter_names
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
+
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT adds these to a SEQ_CLS adapter's modules_to_save
+
+
+def _modules_to_save(model: nn.Module, lora_names, entries) -> list[str]:
+    """The modules PEFT wraps for ``modules_to_save`` ``entries``: every module whose name ends with an entry — PEFT
+    0.21's ``_set_trainable`` tests a plain ``endswith``, no '.' boundary, so ``classifier`` also takes DistilBERT's
+    ``pre_classifier`` and ``norm`` every ``*_layernorm`` — outermost only (a wrapped module's children are not
+    wrapped again). Modules inside LoRA layers do not exist for PEFT and are not considered."""
+    names = [n for n in _candidate_names(model, lora_names) if any(n.endswith(e) for e in entries)]
+    return [n for n in names if not any(n.startswith(f"{o}.") for o in names)]
 
 
 class AdapterLoadResult(NamedTuple):
@@ -133,9 +144,15 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     extras = _trainable_extras(model, layers)
-    head = classifier_head_name(model)
-    if (task_type or _default_task_type(model)) == "SEQ_CLS" and head and head not in layers and head not in extras:
-        extras.append(head)  # PEFT always saves a SEQ_CLS head (modules_to_save) and expects it when loading
+    if (task_type or _default_task_type(model)) == "SEQ_CLS":  # PEFT wraps these, and expects them when loading
+        extras += [n for n in _modules_to_save(model, list(layers), SEQ_CLS_HEAD_NAMES) if n not in extras]
+    extras = [e for e in extras if not any(e.startswith(f"{o}.") for o in extras)]  # PEFT wraps the outermost
+    inside = [f"{n!r} (in {e!r})" for e in extras for n in layers if n == e or n.startswith(f"{e}.")]
+    if inside:
+        raise ValueError(f"save_adapter: LoRA layer(s) {', '.join(inside)} sit inside a module PEFT saves whole "
+                         "(modules_to_save: a trainable module, or a sequence-classification head); PEFT cannot "
+                         "load LoRA weights there. Leave the head out of target_modules and train it whole, as "
+                         "PEFT's SEQ_CLS adapters do")
     config = _adapter_config(model, layers, extras, base_model_name_or_path, task_type)
     tied = _tied_outside(model, extras)
     if tied:  # trained as one tensor: loading must keep them one (load_adapter unties unless told otherwise)
@@ -286,6 +303,9 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
     cfg, state, source = _read_adapter(directory)
     _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
+    if cfg.get("task_type") == "SEQ_CLS":  # as PEFT: the head is saved whole, and never a LoRA target
+        to_save = list(cfg.get("modules_to_save") or [])
+        cfg = {**cfg, "modules_to_save": to_save + [n for n in SEQ_CLS_HEAD_NAMES if n not in to_save]}
     existing = lora_layers(model)
     merged = [n for n, m in existing.items() if m.merged]
     if merged:
@@ -309,9 +329,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     for name, (in_f, out_f, r, _) in plan.items():
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
-    to_save = cfg.get("modules_to_save") or []
-    extras = [n for n in _candidate_names(model, lora_names) if any(module_matches(n, [m]) for m in to_save)]
-    extras = [n for n in extras if not any(n.startswith(f"{e}.") for e in extras)]  # outermost only
+    to_save = list(cfg.get("modules_to_save") or [])
+    extras = _modules_to_save(model, lora_names, to_save)
     destination = {}  # key -> the tensor it is copied into (extras untied below get their own copies)
     untie = not cfg.get("ensure_weight_tying")  # PEFT keeps tied modules_to_save tied only when asked to
     untied = {id(getattr(sub, leaf)) for sub, leaf, _, _ in _shared_params(model, extras)} if untie else set()

@@ -157,8 +157,8 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
     layers_idx, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     if isinstance(layers_idx, int):
         layers_idx = [layers_idx]
-    if isinstance(layers_pattern, str):
-        layers_pattern = [layers_pattern]
+    if isinstance(layers_pattern, str):  # "" (like None and []) means any layer, as in PEFT
+        layers_pattern = [layers_pattern] if layers_pattern else None
     found = []
     for name, _ in model.named_modules():
         if not name or (exclude and module_matches(name, exclude)):
@@ -179,5 +179,6 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
 
 def _all_linear(model: nn.Module) -> list[str]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = classifier_head_name(model)  # PEFT leaves a SEQ_CLS head out of "all-linear"
-    return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out and n != head]
+    head = classifier_head_name(model)  # PEFT leaves a SEQ_CLS head (and what is inside it) out of "all-linear"
+    return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out
+            and not (head and (n == head or n.startswith(f"{head}.")))]

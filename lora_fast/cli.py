@@ -109,7 +109,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         raise ConfigError(f"--num_labels is for classification (SEQ_CLS) adapters; {adapter!r} is "
                           f"{cfg.get('task_type') or 'CAUSAL_LM'}")
     labels = _num_labels(adir, cfg, args, num_labels) if task == "classification" else ["0", "1"]
-    base_model, _ = load_base_model(base, task, len(labels), int(args.get("seed", 0)), log=log)
+    # no random stand-in: an adapter recording `gpt2` was trained on its pretrained weights (offline training
+    # records gpt2-random), and merging it into random ones would write a wrong model
+    base_model, _ = load_base_model(base, task, len(labels), int(args.get("seed", 0)), log=log, random_fallback=False)
     tokenizer = None
     if (adir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

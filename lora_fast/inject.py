@@ -4,7 +4,8 @@ Matching follows PEFT's ``target_modules`` rules, so a PEFT config carries over 
     list/tuple/set  a module matches when its full name equals an entry or ends with "." + entry;
     str             a regular expression matched (``re.fullmatch``) against the full module name;
     "all-linear"    every nn.Linear / Conv1D except the output embedding (``lm_head``) and, on a
-                    ``*ForSequenceClassification`` model, its head (``score``/``classifier``), as PEFT;
+                    ``*ForSequenceClassification`` model, its head (``score``/``classifier``) and anything
+                    inside it, as PEFT with ``task_type="SEQ_CLS"``;
     None            a per-architecture default (``DEFAULT_TARGET_MODULES``, e.g. ``c_attn`` for GPT-2).
 Unlike the tutorials' ``isinstance(module, nn.Linear)`` loop (which silently changes nothing on GPT-2, whose
 projections are Conv1D), a target that matches nothing is an error listing the candidates.
@@ -126,8 +127,8 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
         if is_base:
             candidates.append(name)
         if all_linear:
-            if is_base and name not in skip:
-                found.append(name)
+            if is_base and name not in skip and not any(name.startswith(f"{h}.") for h in skip if h):
+                found.append(name)  # nothing inside a skipped head either (RoBERTa's classifier.dense/.out_proj)
         elif module_matches(name, targets):
             if name in mha_out:
                 skipped.append(name)

@@ -118,7 +118,7 @@ def _is_not_found(e: BaseException) -> bool:
 
 
 def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, seed: int = 0,
-                    cache_dir: str | None = None, log=print):
+                    cache_dir: str | None = None, log=print, random_fallback: bool = True):
     """Load the base model named by ``--model``.
 
     Args:
@@ -126,6 +126,8 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
         task: ``causal-lm`` or ``classification`` (adds a ``num_labels`` sequence-classification head).
         seed: seed of the random initialisation (``gpt2-random`` and the offline fallback).
         cache_dir: Hugging Face cache to look in (default: the usual one).
+        random_fallback: whether ``gpt2`` (``FALLBACK_NAMES``) may fall back to random weights offline (training
+            may; merging an adapter trained on the pretrained weights must not).
         log: where the one-line offline notice goes.
 
     Returns:
@@ -165,7 +167,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
             offline_reason = _first_line(e)
     else:
         offline_reason = "HF_HUB_OFFLINE is set" if hub_offline_flag() else "the hub is unreachable"
-    if name in FALLBACK_NAMES:
+    if name in FALLBACK_NAMES and random_fallback:
         log(f"lora-fast: cannot load {name!r} ({offline_reason}, not cached): continuing with the GPT-2 124M "
             f"architecture randomly initialised (same as --model {RANDOM_GPT2})")
         return random_gpt2(task, num_labels, seed), RANDOM_GPT2

@@ -666,3 +666,99 @@ def test_resized_vocabulary_embeddings_are_saved_like_peft(tmp_path):
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(resized(2), tmp_path / "ours").eval()
     assert_rel_close(_logits(theirs, ids), _logits(model, ids), TOL, "PEFT loading the resized adapter")
+
+
+def _distilbert_cls():
+    cfg = transformers.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB,
+                                        max_position_embeddings=16, pad_token_id=0)
+    return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+
+def _roberta_cls():
+    cfg = transformers.RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=24,
+                                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+def test_seq_cls_modules_to_save_match_by_suffix_as_peft_both_ways(tmp_path):
+    """PEFT wraps every module whose name *ends with* a modules_to_save entry (no '.' boundary): a SEQ_CLS adapter
+    of DistilBERT carries ``pre_classifier`` beside ``classifier``. Ours must save it (PEFT needs it to load) and
+    load it from PEFT's files (strictly, with PEFT's logits; it was 'unexpected' before)."""
+    torch.manual_seed(0)
+    base = _distilbert_cls()
+    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    ours = apply_lora(copy.deepcopy(base), ["q_lin", "v_lin"], rank=2)
+    _randomise_lora(ours)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "pre_classifier", "classifier"]
+    ids = _ids()
+    theirs = PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
+    assert_rel_close(_logits(theirs, ids), _logits(ours, ids), TOL, "ours -> PEFT")
+
+    pm = _peft_model(copy.deepcopy(base), ["q_lin", "v_lin"], task_type="SEQ_CLS")
+    with torch.no_grad():  # a trained pre_classifier: loading must not drop it
+        pm.base_model.model.pre_classifier.modules_to_save["default"].weight.add_(0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    assert load_adapter(fresh2, tmp_path / "peft") == AdapterLoadResult([], [])
+    assert_rel_close(_logits(fresh2, ids), _logits(pm, ids), TOL, "PEFT -> ours")
+
+
+def test_peft_suffix_modules_to_save_norm_loads(tmp_path):
+    """PEFT's modules_to_save=["norm"] on Llama wraps model.norm and every *_layernorm; all of them load here."""
+    torch.manual_seed(0)
+    base = _llama()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, ["q_proj"], modules_to_save=["norm"])
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert fresh.model.layers[0].input_layernorm.weight.requires_grad and fresh.model.norm.weight.requires_grad
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "norm modules_to_save")
+
+
+def test_all_linear_leaves_a_nested_classification_head_alone_as_peft(tmp_path):
+    """RoBERTa's head holds Linears (classifier.dense, .out_proj): "all-linear" leaves the whole head out, as PEFT
+    with SEQ_CLS does; the adapter (head saved whole) loads in PEFT with the same logits."""
+    torch.manual_seed(0)
+    base = _roberta_cls()
+    fresh = copy.deepcopy(base)
+    ours = apply_lora(copy.deepcopy(base), "all-linear", rank=2)
+    assert not [n for n in lora_layers(ours) if n.startswith("classifier")] and len(lora_layers(ours)) == 12
+    _randomise_lora(ours)
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    ids = _ids()
+    assert_rel_close(_logits(theirs, ids), _logits(ours, ids), TOL, "RoBERTa all-linear")
+
+
+@pytest.mark.parametrize("targets", [["query", "value", "dense"], ["query", "classifier"]],
+                         ids=["inside-head", "head-itself"])
+def test_lora_inside_a_seq_cls_head_is_refused_at_save(tmp_path, targets):
+    """PEFT saves a SEQ_CLS head whole and cannot hold LoRA weights inside it: save_adapter says so and writes
+    nothing (it wrote a file neither library could load)."""
+    model = _roberta_cls() if "dense" in targets else _distilbert_cls()
+    if "classifier" in targets:
+        targets = ["q_lin", "classifier"]
+    apply_lora(model, targets, rank=2)
+    with pytest.raises(ValueError, match="inside a module PEFT saves whole"):
+        save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_layers_pattern_means_any_layer(tmp_path):
+    """PEFT treats layers_pattern "" like None (any numbered segment); so does load_adapter."""
+    torch.manual_seed(0)
+    base = _llama()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, ["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="")
+    pm.save_pretrained(tmp_path)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert sorted(lora_layers(fresh)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "layers_pattern ''")

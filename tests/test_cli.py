@@ -236,6 +236,32 @@ def test_gpt2_falls_back_to_random_124m_when_hub_unreachable(tmp_path, monkeypat
     assert len(lines) == 1
 
 
+def test_merge_never_uses_random_weights_for_a_pretrained_base(tmp_path, monkeypatch, capsys):
+    """An adapter recording base `gpt2` was trained on the pretrained weights: offline, `lora-fast merge` is an
+    error (exit 2, nothing written), not a merge into the random stand-in that training may fall back to."""
+    import functools
+
+    from huggingface_hub import constants
+
+    from lora_fast import apply_lora, save_adapter
+    from lora_fast import cli as cli_module
+    from lora_fast.train_model import random_gpt2
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setattr(cli_module, "load_base_model", functools.partial(load_base_model, cache_dir=str(cache)))
+    model = apply_lora(random_gpt2("causal-lm", 2, 0), ["c_attn"], rank=2)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="gpt2")
+    assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2' is not a local directory" in err and "randomly" not in err, err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_misspelt_hub_name_is_an_error(tmp_path, monkeypatch):
     import transformers
 
