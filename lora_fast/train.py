@@ -152,7 +152,9 @@ def _inject(opts, model):
         getattr(model, heads[0]).requires_grad_(True)
 
 
-def _tensorboard(logdir, log):
+def _tensorboard(logdir, log, purge_step=None):
+    """A SummaryWriter on ``logdir``; ``purge_step``: a resumed run's first step (events of the abandoned
+    continuation from there on are hidden, so replayed steps are not shown twice)."""
     if not logdir:
         return None
     try:
@@ -160,7 +162,7 @@ def _tensorboard(logdir, log):
     except ImportError:
         log("lora-fast: tensorboard is not installed, --logdir ignored (pip install tensorboard)")
         return None
-    return SummaryWriter(logdir)
+    return SummaryWriter(logdir, purge_step=purge_step)
 
 
 def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None) -> dict:
@@ -191,8 +193,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     if checkpointing and ctx.mode == "fsdp":
         raise ConfigError("--save_steps / --resume_from_checkpoint: FSDP runs do not checkpoint (the optimizer "
                           "state is sharded); use DDP (the default under torchrun)")
-    ckpt_root = C.checkpoint_root(opts)
-    resume_path = C.find_checkpoint(opts.resume_from_checkpoint, ckpt_root) if opts.resume_from_checkpoint else None
+    ckpt_root, resume_path = C.check_options(opts)
     device = D.device(ctx) if ctx.enabled else resolve_device(opts.device)
     main = ctx.is_main
     log = log if main else (lambda msg: None)
@@ -232,7 +233,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         optimizer.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
-    writer = _tensorboard(opts.logdir, log)
+    writer = _tensorboard(opts.logdir, log, resumed["step"] + 1 if resumed else None) if main else None
     reset_peak_memory(device)
     is_cls = opts.task == "classification"
     m = {"train_loss": [], "learning_rate": [], "tokens_per_sec": [], "eval": [], "epochs": [], "_timed": [0, 0.0]}
@@ -279,6 +280,9 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     try:
         try:
             acc_loss, acc_tokens, t_step = 0.0, 0, time.perf_counter()
+            due = step % opts.eval_steps == 0 or step == total
+            if resumed and due and (not m["eval"] or m["eval"][-1]["step"] != step):
+                do_eval()  # an interrupt during that step's evaluation wrote the checkpoint without it
             if is_cls and resumed and skip == 0 and step < total and (not m["epochs"] or m["epochs"][-1]["step"]
                                                                      != step):
                 epoch_accuracy()  # the checkpoint ended a pass before that pass's accuracy was taken
@@ -412,10 +416,12 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     """``prepare`` then ``train``: one complete ``lora-fast train`` (one process, or one rank under torchrun).
     Returns the metrics (with ``output_dir``)."""
     from lora_fast import distributed as D
+    from lora_fast.train_ckpt import check_options
     from lora_fast.train_io import check_output_dir
 
     check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
                      opts.checkpoint_dir)
+    check_options(opts)
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
         if not ctx.enabled:

@@ -144,6 +144,10 @@ def validate(values: dict) -> argparse.Namespace:
         out[name] = v
     if out["fp16"] and out["bf16"]:
         raise ConfigError("choose one of fp16 and bf16, not both")
+    if out["save_total_limit"] is not None and out["save_steps"] is None:
+        raise ConfigError("save_total_limit needs save_steps (it prunes the checkpoints save_steps writes)")
+    if out["checkpoint_dir"] is not None and out["save_steps"] is None and out["resume_from_checkpoint"] is None:
+        raise ConfigError("checkpoint_dir needs save_steps or resume_from_checkpoint (nothing else uses it)")
     out["target_modules"] = normalize_targets(out["target_modules"])
     out["config"] = values.get("config")
     return argparse.Namespace(**out)

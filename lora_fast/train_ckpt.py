@@ -14,12 +14,16 @@ a whole when the run finishes)::
 
 A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and,
 in a single-process run, when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial
-step's gradients are dropped). Each is staged in a hidden directory and renamed into place, so a crash leaves the
-previous ones intact; ``--save_total_limit`` keeps the newest N.
+step's gradients are dropped; an interrupt inside the optimizer update writes none). Each is staged in a hidden
+directory and renamed into place, so a crash leaves the previous ones intact; ``--save_total_limit`` keeps the newest
+N. A fresh run refuses a checkpoint directory holding another run's checkpoints (``latest`` and the pruning would mix
+the two runs), and an unwritable one before training starts.
 
 Resuming restores all of it and continues at the next micro-batch of the same (seed, pass) permutation, with the
 same RNG stream: on the same device, backend and number of processes the resumed run is the uninterrupted run,
-bit for bit (the test compares adapters with ``torch.equal``). The options that shape the run must be the same
+bit for bit (the test compares adapters with ``torch.equal``). An evaluation (or a classification pass's accuracy)
+that the interrupt cut short is taken on resuming; a TensorBoard ``--logdir`` hides the abandoned steps after the
+checkpoint (``purge_step``). The options that shape the run must be the same
 (``MUST_MATCH``; an error names those that differ), and so must the tokenized training data (sha256 digest) and
 the number of processes. Output, logging, evaluation cadence, device and backend may change (a different device or
 backend continues the run, but with other rounding and dropout masks).
@@ -73,6 +77,32 @@ def checkpoint_root(opts) -> Path:
     return Path(opts.checkpoint_dir or f"{Path(opts.output_dir).expanduser()}-checkpoints").expanduser()
 
 
+def check_options(opts) -> tuple[Path, Path | None]:
+    """Check the checkpoint options before anything is loaded; returns (checkpoint root, checkpoint to resume).
+
+    Refused: a root that is a file, lies under a file or cannot be written (found at the first save, that would
+    lose the run so far); a fresh run (not resuming) into a root already holding checkpoints — ``latest`` and the
+    pruning would mix the two runs' checkpoints; and a resume path that is not a checkpoint.
+    """
+    root = checkpoint_root(opts)
+    resume = find_checkpoint(opts.resume_from_checkpoint, root) if opts.resume_from_checkpoint else None
+    if opts.save_steps is None:
+        return root, resume
+    where = f"--checkpoint_dir {str(root)!r}"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{where} exists and is not a directory")
+    existing = next((q for q in [root, *root.resolve().parents] if q.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{where} cannot be created or written ({str(existing)!r} is "
+                          f"{'a file' if not existing.is_dir() else 'not writable'})")
+    found = list_checkpoints(root)
+    if found and resume is None:
+        raise ConfigError(f"{where} already holds checkpoints of another run ({', '.join(p.name for _, p in found)});"
+                          " resume that run with --resume_from_checkpoint, delete them, or choose another "
+                          "--checkpoint_dir")
+    return root, resume
+
+
 def capture_rng(device: torch.device) -> dict:
     """This process's torch RNG states: CPU, and the CUDA device's (``device``) when training there."""
     state = {"cpu": torch.get_rng_state()}
@@ -88,7 +118,12 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 def _options(opts) -> dict:
-    return {k: getattr(opts, k) for k in MUST_MATCH}
+    """The options a resumed run must share; local paths (model, dataset) resolved, so ``./tiny`` is ``tiny``."""
+    out = {k: getattr(opts, k) for k in MUST_MATCH}
+    for k in ("model", "dataset"):
+        if isinstance(out[k], str) and Path(out[k]).expanduser().exists():
+            out[k] = str(Path(out[k]).expanduser().resolve())
+    return out
 
 
 def _gather_rng(rng: dict, ctx) -> list[dict]:

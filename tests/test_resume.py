@@ -165,6 +165,40 @@ def test_interrupt_inside_the_optimizer_update_writes_no_checkpoint(setup, monke
     assert "during an optimizer update: no checkpoint" in capsys.readouterr().out
 
 
+def test_interrupt_during_evaluation_resumes_with_that_evaluation(setup, monkeypatch):
+    """Ctrl-C inside step 8's evaluation: the checkpoint (step 8) lacks it; the resumed run takes it, so the
+    evaluations are the reference's. Resuming from step 4 with a TensorBoard log hides the abandoned steps 5-6."""
+    import lora_fast.train as T
+
+    root, ref = setup
+    real, calls = T.evaluate, {"n": 0}
+
+    def evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the evaluation at step 8 (eval_steps 4)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    first = _run(root, "ineval", "--save_steps", "100")
+    monkeypatch.setattr(T, "evaluate", real)
+    assert first["interrupted"] and first["steps"] == 8 and first["eval_steps"] == [4]
+    _run(root, "ineval", "--overwrite", "--resume_from_checkpoint", "latest")
+    _assert_same_run(root / "ineval", ref, root / "ref")
+
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is in the [dev] extra; the purge of replayed steps is checked where it is installed")
+    logs = root / "tb-logs"
+    _run(root, "tb", "--save_steps", "4", "--logdir", str(logs), on_step=_stop_at(6))
+    _run(root, "tb", "--overwrite", "--logdir", str(logs), "--checkpoint_dir", str(root / "tb-checkpoints"),
+         "--resume_from_checkpoint", str(root / "tb-checkpoints" / "checkpoint-4"))
+    acc = event_accumulator.EventAccumulator(str(logs))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(ref["train_loss"], rel=1e-6)
+
+
 def test_classification_resume_at_a_pass_end_keeps_the_epoch_accuracies(tmp_path):
     """Classification: the checkpoint at the end of pass 1 is taken before that pass's accuracy; the resumed run
     takes it, and the epochs table (accuracies, losses) is the uninterrupted run's."""
@@ -216,6 +250,12 @@ def test_checkpoint_option_errors(setup, tmp_path, capsys):
         (["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(root / "none" / "ck"))],
          "is inside output_dir"),
         (["train", *_args(root, "none", "--save_steps", "0")], "save_steps must be a positive integer"),
+        (["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(root / "data.txt"))],
+         "exists and is not a directory"),
+        (["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(root / "data.txt" / "x"))],
+         "cannot be created or written"),
+        (["train", *_args(root, "none", "--save_total_limit", "2")], "save_total_limit needs save_steps"),
+        (["train", *_args(root, "none", "--checkpoint_dir", str(tmp_path))], "checkpoint_dir needs save_steps"),
         (["sweep", "--model", str(root / "tiny"), "--save_steps", "2", "--ranks", "2", "--output_dir",
           str(tmp_path / "sweep")], "sweep does not checkpoint (--save_steps)"),
     ]
@@ -225,7 +265,21 @@ def test_checkpoint_option_errors(setup, tmp_path, capsys):
         assert message in err, err
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "training_state.pt").write_bytes(b"truncated")
+    assert cli_main(["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(tmp_path))]) == 2
+    assert "already holds checkpoints of another run (checkpoint-3)" in capsys.readouterr().err
     assert cli_main(["train", *_args(root, "none", "--resume_from_checkpoint", "latest", "--checkpoint_dir",
                                      str(tmp_path))]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert not (root / "none").exists()
+
+
+def test_resume_compares_local_paths_resolved(setup):
+    """`--model tiny/../tiny` names the same directory as `--model tiny`: not a changed option."""
+    from lora_fast.train_ckpt import _options
+
+    root, _ = setup
+    plain = parse_train_args(_args(root, "x"))
+    other = parse_train_args([str(root / "tiny" / ".." / "tiny") if a == str(root / "tiny") else a
+                              for a in _args(root, "x")])
+    assert other.model != plain.model and _options(other) == _options(plain)
+    assert _options(parse_train_args(_args(root, "x", "--rank", "4"))) != _options(plain)
