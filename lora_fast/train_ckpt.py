@@ -41,14 +41,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_fast.train_args import OPTIONS, ConfigError
-from lora_fast.train_io import _umask
+from lora_fast.train_io import StagedDir, check_creatable_dir, peft_task_type
 
 FORMAT = 1
 STATE_NAME = "training_state.pt"
@@ -88,17 +87,12 @@ def check_options(opts) -> tuple[Path, Path | None]:
     resume = find_checkpoint(opts.resume_from_checkpoint, root) if opts.resume_from_checkpoint else None
     if opts.save_steps is None:
         return root, resume
-    where = f"--checkpoint_dir {str(root)!r}"
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"{where} exists and is not a directory")
-    existing = next((q for q in [root, *root.resolve().parents] if q.exists()), None)
-    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        raise ConfigError(f"{where} cannot be created or written ({str(existing)!r} is "
-                          f"{'a file' if not existing.is_dir() else 'not writable'})")
+    check_creatable_dir(root, "--checkpoint_dir")
     found = list_checkpoints(root)
     if found and resume is None:
-        raise ConfigError(f"{where} already holds checkpoints of another run ({', '.join(p.name for _, p in found)});"
-                          " resume that run with --resume_from_checkpoint, delete them, or choose another "
+        names = ", ".join(p.name for _, p in found)
+        raise ConfigError(f"--checkpoint_dir {str(root)!r} already holds checkpoints of another run ({names}); "
+                          "resume that run with --resume_from_checkpoint, delete them, or choose another "
                           "--checkpoint_dir")
     return root, resume
 
@@ -159,12 +153,11 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "metrics": copy.deepcopy(metrics),
     }
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{pos.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=root))
+    staged = StagedDir(final, overwrite=True)  # one already there (a resumed run passing it again) is replaced
+    tmp = staged.path
     try:
-        task_type = "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
-        save_adapter(model, tmp, base_model_name_or_path=prep.base_name, task_type=task_type)
+        save_adapter(model, tmp, base_model_name_or_path=prep.base_name, task_type=peft_task_type(opts))
         torch.save(state, tmp / STATE_NAME)
         info = {"step": pos.step, "planned_steps": total, "passes_started": pos.passes,
                 "micro_batches_done_in_pass": pos.micro_done, "world_size": ctx.world_size,
@@ -173,16 +166,9 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        staged.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     if limit:
         for _, path in list_checkpoints(root)[:-limit]:

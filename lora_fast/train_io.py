@@ -33,22 +33,38 @@ def _inside(path: Path, out: Path) -> bool:
     return path == out or out in path.parents
 
 
+def check_creatable_dir(path, what: str) -> Path:
+    """Refuse a directory that cannot be created or written: an existing file, a path under a file, or an
+    unwritable nearest existing ancestor. Returns the resolved path. ``what`` names it in the message."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} exists and is not a directory")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(blocker)!r} is a file")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(path)!r} cannot be written: {str(existing)!r} is not writable")
+    return out
+
+
+def peft_task_type(opts) -> str:
+    """The PEFT task type of a run's adapter."""
+    return "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
+
+
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
                      checkpoint_dir: str | None = None) -> Path:
     """Refuse an output directory the run could not replace safely; returns the resolved path.
 
-    Refused: a file, or a directory under a file; an existing non-empty directory unless ``overwrite``; with
-    ``overwrite``, a directory holding the run's own inputs (``inputs``: {flag: path}; hub names, which are no
-    local path, are skipped) or the current directory — replacing it would delete them; and a ``logdir`` or
+    Refused: a file, a directory under a file or an unwritable place (``check_creatable_dir``); an existing
+    non-empty directory unless ``overwrite``; with ``overwrite``, a directory holding the run's own inputs
+    (``inputs``: {flag: path}; hub names, which are no local path, are skipped) or the current directory —
+    replacing it would delete them; and a ``logdir`` or
     ``checkpoint_dir`` inside it (written during the run, they would vanish when the finished outputs replace the
     directory).
     """
-    out = Path(output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {output_dir!r} exists and is not a directory")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ConfigError(f"output_dir {output_dir!r} cannot be created: {str(blocker)!r} is a file")
+    out = check_creatable_dir(output_dir, "output_dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {output_dir!r} exists and is not empty; choose another directory or pass "
                           "--overwrite")
@@ -217,8 +233,7 @@ def write_outputs(path: Path, opts, prep, model, metrics: dict) -> None:
     from lora_fast import count_parameters, save_adapter
     from lora_fast.plots import loss_curve
 
-    task_type = "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
-    save_adapter(model, path, base_model_name_or_path=prep.base_name, task_type=task_type)
+    save_adapter(model, path, base_model_name_or_path=prep.base_name, task_type=peft_task_type(opts))
     prep.tokenizer.save_pretrained(path)
     args = {k: v for k, v in vars(opts).items()}
     args.update(base_model=prep.base_name, tokenizer_trained=prep.tokenizer_trained, label_names=prep.label_names,

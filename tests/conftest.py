@@ -19,3 +19,13 @@ except ImportError:
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests: tiny matmuls, where a loaded 2-core machine's thread pool spins
+    far more than it computes (training runs of the CLI tests)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

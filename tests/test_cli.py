@@ -18,13 +18,7 @@ from lora_fast.data import load_texts
 from lora_fast.train_args import ConfigError, parse_train_args
 from lora_fast.train_model import load_base_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
