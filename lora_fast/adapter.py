@@ -259,7 +259,7 @@ def _tied_outside(model: nn.Module, owners) -> list[str]:
     return [f"{full} (~ {', '.join(others)})" for _, _, full, others in _shared_params(model, owners)]
 
 
-def _untie_extras(model: nn.Module, owners) -> None:
+def _untie_extras(model: nn.Module, owners, who: str = "load_adapter") -> None:
     """Give each ``modules_to_save`` module its own copy of any parameter it shares with the rest of the model (a
     GPT-2 ``lm_head`` tied to ``wte``), as PEFT keeps a separate copy of such modules: loading the saved head must
     not overwrite the input embeddings. Warns once, naming what was untied."""
@@ -269,23 +269,27 @@ def _untie_extras(model: nn.Module, owners) -> None:
         setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
         untied.append(f"{full} (was tied to {', '.join(others)})")
     if untied:
-        warnings.warn("load_adapter: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
-                      "PEFT (loading them must not change the tied parameters)", stacklevel=3)
+        warnings.warn(f"{who}: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
+                      "PEFT (training or loading them must not change the parameters they were tied to)", stacklevel=3)
 
 
-def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str | None = None) -> AdapterLoadResult:
+def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str | None = None, *,
+                 is_trainable: bool = True) -> AdapterLoadResult:
     """Load an adapter directory (PEFT's format, or the legacy ``adapter_model.bin``) into ``model`` in place.
 
     A model without LoRA layers gets them injected as the config says (``target_modules``, ``r``/``rank_pattern``,
     ``lora_alpha``/``alpha_pattern``, ``use_rslora``, ``lora_dropout``; Linear and Conv1D bases). A model that
     already has LoRA layers keeps them: their weights are replaced and their alpha/rsLoRA/dropout set from the
-    config. Modules in ``modules_to_save`` are loaded and made trainable, as PEFT does.
+    config. Modules in ``modules_to_save`` are loaded and made trainable, as PEFT does with ``is_trainable=True``.
 
     Args:
         model: the base model (a transformers model, typically), with or without lora_fast layers.
         directory: folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
         strict: raise on missing or unexpected keys (mis-shaped keys always raise). ``False`` loads what fits.
         backend: forwarded to the LoRA layers (None leaves existing layers' choice, ``LORA_FAST_BACKEND``).
+        is_trainable: ``True`` (default: load to go on training) leaves the loaded LoRA weights and
+            ``modules_to_save`` trainable; ``False`` freezes them for inference, as PEFT's ``from_pretrained`` /
+            ``load_adapter`` do by default (no autograd graph, no activations kept outside ``torch.no_grad``).
 
     Returns:
         ``AdapterLoadResult(missing_keys, unexpected_keys)``, both empty after a strict load.
@@ -377,6 +381,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0) or 0.0)
     if backend is not None:
         resolve_backend(backend)  # before the model is touched
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"load_adapter: is_trainable must be True or False, got {is_trainable!r}")
     new_layers = {}  # built (bases checked) before anything is replaced
     for name, (_, _, r, alpha) in plan.items():
         if name not in existing:
@@ -410,6 +416,11 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         module.requires_grad_(True)
     for k, (module, leaf) in base_weights.items():  # frozen base weights, as in PEFT
         params.setdefault(k, getattr(module, leaf))
+    if not is_trainable:
+        for name in lora_names:
+            model.get_submodule(name).lora.requires_grad_(False)
+        for owner in extras:
+            model.get_submodule(owner).requires_grad_(False)
     with torch.no_grad():
         for k, v in state.items():
             if k in params:

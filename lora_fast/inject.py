@@ -181,6 +181,7 @@ def apply_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     backend: str | None = None,
+    modules_to_save=None,
 ) -> nn.Module:
     """Wrap matching Linear/Conv1D modules of ``model`` in ``LinearWithLoRA`` (in place) and freeze the rest.
 
@@ -189,13 +190,22 @@ def apply_lora(
         target_modules: names, a regex, "all-linear", or None for the architecture's default (see module doc).
         rank, alpha, dropout, use_rslora: the adapter's hyper-parameters (see ``LoRALayer``).
         backend: forwarded to every layer (None reads ``LORA_FAST_BACKEND``).
+        modules_to_save: names of modules trained whole beside the adapter (a classification head), matched as
+            PEFT's ``LoraConfig.modules_to_save``: every module whose name ends with an entry, outermost only.
+            ``save_adapter`` stores them with the adapter. A weight they share with the rest of the model (an
+            ``lm_head`` tied to the input embeddings) is untied first, with a warning, as PEFT trains a copy.
 
     Returns:
-        The same model. Only LoRA parameters require grad afterwards. Modules already wrapped are left as they
-        are (applying twice never nests wrappers).
+        The same model. Only LoRA parameters (and ``modules_to_save``) require grad afterwards. Modules already
+        wrapped are left as they are (applying twice never nests wrappers).
+
+    Raises:
+        ValueError: bad hyper-parameters, targets matching nothing, a ``modules_to_save`` entry matching nothing
+            or naming a LoRA target (or a module holding one). The model is unchanged then.
     """
     _check_hparams(rank, alpha, dropout)
     names = find_target_modules(model, target_modules)
+    extras = _resolve_modules_to_save(model, names, modules_to_save)
     new = {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
@@ -219,12 +229,42 @@ def apply_lora(
         _set_submodule(model, name, wrapped)
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora.lora_" in f".{pname}")
+    if extras:
+        from lora_fast.adapter import _untie_extras
+
+        _untie_extras(model, extras, who="apply_lora")
+        for owner in extras:
+            model.get_submodule(owner).requires_grad_(True)
     model.lora_fast_config = {
         "target_modules": target_modules if isinstance(target_modules, str) or target_modules is None
         else list(target_modules),
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
     }
     return model
+
+
+def _resolve_modules_to_save(model: nn.Module, lora_names: list[str], entries) -> list[str]:
+    """The modules ``modules_to_save`` selects (PEFT's suffix rule), checked before the model is touched."""
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [entries]
+    entries = list(entries) if isinstance(entries, Iterable) else entries
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise TypeError(f"modules_to_save must be a list of module names, got {entries!r}")
+    from lora_fast.adapter import _modules_to_save
+    from lora_fast.adapter_config import _candidate_names
+
+    extras = _modules_to_save(model, lora_names, entries)
+    dead = [e for e in entries if not any(n.endswith(e) for n in _candidate_names(model, lora_names))]
+    if dead:
+        raise ValueError(f"modules_to_save {dead} matched no module of {type(model).__name__} (an entry selects "
+                         "every module whose name ends with it)")
+    clash = [f"{e!r} (LoRA target {n!r})" for e in extras for n in lora_names if n == e or n.startswith(f"{e}.")]
+    if clash:
+        raise ValueError(f"modules_to_save {', '.join(clash)}: a module trained whole cannot also hold a LoRA "
+                         "adapter (PEFT could not load it); leave it out of target_modules or of modules_to_save")
+    return extras
 
 
 def parameter_names(model: nn.Module) -> dict[int, list[str]]:

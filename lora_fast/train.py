@@ -140,16 +140,17 @@ def _loaders(opts, prep: Prepared, ctx):
 def _inject(opts, model):
     from lora_fast import apply_lora
 
+    heads = None
+    if opts.task == "classification":  # trained whole, as PEFT's SEQ_CLS modules_to_save (classifier, score)
+        if not any(isinstance(getattr(model, h, None), torch.nn.Module) for h in HEAD_NAMES):
+            raise ConfigError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
+        names = [n for n, _ in model.named_modules()]
+        heads = [h for h in HEAD_NAMES if any(n.endswith(h) for n in names)]
     try:
         apply_lora(model, opts.target_modules, opts.rank, opts.alpha, opts.dropout, use_rslora=opts.use_rslora,
-                   backend=opts.backend)
+                   backend=opts.backend, modules_to_save=heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if opts.task == "classification":
-        heads = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), torch.nn.Module)]
-        if not heads:
-            raise ConfigError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
-        getattr(model, heads[0]).requires_grad_(True)
 
 
 def _tensorboard(logdir, log, purge_step=None):

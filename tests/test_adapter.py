@@ -11,6 +11,7 @@ except ImportError:  # triton missing
 import copy
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -169,7 +170,7 @@ def test_saved_keys_and_config_match_peft(arch, tmp_path):
 def test_seq_cls_head_saved_as_modules_to_save(tmp_path):
     """A trainable classifier head travels as PEFT's modules_to_save (key base_model.model.score.weight)."""
     base = _gpt2("GPT2ForSequenceClassification")
-    fresh, fresh2 = copy.deepcopy(base), copy.deepcopy(base)
+    fresh, fresh2, base_copy = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     model = apply_lora(base, target_modules=["c_attn"], rank=4, alpha=8)
     _randomise_lora(model)
     model.score.requires_grad_(True)
@@ -188,6 +189,18 @@ def test_seq_cls_head_saved_as_modules_to_save(tmp_path):
     assert load_adapter(fresh2, tmp_path / "b") == AdapterLoadResult([], [])
     assert_rel_close(_logits(fresh2, ids), ref, TOL, "lora_fast loading PEFT's SEQ_CLS adapter")
     assert fresh2.score.weight.requires_grad  # trainable again, as in PEFT
+    # is_trainable: the trainable set equals PEFT's for the same flag (default here True, PEFT's default False).
+    for flag in (True, False):
+        ours = copy.deepcopy(base_copy)
+        load_adapter(ours, tmp_path / "b", is_trainable=flag)
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base_copy), tmp_path / "b", is_trainable=flag)
+        peft_set = {re.sub(r"\.(lora_[AB])\.default\.weight$", r".lora.\1", n.removeprefix("base_model.model."))
+                    .replace(".modules_to_save.default", "") for n, p in theirs.named_parameters() if p.requires_grad}
+        assert {n for n, p in ours.named_parameters() if p.requires_grad} == peft_set, flag
+        assert bool(peft_set) is flag
+        assert_rel_close(_logits(ours, ids), ref, TOL, f"is_trainable={flag}")
+    with pytest.raises(TypeError, match="is_trainable must be True or False"):
+        load_adapter(copy.deepcopy(base_copy), tmp_path / "b", is_trainable="no")
 
 
 def test_save_defaults_and_regex_targets(tmp_path):

@@ -276,3 +276,73 @@ def test_peft_wrapped_model_is_refused():
         with pytest.raises(ValueError, match="already holds PEFT LoRA layers.*patch_peft"):
             apply_lora(pm, targets)
     assert not lora_layers(pm)
+
+
+# ------------------------------------------------------------------------------------------ modules_to_save
+def tiny_gpt2_cls(seed=0):
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**TINY, num_labels=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def test_modules_to_save_trains_the_head_like_peft(tmp_path):
+    """apply_lora(modules_to_save=["score"]) trains the head whole: the same trainable set as PEFT's LoraConfig with
+    that field, and save_adapter's file loads in PEFT with the trained head (equal logits)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from lora_fast import save_adapter
+
+    ours = apply_lora(tiny_gpt2_cls(), ["c_attn"], rank=4, alpha=8, modules_to_save=["score"])
+    trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert trainable == ["score.weight"] + [f"transformer.h.{i}.attn.c_attn.lora.lora_{x}" for i in range(2)
+                                            for x in "AB"]
+    theirs = get_peft_model(tiny_gpt2_cls(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                        modules_to_save=["score"], fan_in_fan_out=True))
+    assert count_parameters(ours)["trainable"] == count_parameters(theirs)["trainable"]
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # "trained": B and the head away from their initial values
+    ids = torch.randint(1, 101, (2, 9))
+    save_adapter(ours, tmp_path / "a", task_type="SEQ_CLS")
+    loaded = PeftModel.from_pretrained(tiny_gpt2_cls(), tmp_path / "a").eval()
+    assert_rel_close(loaded(ids).logits, ours(ids).logits, 1e-5, "PEFT-loaded logits")
+    assert not torch.equal(tiny_gpt2_cls()(ids).logits, ours(ids).logits)
+
+
+def test_modules_to_save_unties_a_tied_head():
+    """A tied lm_head in modules_to_save gets its own weight (as PEFT trains a copy): a step on it leaves the input
+    embeddings as they were."""
+    model = tiny_gpt2()
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="lm_head.weight .was tied to transformer.wte.weight"):
+        apply_lora(model, ["c_attn"], modules_to_save=["lm_head"])
+    assert model.lm_head.weight.requires_grad and not model.transformer.wte.weight.requires_grad
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    model.train()
+    model(torch.randint(0, 101, (2, 8)), labels=torch.randint(0, 101, (2, 8))).loss.backward()
+    with torch.no_grad():
+        model.lm_head.weight.sub_(model.lm_head.weight.grad)
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert not torch.equal(model.lm_head.weight, wte)
+
+
+def test_modules_to_save_errors_leave_the_model_alone():
+    model = tiny_gpt2()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"modules_to_save \['scroe'\] matched no module"):
+        apply_lora(model, ["c_attn"], modules_to_save=["lm_head", "scroe"])
+    with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
+        apply_lora(model, ["c_attn"], modules_to_save=["h.0.attn"])  # holds the c_attn target
+    with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
+        apply_lora(model, ["c_attn"], modules_to_save=["c_attn"])
+    with pytest.raises(TypeError, match="modules_to_save must be a list of module names"):
+        apply_lora(model, ["c_attn"], modules_to_save=[3])
+    assert not lora_layers(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # a single name is one entry, not its characters; entries nested in another selected module are fine
+    apply_lora(model, ["c_attn"], modules_to_save="ln_f")
+    assert model.transformer.ln_f.weight.requires_grad

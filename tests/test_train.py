@@ -224,6 +224,17 @@ def test_classification_csv(tiny_gpt2, tmp_path):
         assert_rel_close(merged(**batch).logits, ref, 1e-5, "merged classifier logits")
 
 
+def test_classification_head_as_lora_target_is_refused_before_training(tiny_gpt2, tmp_path, capsys):
+    """The head is trained whole (PEFT's SEQ_CLS modules_to_save): also targeting it with LoRA used to train for the
+    whole run and then fail to save; now it is a one-line error before anything is loaded or written."""
+    out = tmp_path / "cls"
+    rc = cli_main(["train", "--task", "classification", "--model", str(tiny_gpt2), "--dataset",
+                   str(_spam_csvs(tmp_path)), "--target_modules", "c_attn", "score", "--max_steps", "2",
+                   "--batch_size", "4", "--max_length", "32", "--output_dir", str(out), "--no-progress"])
+    assert rc == 2 and not out.exists()
+    assert "modules_to_save 'score' (LoRA target 'score')" in capsys.readouterr().err
+
+
 def test_sweep_table(tiny_gpt2, tmp_path):
     out = tmp_path / "sweep"
     rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "3", "--max_length", "32", "--batch_size",
