@@ -373,8 +373,15 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         bar.close()
         model.eval()
         if is_cls and "test" in loaders and not interrupted:
-            m["test_accuracy"] = evaluate(eval_model, loaders["test"], device, amp, None, ctx)["accuracy"]
-            log(f"test accuracy {m['test_accuracy']:.2%}")
+            try:
+                m["test_accuracy"] = evaluate(eval_model, loaders["test"], device, amp, None, ctx)["accuracy"]
+                log(f"test accuracy {m['test_accuracy']:.2%}")
+            except KeyboardInterrupt:  # training is complete: keep it, without a test accuracy
+                if ctx.mode == "fsdp":
+                    raise
+                interrupted = True
+                say("lora-fast: interrupted during the test-set evaluation; saving the trained adapter without a "
+                    "test accuracy")
         metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, used,
                                  interrupted)
         per_step = reduced[0] / max(step - start_step, 1) if ctx.mode == "ddp" else None  # this process's steps

@@ -235,6 +235,35 @@ def test_classification_head_as_lora_target_is_refused_before_training(tiny_gpt2
     assert "modules_to_save 'score' (LoRA target 'score')" in capsys.readouterr().err
 
 
+def test_interrupt_during_test_evaluation_keeps_the_trained_adapter(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the final test-set evaluation of a classification run (training complete) used to escape and
+    discard everything; now the adapter and metrics are written, without a test accuracy, exit status 130."""
+    import lora_fast.train as train_mod
+
+    data, out = _spam_csvs(tmp_path), tmp_path / "cls"
+    lines = (data / "test.csv").read_text().splitlines()
+    (data / "test.csv").write_text("\n".join(lines[:11]) + "\n")  # 10 rows: told apart from validation's 16
+    real = train_mod.evaluate
+
+    def evaluate(model, loader, *args):
+        if len(loader.dataset) == 10:
+            raise KeyboardInterrupt
+        return real(model, loader, *args)
+
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    rc = cli_main(["train", "--task", "classification", "--model", str(tiny_gpt2), "--dataset", str(data),
+                   "--epochs", "1", "--batch_size", "16", "--max_length", "32", "--eval_steps", "100",
+                   "--output_dir", str(out), "--no-progress"])
+    assert rc == 130 and "interrupted during the test-set evaluation" in capsys.readouterr().out
+    m = json.loads((out / "training_metrics.json").read_text())
+    assert m["interrupted"] and m["steps"] == m["planned_steps"] == 4 and "test_accuracy" not in m
+    assert len(m["epochs"]) == 1
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2)
+    assert load_adapter(model, out) == ([], [])
+
+
 def test_sweep_table(tiny_gpt2, tmp_path):
     out = tmp_path / "sweep"
     rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "3", "--max_length", "32", "--batch_size",
