@@ -6,8 +6,8 @@
 Set-up shared by every provider: architecture from ``GPT2Config`` (pretrained ``gpt2`` weights when they are in the
 local Hugging Face cache or ``--model-path`` names them — weights do not change speed), fp32 master weights, bf16
 autocast, LoRA on ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc`` with r=16, α=32, dropout 0.1, AdamW on the
-adapters. The adapters' B starts random (not PEFT's zeros) and token ids are random in [1, vocab): no all-zero
-inputs anywhere.
+adapters. The adapters' B starts random (not PEFT's zeros; A and B drawn from one seeded generator, so every provider
+has the same adapters) and token ids are random in [1, vocab): no all-zero inputs anywhere.
 
 Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only; ``lora_fast_cublas``, asked for by name,
 forces the cublas kernel variant — on a CPU the Triton interpreter would
@@ -19,6 +19,10 @@ run, whose timings are never kernel timings, so it is skipped with a message), `
 ``<name>+compile`` (``<name>+compile:<MODE>`` for a non-default mode): lora_fast's layers enter the graph as the
 ``lora_fast::lora_linear`` custom op (issue 7), PEFT's as traced aten ops. The optimizer step stays eager.
 
+Before timing, each provider's eager model is checked against a float64 oracle (``check_provider``: eval mode, no
+autocast, a short probe batch): the LoRA-induced part of the logits and every adapter gradient. Every provider
+starts from the same base weights and the same adapters. Rows are written to the CSV after each provider.
+
 Modes and metrics (rows of ``bench=gpt2``): ``train`` — one optimizer step (forward, backward, AdamW step,
 zero_grad): time (ms), tokens_per_s, peak_mem (MB above the live model and optimizer state); ``infer_unmerged`` and
 ``infer_merged`` — a no-grad forward with the adapters separate, then folded into the weights: time, tokens_per_s,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import sys
 
 import torch
@@ -51,6 +56,7 @@ def build_model(shape: dict, device: torch.device, model_path: str | None) -> nn
     when present), random ones otherwise."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    torch.manual_seed(0)  # the same random weights for every provider and for the check's oracle
     model = None
     source = model_path or ("gpt2" if shape["model"] == "gpt2-124M" else None)
     if source is not None:
@@ -86,11 +92,63 @@ def add_lora(model: nn.Module, provider: str) -> nn.Module:
 
         backend = "triton" if provider in utils.TRITON_PROVIDERS else "reference"
         apply_lora(model, TARGETS, rank=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], backend=backend)
+    gen = torch.Generator().manual_seed(1)  # the same adapters for every provider (and the check's oracle)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in name:
-                nn.init.normal_(p, std=0.02)
+        for (_module, which), p in sorted(adapter_params(model).items()):
+            w = torch.randn(p.shape, generator=gen) * (0.02 if which == "B" else p.shape[1] ** -0.5)
+            p.copy_(w)
     return model
+
+
+def adapter_params(model: nn.Module) -> dict[tuple[str, str], nn.Parameter]:
+    """{(module name, "A" or "B"): parameter} under either library's naming (PEFT's ``base_model.model.X.lora_A.
+    default.weight``, lora_fast's ``X.lora.lora_A``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+?)\.(?:lora\.)?lora_([AB])(?:\.default\.weight)?", name)
+        if m and p.requires_grad:
+            out[(m.group(1), m.group(2))] = p
+    return out
+
+
+def _probe(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Eval-mode (dropout off) logits and adapter gradients of the LM loss on ``ids``, without autocast."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in adapter_params(model).items()}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+def oracle(shape: dict, device: torch.device, model_path: str | None) -> dict:
+    """The float64 answer the check compares every provider with: the base model's logits, and lora_fast's
+    reference path (the project's test oracle) on the same weights and adapters."""
+    ids = torch.randint(1, shape["vocab"], (1, min(shape["seq"], 128)), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)  # (1, T'): a short probe; the kernels' correctness does not depend on M
+    model = build_model(shape, device, model_path).double().eval()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    logits, grads = _probe(add_lora(model, "reference"), ids)
+    del model
+    return {"ids": ids, "base": base, "logits": logits, "grads": grads}
+
+
+CHECK_TOL = 1e-2  # fp32 dots (IEEE unless torch allows TF32) through the blocks, on the LoRA-induced logits
+
+
+def check_provider(model: nn.Module, ref: dict) -> None:
+    """Raise unless the provider's model computes the oracle's function: the logits' LoRA-induced part
+    (logits − base logits: a LoRA path off or mis-scaled changes it wholly) and every adapter gradient."""
+    logits, grads = _probe(model, ref["ids"])
+    err = utils.rel_err(logits.double() - ref["base"], ref["logits"] - ref["base"])
+    if set(grads) != set(ref["grads"]):
+        raise RuntimeError(f"adapters differ from the oracle's: {sorted(set(grads) ^ set(ref['grads']))[:4]}")
+    gerr = max(utils.rel_err(grads[k], ref["grads"][k]) for k in grads)
+    if not (err <= CHECK_TOL and gerr <= CHECK_TOL):
+        raise RuntimeError(f"differs from the float64 oracle: LoRA part of the logits {err:.2e}, worst adapter "
+                           f"gradient {gerr:.2e} (tolerance {CHECK_TOL:.0e})")
 
 
 def set_merged(model: nn.Module, provider: str, merged: bool) -> None:
@@ -111,12 +169,14 @@ def provider_label(provider: str, compile_mode: str | None) -> str:
 
 
 def prepare_provider(provider: str, shape: dict, device: torch.device | str, model_path: str | None = None,
-                     compile_mode: str | None = None, compile_backend: str = "inductor") -> dict:
+                     compile_mode: str | None = None, compile_backend: str = "inductor", ref: dict | None = None
+                     ) -> dict:
     """Build provider's LoRA GPT-2, its optimizer and a batch source.
 
     Args:
         compile_mode: None (eager), or a ``torch.compile`` mode the forward (and so backward) runs under.
         compile_backend: the ``torch.compile`` backend (``aot_eager`` for a quick CPU check).
+        ref: ``oracle(...)``'s answer to check the (eager) model against before anything is timed.
 
     Returns:
         {"train": one optimizer step, "infer": one no-grad forward, "model": the (uncompiled) model}.
@@ -129,6 +189,8 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
     per_block = LORA["r"] * sum(k + n for k, n in [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)])  # r·(K+N) each
     if trainable != shape["n_layer"] * per_block:  # same adapters everywhere, or the comparison means nothing
         raise RuntimeError(f"{trainable} trainable parameters, expected {shape['n_layer'] * per_block}")
+    if ref is not None:
+        check_provider(model, ref)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = [torch.randint(1, shape["vocab"], (B, T), device=device) for _ in range(3)]  # (B, T), never zeros
     run = model
@@ -156,10 +218,15 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
     return {"train": train_step, "infer": infer, "model": model}
 
 
-def run_provider(provider: str, shape: dict, device: torch.device, args, env) -> list[dict]:
-    """All rows of one provider."""
+def inductor_on_cpu(args, device: torch.device) -> bool:
+    return args.compile is not None and args.compile_backend == "inductor" and device.type == "cpu"
+
+
+def run_provider(provider: str, shape: dict, device: torch.device, args, env, ref: dict | None = None
+                 ) -> list[dict]:
+    """All rows of one provider (checked against ``ref`` first)."""
     B, T = shape["batch"], shape["seq"]
-    case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend)
+    case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend, ref)
     model = case["model"]
     label = provider_label(provider, args.compile)
     config = {**shape, **LORA, "dtype": "bf16-autocast", "targets": TARGETS}
@@ -175,13 +242,15 @@ def run_provider(provider: str, shape: dict, device: torch.device, args, env) ->
             set_merged(model, provider, merged)
         fn = case["train"] if mode == "train" else case["infer"]
         t = utils.measure_time(fn, warmup=args.warmup, rep=args.rep, device=device)
-        mb = utils.peak_memory_mb(fn, device=device)
         tps = [B * T / (ms / 1e3) for ms in t[::-1]]  # p20 of tokens/s comes from p80 of time
         rows += [utils.make_row("gpt2", label, mode, "time", config, t, env),
-                 utils.make_row("gpt2", label, mode, "tokens_per_s", config, tps, env),
-                 utils.make_row("gpt2", label, mode, "peak_mem", config, [mb], env)]
-        print(f"  {label:<18}{mode:<15} {t[1]:9.2f} ms [{t[0]:.2f}, {t[2]:.2f}]  {tps[1]:10.0f} tokens/s  "
-              f"peak {mb:9.1f} MB", flush=True)
+                 utils.make_row("gpt2", label, mode, "tokens_per_s", config, tps, env)]
+        msg = f"  {label:<18}{mode:<15} {t[1]:9.2f} ms [{t[0]:.2f}, {t[2]:.2f}]  {tps[1]:10.0f} tokens/s"
+        if not inductor_on_cpu(args, device):  # Inductor's CPU buffers bypass LiveBytes
+            mb = utils.peak_memory_mb(fn, device=device)
+            rows.append(utils.make_row("gpt2", label, mode, "peak_mem", config, [mb], env))
+            msg += f"  peak {mb:9.1f} MB"
+        print(msg, flush=True)
     return rows
 
 
@@ -196,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["default", "reduce-overhead"],
                    help="run each model under torch.compile with this mode (provider recorded as <name>+compile)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the check against the float64 oracle before timing (it runs by default)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; 1 with --quick)")
     p.add_argument("--rep", type=int, help="timed steps (default 10; 4 with --quick)")
     utils.add_common_args(p)
@@ -235,20 +306,25 @@ def _run(args: argparse.Namespace) -> int:
             providers.remove(name)
             print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
                   "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
-    rows, failures = [], []
+    if inductor_on_cpu(args, device):
+        print("note: peak memory is not measured for compiled models on CPU (Inductor allocates outside the "
+              "dispatcher)")
+    ref = oracle(s, device, args.model_path) if args.check else None
+    written, failures = 0, []
     for provider in providers:
         try:
             with utils.provider_env(provider):
-                rows += run_provider(provider, s, device, args, env)
+                rows = run_provider(provider, s, device, args, env, ref)
+            total = utils.upsert_csv(args.csv, rows)  # now: a run stopped by a time limit keeps these
+            written += len(rows)
         except Exception as e:  # report, keep the other providers' numbers
             failures.append(f"{provider}: {type(e).__name__}: {e}")
             print(f"  {provider:<10}FAILED: {type(e).__name__}: {e}", flush=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if rows:
-        total = utils.upsert_csv(args.csv, rows)
-        print(f"wrote {len(rows)} rows to {args.csv} ({total} rows in the file)")
+    if written:
+        print(f"wrote {written} rows to {args.csv} ({total} rows in the file)")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -12,17 +12,24 @@ same random adapter weights — never zeros — and α = 2r):
     torch_compile  the reference layer under ``torch.compile(dynamic=False)`` (one compile per shape).
     lora_fast      ``LinearWithLoRA(conv, backend="triton")``: CUDA only. On a CPU it would run in the Triton
                    interpreter (numpy), whose timings are never kernel timings, so it is skipped with a message.
-    lora_fast_cublas  the same layer with the cublas kernel variant forced (``LORA_FAST_{FWD,BWD}_VARIANT``):
-                   cuBLAS for the frozen GEMMs, Triton for the LoRA terms; CUDA only, not in the default list.
-Each library keeps its defaults for a bf16 base (both lora_fast and PEFT hold fp32 adapter weights).
+    lora_fast_cublas, lora_fast_one_pass, lora_fast_xa_first
+                   the same layer with a kernel variant forced (``LORA_FAST_{FWD,BWD}_VARIANT``, see
+                   ``utils.VARIANT_PROVIDERS``): cuBLAS for the frozen GEMMs and Triton for the LoRA terms; or the
+                   fused kernels with the one-pass or xa-first forward. CUDA only, asked for by name. ``lora_fast``
+                   itself runs with both variables unset (the default rules).
+Each library keeps its defaults for a bf16 base: both lora_fast and PEFT hold fp32 adapter weights; without
+autocast PEFT casts x to the adapters' fp32 for its LoRA GEMMs (and saves that fp32 copy), lora_fast and the
+reference cast the adapters to x's bf16. That is what each library's users get, so "vs peft" compares it as is.
 
 Modes: ``fwd`` (forward with autograd recording), ``bwd`` (backward alone, after an untimed forward), ``full``.
 Metrics per (provider, mode): time (ms, p20/p50/p80), TFLOP/s, peak memory (MB above the inputs), and — once per
 provider, under mode ``fwd`` — saved-activation bytes. FLOPs: base forward 2MKN, base backward 2MKN (dx only, W₀
 frozen); LoRA adds 2Mr(K+N) forward and 4Mr(K+N) backward (dx through B then A, dA, dB).
 
-Before timing, every provider's eval-mode output is checked against a float64 reference; a provider that disagrees
-(or fails) is reported and not timed, and the script exits with status 1.
+Before timing, every provider's output and gradients are checked against a float64 reference (``check_provider``:
+eval mode; the Triton providers with dropout also in training mode, masks included); a provider that disagrees (or
+fails) is reported and not timed, and the script exits with status 1. Rows are written to the CSV after each
+configuration, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -96,22 +103,65 @@ def build_provider(name: str, conv: nn.Module, r: int, dropout: float, lora_A: t
     return layer, [a, b]
 
 
-def check_provider(layer: nn.Module, conv: nn.Module, x: torch.Tensor, lora_A, lora_B, scaling: float | None,
-                   dtype: str) -> None:
-    """Raise if the provider's eval-mode output is not the LoRA map (base map when ``scaling`` is None)."""
+def _reference(x, conv, lora_A, lora_B, scaling: float, dy, p: float = 0.0, keep_mask=None) -> list[torch.Tensor]:
+    """[y, dx, dA, dB] of the LoRA map in float64 (dropout with ``keep_mask`` when given)."""
     from lora_fast.reference import lora_linear_ref
 
+    xs, a, b = (t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B))
+    y = lora_linear_ref(xs, conv.weight, conv.bias, a, b, scaling, dropout_p=p, keep_mask=keep_mask,
+                        training=keep_mask is not None, fan_in_fan_out=True, upcast=True)
+    y.backward(dy.double())
+    return [y.detach(), xs.grad, a.grad, b.grad]
+
+
+def _compare(got, ref, names, dtype: str, what: str) -> None:
+    for g, r, n in zip(got, ref, names, strict=True):
+        err = utils.rel_err(g, r)
+        if not err <= CHECK_TOL[dtype]:
+            raise RuntimeError(f"{what}: {n} differs from the float64 reference: relative error {err:.2e} > "
+                               f"{CHECK_TOL[dtype]:.0e}")
+
+
+def check_provider(name: str, layer: nn.Module, conv: nn.Module, x: torch.Tensor, dy: torch.Tensor, lora_A,
+                   lora_B, params, dropout: float, dtype: str) -> None:
+    """Raise unless the provider computes the LoRA map (the base map for ``base``) and its gradients.
+
+    Every provider: eval-mode output, dx and, for the adapters, dA and dB against float64 (``torch_compile``: the
+    output only, under no_grad, one compiled graph fewer per shape). The Triton providers with dropout also run
+    the training forward and backward the timings run (``xa_first``/``cublas`` routes, regenerated masks) through
+    ``lora_linear`` with an explicit seed, against the reference with that seed's mask (``dropout_mask``)."""
+    from lora_fast.functional import dropout_mask, lora_linear
+
+    scaling = 0.0 if name == "base" else 2.0  # α/r = 2r/r
+    b_ref = torch.zeros_like(lora_B) if name == "base" else lora_B
     layer.eval()
-    with torch.no_grad():
-        out = layer(x)
-        zero = torch.zeros_like(lora_B)
-        ref = lora_linear_ref(x, conv.weight, conv.bias, lora_A, zero if scaling is None else lora_B,
-                              scaling or 0.0, training=False, fan_in_fan_out=True, upcast=True)
-    layer.train()
-    err = utils.rel_err(out, ref)
-    if not err <= CHECK_TOL[dtype]:
-        raise RuntimeError(f"output differs from the float64 reference: relative error {err:.2e} > "
-                           f"{CHECK_TOL[dtype]:.0e}")
+    try:
+        if name == "torch_compile":
+            with torch.no_grad():
+                out = layer(x)
+            _compare([out], _reference(x, conv, lora_A, b_ref, scaling, dy)[:1], ["output"], dtype, "eval")
+        else:
+            xg = x.detach().clone().requires_grad_(True)
+            for p in params:
+                p.grad = None
+            out = layer(xg)
+            out.backward(dy)
+            got = [out.detach(), xg.grad, *[p.grad for p in params]]
+            names = ["output", "dx", "dA", "dB"][:len(got)]
+            _compare(got, _reference(x, conv, lora_A, b_ref, scaling, dy)[:len(got)], names, dtype, "eval")
+            for p in params:
+                p.grad = None
+    finally:
+        layer.train()
+    if name in utils.TRITON_PROVIDERS and dropout > 0.0:
+        seed, (M, K) = 20261123, x.shape
+        xg, a, b = (t.detach().clone().requires_grad_(True) for t in (x, lora_A, lora_B))
+        y = lora_linear(xg, conv.weight, conv.bias, a, b, scaling, dropout_p=dropout, seed=seed, training=True,
+                        fan_in_fan_out=True, backend="triton")
+        y.backward(dy)
+        mask = dropout_mask(seed, M, K, dropout, x.device)
+        _compare([y.detach(), xg.grad, a.grad, b.grad], _reference(x, conv, lora_A, lora_B, scaling, dy, dropout,
+                 mask), ["output", "dx", "dA", "dB"], dtype, f"training, dropout {dropout}")
 
 
 def prepare_case(name: str, layer_name: str, M: int, r: int, dropout: float, dtype: str,
@@ -135,7 +185,7 @@ def prepare_case(name: str, layer_name: str, M: int, r: int, dropout: float, dty
     layer, params = build_provider(name, conv, r, dropout, lora_A, lora_B)
     x = torch.randn(M, K, device=device, dtype=torch_dtype)  # (M, K)
     dy = torch.randn(M, N, device=device, dtype=torch_dtype)  # (M, N)
-    check_provider(layer, conv, x, lora_A, lora_B, None if name == "base" else 2.0, dtype)  # scaling α/r = 2r/r
+    check_provider(name, layer, conv, x, dy, lora_A, lora_B, params, dropout, dtype)
     x.requires_grad_(True)
     layer.train()
     state = {}
@@ -241,9 +291,10 @@ def _run(args: argparse.Namespace) -> int:
         print("note: torch_compile peak memory is not measured on CPU (Inductor allocates outside the dispatcher)")
     min_m = min(args.M)
     min_layer = min(args.layers, key=lambda n: LAYERS[n][0] * LAYERS[n][1])
-    rows, failures = [], []
+    written, failures = 0, []
     for layer_name, M, r, dropout, dtype in itertools.product(args.layers, args.M, args.ranks, args.dropouts,
                                                               args.dtypes):
+        rows = []
         print(f"{layer_name} M={M} K={LAYERS[layer_name][0]} N={LAYERS[layer_name][1]} r={r} dropout={dropout} "
               f"{dtype}", flush=True)
         for name in providers:
@@ -258,12 +309,14 @@ def _run(args: argparse.Namespace) -> int:
             except Exception as e:  # report, keep the other providers' numbers
                 failures.append(f"{name} {layer_name} M={M} r={r} dropout={dropout} {dtype}: {e}")
                 print(f"  {name:<14}FAILED: {type(e).__name__}: {e}", flush=True)
+        if rows:  # now, not at the end: a run stopped by a time limit keeps the configurations it finished
+            total = utils.upsert_csv(args.csv, rows)
+            written += len(rows)
     if "torch_compile" in providers and not args.compile_all:
         print("note: torch_compile ran only at " + (f"the smallest shape ({min_layer}, M={min_m})" if args.quick else
               f"{COMPILE_TARGET}") + " (compilation time); --compile-all compiles every configuration")
-    if rows:
-        total = utils.upsert_csv(args.csv, rows)
-        print(f"wrote {len(rows)} rows to {args.csv} ({total} rows in the file)")
+    if written:
+        print(f"wrote {written} rows to {args.csv} ({total} rows in the file)")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
     return 1 if failures else 0

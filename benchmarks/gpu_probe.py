@@ -31,29 +31,33 @@ def bench(fn, grad_to_none=None) -> float:
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def graph_ms(fn) -> float:
+def graph_ms(fn, grad_to_none=None) -> float:
     """GPU milliseconds of ``fn`` replayed from a CUDA graph (launch overhead removed): what the kernels cost
-    when the CPU is ahead, as in a full model. NaN when ``fn`` cannot be captured."""
+    when the CPU is ahead, as in a full model. NaN when ``fn`` cannot be captured. ``grad_to_none``: tensors whose
+    ``.grad`` is cleared before the capture, so that a backward writes fresh gradients instead of adding into the
+    previous ones (an extra read-modify-write of x.grad per call otherwise)."""
     from triton.testing import do_bench_cudagraph
 
     try:
         fn()  # tuned and compiled outside the capture
         torch.cuda.synchronize()
-        return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        return float(do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median"))
     except Exception as e:  # noqa: BLE001 - a probe reports and goes on
         print(f"graph capture failed: {e!r}", file=sys.stderr)
         return float("nan")
 
 
-def host_ms(fn, n: int = 30) -> float:
+def host_ms(fn, n: int = 30, grad_to_none=()) -> float:
     """Host (CPU) milliseconds per call with no synchronisation inside the loop: the launch overhead, when the
-    GPU keeps up (its queue is far deeper than n calls)."""
+    GPU keeps up (its queue is far deeper than n calls). ``grad_to_none`` as in ``graph_ms`` (cleared each call)."""
     import time
 
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
+        for g in grad_to_none:
+            g.grad = None
         fn()
     t1 = time.perf_counter()
     torch.cuda.synchronize()
@@ -160,13 +164,14 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
         conv.bias.copy_(bias)
     xg = x.clone().requires_grad_(True)
     t["layer_base"] = bench(lambda: conv(xg).backward(dy), grad_to_none=[xg])
-    t["cpu_base"] = host_ms(lambda: conv(xg).backward(dy))
+    t["cpu_base"] = host_ms(lambda: conv(xg).backward(dy), grad_to_none=[xg])
     lf = LinearWithLoRA(conv, rank=r, alpha=2 * r, dropout=p, backend="triton").to(device)
     with torch.no_grad():
         lf.lora.lora_A.copy_(A)
         lf.lora.lora_B.copy_(B)
     t["layer_lora_fast"] = bench(lambda: lf(xg).backward(dy), grad_to_none=[xg, *lf.lora.parameters()])
-    t["cpu_lora_fast"] = host_ms(lambda: lf(xg).backward(dy))
+    lf_grads = [xg, *lf.lora.parameters()]
+    t["cpu_lora_fast"] = host_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
     ref = LinearWithLoRA(conv, rank=r, alpha=2 * r, dropout=p, backend="reference").to(device)
     t["layer_reference"] = bench(lambda: ref(xg).backward(dy), grad_to_none=[xg, *ref.lora.parameters()])
     try:
@@ -178,20 +183,20 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
         pl = get_peft_model(_Wrapper(conv), cfg).base_model.model.proj
         pparams = [q for q in pl.parameters() if q.requires_grad]
         t["layer_peft"] = bench(lambda: pl(xg).backward(dy), grad_to_none=[xg, *pparams])
-        t["cpu_peft"] = host_ms(lambda: pl(xg).backward(dy))
+        t["cpu_peft"] = host_ms(lambda: pl(xg).backward(dy), grad_to_none=[xg, *pparams])
     except Exception as e:  # noqa: BLE001 - a probe reports and goes on
         print(f"peft failed: {e!r}", file=sys.stderr)
     out["ms"] = t
-    g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy))
-    g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy))
+    g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy), grad_to_none=[xg])
+    g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
     os.environ["LORA_FAST_FWD_VARIANT"] = os.environ["LORA_FAST_BWD_VARIANT"] = "cublas"  # the module path, forced
     try:
-        g["layer_lora_fast_cublas"] = graph_ms(lambda: lf(xg).backward(dy))
-        t["cpu_lora_fast_cublas"] = host_ms(lambda: lf(xg).backward(dy))
+        g["layer_lora_fast_cublas"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
+        t["cpu_lora_fast_cublas"] = host_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
     finally:
         del os.environ["LORA_FAST_FWD_VARIANT"], os.environ["LORA_FAST_BWD_VARIANT"]
     if "layer_peft" in t:
-        g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy))
+        g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy), grad_to_none=[xg, *pparams])
     cfgs = {}
     for name, tk in (("fwd", lora_fwd.FWD_TUNED), ("bwd", lora_bwd.BWD_TUNED)):  # the config per launch key
         cfgs[name] = {str(key[:7]): meta for key, meta in tk.chosen.items() if key[0] == N and key[1] == K}

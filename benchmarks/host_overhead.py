@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
     p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
-                   choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas"])
+                   choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas", "lora_fast_one_pass",
+                            "lora_fast_xa_first"])
     p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")
@@ -127,13 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
 
-    if args.device in (None, "cpu"):
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch/triton/lora_fast import the kernels
-    import torch
-
-    from benchmarks.utils import provider_env
+    import torch  # imports no Triton kernel: TRITON_INTERPRET can still be chosen below
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # never on a GPU: the interpreter's timings would pass for real launches
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before lora_fast imports the kernels
+    from benchmarks.utils import provider_env
     on_gpu = device.type == "cuda"
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("CPU mode needs TRITON_INTERPRET=1 (unset, or set to 1, in the environment)")
@@ -153,7 +153,11 @@ def main(argv=None) -> int:
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(M, N, device=device, dtype=dtype)
 
-        def full(layer=layer, x=x, dy=dy):
+        grads = [x, *(q for q in layer.parameters() if q.requires_grad)]
+
+        def full(layer=layer, x=x, dy=dy, grads=grads):
+            for t in grads:  # fresh gradients each call, as a training step has (no accumulation add)
+                t.grad = None
             layer(x).backward(dy)
 
         def infer(layer=layer, x=x):

@@ -8,15 +8,18 @@
 #   tests         python -m pytest tests, LORA_FAST_AUTOTUNE=0 (GPU-only tests run when CUDA is there) -> OUT_DIR/tests.log
 #   tests-kernels the GPU-relevant test files only (kernels, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
 #   probe         python -m benchmarks.gpu_probe: ceilings, per-kernel times, errors   -> OUT_DIR/probe.json, probe.log
-#   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)               -> OUT_DIR/train_parity.json
+#   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)        -> OUT_DIR/parity/train_parity.json
 #   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
 #   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
+#   layer-variants lora_fast's default route vs each forced kernel variant (one_pass, xa_first, cublas), M=8192,
+#                 r 16/64, dropout 0/0.1, bf16 and fp32: the measurements the variant rules wait for -> ...
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
 #   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
 #   gemm-probe    GEMM-core variants (pointer/TMA tiles, persistent) vs cuBLAS and lora_fast -> OUT_DIR/gemm_probe.json
 #   host          host µs per layer call (launch overhead), base / peft / reference / lora_fast -> OUT_DIR/host.json
-#   pytest-bench  pytest benchmarks --benchmark-only (json)                -> OUT_DIR/pytest_bench.json
+#   pytest-bench  pytest benchmarks --benchmark-only (json; ~2000 cases on a GPU: far more than 10 minutes, so
+#                 narrow it with PYTEST_BENCH_K="c_attn and 8192", a pytest -k expression)  -> OUT_DIR/pytest_bench.json
 #   report        SUMMARY.md and PNGs from OUT_DIR/results.csv             -> OUT_DIR/SUMMARY.md, *.png
 #
 # OUT_DIR/results.csv starts as a copy of benchmarks/results/results.csv (so earlier rows, e.g. the CPU ones,
@@ -25,7 +28,9 @@
 # next call then starts from it. Finally commit benchmarks/results/{results.csv,SUMMARY.md,*.png}.
 # A failing stage is reported and the others still run; the exit status is 1 if any failed.
 # LAYER_ARGS (environment) is appended to the layer stages' arguments, e.g. LAYER_ARGS="--layers c_attn c_fc" to
-# split a stage that would run past a time limit (rows are upserted, so parts add up).
+# split a stage that would run past a time limit (rows are upserted after each configuration, so parts add up and
+# a stage cut off by the limit keeps what it finished). LORA_FAST_BENCH_COMMIT names the commit recorded in every
+# row; set it to the commit the working tree was sent from (the GPU machine's .git may be stale).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -38,8 +43,21 @@ STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
     STAGES=(env tests layer-bf16 layer-fp32 layer-compile gpt2 report)
 fi
+KNOWN=" env tests tests-kernels probe train-parity layer-bf16 layer-fp32 layer-compile layer-variants gpt2 gpt2-compile \
+gemm-probe host pytest-bench report "
+for stage in "${STAGES[@]}"; do  # all checked before any runs: a typo must not cost a lease's first stages
+    if [[ "$KNOWN" != *" $stage "* ]]; then
+        echo "run_gpu.sh: unknown stage '$stage' (stages:$KNOWN)" >&2
+        exit 2
+    fi
+done
+case $OUT in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from, not the repo root
 
 cd "$(dirname "$0")/.." || exit 2
+if [ -z "${LORA_FAST_BENCH_COMMIT:-}" ]; then
+    echo "run_gpu.sh: warning: LORA_FAST_BENCH_COMMIT is unset; rows record this copy's git state" \
+        "($(git rev-parse --short HEAD 2>/dev/null || echo unknown)), which may be stale" >&2
+fi
 PY=${PYTHON:-python3}
 python() { "$PY" "$@"; }
 # the GPU tests compile many kernel variants: spread them over 8 workers where pytest-xdist is installed (the lent
@@ -70,7 +88,7 @@ run() {  # run NAME LOG COMMAND...: tee the output, remember failures
 
 for stage in "${STAGES[@]}"; do
     case $stage in
-        env) run env env.txt bash -c 'nvidia-smi; python -c "import torch, triton, transformers, peft; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, peft.__version__); print(torch.cuda.get_device_name())"; git rev-parse --short HEAD' ;;
+        env) run env env.txt bash -c 'nvidia-smi; "$0" -c "import torch, triton, transformers, peft; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, peft.__version__); print(torch.cuda.get_device_name())" || exit 1; echo "commit ${LORA_FAST_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"' "$PY" ;;
         tests) run tests tests.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs tests --durations=15 \
             -p no:cacheprovider $XDIST ;;
         tests-kernels) run tests-kernels tests_kernels.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs \
@@ -83,17 +101,19 @@ for stage in "${STAGES[@]}"; do
             --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-compile) run layer-compile bench_layer_compile.log python -m benchmarks.bench_layer --dtypes bf16 \
             --ranks 16 --dropouts 0.1 --providers torch_compile --csv "$CSV" ${LAYER_ARGS:-} ;;
+        layer-variants) run layer-variants bench_layer_variants.log python -m benchmarks.bench_layer --M 8192 \
+            --ranks 16 64 --dtypes bf16 fp32 --providers lora_fast lora_fast_one_pass lora_fast_xa_first \
+            lora_fast_cublas --csv "$CSV" ${LAYER_ARGS:-} ;;
         gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --providers lora_fast lora_fast_cublas peft \
             reference --csv "$CSV" ;;
-        gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c "$PY -m benchmarks.bench_gpt2 --modes train \
-            --providers lora_fast peft --compile default --csv '$CSV' && $PY -m benchmarks.bench_gpt2 --modes train \
-            --providers lora_fast peft --compile reduce-overhead --csv '$CSV'" ;;
+        gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c '"$0" -m benchmarks.bench_gpt2 --modes train \
+            --providers lora_fast peft --compile default --csv "$1"; a=$?; "$0" -m benchmarks.bench_gpt2 --modes \
+            train --providers lora_fast peft --compile reduce-overhead --csv "$1"; b=$?; exit $((a | b))' "$PY" "$CSV" ;;
         gemm-probe) run gemm-probe gemm_probe.log "$PY" -m benchmarks.gemm_probe --json "$OUT/gemm_probe.json" ;;
         host) run host host.log "$PY" -m benchmarks.host_overhead --device cuda --json "$OUT/host.json" ;;
         pytest-bench) run pytest-bench pytest_bench.log python -m pytest benchmarks --benchmark-only -q \
-            -p no:cacheprovider --benchmark-json "$OUT/pytest_bench.json" ;;
+            -p no:cacheprovider --benchmark-json "$OUT/pytest_bench.json" ${PYTEST_BENCH_K:+-k "$PYTEST_BENCH_K"} ;;
         report) run report report.log python -m benchmarks.report --csv "$CSV" --out "$OUT" ;;
-        *) echo "run_gpu.sh: unknown stage '$stage'" >&2; failed+=("$stage") ;;
     esac
 done
 

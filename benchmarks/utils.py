@@ -337,23 +337,35 @@ def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
 
 
 # Providers that run lora_fast's Triton path with a kernel variant forced (kernels/lora_fwd.fwd_variant and
-# lora_bwd.bwd_variant read these variables on every launch), next to ``lora_fast`` with the default rules.
-VARIANT_PROVIDERS = {"lora_fast_cublas": {"LORA_FAST_FWD_VARIANT": "cublas", "LORA_FAST_BWD_VARIANT": "cublas"}}
+# lora_bwd.bwd_variant read these variables on every launch), next to ``lora_fast`` with the default rules (for
+# which both variables are unset while it runs, so an inherited one cannot relabel a forced route as the default).
+_VARIANT_VARS = ("LORA_FAST_FWD_VARIANT", "LORA_FAST_BWD_VARIANT")
+VARIANT_PROVIDERS = {
+    "lora_fast_cublas": dict(zip(_VARIANT_VARS, ("cublas", "cublas"), strict=True)),  # cuBLAS GEMMs + LoRA terms
+    "lora_fast_one_pass": dict(zip(_VARIANT_VARS, ("one_pass", "fused"), strict=True)),  # xa inside the GEMM pass
+    "lora_fast_xa_first": dict(zip(_VARIANT_VARS, ("xa_first", "fused"), strict=True)),  # skinny xa kernel first
+}
 TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
 
 
 @contextlib.contextmanager
 def provider_env(provider: str) -> Iterator[None]:
     """Set the environment a provider's kernels read for the duration of its measurements (restored after)."""
-    with env_vars(VARIANT_PROVIDERS.get(provider, {})):
+    default = dict.fromkeys(_VARIANT_VARS) if provider == "lora_fast" else {}
+    with env_vars(VARIANT_PROVIDERS.get(provider, default)):
         yield
 
 
 @contextlib.contextmanager
-def env_vars(settings: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block; each is restored (or removed) after."""
+def env_vars(settings: dict[str, str | None]) -> Iterator[None]:
+    """Set environment variables (None: unset) for the duration of the block; each is restored (or removed)
+    after."""
     old = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
+    for k, v in settings.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:

@@ -193,3 +193,53 @@ def test_gemm_probe_variants_compute_the_product():
     errs = json.loads(proc.stdout)
     assert set(errs) == {f"{g}/{v}" for g in ("fwd", "dx") for v in ("ptr32", "ptr64", "tma", "tma_persist")}
     assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_check_before_timing_covers_the_timed_training_path(monkeypatch):
+    """bench_layer checks each provider's output and gradients before timing it, and, for lora_fast with dropout,
+    the training forward/backward the timings run (masks included): a wrong mask or a wrong adapter fails it.
+    Runs the Triton provider through the interpreter on a small Conv1D (fp32)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_fast import functional
+    from tests.triton_interpret import HAS_CUDA
+
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if HAS_CUDA else "cpu"
+    conv = Conv1D(40, 24).to(dev).requires_grad_(False)  # K=24 → N=40
+    r, p = 16, 0.1
+    a, b = torch.randn(r, 24, device=dev) / 24**0.5, torch.randn(40, r, device=dev) / r**0.5
+    x, dy = torch.randn(33, 24, device=dev), torch.randn(33, 40, device=dev)
+    for name in ("base", "reference", "peft", "lora_fast"):
+        layer, params = bench_layer.build_provider(name, conv, r, p, a, b)
+        bench_layer.check_provider(name, layer, conv, x, dy, a, b, params, p, "fp32")
+    layer, params = bench_layer.build_provider("peft", conv, r, p, a, b)
+    with pytest.raises(RuntimeError, match="eval: output differs"):
+        bench_layer.check_provider("peft", layer, conv, x, dy, a, 1.1 * b, params, p, "fp32")
+    real = functional.dropout_mask
+    monkeypatch.setattr(functional, "dropout_mask", lambda seed, *rest: real(seed + 1, *rest))
+    layer, params = bench_layer.build_provider("lora_fast", conv, r, p, a, b)
+    with pytest.raises(RuntimeError, match="training, dropout 0.1: output differs"):
+        bench_layer.check_provider("lora_fast", layer, conv, x, dy, a, b, params, p, "fp32")
+
+
+def test_gpt2_check_compares_every_provider_with_the_oracle(monkeypatch):
+    """bench_gpt2 checks each provider's model before timing: LoRA part of the logits and every adapter gradient
+    against a float64 oracle on the same base weights and adapters. PEFT and lora_fast (interpreter on CPU) pass;
+    one adapter 5 % off fails."""
+    from tests.triton_interpret import HAS_CUDA
+
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    shape = {**bench_gpt2.QUICK_SET, "n_layer": 1, "seq": 16}
+    ref = bench_gpt2.oracle(shape, dev, None)
+    assert len(ref["grads"]) == 2 * 4 and all(g.abs().sum() > 0 for g in ref["grads"].values())
+    for provider in ("peft", "lora_fast"):
+        model = bench_gpt2.add_lora(bench_gpt2.build_model(shape, dev, None), provider)
+        bench_gpt2.check_provider(model, ref)
+    with torch.no_grad():
+        bench_gpt2.adapter_params(model)[("transformer.h.0.mlp.c_fc", "B")].mul_(1.05)
+    with pytest.raises(RuntimeError, match="differs from the float64 oracle"):
+        bench_gpt2.check_provider(model, ref)
