@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from lora_fast.adapter_config import (
+    TASK_TYPES,
     _adapter_config,
     _candidate_names,
     _check_config,
@@ -71,6 +72,9 @@ from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT adds these to a SEQ_CLS adapter's modules_to_save
+# PEFT's PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering} add these module names to
+# modules_to_save (peft_model.py, 0.21): their heads are saved whole with the adapter and expected when loading.
+TASK_HEAD_NAMES = {"SEQ_CLS": SEQ_CLS_HEAD_NAMES, "TOKEN_CLS": SEQ_CLS_HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _modules_to_save(model: nn.Module, lora_names, entries) -> list[str]:
@@ -123,8 +127,10 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
             other files are left alone.
         base_model_name_or_path: recorded in the config; default ``model.config._name_or_path`` or
             ``model.name_or_path``.
-        task_type: PEFT task type; default "CAUSAL_LM" for ``*ForCausalLM``/``*LMHeadModel``, "SEQ_CLS" for
-            ``*ForSequenceClassification``, else None.
+        task_type: PEFT task type (one of ``TASK_TYPES``, checked); default: the loaded adapter's, else from the
+            model's class — "CAUSAL_LM" (``*ForCausalLM``/``*LMHeadModel``), "SEQ_CLS", "TOKEN_CLS",
+            "QUESTION_ANS" (their heads then travel whole, as PEFT saves them), "SEQ_2_SEQ_LM" (encoder-decoder
+            ``*ForConditionalGeneration``), "FEATURE_EXTRACTION" (a bare ``*Model``), else None.
 
     Returns:
         The directory as a ``pathlib.Path``.
@@ -143,9 +149,12 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"save_adapter: task_type {task_type!r} is not one of PEFT's {list(TASK_TYPES)} (or None)")
+    task_type = task_type or _recorded_task_type(model) or _default_task_type(model)
     extras = _trainable_extras(model, layers)
-    if (task_type or _default_task_type(model)) == "SEQ_CLS":  # PEFT wraps these, and expects them when loading
-        extras += [n for n in _modules_to_save(model, list(layers), SEQ_CLS_HEAD_NAMES) if n not in extras]
+    heads = TASK_HEAD_NAMES.get(task_type, ())  # PEFT wraps these, and expects them when loading
+    extras += [n for n in _modules_to_save(model, list(layers), heads) if n not in extras]
     extras = [e for e in extras if not any(e.startswith(f"{o}.") for o in extras)]  # PEFT wraps the outermost
     inside = [f"{n!r} (in {e!r})" for e in extras for n in layers if n == e or n.startswith(f"{e}.")]
     if inside:
@@ -187,6 +196,12 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write_all(directory, files)
     return directory
+
+
+def _recorded_task_type(model: nn.Module) -> str | None:
+    """The task type of the adapter ``load_adapter`` loaded into ``model`` (kept when it is saved again)."""
+    cfg = getattr(model, "lora_fast_config", None)
+    return cfg.get("task_type") if isinstance(cfg, dict) else None
 
 
 def _vocab_resized(model: nn.Module, base_model_name_or_path) -> bool:
@@ -307,9 +322,10 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
     cfg, state, source = _read_adapter(directory)
     _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
-    if cfg.get("task_type") == "SEQ_CLS":  # as PEFT: the head is saved whole, and never a LoRA target
+    if cfg.get("task_type") in TASK_HEAD_NAMES:  # as PEFT: the head is saved whole, and never a LoRA target
         to_save = list(cfg.get("modules_to_save") or [])
-        cfg = {**cfg, "modules_to_save": to_save + [n for n in SEQ_CLS_HEAD_NAMES if n not in to_save]}
+        heads = TASK_HEAD_NAMES[cfg["task_type"]]
+        cfg = {**cfg, "modules_to_save": to_save + [n for n in heads if n not in to_save]}
     existing = lora_layers(model)
     merged = [n for n, m in existing.items() if m.merged]
     if merged:
@@ -392,6 +408,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             new_layers[name] = layer.train(base.training)  # an eval model stays in eval mode
     for name, (_, _, _r, alpha) in plan.items():
         if name in existing:
+            if not any(f"{PREFIX}{name}.lora_{ab}.weight" in state for ab in "AB"):
+                continue  # strict=False, nothing of this layer in the file: it keeps its own scaling and dropout
             lora = existing[name].lora
             lora.alpha, lora.use_rslora, lora.dropout = float(alpha), use_rslora, dropout
             lora.scaling = lora_scaling(lora.rank, lora.alpha, use_rslora)
@@ -404,6 +422,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             p.requires_grad_(".lora.lora_" in f".{pname}")
         model.lora_fast_config = {"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
                                   "alpha": float(cfg["lora_alpha"]), "dropout": dropout, "use_rslora": use_rslora}
+    if cfg.get("task_type") and isinstance(getattr(model, "lora_fast_config", None), dict):
+        model.lora_fast_config["task_type"] = cfg["task_type"]  # kept by a later save_adapter
     if untie:
         _untie_extras(model, extras)
     params = {}

@@ -46,11 +46,24 @@ def pattern_value(patterns: dict, name: str, default):
 
 
 # ----------------------------------------------------------------------------------------------------------- save
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
+
+
 def _default_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for the model's transformers class (what ``AutoPeftModel`` needs to pick it again)."""
     cls = type(model).__name__
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "CAUSAL_LM"
-    return "SEQ_CLS" if cls.endswith("ForSequenceClassification") else None
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
+            cls.endswith("ForConditionalGeneration") or cls.endswith("ForSeq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    if cls.endswith("Model") and not cls.endswith("PreTrainedModel") and hasattr(model, "config"):
+        return "FEATURE_EXTRACTION"  # a bare transformers encoder/decoder (BertModel, GPT2Model, LlamaModel)
+    return None
 
 
 def _candidate_names(model: nn.Module, lora_names) -> list[str]:
@@ -102,7 +115,7 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
                                    or getattr(model, "name_or_path", None) or None)
     return {
         "peft_type": "LORA",
-        "task_type": task_type if task_type is not None else _default_task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": _number(alpha),

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lora_fast.train_args import ConfigError
-from lora_fast.train_model import load_base_model, log_stderr, set_special_tokens
+from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, set_special_tokens
 
 USAGE = """usage: lora-fast {train,sweep,merge} ...
 
@@ -26,6 +26,9 @@ USAGE = """usage: lora-fast {train,sweep,merge} ...
 """
 
 
+# PEFT task type -> load_base_model's task (its transformers Auto class); no task type: CAUSAL_LM, as training writes
+TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification", "TOKEN_CLS": "token-classification",
+         "QUESTION_ANS": "question-answering", "SEQ_2_SEQ_LM": "seq2seq-lm", "FEATURE_EXTRACTION": "feature-extraction"}
 HEAD_KEYS = ("{m}.weight", "{m}.out_proj.weight")  # a saved head's output layer: GPT-2/BERT score or classifier,
 # RoBERTa-style classifier.out_proj; its first dimension is num_labels
 
@@ -104,11 +107,14 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
                           "the other): writing the merged model there would delete the adapter; choose another "
                           "--output")
     out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter})
-    task = "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal-lm"
-    if num_labels is not None and task != "classification":
-        raise ConfigError(f"--num_labels is for classification (SEQ_CLS) adapters; {adapter!r} is "
-                          f"{cfg.get('task_type') or 'CAUSAL_LM'}")
-    labels = _num_labels(adir, cfg, args, num_labels) if task == "classification" else ["0", "1"]
+    task_type = cfg.get("task_type") or "CAUSAL_LM"  # PEFT's default model class for an adapter without one
+    if task_type not in TASKS:
+        raise ConfigError(f"{cfg_path}: task_type {task_type!r} is not one of PEFT's {sorted(TASKS)}")
+    task = TASKS[task_type]
+    if num_labels is not None and task not in LABELLED_TASKS:
+        raise ConfigError(f"--num_labels is for classification (SEQ_CLS, TOKEN_CLS) adapters; {adapter!r} is "
+                          f"{task_type}")
+    labels = _num_labels(adir, cfg, args, num_labels) if task in LABELLED_TASKS else ["0", "1"]
     # no random stand-in: an adapter recording `gpt2` was trained on its pretrained weights (offline training
     # records gpt2-random), and merging it into random ones would write a wrong model
     base_model, _ = load_base_model(base, task, len(labels), int(args.get("seed", 0)), log=log, random_fallback=False)
@@ -119,7 +125,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         tokenizer = AutoTokenizer.from_pretrained(adir)
         if args.get("tokenizer_trained"):  # as training set them (lora_fast.train.prepare)
             set_special_tokens(base_model, tokenizer.eos_token_id)  # config and generation_config
-    if task == "classification":
+    if task in LABELLED_TASKS:
         base_model.config.id2label = dict(enumerate(labels))
         base_model.config.label2id = {n: i for i, n in enumerate(labels)}
         if tokenizer is not None:

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from lora_fast.reference import lora_linear_ref
+from lora_fast.reference import autocast_enabled, lora_linear_ref
 
 logger = logging.getLogger("lora_fast")
 
@@ -67,7 +67,7 @@ def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     floating-point tensors other than float64 (autocast leaves fp64 alone). The adapters keep their dtype (fp32) and
     are cast tile by tile by the kernels. Returns (x, weight, bias)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
 
         def cast(t):

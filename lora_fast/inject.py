@@ -149,9 +149,12 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
         warnings.warn(f"apply_lora: left out {why}", stacklevel=3)
     if not found:
         suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
+        hint = (f". A string is a regular expression matched against the full module name (as in PEFT); for the "
+                f"modules named {targets!r} pass a list, [{targets!r}]"
+                if isinstance(targets, str) and any(module_matches(c, [targets]) for c in candidates) else "")
         raise ValueError(
             f"target_modules {targets!r} matched no module of {type(model).__name__}. Linear/Conv1D modules that "
-            f"could be targeted: {suffixes} (e.g. {candidates[:4]})"
+            f"could be targeted: {suffixes} (e.g. {candidates[:4]}){hint}"
         )
     if isinstance(targets, list):  # PEFT drops a dead entry silently; a typo ("c_prj") deserves a word
         dead = [t for t in targets if not any(module_matches(n, [t]) for n in found)]
@@ -203,7 +206,7 @@ def apply_lora(
         ValueError: bad hyper-parameters, targets matching nothing, a ``modules_to_save`` entry matching nothing
             or naming a LoRA target (or a module holding one). The model is unchanged then.
     """
-    _check_hparams(rank, alpha, dropout)
+    rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
     names = find_target_modules(model, target_modules)
     extras = _resolve_modules_to_save(model, names, modules_to_save)
     new = {}  # every wrapper is built (and every base checked) before the model is touched
@@ -229,6 +232,7 @@ def apply_lora(
         _set_submodule(model, name, wrapped)
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora.lora_" in f".{pname}")
+    _warn_frozen_head(model, names, extras)
     if extras:
         from lora_fast.adapter import _untie_extras
 
@@ -241,6 +245,26 @@ def apply_lora(
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
     }
     return model
+
+
+_TASK_HEADS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+               "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _warn_frozen_head(model: nn.Module, lora_names, extras) -> None:
+    """A task head (``score``/``classifier``/``qa_outputs``) left without anything trainable keeps its current,
+    usually random, weights: say so once, and how PEFT users get it trained (their task_type adds it)."""
+    task = next((t for suffix, t in _TASK_HEADS.items() if type(model).__name__.endswith(suffix)), None)
+    head = next((h for h in ("score", "classifier", "qa_outputs") if isinstance(getattr(model, h, None), nn.Module)),
+                None)
+    if task is None or head is None:
+        return
+    trained = any(e == head or e.startswith(f"{head}.") or head.startswith(f"{e}.") for e in extras)
+    trained |= any(n == head or n.startswith(f"{head}.") for n in lora_names)
+    if not trained:
+        warnings.warn(f"apply_lora: {type(model).__name__}'s head {head!r} stays frozen at its current weights "
+                      f"(random, unless the checkpoint was trained for this task); pass modules_to_save=[{head!r}] "
+                      f"to train it with the adapter, as PEFT's task_type={task!r} does", stacklevel=3)
 
 
 def _resolve_modules_to_save(model: nn.Module, lora_names: list[str], entries) -> list[str]:

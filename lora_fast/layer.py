@@ -12,14 +12,16 @@ on half-precision LoRA weights loses updates. The LoRA term is computed in the a
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_fast.functional import lora_linear, resolve_backend
-from lora_fast.reference import lora_delta_weight, lora_scaling
+from lora_fast.reference import autocast_enabled, lora_delta_weight, lora_scaling
 
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
@@ -53,13 +55,17 @@ def fusable_base(base: nn.Module) -> bool:
             and base.weight.device.type != "meta")
 
 
-def _check_hparams(rank, alpha, dropout) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+def _check_hparams(rank, alpha, dropout) -> tuple[int, float, float]:
+    """Checked (rank, alpha, dropout) as Python int/float: NumPy scalars (a sweep's ``np.arange``) are accepted
+    and converted, as PEFT accepts them; bools, float ranks and strings are not."""
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if (isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha)
+            or alpha <= 0):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return int(rank), float(alpha), float(dropout)
 
 
 _FLOAT_BASE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -101,7 +107,7 @@ class LoRALayer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_hparams(rank, alpha, dropout)
+        rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.use_rslora = bool(use_rslora)
@@ -123,7 +129,7 @@ class LoRALayer(nn.Module):
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
         x = F.dropout(x, self.dropout, self.training)
         a, b = self.lora_A, self.lora_B
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)
         return self.scaling * F.linear(F.linear(x, a), b)  # (..., r) -> (..., N)
 

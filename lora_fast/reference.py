@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False where autocast does not exist (``meta``, which raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """s = α/r, or α/√r for rank-stabilised LoRA (Kalajdzievski 2023, as PEFT's ``use_rslora``)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -71,7 +79,7 @@ def lora_linear_ref(
         raise ValueError("keep_mask was given but training=False: dropout is off in eval mode")
     # Under autocast F.linear picks the compute dtype; otherwise run the LoRA term in the input's dtype
     # (fp32 adapters with bf16 activations) so that gradients flow back to the parameters through the cast.
-    if not torch.is_autocast_enabled(x.device.type):
+    if not autocast_enabled(x.device.type):
         lora_A, lora_B = lora_A.to(x_d.dtype), lora_B.to(x_d.dtype)
     xa = F.linear(x_d, lora_A)  # (..., r)
     return y + scaling * F.linear(xa, lora_B).to(y.dtype)  # (..., N)

@@ -84,10 +84,18 @@ def _offline(on: bool):
         constants.HF_HUB_OFFLINE = saved
 
 
-def _model_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+# load_base_model's tasks: the training CLI's two, and the rest of PEFT's task types for `lora-fast merge`.
+MODEL_CLASSES = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+                 "token-classification": "AutoModelForTokenClassification",
+                 "question-answering": "AutoModelForQuestionAnswering", "seq2seq-lm": "AutoModelForSeq2SeqLM",
+                 "feature-extraction": "AutoModel"}
+LABELLED_TASKS = ("classification", "token-classification")  # heads with num_labels outputs
 
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+def _model_class(task: str):
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[task])
 
 
 def random_gpt2(task: str = "causal-lm", num_labels: int = 2, seed: int = 0, vocab_size: int | None = None):
@@ -137,8 +145,10 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
         ConfigError: a missing or broken local directory, a name unknown to the hub, or offline with no cache.
     """
     cls = _model_class(task)
-    kw = {"num_labels": num_labels} if task == "classification" else {}
+    kw = {"num_labels": num_labels} if task in LABELLED_TASKS else {}
     if name == RANDOM_GPT2:
+        if task not in ("causal-lm", "classification"):
+            raise ConfigError(f"{RANDOM_GPT2} is a causal-LM or sequence-classification GPT-2, not a {task} model")
         return random_gpt2(task, num_labels, seed), RANDOM_GPT2
     path = Path(name).expanduser()
     if path.exists():

@@ -314,6 +314,18 @@ def test_rank_mismatch_with_existing_layers_and_alpha_update(saved):
     assert_rel_close(_logits(other, ids), _logits(model, ids), TOL, "existing layers reloaded")
 
 
+def test_non_strict_load_leaves_layers_absent_from_the_file_alone(saved):
+    """strict=False into a model with more LoRA layers than the file: the file's alpha/rsLoRA/dropout go to the
+    layers it loads only; the others keep their scaling (they used to take the file's alpha, 0.25x here)."""
+    directory, fresh, _ = saved  # c_attn only, rank 4, alpha 8
+    apply_lora(fresh, target_modules=["c_attn", "c_fc"], rank=4, alpha=32, dropout=0.2)
+    c_fc = {n: m for n, m in lora_layers(fresh).items() if n.endswith("c_fc")}
+    result = load_adapter(fresh, directory, strict=False)
+    assert sorted(result.missing_keys) == sorted(f"base_model.model.{n}.lora_{ab}.weight" for n in c_fc for ab in "AB")
+    assert all(m.scaling == 8.0 and m.lora.dropout == 0.2 for m in c_fc.values())
+    assert all(m.scaling == 2.0 for n, m in lora_layers(fresh).items() if n.endswith("c_attn"))
+
+
 def test_unsupported_config_and_models_are_refused(saved, tmp_path):
     directory, fresh, model = saved
     cfg_path = directory / "adapter_config.json"
@@ -775,3 +787,67 @@ def test_empty_layers_pattern_means_any_layer(tmp_path):
     assert sorted(lora_layers(fresh)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "layers_pattern ''")
+
+
+def _bert_token_cls(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                  vocab_size=VOCAB, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForTokenClassification(cfg).eval()
+
+
+def _t5(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, vocab_size=VOCAB,
+                                decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "SEQ_2_SEQ_LM"])
+def test_task_types_travel_and_merge(task, tmp_path):
+    """A token-classification (BERT) or seq2seq (T5) adapter is saved with PEFT's task type — the token head whole
+    in modules_to_save, as PEFT does — so AutoPeftModel picks the right class; `lora-fast merge` loads the base with
+    that class (it used to try AutoModelForCausalLM) and the merged model gives PEFT's outputs."""
+    from peft import AutoPeftModelForSeq2SeqLM, AutoPeftModelForTokenClassification
+
+    from lora_fast.cli import main as cli_main
+
+    make, auto_peft, auto = ((_bert_token_cls, AutoPeftModelForTokenClassification,
+                              transformers.AutoModelForTokenClassification) if task == "TOKEN_CLS" else
+                             (_t5, AutoPeftModelForSeq2SeqLM, transformers.AutoModelForSeq2SeqLM))
+    make().save_pretrained(tmp_path / "base")
+    model = auto.from_pretrained(tmp_path / "base").eval()
+    targets = ["query", "value"] if task == "TOKEN_CLS" else ["q", "v"]
+    apply_lora(model, targets, rank=4, alpha=8, modules_to_save=["classifier"] if task == "TOKEN_CLS" else None)
+    _randomise_lora(model)
+    if task == "TOKEN_CLS":
+        with torch.no_grad():
+            model.classifier.weight.add_(0.5)
+    save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == task
+    ids = _ids()
+    kw = {"input_ids": ids} if task == "TOKEN_CLS" else {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+    with torch.no_grad():
+        ref = model(**kw).logits
+        pm = auto_peft.from_pretrained(tmp_path / "a").eval()
+        assert_rel_close(pm(**kw).logits, ref, TOL, f"{task}: AutoPeftModel")
+    assert cli_main(["merge", "--adapter", str(tmp_path / "a"), "--output", str(tmp_path / "m")]) == 0
+    with torch.no_grad():
+        assert_rel_close(auto.from_pretrained(tmp_path / "m").eval()(**kw).logits, ref, TOL, f"{task}: merged")
+    # PEFT's file back into lora_fast and out again: the task type (and the head) are kept
+    pm.save_pretrained(tmp_path / "b")
+    fresh = auto.from_pretrained(tmp_path / "base").eval()
+    assert load_adapter(fresh, tmp_path / "b") == AdapterLoadResult([], [])
+    save_adapter(fresh, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["task_type"] == task
+    with torch.no_grad():
+        assert_rel_close(fresh(**kw).logits, ref, TOL, f"{task}: PEFT's file in lora_fast")
+
+
+def test_save_refuses_an_unknown_task_type(tmp_path):
+    model = apply_lora(_gpt2(), ["c_attn"], rank=2)
+    for bad in ("causal_lm", "FOO"):
+        with pytest.raises(ValueError, match=f"task_type '{bad}' is not one of PEFT's"):
+            save_adapter(model, tmp_path / "a", task_type=bad)
+    assert not (tmp_path / "a").exists()

@@ -346,3 +346,43 @@ def test_modules_to_save_errors_leave_the_model_alone():
     # a single name is one entry, not its characters; entries nested in another selected module are fine
     apply_lora(model, ["c_attn"], modules_to_save="ln_f")
     assert model.transformer.ln_f.weight.requires_grad
+
+
+def test_a_task_head_left_frozen_is_warned_about():
+    """PEFT's task_type trains a classification head whole; apply_lora without modules_to_save leaves it at its
+    (random) initial weights: a warning names the head and the fix. Nothing to say once it is trained."""
+    with pytest.warns(UserWarning, match=r"head 'score' stays frozen.*modules_to_save=\['score'\].*SEQ_CLS"):
+        apply_lora(tiny_gpt2_cls(), ["c_attn"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(tiny_gpt2_cls(), ["c_attn"], modules_to_save=["score"])
+        apply_lora(tiny_gpt2(), ["c_attn"])  # no task head
+
+
+def test_numpy_hyper_parameters_are_plain_numbers(tmp_path):
+    """A sweep's np.int64 rank / np.float32 alpha are accepted as PEFT accepts them, and stored as Python numbers
+    (the adapter config is JSON); np.bool_ and float ranks are still refused."""
+    import json
+
+    import numpy as np
+
+    from lora_fast import save_adapter
+
+    model = apply_lora(tiny_gpt2(), ["c_attn"], rank=np.int64(4), alpha=np.float32(8), dropout=np.float64(0.1))
+    layer = next(iter(lora_layers(model).values()))
+    assert type(layer.rank) is int and layer.lora.alpha == 8.0 and layer.scaling == 2.0
+    cfg = json.loads((save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.1)
+    for bad in (np.bool_(True), np.float64(4.0)):
+        with pytest.raises(ValueError, match="rank must be a positive int"):
+            LinearWithLoRA(nn.Linear(8, 8), rank=bad)
+
+
+def test_a_name_given_as_a_string_gets_the_list_hint():
+    """PEFT's rule: a string is a full-match regex, so "c_attn" matches nothing on GPT-2; the error says why and
+    what to pass, rather than listing 'c_attn' among the candidates without comment."""
+    with pytest.raises(ValueError, match=r"regular expression matched against the full module name.*\['c_attn'\]"):
+        apply_lora(tiny_gpt2(), "c_attn")
+    with pytest.raises(ValueError, match=r"matched no module") as e:
+        apply_lora(tiny_gpt2(), "nothing_like_it")
+    assert "regular expression" not in str(e.value)

@@ -312,3 +312,15 @@ def test_fp64_merge_round_trip_is_fp64_exact():
     assert_rel_close(layer(x), y, 1e-13, "merged")
     layer.unmerge_weights()
     assert (layer.weight - w0).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_meta_device_forward_and_backward_give_shapes(dropout):
+    """A model moved to ``meta`` (shape inference, as nn.Linear allows) runs: the autocast query used to raise
+    "unknown device type for autocast" there."""
+    layer = LinearWithLoRA(Conv1D(12, 20), rank=4, dropout=dropout).to("meta").train()
+    x = torch.randn(3, 5, 20, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, 12) and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.lora.lora_A.grad.shape == (4, 20)
