@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for these architectures (distilbert: ours).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (0.21: every architecture it lists; distilbert: ours).
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "gpt2": ["c_attn"],
     "gpt_bigcode": ["c_attn"],
     "gpt_neo": ["q_proj", "v_proj"],
@@ -43,6 +43,27 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj"],
     "falcon": ["query_key_value"],
     "bloom": ["query_key_value"],
+    "mt5": ["q", "v"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # a regex, as in PEFT
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
@@ -74,7 +95,8 @@ def _resolve_targets(model: nn.Module, target_modules):
                 f"no default target_modules for model_type={model_type!r}; pass target_modules= (names, a regex, "
                 "or 'all-linear')"
             )
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        default = DEFAULT_TARGET_MODULES[model_type]
+        return default if isinstance(default, str) else list(default)
     if isinstance(target_modules, str):
         if target_modules.lower() == "all-linear":
             return "all-linear"

@@ -386,3 +386,19 @@ def test_a_name_given_as_a_string_gets_the_list_hint():
     with pytest.raises(ValueError, match=r"matched no module") as e:
         apply_lora(tiny_gpt2(), "nothing_like_it")
     assert "regular expression" not in str(e.value)
+
+
+def test_default_targets_cover_peft_table():
+    """target_modules=None knows every architecture PEFT's default table knows, with the same modules (an
+    XLM-RoBERTa model used to get 'no default target_modules')."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from lora_fast.inject import DEFAULT_TARGET_MODULES
+
+    for model_type, targets in peft_defaults.items():
+        assert DEFAULT_TARGET_MODULES.get(model_type) == targets, model_type
+    cfg = XLMRobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                           vocab_size=64)
+    model = apply_lora(XLMRobertaModel(cfg), rank=2)
+    assert set(lora_layers(model)) == {"encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"}
