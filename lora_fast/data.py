@@ -2,8 +2,9 @@
 
 Default corpus: ``pydoc_data.topics`` — the help texts behind ``help('topics')``, ~460 KB of English technical
 prose that ships with every CPython, so the first run needs no download. Its distinct topic texts (78 in CPython
-3.11) are documents; a seeded shuffle puts ``val_fraction`` of them (at least one) in the validation split, so no
-document is in both. Other files are split the same way (one document only: cut at a word boundary).
+3.11) are documents; whole documents, in a seeded order, go to the validation split until it holds ``val_fraction``
+of the text by characters, so no document is in both (documents too large for that share: the largest one's tail is
+cut off at a word boundary). Other files are split the same way.
 
 ``--dataset`` may also be a plain-text file (documents = blank-line separated paragraphs), JSON lines (one object
 per line, the ``text`` field, a string; a ``.json`` file may also hold one array of such objects), CSV/TSV (the
@@ -103,7 +104,7 @@ def _json_docs(path: Path, text_column: str | None) -> list[str]:
         items = [(f"{path} item {i}", o) for i, o in enumerate(objs, 1)]
     else:
         items = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028/U+0085 may sit inside strings
             if not line.strip():
                 continue
             try:
@@ -136,19 +137,40 @@ def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
     return [d.strip() for d in docs if d and d.strip()]
 
 
+def _cut(text: str, fraction: float) -> tuple[str, str]:
+    """``text`` cut near ``1 - fraction`` of its length at a whitespace: (head, tail)."""
+    cut = int(len(text) * (1 - fraction))
+    space = text.rfind(" ", 0, cut)
+    cut = space if space > 0 else cut
+    return text[:cut].strip(), text[cut:].strip()
+
+
 def _split_docs(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    if len(docs) == 1:  # one document: cut it near (1 - val_fraction) at a whitespace
-        text = docs[0]
-        cut = int(len(text) * (1 - val_fraction))
-        space = text.rfind(" ", 0, cut)
-        cut = space if space > 0 else cut
-        return [text[:cut].strip()], [text[cut:].strip()]
+    """Whole documents, in a seeded order, go to validation until they hold ``val_fraction`` of the text (by
+    characters: one long document among short ones must not take most of the data). A document that would
+    overshoot the share by a fifth is passed over; when no combination comes near (a few large documents), the
+    largest training document's tail makes up the rest, cut at a word boundary."""
+    if len(docs) == 1:
+        head, tail = _cut(docs[0], val_fraction)
+        return [head], [tail]
+    target = val_fraction * sum(map(len, docs))
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(docs) * val_fraction))
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
-    return [docs[i] for i in train], [docs[i] for i in val]
+    val, chars = [], 0
+    for i in order:
+        if chars >= target:
+            break
+        if chars + len(docs[i]) <= 1.2 * target:
+            val.append(i)
+            chars += len(docs[i])
+    train = [docs[i] for i in sorted(set(order) - set(val))]
+    val_docs = [docs[i] for i in sorted(val)]
+    if chars < 0.5 * target:  # nothing fits: take the missing share off the largest training document
+        j = max(range(len(train)), key=lambda k: len(train[k]))
+        head, tail = _cut(train[j], (target - chars) / len(train[j]))
+        train[j] = head
+        val_docs.append(tail)
+    return train, val_docs
 
 
 def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list[str] | None]:
@@ -220,12 +242,21 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
                                    model_max_length=1 << 30)
 
 
-def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str) -> torch.Tensor:
-    """Token ids of ``docs`` joined by EOS and cut into full blocks: (n_blocks, max_length) int64.
+def separator_id(tokenizer) -> int | None:
+    """The token put between documents: EOS, else SEP (BERT-style tokenizers have no EOS), else None."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
-    Raises ``ConfigError`` when the split holds fewer than ``max_length`` tokens (not even one block).
+
+def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str) -> torch.Tensor:
+    """Token ids of ``docs`` joined by EOS (``separator_id``) and cut into full blocks: (n_blocks, max_length)
+    int64.
+
+    Raises ``ConfigError`` when the split holds fewer than ``max_length`` tokens (not even one block), or the
+    tokenizer has no separator.
     """
-    eos = tokenizer.eos_token_id
+    eos = separator_id(tokenizer)
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS (or SEP) token to put between documents")
     ids: list[int] = []
     for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)

@@ -99,7 +99,8 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
 
 def _table_md(rows) -> str:
     def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+        text = f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+        return text.replace("|", "\\|")  # a target regex's alternation must not split the cell
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]

@@ -85,6 +85,12 @@ def prepare(opts, log=log_stderr) -> Prepared:
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer of {opts.model!r} has {len(tokenizer)} tokens but the model only "
                           f"{model.get_input_embeddings().num_embeddings} embeddings")
+    elif opts.task == "classification" and tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {opts.model!r} has no padding token (nor an EOS token to pad with); "
+                          "set tokenizer.pad_token and save the tokenizer with the model")
+    elif opts.task != "classification" and D.separator_id(tokenizer) is None:
+        raise ConfigError(f"the tokenizer of {opts.model!r} has no EOS (or SEP) token to put between documents; "
+                          "set tokenizer.eos_token and save the tokenizer with the model")
     if opts.task == "classification":
         set_special_tokens(model, tokenizer.pad_token_id, ("pad_token_id",))  # GPT-2 pools the last non-pad token
         model.config.id2label = dict(enumerate(label_names))

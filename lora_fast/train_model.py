@@ -208,7 +208,7 @@ def load_tokenizer(name: str):
     if tok is None:
         return None
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token  # None: refused by prepare
     return tok
 
 

@@ -325,6 +325,22 @@ def test_module_entry_point_exit_status(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- review round 3: data, sweep
+@pytest.mark.parametrize("seed", [0, 5])
+def test_val_fraction_is_a_share_of_the_text(tmp_path, seed):
+    """--val_fraction counts characters, not documents: one 38 KB document among two 2 KB ones used to go to
+    validation whole (91 % of the text) for some seeds; two equal documents gave validation half. Every word stays
+    in exactly one split."""
+    f = tmp_path / "three.txt"
+    docs = [" ".join(f"w{i}" for i in range(n)) for n in (9000, 500, 480)]
+    f.write_text("\n\n".join(docs) + "\n")
+    for text in (docs, docs[1:]):
+        f.write_text("\n\n".join(text) + "\n")
+        train, val, _ = load_texts(str(f), val_fraction=0.1, seed=seed)
+        share = sum(map(len, val)) / sum(map(len, train + val))
+        assert 0.05 <= share <= 0.12, share
+        assert sorted(" ".join(train + val).split()) == sorted(" ".join(text).split())
+
+
 def test_csv_bom_json_array_and_val_fraction_of_one_csv(tmp_path):
     from lora_fast.data import load_classification
 
@@ -416,3 +432,71 @@ def test_sweep_target_modules_used_or_refused(tmp_path, capsys):
         assert cli_main(["sweep", "--alphas", "16", bad, "--output_dir", str(tmp_path / "o")]) == 2
         assert f"--alphas: '{bad}' must be a positive finite number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028/U+2029/U+0085 raw inside strings; they are not record
+    separators of JSON lines (splitlines() cut records there, and the reported line numbers drifted)."""
+    f = tmp_path / "d.jsonl"
+    texts = [f"doc {i} a\u2028b\u2029c\x85d" for i in range(6)]
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    train, val, _ = load_texts(str(f), val_fraction=0.2, seed=0)
+    assert sorted(train + val) == sorted(texts)
+    f.write_text(f.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 7 is not valid JSON"):
+        load_texts(str(f))
+
+
+def test_non_utf8_yaml_config_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes("rank: 4\n# r\xe9sum\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        parse_train_args(["--config", str(cfg)])
+
+
+def test_sweep_table_escapes_a_regex_alternation():
+    from lora_fast.sweep import COLUMNS, _table_md
+
+    row = {c: 1 for c in COLUMNS} | {"target_modules": ".*c_(attn|fc)"}
+    line = _table_md([row]).splitlines()[2]
+    assert line.replace("\\|", "").count("|") == len(COLUMNS) + 1 and "c_(attn\\|fc)" in line
+
+
+def _bert_lm_with_wordpiece(path, special=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), **tok_kw):
+    from transformers import BertConfig, BertLMHeadModel, BertTokenizerFast
+
+    words = "the a of to and in is it that for on with as was this by be are".split()
+    (path / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join([*special, *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab), **tok_kw)
+    torch.manual_seed(0)
+    BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                               vocab_size=len(tok), max_position_embeddings=64, is_decoder=True)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_tokenizers_without_eos_or_pad(tmp_path, capsys):
+    """A BERT-style tokenizer has no EOS: documents are joined with its SEP (it used to crash in lm_blocks with a
+    TypeError); one with neither EOS nor SEP, or a classification run without any padding token, is a one-line
+    error before training, exit 2, nothing written."""
+    text = tmp_path / "d.txt"
+    text.write_text("\n\n".join("the cat is on the mat and it was a good day for a walk " * 4 for _ in range(30)))
+    common = ["--max_steps", "1", "--batch_size", "2", "--max_length", "16", "--eval_batches", "1", "--no-progress",
+              "--target_modules", "query", "value"]
+    bert = _bert_lm_with_wordpiece(tmp_path / "bert")
+    assert cli_main(["train", "--model", str(bert), "--dataset", str(text), *common,
+                     "--output_dir", str(tmp_path / "o1")]) == 0
+    bare = _bert_lm_with_wordpiece(tmp_path / "bare", special=("[UNK]",), sep_token=None, pad_token=None,
+                                   cls_token=None, mask_token=None)
+    assert cli_main(["train", "--model", str(bare), "--dataset", str(text), *common,
+                     "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "has no EOS (or SEP) token" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    for split in ("train", "validation"):
+        (cls / f"{split}.csv").write_text("Label,Text\n" + "".join(f"{i % 2},the cat {i}\n" for i in range(8)))
+    assert cli_main(["train", "--task", "classification", "--model", str(bare), "--dataset", str(cls), *common,
+                     "--output_dir", str(tmp_path / "o3")]) == 2
+    assert "has no padding token" in capsys.readouterr().err and not (tmp_path / "o3").exists()
