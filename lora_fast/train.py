@@ -143,6 +143,15 @@ def _loaders(opts, prep: Prepared, ctx):
     return loaders
 
 
+def lr_schedule(optimizer, warmup_ratio: float, total: int):
+    """transformers' linear schedule, as the Trainer builds it (``TrainingArguments.get_warmup_steps``): warm-up
+    over ceil(ratio·total) steps from 0, then linear decay to 0 at ``total`` — the same learning rate per step as
+    an HF Trainer run with ``warmup_ratio`` (so its first step, with warm-up, runs at lr 0, as the Trainer's)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+
+
 def _inject(opts, model):
     from lora_fast import apply_lora
 
@@ -222,7 +231,11 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     eval_model = model if ctx.mode == "fsdp" else plain
     D.seed_dropout_rng(opts.seed, ctx)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    # weight decay as the HF Trainer: not on biases and norm weights (1-D), only on matrices (LoRA A/B, a head's W)
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": [p for p in params if p.ndim >= 2]}] + ([{"params": no_decay, "weight_decay": 0.0}]
+                                                                   if no_decay else [])
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     n_micro, ga = len(loaders["train"]), opts.gradient_accumulation_steps  # micro-batches per pass (per rank)
     n_rows, bs = len(loaders["train"].sampler), opts.batch_size  # examples per pass (per rank; equal on all ranks)
     if n_micro == 0:
@@ -233,9 +246,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total) if resume_path else None
     if resumed:
         C.load_trainable(plain, resumed["trainable"], resume_path)  # DDP replicas: every rank loads the same
-    warmup = round(opts.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
-                                              else max(0.0, (total - s) / max(1, total - warmup)))
+    sched = lr_schedule(optimizer, opts.warmup_ratio, total)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
@@ -321,10 +332,14 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                         torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                     lr = optimizer.param_groups[0]["lr"]
                     in_update = True  # from here to the next boundary an interrupt leaves no consistent state
+                    scale = scaler.get_scale() if scaler.is_enabled() else None
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                    sched.step()
+                    if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: no update was made
+                        m["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0) + 1
+                    else:  # as accelerate's scheduler (HF Trainer): the schedule advances with real updates only
+                        sched.step()
                     step += 1
                     if ctx.enabled:  # the global batch: mean loss over ranks, tokens of all ranks
                         acc_loss, acc_tokens = D.all_reduce_sum([acc_loss / ctx.world_size, acc_tokens], ctx, device)
@@ -390,6 +405,11 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                     "test accuracy")
         metrics = finish_metrics(m, opts, prep, step, total, tokens_seen, t_start, device, used,
                                  interrupted)
+        if opts.fp16:
+            metrics["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0)
+            if metrics["fp16_skipped_steps"]:
+                log(f"fp16: {metrics['fp16_skipped_steps']} of {step} optimizer steps were skipped (inf/NaN "
+                    "gradients; the gradient scaler lowered its scale and the schedule waited)")
         per_step = reduced[0] / max(step - start_step, 1) if ctx.mode == "ddp" else None  # this process's steps
         metrics.update(distributed=ctx.mode, world_size=ctx.world_size, dist_backend=ctx.backend,
                        per_device_batch_size=opts.batch_size, global_batch_size=opts.batch_size * ctx.world_size

@@ -500,3 +500,28 @@ def test_tokenizers_without_eos_or_pad(tmp_path, capsys):
     assert cli_main(["train", "--task", "classification", "--model", str(bare), "--dataset", str(cls), *common,
                      "--output_dir", str(tmp_path / "o3")]) == 2
     assert "has no padding token" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+
+def test_weight_decay_spares_biases_and_norms(tmp_path, monkeypatch):
+    """--weight_decay applies to matrices only (LoRA A/B, the head's weight), not to the head's bias: the HF
+    Trainer's grouping. A BERT classifier's head has a bias (GPT-2's score has none)."""
+    real, made = torch.optim.AdamW, []
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    bert = _bert_lm_with_wordpiece(tmp_path / "bert")
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    for split in ("train", "validation"):
+        (cls / f"{split}.csv").write_text("Label,Text\n" + "".join(f"{i % 2},the cat {i}\n" for i in range(8)))
+    assert cli_main(["train", "--task", "classification", "--model", str(bert), "--dataset", str(cls),
+                     "--max_steps", "1", "--batch_size", "4", "--max_length", "16", "--weight_decay", "0.1",
+                     "--target_modules", "query", "value", "--no-progress",
+                     "--output_dir", str(tmp_path / "o")]) == 0
+    groups = made[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and [p.ndim for p in groups[1]["params"]] == [1]

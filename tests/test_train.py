@@ -484,3 +484,48 @@ def test_csv_field_longer_than_the_csv_module_default(tmp_path):
     (tmp_path / "big.csv").write_text(f"Label,Text\nham,{text}\nspam,short\n")
     rows = read_csv(tmp_path / "big.csv")
     assert [(line, r["Label"], len(r["Text"])) for line, r in rows] == [(2, "ham", len(text)), (3, "spam", 5)]
+
+
+@pytest.mark.parametrize("ratio, total", [(0.05, 10), (0.05, 50), (0.3, 10), (0.0, 7), (0.99, 4)])
+def test_lr_schedule_is_the_hf_trainers(ratio, total):
+    """Per-step learning rates equal an HF Trainer's with the same warmup_ratio and steps (its warm-up count is
+    ceil(ratio·total), from lr 0): computed here from TrainingArguments (transformers 5: a warmup_steps below 1 is
+    the ratio) and the Trainer's own scheduler factory."""
+    from transformers import TrainingArguments
+    from transformers.optimization import get_scheduler
+
+    from lora_fast.train import lr_schedule
+
+    def lrs(make):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched, out = make(opt), []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    args = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
+    hf = lrs(lambda o: get_scheduler("linear", o, args.get_warmup_steps(total), total))
+    assert lrs(lambda o: lr_schedule(o, ratio, total)) == hf
+
+
+def test_fp16_skipped_steps_are_counted_and_hold_the_schedule(tiny_gpt2, tmp_path):
+    """Under --fp16 the gradient scaler skips the update of a step with inf/NaN gradients; such a step is counted
+    (fp16_skipped_steps) and, as with accelerate's scheduler in the HF Trainer, does not advance the learning rate
+    schedule: the next step runs at the same rate. Embeddings ×300 make fp16 overflow certain."""
+    from lora_fast.train import prepare, train
+    from lora_fast.train_args import parse_train_args
+
+    opts = parse_train_args(["--model", str(tiny_gpt2), "--fp16", "--max_steps", "8", "--warmup_ratio", "0",
+                             "--max_length", "32", "--batch_size", "4", "--eval_batches", "1", "--eval_steps", "100",
+                             "--lr", "0.01", "--device", "cpu", "--output_dir", str(tmp_path / "o"), "--no-progress"])
+    prep = prepare(opts, log=lambda msg: None)
+    with torch.no_grad():
+        prep.model.transformer.wte.weight.mul_(300)
+    m = train(opts, prep, log=lambda msg: None)
+    lr = m["learning_rate"]
+    held = sum(a == b for a, b in zip(lr, lr[1:]))  # warm-up 0: the rate falls at every real update
+    # a skipped step holds the next step's rate; a skip at the last step has no next step to show it
+    assert m["steps"] == 8 and held >= 1 and held <= m["fp16_skipped_steps"] <= held + 1
+    assert lr[-1] == pytest.approx(0.01 * (1 + held) / 8)  # 7 - held real updates before the last step
