@@ -241,6 +241,9 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     if n_micro == 0:
         raise ConfigError(f"the training set has {len(loaders['train'].dataset)} examples, fewer than the "
                          f"{ctx.world_size} processes: each needs at least one")
+    # --eval_batches counts global batches (batch_size × processes × accumulation sequences), so that runs with the
+    # same global batch evaluate the same sequences; evaluate() takes per-device loader batches over all ranks
+    eval_cap = opts.eval_batches * ctx.world_size * ga if opts.eval_batches else None
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
     resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total) if resume_path else None
@@ -273,7 +276,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     say = bar.write if main else (lambda msg: None)  # tqdm.write prints even when the bar is disabled
 
     def do_eval():
-        r = evaluate(eval_model, loaders["validation"], device, amp, opts.eval_batches, ctx)
+        r = evaluate(eval_model, loaders["validation"], device, amp, eval_cap, ctx)
         m["eval"].append({"step": step, **{f"eval_{k}": v for k, v in r.items()}})
         if writer:
             for k, v in r.items():
@@ -281,8 +284,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         say(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in r.items()))
 
     def epoch_accuracy():
-        tr = evaluate(eval_model, loaders["train_eval"], device, amp, opts.eval_batches, ctx)
-        va = evaluate(eval_model, loaders["validation"], device, amp, opts.eval_batches, ctx)
+        tr = evaluate(eval_model, loaders["train_eval"], device, amp, eval_cap, ctx)
+        va = evaluate(eval_model, loaders["validation"], device, amp, eval_cap, ctx)
         ep = round(step / steps_per_epoch, 3)
         m["epochs"].append({"epoch": ep, "step": step, "train_accuracy": tr["accuracy"],
                             "val_accuracy": va["accuracy"], "val_loss": va["loss"]})

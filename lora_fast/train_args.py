@@ -54,7 +54,9 @@ OPTIONS: dict[str, tuple] = {
                       "gradient clipping norm"),
     "max_length": (int, 128, lambda v: isinstance(v, int) and v >= 2, "an integer >= 2", "tokens per sequence"),
     "eval_steps": (int, 50, _pos_int, "a positive integer", "evaluate every N optimizer steps (and at the end)"),
-    "eval_batches": (int, None, _pos_int, "a positive integer", "cap on evaluation batches (default: all)"),
+    "eval_batches": (int, None, _pos_int, "a positive integer",
+                     "cap on evaluation batches (default: all), each a global batch: batch_size x processes x "
+                     "gradient_accumulation_steps sequences"),
     "val_fraction": (float, 0.1, lambda v: 0.0 < v < 1.0, "in (0, 1)", "held-out share when the data has no "
                      "validation split"),
     "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),

@@ -103,6 +103,9 @@ def _check_against_single(ref: Path, out: Path, dump: Path, proc, mode: str, wor
     assert (m["distributed"], m["world_size"], m["dist_backend"], m["global_batch_size"]) == (mode, world, backend, 8)
     assert m["tokens_seen"] == m1["tokens_seen"] == 4 * 8 * 32
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"]), LOSS_TOL, "train loss")
+    # --eval_batches counts global batches: the same sequences are evaluated as by the one process
+    assert m["eval_steps"] == m1["eval_steps"]
+    assert_rel_close(torch.tensor(m["eval_loss"]), torch.tensor(m1["eval_loss"]), LOSS_TOL, "eval loss")
     assert m["parameters"]["trainable"] == TRAINABLE
     # rank 0 alone reports: one summary, one line per evaluation; no stray staging directories
     assert proc.stdout.count("lora-fast train done") == 1, proc.stdout
@@ -217,6 +220,9 @@ def test_fsdp_classification_two_epochs_equal_one_process(setup):
         assert_rel_close(saved[k], single[k], ADAPTER_TOL, f"fsdp classification vs one process: {k}")
     m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (out, ref))
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"]), LOSS_TOL, "train loss")
+    # --eval_batches counts global batches: the same sequences are evaluated as by the one process
+    assert m["eval_steps"] == m1["eval_steps"]
+    assert_rel_close(torch.tensor(m["eval_loss"]), torch.tensor(m1["eval_loss"]), LOSS_TOL, "eval loss")
     assert len(m["train_loss"]) == 16 and [e["epoch"] for e in m["epochs"]] == [1.0, 2.0]
     for e, e1 in zip(m["epochs"], m1["epochs"], strict=True):  # 2 × 4 = 8 rows per global batch, like batch 8
         assert e["train_accuracy"] == e1["train_accuracy"] and e["val_accuracy"] == e1["val_accuracy"]
