@@ -106,7 +106,8 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         raise ConfigError(f"--output {output!r} and --adapter {adapter!r} overlap (the same directory, or one inside "
                           "the other): writing the merged model there would delete the adapter; choose another "
                           "--output")
-    out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter})
+    out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter}, markers=("config.json",),
+                           flag="--output")
     task_type = cfg.get("task_type") or "CAUSAL_LM"  # PEFT's default model class for an adapter without one
     if task_type not in TASKS:
         raise ConfigError(f"{cfg_path}: task_type {task_type!r} is not one of PEFT's {sorted(TASKS)}")

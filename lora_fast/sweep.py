@@ -121,7 +121,8 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     from lora_fast.train import prepare, resolve_device, run_inputs, train
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
-    out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
+    out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,
+                           markers=("sweep_results.csv", "sweep_results.md"))
     resolve_device(opts.device)
     prep = prepare(opts, log)
     from lora_fast.inject import find_target_modules

@@ -53,8 +53,11 @@ def peft_task_type(opts) -> str:
     return "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
 
 
+RUN_MARKERS = ("training_metrics.json", "adapter_config.json")  # what a `lora-fast train` output always holds
+
+
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
-                     checkpoint_dir: str | None = None) -> Path:
+                     checkpoint_dir: str | None = None, markers=RUN_MARKERS, flag: str = "output_dir") -> Path:
     """Refuse an output directory the run could not replace safely; returns the resolved path.
 
     Refused: a file, a directory under a file or an unwritable place (``check_creatable_dir``); an existing
@@ -62,28 +65,35 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
     (``inputs``: {flag: path}; hub names, which are no local path, are skipped) or the current directory —
     replacing it would delete them; and a ``logdir`` or
     ``checkpoint_dir`` inside it (written during the run, they would vanish when the finished outputs replace the
-    directory).
+    directory). ``overwrite`` replaces only an earlier run's output: a non-empty directory holding none of
+    ``markers`` (a project folder given by mistake) is refused, never deleted.
     """
-    out = check_creatable_dir(output_dir, "output_dir")
+    out = check_creatable_dir(output_dir, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output_dir {output_dir!r} exists and is not empty; choose another directory or pass "
+        raise ConfigError(f"{flag} {output_dir!r} exists and is not empty; choose another directory or pass "
                           "--overwrite")
     if logdir and _inside(Path(logdir).expanduser().resolve(), out):
-        raise ConfigError(f"--logdir {logdir!r} is inside output_dir {output_dir!r}, which is replaced as a whole "
+        raise ConfigError(f"--logdir {logdir!r} is inside {flag} {output_dir!r}, which is replaced as a whole "
                           "when the run finishes (deleting the logs); put the logs beside it, e.g. "
                           f"{str(out.parent / (out.name + '-logs'))!r}")
     if checkpoint_dir and _inside(Path(checkpoint_dir).expanduser().resolve(), out):
-        raise ConfigError(f"--checkpoint_dir {checkpoint_dir!r} is inside output_dir {output_dir!r}, which is "
+        raise ConfigError(f"--checkpoint_dir {checkpoint_dir!r} is inside {flag} {output_dir!r}, which is "
                           "replaced as a whole when the run finishes (deleting the checkpoints); leave the default "
                           f"{str(out.parent / (out.name + '-checkpoints'))!r} or choose another directory beside it")
     if overwrite:
-        named = {flag: p for flag, p in (inputs or {}).items() if p and Path(p).expanduser().exists()}
+        named = {name: p for name, p in (inputs or {}).items() if p and Path(p).expanduser().exists()}
         named["the current directory"] = os.getcwd()
-        for flag, p in named.items():
+        for name, p in named.items():
             if _inside(Path(p).expanduser().resolve(), out):
-                what = flag if flag.startswith("the ") else f"{flag} {str(p)!r}"
-                raise ConfigError(f"output_dir {output_dir!r} contains {what}: --overwrite replaces the whole "
-                                  "directory and would delete it; choose another output_dir")
+                what = name if name.startswith("the ") else f"{name} {str(p)!r}"
+                raise ConfigError(f"{flag} {output_dir!r} contains {what}: --overwrite replaces the whole "
+                                  f"directory and would delete it; choose another {flag}")
+        if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in markers):
+            found = sorted(p.name for p in out.iterdir())
+            raise ConfigError(f"{flag} {output_dir!r} is not an earlier lora-fast output (it holds "
+                              f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''} and no "
+                              f"{' or '.join(markers)}): --overwrite replaces a previous run's directory as a whole "
+                              f"and would delete these; choose another {flag} or empty it first")
     return out
 
 

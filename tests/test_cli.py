@@ -127,12 +127,17 @@ def _write_csvs(root, train: str, validation: str):
 
 
 def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsys):
+    """A non-empty output_dir needs --overwrite, which replaces an earlier run's directory as a whole; a directory
+    that is no lora-fast output (a project folder given by mistake) is refused even with --overwrite, untouched."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert cli_main(_bad(tmp_path, tiny_gpt2, [])) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 2
+    assert "is not an earlier lora-fast output (it holds keep.txt" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "training_metrics.json").write_text("{}")  # an earlier run's directory (plus a stray file)
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))

@@ -345,6 +345,22 @@ def test_merge_refuses_output_overlapping_the_adapter(trained, tmp_path, capsys)
     assert (models / "base" / "config.json").is_file()
 
 
+def test_merge_overwrite_replaces_only_a_model_directory(trained, tmp_path, capsys):
+    """lora-fast merge --overwrite replaces an earlier merged model (config.json), never a folder of other files;
+    the errors name --output, the flag the user typed."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(out)]) == 2
+    assert f"--output {str(out)!r} exists and is not empty" in capsys.readouterr().err
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(out), "--overwrite"]) == 2
+    assert f"--output {str(out)!r} is not an earlier lora-fast output" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.md"]
+    (out / "config.json").write_text("{}")
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "notes.md").exists()
+
+
 def tiny_gpt2_path(trained) -> str:
     """The base model a training output names (its adapter_config's base_model_name_or_path)."""
     return json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"]
