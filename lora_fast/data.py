@@ -89,6 +89,13 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
     out, line = [], 1
     for row in reader:
         out.append((line + 1, row))  # a row's first line (quoted fields may span several)
+        if delim == "\t":  # tabs are rare in text: several tab-holding lines inside one field are swallowed rows
+            swallowed = max((sum("\t" in ln for ln in v.split("\n")) for v in row.values() if isinstance(v, str)),
+                            default=0)
+            if swallowed >= 2:
+                raise ConfigError(f"{path}: the row on line {line + 1} has a field opening a quote (\") that closes "
+                                  f"only on line {reader.line_num}, taking in {swallowed} lines that look like rows; "
+                                  "close the quote, or write the TSV without quoting")
         line = reader.line_num
     return out
 
@@ -184,16 +191,22 @@ def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list
     if not hub_reachable():
         raise ConfigError(f"dataset {name!r} is not a local file and the Hugging Face hub is not reachable "
                           "(offline); pass a local file with --dataset")
+    path, _, config = name.partition(":")  # "wikitext:wikitext-2-raw-v1": a dataset and its configuration
     try:
-        ds = datasets.load_dataset(name)
+        ds = datasets.load_dataset(path, config or None)
     except Exception as e:  # noqa: BLE001  (datasets raises many types; the message says what went wrong)
         raise ConfigError(f"could not load dataset {name!r}: {str(e).splitlines()[0]}") from None
     if "train" not in ds:
         raise ConfigError(f"dataset {name!r} has no 'train' split (splits: {list(ds)})")
     col = _pick_column(ds["train"].column_names, text_column, f"dataset {name!r}")
+    feature = ds["train"].features[col]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ConfigError(f"dataset {name!r}: column {col!r} holds {feature}, not text; name a string column with "
+                          "--text_column")
     val_split = next((s for s in ("validation", "test") if s in ds), None)
     train = [t for t in ds["train"][col] if t and t.strip()]
-    return train, ([t for t in ds[val_split][col] if t and t.strip()] if val_split else None)
+    val = [t for t in ds[val_split][col] if t and t.strip()] if val_split else []
+    return train, (val or None)  # a split without text: validation is taken from train, as for files
 
 
 def load_texts(dataset: str | None, text_column: str | None = None, val_fraction: float = 0.1,

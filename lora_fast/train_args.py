@@ -35,7 +35,8 @@ OPTIONS: dict[str, tuple] = {
     "model": (str, "gpt2", None, "", "local model directory, hub name, or 'gpt2-random' (GPT-2 124M, random init)"),
     "task": (str, "causal-lm", lambda v: v in TASK_CHOICES, f"one of {TASK_CHOICES}", "causal-lm or classification"),
     "dataset": (str, None, None, "", "text/JSON lines/CSV file (a directory of train/validation/test CSVs for "
-                "classification) or a `datasets` hub name; default: Python's pydoc_data.topics corpus"),
+                "classification) or a `datasets` hub name (NAME, or NAME:CONFIG such as wikitext:wikitext-2-raw-v1); "
+                "default: Python's pydoc_data.topics corpus"),
     "text_column": (str, None, None, "", "column/field holding the text (default: 'text' or 'Text')"),
     "rank": (int, 8, _pos_int, "a positive integer", "LoRA rank r"),
     "alpha": (float, 16.0, _pos_float, "a positive number", "LoRA alpha (scaling = alpha / rank)"),

@@ -530,3 +530,42 @@ def test_weight_decay_spares_biases_and_norms(tmp_path, monkeypatch):
     groups = made[0].param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(p.ndim == 2 for p in groups[0]["params"]) and [p.ndim for p in groups[1]["params"]] == [1]
+
+
+def test_hub_dataset_config_column_type_and_empty_validation(monkeypatch):
+    """A hub dataset (simulated: no network here) takes NAME:CONFIG; a non-text column is a one-line error (it
+    was an AttributeError on int.strip); a validation split without text falls back to a split of train (it was an
+    IndexError in the tokenizer)."""
+    import datasets
+
+    from lora_fast import train_model
+
+    calls = []
+
+    def fake_load(path, config=None):
+        calls.append((path, config))
+        rows = {"text": [f"document {i} " * 5 for i in range(20)], "label": list(range(20))}
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                     "validation": datasets.Dataset.from_dict({"text": ["", "  "], "label": [0, 1]})})
+
+    monkeypatch.setattr(train_model, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train, val, src = load_texts("someone/corpus:small", val_fraction=0.1, seed=0)
+    assert calls == [("someone/corpus", "small")] and src == "datasets:someone/corpus:small"
+    assert len(val) >= 1 and len(train) + len(val) == 20 and not set(train) & set(val)
+    with pytest.raises(ConfigError, match="column 'label' holds .*not text"):
+        load_texts("someone/corpus", text_column="label")
+
+
+def test_tsv_with_an_unclosed_quote_is_named_not_swallowed(tmp_path):
+    """In a TSV, a field that opens a quote and never closes it used to swallow the rest of the file into one
+    document (249 rows became 3, silently); a quoted field holding newlines but no rows still reads."""
+    f = tmp_path / "d.tsv"
+    rows = [f"{i}\tsentence number {i} of the file" for i in range(10)]
+    rows[3] = '3\t"an opening quote never closed'
+    f.write_text("id\ttext\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=r"row on line 5 has a field opening a quote"):
+        load_texts(str(f))
+    f.write_text('id\ttext\n0\t"two lines\nin one quoted field"\n' + "\n".join(rows[4:]) + "\n")
+    train, val, _ = load_texts(str(f), val_fraction=0.2, seed=0)
+    assert "two lines\nin one quoted field" in train + val and len(train + val) == 7
