@@ -140,6 +140,9 @@ def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
         col = _pick_column(rows[0].keys(), text_column, str(path)) if rows else None
         docs = [r[col] or "" for r in rows]
     else:
+        if text_column:  # a plain-text file has no columns: the option would be ignored silently
+            raise ConfigError(f"--text_column {text_column!r} is for JSON lines and CSV files; {path} is plain text "
+                              "(documents are blank-line separated paragraphs)")
         docs = re.split(r"\n\s*\n", read_utf8(path))
     return [d.strip() for d in docs if d and d.strip()]
 
@@ -217,6 +220,8 @@ def load_texts(dataset: str | None, text_column: str | None = None, val_fraction
         ConfigError: a missing, empty or malformed file; an unreachable hub dataset.
     """
     if dataset is None:
+        if text_column:
+            raise ConfigError(f"--text_column {text_column!r} needs --dataset (the default corpus has no columns)")
         train, val = _split_docs(default_corpus(), val_fraction, seed)
         return train, val, "pydoc_data.topics (Python standard library)"
     path = Path(dataset).expanduser()

@@ -459,13 +459,16 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
                      opts.checkpoint_dir)
     check_options(opts)
+    from transformers.utils import logging as hf_logging
+
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
+    bars = hf_logging.is_progress_bar_enabled()
     try:
         if not ctx.enabled:
             resolve_device(opts.device)
+        if not opts.progress:  # --no-progress also hides transformers' "Loading weights" bar
+            hf_logging.disable_progress_bar()
         if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers
-            from transformers.utils import logging as hf_logging
-
             hf_logging.disable_progress_bar()
             hf_logging.set_verbosity_error()
         torch.manual_seed(opts.seed)  # weights from_pretrained initialises (a new classification head) follow --seed
@@ -474,6 +477,9 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     except BaseException:
         D.shutdown(ctx, ok=False)
         raise
+    finally:
+        if bars and not opts.progress:
+            hf_logging.enable_progress_bar()
     D.shutdown(ctx)
     return metrics
 

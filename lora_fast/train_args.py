@@ -116,7 +116,7 @@ def _convert(name: str, value, typ):
             raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         return value
     if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
     try:
         if typ is int:
             if isinstance(value, int):
@@ -175,8 +175,16 @@ def load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
+    class Loader(yaml.SafeLoader):  # a key given twice is an error, not "the last one wins" silently
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ConfigError(f"config file {path!r} gives {twice} more than once")
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError as e:
@@ -185,11 +193,15 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must be a mapping of option: value, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(OPTIONS) - {"config"})
+    names = [str(k).replace("-", "_") for k in data]
+    twice = sorted({n for n in names if names.count(n) > 1})  # max-steps and max_steps
+    if twice:
+        raise ConfigError(f"config file {path!r} gives {twice} more than once")
+    data = dict(zip(names, data.values(), strict=True))
+    unknown = sorted(set(data) - set(OPTIONS))
     if unknown:
-        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
-    data.pop("config", None)
+        nested = " (config files do not include others)" if "config" in unknown else ""
+        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}{nested}; known: {sorted(OPTIONS)}")
     return data
 
 

@@ -186,7 +186,8 @@ def _dir_bytes(path: Path, names) -> int:
 
 def model_comparison(counts: dict, model: torch.nn.Module, adapter_dir: Path) -> str:
     """Text report: total/trainable/frozen parameters and adapter size on disk vs the full model's weights."""
-    full = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    base = {id(p): p for n, p in model.named_parameters() if ".lora.lora_" not in f".{n}"}  # the merged model's
+    full = sum(t.numel() * t.element_size() for t in base.values())
     adapter = _dir_bytes(adapter_dir, ("adapter_model.safetensors", "adapter_config.json"))
     lines = [
         "LoRA vs full fine-tuning",
@@ -196,7 +197,8 @@ def model_comparison(counts: dict, model: torch.nn.Module, adapter_dir: Path) ->
         f"frozen parameters     {counts['frozen']:>14,}",
         "",
         f"adapter on disk       {adapter / 2**20:>14.3f} MB  (adapter_model.safetensors + adapter_config.json)",
-        f"full model weights    {full / 2**20:>14.3f} MB  (every parameter at its dtype, as save_pretrained writes)",
+        f"full model weights    {full / 2**20:>14.3f} MB  (the model without the adapter, at its dtypes, as "
+        "save_pretrained writes a fully fine-tuned or merged model)",
         f"adapter / full        {100.0 * adapter / full if full else 0.0:>14.4f} %",
     ]
     return "\n".join(lines) + "\n"

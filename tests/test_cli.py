@@ -52,6 +52,10 @@ def test_yaml_values_and_command_line_precedence(tmp_path):
     ("- rank\n", "must be a mapping"),
     ("rank: [\n", "not valid YAML"),
     ("fp16: yes please\n", "fp16 must be true or false"),
+    ("rank: true\n", "rank must be an integer, got True"),
+    ("rank: 4\nalpha: 8\nrank: 16\n", "gives ['rank'] more than once"),  # last-one-wins used to be silent
+    ("max-steps: 4\nmax_steps: 5\n", "gives ['max_steps'] more than once"),
+    ("config: other.yaml\n", "config files do not include others"),  # was dropped silently
 ])
 def test_yaml_bad_values(tmp_path, yaml_text, phrase):
     cfg = tmp_path / "c.yaml"
@@ -569,3 +573,12 @@ def test_tsv_with_an_unclosed_quote_is_named_not_swallowed(tmp_path):
     f.write_text('id\ttext\n0\t"two lines\nin one quoted field"\n' + "\n".join(rows[4:]) + "\n")
     train, val, _ = load_texts(str(f), val_fraction=0.2, seed=0)
     assert "two lines\nin one quoted field" in train + val and len(train + val) == 7
+
+
+def test_text_column_without_columns_is_an_error(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("one paragraph\n\nanother one\n")
+    with pytest.raises(ConfigError, match="--text_column 'body' is for JSON lines and CSV files"):
+        load_texts(str(f), text_column="body")
+    with pytest.raises(ConfigError, match="--text_column 'body' needs --dataset"):
+        load_texts(None, text_column="body")

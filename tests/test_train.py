@@ -75,7 +75,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_train_loss_falls_and_outputs_complete(trained):
+def test_train_loss_falls_and_outputs_complete(trained, tiny_gpt2):
     for name in OUTPUT_FILES:
         assert (trained / name).is_file(), name
     m = json.loads((trained / "training_metrics.json").read_text())
@@ -93,6 +93,11 @@ def test_train_loss_falls_and_outputs_complete(trained):
     assert args["rank"] == 8 and args["tokenizer_trained"] is True
     text = (trained / "model_comparison.txt").read_text()
     assert "trainable parameters" in text and f"{2 * 8 * (64 + 192):,}" in text  # 2 layers × r·(in + out)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)  # "full model": what a merged model saves, no adapter
+    full_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+    assert f"full model weights    {full_mb:>14.3f} MB" in text
 
 
 def test_outputs_load_in_peft_with_lora_fast_logits(trained, tiny_gpt2):
