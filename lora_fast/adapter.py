@@ -129,8 +129,9 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
             ``model.name_or_path``.
         task_type: PEFT task type (one of ``TASK_TYPES``, checked); default: the loaded adapter's, else from the
             model's class — "CAUSAL_LM" (``*ForCausalLM``/``*LMHeadModel``), "SEQ_CLS", "TOKEN_CLS",
-            "QUESTION_ANS" (their heads then travel whole, as PEFT saves them), "SEQ_2_SEQ_LM" (encoder-decoder
-            ``*ForConditionalGeneration``), "FEATURE_EXTRACTION" (a bare ``*Model``), else None.
+            "QUESTION_ANS" (their heads then travel whole, as PEFT saves them; a token or QA head holding LoRA
+            keeps None instead), "SEQ_2_SEQ_LM" (a text encoder-decoder ``*ForConditionalGeneration``), else None
+            (PEFT's generic ``PeftModel``, which runs any model's forward).
 
     Returns:
         The directory as a ``pathlib.Path``.
@@ -151,10 +152,13 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"save_adapter: task_type {task_type!r} is not one of PEFT's {list(TASK_TYPES)} (or None)")
-    task_type = task_type or _recorded_task_type(model) or _default_task_type(model)
-    extras = _trainable_extras(model, layers)
-    heads = TASK_HEAD_NAMES.get(task_type, ())  # PEFT wraps these, and expects them when loading
-    extras += [n for n in _modules_to_save(model, list(layers), heads) if n not in extras]
+    given = task_type or _recorded_task_type(model)
+    task_type = given or _default_task_type(model)
+    heads = _modules_to_save(model, list(layers), TASK_HEAD_NAMES.get(task_type, ()))  # PEFT wraps these whole
+    if not given and task_type in ("TOKEN_CLS", "QUESTION_ANS") and any(
+            n == h or n.startswith(f"{h}.") for h in heads for n in layers):
+        task_type, heads = None, []  # inferred only: LoRA in the head (all-linear) stays loadable, as before
+    extras = list(dict.fromkeys(_trainable_extras(model, layers) + _recorded_extras(model, layers) + heads))
     extras = [e for e in extras if not any(e.startswith(f"{o}.") for o in extras)]  # PEFT wraps the outermost
     inside = [f"{n!r} (in {e!r})" for e in extras for n in layers if n == e or n.startswith(f"{e}.")]
     if inside:
@@ -196,6 +200,15 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write_all(directory, files)
     return directory
+
+
+def _recorded_extras(model: nn.Module, layers) -> list[str]:
+    """``modules_to_save`` recorded by ``apply_lora``/``load_adapter`` (still present): saved even when frozen
+    (``is_trainable=False``), as PEFT keeps them."""
+    cfg = getattr(model, "lora_fast_config", None)
+    names = cfg.get("modules_to_save") or [] if isinstance(cfg, dict) else []
+    have = {n for n, _ in model.named_modules()}
+    return [n for n in names if n in have and n not in layers]
 
 
 def _recorded_task_type(model: nn.Module) -> str | None:
@@ -422,8 +435,11 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             p.requires_grad_(".lora.lora_" in f".{pname}")
         model.lora_fast_config = {"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
                                   "alpha": float(cfg["lora_alpha"]), "dropout": dropout, "use_rslora": use_rslora}
-    if cfg.get("task_type") and isinstance(getattr(model, "lora_fast_config", None), dict):
-        model.lora_fast_config["task_type"] = cfg["task_type"]  # kept by a later save_adapter
+    if isinstance(getattr(model, "lora_fast_config", None), dict):  # kept by a later save_adapter
+        if cfg.get("task_type"):
+            model.lora_fast_config["task_type"] = cfg["task_type"]
+        recorded = model.lora_fast_config.get("modules_to_save") or []
+        model.lora_fast_config["modules_to_save"] = recorded + [e for e in extras if e not in recorded]
     if untie:
         _untie_extras(model, extras)
     params = {}

@@ -58,11 +58,13 @@ def _default_task_type(model: nn.Module) -> str | None:
                          ("ForQuestionAnswering", "QUESTION_ANS")):
         if cls.endswith(suffix):
             return task
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and (
-            cls.endswith("ForConditionalGeneration") or cls.endswith("ForSeq2SeqLM")):
+    # a text encoder-decoder (T5, BART): PEFT's Seq2SeqLM class feeds input_ids, which Whisper (input_features)
+    # does not take. Anything else stays None, PEFT's generic PeftModel, which runs every model's own forward
+    # (its FeatureExtraction class would refuse CLIPModel's or a custom module's signature).
+    if (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            and getattr(model, "main_input_name", None) == "input_ids"
+            and (cls.endswith("ForConditionalGeneration") or cls.endswith("ForSeq2SeqLM"))):
         return "SEQ_2_SEQ_LM"
-    if cls.endswith("Model") and not cls.endswith("PreTrainedModel") and hasattr(model, "config"):
-        return "FEATURE_EXTRACTION"  # a bare transformers encoder/decoder (BertModel, GPT2Model, LlamaModel)
     return None
 
 

@@ -50,6 +50,18 @@ def _saved_num_labels(adir: Path, cfg: dict) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _saved_architecture(base: str) -> str | None:
+    """``class:<Name>`` for the first ``architectures`` entry of the base model's config (local or cached), when
+    transformers exports that class; None otherwise."""
+    import transformers
+
+    try:
+        archs = transformers.AutoConfig.from_pretrained(base, local_files_only=True).architectures or []
+    except Exception:  # noqa: BLE001  (gpt2-random, not cached: the default class is used)
+        return None
+    return f"class:{archs[0]}" if archs and hasattr(transformers, archs[0]) else None
+
+
 def _num_labels(adir: Path, cfg: dict, args: dict, num_labels: int | None) -> list[str]:
     """Label names of a classification adapter: training_args.json's, else ``num_labels`` (--num_labels, or the
     saved head's shape) names "0", "1", ...; a disagreement between these sources is an error."""
@@ -108,10 +120,11 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
                           "--output")
     out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter}, markers=("config.json",),
                            flag="--output")
-    task_type = cfg.get("task_type") or "CAUSAL_LM"  # PEFT's default model class for an adapter without one
+    task_type = cfg.get("task_type") or "CAUSAL_LM"
     if task_type not in TASKS:
         raise ConfigError(f"{cfg_path}: task_type {task_type!r} is not one of PEFT's {sorted(TASKS)}")
-    task = TASKS[task_type]
+    # no task type (PEFT's generic adapter): the class the base model was saved as, else a causal LM
+    task = TASKS[task_type] if cfg.get("task_type") else (_saved_architecture(base) or "causal-lm")
     if num_labels is not None and task not in LABELLED_TASKS:
         raise ConfigError(f"--num_labels is for classification (SEQ_CLS, TOKEN_CLS) adapters; {adapter!r} is "
                           f"{task_type}")

@@ -89,8 +89,13 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
     out, line = [], 1
     for row in reader:
         out.append((line + 1, row))  # a row's first line (quoted fields may span several)
-        if delim == "\t":  # tabs are rare in text: several tab-holding lines inside one field are swallowed rows
-            swallowed = max((sum("\t" in ln for ln in v.split("\n")) for v in row.values() if isinstance(v, str)),
+        if delim == "\t":  # lines inside one field shaped like this file's rows are rows an unclosed quote swallowed
+            tabs = len(reader.fieldnames or ()) - 1  # a row line: a first cell, then exactly this many tabs
+
+            def row_like(ln: str, tabs=tabs) -> bool:
+                return bool(ln) and not ln[0].isspace() and ln.count("\t") == tabs
+
+            swallowed = max((sum(map(row_like, v.split("\n")[1:])) for v in row.values() if isinstance(v, str)),
                             default=0)
             if swallowed >= 2:
                 raise ConfigError(f"{path}: the row on line {line + 1} has a field opening a quote (\") that closes "
@@ -111,7 +116,8 @@ def _json_docs(path: Path, text_column: str | None) -> list[str]:
         items = [(f"{path} item {i}", o) for i, o in enumerate(objs, 1)]
     else:
         items = []
-        for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028/U+0085 may sit inside strings
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # a raw CR is never inside a JSON string
+        for i, line in enumerate(lines, 1):  # not splitlines(): U+2028/U+0085 may sit inside strings
             if not line.strip():
                 continue
             try:

@@ -219,6 +219,7 @@ def apply_lora(
             PEFT's ``LoraConfig.modules_to_save``: every module whose name ends with an entry, outermost only.
             ``save_adapter`` stores them with the adapter. A weight they share with the rest of the model (an
             ``lm_head`` tied to the input embeddings) is untied first, with a warning, as PEFT trains a copy.
+            Those of an earlier ``apply_lora``/``load_adapter`` call stay part of the adapter.
 
     Returns:
         The same model. Only LoRA parameters (and ``modules_to_save``) require grad afterwards. Modules already
@@ -230,7 +231,11 @@ def apply_lora(
     """
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
     names = find_target_modules(model, target_modules)
-    extras = _resolve_modules_to_save(model, names, modules_to_save)
+    existing = [n for n in lora_layers(model) if n not in names]  # wrapped by an earlier call, not targeted now
+    extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
+    previous = getattr(model, "lora_fast_config", None) or {}
+    extras += [e for e in previous.get("modules_to_save") or [] if e not in extras  # an earlier call's stay
+               and e in dict(model.named_modules())]
     new = {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
@@ -265,6 +270,7 @@ def apply_lora(
         "target_modules": target_modules if isinstance(target_modules, str) or target_modules is None
         else list(target_modules),
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
+        "modules_to_save": extras,
     }
     return model
 

@@ -49,7 +49,9 @@ import torch
 from lora_fast.train_args import OPTIONS, ConfigError
 from lora_fast.train_io import StagedDir, check_creatable_dir, peft_task_type
 
-FORMAT = 1
+# 2: the HF Trainer's learning-rate schedule, weight-decay groups and character-share validation split (a format-1
+# checkpoint would resume into another schedule or optimizer layout, so it is refused by name)
+FORMAT = 2
 STATE_NAME = "training_state.pt"
 INFO_NAME = "trainer_state.json"
 _DIR_RE = re.compile(r"checkpoint-(\d+)")
@@ -210,6 +212,11 @@ def load_checkpoint(path: Path, opts, digest: str, ctx, total: int) -> dict:
     except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"resume_from_checkpoint: cannot read {str(path / STATE_NAME)!r}: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < FORMAT:
+        raise ConfigError(f"resume_from_checkpoint: {str(path / STATE_NAME)!r} was written by an older lora-fast "
+                          f"(checkpoint format {state['format']}, now {FORMAT}: the learning-rate schedule, optimizer "
+                          "groups and validation split changed); resuming would not continue that run. Resume with "
+                          "the lora-fast version that wrote it, or start a new run")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"resume_from_checkpoint: {str(path / STATE_NAME)!r} is not a lora-fast checkpoint of "
                           f"format {FORMAT}")

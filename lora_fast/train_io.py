@@ -88,8 +88,8 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
                 what = name if name.startswith("the ") else f"{name} {str(p)!r}"
                 raise ConfigError(f"{flag} {output_dir!r} contains {what}: --overwrite replaces the whole "
                                   f"directory and would delete it; choose another {flag}")
-        if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in markers):
-            found = sorted(p.name for p in out.iterdir())
+        found = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+        if found and not any((out / m).is_file() for m in markers):  # hidden files alone (.DS_Store) do not count
             raise ConfigError(f"{flag} {output_dir!r} is not an earlier lora-fast output (it holds "
                               f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''} and no "
                               f"{' or '.join(markers)}): --overwrite replaces a previous run's directory as a whole "

@@ -93,9 +93,11 @@ LABELLED_TASKS = ("classification", "token-classification")  # heads with num_la
 
 
 def _model_class(task: str):
+    """The transformers class for ``task``: a MODEL_CLASSES key, or ``class:<Name>`` (a class transformers
+    exports, e.g. a base config's ``architectures`` entry)."""
     import transformers
 
-    return getattr(transformers, MODEL_CLASSES[task])
+    return getattr(transformers, task.removeprefix("class:") if task.startswith("class:") else MODEL_CLASSES[task])
 
 
 def random_gpt2(task: str = "causal-lm", num_labels: int = 2, seed: int = 0, vocab_size: int | None = None):

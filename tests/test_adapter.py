@@ -851,3 +851,38 @@ def test_save_refuses_an_unknown_task_type(tmp_path):
         with pytest.raises(ValueError, match=f"task_type '{bad}' is not one of PEFT's"):
             save_adapter(model, tmp_path / "a", task_type=bad)
     assert not (tmp_path / "a").exists()
+
+
+def test_task_type_is_inferred_only_where_peft_can_run_it(tmp_path):
+    """Inference stays conservative: a token-classification model whose head holds LoRA ("all-linear") is saved
+    without a task type (the head would otherwise have to travel whole, and the save was refused), and so is a bare
+    BertModel (PEFT's FeatureExtraction class refuses many models' signatures; its generic PeftModel runs any).
+    `lora-fast merge` then loads the base as the class its config.json names."""
+    from peft import PeftModel
+
+    from lora_fast.cli import main as cli_main
+
+    model = apply_lora(_bert_token_cls(), "all-linear", rank=2)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "adapter_config.json").read_text())["task_type"] is None
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        pm = PeftModel.from_pretrained(_bert_token_cls(), tmp_path / "tok").eval()
+        assert_rel_close(pm(input_ids=ids).logits, ref, TOL, "PEFT loading an all-linear token classifier")
+
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=48, vocab_size=VOCAB,
+                                                          max_position_embeddings=16)).eval()
+    bert.save_pretrained(tmp_path / "base")
+    model = apply_lora(transformers.BertModel.from_pretrained(tmp_path / "base").eval(), ["query", "value"], rank=2)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path / "feat")
+    assert json.loads((tmp_path / "feat" / "adapter_config.json").read_text())["task_type"] is None
+    assert cli_main(["merge", "--adapter", str(tmp_path / "feat"), "--output", str(tmp_path / "m")]) == 0
+    merged = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert type(merged).__name__ == "BertModel"
+    with torch.no_grad():
+        assert_rel_close(merged(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, TOL,
+                         "merged BertModel")

@@ -145,6 +145,12 @@ def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsy
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))
+    finder = tmp_path / "finder"  # hidden files alone (.DS_Store) are no one's work: --overwrite may replace them
+    finder.mkdir()
+    (finder / ".DS_Store").write_bytes(b"\0")
+    args = _bad(tmp_path, tiny_gpt2, ["--overwrite"])
+    args[args.index(str(out))] = str(finder)
+    assert cli_main(args) == 0 and (finder / "adapter_model.safetensors").is_file()
 
 
 def test_output_dir_that_would_delete_inputs_or_logs_is_refused(tmp_path, tiny_gpt2, capsys, monkeypatch):
@@ -451,6 +457,9 @@ def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
     f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     train, val, _ = load_texts(str(f), val_fraction=0.2, seed=0)
     assert sorted(train + val) == sorted(texts)
+    cr = tmp_path / "cr.jsonl"  # classic-Mac line ends: a raw CR cannot sit inside a JSON string
+    cr.write_bytes(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\r" for i in range(5)))
+    assert sorted(sum(load_texts(str(cr), val_fraction=0.2, seed=0)[:2], [])) == [f"doc {i}" for i in range(5)]
     f.write_text(f.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="line 7 is not valid JSON"):
         load_texts(str(f))
@@ -573,6 +582,14 @@ def test_tsv_with_an_unclosed_quote_is_named_not_swallowed(tmp_path):
     f.write_text('id\ttext\n0\t"two lines\nin one quoted field"\n' + "\n".join(rows[4:]) + "\n")
     train, val, _ = load_texts(str(f), val_fraction=0.2, seed=0)
     assert "two lines\nin one quoted field" in train + val and len(train + val) == 7
+    import csv  # what csv.writer / pandas write: a quoted field of tab-indented code is no swallowed row
+    code = "def f(x):\n\tif x:\n\t\treturn 1\n\treturn 0\tdone"
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerows([["id", "text"], ["0", code], ["1", "plain"]])
+    from lora_fast.data import read_text_file
+
+    assert read_text_file(f) == [code, "plain"]
 
 
 def test_text_column_without_columns_is_an_error(tmp_path):

@@ -402,3 +402,30 @@ def test_default_targets_cover_peft_table():
                            vocab_size=64)
     model = apply_lora(XLMRobertaModel(cfg), rank=2)
     assert set(lora_layers(model)) == {"encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"}
+
+
+def test_modules_to_save_survive_a_second_call_and_a_frozen_load(tmp_path):
+    """modules_to_save belong to the adapter: a second apply_lora without them keeps them trainable, a clash with a
+    LoRA layer of an earlier call is refused before anything changes, and an adapter loaded frozen
+    (is_trainable=False) and saved again still carries them (save used to decide from requires_grad alone)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lora_fast import load_adapter, save_adapter
+
+    model = apply_lora(tiny_gpt2(), ["c_attn"], modules_to_save=["ln_f"])
+    apply_lora(model, ["c_fc"])
+    assert model.transformer.ln_f.weight.requires_grad
+    with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
+        apply_lora(model, ["c_proj"], modules_to_save=["h.0.attn"])  # holds the earlier call's c_attn
+    assert not model.transformer.h[0].attn.c_attn.linear.weight.requires_grad
+    assert not any(n.endswith("c_proj") for n in lora_layers(model))
+    save_adapter(model, tmp_path / "a")
+    fresh = tiny_gpt2()
+    load_adapter(fresh, tmp_path / "a", is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.parameters())
+    save_adapter(fresh, tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["transformer.ln_f"]
+    assert "base_model.model.transformer.ln_f.weight" in load_file(tmp_path / "b" / "adapter_model.safetensors")

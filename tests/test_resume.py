@@ -236,6 +236,24 @@ def test_resume_refuses_changed_options(setup, capsys, extra, message):
     assert not (root / "changed").exists()
 
 
+def test_resume_refuses_an_older_checkpoint_format(setup, tmp_path, capsys):
+    """A checkpoint written before the schedule / optimizer-group / split changes (format 1) would resume into
+    another schedule or fail on the optimizer's groups: refused by name, nothing written."""
+    import shutil
+
+    root, _ = setup
+    ck = root / "periodic-checkpoints" / "checkpoint-8"
+    if not ck.is_dir():
+        _run(root, "periodic", "--save_steps", "8", "--overwrite")
+    old = tmp_path / "checkpoint-8"
+    shutil.copytree(ck, old)
+    state = torch.load(old / "training_state.pt", weights_only=True)
+    torch.save({**state, "format": 1}, old / "training_state.pt")
+    assert cli_main(["train", *_args(root, "old", "--resume_from_checkpoint", str(old))]) == 2
+    assert "written by an older lora-fast (checkpoint format 1, now 2" in capsys.readouterr().err
+    assert not (root / "old").exists()
+
+
 def test_checkpoint_option_errors(setup, tmp_path, capsys):
     root, _ = setup
     cases = [
