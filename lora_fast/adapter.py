@@ -67,14 +67,15 @@ from lora_fast.adapter_files import (
     _read_adapter,
 )
 from lora_fast.functional import resolve_backend
-from lora_fast.inject import _set_submodule, lora_layers, parameter_names
+from lora_fast.inject import (
+    SEQ_CLS_HEAD_NAMES,  # noqa: F401 (re-exported)
+    TASK_HEAD_NAMES,
+    _set_submodule,
+    lora_layers,
+    parameter_names,
+)
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
-
-SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT adds these to a SEQ_CLS adapter's modules_to_save
-# PEFT's PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering} add these module names to
-# modules_to_save (peft_model.py, 0.21): their heads are saved whole with the adapter and expected when loading.
-TASK_HEAD_NAMES = {"SEQ_CLS": SEQ_CLS_HEAD_NAMES, "TOKEN_CLS": SEQ_CLS_HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _modules_to_save(model: nn.Module, lora_names, entries) -> list[str]:

@@ -77,14 +77,22 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return names
 
 
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")  # PEFT adds these to a SEQ_CLS adapter's modules_to_save
+# PEFT's PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering} add these module names to
+# modules_to_save (peft_model.py, 0.21): their heads are saved whole with the adapter and expected when loading.
+TASK_HEAD_NAMES = {"SEQ_CLS": SEQ_CLS_HEAD_NAMES, "TOKEN_CLS": SEQ_CLS_HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _head_of(model: nn.Module, names) -> str | None:
+    """The first of ``names`` that is a direct child module of ``model``."""
+    return next((n for n in names if isinstance(getattr(model, n, None), nn.Module)), None)
+
+
 def classifier_head_name(model: nn.Module) -> str | None:
-    """The sequence-classification head PEFT leaves out of "all-linear" (``score``, else ``classifier``)."""
+    """The sequence-classification head PEFT leaves out of "all-linear" (``classifier`` or ``score``)."""
     if not type(model).__name__.endswith("ForSequenceClassification"):
         return None
-    for name in ("score", "classifier"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    return None
+    return _head_of(model, SEQ_CLS_HEAD_NAMES)
 
 
 def _resolve_targets(model: nn.Module, target_modules):
@@ -275,17 +283,14 @@ def apply_lora(
     return model
 
 
-_TASK_HEADS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
-               "ForQuestionAnswering": "QUESTION_ANS"}
-
-
 def _warn_frozen_head(model: nn.Module, lora_names, extras) -> None:
-    """A task head (``score``/``classifier``/``qa_outputs``) left without anything trainable keeps its current,
-    usually random, weights: say so once, and how PEFT users get it trained (their task_type adds it)."""
-    task = next((t for suffix, t in _TASK_HEADS.items() if type(model).__name__.endswith(suffix)), None)
-    head = next((h for h in ("score", "classifier", "qa_outputs") if isinstance(getattr(model, h, None), nn.Module)),
-                None)
-    if task is None or head is None:
+    """A task head (``TASK_HEAD_NAMES`` of the model's task type) left without anything trainable keeps its
+    current, usually random, weights: say so once, and how PEFT users get it trained (their task_type adds it)."""
+    from lora_fast.adapter_config import _default_task_type
+
+    task = _default_task_type(model)
+    head = _head_of(model, TASK_HEAD_NAMES.get(task, ()))
+    if head is None:
         return
     trained = any(e == head or e.startswith(f"{head}.") or head.startswith(f"{e}.") for e in extras)
     trained |= any(n == head or n.startswith(f"{head}.") for n in lora_names)

@@ -47,8 +47,6 @@ from lora_fast.train_model import (
     set_special_tokens,
 )
 
-HEAD_NAMES = ("score", "classifier")  # sequence-classification heads of GPT-2 / BERT-style models
-
 
 @dataclass
 class Prepared:
@@ -154,13 +152,15 @@ def lr_schedule(optimizer, warmup_ratio: float, total: int):
 
 def _inject(opts, model):
     from lora_fast import apply_lora
+    from lora_fast.inject import SEQ_CLS_HEAD_NAMES, _head_of
 
     heads = None
     if opts.task == "classification":  # trained whole, as PEFT's SEQ_CLS modules_to_save (classifier, score)
-        if not any(isinstance(getattr(model, h, None), torch.nn.Module) for h in HEAD_NAMES):
-            raise ConfigError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
+        if _head_of(model, SEQ_CLS_HEAD_NAMES) is None:
+            raise ConfigError(f"{type(model).__name__} has no classification head named one of "
+                              f"{SEQ_CLS_HEAD_NAMES}")
         names = [n for n, _ in model.named_modules()]
-        heads = [h for h in HEAD_NAMES if any(n.endswith(h) for n in names)]
+        heads = [h for h in SEQ_CLS_HEAD_NAMES if any(n.endswith(h) for n in names)]
     try:
         apply_lora(model, opts.target_modules, opts.rank, opts.alpha, opts.dropout, use_rslora=opts.use_rslora,
                    backend=opts.backend, modules_to_save=heads)

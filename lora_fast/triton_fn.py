@@ -30,13 +30,14 @@ from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
 from lora_fast.kernels import lora_fwd as _fwd
+from lora_fast.reference import autocast_enabled
 from lora_fast.rng import keep_threshold
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -102,9 +103,9 @@ def unsupported_reason(
     dtype = _compute_dtype(x)
     if dtype not in SUPPORTED_DTYPES:
         return f"compute dtype {dtype} is not one of {SUPPORTED_DTYPES}"
-    if not torch.is_autocast_enabled(dev.type) and weight.dtype != x.dtype:
+    if not autocast_enabled(dev.type) and weight.dtype != x.dtype:
         return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
-    if not torch.is_autocast_enabled(dev.type) and bias is not None and bias.dtype != x.dtype:
+    if not autocast_enabled(dev.type) and bias is not None and bias.dtype != x.dtype:
         return f"x ({x.dtype}) and bias ({bias.dtype}) have different dtypes"
     if dropout_p > 0.0 and (bias_p := dropout_bias(dropout_p)) > MAX_DROPOUT_BIAS:
         return (f"dropout p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (E[dropout(x)] "
