@@ -6,6 +6,8 @@ No Triton kernels here: ``lora_fwd.py``, ``lora_bwd.py`` and ``dropout.py`` hold
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -92,6 +94,31 @@ def launch_fitting(kernel, rungs, key: tuple, grid, *args, **meta) -> dict:
         _FITTED[full_key] = rung
         return rung
     raise ValueError("launch_fitting needs at least one rung")
+
+
+def device_current(device: torch.device):
+    """A context in which ``device`` is torch's current CUDA device (a no-op off CUDA, or when it already is).
+
+    Why: a Triton launch runs on the *current* device and its current stream (``JITFunction.run`` asks the driver
+    for them), whatever tensors it is given, whereas torch ops follow their tensors. A layer on cuda:1 while cuda:0
+    is current — a model split over GPUs by ``device_map="auto"``, or a process that never called
+    ``torch.cuda.set_device`` — would be launched on the wrong GPU and stream. Entering the context is skipped in
+    the common case (one cheap ``current_device()`` query)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(launcher):
+    """Decorator for a launcher whose first argument is a tensor: run it with that tensor's CUDA device current
+    (``device_current``), so its kernels, the stream they go to and its allocations agree with the inputs."""
+
+    @functools.wraps(launcher)
+    def run(t: torch.Tensor, *args, **kwargs):
+        with device_current(t.device):
+            return launcher(t, *args, **kwargs)
+
+    return run
 
 
 def kernels_interpreted(fn) -> bool:

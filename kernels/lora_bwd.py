@@ -44,6 +44,7 @@ from lora_fast.kernels.launch import (
     input_precision,
     interpreting,
     launch_fitting,
+    on_input_device,
     prune_smem,
     variant_override,
 )
@@ -198,6 +199,7 @@ def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torc
     return forced or "fused"
 
 
+@on_input_device
 def lora_linear_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,

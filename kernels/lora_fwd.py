@@ -45,6 +45,7 @@ from lora_fast.kernels.launch import (
     input_precision,
     interpreting,
     launch_fitting,
+    on_input_device,
     prune_smem,
     variant_override,
 )
@@ -233,6 +234,7 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.d
     return "xa_first" if dropout_p > 0.0 or r > ONE_PASS_MAX_RANK else "one_pass"
 
 
+@on_input_device
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,

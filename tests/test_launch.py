@@ -189,3 +189,88 @@ def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p):
     for name, f, t, d in zip(("y", "dx", "dA", "dB"), fixed, tuned, direct, strict=True):
         assert_rel_close(t, f.double(), 1e-2, f"{name} tuned")
         assert_rel_close(d, f.double(), 1e-2, f"{name} direct")
+
+
+class _SimulatedCuda:
+    """Torch's current-device bookkeeping without a GPU: ``current_device()`` and the ``device`` context."""
+
+    def __init__(self, monkeypatch, current: int):
+        self.current, self.entered = current, []
+        sim = self
+
+        class _Device:
+            def __init__(self, device):
+                self.index = torch.device(device).index
+
+            def __enter__(self):
+                sim.entered.append(self.index)
+                self.prev, sim.current = sim.current, self.index
+
+            def __exit__(self, *exc):
+                sim.current = self.prev
+                return False
+
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: sim.current)
+        monkeypatch.setattr(torch.cuda, "device", _Device)
+
+
+class _OnDevice:  # a tensor as the guard sees it: only its device
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def test_launcher_runs_with_its_input_device_current(monkeypatch):
+    """Triton launches on the *current* CUDA device and stream whatever tensors it is given, so a launcher makes its
+    first argument's device current for its whole body and restores the previous one, also when it raises. With
+    the input already on the current device, or off CUDA, nothing is entered. (Simulated device bookkeeping; on
+    several GPUs ``test_layer_on_a_second_gpu_matches_reference`` runs the real kernels.)"""
+    from lora_fast.kernels import dropout, launch, lora_bwd, lora_fwd
+
+    sim = _SimulatedCuda(monkeypatch, current=0)
+    seen = []
+
+    @launch.on_input_device
+    def launcher(t, fail=False):
+        seen.append(torch.cuda.current_device())
+        if fail:
+            raise RuntimeError("launch failed")
+        return "done"
+
+    assert launcher(_OnDevice("cuda:1")) == "done" and seen == [1] and sim.current == 0
+    with pytest.raises(RuntimeError, match="launch failed"):
+        launcher(_OnDevice("cuda:2"), fail=True)
+    assert seen == [1, 2] and sim.current == 0
+    launcher(_OnDevice("cuda:0"))
+    launcher(_OnDevice("cpu"))
+    assert sim.entered == [1, 2] and seen == [1, 2, 0, 0]
+    # the public launchers carry the guard (the dropout-mask launcher enters it around its one launch)
+    assert lora_fwd.lora_linear_fwd.__wrapped__ and lora_bwd.lora_linear_bwd.__wrapped__
+    assert "device_current(device)" in __import__("inspect").getsource(dropout.dropout_keep_mask)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (a layer on cuda:1 while cuda:0 is "
+                    "current); runs on a multi-GPU machine — the simulated test above checks the guard everywhere")
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_layer_on_a_second_gpu_matches_reference(p):
+    """A LoRA layer placed on cuda:1 (as ``device_map="auto"`` splits a model) while cuda:0 is current: the fused
+    forward and backward equal the reference with the kernels' own mask."""
+    from lora_fast.functional import dropout_mask, lora_linear
+    from lora_fast.reference import lora_linear_ref
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 96, generator=g).to(dev).requires_grad_()
+    w, b = (torch.randn(96, 80, generator=g) / 10).to(dev), torch.randn(80, generator=g).to(dev)
+    a = (torch.randn(16, 96, generator=g) / 10).to(dev).requires_grad_()
+    bb = (torch.randn(80, 16, generator=g) / 4).to(dev).requires_grad_()
+    dy = torch.randn(70, 80, generator=g).to(dev)
+    y = lora_linear(x, w, b, a, bb, 0.5, dropout_p=p, seed=3, fan_in_fan_out=True, backend="triton")
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    keep = dropout_mask(3, 70, 96, p, dev) if p else None
+    xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    ref = lora_linear_ref(xd, w.double(), b.double(), ad, bd, 0.5, dropout_p=p, keep_mask=keep, fan_in_fan_out=True)
+    ref_grads = torch.autograd.grad(ref, (xd, ad, bd), dy.double())
+    assert torch.cuda.current_device() == 0 and y.device == dev
+    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), (ref, *ref_grads), strict=True):
+        assert_rel_close(got, want, 5e-4, name)
