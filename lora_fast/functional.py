@@ -9,13 +9,16 @@ The default comes from the environment variable ``LORA_FAST_BACKEND`` (``auto`` 
 set (triton's numpy interpreter: correct but slow, meant for tests).
 
 Dropout seeds: the Triton path's keep-mask is a pure function of (seed, row, column) — ``dropout_mask`` returns it —
-so backward and checkpoint recomputation regenerate it instead of storing it. The reference path draws its mask
-from a ``torch.Generator`` seeded with ``seed``: the same seed gives different masks on the two paths.
+so backward and checkpoint recomputation regenerate it instead of storing it. With an explicit seed the reference
+path takes its mask from ``seeded_keep_mask``: the kernels' own mask wherever triton can build it (so both paths
+apply the same mask), else ``torch.rand`` from a ``torch.Generator`` seeded with ``seed``. Without a seed the
+reference path draws ``torch.rand`` from torch's generator, as ``nn.Dropout`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -59,7 +62,9 @@ def seed_tensor(seed, device: torch.device | str) -> torch.Tensor:
         return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device)
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+    # a fill kernel with the value as its argument: no host-to-device copy (torch.tensor([seed]) would copy from
+    # pageable memory and synchronise on CUDA, which also breaks CUDA-graph capture)
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
 def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -117,6 +122,40 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device
     except ImportError as e:
         raise RuntimeError(f"dropout_mask needs triton ({e})") from e
     return dropout_keep_mask(seed, rows, cols, p, device)
+
+
+def triton_mask_runs(device: torch.device | str, p: float) -> bool:
+    """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on ``device``: triton imports, the device
+    is CUDA (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter), and the 16-bit keep
+    threshold biases E[dropout(x)] by at most ``triton_fn.MAX_DROPOUT_BIAS`` (p not within ~1 % of 1)."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not _interpret_env()):
+        return False
+    try:
+        from lora_fast import triton_fn
+        from lora_fast.kernels import dropout, launch
+    except ImportError:
+        return False
+    if device.type == "cpu" and not launch.kernels_interpreted(dropout._dropout_mask_kernel):
+        return False
+    return triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
+
+
+def seeded_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """The reference path's keep-mask (rows, cols) for an explicit seed (a 1-element int64 tensor on ``device``);
+    eager ``lora_linear(..., backend="reference", seed=s)`` and the compiled op's reference fallback both use it.
+
+    Where ``triton_mask_runs``: the kernels' own mask, ``dropout_mask(seed, rows, cols, p)`` — the seed is read on
+    the device (no host sync, capturable in a CUDA graph: a rank-256 adapter under ``torch.compile(mode=
+    "reduce-overhead")`` takes this path) and both paths then apply the same mask. Elsewhere (no triton, CPU
+    without the interpreter, p within ~1 % of 1): ``torch.rand((rows, cols)) >= p`` from a ``torch.Generator``
+    seeded with the seed's value — a ``.item()`` read, one host sync on CUDA."""
+    if triton_mask_runs(device, p):
+        from lora_fast.kernels.dropout import dropout_keep_mask
+
+        return dropout_keep_mask(seed, rows, cols, p, device)
+    gen = torch.Generator(device=device).manual_seed(int(seed.item()))
+    return torch.rand((rows, cols), device=device, generator=gen) >= p  # (rows, cols)
 
 
 def triton_unsupported_reason(
@@ -217,10 +256,12 @@ def lora_linear(
             raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
         _log_once(f"lora_fast: reference path ({reason})")
 
-    generator = None
+    keep = None
     if seed is not None and training and dropout_p > 0.0:
-        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+        K = x.shape[-1]
+        M = math.prod(x.shape[:-1])
+        keep = seeded_keep_mask(seed_tensor(seed, x.device), M, K, float(dropout_p), x.device).reshape(x.shape)
     return lora_linear_ref(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training,
-        fan_in_fan_out=fan_in_fan_out, generator=generator,
+        fan_in_fan_out=fan_in_fan_out, keep_mask=keep,
     )

@@ -24,11 +24,13 @@ Ops (x is 2-D: the entry ``lora_linear_op`` flattens leading dims; keep is the d
     autograd formula, so they compile too.
 
 Dropout is deterministic given the seed: ``seed`` is a 1-element int64 tensor (as the Triton kernels take it) and
-the keep-mask is a pure function of it. The reference implementation seeds a ``torch.Generator`` on x's device
-and draws ``torch.rand(M, K) >= p`` — the same mask ``lora_fast.functional.lora_linear(..., backend="reference",
-seed=s)`` uses. Backward regenerates it from the seed: nothing of size M×K is kept beyond x. Because the seed is
-drawn from torch's generator for x's device when the caller gives none, ``torch.manual_seed`` reproduces a run
-and ``torch.utils.checkpoint`` (which stashes and restores the CPU and device RNG states) recomputes the same mask.
+the keep-mask is a pure function of it. The reference implementation takes it from ``seeded_keep_mask`` — the
+same mask ``lora_fast.functional.lora_linear(..., backend="reference", seed=s)`` uses: the kernels' own mask where
+triton can build it (read from the seed on the device: no host sync, so a captured CUDA graph stays valid), else
+``torch.rand(M, K) >= p`` from a ``torch.Generator`` seeded with the seed's value. Backward regenerates it from
+the seed: nothing of size M×K is kept beyond x. Because the seed is drawn from torch's generator for x's device
+when the caller gives none, ``torch.manual_seed`` reproduces a run and ``torch.utils.checkpoint`` (which stashes
+and restores the CPU and device RNG states) recomputes the same mask.
 
 Seeds and dynamo (what ``lora_linear_op`` does with ``seed``):
     None      drawn with ``torch.randint(..., device=x.device)``: a tensor op, traced into the graph (no graph
@@ -45,7 +47,8 @@ in the parameters' dtype; the op itself runs with autocast off.
 
 Behind the op, ``_impl_fwd``/``_impl_bwd`` run the fused Triton kernels wherever eager ``lora_linear`` would (CUDA,
 or CPU under TRITON_INTERPRET=1; ``_use_triton``), with the same Philox mask and seed draw as the eager Triton path,
-and the reference elsewhere (the reference reads the dropout seed with ``.item()``: one host sync per call on CUDA).
+and the reference elsewhere (on CUDA without triton, or with p within ~1 % of 1, the reference reads the dropout
+seed with ``.item()``: one host sync per call, and no CUDA-graph capture).
 
 Known limits: no double backward through the op (the eager Triton path has one). On a GPU the compiled Triton path is
 unverified (no GPU in the building session).
@@ -62,6 +65,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     check_shapes,
     resolve_backend,
     seed_tensor,
+    seeded_keep_mask,
     triton_unsupported_reason,
 )
 
@@ -71,10 +75,9 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
 
 
 def _keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """Boolean keep-mask (M, K) regenerated from the seed (reference convention, as functional.py's reference)."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(int(seed.item()))
-    return torch.rand(x.shape, device=x.device, generator=gen) >= p  # (M, K)
+    """Boolean keep-mask (M, K) regenerated from the seed: ``functional.seeded_keep_mask``, as the eager reference
+    path with an explicit seed uses it."""
+    return seeded_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)  # (M, K)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
@@ -115,8 +118,9 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
     """Whether the fused kernels run behind the op: the same rule as eager ``functional.lora_linear``.
 
     A pure function of (backend, device, dtypes, rank, dropout p, TRITON_INTERPRET), so forward and backward choose
-    alike (the two paths draw different masks from one seed). The op runs with grad mode off, so a trainable W₀
-    does not veto the kernels here: its gradient is computed by the autograd formula with plain aten ops.
+    alike (the reference's mask equals the kernels' only where triton can build it: ``seeded_keep_mask``). The op
+    runs with grad mode off, so a trainable W₀ does not veto the kernels here: its gradient is computed by the
+    autograd formula with plain aten ops.
     """
     if backend == "reference":
         return False

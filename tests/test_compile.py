@@ -333,6 +333,55 @@ def test_op_runs_the_triton_kernels_where_eager_would(fan_in_fan_out):
         assert_rel_close(g, g_ref, FP32_TOL, name)
 
 
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("r", [3, 130])
+def test_op_reference_fallback_reads_no_seed_on_the_host(monkeypatch, r):
+    """Where the op falls back to the reference (here ``backend="reference"``, and rank 130 > the kernels' 128,
+    which is how a rank-256 adapter runs on a GPU) with dropout, its mask is the kernels' own, read from the seed
+    tensor on the device: no ``.item()`` (a host sync on CUDA, illegal inside CUDA-graph capture, and a seed frozen
+    into a captured graph). Forward and backward equal the float64 reference with ``dropout_mask(seed)``, and the
+    eager reference backend with the same seed applies the same mask."""
+    from lora_fast.functional import dropout_mask
+
+    x, w, b, a, bb = _inputs(29, 40, 24, r, False)
+    seed = torch.tensor([4321])
+
+    def no_item(self):
+        raise AssertionError("a tensor was read on the host (.item())")
+
+    backend = "reference" if r <= 128 else "auto"
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "item", no_item)
+        y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=seed, backend=backend)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+    keep = dropout_mask(4321, 29, 40, 0.3, x.device)
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
+    ref = lora_linear_ref(x64, w.double(), b.double(), a64, b64, 0.5, dropout_p=0.3, keep_mask=keep)
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    grads_ref = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
+        assert_rel_close(g, g_ref, FP32_TOL, name)
+    y_fn = functional.lora_linear(x, w, b, a, bb, 0.5, 0.3, seed=4321, backend="reference")
+    torch.testing.assert_close(y, y_fn, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_reference_seeded_mask_near_p_one_keeps_the_generator():
+    """Where the kernels' 16-bit threshold would bias the mask (p within ~1 % of 1) the seeded reference mask stays
+    ``torch.rand >= p`` from a generator seeded with the seed, in the op and in eager alike."""
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    p = 0.997
+    y = lora_linear_op(x, w, b, a, bb, 2.0, dropout_p=p, seed=7)
+    keep = torch.rand(16, 32, generator=torch.Generator().manual_seed(7)) >= p
+    ref = lora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0, dropout_p=p,
+                          keep_mask=keep)
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    torch.testing.assert_close(y, functional.lora_linear(x, w, b, a, bb, 2.0, p, seed=7, backend="reference"),
+                               rtol=0, atol=1e-6)
+
+
 @pytest.mark.usefixtures("routed", "interpret")
 def test_compiled_layer_on_the_triton_path_matches_eager():
     """torch.compile(fullgraph=True) of a layer on the Triton path: same seed draw, same kernels as eager."""

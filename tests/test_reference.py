@@ -95,3 +95,14 @@ def test_gradients_flow_to_fp32_adapters_from_bf16_activations():
     y.float().sum().backward()
     assert a.grad is not None and a.grad.dtype == torch.float32
     assert bb.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**62 - 1, 2**63 - 1])
+def test_seed_tensor_holds_the_exact_seed(seed):
+    """An int seed becomes a 1-element int64 tensor holding exactly that value (a fill, not a host copy), every
+    64-bit Philox key included; a tensor seed is used as is."""
+    from lora_fast.functional import seed_tensor
+
+    t = seed_tensor(seed, "cpu")
+    assert t.shape == (1,) and t.dtype == torch.int64 and int(t[0]) == seed
+    assert torch.equal(seed_tensor(t, "cpu"), t)
