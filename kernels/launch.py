@@ -249,15 +249,17 @@ class TunedKernel:
     would call.
 
     ``key`` must determine the tuner's key (it may be finer): the launchers use every autotune key argument plus
-    the dtypes and presence of every tensor argument (the seed's included), and the device. Not thread-safe for
-    the first launch of a key (two threads tuning at once could record each other's config; both are valid
-    configs for either key, only not the best).
+    the dtypes and presence of every tensor argument (the seed's included), and the device. One tuner per CUDA
+    device (the current one: the launchers make their input's device current first): triton's autotuner caches
+    its choice by its key alone, so a second GPU of another model would reuse a config tuned for the first, maybe
+    one that does not fit its shared memory. Not thread-safe for the first launch of a key (two threads tuning at
+    once could record each other's config; both are valid configs for either key, only not the best).
     """
 
     def __init__(self, kernel, build_tuner):
         self.kernel = kernel  # the @triton.jit function
-        self._build_tuner = build_tuner  # () -> triton.autotune(...)(kernel), built on the first launch
-        self.tuner = None
+        self._build_tuner = build_tuner  # () -> triton.autotune(...)(kernel), built on a device's first launch
+        self.tuners: dict[int | None, object] = {}  # CUDA device index (None: CUDA not initialised) -> tuner
         self.chosen: dict[tuple, dict] = {}  # launch key -> launch keywords of the config the tuner chose
 
     def launch(self, key: tuple, grid, *args, **meta) -> None:
@@ -265,9 +267,11 @@ class TunedKernel:
         if chosen is not None:
             self.kernel[grid](*args, **meta, **chosen)
             return
-        if self.tuner is None:
-            self.tuner = self._build_tuner()
-        self.tuner[grid](*args, **meta)
-        best = getattr(self.tuner, "best_config", None)
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+        tuner = self.tuners.get(device)
+        if tuner is None:
+            tuner = self.tuners[device] = self._build_tuner()
+        tuner[grid](*args, **meta)
+        best = getattr(tuner, "best_config", None)
         if best is not None:
             self.chosen[key] = config_meta(best)

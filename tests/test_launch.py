@@ -183,8 +183,8 @@ def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p):
         def __getitem__(self, grid):
             raise AssertionError("the autotuner ran again for an already chosen key")
 
-    monkeypatch.setattr(FWD_TUNED, "tuner", _NoTuner())
-    monkeypatch.setattr(BWD_TUNED, "tuner", _NoTuner())
+    monkeypatch.setattr(FWD_TUNED, "tuners", dict.fromkeys(FWD_TUNED.tuners, _NoTuner()))
+    monkeypatch.setattr(BWD_TUNED, "tuners", dict.fromkeys(BWD_TUNED.tuners, _NoTuner()))
     direct = run()
     for name, f, t, d in zip(("y", "dx", "dA", "dB"), fixed, tuned, direct, strict=True):
         assert_rel_close(t, f.double(), 1e-2, f"{name} tuned")
@@ -274,3 +274,27 @@ def test_layer_on_a_second_gpu_matches_reference(p):
     assert torch.cuda.current_device() == 0 and y.device == dev
     for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), (ref, *ref_grads), strict=True):
         assert_rel_close(got, want, 5e-4, name)
+
+
+def test_tuned_kernel_tunes_afresh_on_another_device(monkeypatch):
+    """Triton's autotuner caches by its key alone, so each CUDA device gets its own tuner: a key first seen on
+    cuda:0 is tuned again on cuda:1 (another GPU model may not fit cuda:0's choice), each device's choice is
+    launched directly afterwards. (Simulated device bookkeeping.)"""
+    sim = _SimulatedCuda(monkeypatch, current=0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    log, builds = [], []
+    best = {"a": _Config(64), "b": _Config(32)}
+
+    def build():
+        builds.append(sim.current)
+        return _Recorder(f"tuner{sim.current}", log, best)
+
+    tk = TunedKernel(_Recorder("kernel", log), build)
+    tk.launch(("key", 0), None, "a", 1)  # the launchers' keys end with the device
+    tk.launch(("key", 0), None, "a", 2)
+    sim.current = 1
+    tk.launch(("key", 1), None, "b", 3)
+    tk.launch(("key", 1), None, "b", 4)
+    assert builds == [0, 1]
+    assert [(n, a[1], m.get("BLOCK_M")) for n, a, m in log] == [
+        ("tuner0", 1, None), ("kernel", 2, 64), ("tuner1", 3, None), ("kernel", 4, 32)]
