@@ -13,11 +13,10 @@ from lora_fast.inject import (
     count_parameters,
     find_target_modules,
     lora_layers,
-    merge_and_unload,
-    merge_lora,
-    unmerge_lora,
+    unwrap_model,
 )
 from lora_fast.layer import LinearWithLoRA, LoRALayer
+from lora_fast.merge import disable_adapter, merge_and_unload, merge_lora, unload, unmerge_lora
 from lora_fast.reference import lora_linear_ref, lora_scaling
 
 __version__ = "0.1.0"
@@ -47,6 +46,7 @@ __all__ = [
     "apply_lora",
     "apply_lora_to_gpt2",
     "count_parameters",
+    "disable_adapter",
     "find_target_modules",
     "lora_layers",
     "lora_linear",
@@ -54,5 +54,7 @@ __all__ = [
     "lora_scaling",
     "merge_and_unload",
     "merge_lora",
+    "unload",
     "unmerge_lora",
+    "unwrap_model",
 ]

@@ -73,6 +73,7 @@ from lora_fast.inject import (
     _set_submodule,
     lora_layers,
     parameter_names,
+    unwrap_model,
 )
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.reference import lora_scaling
@@ -123,7 +124,8 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     On an FSDP2-sharded model call it on every rank: the full tensors are gathered there and rank 0 writes.
 
     Args:
-        model: a model with lora_fast LoRA layers (``apply_lora`` or ``load_adapter``).
+        model: a model with lora_fast LoRA layers (``apply_lora`` or ``load_adapter``); a ``torch.compile`` or
+            DDP/DataParallel wrapper of one is unwrapped (keys without ``_orig_mod.``/``module.``, as PEFT writes).
         directory: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are replaced,
             other files are left alone.
         base_model_name_or_path: recorded in the config; default ``model.config._name_or_path`` or
@@ -146,6 +148,7 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: expected an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # torch.compile / DDP wrappers: the keys are the wrapped model's, as PEFT writes
     if hasattr(model, "peft_config"):
         raise TypeError("save_adapter: this is a PEFT model; save it with its own save_pretrained()")
     layers = lora_layers(model)
@@ -317,8 +320,9 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         strict: raise on missing or unexpected keys (mis-shaped keys always raise). ``False`` loads what fits.
         backend: forwarded to the LoRA layers (None leaves existing layers' choice, ``LORA_FAST_BACKEND``).
         is_trainable: ``True`` (default: load to go on training) leaves the loaded LoRA weights and
-            ``modules_to_save`` trainable; ``False`` freezes them for inference, as PEFT's ``from_pretrained`` /
-            ``load_adapter`` do by default (no autograd graph, no activations kept outside ``torch.no_grad``).
+            ``modules_to_save`` trainable; ``False`` freezes them for inference and puts the model in eval mode
+            (no dropout), as PEFT's ``from_pretrained`` / ``load_adapter`` do by default (no autograd graph, no
+            activations kept outside ``torch.no_grad``).
 
     Returns:
         ``AdapterLoadResult(missing_keys, unexpected_keys)``, both empty after a strict load.
@@ -332,6 +336,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: expected an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # torch.compile / DDP wrappers: loaded into the model they wrap
     if hasattr(model, "peft_config"):
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
     cfg, state, source = _read_adapter(directory)
@@ -458,6 +463,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             model.get_submodule(name).lora.requires_grad_(False)
         for owner in extras:
             model.get_submodule(owner).requires_grad_(False)
+        model.eval()  # as PEFT's from_pretrained/load_adapter with is_trainable=False: no dropout at inference
     with torch.no_grad():
         for k, v in state.items():
             if k in params:

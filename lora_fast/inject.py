@@ -355,35 +355,17 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold ΔW into every LoRA layer's base weight (forward becomes the base alone)."""
-    for m in lora_layers(model).values():
-        if not m.merged:
-            m.merge_weights()
-    return model
-
-
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``."""
-    for m in lora_layers(model).values():
-        if m.merged:
-            m.unmerge_weights()
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the original module types back: a plain model, no lora_fast inside.
-
-    Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them. A
-    ``LinearWithLoRA`` given itself returns its merged base (use the return value).
-    """
-    if isinstance(model, LinearWithLoRA):
-        return model.merged_base()
-    for name, m in lora_layers(model).items():
-        _set_submodule(model, name, m.merged_base())
-    if hasattr(model, "lora_fast_config"):
-        del model.lora_fast_config
-    return model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s ``OptimizedModule`` and DDP / DataParallel wrappers (unwrapped
+    repeatedly), else ``model`` itself: adapter keys and task types are the wrapped model's, as PEFT's
+    ``save_pretrained`` of a compiled model writes them (not ``_orig_mod.``/``module.`` prefixed)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def count_parameters(model: nn.Module) -> dict:

@@ -159,8 +159,11 @@ class LinearWithLoRA(nn.Module):
         linear: the frozen base module (nn.Linear or transformers' Conv1D, weight (in, out)).
         lora: the ``LoRALayer``.
         merged: whether ΔW is currently folded into ``linear.weight`` (then forward is the base alone).
+        disabled: whether the adapter is switched off (forward is the base alone; ``lora_fast.disable_adapter``).
         backend: None (``LORA_FAST_BACKEND``/auto), "auto", "reference" or "triton".
     """
+
+    disabled = False  # a class default: modules pickled before the attribute existed still load
 
     def __init__(self, base_or_in_features, *args, **kwargs):
         super().__init__()
@@ -233,7 +236,10 @@ class LinearWithLoRA(nn.Module):
         return self.lora.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
+            if self.merged and self.disabled:  # ΔW is inside W₀: the base alone is not computable here
+                raise RuntimeError("LinearWithLoRA: the adapter is disabled but merged into the base weight (merged "
+                                   "inside disable_adapter); unmerge it (lora_fast.unmerge_lora) to run the base")
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
@@ -258,16 +264,21 @@ class LinearWithLoRA(nn.Module):
         return fusable_base(self.linear) and not calls_more_than_forward(self.lora)
 
     @torch.no_grad()
-    def merge_weights(self) -> None:
+    def merge_weights(self, safe_merge: bool = False) -> None:
         """W₀ ← W₀ + ΔW (computed in fp32 — fp64 for a fp64 W₀ — and stored in W₀'s dtype). Merging a merged layer
-        warns and does nothing."""
+        warns and does nothing. ``safe_merge`` (PEFT's flag): check the merged weight for inf/NaN first and raise
+        ``ValueError`` without touching W₀ if it has any (a diverged adapter, or W₀+ΔW past fp16's range)."""
         if self.merged:
             warnings.warn("LinearWithLoRA.merge_weights: already merged, nothing done", stacklevel=2)
             return
         w = self.linear.weight
         delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
                                   dtype=w.dtype)  # fp32, or fp64 for a fp64 base
-        w.copy_((w.to(delta.dtype) + delta.to(w.device)).to(w.dtype))
+        merged = (w.to(delta.dtype) + delta.to(w.device)).to(w.dtype)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError("LinearWithLoRA.merge_weights(safe_merge=True): the merged weight has inf/NaN "
+                             "entries (the adapter or W₀+ΔW is not finite in the base's dtype); nothing merged")
+        w.copy_(merged)
         self.merged = True
 
     @torch.no_grad()

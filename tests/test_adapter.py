@@ -886,3 +886,45 @@ def test_task_type_is_inferred_only_where_peft_can_run_it(tmp_path):
     with torch.no_grad():
         assert_rel_close(merged(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state, TOL,
                          "merged BertModel")
+
+
+def test_wrapped_models_save_and_load_the_wrapped_models_keys(tmp_path):
+    """``torch.compile`` and DDP/DataParallel wrappers are unwrapped: the file of a wrapped model is the plain
+    model's (no ``_orig_mod.``/``module.`` in the keys, the task type of the model inside), PEFT loads it with equal
+    logits, and an adapter loads into a wrapped model. A prefixed file would load in PEFT with only a warning,
+    leaving its adapter at zero."""
+    model, fresh = _lora_fast_model("gpt2")
+    ids = _ids()
+    ref = _logits(model, ids)
+    save_adapter(model, tmp_path / "plain")
+    plain_keys = sorted(load_file(tmp_path / "plain" / "adapter_model.safetensors"))
+    plain_cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert plain_cfg["task_type"] == "CAUSAL_LM"
+    for name, wrapped in (("compiled", torch.compile(model)), ("dp", torch.nn.DataParallel(model)),
+                          ("both", torch.compile(torch.nn.DataParallel(model)))):
+        save_adapter(wrapped, tmp_path / name)
+        assert sorted(load_file(tmp_path / name / "adapter_model.safetensors")) == plain_keys, name
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text()) == plain_cfg, name
+    pm = PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "compiled").eval()
+    assert_rel_close(_logits(pm, ids), ref, TOL, "PEFT loading a compiled model's adapter")
+    target = copy.deepcopy(fresh)
+    assert load_adapter(torch.compile(target), tmp_path / "plain") == AdapterLoadResult([], [])
+    assert_rel_close(_logits(target, ids), ref, TOL, "loaded through a compile wrapper")
+
+
+def test_frozen_load_switches_dropout_off_as_peft_does(tmp_path):
+    """``is_trainable=False`` is for inference: the model goes to eval mode (PEFT's from_pretrained does the
+    same), so an adapter saved with lora_dropout gives deterministic outputs equal to PEFT's."""
+    build, targets, _, _ = MODELS["gpt2"]
+    base = build()
+    pm = _peft_model(copy.deepcopy(base), targets, lora_dropout=0.5)
+    pm.save_pretrained(tmp_path)
+    ids = _ids()
+    ref = _logits(pm, ids)
+    ours = copy.deepcopy(base).train()  # as after a training loop, or a model built from a config
+    load_adapter(ours, tmp_path, is_trainable=False)
+    assert not any(m.training for m in ours.modules())
+    assert_rel_close(_logits(ours, ids), ref, TOL, "frozen load")
+    trainable = copy.deepcopy(base).train()
+    load_adapter(trainable, tmp_path)  # is_trainable=True leaves the mode alone (training goes on)
+    assert trainable.training

@@ -1,0 +1,124 @@
+"""After training: ``merge_lora`` / ``unmerge_lora`` (ΔW folded into the base weights and back),
+``merge_and_unload`` (plain modules with ΔW inside), ``unload`` (plain modules, adapters dropped) and the
+``disable_adapter`` context (the base model's outputs with the adapters left in place) — PEFT's
+``merge_adapter``/``unmerge_adapter``/``merge_and_unload``/``unload``/``disable_adapter``, as functions of the model.
+
+Nothing to do is a warning (merging a merged model), no LoRA layer at all is an error: never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch.nn as nn
+
+from lora_fast.inject import _set_submodule, lora_layers, unwrap_model
+from lora_fast.layer import LinearWithLoRA
+
+
+def _layers_or_raise(model: nn.Module, who: str) -> dict[str, LinearWithLoRA]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{who}: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
+    return layers
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Fold ΔW into every LoRA layer's base weight (forward becomes the base alone).
+
+    ``safe_merge``: check each merged weight for inf/NaN before writing it (``LinearWithLoRA.merge_weights``); a
+    failing layer raises ``ValueError`` naming it, layers merged before it stay merged. A model whose layers are
+    all merged already gets a warning (nothing to do), as PEFT warns; one without LoRA layers is an error.
+    """
+    layers = _layers_or_raise(model, "merge_lora")
+    todo = {n: m for n, m in layers.items() if not m.merged}
+    if not todo:
+        warnings.warn("merge_lora: every LoRA layer is already merged, nothing done", stacklevel=2)
+    for name, m in todo.items():
+        try:
+            m.merge_weights(safe_merge=safe_merge)
+        except ValueError as e:
+            raise ValueError(f"merge_lora: {name}: {e}") from e
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``. A model with no merged layer gets a warning (nothing to do); one without LoRA layers
+    is an error."""
+    layers = _layers_or_raise(model, "unmerge_lora")
+    todo = [m for m in layers.values() if m.merged]
+    if not todo:
+        warnings.warn("unmerge_lora: no LoRA layer is merged, nothing done", stacklevel=2)
+    for m in todo:
+        m.unmerge_weights()
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every adapter and put the original module types back: a plain model, no lora_fast inside.
+
+    Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them. A
+    ``LinearWithLoRA`` given itself returns its merged base (use the return value). ``safe_merge``: as in
+    ``merge_lora``; every layer is merged (and checked) before any module is replaced, so a failure leaves the
+    LoRA layers in place.
+    """
+    if isinstance(model, LinearWithLoRA):
+        if not model.merged:
+            model.merge_weights(safe_merge=safe_merge)
+        return model.merged_base()
+    layers = _layers_or_raise(model, "merge_and_unload")
+    for name, m in layers.items():
+        if not m.merged:
+            try:
+                m.merge_weights(safe_merge=safe_merge)
+            except ValueError as e:
+                raise ValueError(f"merge_and_unload: {name}: {e}") from e
+    for name, m in layers.items():
+        _set_submodule(model, name, m.merged_base())
+    if hasattr(model, "lora_fast_config"):
+        del model.lora_fast_config
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Take every LoRA layer out *without* merging: the original modules back, the adapters dropped (PEFT's
+    ``unload()``): how to go back to the base model, e.g. to load an adapter of another rank or other targets.
+    Merged layers are unmerged first (in fp16/bf16 the base weight comes back up to one rounding away, as in PEFT).
+    ``modules_to_save`` were trained in place and stay as trained (PEFT's ``unload`` also keeps the trained copy).
+    A ``LinearWithLoRA`` given itself returns its base."""
+    if isinstance(model, LinearWithLoRA):
+        if model.merged:
+            model.unmerge_weights()
+        return model.linear
+    for name, m in _layers_or_raise(model, "unload").items():
+        if m.merged:
+            m.unmerge_weights()
+        _set_submodule(model, name, m.linear)
+    if hasattr(model, "lora_fast_config"):
+        del model.lora_fast_config
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """``with disable_adapter(model): ...`` runs the model without its LoRA terms (PEFT's ``with
+    model.disable_adapter():``): base-model outputs — a DPO reference model, a before/after comparison — without
+    merging, unloading or copying. The adapters stay in place, untouched, and are back on exit (also after an
+    exception); contexts nest. Merged layers are refused (their ΔW is inside W₀: ``unmerge_lora`` first), and
+    merging inside the context makes their forward raise rather than silently include ΔW.
+    """
+    layers = _layers_or_raise(unwrap_model(model), "disable_adapter")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"disable_adapter: LoRA layers are merged ({', '.join(merged[:3])}"
+                         f"{', ...' if len(merged) > 3 else ''}): their ΔW is inside the base weight; call "
+                         "unmerge_lora(model) first")
+    before = {n: m.disabled for n, m in layers.items()}
+    for m in layers.values():
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for n, m in layers.items():
+            m.disabled = before[n]

@@ -1,0 +1,130 @@
+"""After training (``lora_fast.merge``): merge/unmerge warnings and safe_merge, ``unload`` and ``disable_adapter``
+against the base model they must reproduce, and errors instead of silent no-ops."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_fast import (
+    LinearWithLoRA,
+    apply_lora,
+    disable_adapter,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unload,
+    unmerge_lora,
+)
+from tests.test_inject import TARGETS, tiny_gpt2
+from tests.utils import assert_rel_close
+
+
+def _trained(dropout=0.0):
+    """(base copy, LoRA model with nonzero B) — the base copy is the oracle for 'adapter off'."""
+    base = tiny_gpt2()
+    model = apply_lora(copy.deepcopy(base), TARGETS, rank=4, alpha=8.0, dropout=dropout)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_(0, 0.1)
+    return base, model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_disable_adapter_gives_the_base_model_and_restores_on_exit():
+    base, model = _trained(dropout=0.3)
+    ids = torch.randint(0, 101, (2, 9))
+    with_lora, base_out = _logits(model, ids), _logits(base, ids)
+    assert (with_lora - base_out).abs().max() > 1e-3  # the adapter changes the output
+    with disable_adapter(model) as m:
+        assert m is model
+        torch.testing.assert_close(_logits(model, ids), base_out, rtol=0, atol=0)
+        with disable_adapter(model):  # nested
+            torch.testing.assert_close(_logits(model, ids), base_out, rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model, ids), base_out, rtol=0, atol=0)  # still off after the inner exit
+        model.train()  # train mode inside: no LoRA dropout either, the LoRA weights take no part in the graph
+        out = model(ids).logits
+        torch.testing.assert_close(out, base_out, rtol=0, atol=0)
+        assert out.grad_fn is None  # only the (frozen) base computed it
+        model.eval()
+    torch.testing.assert_close(_logits(model, ids), with_lora, rtol=0, atol=0)
+    with pytest.raises(KeyError), disable_adapter(model):
+        raise KeyError("inside")
+    torch.testing.assert_close(_logits(model, ids), with_lora, rtol=0, atol=0)  # back on after an exception
+
+
+def test_disable_adapter_refuses_merged_layers_and_a_merge_inside():
+    base, model = _trained()
+    ids = torch.randint(0, 101, (1, 5))
+    merge_lora(model)
+    with pytest.raises(ValueError, match=r"merged \(transformer\.h\.0\..*unmerge_lora\(model\) first"):
+        with disable_adapter(model):
+            pass
+    unmerge_lora(model)
+    with disable_adapter(model):
+        merge_lora(model)
+        with pytest.raises(RuntimeError, match="disabled but merged"):
+            model(ids)  # never the merged weight passed off as the base
+        unmerge_lora(model)
+        assert_rel_close(_logits(model, ids), _logits(base, ids).double(), 1e-6, "after unmerge")
+
+
+def test_unload_restores_the_base_modules_and_drops_the_adapter():
+    base, model = _trained()
+    ids = torch.randint(0, 101, (2, 7))
+    merge_lora(model)  # merged layers are unmerged first
+    plain = unload(model)
+    assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_fast_config")
+    assert type(plain.transformer.h[0].attn.c_attn) is Conv1D
+    assert_rel_close(_logits(plain, ids), _logits(base, ids).double(), 1e-6, "unloaded")
+    apply_lora(plain, ["c_attn"], rank=16)  # a different adapter can go on now
+    assert {m.rank for m in lora_layers(plain).values()} == {16}
+    layer = LinearWithLoRA(nn.Linear(6, 4), rank=2)
+    assert unload(layer) is layer.linear
+
+
+def test_nothing_to_do_warns_and_no_lora_layer_is_an_error():
+    _, model = _trained()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_lora(model)
+    with pytest.warns(UserWarning, match="merge_lora: every LoRA layer is already merged"):
+        merge_lora(model)
+    unmerge_lora(model)
+    with pytest.warns(UserWarning, match="unmerge_lora: no LoRA layer is merged"):
+        unmerge_lora(model)
+    plain = tiny_gpt2()
+    for fn in (merge_lora, unmerge_lora, merge_and_unload, unload):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: GPT2LMHeadModel has no lora_fast LoRA layer"):
+            fn(plain)
+    with pytest.raises(ValueError, match="disable_adapter: GPT2LMHeadModel has no lora_fast LoRA layer"):
+        with disable_adapter(plain):
+            pass
+
+
+def test_safe_merge_refuses_non_finite_weights_untouched():
+    _, model = _trained()
+    bad = "transformer.h.1.mlp.c_fc"
+    with torch.no_grad():
+        lora_layers(model)[bad].lora.lora_B[0, 0] = float("inf")
+    w_before = lora_layers(model)[bad].linear.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"merge_lora: {bad}: .*inf/NaN"):
+        merge_lora(model, safe_merge=True)
+    assert not lora_layers(model)[bad].merged
+    torch.testing.assert_close(lora_layers(model)[bad].linear.weight, w_before, rtol=0, atol=0)
+    unmerge_lora(model)  # the layers merged before it
+    with pytest.raises(ValueError, match=rf"merge_and_unload: {bad}: .*inf/NaN"):
+        merge_and_unload(model, safe_merge=True)
+    assert len(lora_layers(model)) == 2 * len(TARGETS) + 2  # nothing replaced
+    unmerge_lora(model)
+    merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
+    assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()
