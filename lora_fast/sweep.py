@@ -32,17 +32,22 @@ from lora_fast.train_model import log_stderr
 COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
            "trainable_params", "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps")
 DEFAULT_TARGET_SETS = ["c_attn", "all-linear"]
+DEFAULT_OUTPUT_DIR = "outputs/lora-sweep"
+CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")  # refused here
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-fast sweep", description="Sweep LoRA rank, alpha and target modules")
-    add_train_options(p)
-    p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"], help="ranks to try")
-    p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try")
+    add_train_options(p, hidden=CHECKPOINT_OPTIONS, shown_defaults={"output_dir": DEFAULT_OUTPUT_DIR})
+    p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"],
+                   help="ranks to try (default: 2 4 8 16 32)")
+    p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try (default: 4 8 16 32)")
     p.add_argument("--target_sets", nargs="+", default=None,
                    help="target-module sets to try; names within a set are comma-separated (c_attn,c_proj) "
                    f"(default: --target_modules as the only set, else {' '.join(DEFAULT_TARGET_SETS)})")
-    p.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time")
+    p.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time",
+                   help="one-at-a-time: vary one of rank, alpha, target set with the others at --rank/--alpha and "
+                   "the first set; full: every combination (default: one-at-a-time)")
     return p
 
 
@@ -171,14 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.output_dir is None and not (ns.config and "output_dir" in load_yaml(ns.config)):
-            ns.output_dir = "outputs/lora-sweep"
+            ns.output_dir = DEFAULT_OUTPUT_DIR
         opts = resolve(ns)
         ranks = _numbers(ns.ranks, int, "ranks")
         alphas = _numbers(ns.alphas, float, "alphas")
         if opts.task != "causal-lm":
             raise ConfigError("lora-fast sweep runs --task causal-lm only")
-        given = [f"--{k}" for k in ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")
-                 if getattr(opts, k) is not None]
+        given = [f"--{k}" for k in CHECKPOINT_OPTIONS if getattr(opts, k) is not None]
         if given:
             raise ConfigError(f"lora-fast sweep does not checkpoint ({', '.join(given)}); train the configuration "
                               "to resume with lora-fast train")

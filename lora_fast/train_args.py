@@ -65,7 +65,8 @@ OPTIONS: dict[str, tuple] = {
     "seed": (int, 42, lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)", "random seed"),
     "output_dir": (str, "outputs/lora-gpt2", None, "", "where the adapter, metrics and plots go"),
     "overwrite": (bool, False, None, "", "replace a non-empty output directory"),
-    "backend": (str, "auto", lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}", "LoRA kernels"),
+    "backend": (str, "auto", lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}",
+                "LoRA kernels: auto (Triton where it runs, else the reference), reference or triton"),
     "device": (str, "auto", None, "", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
     "logdir": (str, None, None, "", "TensorBoard log directory (needs the tensorboard package)"),
     "num_workers": (int, 0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "DataLoader workers"),
@@ -84,16 +85,24 @@ OPTIONS: dict[str, tuple] = {
 }
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """Add every option of ``OPTIONS`` (plus ``--config``) to ``parser``; defaults are resolved in ``parse``."""
+def add_train_options(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = (),
+                      shown_defaults: dict | None = None) -> None:
+    """Add every option of ``OPTIONS`` (plus ``--config``) to ``parser``; defaults are resolved in ``parse``.
+
+    ``hidden``: options still parsed (so that the command can refuse them with its own message) but left out of
+    ``--help``. ``shown_defaults``: defaults the command sets itself, shown instead of ``OPTIONS``'."""
     parser.add_argument("--config", help="YAML file whose keys are these options (the command line overrides)")
-    for name, (typ, default, _, _, help_) in OPTIONS.items():
+    shown = {name: spec[1] for name, spec in OPTIONS.items()} | (shown_defaults or {})
+    for name, (typ, _, _, _, help_) in OPTIONS.items():
         flag = f"--{name}"
+        default = shown[name]
         d = f" (default: {default})" if default is not None else ""
+        if name in hidden:
+            help_, d = argparse.SUPPRESS, ""
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_ + d)
         elif typ is list:
-            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=help_)
+            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=help_)  # default in help_
         else:
             # Parsed as strings and converted in `validate`, so CLI and YAML values share one check and message.
             parser.add_argument(flag, default=None, metavar=name.upper(), help=help_ + d)

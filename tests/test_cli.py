@@ -204,6 +204,11 @@ def test_cli_dispatch(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["train", "--help"])
     assert e.value.code == 0 and "--gradient_accumulation_steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # sweep's help shows its own default and no option it refuses
+        cli_main(["sweep", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default: outputs/lora-sweep)" in out and "outputs/lora-gpt2" not in out
+    assert "--save_steps" not in out and "--resume_from_checkpoint" not in out and "full: every combination" in out
 
 
 # -------------------------------------------------------------------------------------------------------- data
