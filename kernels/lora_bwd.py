@@ -166,7 +166,8 @@ def prune_bwd_configs(configs, named_args, **kwargs):
 BWD_TUNED = TunedKernel(
     _lora_bwd_kernel,
     lambda: triton.autotune(
-        get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT"],
+        get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT",
+             "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
     )(_lora_bwd_kernel),
 )
@@ -291,8 +292,8 @@ def lora_linear_bwd(
                dev)
         launch_fitting(_lora_bwd_kernel, lambda: fixed, key, grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
-        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, x.dtype, weight.dtype,
-               lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
+        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, meta["INPUT_PRECISION"], x.dtype,
+               weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
         BWD_TUNED.launch(key, grid, *args, **meta)
     dA = dB = None
     if needs_dA:

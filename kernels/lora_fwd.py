@@ -197,7 +197,8 @@ def prune_fwd_configs(configs, named_args, **kwargs):
 # The GPU launch path (autotuned; steady-state launches skip the tuner's bookkeeping, see TunedKernel).
 FWD_TUNED = TunedKernel(
     _lora_fwd_kernel,
-    lambda: triton.autotune(get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"],
+    lambda: triton.autotune(get_fwd_configs(),
+                            key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT", "INPUT_PRECISION"],
                             prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel),
 )
 
@@ -334,7 +335,7 @@ def lora_linear_fwd(
         launch_fitting(_lora_fwd_kernel, lambda: fixed_rungs(FIXED_FWD_CONFIG, x.dtype, r, FWD_FALLBACKS), key,
                        grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
-        key = (N, K, r, args[12], xa_in, has_dropout, write_xa, x.dtype, lora_A.dtype, lora_B.dtype,
+        key = (N, K, r, args[12], xa_in, has_dropout, write_xa, precision, x.dtype, lora_A.dtype, lora_B.dtype,
                None if bias is None else bias.dtype, seed_arg.dtype, dev)
         FWD_TUNED.launch(key, grid, *args, **meta)
     return y, (xa if write_xa else None)
