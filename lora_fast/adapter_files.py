@@ -158,7 +158,11 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]
         else:
             state = obj
     else:
-        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} or {BIN_NAME} in {directory}")
+        hint = ""
+        if (directory / "model.safetensors").is_file() or list(directory.glob("model-*-of-*.safetensors")):
+            hint = (" (it holds a full model's weights: a Trainer.save_model / save_pretrained of a model with LoRA "
+                    "layers in place; write the adapter with lora_fast.save_adapter(model, dir))")
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} or {BIN_NAME} in {directory}{hint}")
     if config is None:
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory} (and no 'config' in {source.name})")
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):

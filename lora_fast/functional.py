@@ -9,10 +9,13 @@ The default comes from the environment variable ``LORA_FAST_BACKEND`` (``auto`` 
 set (triton's numpy interpreter: correct but slow, meant for tests).
 
 Dropout seeds: the Triton path's keep-mask is a pure function of (seed, row, column) — ``dropout_mask`` returns it —
-so backward and checkpoint recomputation regenerate it instead of storing it. With an explicit seed the reference
-path takes its mask from ``seeded_keep_mask``: the kernels' own mask wherever triton can build it (so both paths
-apply the same mask), else ``torch.rand`` from a ``torch.Generator`` seeded with ``seed``. Without a seed the
-reference path draws ``torch.rand`` from torch's generator, as ``nn.Dropout`` does.
+so backward and checkpoint recomputation regenerate it instead of storing it. Every path follows one rule: a seed
+is given or drawn with one ``torch.randint`` from torch's generator for x's device (``seed_tensor``), and the mask
+is a function of it. The reference path takes it from ``seeded_keep_mask``: the kernels' own mask wherever triton
+can build it (so both paths apply the same mask for a seed, and a reentrant checkpoint whose forward and recompute
+take different paths still regenerates it), else ``torch.rand`` from a ``torch.Generator`` seeded with the seed. The
+compiled op draws the same way, so eager and compiled (``aot_eager``, or inductor with ``fallback_random``) runs
+draw alike.
 """
 
 from __future__ import annotations
@@ -221,8 +224,9 @@ def lora_linear(
         lora_A: (r, in). lora_B: (out, r).
         scaling: α/r (or α/√r with rsLoRA).
         dropout_p: dropout probability on the LoRA input, in [0, 1); applied only when ``training``.
-        seed: dropout seed. None draws one from torch's generator for x's device (reproducible under
-            ``torch.manual_seed``).
+        seed: dropout seed: None draws one from torch's generator for x's device (reproducible under
+            ``torch.manual_seed``); an int in [0, 2**63), or a 1-element int64 tensor (the same mask as its value;
+            under torch.compile a tensor changes without recompiling).
         training: whether dropout is active.
         fan_in_fan_out: W₀ in Conv1D layout.
         backend: "auto", "reference" or "triton"; None reads ``LORA_FAST_BACKEND``.
@@ -238,8 +242,6 @@ def lora_linear(
     backend = resolve_backend(backend)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if isinstance(seed, torch.Tensor):
-        raise ValueError("seed must be None or an int here (a seed tensor is for the torch.compile op)")
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 
@@ -257,7 +259,7 @@ def lora_linear(
         _log_once(f"lora_fast: reference path ({reason})")
 
     keep = None
-    if seed is not None and training and dropout_p > 0.0:
+    if training and dropout_p > 0.0:  # one rule on every path: a seed drawn (or given), the mask a function of it
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
         keep = seeded_keep_mask(seed_tensor(seed, x.device), M, K, float(dropout_p), x.device).reshape(x.shape)

@@ -928,3 +928,12 @@ def test_frozen_load_switches_dropout_off_as_peft_does(tmp_path):
     trainable = copy.deepcopy(base).train()
     load_adapter(trainable, tmp_path)  # is_trainable=True leaves the mode alone (training goes on)
     assert trainable.training
+
+
+def test_full_model_checkpoint_is_named_as_such(tmp_path):
+    """A Trainer.save_model / save_pretrained folder of a LoRA-injected model holds no adapter file: the error says
+    what it holds and how to write an adapter, instead of only that the adapter file is missing."""
+    model, fresh = _lora_fast_model("gpt2")
+    save_file({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"full model's weights.*lora_fast\.save_adapter"):
+        load_adapter(fresh, tmp_path)

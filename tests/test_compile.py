@@ -8,10 +8,10 @@ Routing: ``LinearWithLoRA`` goes through ``lora_fast.functional.lora_linear``, w
 ``lora_fast.ops.lora_linear_op`` under ``torch.compiler.is_compiling()``: these tests exercise the real module path.
 Behind the op the fused Triton kernels run where eager would run them (here: CPU under TRITON_INTERPRET=1).
 
-Dropout masks: the op draws its seed with ``torch.randint`` and regenerates the mask from it; eager
-``functional.lora_linear`` (reference backend) draws the mask with ``torch.rand`` directly. The two agree for an
-explicit seed (tested) but not for seed=None, so compiled modules with dropout are compared with the op in eager
-mode at the same ``torch.manual_seed`` (``aot_eager`` and inductor with ``fallback_random`` draw what eager draws).
+Dropout masks: the op and eager ``functional.lora_linear`` both draw a seed with ``torch.randint`` (or take the one
+given) and build the mask from it (``functional.seeded_keep_mask``), so compiled modules with dropout are compared
+with the eager module at the same ``torch.manual_seed``, draw for draw (``aot_eager``, and inductor with
+``fallback_random``), the generator's next draw included.
 """
 
 from __future__ import annotations
@@ -106,6 +106,22 @@ def test_op_dropout_seed_semantics():
     y_a = lora_linear_op(*args, dropout_p=0.5)  # seed=None: drawn from torch's generator
     torch.manual_seed(5)
     assert torch.equal(y_a, lora_linear_op(*args, dropout_p=0.5))
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_eager_seed_tensor_equals_its_int(triton_path, monkeypatch):
+    """Eager ``lora_linear`` takes a seed tensor as the compiled op does (one function for both modes): the same
+    output as the int seed, on the reference path and on the Triton path (interpreter)."""
+    if triton_path:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    backend = "triton" if triton_path else "reference"
+    y_int = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=7, backend=backend)
+    y_t = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=torch.tensor([7]), backend=backend)
+    assert torch.equal(y_int, y_t)
+    assert not torch.allclose(y_int, functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=8, backend=backend))
+    with pytest.raises(ValueError, match="one int64"):
+        functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=torch.tensor([7.0]), backend=backend)
 
 
 def test_op_saves_no_mask():
@@ -225,11 +241,12 @@ def _layer(fan_in_fan_out: bool, dropout: float) -> LinearWithLoRA:
 
 
 def _run(fn, m, x, seed):
+    """(y, dx, dA, dB, the next draw of torch's generator): that draw shows the run consumed the stream alike."""
     torch.manual_seed(seed)
     y = fn(x)
     dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
     grads = torch.autograd.grad(y, (x, m.lora.lora_A, m.lora.lora_B), dy)
-    return (y, *grads)
+    return (y, *grads, torch.rand(4))
 
 
 def _eager_op(m):
@@ -246,9 +263,10 @@ def test_compiled_layer_aot_eager(fan_in_fan_out, dropout):
     x = torch.randn(2, 5, 32, requires_grad=True)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     out = _run(compiled, m, x, seed=11)
-    ref = _run(m if dropout == 0 else _eager_op(m), m, x, seed=11)  # p = 0: the real eager module path
-    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
-        assert_rel_close(o, r, FP32_TOL, name)
+    for eager in (m, _eager_op(m)):  # the real eager module path, and the op called eagerly: draw for draw
+        ref = _run(eager, m, x, seed=11)
+        for name, o, r in zip(("y", "dx", "dA", "dB", "next draw"), out, ref, strict=True):
+            assert_rel_close(o, r, FP32_TOL, name)
     if dropout > 0:  # the mask is active and follows the RNG: another seed gives another output
         assert rel_err(_run(compiled, m, x, seed=12)[0], out[0]) > 1e-3
 
@@ -264,8 +282,8 @@ def test_compiled_layer_inductor():
     x = torch.randn(3, 32, requires_grad=True)
     with torch._inductor.config.patch(fallback_random=True, force_disable_caches=True):
         out = _run(torch.compile(m, fullgraph=True), m, x, seed=5)
-    ref = _run(_eager_op(m), m, x, seed=5)
-    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+    ref = _run(m, m, x, seed=5)  # the eager module draws what the compiled one draws
+    for name, o, r in zip(("y", "dx", "dA", "dB", "next draw"), out, ref, strict=True):
         assert_rel_close(o, r, FP32_TOL, name)
 
 
@@ -390,5 +408,5 @@ def test_compiled_layer_on_the_triton_path_matches_eager():
     x = torch.randn(2, 5, 32, requires_grad=True)
     out = _run(torch.compile(m, backend="aot_eager", fullgraph=True), m, x, seed=3)
     ref = _run(m, m, x, seed=3)  # the eager module on the Triton path (lora_fast.triton_fn)
-    for name, o, r in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+    for name, o, r in zip(("y", "dx", "dA", "dB", "next draw"), out, ref, strict=True):
         assert_rel_close(o, r, FP32_TOL, name)
