@@ -228,6 +228,34 @@ def prune_smem(configs, named_args, ptr: str, tiles) -> list:
     return [c for c in configs if estimate(c) <= budget] or [min(configs, key=estimate)]
 
 
+def per_thread(config, rows: str, cols: str) -> int:
+    """Accumulator elements each thread of a program holds: BLOCK_rows × BLOCK_cols over 32·num_warps threads."""
+    kw = config.kwargs
+    return kw[rows] * kw[cols] // (32 * config.num_warps)
+
+
+def tile_config(shape: tuple, fma_only: bool = False):
+    """A ``triton.Config`` from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``fma_only`` marks one kept only
+    for FMA dots (``prune_for_dots``)."""
+    import triton
+
+    bm, bn, bk, w, s = shape
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    config.fma_only = fma_only
+    return config
+
+
+def prune_for_dots(configs, fma: bool, fits, cost) -> list:
+    """The autotune configs for the kind of dots a launch runs. FMA dots (fp32 with IEEE precision, ``fma_dots``)
+    hold each thread's operands over the whole reduction in registers, so large tiles spill kilobytes and take
+    tens of seconds to compile: keep the configs ``fits`` accepts (the lowest ``cost`` if none does). Tensor-core
+    dots: every config not marked ``fma_only``. The thresholds come from spills measured offline for sm_90
+    (``benchmarks/compile_check.py``; PERF_NOTES "fp32 IEEE autotune lists")."""
+    if fma:
+        return [c for c in configs if fits(c)] or [min(configs, key=cost)]
+    return [c for c in configs if not getattr(c, "fma_only", False)]
+
+
 def config_meta(config) -> dict:
     """A ``triton.Config`` as launch keywords (its tile constants and num_warps/num_stages/...), as the autotuner
     itself passes them to the kernel (``Config.all_kwargs``; older triton: kwargs plus warps and stages)."""

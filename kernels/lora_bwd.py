@@ -45,7 +45,10 @@ from lora_fast.kernels.launch import (
     interpreting,
     launch_fitting,
     on_input_device,
+    per_thread,
+    prune_for_dots,
     prune_smem,
+    tile_config,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import lora_linear_bwd_cublas
@@ -144,6 +147,7 @@ FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 # back to these, in order (``launch_fitting``). BLOCK_M stays 64: the deterministic partials are sized by it.
 BWD_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
                  {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
+FIXED_CONFIG_FMA = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}  # fp32 IEEE (FMA dots): the first fallback's tile
 
 
 def get_bwd_configs() -> list[triton.Config]:
@@ -152,12 +156,25 @@ def get_bwd_configs() -> list[triton.Config]:
     shapes = [(128, 64, 256, 8, 3), (128, 64, 128, 8, 4), (128, 64, 128, 4, 4), (128, 32, 256, 8, 4),
               (64, 64, 256, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 4),
               (32, 32, 64, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    return [tile_config(shape) for shape in shapes] + [tile_config(shape, fma_only=True) for shape in FMA_ONLY_BWD]
+
+
+# fp32 with IEEE dots (``fma_dots``): a config is kept when each thread's dx accumulator BM·BK/(32·warps) is at
+# most 16 elements. Offline sm_90 compiles at r = 8/16/32 (PERF_NOTES "fp32 IEEE autotune lists"): those spill
+# 0 B at r ≤ 16 and ≤ 120 B at r = 32; every 32-element config spilled 72–1792 B, 64 and more 1.2–28.6 KB.
+# FMA_ONLY_BWD: tiles of that size added for that case alone (the lists above keep only 32×32×64 otherwise).
+FMA_BWD_MAX_ACC = 16
+FMA_ONLY_BWD = [(64, 64, 64, 8, 4), (32, 64, 64, 4, 3)]
 
 
 def prune_bwd_configs(configs, named_args, **kwargs):
-    """Keep the configs whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit the shared memory."""
+    """Keep the configs for the launch's dots (``prune_for_dots``: for fp32 IEEE FMA dots only tiles that do not
+    spill, see ``FMA_BWD_MAX_ACC``), then those whose pipelined tiles — dy (BM, BN), W₀ (BN, BK), B (BN, R) — fit
+    the shared memory."""
+    precision = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION", "ieee"))
+    configs = prune_for_dots(configs, fma_dots(named_args["dy_ptr"].dtype, precision),
+                             lambda c: per_thread(c, "BLOCK_M", "BLOCK_K") <= FMA_BWD_MAX_ACC,
+                             lambda c: per_thread(c, "BLOCK_M", "BLOCK_K"))
     return prune_smem(configs, named_args, "dy_ptr", lambda bm, bn, bk, r: (bm * bn, bn * bk, bn * r))
 
 
@@ -178,6 +195,8 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dic
     interpreter, in deterministic mode (the partial buffers are sized by BLOCK_M before the launch) or with
     ``LORA_FAST_AUTOTUNE=0``; None: the autotuned path."""
     if interpreting() or deterministic or not autotune_enabled():
+        if fma_dots(dtype, input_precision(dtype)) and not interpreting():  # the 64×64×64 tile spills 72–1448 B
+            return fixed_rungs(FIXED_CONFIG_FMA, dtype, r, BWD_FALLBACKS[1:])  # there (sm_90), this one 0–120 B
         return fixed_rungs(FIXED_CONFIG, dtype, r, BWD_FALLBACKS)
     return None
 

@@ -46,7 +46,10 @@ from lora_fast.kernels.launch import (
     interpreting,
     launch_fitting,
     on_input_device,
+    per_thread,
+    prune_for_dots,
     prune_smem,
+    tile_config,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import merge_exact, merged_weight
@@ -179,17 +182,36 @@ def get_fwd_configs() -> list[triton.Config]:
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 32, 8, 4),
               (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
               (32, 64, 32, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    configs = [tile_config(shape) for shape in shapes] + [tile_config(shape, fma_only=True) for shape in FMA_ONLY_FWD]
+    for c in configs:
+        c.kwargs["GROUP_M"] = 8
+    return configs
+
+
+# fp32 with IEEE dots (``fma_dots``): a config is kept when each thread's accumulator T = BM·BN/(32·warps) is at most
+# 64 elements and, in the one-pass kernel (which also reduces x·Aᵀ over BK), T·BK ≤ 2048. Offline sm_90 compiles of
+# every config at r = 8/16/32 (PERF_NOTES "fp32 IEEE autotune lists"): all kept ones spill 0–16 B, all dropped ones
+# 400–7944 B. FMA_ONLY_FWD: a 0-spill tile added for that case alone.
+FMA_FWD_MAX_ACC, FMA_FWD_MAX_ACC_K = 64, 2048
+FMA_ONLY_FWD = [(128, 128, 32, 8, 4)]
+
+
+def _fma_fwd_fits(c, xa_in: bool) -> bool:
+    t = per_thread(c, "BLOCK_M", "BLOCK_N")
+    return t <= FMA_FWD_MAX_ACC and (xa_in or t * c.kwargs["BLOCK_K"] <= FMA_FWD_MAX_ACC_K)
 
 
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop tiles over 128×64 for ranks > 64 when the rank is computed in the loop (a 128-wide rank tile next to a
-    large output tile spills registers), then every config whose pipelined tiles — x (BM, BK), W₀ (BK, BN), A
-    (BK, R) — exceed the shared memory (fp32 at large rank)."""
-    big_rank = named_args["R"] > 64 and not kwargs.get("XA_IN", named_args.get("XA_IN", False))
+    """Keep the configs for the launch's dots (``prune_for_dots``: for fp32 IEEE FMA dots only tiles that do not
+    spill, see ``FMA_FWD_MAX_ACC``); then drop tiles over 128×64 for ranks > 64 when the rank is computed in the
+    loop (a 128-wide rank tile next to a large output tile spills registers), then every config whose pipelined
+    tiles — x (BM, BK), W₀ (BK, BN), A (BK, R) — exceed the shared memory (fp32 at large rank)."""
+    xa_in = kwargs.get("XA_IN", named_args.get("XA_IN", False))
+    precision = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION", "ieee"))
+    configs = prune_for_dots(configs, fma_dots(named_args["x_ptr"].dtype, precision),
+                             lambda c: _fma_fwd_fits(c, xa_in),
+                             lambda c: per_thread(c, "BLOCK_M", "BLOCK_N") * c.kwargs["BLOCK_K"])
+    big_rank = named_args["R"] > 64 and not xa_in
     kept = [c for c in configs if not (big_rank and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)] or configs
     return prune_smem(kept, named_args, "x_ptr", lambda bm, bn, bk, r: (bm * bk, bk * bn, bk * r))
 

@@ -298,3 +298,36 @@ def test_tuned_kernel_tunes_afresh_on_another_device(monkeypatch):
     assert builds == [0, 1]
     assert [(n, a[1], m.get("BLOCK_M")) for n, a, m in log] == [
         ("tuner0", 1, None), ("kernel", 2, 64), ("tuner1", 3, None), ("kernel", 4, 32)]
+
+
+def _shapes(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in configs}
+
+
+def test_fp32_ieee_autotune_lists_keep_the_tiles_that_do_not_spill(monkeypatch):
+    """fp32 with IEEE dots (torch's default: TF32 off) runs FMA dots, where large tiles spill kilobytes. With an
+    H100's shared memory the pruned lists are the configs measured (offline sm_90 compiles, r = 8/16/32) to spill
+    0–16 B (forward) and 0–120 B (backward); tensor-core dtypes keep the lists as they were (no FMA-only tile)."""
+    pytest.importorskip("triton")
+    from lora_fast.kernels import launch, lora_bwd, lora_fwd
+
+    monkeypatch.setattr(launch, "smem_budget", lambda device: 232448)  # H100 opt-in shared memory per block
+    x32, x16 = torch.empty(8, 8), torch.empty(8, 8, dtype=torch.bfloat16)
+
+    def fwd(x, xa_in, precision="ieee"):
+        return _shapes(lora_fwd.prune_fwd_configs(lora_fwd.get_fwd_configs(), {"x_ptr": x, "R": 16},
+                                                  XA_IN=xa_in, INPUT_PRECISION=precision))
+
+    def bwd(dy, precision="ieee"):
+        return _shapes(lora_bwd.prune_bwd_configs(lora_bwd.get_bwd_configs(), {"dy_ptr": dy, "R": 16},
+                                                  INPUT_PRECISION=precision))
+
+    assert fwd(x32, False) == {(64, 64, 64, 4, 4), (32, 64, 32, 4, 2), (128, 128, 32, 8, 4)}
+    assert fwd(x32, True) == {(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 32, 4, 2),
+                              (128, 128, 32, 8, 4)}
+    assert bwd(x32) == {(32, 32, 64, 4, 2), (64, 64, 64, 8, 4), (32, 64, 64, 4, 3)}
+    fma_only = set(lora_fwd.FMA_ONLY_FWD) | set(lora_bwd.FMA_ONLY_BWD)
+    for shapes in (fwd(x16, False), fwd(x16, True), bwd(x16), fwd(x32, False, "tf32"), bwd(x32, "tf32")):
+        assert shapes and not shapes & fma_only
+    assert (128, 256, 64, 8, 3) in fwd(x16, True) and (128, 64, 256, 8, 3) in bwd(x16)  # Hopper tiles stay
