@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
+from lora_fast.inject import unwrap_model
 from lora_fast.train_args import ConfigError
 
 MODES = ("auto", "none", "ddp", "fsdp")
@@ -234,13 +235,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, on_redu
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP (FSDP2 shards in place: the model itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, ctx: DistContext, sync: bool):
     """Around one micro-step: with ``sync`` False the gradients stay local (DDP ``no_sync``; FSDP2
@@ -323,6 +317,6 @@ def dump_rank_state(model: nn.Module, ctx: DistContext) -> None:
     from safetensors.torch import save_file
 
     state = {n: full_tensor(p.detach()).to("cpu", copy=True).contiguous()
-             for n, p in unwrap(model).named_parameters() if ".lora.lora_" in f".{n}"}
+             for n, p in unwrap_model(model).named_parameters() if ".lora.lora_" in f".{n}"}
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, f"rank{ctx.rank}.safetensors"))

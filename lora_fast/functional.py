@@ -9,13 +9,11 @@ The default comes from the environment variable ``LORA_FAST_BACKEND`` (``auto`` 
 set (triton's numpy interpreter: correct but slow, meant for tests).
 
 Dropout seeds: the Triton path's keep-mask is a pure function of (seed, row, column) — ``dropout_mask`` returns it —
-so backward and checkpoint recomputation regenerate it instead of storing it. Every path follows one rule: a seed
-is given or drawn with one ``torch.randint`` from torch's generator for x's device (``seed_tensor``), and the mask
-is a function of it. The reference path takes it from ``seeded_keep_mask``: the kernels' own mask wherever triton
-can build it (so both paths apply the same mask for a seed, and a reentrant checkpoint whose forward and recompute
-take different paths still regenerates it), else ``torch.rand`` from a ``torch.Generator`` seeded with the seed. The
-compiled op draws the same way, so eager and compiled (``aot_eager``, or inductor with ``fallback_random``) runs
-draw alike.
+so backward and checkpoint recomputation regenerate it instead of storing it; without a seed one is drawn with
+``torch.randint`` from torch's generator for x's device. The reference path without a seed draws ``torch.rand(x.shape)``
+from that generator (as ``nn.Dropout``: it works under torch.func transforms, on meta and fake tensors); with an
+explicit seed it takes the mask from ``seeded_keep_mask`` — the kernels' own wherever triton can build it (unless
+``backend="reference"``), else ``torch.rand`` from a ``torch.Generator`` seeded with the seed.
 """
 
 from __future__ import annotations
@@ -103,7 +101,7 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+def dropout_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
     """The boolean keep-mask (rows, cols) the Triton kernels apply to an (M, K) = (rows, cols) LoRA input.
 
     ``lora_linear(x, ..., dropout_p=p, seed=seed)`` on the Triton path computes exactly
@@ -111,7 +109,7 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device
     (M, K)): this is how tests compare the kernels with the reference bit for bit in the mask.
 
     Args:
-        seed: non-negative int (< 2**63), the per-call dropout seed.
+        seed: non-negative int (< 2**63), the per-call dropout seed (or a 1-element int64 tensor holding it).
         rows: M, the number of input rows (all leading dims flattened). cols: K, in_features.
         p: dropout probability in [0, 1); an element is kept when its 16-bit draw is >= round(p·2¹⁶)
             (``lora_fast.rng.keep_threshold``); kept elements are scaled by 1/(1 − p).
@@ -129,8 +127,8 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device: torch.device
 
 def triton_mask_runs(device: torch.device | str, p: float) -> bool:
     """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on ``device``: triton imports, the device
-    is CUDA (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter), and the 16-bit keep
-    threshold biases E[dropout(x)] by at most ``triton_fn.MAX_DROPOUT_BIAS`` (p not within ~1 % of 1)."""
+    is CUDA (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter), no torch.func transform is
+    active, and the 16-bit keep threshold biases E[dropout(x)] by at most ``triton_fn.MAX_DROPOUT_BIAS``."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not _interpret_env()):
         return False
@@ -141,23 +139,24 @@ def triton_mask_runs(device: torch.device | str, p: float) -> bool:
         return False
     if device.type == "cpu" and not launch.kernels_interpreted(dropout._dropout_mask_kernel):
         return False
-    return triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
+    return not triton_fn._functorch_active() and triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
 
 
-def seeded_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
-    """The reference path's keep-mask (rows, cols) for an explicit seed (a 1-element int64 tensor on ``device``);
-    eager ``lora_linear(..., backend="reference", seed=s)`` and the compiled op's reference fallback both use it.
+def seeded_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str,
+                     kernel: bool) -> torch.Tensor:
+    """The reference path's keep-mask (rows, cols) for an explicit seed (an int, or a 1-element int64 tensor);
+    eager ``lora_linear(..., seed=s)`` on the reference path and the compiled op's reference fallback use it.
 
-    Where ``triton_mask_runs``: the kernels' own mask, ``dropout_mask(seed, rows, cols, p)`` — the seed is read on
-    the device (no host sync, capturable in a CUDA graph: a rank-256 adapter under ``torch.compile(mode=
-    "reduce-overhead")`` takes this path) and both paths then apply the same mask. Elsewhere (no triton, CPU
-    without the interpreter, p within ~1 % of 1): ``torch.rand((rows, cols)) >= p`` from a ``torch.Generator``
-    seeded with the seed's value — a ``.item()`` read, one host sync on CUDA."""
-    if triton_mask_runs(device, p):
-        from lora_fast.kernels.dropout import dropout_keep_mask
-
-        return dropout_keep_mask(seed, rows, cols, p, device)
-    gen = torch.Generator(device=device).manual_seed(int(seed.item()))
+    ``kernel`` (callers pass ``backend != "reference" and triton_mask_runs(device, p)``): the kernels' own mask,
+    ``dropout_mask(seed, rows, cols, p)``, read from a seed tensor on the device — no host sync, capturable in a
+    CUDA graph (a rank-256 adapter under ``torch.compile(mode="reduce-overhead")`` falls back to the reference
+    there), and the mask the fused path would apply. Otherwise — ``backend="reference"`` (plain PyTorch, no
+    Triton), no triton, CPU, p within ~1 % of 1 — ``torch.rand((rows, cols)) >= p`` from a ``torch.Generator``
+    seeded with the seed (a tensor seed is read with ``.item()``: one host sync on CUDA)."""
+    if kernel:
+        return dropout_mask(seed, rows, cols, p, device)
+    value = seed if isinstance(seed, int) else int(seed.item())
+    gen = torch.Generator(device=device).manual_seed(value)
     return torch.rand((rows, cols), device=device, generator=gen) >= p  # (rows, cols)
 
 
@@ -210,7 +209,7 @@ def lora_linear(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     training: bool = True,
     fan_in_fan_out: bool = False,
     backend: str | None = None,
@@ -258,11 +257,12 @@ def lora_linear(
             raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
         _log_once(f"lora_fast: reference path ({reason})")
 
-    keep = None
-    if training and dropout_p > 0.0:  # one rule on every path: a seed drawn (or given), the mask a function of it
+    keep = None  # seed None: lora_linear_ref draws torch.rand(x.shape) from torch's generator, as nn.Dropout does
+    if seed is not None and training and dropout_p > 0.0:
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
-        keep = seeded_keep_mask(seed_tensor(seed, x.device), M, K, float(dropout_p), x.device).reshape(x.shape)
+        kernel = backend != "reference" and triton_mask_runs(x.device, float(dropout_p))
+        keep = seeded_keep_mask(seed, M, K, float(dropout_p), x.device, kernel).reshape(x.shape)
     return lora_linear_ref(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training,
         fan_in_fan_out=fan_in_fan_out, keep_mask=keep,

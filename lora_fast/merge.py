@@ -32,15 +32,20 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     all merged already gets a warning (nothing to do), as PEFT warns; one without LoRA layers is an error.
     """
     layers = _layers_or_raise(model, "merge_lora")
-    todo = {n: m for n, m in layers.items() if not m.merged}
-    if not todo:
+    if all(m.merged for m in layers.values()):
         warnings.warn("merge_lora: every LoRA layer is already merged, nothing done", stacklevel=2)
-    for name, m in todo.items():
-        try:
-            m.merge_weights(safe_merge=safe_merge)
-        except ValueError as e:
-            raise ValueError(f"merge_lora: {name}: {e}") from e
+    _merge_unmerged(layers, safe_merge, "merge_lora")
     return model
+
+
+def _merge_unmerged(layers: dict[str, LinearWithLoRA], safe_merge: bool, who: str) -> None:
+    """Merge every layer not merged yet; a ``safe_merge`` failure names the layer."""
+    for name, m in layers.items():
+        if not m.merged:
+            try:
+                m.merge_weights(safe_merge=safe_merge)
+            except ValueError as e:
+                raise ValueError(f"{who}: {name}: {e}") from e
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -68,12 +73,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             model.merge_weights(safe_merge=safe_merge)
         return model.merged_base()
     layers = _layers_or_raise(model, "merge_and_unload")
-    for name, m in layers.items():
-        if not m.merged:
-            try:
-                m.merge_weights(safe_merge=safe_merge)
-            except ValueError as e:
-                raise ValueError(f"merge_and_unload: {name}: {e}") from e
+    _merge_unmerged(layers, safe_merge, "merge_and_unload")
     for name, m in layers.items():
         _set_submodule(model, name, m.merged_base())
     if hasattr(model, "lora_fast_config"):

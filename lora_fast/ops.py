@@ -25,9 +25,10 @@ Ops (x is 2-D: the entry ``lora_linear_op`` flattens leading dims; keep is the d
 
 Dropout is deterministic given the seed: ``seed`` is a 1-element int64 tensor (as the Triton kernels take it) and
 the keep-mask is a pure function of it. The reference implementation takes it from ``seeded_keep_mask`` — the
-same mask ``lora_fast.functional.lora_linear(..., backend="reference", seed=s)`` uses: the kernels' own mask where
-triton can build it (read from the seed on the device: no host sync, so a captured CUDA graph stays valid), else
-``torch.rand(M, K) >= p`` from a ``torch.Generator`` seeded with the seed's value. Backward regenerates it from
+same mask eager ``lora_fast.functional.lora_linear(..., seed=s)`` uses on its reference path: the kernels' own mask
+where triton can build it and the backend is not "reference" (read from the seed on the device: no host sync, so a
+captured CUDA graph stays valid), else ``torch.rand(M, K) >= p`` from a ``torch.Generator`` seeded with the seed's
+value. Backward regenerates it from
 the seed: nothing of size M×K is kept beyond x. Because the seed is drawn from torch's generator for x's device
 when the caller gives none, ``torch.manual_seed`` reproduces a run and ``torch.utils.checkpoint`` (which stashes
 and restores the CPU and device RNG states) recomputes the same mask.
@@ -47,8 +48,8 @@ in the parameters' dtype; the op itself runs with autocast off.
 
 Behind the op, ``_impl_fwd``/``_impl_bwd`` run the fused Triton kernels wherever eager ``lora_linear`` would (CUDA,
 or CPU under TRITON_INTERPRET=1; ``_use_triton``), with the same Philox mask and seed draw as the eager Triton path,
-and the reference elsewhere (on CUDA without triton, or with p within ~1 % of 1, the reference reads the dropout
-seed with ``.item()``: one host sync per call, and no CUDA-graph capture).
+and the reference elsewhere (on CUDA with ``backend="reference"``, without triton, or with p within ~1 % of 1, the
+reference reads the dropout seed with ``.item()``: one host sync per call, and no CUDA-graph capture).
 
 Known limits: no double backward through the op (the eager Triton path has one). On a GPU the compiled Triton path is
 unverified (no GPU in the building session).
@@ -66,6 +67,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     resolve_backend,
     seed_tensor,
     seeded_keep_mask,
+    triton_mask_runs,
     triton_unsupported_reason,
 )
 
@@ -74,17 +76,19 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """Boolean keep-mask (M, K) regenerated from the seed: ``functional.seeded_keep_mask``, as the eager reference
-    path with an explicit seed uses it."""
-    return seeded_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)  # (M, K)
+def _kernel_mask(x: torch.Tensor, p: float, backend: str) -> bool:
+    """Whether the reference fallback takes the kernels' mask (``functional.seeded_keep_mask``): as eager does."""
+    return p > 0.0 and backend != "reference" and triton_mask_runs(x.device, p)
 
 
-def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """x ⊙ keep/(1−p) (a temporary, never saved); x itself when dropout is off."""
+def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None, kernel: bool) -> torch.Tensor:
+    """x ⊙ keep/(1−p) (a temporary, never saved; the keep-mask (M, K) regenerated from the seed by
+    ``functional.seeded_keep_mask``, as the eager reference path with that seed uses it); x itself when dropout is
+    off."""
     if seed is None or p == 0.0:
         return x
-    return x * _keep_mask(x, p, seed).to(x.dtype) / (1.0 - p)  # (M, K)
+    keep = seeded_keep_mask(seed, x.shape[0], x.shape[1], p, x.device, kernel)  # (M, K)
+    return x * keep.to(x.dtype) / (1.0 - p)
 
 
 def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,24 +96,24 @@ def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
+def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, kernel_mask):
     w = weight.t() if fan_in_fan_out else weight  # (N, K) view
-    xa = F.linear(_dropped(x, dropout_p, seed), lora_A.to(x.dtype))  # (M, r)
+    xa = F.linear(_dropped(x, dropout_p, seed, kernel_mask), lora_A.to(x.dtype))  # (M, r)
     y = F.linear(x, w, bias) + scaling * F.linear(xa, lora_B.to(x.dtype))  # (M, N)
     return y, xa.to(_xa_dtype(x.dtype))
 
 
-def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx):
+def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, kernel_mask):
     dtype = x.dtype
     a, b = lora_A.to(dtype), lora_B.to(dtype)
     sdy = scaling * dy  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16, dy·B may
     g = sdy @ b  # (M, r) = dL/dxa                 # pass 65504 where s·dy·B does not (s < 1, GradScaler-sized dy)
-    dA = (g.t() @ _dropped(x, dropout_p, seed)).to(lora_A.dtype)  # (r, K)
+    dA = (g.t() @ _dropped(x, dropout_p, seed, kernel_mask)).to(lora_A.dtype)  # (r, K)
     dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype)  # (N, r)
     if not needs_dx:
         return x.new_empty(0), dA, dB
     dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)
-    dx = dx + _dropped(g @ a, dropout_p, seed)  # the mask is a function of (seed, shape): same for (M, K) g·A
+    dx = dx + _dropped(g @ a, dropout_p, seed, kernel_mask)  # the mask: a function of (seed, shape), as for x
     return dx, dA, dB
 
 
@@ -138,7 +142,8 @@ def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_
 
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                write_xa=True)
-    return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+    return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                    _kernel_mask(x, dropout_p, backend))
 
 
 def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
@@ -149,7 +154,8 @@ def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_i
         dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                      needs_dx=needs_dx, needs_dA=True, needs_dB=True)
         return (dx if dx is not None else x.new_empty(0)), dA, dB
-    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx)
+    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx,
+                    _kernel_mask(x, dropout_p, backend))
 
 
 # ----------------------------------------------------------------------------------------------------------------

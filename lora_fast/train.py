@@ -197,6 +197,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
 
     from lora_fast import distributed as D
     from lora_fast import train_ckpt as C
+    from lora_fast.inject import unwrap_model
     from lora_fast.train_io import StagedDir, check_output_dir, finish_metrics, reset_peak_memory, write_outputs
 
     if ctx is None:
@@ -227,7 +228,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         D.check_same(digest, ctx, "the training data and tokenizer (digest)")
     reduced = [0]  # gradient elements all-reduced by DDP (its comm hook counts them)
     model = D.wrap_model(model, ctx, device, on_reduce=lambda n: reduced.__setitem__(0, reduced[0] + n))
-    plain = D.unwrap(model)  # what evaluation (DDP: no collectives needed) and saving see
+    plain = unwrap_model(model)  # what evaluation (DDP: no collectives needed) and saving see
     eval_model = model if ctx.mode == "fsdp" else plain
     D.seed_dropout_rng(opts.seed, ctx)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors

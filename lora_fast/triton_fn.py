@@ -76,7 +76,8 @@ def unsupported_reason(
     """Why the fused kernels cannot run this case (a sentence), or None when they can.
 
     Besides device/dtype/rank limits, a base weight or bias that requires grad is refused: the kernels treat W₀ and
-    b as frozen and would silently return no gradient for them (the reference path differentiates them). So are a
+    b as frozen and would silently return no gradient for them (the reference path differentiates them) — under
+    no_grad too when dropout is on, so that a reentrant checkpoint's forward and recompute take the same path. So are a
     bias in another dtype than x and W₀ outside autocast (PyTorch's F.linear raises there; the kernels would cast
     it) and a dropout probability so close to 1 that the 16-bit keep threshold would bias E[dropout(x)] by more
     than ``MAX_DROPOUT_BIAS``.
@@ -119,7 +120,10 @@ def unsupported_reason(
         return f"rank {lora_A.shape[0]} > {_launch.MAX_RANK}"
     if x.shape[-1] == 0:
         return "in_features is 0"
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+    # With dropout the choice must not depend on grad mode: reentrant checkpointing runs the forward under no_grad
+    # and recomputes it with grad on, and the two paths draw their masks differently (gradients 40–90 % off).
+    if (torch.is_grad_enabled() or dropout_p > 0.0) and (
+            weight.requires_grad or (bias is not None and bias.requires_grad)):
         return "the base weight/bias requires grad, but the kernels treat them as frozen (no gradient for them)"
     return None
 

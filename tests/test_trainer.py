@@ -128,8 +128,8 @@ def test_checkpointing_regenerates_dropout_masks_triton():
 
 @pytest.mark.usefixtures("interpret")
 def test_reentrant_checkpointing_with_a_trainable_base_bias():
-    """A trainable base bias sends a layer to the reference path when grad mode is on, to the fused kernels under
-    reentrant checkpointing's no-grad forward: both paths take the mask from the same drawn seed
-    (``seeded_keep_mask``), so the recompute regenerates the forward's mask and the gradients (bias included)
-    equal the run without checkpointing. They differed by 40–90 % when the reference path drew its own mask."""
+    """A trainable base bias sends a layer with dropout to the reference path in grad mode and under reentrant
+    checkpointing's no-grad forward alike, so the recompute draws the forward's mask and the gradients (bias
+    included) equal the run without checkpointing. They differed by 40–90 % when the no-grad forward took the fused
+    kernels (Philox mask from a drawn seed) and the recompute the reference path (torch.rand mask)."""
     _checkpointing_matches("auto", True, TRITON_DEVICE, ["c_attn"], train_bias=True)

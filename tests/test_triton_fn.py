@@ -408,6 +408,41 @@ def test_torch_func_transforms_take_the_reference_path():
         per_sample(layers["triton"])
 
 
+@pytest.mark.parametrize("seed", [None, 5])
+def test_torch_func_transforms_with_dropout(seed):
+    """With dropout, torch.func works too (the reference path's mask is drawn from torch's generator, or from a
+    Generator seeded with an explicit seed, never read from a wrapped tensor): vmap with randomness="different"
+    gives each sample its own mask, grad equals autograd's on the reference path (where "auto" sends torch.func)
+    with the same mask."""
+    from torch.func import grad, vmap
+
+    from lora_fast.functional import lora_linear
+
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=4, dropout=0.5).to(DEVICE).train()
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(6, 16, device=DEVICE)
+    w, b = layer.linear.weight, layer.linear.bias
+    a, bb = layer.lora.lora_A.detach(), layer.lora.lora_B.detach()
+
+    def out(a_, xi, backend=None):
+        return lora_linear(xi, w, b, a_, bb, layer.scaling, 0.5, seed=seed, backend=backend)
+
+    ys = vmap(lambda xi: out(a, xi), randomness="different")(x)
+    assert ys.shape == (6, 8) and torch.isfinite(ys).all()
+    if seed is None:  # a mask per sample: outputs differ from one shared mask's
+        torch.manual_seed(1)
+        y_same = vmap(lambda xi: out(a, xi), randomness="same")(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(vmap(lambda xi: out(a, xi), randomness="different")(x), y_same)
+    torch.manual_seed(3)
+    g = grad(lambda a_: out(a_, x).square().sum())(a)
+    torch.manual_seed(3)
+    a_ref = a.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(out(a_ref, x, "reference").square().sum(), a_ref)  # where torch.func runs
+    assert_rel_close(g, g_ref.double(), 1e-6, "grad with dropout")
+
+
 def test_forward_mode_ad_takes_the_reference_path():
     """Dual tensors (torch.autograd.forward_ad): the kernels' Function has no jvp, so "auto" runs the reference,
     whose JVP equals the float64 one; backend="triton" refuses with the reason."""

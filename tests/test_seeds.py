@@ -1,0 +1,78 @@
+"""Dropout seeds at the functional and op level: an int, a seed tensor and the seed drawn from torch's generator give
+the masks they promise, on the fused path and where the op falls back to the reference — without reading a seed on
+the host where the kernels' mask can be built (a host sync on CUDA, and illegal in CUDA-graph capture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_fast.functional as functional
+from lora_fast.ops import lora_linear_op
+from lora_fast.reference import lora_linear_ref
+from tests.test_compile import FP32_TOL, _inputs
+from tests.triton_interpret import interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_eager_seed_tensor_equals_its_int(triton_path, monkeypatch):
+    """Eager ``lora_linear`` takes a seed tensor as the compiled op does (one function for both modes): the same
+    output as the int seed, on the reference path and on the Triton path (interpreter)."""
+    if triton_path:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    backend = "triton" if triton_path else "reference"
+    y_int = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=7, backend=backend)
+    y_t = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=torch.tensor([7]), backend=backend)
+    assert torch.equal(y_int, y_t)
+    assert not torch.allclose(y_int, functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=8, backend=backend))
+    with pytest.raises(ValueError, match="one int64"):
+        functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=torch.tensor([7.0]), backend=backend)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("r", [3, 130])
+def test_op_reference_fallback_reads_no_seed_on_the_host(monkeypatch, r):
+    """On the fused path (r = 3) and where the op falls back to the reference (rank 130 > the kernels' 128, which is
+    how a rank-256 adapter runs on a GPU) with dropout, the mask is the kernels' own, read from the seed tensor on
+    the device: no ``.item()`` (a host sync on CUDA, illegal inside CUDA-graph capture, and a seed frozen into a
+    captured graph). Forward and backward equal the float64 reference with ``dropout_mask(seed)``, and eager
+    ``lora_linear`` with the same seed applies the same mask."""
+    from lora_fast.functional import dropout_mask
+
+    x, w, b, a, bb = _inputs(29, 40, 24, r, False)
+    seed = torch.tensor([4321])
+
+    def no_item(self):
+        raise AssertionError("a tensor was read on the host (.item())")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "item", no_item)
+        y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=seed)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, a, bb), dy)
+    keep = dropout_mask(4321, 29, 40, 0.3, x.device)
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
+    ref = lora_linear_ref(x64, w.double(), b.double(), a64, b64, 0.5, dropout_p=0.3, keep_mask=keep)
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    grads_ref = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
+        assert_rel_close(g, g_ref, FP32_TOL, name)
+    y_fn = functional.lora_linear(x, w, b, a, bb, 0.5, 0.3, seed=4321)  # eager, same path (fused, or reference)
+    torch.testing.assert_close(y, y_fn, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_reference_seeded_mask_near_p_one_keeps_the_generator():
+    """Where the kernels' 16-bit threshold would bias the mask (p within ~1 % of 1) the seeded reference mask stays
+    ``torch.rand >= p`` from a generator seeded with the seed, in the op and in eager alike."""
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    p = 0.997
+    y = lora_linear_op(x, w, b, a, bb, 2.0, dropout_p=p, seed=7)
+    keep = torch.rand(16, 32, generator=torch.Generator().manual_seed(7)) >= p
+    ref = lora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0, dropout_p=p,
+                          keep_mask=keep)
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    torch.testing.assert_close(y, functional.lora_linear(x, w, b, a, bb, 2.0, p, seed=7), rtol=0, atol=1e-6)
