@@ -125,12 +125,22 @@ def dropout_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, devic
     return dropout_keep_mask(seed, rows, cols, p, device)
 
 
-def triton_mask_runs(device: torch.device | str, p: float) -> bool:
-    """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on ``device``: triton imports, the device
-    is CUDA (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter), no torch.func transform is
-    active, and the 16-bit keep threshold biases E[dropout(x)] by at most ``triton_fn.MAX_DROPOUT_BIAS``."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not _interpret_env()):
+def _fake(x: torch.Tensor) -> bool:
+    """Whether x is a FakeTensor (torch.compile's tracing, FakeTensorMode): its device is not real storage."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover (older torch)
+        return False
+    return is_fake(x)
+
+
+def triton_mask_runs(x: torch.Tensor, p: float) -> bool:
+    """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on x's device: triton imports, x is a real
+    CUDA tensor (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter; not meta, not fake), no
+    torch.func transform is active, and the 16-bit keep threshold biases E[dropout(x)] by at most
+    ``triton_fn.MAX_DROPOUT_BIAS``."""
+    device = x.device
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not _interpret_env()) or _fake(x):
         return False
     try:
         from lora_fast import triton_fn
@@ -147,7 +157,7 @@ def seeded_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, d
     """The reference path's keep-mask (rows, cols) for an explicit seed (an int, or a 1-element int64 tensor);
     eager ``lora_linear(..., seed=s)`` on the reference path and the compiled op's reference fallback use it.
 
-    ``kernel`` (callers pass ``backend != "reference" and triton_mask_runs(device, p)``): the kernels' own mask,
+    ``kernel`` (callers pass ``backend != "reference" and triton_mask_runs(x, p)``): the kernels' own mask,
     ``dropout_mask(seed, rows, cols, p)``, read from a seed tensor on the device — no host sync, capturable in a
     CUDA graph (a rank-256 adapter under ``torch.compile(mode="reduce-overhead")`` falls back to the reference
     there), and the mask the fused path would apply. Otherwise — ``backend="reference"`` (plain PyTorch, no
@@ -261,7 +271,7 @@ def lora_linear(
     if seed is not None and training and dropout_p > 0.0:
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
-        kernel = backend != "reference" and triton_mask_runs(x.device, float(dropout_p))
+        kernel = backend != "reference" and triton_mask_runs(x, float(dropout_p))
         keep = seeded_keep_mask(seed, M, K, float(dropout_p), x.device, kernel).reshape(x.shape)
     return lora_linear_ref(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training,

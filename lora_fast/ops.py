@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the range drawn seeds lie in)
     SEED_HIGH,
     autocast_inputs,
+    check_seed,
     check_shapes,
     resolve_backend,
     seed_tensor,
@@ -78,7 +79,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
 
 def _kernel_mask(x: torch.Tensor, p: float, backend: str) -> bool:
     """Whether the reference fallback takes the kernels' mask (``functional.seeded_keep_mask``): as eager does."""
-    return p > 0.0 and backend != "reference" and triton_mask_runs(x.device, p)
+    return p > 0.0 and backend != "reference" and triton_mask_runs(x, p)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None, kernel: bool) -> torch.Tensor:
@@ -128,7 +129,9 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
     """
     if backend == "reference":
         return False
-    reason = triton_unsupported_reason(x, weight, lora_A, dropout_p=dropout_p)
+    # weight.detach(): the op's autograd formula differentiates a trainable W₀ itself (plain aten ops), so it never
+    # vetoes the kernels here — with dropout on, unsupported_reason would otherwise send it to the reference path
+    reason = triton_unsupported_reason(x, weight.detach(), lora_A, dropout_p=dropout_p)
     if reason is not None and backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
     return reason is None
@@ -287,6 +290,7 @@ def lora_linear_op(
     backend = resolve_backend(backend)  # dynamo traces its os.environ read without a graph break
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_seed(seed)  # also when dropout is off, as eager lora_linear checks it
     p = float(dropout_p) if training else 0.0
     seed_t = seed_tensor(seed, x.device) if p > 0.0 else None
     x, weight, bias = autocast_inputs(x, weight, bias)

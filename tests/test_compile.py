@@ -142,6 +142,24 @@ def test_op_unfrozen_base_gradients():
             assert_rel_close(g, g_ref, FP32_TOL, f"d{name}")
 
 
+@pytest.mark.usefixtures("interpret")
+def test_op_trainable_base_with_dropout_keeps_the_fused_kernels():
+    """The op differentiates a trainable W₀ with aten ops, so W₀ never vetoes the kernels behind it, dropout on or
+    off (eager's grad-mode-independent veto is for its own autograd Function): backend="triton" runs, and every
+    gradient, dW₀ included, equals the float64 reference with the kernels' mask."""
+    from lora_fast.functional import dropout_mask
+
+    x, w, b, a, bb = _inputs(9, 12, 10, 2, True)
+    w.requires_grad_()
+    y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=3, fan_in_fan_out=True, backend="triton")
+    keep = dropout_mask(3, 9, 12, 0.3, x.device)
+    y_ref = lora_linear_ref(x, w, b, a, bb, 0.5, 0.3, keep_mask=keep, fan_in_fan_out=True, upcast=True)
+    dy = torch.randn_like(y)
+    for name, g, g_ref in zip("xWAB", torch.autograd.grad(y, (x, w, a, bb), dy),
+                              torch.autograd.grad(y_ref, (x, w, a, bb), dy.double()), strict=True):
+        assert_rel_close(g, g_ref, FP32_TOL, f"d{name}")
+
+
 def test_op_autocast_bf16():
     """Under CPU autocast: bf16 compute, fp32 adapters get fp32 grads; error at most 2x the reference's own."""
     x, w, b, a, bb = _inputs(32, 64, 48, 8, False)

@@ -76,3 +76,27 @@ def test_reference_seeded_mask_near_p_one_keeps_the_generator():
                           keep_mask=keep)
     assert_rel_close(y, ref, FP32_TOL, "y")
     torch.testing.assert_close(y, functional.lora_linear(x, w, b, a, bb, 2.0, p, seed=7), rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("seed", [None, 7])
+def test_fake_tensors_with_dropout_trace_on_the_reference_fallback(seed):
+    """FakeTensorMode (how torch.compile and export trace) through eager ``lora_linear`` on the reference fallback
+    (rank 130) with dropout: the mask is never built by a kernel launch on fake tensors (no storage there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w, b, a, bb = _inputs(8, 16, 8, 130, False)
+        y = functional.lora_linear(x, w, b, a, bb, 0.5, 0.3, seed=seed)
+    assert y.shape == (8, 8)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**63, True, 7.0, torch.tensor([7], dtype=torch.int32), torch.tensor([1, 2])])
+def test_bad_seeds_are_errors_in_eager_and_op_even_without_dropout(bad):
+    """A seed outside [0, 2**63), a bool, a float or a wrong tensor is a clear error on both entries, also when
+    dropout is off or in eval mode (where it would otherwise be silently ignored)."""
+    x, w, b, a, bb = _inputs(4, 8, 6, 2, False)
+    for fn in (functional.lora_linear, lora_linear_op):
+        for p, training in ((0.3, True), (0.0, True), (0.3, False)):
+            with pytest.raises(ValueError, match="seed"):
+                fn(x, w, b, a, bb, 1.0, p, seed=bad, training=training)
