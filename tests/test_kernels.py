@@ -430,3 +430,27 @@ def test_autotune_pruning_respects_the_shared_memory_budget(dtype, r):
         assert smem_estimate(c.num_stages, (bm * bn, bn * bk, bn * rp), e) <= SMEM_BUDGET
     if dtype == torch.float32 and r == 128:  # the case the budget is for: some configs go, a small one stays
         assert len(fwd) < len(get_fwd_configs()) and len(dx) < len(get_bwd_configs())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the fp32 IEEE fixed tile; on a GPU fp32 IEEE launches "
+                    "it directly (the GPU job's test_kernels fp32 cases)")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp32_ieee_fixed_backward_tile(monkeypatch, deterministic):
+    """The fixed backward tile of fp32 with IEEE dots (``FIXED_CONFIG_FMA``, 64×32×32: the 64×64×64 tile spills on
+    sm_90) is the one a GPU launches without autotuning; run here through the interpreter (its own choice is the
+    64×64×64 tile) at shapes with several K and N tiles: every gradient equals the float64 reference."""
+    from lora_fast.kernels import lora_bwd
+
+    monkeypatch.setattr(lora_bwd, "interpreting", lambda: False)  # the launcher's choice as on a GPU
+    monkeypatch.setenv("LORA_FAST_AUTOTUNE", "0")
+    rungs = lora_bwd._bwd_fixed_meta(deterministic, torch.float32, 8)
+    assert {k: rungs[0][k] for k in lora_bwd.FIXED_CONFIG_FMA} == lora_bwd.FIXED_CONFIG_FMA
+    M, K, N, r, p, s = 100, 72, 90, 8, 0.2, 0.7
+    x, w, b, a, bb = _make(M, K, N, r, True, False)
+    dy = torch.randn(M, N, device=DEVICE)
+    st = seed_tensor(5, DEVICE)
+    _, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, True)
+    ref = _ref_grads(x, w, b, a, bb, s, p, dropout_keep_mask(5, M, K, p, DEVICE), True, dy)[2:]
+    out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, deterministic=deterministic, variant="fused")
+    for name, o, rf in zip(("dx", "dA", "dB"), out, ref, strict=True):
+        assert_rel_close(o, rf, FP32_TOL, name)
