@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from lora_fast.functional import lora_linear
+from lora_fast.functional import lora_linear, resolve_backend
 from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, fusable_base
 
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
@@ -84,10 +84,12 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return (f"base layer {type(base).__name__} runs more than nn.Linear/Conv1D's forward (an overriding "
                 "subclass, hooks, offloaded weights)")
     w = base.weight
+    if type(w).__name__ == "DTensor":
+        return "sharded base weight (DTensor: FSDP2 fully_shard ran first; patch before sharding)"
     if type(w) not in (nn.Parameter, torch.Tensor) or not w.is_floating_point():
         return f"quantised base weight ({type(w).__name__}, {w.dtype})"
     if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return "trainable base weight"
+        return "trainable base weight or bias (PEFT's bias='all'/'lora_only', or an unfrozen base)"
     active = [a for a in module.active_adapters if a in module.lora_A]  # PEFT skips adapters a layer lacks
     if len(active) != 1:
         return f"{len(active)} active adapters {active}" if active else "no active adapter in this layer"
@@ -98,9 +100,15 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return f"LoRA variant {type(module.lora_variant[a]).__name__}"
     if module.lora_bias.get(a, False) or module.lora_B[a].bias is not None or module.lora_A[a].bias is not None:
         return "lora_bias"
-    if not isinstance(module.lora_dropout[a], (nn.Dropout, nn.Identity)):
-        return f"custom dropout {type(module.lora_dropout[a]).__name__}"
-    parts = (module.lora_A[a], module.lora_B[a], module.lora_dropout[a])
+    drop = module.lora_dropout[a]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)) or type(drop).forward not in (nn.Dropout.forward,
+                                                                                   nn.Identity.forward):
+        return f"custom dropout {type(drop).__name__}"
+    if isinstance(drop, nn.Dropout) and drop.training and drop.p >= 1.0:
+        return "dropout p = 1 (the LoRA term is zero in training)"
+    parts = (module.lora_A[a], module.lora_B[a], drop)
+    if any(type(m).forward is not nn.Linear.forward for m in parts[:2]):
+        return "lora_A/lora_B with their own forward (a subclass of nn.Linear)"
     if any(calls_more_than_forward(m) or m.weight.device.type == "meta" for m in parts[:2]) or \
             calls_more_than_forward(parts[2]):
         return "hooks or offloaded weights on the adapter's modules"
@@ -115,7 +123,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base, drop = self.base_layer, self.lora_dropout[a]
     return lora_linear(
         x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a],  # (r,K) (N,r)
-        dropout_p=drop.p if isinstance(drop, nn.Dropout) else 0.0, training=drop.training,
+        dropout_p=drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0, training=drop.training,
         fan_in_fan_out=not isinstance(base, nn.Linear), backend=getattr(self, _MARK),
     )
 
@@ -137,8 +145,9 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
             ``LORA_FAST_BACKEND``).
 
     Returns:
-        The same model. Patching twice is harmless. Layers left on PEFT's path are named, with the reason, in
-        one ``UserWarning``.
+        The same model. Patching twice is harmless; LoRA layers created later (``add_adapter`` with new target
+        modules) stay PEFT's until ``patch_peft`` is called again. Layers left on PEFT's path are named, with the
+        reason, in one ``UserWarning``.
 
     Raises:
         TypeError: not an nn.Module. ValueError: no PEFT LoRA layer in it.
@@ -146,6 +155,8 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     layers = _peft_lora_layers(peft_model)
     if not layers:
         raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer")
+    if backend is not None:
+        resolve_backend(backend)  # an unknown name fails here, not at the first forward
     left: dict[str, list[str]] = {}
     for name, module in layers.items():
         if hasattr(module, _MARK):  # already patched

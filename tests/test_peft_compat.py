@@ -306,6 +306,8 @@ def test_bad_input():
         patch_peft("not a model")
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         patch_peft(_gpt2())
+    with pytest.raises(ValueError, match="backend must be None or one of"):  # at patch time, not first forward
+        patch_peft(_peft("gpt2"), backend="fast")
     assert lora_fast.patch_peft is patch_peft and lora_fast.unpatch_peft is unpatch_peft
 
 
@@ -366,3 +368,55 @@ def test_base_layer_doing_more_than_linear_stays_on_peft():
         unpatch_peft(pm)
         assert_rel_close(hooked, pm(input_ids=ids).logits.double(), TOL, "hooked base after patching")
     assert len(calls) == 2
+
+
+class _ScaledDropout(nn.Dropout):  # a dropout subclass computing something else than its .p says
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _DoubledLinear(nn.Linear):  # an adapter Linear with its own forward
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["dropout_subclass", "linear_subclass", "trainable_bias", "p_one"])
+def test_layers_whose_modules_compute_something_else_stay_on_peft(case):
+    """What lora_linear cannot reproduce from the layer's tensors and ``.p`` stays on PEFT's path, named: a
+    dropout or lora_A subclass with its own forward (they were patched and their forward silently ignored), a
+    trainable bias (PEFT's bias="lora_only"), dropout p = 1 in training (a crash before; in eval it is patched and
+    runs without dropout). The numbers equal unpatched PEFT's."""
+    pm = _peft("gpt2", dropout=0.0, bias="lora_only" if case == "trainable_bias" else "none").eval()
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    if case == "dropout_subclass":
+        layer.lora_dropout["default"] = _ScaledDropout(0.0)
+    elif case == "linear_subclass":
+        old = layer.lora_A["default"]
+        new = _DoubledLinear(old.in_features, old.out_features, bias=False)
+        new.weight = old.weight
+        layer.lora_A["default"] = new
+    elif case == "p_one":
+        layer.lora_dropout["default"] = nn.Dropout(1.0).eval()
+    ref_model = copy.deepcopy(pm)
+    reason = {"dropout_subclass": "custom dropout _ScaledDropout", "linear_subclass": "lora_A/lora_B with their own",
+              "trainable_bias": "trainable base weight or bias", "p_one": None}[case]
+    if case == "p_one":  # eval mode: patched; in training each call goes to PEFT's path (the check runs per call)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            patch_peft(pm)
+        assert is_patched(layer)
+        with torch.no_grad():  # eval through lora_fast: dropout off, p = 1 not passed on (it raised before)
+            ids = _ids()
+            assert_rel_close(pm(input_ids=ids).logits, ref_model(input_ids=ids).logits, TOL, "p = 1 eval")
+        pm.train()
+        ref_model.train()
+    else:
+        with pytest.warns(UserWarning, match=f"stay on PEFT's own path — {reason}"):
+            patch_peft(pm)
+        assert not is_patched(layer) if case != "trainable_bias" else not any(is_patched(m) for m in pm.modules())
+    ids = _ids()
+    loss, grads = _loss_and_grads(pm, ids)
+    loss_ref, grads_ref = _loss_and_grads(ref_model, ids)
+    assert_rel_close(loss, loss_ref, TOL, case)
+    for n, g in grads.items():
+        assert_rel_close(g, grads_ref[n], TOL, f"{case} {n}")
