@@ -234,13 +234,13 @@ def per_thread(config, rows: str, cols: str) -> int:
     return kw[rows] * kw[cols] // (32 * config.num_warps)
 
 
-def tile_config(shape: tuple, fma_only: bool = False):
-    """A ``triton.Config`` from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``fma_only`` marks one kept only
-    for FMA dots (``prune_for_dots``)."""
+def tile_config(shape: tuple, fma_only: bool = False, **extra):
+    """A ``triton.Config`` from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) plus ``extra`` constants;
+    ``fma_only`` marks one kept only for FMA dots (``prune_for_dots``)."""
     import triton
 
     bm, bn, bk, w, s = shape
-    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=w, num_stages=s)
     config.fma_only = fma_only
     return config
 

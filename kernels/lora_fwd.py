@@ -182,10 +182,8 @@ def get_fwd_configs() -> list[triton.Config]:
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 32, 8, 4),
               (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
               (32, 64, 32, 4, 2)]  # the last: small enough for fp32 at rank 128 on any GPU
-    configs = [tile_config(shape) for shape in shapes] + [tile_config(shape, fma_only=True) for shape in FMA_ONLY_FWD]
-    for c in configs:
-        c.kwargs["GROUP_M"] = 8
-    return configs
+    return ([tile_config(shape, GROUP_M=8) for shape in shapes]
+            + [tile_config(shape, fma_only=True, GROUP_M=8) for shape in FMA_ONLY_FWD])
 
 
 # fp32 with IEEE dots (``fma_dots``): a config is kept when each thread's accumulator T = BM·BN/(32·warps) is at most

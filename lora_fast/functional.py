@@ -152,22 +152,25 @@ def triton_mask_runs(x: torch.Tensor, p: float) -> bool:
     return not triton_fn._functorch_active() and triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
 
 
-def seeded_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str,
-                     kernel: bool) -> torch.Tensor:
-    """The reference path's keep-mask (rows, cols) for an explicit seed (an int, or a 1-element int64 tensor);
-    eager ``lora_linear(..., seed=s)`` on the reference path and the compiled op's reference fallback use it.
+def seeded_keep_mask(seed: int | torch.Tensor, x: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """The reference path's keep-mask, shaped like x (..., K), for an explicit seed (an int, or a 1-element int64
+    tensor); eager ``lora_linear(..., seed=s)`` on the reference path and the compiled op's reference fallback use
+    it, so both apply the same mask for a seed.
 
-    ``kernel`` (callers pass ``backend != "reference" and triton_mask_runs(x, p)``): the kernels' own mask,
-    ``dropout_mask(seed, rows, cols, p)``, read from a seed tensor on the device — no host sync, capturable in a
-    CUDA graph (a rank-256 adapter under ``torch.compile(mode="reduce-overhead")`` falls back to the reference
-    there), and the mask the fused path would apply. Otherwise — ``backend="reference"`` (plain PyTorch, no
-    Triton), no triton, CPU, p within ~1 % of 1 — ``torch.rand((rows, cols)) >= p`` from a ``torch.Generator``
-    seeded with the seed (a tensor seed is read with ``.item()``: one host sync on CUDA)."""
-    if kernel:
-        return dropout_mask(seed, rows, cols, p, device)
-    value = seed if isinstance(seed, int) else int(seed.item())
-    gen = torch.Generator(device=device).manual_seed(value)
-    return torch.rand((rows, cols), device=device, generator=gen) >= p  # (rows, cols)
+    Unless ``backend == "reference"``, and where ``triton_mask_runs(x, p)``: the kernels' own mask,
+    ``dropout_mask(seed, M, K, p)``, read from a seed tensor on the device — no host sync, capturable in a CUDA graph
+    (a rank-256 adapter under ``torch.compile(mode="reduce-overhead")`` falls back to the reference there), and the
+    mask the fused path would apply. Otherwise — ``backend="reference"`` (plain PyTorch, no Triton), no triton, CPU,
+    p within ~1 % of 1 — ``torch.rand((M, K)) >= p`` from a ``torch.Generator`` seeded with the seed (a tensor seed
+    is read with ``.item()``: one host sync on CUDA)."""
+    rows, cols = math.prod(x.shape[:-1]), x.shape[-1]
+    if backend != "reference" and triton_mask_runs(x, p):
+        keep = dropout_mask(seed, rows, cols, p, x.device)
+    else:
+        value = seed if isinstance(seed, int) else int(seed.item())
+        gen = torch.Generator(device=x.device).manual_seed(value)
+        keep = torch.rand((rows, cols), device=x.device, generator=gen) >= p  # (M, K)
+    return keep.reshape(x.shape)
 
 
 def triton_unsupported_reason(
@@ -269,10 +272,7 @@ def lora_linear(
 
     keep = None  # seed None: lora_linear_ref draws torch.rand(x.shape) from torch's generator, as nn.Dropout does
     if seed is not None and training and dropout_p > 0.0:
-        K = x.shape[-1]
-        M = math.prod(x.shape[:-1])
-        kernel = backend != "reference" and triton_mask_runs(x, float(dropout_p))
-        keep = seeded_keep_mask(seed, M, K, float(dropout_p), x.device, kernel).reshape(x.shape)
+        keep = seeded_keep_mask(seed, x, float(dropout_p), backend)
     return lora_linear_ref(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training,
         fan_in_fan_out=fan_in_fan_out, keep_mask=keep,

@@ -68,7 +68,6 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     resolve_backend,
     seed_tensor,
     seeded_keep_mask,
-    triton_mask_runs,
     triton_unsupported_reason,
 )
 
@@ -77,19 +76,13 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _kernel_mask(x: torch.Tensor, p: float, backend: str) -> bool:
-    """Whether the reference fallback takes the kernels' mask (``functional.seeded_keep_mask``): as eager does."""
-    return p > 0.0 and backend != "reference" and triton_mask_runs(x, p)
-
-
-def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None, kernel: bool) -> torch.Tensor:
+def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None, backend: str) -> torch.Tensor:
     """x ⊙ keep/(1−p) (a temporary, never saved; the keep-mask (M, K) regenerated from the seed by
     ``functional.seeded_keep_mask``, as the eager reference path with that seed uses it); x itself when dropout is
     off."""
     if seed is None or p == 0.0:
         return x
-    keep = seeded_keep_mask(seed, x.shape[0], x.shape[1], p, x.device, kernel)  # (M, K)
-    return x * keep.to(x.dtype) / (1.0 - p)
+    return x * seeded_keep_mask(seed, x, p, backend).to(x.dtype) / (1.0 - p)  # (M, K)
 
 
 def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,24 +90,24 @@ def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, kernel_mask):
+def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
     w = weight.t() if fan_in_fan_out else weight  # (N, K) view
-    xa = F.linear(_dropped(x, dropout_p, seed, kernel_mask), lora_A.to(x.dtype))  # (M, r)
+    xa = F.linear(_dropped(x, dropout_p, seed, backend), lora_A.to(x.dtype))  # (M, r)
     y = F.linear(x, w, bias) + scaling * F.linear(xa, lora_B.to(x.dtype))  # (M, N)
     return y, xa.to(_xa_dtype(x.dtype))
 
 
-def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, kernel_mask):
+def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, backend):
     dtype = x.dtype
     a, b = lora_A.to(dtype), lora_B.to(dtype)
     sdy = scaling * dy  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16, dy·B may
     g = sdy @ b  # (M, r) = dL/dxa                 # pass 65504 where s·dy·B does not (s < 1, GradScaler-sized dy)
-    dA = (g.t() @ _dropped(x, dropout_p, seed, kernel_mask)).to(lora_A.dtype)  # (r, K)
+    dA = (g.t() @ _dropped(x, dropout_p, seed, backend)).to(lora_A.dtype)  # (r, K)
     dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype)  # (N, r)
     if not needs_dx:
         return x.new_empty(0), dA, dB
     dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)
-    dx = dx + _dropped(g @ a, dropout_p, seed, kernel_mask)  # the mask: a function of (seed, shape), as for x
+    dx = dx + _dropped(g @ a, dropout_p, seed, backend)  # the mask: a function of (seed, shape), as for x
     return dx, dA, dB
 
 
@@ -145,8 +138,7 @@ def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_
 
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                write_xa=True)
-    return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
-                    _kernel_mask(x, dropout_p, backend))
+    return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend)
 
 
 def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
@@ -157,8 +149,7 @@ def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_i
         dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                      needs_dx=needs_dx, needs_dA=True, needs_dB=True)
         return (dx if dx is not None else x.new_empty(0)), dA, dB
-    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx,
-                    _kernel_mask(x, dropout_p, backend))
+    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------
