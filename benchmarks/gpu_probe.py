@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -96,6 +95,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     from lora_fast.kernels.dropout import dropout_keep_mask
     from transformers.pytorch_utils import Conv1D
 
+    from benchmarks.utils import provider_env
     from lora_fast import LinearWithLoRA
     from lora_fast.functional import dropout_mask, seed_tensor
 
@@ -128,6 +128,13 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                   "y_cublas": rel(y_cb, ref["y"]), "dx_cublas": rel(dx_cb, ref["dx"]),
                   "dA_cublas": rel(dA_cb, ref["dA"]), "dB_cublas": rel(dB_cb, ref["dB"])}
     del y_cb, xa_cb, dx_cb, dA_cb, dB_cb
+    for v in ("tma", "tma_persistent"):  # the TMA variants (forward, then the tma backward on their xa)
+        y_t, xa_t = lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, seed if p else None, True, variant=v)
+        out["err"][f"y_{v}"] = rel(y_t, ref["y"])
+        del y_t
+    dx_t, dA_t, dB_t = lora_bwd.lora_linear_bwd(dy, x, xa_t, w, A, B, s, p, seed if p else None, True, variant="tma")
+    out["err"].update(dx_tma=rel(dx_t, ref["dx"]), dA_tma=rel(dA_t, ref["dA"]), dB_tma=rel(dB_t, ref["dB"]))
+    del xa_t, dx_t, dA_t, dB_t
     del ref
 
     # --- pieces
@@ -141,6 +148,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                                              needs_dB=False))
     t["bwd_atomic"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=False))
     t["bwd_cublas"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="cublas"))
+    t["bwd_tma"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="tma"))
     t["bwd_determ"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=True))
     t["mask_MK"] = bench(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     g = {}  # the same pieces from CUDA graphs
@@ -154,6 +162,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                                                 deterministic=False))
     g["bwd_cublas"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
                                                                 variant="cublas"))
+    g["bwd_tma"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="tma"))
     g["mask_MK"] = graph_ms(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     out["graph_ms"] = g
 
@@ -189,12 +198,10 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     out["ms"] = t
     g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy), grad_to_none=[xg])
     g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
-    os.environ["LORA_FAST_FWD_VARIANT"] = os.environ["LORA_FAST_BWD_VARIANT"] = "cublas"  # the module path, forced
-    try:
-        g["layer_lora_fast_cublas"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
-        t["cpu_lora_fast_cublas"] = host_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
-    finally:
-        del os.environ["LORA_FAST_FWD_VARIANT"], os.environ["LORA_FAST_BWD_VARIANT"]
+    for provider in ("lora_fast_cublas", "lora_fast_tma", "lora_fast_tma_persistent"):  # the module path, forced
+        with provider_env(provider):
+            g[f"layer_{provider}"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
+            t[f"cpu_{provider}"] = host_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
     if "layer_peft" in t:
         g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy), grad_to_none=[xg, *pparams])
     cfgs = {}

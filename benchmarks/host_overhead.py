@@ -61,12 +61,13 @@ def tuner_overhead(calls: int, rep: int) -> dict[str, float]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    # the forward launch's real argument list (38 arguments) at a small shape
+    # the forward launch's real argument list (41 arguments) at a small shape
     M, K, N, r = 4, 768, 2304, 16
     x, w, b = torch.randn(M, K), torch.randn(K, N), torch.randn(N)
     a, bb, y, xa, seed = torch.randn(r, K), torch.randn(N, r), torch.empty(M, N), torch.empty(M, r), torch.ones(1)
     args = (x, w, b, a, bb, y, xa, seed.long(), M, N, K, r, 4, K, 1, 1, N, K, 1, r, 1, N, 1, r, 1, 2.0, 6554, 1.1)
-    meta = dict(HAS_BIAS=True, HAS_DROPOUT=True, WRITE_XA=False, XA_IN=True, INPUT_PRECISION="ieee", BLOCK_R=16)
+    meta = dict(HAS_BIAS=True, HAS_DROPOUT=True, WRITE_XA=False, XA_IN=True, TMA=False, W_KN=False, PERSISTENT=False,
+                INPUT_PRECISION="ieee", BLOCK_R=16)
     grid = (1,)
     tuner = triton.autotune(lora_fwd.get_fwd_configs(), key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT"])(
         lora_fwd._lora_fwd_kernel)
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
     p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
                    choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas", "lora_fast_one_pass",
-                            "lora_fast_xa_first"])
+                            "lora_fast_xa_first", "lora_fast_tma", "lora_fast_tma_persistent"])
     p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
             results[f"{provider} {mode}"] = statistics.median(us)
             print(f"  {provider:<10} {mode:<12} {statistics.median(us):8.1f} µs  (min {min(us):.1f})", flush=True)
     if not on_gpu:
-        print("per-launch wrapper cost around a no-op kernel (forward kernel's 38 arguments):")
+        print("per-launch wrapper cost around a no-op kernel (forward kernel's 41 arguments):")
         for name, us in wrappers.items():
             results[name] = us
             print(f"  {name:<40} {us:8.1f} µs", flush=True)

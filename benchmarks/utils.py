@@ -344,6 +344,9 @@ VARIANT_PROVIDERS = {
     "lora_fast_cublas": dict(zip(_VARIANT_VARS, ("cublas", "cublas"), strict=True)),  # cuBLAS GEMMs + LoRA terms
     "lora_fast_one_pass": dict(zip(_VARIANT_VARS, ("one_pass", "fused"), strict=True)),  # xa inside the GEMM pass
     "lora_fast_xa_first": dict(zip(_VARIANT_VARS, ("xa_first", "fused"), strict=True)),  # skinny xa kernel first
+    # xa_first and the fused backward with their large tiles moved by TMA; the forward also with a persistent grid
+    "lora_fast_tma": dict(zip(_VARIANT_VARS, ("tma", "tma"), strict=True)),
+    "lora_fast_tma_persistent": dict(zip(_VARIANT_VARS, ("tma_persistent", "tma"), strict=True)),
 }
 TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
 

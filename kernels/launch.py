@@ -303,3 +303,59 @@ class TunedKernel:
         best = getattr(tuner, "best_config", None)
         if best is not None:
             self.chosen[key] = config_meta(best)
+
+
+# TMA (Hopper's tensor memory accelerator). The ``tma`` kernel variants load their large tiles through device-side
+# tensor descriptors (``tl.make_tensor_descriptor``); a descriptor describes a 2-D tensor whose last dimension is
+# contiguous, whose base address and other stride are multiples of 16 bytes, and whose sizes fit int32 (the hardware's
+# rules, and triton's). Tensors that break them take the pointer path of the same kernel. Before sm_90 triton lowers
+# the descriptors to pointer loads: correct, no faster.
+TMA_ALIGN = 16
+
+
+def tma_ok(t: torch.Tensor, contiguous_dim: int = 1) -> bool:
+    """Whether the 2-D tensor ``t`` can back a TMA descriptor whose contiguous dimension is ``contiguous_dim``."""
+    other = 1 - contiguous_dim
+    size = t.element_size()
+    return (t.stride(contiguous_dim) == 1 and (t.stride(other) * size) % TMA_ALIGN == 0
+            and t.data_ptr() % TMA_ALIGN == 0 and max(t.shape) < 2**31)
+
+
+def tma_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[bool, bool]:
+    """(usable, w_kn) for the frozen weight W₀ — (N, K), or (K, N) with ``fan_in_fan_out`` — as a descriptor: with
+    N contiguous (``w_kn``: the (K, N) storage of a Conv1D, or a transposed Linear weight) or K contiguous."""
+    n_dim = 1 if fan_in_fan_out else 0
+    if tma_ok(weight, n_dim):
+        return True, True
+    return tma_ok(weight, 1 - n_dim), False
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``: the program count of a persistent grid (4 off CUDA, so that the
+    interpreter's programs each loop over several tiles)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # torch's CUDA allocations are 512-byte aligned, above the 128 bytes a TMA descriptor asks for
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give triton an allocator for the global scratch that device-side TMA descriptors are written to (128 bytes
+    per program; without one the launch fails: "no allocator was set"). triton keeps it in a ContextVar, unset by
+    default and per thread — autograd's backward runs on a thread of its own — so this is called before each TMA
+    launch; a user's own allocator is left in place."""
+    import triton
+
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another triton layout: set ours
+        pass
+    triton.set_allocator(_torch_scratch)

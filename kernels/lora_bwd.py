@@ -39,6 +39,7 @@ from lora_fast.kernels.launch import (
     block_r,
     bucket_m,
     cdiv,
+    ensure_scratch_allocator,
     fixed_rungs,
     fma_dots,
     input_precision,
@@ -49,10 +50,12 @@ from lora_fast.kernels.launch import (
     prune_for_dots,
     prune_smem,
     tile_config,
+    tma_ok,
+    tma_weight,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import lora_linear_bwd_cublas
-from lora_fast.kernels.lora_terms import da_part, dx_lora_term
+from lora_fast.kernels.lora_terms import add_dx_lora_term, da_part
 
 
 @triton.jit
@@ -70,6 +73,8 @@ def _lora_bwd_kernel(
     # switches
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ATOMIC: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # TMA: dy, W₀ and dx through tensor descriptors; W_KN: W₀ stored (K, N)
+    TMA: tl.constexpr, W_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -81,6 +86,15 @@ def _lora_bwd_kernel(
     dtype = dy_ptr.dtype.element_ty
     slot = 0 if ATOMIC else pid_m.to(tl.int64)  # partial slice this program adds into / writes (int64: slot·stride
     #                                                may pass 2**31 for large M·(K + N)·r)
+    dy_desc, w_desc, dx_desc = None, None, None
+    if TMA:  # out-of-range rows and columns read as zero and are not written
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, [M, N], [stride_dym, 1], [BLOCK_M, BLOCK_N])
+        if COMPUTE_DX:
+            if W_KN:
+                w_desc = tl.make_tensor_descriptor(w_ptr, [K, N], [stride_wk, 1], [BLOCK_K, BLOCK_N])
+            else:
+                w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+            dx_desc = tl.make_tensor_descriptor(dx_ptr, [M, K], [stride_dxm, 1], [BLOCK_M, BLOCK_K])
 
     if COMPUTE_DB and not DB_RELOAD:  # xa rows of this block, for dB[n] += s · gᵀ·xa
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
@@ -90,11 +104,19 @@ def _lora_bwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_mask = offs_n < N
-        g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BM, BN)
+        if TMA:
+            g = dy_desc.load([pid_m * BLOCK_M, n0])  # (BM, BN)
+        else:
+            g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BM, BN)
         if COMPUTE_DX:
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
+            if TMA and W_KN:
+                w = tl.trans(w_desc.load([pid_k * BLOCK_K, n0]))  # (BK, BN) box, transposed in shared memory
+            elif TMA:
+                w = w_desc.load([n0, pid_k * BLOCK_K])  # (BN, BK)
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
             acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DX or COMPUTE_DA:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
@@ -124,10 +146,13 @@ def _lora_bwd_kernel(
             seed = tl.load(seed_ptr)
             keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
     if COMPUTE_DX:
-        acc += keep_scale * dx_lora_term(gb, keep, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar, stride_ak,
-                                         HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+        acc = add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar,
+                               stride_ak, HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
+        if TMA:
+            dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(dx_ptr.dtype.element_ty))
+        else:
+            tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                     acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
     if COMPUTE_DA:  # dA[:, k] += 1/(1−p) · (s·gb)ᵀ·(keep ⊙ x)
         dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
                       INPUT_PRECISION) * keep_scale  # (R, BK)
@@ -184,7 +209,7 @@ BWD_TUNED = TunedKernel(
     _lora_bwd_kernel,
     lambda: triton.autotune(
         get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT",
-             "INPUT_PRECISION"],
+                                "INPUT_PRECISION", "TMA", "W_KN"],
         prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
     )(_lora_bwd_kernel),
 )
@@ -201,19 +226,20 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dic
     return None
 
 
-BWD_VARIANTS = ("fused", "cublas")
+BWD_VARIANTS = ("fused", "cublas", "tma")
 
 
 def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Which backward to run: ``fused`` (``_lora_bwd_kernel``: dx, dA, dB in one kernel) or ``cublas``
+    """Which backward to run: ``fused`` (``_lora_bwd_kernel``: dx, dA, dB in one kernel), ``tma`` (the same kernel
+    loading dy and W₀ and storing dx through TMA descriptors, where the layouts allow; Hopper) or ``cublas``
     (``lora_bwd_cublas``: cuBLAS dgrad plus two skinny Triton passes; atomics only). ``fused`` until a GPU
-    measurement says where ``cublas`` wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE dots above rank
+    measurement says where another wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE dots above rank
     ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes (as in ``lora_fwd.fwd_variant``);
-    ``LORA_FAST_BWD_VARIANT`` forces one (deterministic mode always runs ``fused``, the variant with a
-    reproducible reduction)."""
+    ``LORA_FAST_BWD_VARIANT`` forces one (deterministic mode runs ``fused``, or ``tma`` when forced: the fused
+    kernel's reproducible reduction)."""
     forced = variant_override("LORA_FAST_BWD_VARIANT", BWD_VARIANTS)
     if deterministic:
-        return "fused"
+        return "tma" if forced == "tma" else "fused"
     if forced is None and r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
         return "cublas"
     return forced or "fused"
@@ -248,8 +274,8 @@ def lora_linear_bwd(
         deterministic: reduce dA/dB over row blocks through per-block fp32 partials summed in a fixed order
             (bitwise reproducible; (M/64)·(K + N)·r·4 bytes of scratch) instead of fp32 atomics. None: follow
             ``torch.are_deterministic_algorithms_enabled()``.
-        variant: "fused" or "cublas" (see ``bwd_variant``, the default rule); "cublas" with deterministic=True is
-            an error (its reductions are atomic).
+        variant: "fused", "tma" or "cublas" (see ``bwd_variant``, the default rule); "cublas" with
+            deterministic=True is an error (its reductions are atomic).
     """
     M, K = x.shape
     N = dy.shape[1]
@@ -276,6 +302,12 @@ def lora_linear_bwd(
         return lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                       needs_dx, needs_dA, needs_dB)
     fixed = _bwd_fixed_meta(deterministic, x.dtype, r)
+    # tma: dy, W₀ and dx through TMA descriptors where their layouts allow (``tma_ok``), else pointers
+    tma = w_kn = False
+    if variant == "tma" and tma_ok(dy) and (not needs_dx or tma_ok(dx)):
+        tma, w_kn = tma_weight(weight, fan_in_fan_out) if needs_dx else (True, False)
+        if tma and dev.type == "cuda":
+            ensure_scratch_allocator()
     atomic = not deterministic
     # fp32 reductions: with atomics one zeroed (r, K) / (N, r) buffer (its slot stride 0); deterministic: one slice
     # per row block, written whole (no zeroing, except at K == 0 where no program runs to write them). Unneeded
@@ -305,14 +337,14 @@ def lora_linear_bwd(
     )
     meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
                 ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
-                BLOCK_R=block_r(r))
+                TMA=tma, W_KN=w_kn, BLOCK_R=block_r(r))
     if fixed is not None:
         key = (x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype,
                dev)
         launch_fitting(_lora_bwd_kernel, lambda: fixed, key, grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
-        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, meta["INPUT_PRECISION"], x.dtype,
-               weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
+        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, meta["INPUT_PRECISION"], tma, w_kn,
+               x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
         BWD_TUNED.launch(key, grid, *args, **meta)
     dA = dB = None
     if needs_dA:

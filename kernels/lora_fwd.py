@@ -2,7 +2,8 @@
 
     x (M, K)   W₀ (N, K) Linear or (K, N) Conv1D (strides only)   A (r, K)   B (N, r)   b (N,)   s: float
 
-Two variants of one kernel (``fwd_variant`` picks; both tested against the float64 reference):
+Two variants of one kernel (``fwd_variant`` picks; both tested against the float64 reference; ``cublas`` and the
+TMA forms of xa_first are described there):
 
 ``one_pass`` (one program per (BLOCK_M, BLOCK_N) output tile, grouped along M for L2 reuse as in triton's
 ``tutorials/03-matrix-multiplication.py``)::
@@ -40,16 +41,20 @@ from lora_fast.kernels.launch import (
     block_r,
     bucket_m,
     cdiv,
+    ensure_scratch_allocator,
     fixed_rungs,
     fma_dots,
     input_precision,
     interpreting,
     launch_fitting,
+    num_sms,
     on_input_device,
     per_thread,
     prune_for_dots,
     prune_smem,
     tile_config,
+    tma_ok,
+    tma_weight,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import merge_exact, merged_weight
@@ -66,20 +71,60 @@ def _lora_fwd_kernel(
     stride_ym, stride_yn, stride_xam, stride_xar,
     # scalars (thr: keep_threshold(p))
     scaling, thr, keep_scale,
-    # switches (XA_IN: xa was computed by _lora_xa_kernel and is read from xa_ptr instead of computed here)
+    # switches (XA_IN: xa was computed by _lora_xa_kernel and is read from xa_ptr instead of computed here;
+    # TMA: x, W₀ and y through tensor descriptors, W_KN: W₀ stored (K, N); PERSISTENT: each program loops over
+    # output tiles, the grid is at most one program per SM)
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_XA: tl.constexpr, XA_IN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, W_KN: tl.constexpr, PERSISTENT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # the descriptors are built once per program (a device-side TMA descriptor is written to global scratch and
+    # fenced: not per tile)
+    x_desc, w_desc, y_desc = None, None, None
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        if W_KN:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [K, N], [stride_wk, 1], [BLOCK_K, BLOCK_N])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+        y_desc = tl.make_tensor_descriptor(y_ptr, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N])
+    if PERSISTENT:
+        num_tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _fwd_tile(tile, x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr, x_desc, w_desc, y_desc,
+                      M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn,
+                      stride_br, stride_ym, stride_yn, stride_xam, stride_xar, scaling, thr, keep_scale,
+                      HAS_BIAS, HAS_DROPOUT, WRITE_XA, XA_IN, TMA, W_KN, INPUT_PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+    else:
+        _fwd_tile(tl.program_id(0), x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr, x_desc, w_desc,
+                  y_desc, M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn,
+                  stride_br, stride_ym, stride_yn, stride_xam, stride_xar, scaling, thr, keep_scale,
+                  HAS_BIAS, HAS_DROPOUT, WRITE_XA, XA_IN, TMA, W_KN, INPUT_PRECISION,
+                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+
+
+@triton.jit
+def _fwd_tile(
+    tile, x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr, x_desc, w_desc, y_desc,
+    M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_xam, stride_xar, scaling, thr, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_XA: tl.constexpr, XA_IN: tl.constexpr,
+    TMA: tl.constexpr, W_KN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile of ``_lora_fwd_kernel``, number ``tile`` in the grouped order. With TMA,
+    x, W₀ and y move through the descriptors (out-of-range rows and columns read as zero and are not written), the
+    rest through pointers."""
     # grouped program order: GROUP_M row blocks share the W₀ column blocks while they are in L2
-    pid = tl.program_id(0)
     num_pid_m, num_pid_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N  # no tl.cdiv: dropout.philox
-    group_id = pid // (GROUP_M * num_pid_n)
+    group_id = tile // (GROUP_M * num_pid_n)
     first_m = group_id * GROUP_M
     group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (tile % (GROUP_M * num_pid_n)) // group_size
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2**31
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # × stride_wn: N·K may exceed 2**31 too
@@ -94,10 +139,17 @@ def _lora_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # strided views: k·stride may exceed 2**31
         k_mask = offs_k < K
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN) = W₀ᵀ tile
+        if TMA:
+            x = x_desc.load([pid_m * BLOCK_M, k0])  # (BM, BK)
+            if W_KN:
+                w = w_desc.load([k0, pid_n * BLOCK_N])  # (BK, BN) = W₀ᵀ tile
+            else:
+                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))  # (BN, BK) box, transposed in shared memory
+        else:
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+            w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN) = W₀ᵀ tile
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         if not XA_IN:
             a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
@@ -116,13 +168,18 @@ def _lora_fwd_kernel(
             xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
             tl.store(xa_ptrs, xa_acc, mask=m_mask[:, None] & r_mask[None, :])
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(dtype)  # (R, BN) = Bᵀ tile
-    lora = tl.dot(xa_acc.to(dtype), b, input_precision=INPUT_PRECISION)  # (BM, BN), xa rounded like F.linear's
-    acc += scaling * lora
+    # s·Bᵀ tile (R, BN), scaled in fp32 before its rounding to x's dtype, so that the up-projection accumulates into
+    # acc itself: a second (BM, BN) fp32 product tile next to acc made every 128×256 tile spill (sm_90: 255
+    # registers and 520–560 B of spill per thread at 8 warps; benchmarks/compile_check.py --autotune)
+    b = (tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32) * scaling).to(dtype)
+    acc = tl.dot(xa_acc.to(dtype), b, acc, input_precision=INPUT_PRECISION)  # xa rounded like F.linear's
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if TMA:
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
+    else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -218,12 +275,14 @@ def prune_fwd_configs(configs, named_args, **kwargs):
 FWD_TUNED = TunedKernel(
     _lora_fwd_kernel,
     lambda: triton.autotune(get_fwd_configs(),
-                            key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT", "INPUT_PRECISION"],
+                            key=["N", "K", "R", "M_BUCKET", "XA_IN", "HAS_DROPOUT", "INPUT_PRECISION", "TMA",
+                                 "W_KN", "PERSISTENT"],
                             prune_configs_by={"early_config_prune": prune_fwd_configs})(_lora_fwd_kernel),
 )
 
 
-FWD_VARIANTS = ("one_pass", "xa_first", "cublas")
+FWD_VARIANTS = ("one_pass", "xa_first", "cublas", "tma", "tma_persistent")
+XA_FIRST_VARIANTS = ("xa_first", "tma", "tma_persistent")  # xa by ``_lora_xa_kernel``, read by the GEMM's epilogue
 ONE_PASS_MAX_RANK = 32  # above it the one-pass kernel's recomputed xa costs more than xa_first's extra pass
 
 
@@ -246,7 +305,13 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.d
     dots (``fma_dots``) above rank ``FMA_FUSED_MAX_RANK``: there the fused kernels' FMA dots over a long rank spill
     9–21 KB per thread and take ~1 min each to compile (benchmarks/compile_check.py, PERF_NOTES "fp32 with IEEE
     dots"), while cuBLAS runs the FP32 GEMMs. Elsewhere it runs only when ``LORA_FAST_FWD_VARIANT=cublas`` asks,
-    until a GPU measurement says where it wins (PERF_NOTES: predicted faster where our GEMM core trails cuBLAS)."""
+    until a GPU measurement says where it wins (PERF_NOTES: predicted faster where our GEMM core trails cuBLAS).
+
+    ``tma`` and ``tma_persistent``: xa_first with the GEMM's x, W₀ and y tiles moved by Hopper's TMA (device-side
+    descriptors; tensors whose layout a descriptor cannot describe — rows not 16-byte aligned, an inner stride
+    ≠ 1 — take the pointer loads of the same kernel), ``tma_persistent`` with one program per SM looping over the
+    output tiles. Run only when forced, until measured (PERF_NOTES "TMA variants": the gap of our pointer-tile GEMM
+    core to cuBLAS is what they are meant to close)."""
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
     if forced is not None:
         return forced
@@ -276,7 +341,7 @@ def lora_linear_fwd(
         bias: (N,) or None. lora_A: (r, K). lora_B: (N, r). scaling: s.
         dropout_p: p in [0, 1); 0 disables dropout. seed: 1-element int64 tensor (needed when p > 0).
         write_xa: return xa = dropout(x)·Aᵀ for the backward pass (False under no_grad).
-        variant: "one_pass" or "xa_first" (see ``fwd_variant``, the default rule); both compute the same function.
+        variant: one of ``FWD_VARIANTS`` (see ``fwd_variant``, the default rule); all compute the same function.
     """
     if x.dim() != 2:
         raise ValueError(f"lora_linear_fwd expects 2-D x (flatten leading dims first), got {tuple(x.shape)}")
@@ -298,8 +363,8 @@ def lora_linear_fwd(
         bias = bias.contiguous()
     # xa computed first: always for xa_first; for cublas unless nothing needs it (the merged-weight GEMM, fp32
     # without dropout, does without it, and no backward to feed)
-    xa_in = variant == "xa_first" or (variant == "cublas" and (dropout_p > 0.0 or write_xa
-                                                               or not merge_exact(x.dtype)))
+    xa_in = variant in XA_FIRST_VARIANTS or (variant == "cublas" and (dropout_p > 0.0 or write_xa
+                                                                      or not merge_exact(x.dtype)))
     # strides read once each (every Tensor.stride() call is a Python → C++ round trip on the launch path)
     sxm, sxk = x.stride()
     sar, sak = lora_A.stride()
@@ -340,7 +405,18 @@ def lora_linear_fwd(
             if separate:
                 y.addmm_(xa.to(x.dtype), lora_B.to(x.dtype).t(), alpha=float(scaling))
         return y, (xa if write_xa else None)
-    grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    # tma variants: x, W₀ and y through TMA descriptors where their layouts allow (``tma_ok``), else pointers
+    persistent = variant == "tma_persistent"
+    tma = w_kn = False
+    if variant in ("tma", "tma_persistent") and tma_ok(x) and tma_ok(y):
+        tma, w_kn = tma_weight(weight, fan_in_fan_out)
+        if tma and dev.type == "cuda":
+            ensure_scratch_allocator()
+    if persistent:  # at most one program per SM, each looping over output tiles
+        sms = num_sms(dev)
+        grid = lambda cfg: (min(sms, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])),)  # noqa: E731
+    else:
+        grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     # xa is contiguous (M, r): strides (r, 1); without it the pointer is y's and never dereferenced
     args = (
         x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa if xa is not None else y, seed_arg,
@@ -349,13 +425,13 @@ def lora_linear_fwd(
         float(scaling), thr, keep_scale,
     )
     meta = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, WRITE_XA=write_xa and not xa_in, XA_IN=xa_in,
-                INPUT_PRECISION=precision, BLOCK_R=br)
+                TMA=tma, W_KN=w_kn, PERSISTENT=persistent, INPUT_PRECISION=precision, BLOCK_R=br)
     if interpreting() or not autotune_enabled():  # one fixed tile (the interpreter cannot autotune)
         key = (x.dtype, lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype, seed_arg.dtype, dev)
         launch_fitting(_lora_fwd_kernel, lambda: fixed_rungs(FIXED_FWD_CONFIG, x.dtype, r, FWD_FALLBACKS), key,
                        grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
-        key = (N, K, r, args[12], xa_in, has_dropout, write_xa, precision, x.dtype, lora_A.dtype, lora_B.dtype,
-               None if bias is None else bias.dtype, seed_arg.dtype, dev)
+        key = (N, K, r, args[12], xa_in, has_dropout, write_xa, precision, tma, w_kn, persistent, x.dtype,
+               lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype, seed_arg.dtype, dev)
         FWD_TUNED.launch(key, grid, *args, **meta)
     return y, (xa if write_xa else None)

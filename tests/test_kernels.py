@@ -53,8 +53,9 @@ def _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy):
     return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
 
 
-# Backward modes: the fused kernel with fp32 atomics or deterministic partials, and the cublas variant.
-BWD_MODES = (("fused", False), ("fused", True), ("cublas", False))
+# Backward modes: the fused kernel with fp32 atomics or deterministic partials, with TMA loads (where the layout
+# allows; tests/test_tma.py checks which path ran), and the cublas variant.
+BWD_MODES = (("fused", False), ("fused", True), ("tma", False), ("cublas", False))
 
 
 def _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant=None, deterministic=None, bwd_variant=None):
@@ -152,7 +153,8 @@ def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, 
 
 def _check_dtype(dtype, device):
     # the cublas variant without dropout runs one GEMM with the merged weight (rounded to the dtype): p = 0 too
-    for variants, p in (((None, None), 0.2), (("cublas", "cublas"), 0.2), (("cublas", "cublas"), 0.0)):
+    for variants, p in (((None, None), 0.2), (("cublas", "cublas"), 0.2), (("cublas", "cublas"), 0.0),
+                        (("tma", "tma"), 0.2), (("tma_persistent", "tma"), 0.2)):
         _check_dtype_variants(dtype, device, variants, p)
 
 

@@ -1,0 +1,180 @@
+"""The TMA kernel variants (``tma``, ``tma_persistent`` forward; ``tma`` backward) against the float64 reference,
+and the choice between their descriptor path and the pointer path of the same kernels.
+
+Under triton's interpreter a tensor descriptor is emulated (loads zero-fill outside the tensor, stores clip to it),
+so what these tests prove on a CPU is the kernels' indexing through descriptors — tile offsets, the transposed W₀
+box, partial tiles at every edge, the persistent loop over tiles — and the launchers' layout checks. Whether the
+compiled kernels move their tiles by TMA on sm_90 is checked offline by ``benchmarks/compile_check.py``
+(``cp.async.bulk.tensor`` in their PTX) and their speed only on a GPU (``benchmarks/gpu_probe.py``).
+"""
+
+# ruff: noqa: I001  (the kernels are imported after tests.triton_interpret has set up the interpreter)
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_fast.reference import lora_linear_ref
+from tests.triton_interpret import DEVICE, interpret  # noqa: F401  (fixture)
+from tests.utils import assert_rel_close
+
+from lora_fast.kernels import launch, lora_bwd, lora_fwd
+from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor
+
+pytestmark = pytest.mark.usefixtures("interpret")
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
+
+
+def _reference(x, w, b, a, bb, s, p, mask, fifo, dy):
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
+    y.backward(dy.double())
+    xa = (x64 * mask / (1 - p) if mask is not None else x64) @ a64.t()
+    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
+
+
+class _Spy:
+    """Records the switches and grid of each launch of ``kernel`` through ``launch_fitting`` (the fixed-tile path
+    the interpreter takes) and of the autotuned path on a GPU."""
+
+    def __init__(self, monkeypatch, module, kernel):
+        self.calls = []
+        real_fitting, real_tuned = module.launch_fitting, launch.TunedKernel.launch
+
+        def fitting(k, rungs, key, grid, *args, **meta):
+            rung = real_fitting(k, rungs, key, grid, *args, **meta)
+            if k is kernel:
+                self.calls.append({**meta, "grid": grid(rung)})
+            return rung
+
+        def tuned(tk, key, grid, *args, **meta):
+            if tk.kernel is kernel:
+                self.calls.append(dict(meta))
+            return real_tuned(tk, key, grid, *args, **meta)
+
+        monkeypatch.setattr(module, "launch_fitting", fitting)
+        monkeypatch.setattr(launch.TunedKernel, "launch", tuned)
+
+
+# (M, K, N, r, fan_in_fan_out, bias, p, dtype): K and N rows 16-byte aligned, no size a multiple of the 64-wide
+# tiles in every dimension (partial tiles at each edge), both W₀ layouts, M·N over more tiles than the 4 programs of
+# the interpreter's persistent grid (130×100: 3×2 tiles of 64).
+CASES = [
+    (37, 40, 24, 8, True, True, 0.2, torch.float32),
+    (130, 72, 100, 16, False, False, 0.0, torch.float32),
+    (130, 72, 100, 5, True, False, 0.3, torch.float32),
+    (70, 48, 136, 16, False, True, 0.1, torch.float16),
+]
+
+
+@pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p, dtype", CASES)
+def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K, N, r, fifo, has_bias, p, dtype):
+    """Forward (tma, tma_persistent) and backward (tma; atomic and deterministic reductions, every gradient subset
+    that has dx) against float64 with the kernels' own mask; the launches took the descriptor path (TMA on, the W₀
+    layout named right) and the persistent grid has at most one program per SM (4 off CUDA)."""
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    w = (torch.randn((K, N) if fifo else (N, K), device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEVICE).to(dtype) if has_bias else None
+    a, bb = torch.randn(r, K, device=DEVICE) / K**0.5, torch.randn(N, r, device=DEVICE) / r**0.5
+    dy = torch.randn(M, N, device=DEVICE).to(dtype)
+    s, seed = 0.75, 4321
+    st = seed_tensor(seed, DEVICE) if p > 0 else None
+    mask = dropout_keep_mask(seed, M, K, p, DEVICE) if p > 0 else None
+    ref = _reference(x, w, b, a, bb, s, p, mask, fifo, dy)
+    tol = FP32_TOL if dtype == torch.float32 else 2e-3
+    fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
+    bwd_spy = _Spy(monkeypatch, lora_bwd, lora_bwd._lora_bwd_kernel)
+    for variant in ("tma", "tma_persistent"):
+        y, xa = lora_fwd.lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
+        assert_rel_close(y, ref[0], tol, f"{variant}: y")
+        assert_rel_close(xa, ref[1], tol, f"{variant}: xa")
+    assert [(c["TMA"], c["W_KN"], c["PERSISTENT"]) for c in fwd_spy.calls] == [(True, fifo, False), (True, fifo, True)]
+    if DEVICE == "cpu":
+        tiles = -(-M // 64) * -(-N // 64)
+        assert [c["grid"] for c in fwd_spy.calls] == [(tiles,), (min(4, tiles),)]
+    for deterministic in (False, True):
+        for need_da, need_db in ((True, True), (False, True), (True, False)):
+            out = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, True, need_da, need_db,
+                                           deterministic=deterministic, variant="tma")
+            for name, need, o, rf in zip(("dx", "dA", "dB"), (True, need_da, need_db), out, ref[2:], strict=True):
+                assert (o is not None) == need, name
+                if need:
+                    assert_rel_close(o, rf, tol, f"tma backward (deterministic={deterministic}): {name}")
+    assert bwd_spy.calls and all(c["TMA"] and c["W_KN"] == fifo for c in bwd_spy.calls)
+
+
+def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch):
+    """A row stride that is not a multiple of 16 bytes (K = 37 fp32), an inner stride ≠ 1 (a transposed view) and
+    a base address off the 16-byte grid (a view starting one element in): each launch of a tma variant falls back to
+    the pointer loads of the same kernel (TMA off) and still gives the reference's numbers."""
+    M, K, N, r, p, s = 33, 40, 24, 4, 0.25, 0.5
+    base_x = torch.randn(M, K + 1, device=DEVICE)
+    cases = {
+        "row stride 148 B": (torch.randn(M, 37, device=DEVICE), torch.randn(N, 37, device=DEVICE)),
+        "transposed x": (torch.randn(K, M, device=DEVICE).t(), torch.randn(N, K, device=DEVICE)),
+        "unaligned base": (base_x[:, 1:], torch.randn(N, K, device=DEVICE)),
+        "strided W₀": (torch.randn(M, K, device=DEVICE), torch.randn(N, 2 * K, device=DEVICE)[:, ::2]),
+    }
+    assert base_x[:, 1:].data_ptr() % 16 != 0
+    # the backward reads x by pointers: dy, W₀ and dx decide whether its descriptors can be used
+    bwd_tma = {"row stride 148 B": False, "transposed x": True, "unaligned base": True, "strided W₀": False}
+    for name, (x, w) in cases.items():
+        k = x.shape[1]
+        a, bb = torch.randn(r, k, device=DEVICE), torch.randn(N, r, device=DEVICE)
+        dy = torch.randn(M, N, device=DEVICE)
+        st = seed_tensor(5, DEVICE)
+        ref = _reference(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), False, dy)
+        fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
+        bwd_spy = _Spy(monkeypatch, lora_bwd, lora_bwd._lora_bwd_kernel)
+        y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, p, st, False, variant="tma_persistent")
+        dx, da, db = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, False, variant="tma")
+        for label, o, rf in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, dx, da, db), ref, strict=True):
+            assert_rel_close(o, rf, FP32_TOL, f"{name}: {label}")
+        assert [c["TMA"] for c in fwd_spy.calls] == [False], name
+        assert [c["TMA"] for c in bwd_spy.calls] == [bwd_tma[name]], name
+
+
+def test_tma_layout_checks():
+    """``tma_ok``/``tma_weight``: the hardware's rules for a 2-D descriptor (contiguous last dimension, 16-byte
+    aligned base and row stride), and which W₀ storage a Conv1D (K, N) or Linear (N, K) weight gives."""
+    t = torch.empty(8, 12)  # fp32: 48-byte rows
+    assert launch.tma_ok(t) and not launch.tma_ok(t, 0)
+    assert launch.tma_ok(t.t(), 0) and not launch.tma_ok(t.t())
+    assert not launch.tma_ok(torch.empty(8, 10))  # 40-byte rows
+    assert launch.tma_ok(torch.empty(8, 8, dtype=torch.float16))  # 16-byte rows
+    assert not launch.tma_ok(torch.empty(8, 17)[:, 1:])  # 68-byte rows, base one element in
+    assert not launch.tma_ok(torch.empty(4, 16)[:, 1:13])  # 64-byte rows, base 4 bytes in
+    conv1d_w, linear_w = torch.empty(40, 24), torch.empty(24, 40)  # (K, N) and (N, K), K = 40, N = 24
+    assert launch.tma_weight(conv1d_w, True) == (True, True)  # N contiguous
+    assert launch.tma_weight(linear_w, False) == (True, False)  # K contiguous
+    assert launch.tma_weight(linear_w.t(), True) == (True, False)  # a (K, N) view of (N, K) storage
+    assert launch.tma_weight(torch.empty(24, 80)[:, ::2], False) == (False, False)
+
+
+def test_scratch_allocator_is_set_once_and_a_users_is_kept(monkeypatch):
+    """Device-side descriptors need triton's global-scratch allocator: set when none is (per thread: triton keeps
+    it in a ContextVar), never replacing one the user set."""
+    import contextvars
+
+    import triton
+
+    def run_in_fresh_context(fn):
+        return contextvars.Context().run(fn)
+
+    def ours():
+        launch.ensure_scratch_allocator()
+        from triton.runtime._allocation import _allocator
+
+        return _allocator.get()
+
+    assert run_in_fresh_context(ours) is launch._torch_scratch
+
+    def users():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        launch.ensure_scratch_allocator()
+        from triton.runtime._allocation import _allocator
+
+        return _allocator.get() is mine
+
+    assert run_in_fresh_context(users)
