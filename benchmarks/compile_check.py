@@ -158,8 +158,8 @@ def _layer(M, K, N, r, dtype, conv1d, bias):
 
 def run_launchers(M, K, N, r, dtype, p, conv1d=True, bias=True, no_grad=False, subsets=False):
     """Every launch path of one layer configuration: each forward variant, the fused backward (atomic and
-    deterministic, pointer and TMA loads), the cublas backward; ``subsets``: also the backward without dx (a first
-    layer)."""
+    deterministic, pointer and TMA loads, after a dy pass), the cublas backward; ``subsets``: also the backward
+    without dx (a first layer)."""
     from lora_fast.kernels import lora_bwd, lora_fwd
     from lora_fast.kernels.dropout import seed_tensor
 
@@ -173,7 +173,8 @@ def run_launchers(M, K, N, r, dtype, p, conv1d=True, bias=True, no_grad=False, s
     dy = torch.randn(M, N).to(dtype)
     needs = [(True, True, True)] + ([(False, True, True), (True, False, False)] if subsets else [])
     for nx, na, nb in needs:
-        for variant, det in (("fused", False), ("fused", True), ("tma", False), ("cublas", False)):
+        for variant, det in (("fused", False), ("fused", True), ("tma", False), ("gb_first", False),
+                             ("gb_first_tma", False), ("cublas", False)):
             lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, 2.0, p, seed, conv1d, nx, na, nb, deterministic=det,
                                      variant=variant)
 

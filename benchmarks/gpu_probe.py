@@ -132,9 +132,12 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
         y_t, xa_t = lora_fwd.lora_linear_fwd(x, w, bias, A, B, s, p, seed if p else None, True, variant=v)
         out["err"][f"y_{v}"] = rel(y_t, ref["y"])
         del y_t
-    dx_t, dA_t, dB_t = lora_bwd.lora_linear_bwd(dy, x, xa_t, w, A, B, s, p, seed if p else None, True, variant="tma")
-    out["err"].update(dx_tma=rel(dx_t, ref["dx"]), dA_tma=rel(dA_t, ref["dA"]), dB_tma=rel(dB_t, ref["dB"]))
-    del xa_t, dx_t, dA_t, dB_t
+    for v in ("tma", "gb_first", "gb_first_tma"):  # the other fused backwards
+        dx_t, dA_t, dB_t = lora_bwd.lora_linear_bwd(dy, x, xa_t, w, A, B, s, p, seed if p else None, True, variant=v)
+        out["err"].update({f"dx_{v}": rel(dx_t, ref["dx"]), f"dA_{v}": rel(dA_t, ref["dA"]),
+                           f"dB_{v}": rel(dB_t, ref["dB"])})
+        del dx_t, dA_t, dB_t
+    del xa_t
     del ref
 
     # --- pieces
@@ -148,7 +151,8 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                                              needs_dB=False))
     t["bwd_atomic"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=False))
     t["bwd_cublas"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="cublas"))
-    t["bwd_tma"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="tma"))
+    for v in ("tma", "gb_first", "gb_first_tma"):
+        t[f"bwd_{v}"] = bench(lambda v=v: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant=v))
     t["bwd_determ"] = bench(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, deterministic=True))
     t["mask_MK"] = bench(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     g = {}  # the same pieces from CUDA graphs
@@ -162,7 +166,9 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
                                                                 deterministic=False))
     g["bwd_cublas"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
                                                                 variant="cublas"))
-    g["bwd_tma"] = graph_ms(lambda: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True, variant="tma"))
+    for v in ("tma", "gb_first", "gb_first_tma"):
+        g[f"bwd_{v}"] = graph_ms(lambda v=v: lora_bwd.lora_linear_bwd(dy, x, xa, w, A, B, s, p, sd, True,
+                                                                      variant=v))
     g["mask_MK"] = graph_ms(lambda: dropout_keep_mask(seed, M, K, max(p, 0.1), device))
     out["graph_ms"] = g
 
@@ -198,7 +204,7 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     out["ms"] = t
     g["layer_base"] = graph_ms(lambda: conv(xg).backward(dy), grad_to_none=[xg])
     g["layer_lora_fast"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
-    for provider in ("lora_fast_cublas", "lora_fast_tma", "lora_fast_tma_persistent"):  # the module path, forced
+    for provider in ("lora_fast_cublas", "lora_fast_gb_first", "lora_fast_tma", "lora_fast_tma_persistent"):
         with provider_env(provider):
             g[f"layer_{provider}"] = graph_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)
             t[f"cpu_{provider}"] = host_ms(lambda: lf(xg).backward(dy), grad_to_none=lf_grads)

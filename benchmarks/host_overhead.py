@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
     p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
                    choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas", "lora_fast_one_pass",
-                            "lora_fast_xa_first", "lora_fast_tma", "lora_fast_tma_persistent"])
+                            "lora_fast_xa_first", "lora_fast_gb_first", "lora_fast_tma",
+                            "lora_fast_tma_persistent"])
     p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")

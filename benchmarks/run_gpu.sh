@@ -12,8 +12,8 @@
 #   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
 #   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
-#   layer-variants lora_fast's default route vs each forced kernel variant (one_pass, xa_first, cublas, tma,
-#                 tma_persistent), M=8192,
+#   layer-variants lora_fast's default route vs each forced kernel variant (one_pass, xa_first, cublas,
+#                 gb_first, tma, tma_persistent), M=8192,
 #                 r 16/64, dropout 0/0.1, bf16 and fp32: the measurements the variant rules wait for -> ...
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
 #   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
@@ -104,7 +104,7 @@ for stage in "${STAGES[@]}"; do
             --ranks 16 --dropouts 0.1 --providers torch_compile --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-variants) run layer-variants bench_layer_variants.log python -m benchmarks.bench_layer --M 8192 \
             --ranks 16 64 --dtypes bf16 fp32 --providers lora_fast lora_fast_one_pass lora_fast_xa_first \
-            lora_fast_cublas lora_fast_tma lora_fast_tma_persistent --csv "$CSV" ${LAYER_ARGS:-} ;;
+            lora_fast_cublas lora_fast_gb_first lora_fast_tma lora_fast_tma_persistent --csv "$CSV" ${LAYER_ARGS:-} ;;
         gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --providers lora_fast lora_fast_cublas \
             lora_fast_tma peft \
             reference --csv "$CSV" ;;

@@ -344,9 +344,12 @@ VARIANT_PROVIDERS = {
     "lora_fast_cublas": dict(zip(_VARIANT_VARS, ("cublas", "cublas"), strict=True)),  # cuBLAS GEMMs + LoRA terms
     "lora_fast_one_pass": dict(zip(_VARIANT_VARS, ("one_pass", "fused"), strict=True)),  # xa inside the GEMM pass
     "lora_fast_xa_first": dict(zip(_VARIANT_VARS, ("xa_first", "fused"), strict=True)),  # skinny xa kernel first
-    # xa_first and the fused backward with their large tiles moved by TMA; the forward also with a persistent grid
+    # the backward's dx and dA terms from a dy pass first (then a plain dgrad loop); the forward by the default rule
+    "lora_fast_gb_first": dict(zip(_VARIANT_VARS, (None, "gb_first"), strict=True)),
+    # xa_first and the fused backward with their large tiles moved by TMA; then the forward with a persistent grid
+    # and the gb_first backward, with TMA
     "lora_fast_tma": dict(zip(_VARIANT_VARS, ("tma", "tma"), strict=True)),
-    "lora_fast_tma_persistent": dict(zip(_VARIANT_VARS, ("tma_persistent", "tma"), strict=True)),
+    "lora_fast_tma_persistent": dict(zip(_VARIANT_VARS, ("tma_persistent", "gb_first_tma"), strict=True)),
 }
 TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
 

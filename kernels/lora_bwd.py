@@ -54,13 +54,29 @@ from lora_fast.kernels.launch import (
     tma_weight,
     variant_override,
 )
-from lora_fast.kernels.lora_bwd_cublas import lora_linear_bwd_cublas
+from lora_fast.kernels.lora_bwd_cublas import dy_pass, lora_linear_bwd_cublas
 from lora_fast.kernels.lora_terms import add_dx_lora_term, da_part
 
 
 @triton.jit
+def _add_da(gb, keep, keep_scale, x_ptr, da_ptr, slot, offs_m, offs_k, offs_r, m_mask, k_mask, r_mask, stride_xm,
+            stride_xk, stride_das, stride_dar, stride_dak,
+            HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dA[:, k] += 1/(1−p) · (s·gb)ᵀ·(keep ⊙ x), into the shared fp32 buffer (ATOMIC) or this row block's slice."""
+    dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
+                  INPUT_PRECISION) * keep_scale  # (R, BK)
+    da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+    da_msk = r_mask[:, None] & k_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(da_ptrs, dap, mask=da_msk, sem="relaxed")
+    else:
+        tl.store(da_ptrs, dap, mask=da_msk)
+
+
+@triton.jit
 def _lora_bwd_kernel(
-    # pointers (da/db: (S, r, K) / (S, N, r) fp32 — S = 1 with ATOMIC, else one slice per row block)
+    # pointers (da/db: (S, r, K) / (S, N, r) fp32 — S = 1 with ATOMIC, else one slice per row block; xa_ptr: xa
+    # (M, r) for dB, or with GB_IN ĝb = s·g·B (M, r) fp32 from lora_bwd_cublas._lora_dy_kernel)
     dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, da_ptr, db_ptr, seed_ptr,
     # sizes (M_BUCKET is only an autotune key)
     M, N, K, R, M_BUCKET,
@@ -73,8 +89,9 @@ def _lora_bwd_kernel(
     # switches
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ATOMIC: tl.constexpr, DB_RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    # TMA: dy, W₀ and dx through tensor descriptors; W_KN: W₀ stored (K, N)
-    TMA: tl.constexpr, W_KN: tl.constexpr,
+    # TMA: dy, W₀ and dx through tensor descriptors; W_KN: W₀ stored (K, N); GB_IN: ĝb was computed (and dB
+    # reduced) by the dy pass: the LoRA terms come before the loop, which is then the plain dgrad
+    TMA: tl.constexpr, W_KN: tl.constexpr, GB_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -101,6 +118,19 @@ def _lora_bwd_kernel(
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
     acc = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)  # g·W₀
     gb_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)  # g·B
+    if GB_IN:  # the LoRA terms first: the mask and the (BM, BK) product are dead before the GEMM loop starts
+        gb = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R) ĝb, rounded as below
+        keep = None
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
+        if COMPUTE_DA:  # first: x's tile is dead before the accumulator comes alive
+            _add_da(gb, keep, keep_scale, x_ptr, da_ptr, slot, offs_m, offs_k, offs_r, m_mask, k_mask, r_mask,
+                    stride_xm, stride_xk, stride_das, stride_dar, stride_dak, HAS_DROPOUT, ATOMIC, INPUT_PRECISION)
+        if COMPUTE_DX:
+            acc = add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar,
+                                   stride_ak, HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
     for n0 in range(0, N, BLOCK_N):
         offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_mask = offs_n < N
@@ -118,7 +148,7 @@ def _lora_bwd_kernel(
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
             acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-        if COMPUTE_DX or COMPUTE_DA:
+        if (COMPUTE_DX or COMPUTE_DA) and not GB_IN:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
             gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
@@ -139,29 +169,24 @@ def _lora_bwd_kernel(
                 else:
                     tl.store(db_ptrs, dbp, mask=db_msk)
 
-    if COMPUTE_DX or COMPUTE_DA:
+    if (COMPUTE_DX or COMPUTE_DA) and not GB_IN:
         gb = (gb_acc * db_scale).to(dtype)  # s·g·B rounded as autograd rounds (s·g)·B: s first, no overflow
         keep = None
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
             keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
+        if COMPUTE_DX:
+            acc = add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar,
+                                   stride_ak, HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
     if COMPUTE_DX:
-        acc = add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar,
-                               stride_ak, HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
         if TMA:
             dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(dx_ptr.dtype.element_ty))
         else:
             tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                      acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
-    if COMPUTE_DA:  # dA[:, k] += 1/(1−p) · (s·gb)ᵀ·(keep ⊙ x)
-        dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
-                      INPUT_PRECISION) * keep_scale  # (R, BK)
-        da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
-        da_msk = r_mask[:, None] & k_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(da_ptrs, dap, mask=da_msk, sem="relaxed")
-        else:
-            tl.store(da_ptrs, dap, mask=da_msk)
+    if COMPUTE_DA and not GB_IN:  # after the dx store: acc is dead while x's tile is loaded
+        _add_da(gb, keep, keep_scale, x_ptr, da_ptr, slot, offs_m, offs_k, offs_r, m_mask, k_mask, r_mask, stride_xm,
+                stride_xk, stride_das, stride_dar, stride_dak, HAS_DROPOUT, ATOMIC, INPUT_PRECISION)
 
 
 # Interpreter and deterministic mode: one fixed tile (autotune with several configs fails under the interpreter;
@@ -209,7 +234,7 @@ BWD_TUNED = TunedKernel(
     _lora_bwd_kernel,
     lambda: triton.autotune(
         get_bwd_configs(), key=["N", "K", "R", "M_BUCKET", "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "HAS_DROPOUT",
-                                "INPUT_PRECISION", "TMA", "W_KN"],
+                                "INPUT_PRECISION", "TMA", "W_KN", "GB_IN"],
         prune_configs_by={"early_config_prune": prune_bwd_configs}, reset_to_zero=["da_ptr", "db_ptr"],
     )(_lora_bwd_kernel),
 )
@@ -226,20 +251,29 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dic
     return None
 
 
-BWD_VARIANTS = ("fused", "cublas", "tma")
+BWD_VARIANTS = ("fused", "cublas", "tma", "gb_first", "gb_first_tma")
+ATOMIC_ONLY = ("cublas", "gb_first", "gb_first_tma")  # their dB is reduced by the dy pass's atomics
 
 
 def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Which backward to run: ``fused`` (``_lora_bwd_kernel``: dx, dA, dB in one kernel), ``tma`` (the same kernel
-    loading dy and W₀ and storing dx through TMA descriptors, where the layouts allow; Hopper) or ``cublas``
-    (``lora_bwd_cublas``: cuBLAS dgrad plus two skinny Triton passes; atomics only). ``fused`` until a GPU
-    measurement says where another wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE dots above rank
-    ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes (as in ``lora_fwd.fwd_variant``);
-    ``LORA_FAST_BWD_VARIANT`` forces one (deterministic mode runs ``fused``, or ``tma`` when forced: the fused
-    kernel's reproducible reduction)."""
+    """Which backward to run:
+
+    - ``fused``: ``_lora_bwd_kernel``, dx, dA, dB in one kernel; ``tma``: the same kernel loading dy and W₀ and
+      storing dx through TMA descriptors where the layouts allow (Hopper);
+    - ``gb_first`` (and ``gb_first_tma``, with TMA): a pass over dy first (``lora_bwd_cublas._lora_dy_kernel``:
+      ĝb = s·dy·B and dB), then ``_lora_bwd_kernel`` with ``GB_IN``: the dx and dA terms from ĝb before its loop,
+      which is then the plain dgrad — no g·B product (R/BLOCK_K of the loop's MMA work), no dB branch inside the
+      pipelined loop, and no mask or second (BM, BK) product tile beside the accumulator at the end (with dropout
+      4 of the 9 autotune tiles spill there, sm_90); one extra read of dy;
+    - ``cublas``: ``lora_bwd_cublas``, cuBLAS dgrad plus two skinny Triton passes.
+
+    ``fused`` until a GPU measurement says where another wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE
+    dots above rank ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes (as in
+    ``lora_fwd.fwd_variant``); ``LORA_FAST_BWD_VARIANT`` forces one. Deterministic mode runs ``fused`` (``tma``
+    when a TMA variant is forced): the others reduce dB with atomics."""
     forced = variant_override("LORA_FAST_BWD_VARIANT", BWD_VARIANTS)
     if deterministic:
-        return "tma" if forced == "tma" else "fused"
+        return "tma" if forced in ("tma", "gb_first_tma") else "fused"
     if forced is None and r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
         return "cublas"
     return forced or "fused"
@@ -274,8 +308,8 @@ def lora_linear_bwd(
         deterministic: reduce dA/dB over row blocks through per-block fp32 partials summed in a fixed order
             (bitwise reproducible; (M/64)·(K + N)·r·4 bytes of scratch) instead of fp32 atomics. None: follow
             ``torch.are_deterministic_algorithms_enabled()``.
-        variant: "fused", "tma" or "cublas" (see ``bwd_variant``, the default rule); "cublas" with
-            deterministic=True is an error (its reductions are atomic).
+        variant: one of ``BWD_VARIANTS`` (see ``bwd_variant``, the default rule); those in ``ATOMIC_ONLY`` with
+            deterministic=True are an error (their dB is reduced by atomics).
     """
     M, K = x.shape
     N = dy.shape[1]
@@ -295,16 +329,19 @@ def lora_linear_bwd(
     variant = variant or bwd_variant(M, N, K, r, deterministic, x.dtype)
     if variant not in BWD_VARIANTS:
         raise ValueError(f"variant must be one of {BWD_VARIANTS}, got {variant!r}")
-    if variant == "cublas":
-        if deterministic:
-            raise ValueError("the cublas backward reduces dA/dB with atomics: use variant='fused' when "
-                             "deterministic")
+    if deterministic and variant in ATOMIC_ONLY:
+        raise ValueError(f"the {variant} backward reduces dB with atomics: use variant='fused' when deterministic")
+    gb_in = variant in ("gb_first", "gb_first_tma")
+    if variant == "cublas" or (gb_in and not needs_dx):  # without dx, gb_first is the cublas variant's two passes
         return lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                                       needs_dx, needs_dA, needs_dB)
+    kernel_db = needs_dB and not gb_in  # whether the kernel below reduces dB
+    if gb_in:  # ĝb = s·dy·B (M, r) fp32 and dB, by one pass over dy; the kernel below reads ĝb from xa's slot
+        xa, db_pass = dy_pass(dy, lora_B, xa, scaling, True, needs_dB)
     fixed = _bwd_fixed_meta(deterministic, x.dtype, r)
     # tma: dy, W₀ and dx through TMA descriptors where their layouts allow (``tma_ok``), else pointers
     tma = w_kn = False
-    if variant == "tma" and tma_ok(dy) and (not needs_dx or tma_ok(dx)):
+    if variant in ("tma", "gb_first_tma") and tma_ok(dy) and (not needs_dx or tma_ok(dx)):
         tma, w_kn = tma_weight(weight, fan_in_fan_out) if needs_dx else (True, False)
         if tma and dev.type == "cuda":
             ensure_scratch_allocator()
@@ -314,18 +351,18 @@ def lora_linear_bwd(
     # ones stay tiny and are never dereferenced.
     if atomic:
         da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)
-        db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
+        db = torch.zeros((N, r) if kernel_db else (1, 1), dtype=torch.float32, device=dev)  # (the tuner zeroes it)
         da_strides, db_strides = (0, *da.stride()), (0, *db.stride())
     else:
         slots = cdiv(M, fixed[0]["BLOCK_M"])  # every rung has the same BLOCK_M
         alloc = torch.zeros if K == 0 else torch.empty
         da = alloc((slots, r, K) if needs_dA else (1, 1, 1), dtype=torch.float32, device=dev)
-        db = alloc((slots, N, r) if needs_dB else (1, 1, 1), dtype=torch.float32, device=dev)
+        db = alloc((slots, N, r) if kernel_db else (1, 1, 1), dtype=torch.float32, device=dev)
         da_strides, db_strides = da.stride(), db.stride()
     stride_wk, stride_wn = weight.stride() if fan_in_fan_out else weight.stride()[::-1]
     k_programs = needs_dx or needs_dA
     grid = lambda cfg: (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]) if k_programs else 1)  # noqa: E731
-    xa_arg = xa if needs_dB else dy  # a dummy is never dereferenced
+    xa_arg = xa if needs_dB or gb_in else dy  # a dummy is never dereferenced
     dx_strides = (K, 1) if needs_dx else (0, 0)  # dx is a fresh contiguous (M, K)
     keep_scale = 1.0 / (1.0 - dropout_p)
     args = (
@@ -335,22 +372,23 @@ def lora_linear_bwd(
         *dx_strides, *da_strides, *db_strides,
         float(keep_scale), float(scaling), keep_threshold(dropout_p),
     )
-    meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=needs_dB, HAS_DROPOUT=dropout_p > 0.0,
+    meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, COMPUTE_DB=kernel_db, HAS_DROPOUT=dropout_p > 0.0,
                 ATOMIC=atomic, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=input_precision(x.dtype),
-                TMA=tma, W_KN=w_kn, BLOCK_R=block_r(r))
+                TMA=tma, W_KN=w_kn, GB_IN=gb_in, BLOCK_R=block_r(r))
     if fixed is not None:
         key = (x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype,
                dev)
         launch_fitting(_lora_bwd_kernel, lambda: fixed, key, grid, *args, **meta)
     else:  # the launch key: the tuner's key arguments and every tensor argument's dtype, and the device
-        key = (N, K, r, args[14], needs_dx, needs_dA, needs_dB, dropout_p > 0.0, meta["INPUT_PRECISION"], tma, w_kn,
-               x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype, args[9].dtype, dev)
+        key = (N, K, r, args[14], needs_dx, needs_dA, kernel_db, dropout_p > 0.0, meta["INPUT_PRECISION"], tma,
+               w_kn, gb_in, x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype, None if xa is None else xa.dtype,
+               args[9].dtype, dev)
         BWD_TUNED.launch(key, grid, *args, **meta)
     dA = dB = None
     if needs_dA:
         dA = da if atomic else da.sum(0)
         dA = dA if dA.dtype == lora_A.dtype else dA.to(lora_A.dtype)
     if needs_dB:
-        dB = db if atomic else db.sum(0)
+        dB = db_pass if gb_in else db if atomic else db.sum(0)
         dB = dB if dB.dtype == lora_B.dtype else dB.to(lora_B.dtype)
     return dx, dA, dB

@@ -182,12 +182,36 @@ DX_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
                 {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
 
 
+def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor | None, scaling: float, needs_gb: bool,
+            needs_dB: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_lora_dy_kernel`` over dy (M, N): returns (ĝb = s·dy·B (M, r) fp32, dB = s·dyᵀ·xa (N, r) fp32, reduced by
+    atomics); one not needed is a placeholder never written."""
+    M, N = dy.shape
+    r = lora_B.shape[1]
+    dev = dy.device
+    fma = fma_dots(dy.dtype, input_precision(dy.dtype))
+    gb = torch.empty((M, r), dtype=torch.float32, device=dev) if needs_gb else dy  # dummy: never dereferenced
+    db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
+    xa_arg = xa if needs_dB else dy
+    launch_fitting(
+        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE_FMA if fma else DY_TILE, dy.dtype, r, DY_FALLBACKS),
+        (dy.dtype, lora_B.dtype, xa_arg.dtype, dev), lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
+        dy, lora_B, xa_arg, gb, db,
+        M, N, r,
+        *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
+        float(scaling),
+        COMPUTE_GB=needs_gb, COMPUTE_DB=needs_dB, DB_RELOAD=dy.dtype == torch.float32,
+        INPUT_PRECISION=input_precision(dy.dtype), BLOCK_R=block_r(r),
+    )
+    return gb, db
+
+
 def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
                            needs_dx, needs_dA, needs_dB):
     """The backward in three steps (module docstring). Same contract as ``lora_bwd.lora_linear_bwd``, whose
     checks and empty-case handling have already run: dy is in x's dtype, M > 0, some gradient is needed."""
     M, K = x.shape
-    N, r = dy.shape[1], lora_A.shape[0]
+    r = lora_A.shape[0]
     dev = x.device
     br, precision = block_r(r), input_precision(x.dtype)
     fma = fma_dots(x.dtype, precision)
@@ -201,20 +225,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
             else:  # dx = g·(W₀ + s·(B·A)) exactly when nothing is dropped
                 dx = torch.matmul(dy, merged_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out).t())
     lora_terms = fix_dx or needs_dA
-    gb = torch.empty((M, r), dtype=torch.float32, device=dev) if lora_terms else dy  # dummy: never dereferenced
-    db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
-    xa_arg = xa if needs_dB else dy
-    key = (x.dtype, lora_B.dtype, xa_arg.dtype, dev)
-    launch_fitting(
-        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE_FMA if fma else DY_TILE, x.dtype, r, DY_FALLBACKS), key,
-        lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
-        dy, lora_B, xa_arg, gb, db,
-        M, N, r,
-        *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
-        float(scaling),
-        COMPUTE_GB=lora_terms, COMPUTE_DB=needs_dB, DB_RELOAD=x.dtype == torch.float32, INPUT_PRECISION=precision,
-        BLOCK_R=br,
-    )
+    gb, db = dy_pass(dy, lora_B, xa, scaling, lora_terms, needs_dB)
     da = None
     if lora_terms:
         da = torch.zeros((r, K) if needs_dA else (1, 1), dtype=torch.float32, device=dev)

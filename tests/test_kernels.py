@@ -54,8 +54,8 @@ def _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy):
 
 
 # Backward modes: the fused kernel with fp32 atomics or deterministic partials, with TMA loads (where the layout
-# allows; tests/test_tma.py checks which path ran), and the cublas variant.
-BWD_MODES = (("fused", False), ("fused", True), ("tma", False), ("cublas", False))
+# allows; tests/test_tma.py checks which path ran), after a dy pass (gb_first), and the cublas variant.
+BWD_MODES = (("fused", False), ("fused", True), ("tma", False), ("gb_first", False), ("cublas", False))
 
 
 def _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant=None, deterministic=None, bwd_variant=None):
@@ -154,7 +154,7 @@ def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, 
 def _check_dtype(dtype, device):
     # the cublas variant without dropout runs one GEMM with the merged weight (rounded to the dtype): p = 0 too
     for variants, p in (((None, None), 0.2), (("cublas", "cublas"), 0.2), (("cublas", "cublas"), 0.0),
-                        (("tma", "tma"), 0.2), (("tma_persistent", "tma"), 0.2)):
+                        (("tma", "tma"), 0.2), (("tma_persistent", "gb_first_tma"), 0.2), ((None, "gb_first"), 0.0)):
         _check_dtype_variants(dtype, device, variants, p)
 
 
@@ -297,9 +297,14 @@ def test_variant_rules_and_overrides(monkeypatch):
     y, xa = lora_linear_fwd(x, w, b, a, bb, 1.0, fan_in_fan_out=True)
     lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, fan_in_fan_out=True)
     assert seen == [1]
-    with pytest.raises(ValueError, match="deterministic"):
-        lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, fan_in_fan_out=True,
-                        deterministic=True, variant="cublas")
+    for atomic_only in ("cublas", "gb_first", "gb_first_tma"):
+        with pytest.raises(ValueError, match="deterministic"):
+            lora_linear_bwd(torch.randn(16, 20, device=DEVICE), x, xa, w, a, bb, 1.0, fan_in_fan_out=True,
+                            deterministic=True, variant=atomic_only)
+    for forced, chosen in (("gb_first", "fused"), ("gb_first_tma", "tma"), ("tma", "tma")):
+        monkeypatch.setenv("LORA_FAST_BWD_VARIANT", forced)  # deterministic: the fused kernel, TMA kept if asked
+        assert lora_bwd.bwd_variant(64, 64, 64, 8, deterministic=True) == chosen
+    monkeypatch.setenv("LORA_FAST_BWD_VARIANT", "cublas")
     monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "fast")
     with pytest.raises(ValueError, match="LORA_FAST_FWD_VARIANT='fast' is not one of"):
         lora_fwd.fwd_variant(64, 64, 64, 8, 0.0)

@@ -69,9 +69,10 @@ CASES = [
 
 @pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p, dtype", CASES)
 def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K, N, r, fifo, has_bias, p, dtype):
-    """Forward (tma, tma_persistent) and backward (tma; atomic and deterministic reductions, every gradient subset
-    that has dx) against float64 with the kernels' own mask; the launches took the descriptor path (TMA on, the W₀
-    layout named right) and the persistent grid has at most one program per SM (4 off CUDA)."""
+    """Forward (tma, tma_persistent) and backward (tma with atomic and deterministic reductions, gb_first_tma;
+    every gradient subset that has dx) against float64 with the kernels' own mask; the launches took the
+    descriptor path (TMA on, the W₀ layout named right) and the persistent grid has at most one program per SM
+    (4 off CUDA)."""
     x = torch.randn(M, K, device=DEVICE).to(dtype)
     w = (torch.randn((K, N) if fifo else (N, K), device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if has_bias else None
@@ -92,15 +93,16 @@ def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K
     if DEVICE == "cpu":
         tiles = -(-M // 64) * -(-N // 64)
         assert [c["grid"] for c in fwd_spy.calls] == [(tiles,), (min(4, tiles),)]
-    for deterministic in (False, True):
+    for variant, deterministic in (("tma", False), ("tma", True), ("gb_first_tma", False)):
         for need_da, need_db in ((True, True), (False, True), (True, False)):
             out = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, True, need_da, need_db,
-                                           deterministic=deterministic, variant="tma")
+                                           deterministic=deterministic, variant=variant)
             for name, need, o, rf in zip(("dx", "dA", "dB"), (True, need_da, need_db), out, ref[2:], strict=True):
                 assert (o is not None) == need, name
                 if need:
-                    assert_rel_close(o, rf, tol, f"tma backward (deterministic={deterministic}): {name}")
-    assert bwd_spy.calls and all(c["TMA"] and c["W_KN"] == fifo for c in bwd_spy.calls)
+                    assert_rel_close(o, rf, tol, f"{variant} backward (deterministic={deterministic}): {name}")
+    switches = [(c["TMA"], c["W_KN"], c["GB_IN"]) for c in bwd_spy.calls]
+    assert switches == [(True, fifo, False)] * 6 + [(True, fifo, True)] * 3
 
 
 def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch):
