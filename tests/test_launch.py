@@ -9,6 +9,7 @@ autotune); on a GPU ``test_autotuned_path_matches_fixed_tile_gpu`` runs the real
 # ruff: noqa: I001  (the kernels are imported after tests.triton_interpret has set up the interpreter)
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -154,10 +155,12 @@ def test_config_meta_matches_triton_config():
                     "one fixed tile); runs in the GPU job (benchmarks/run_gpu.sh tests)")
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p, dtype, tol):
+@pytest.mark.parametrize("variants", [(None, None), ("tma_persistent", "gb_first_tma")])
+def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, variants, p, dtype, tol):
     """The autotuned launchers — first call tuned, second launched directly with the chosen config — give the
     fixed-tile results (same mask, same math; tile order changes fp32 summation only). fp32 runs IEEE dots (TF32
-    off, torch's default): the FMA-pruned lists and fixed tile."""
+    off, torch's default): the FMA-pruned lists and fixed tile. Also with the TMA variants (real descriptors on
+    sm_90, the persistent grid over the SMs, the gb_first backward), against the default fixed-tile route."""
     from lora_fast.kernels.dropout import seed_tensor
     from lora_fast.kernels.lora_bwd import BWD_TUNED, lora_linear_bwd
     from lora_fast.kernels.lora_fwd import FWD_TUNED, lora_linear_fwd
@@ -170,13 +173,15 @@ def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, p, dtype, tol):
     dy = torch.randn(M, N, device="cuda", dtype=dtype)
     st = seed_tensor(7, "cuda") if p else None
 
-    def run():
-        y, xa = lora_linear_fwd(x, w, None, a, bb, 0.5, p, st, True)
-        return (y, *lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, True, deterministic=False))
+    def run(fwd=None, bwd=None):
+        y, xa = lora_linear_fwd(x, w, None, a, bb, 0.5, p, st, True, variant=fwd)
+        return (y, *lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, True, deterministic=False, variant=bwd))
 
     monkeypatch.setenv("LORA_FAST_AUTOTUNE", "0")
     fixed = run()
     monkeypatch.setenv("LORA_FAST_AUTOTUNE", "1")
+    if variants[0] is not None:
+        run = functools.partial(run, *variants)
     n_fwd, n_bwd = len(FWD_TUNED.chosen), len(BWD_TUNED.chosen)
     tuned = run()
     assert len(FWD_TUNED.chosen) == n_fwd + 1 and len(BWD_TUNED.chosen) == n_bwd + 1  # recorded
