@@ -321,6 +321,15 @@ def tma_ok(t: torch.Tensor, contiguous_dim: int = 1) -> bool:
             and t.data_ptr() % TMA_ALIGN == 0 and max(t.shape) < 2**31)
 
 
+def tma_worth(dtype: torch.dtype, precision: str) -> bool:
+    """Whether a TMA variant loads through descriptors at all for these dots: not for FMA dots (fp32 with IEEE
+    precision, ``fma_dots``), whose operands are re-laid out from the descriptors' swizzled shared tiles into the FMA
+    layout — the fixed 64×64×64 tiles then spilled 0.4–3.6 KB per thread at r = 16 (sm_90, compile_check) where
+    the pointer loads spill nothing — and which are FMA-bound, not load-bound. The interpreter takes descriptors
+    for every dtype (its dots are exact whatever the precision; the tests check the descriptor indexing there)."""
+    return interpreting() or not fma_dots(dtype, precision)
+
+
 def tma_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[bool, bool]:
     """(usable, w_kn) for the frozen weight W₀ — (N, K), or (K, N) with ``fan_in_fan_out`` — as a descriptor: with
     N contiguous (``w_kn``: the (K, N) storage of a Conv1D, or a transposed Linear weight) or K contiguous."""

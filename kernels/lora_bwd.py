@@ -52,6 +52,7 @@ from lora_fast.kernels.launch import (
     tile_config,
     tma_ok,
     tma_weight,
+    tma_worth,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import dy_pass, lora_linear_bwd_cublas
@@ -341,7 +342,8 @@ def lora_linear_bwd(
     fixed = _bwd_fixed_meta(deterministic, x.dtype, r)
     # tma: dy, W₀ and dx through TMA descriptors where their layouts allow (``tma_ok``), else pointers
     tma = w_kn = False
-    if variant in ("tma", "gb_first_tma") and tma_ok(dy) and (not needs_dx or tma_ok(dx)):
+    if (variant in ("tma", "gb_first_tma") and tma_worth(x.dtype, input_precision(x.dtype)) and tma_ok(dy)
+            and (not needs_dx or tma_ok(dx))):
         tma, w_kn = tma_weight(weight, fan_in_fan_out) if needs_dx else (True, False)
         if tma and dev.type == "cuda":
             ensure_scratch_allocator()

@@ -55,6 +55,7 @@ from lora_fast.kernels.launch import (
     tile_config,
     tma_ok,
     tma_weight,
+    tma_worth,
     variant_override,
 )
 from lora_fast.kernels.lora_bwd_cublas import merge_exact, merged_weight
@@ -408,7 +409,7 @@ def lora_linear_fwd(
     # tma variants: x, W₀ and y through TMA descriptors where their layouts allow (``tma_ok``), else pointers
     persistent = variant == "tma_persistent"
     tma = w_kn = False
-    if variant in ("tma", "tma_persistent") and tma_ok(x) and tma_ok(y):
+    if variant in ("tma", "tma_persistent") and tma_worth(x.dtype, precision) and tma_ok(x) and tma_ok(y):
         tma, w_kn = tma_weight(weight, fan_in_fan_out)
         if tma and dev.type == "cuda":
             ensure_scratch_allocator()

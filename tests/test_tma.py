@@ -153,6 +153,15 @@ def test_tma_layout_checks():
     assert launch.tma_weight(torch.empty(24, 80)[:, ::2], False) == (False, False)
 
 
+def test_no_descriptors_for_fma_dots_on_a_gpu(monkeypatch):
+    """Off the interpreter, fp32 with IEEE dots (FMA, torch's default without TF32) keeps the pointer loads — the
+    descriptor-fed FMA dots spilled where the pointer-fed ones do not — and every tensor-core case takes TMA."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    assert not launch.tma_worth(torch.float32, "ieee")
+    assert all(launch.tma_worth(dtype, precision) for dtype, precision in
+               ((torch.float32, "tf32"), (torch.float16, "tf32"), (torch.bfloat16, "ieee")))
+
+
 def test_scratch_allocator_is_set_once_and_a_users_is_kept(monkeypatch):
     """Device-side descriptors need triton's global-scratch allocator: set when none is (per thread: triton keeps
     it in a ContextVar), never replacing one the user set."""
