@@ -125,6 +125,7 @@ def offline_compiler(arch: int, records: list):
                          for k, v in kwargs.items() if k.isupper() and k not in ("M_BUCKET",)},
                 "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
                 "smem_limit": limit, **resource_usage(kernel.asm["cubin"], tool),
+                "tma_copies": "cp.async.bulk.tensor" in kernel.asm.get("ptx", ""),  # TMA loads/stores in its PTX
                 "compile_s": round(time.perf_counter() - t0, 2),
             })
         if not fits:  # what the device does, before anything runs (CompiledKernel._init_handles)
@@ -173,7 +174,7 @@ def run_launchers(M, K, N, r, dtype, p, conv1d=True, bias=True, no_grad=False, s
     dy = torch.randn(M, N).to(dtype)
     needs = [(True, True, True)] + ([(False, True, True), (True, False, False)] if subsets else [])
     for nx, na, nb in needs:
-        for variant, det in (("fused", False), ("fused", True), ("tma", False), ("gb_first", False),
+        for variant, det in (("fused", False), ("fused", True), ("tma", False), ("tma", True), ("gb_first", False),
                              ("gb_first_tma", False), ("cublas", False)):
             lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, 2.0, p, seed, conv1d, nx, na, nb, deterministic=det,
                                      variant=variant)

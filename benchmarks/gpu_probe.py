@@ -211,8 +211,10 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     if "layer_peft" in t:
         g["layer_peft"] = graph_ms(lambda: pl(xg).backward(dy), grad_to_none=[xg, *pparams])
     cfgs = {}
-    for name, tk in (("fwd", lora_fwd.FWD_TUNED), ("bwd", lora_bwd.BWD_TUNED)):  # the config per launch key
-        cfgs[name] = {str(key[:7]): meta for key, meta in tk.chosen.items() if key[0] == N and key[1] == K}
+    # the config per launch key: the whole key but its device (its switches — variant, dropout, TMA, GB_IN, ... —
+    # and dtypes tell the launches apart; a shorter prefix let later variants overwrite earlier ones)
+    for name, tk in (("fwd", lora_fwd.FWD_TUNED), ("bwd", lora_bwd.BWD_TUNED)):
+        cfgs[name] = {str(key[:-1]): meta for key, meta in tk.chosen.items() if key[0] == N and key[1] == K}
     out["configs"] = cfgs
     return out
 

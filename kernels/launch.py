@@ -314,11 +314,15 @@ TMA_ALIGN = 16
 
 
 def tma_ok(t: torch.Tensor, contiguous_dim: int = 1) -> bool:
-    """Whether the 2-D tensor ``t`` can back a TMA descriptor whose contiguous dimension is ``contiguous_dim``."""
+    """Whether the 2-D tensor ``t`` can back a TMA descriptor whose contiguous dimension is ``contiguous_dim``: unit
+    inner stride; an outer stride that is a multiple of 16 bytes and at least a row long (rows neither broadcast —
+    the stride-0 dy autograd hands over for ``y.sum(1)`` — nor overlapping, as in ``unfold``: the tensor-map rules,
+    which nothing checks for a descriptor built on the device); a 16-byte aligned base; sizes in (0, 2**31)."""
     other = 1 - contiguous_dim
     size = t.element_size()
-    return (t.stride(contiguous_dim) == 1 and (t.stride(other) * size) % TMA_ALIGN == 0
-            and t.data_ptr() % TMA_ALIGN == 0 and max(t.shape) < 2**31)
+    return (t.stride(contiguous_dim) == 1 and t.stride(other) >= t.shape[contiguous_dim]
+            and (t.stride(other) * size) % TMA_ALIGN == 0 and t.data_ptr() % TMA_ALIGN == 0
+            and 0 < min(t.shape) and max(t.shape) < 2**31)
 
 
 def tma_worth(dtype: torch.dtype, precision: str) -> bool:
@@ -355,7 +359,7 @@ def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def ensure_scratch_allocator() -> None:
     """Give triton an allocator for the global scratch that device-side TMA descriptors are written to (128 bytes
-    per program; without one the launch fails: "no allocator was set"). triton keeps it in a ContextVar, unset by
+    per descriptor per program; without one the launch fails: "no allocator was set"). triton keeps it in a ContextVar, unset by
     default and per thread — autograd's backward runs on a thread of its own — so this is called before each TMA
     launch; a user's own allocator is left in place."""
     import triton

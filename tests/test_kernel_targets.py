@@ -48,9 +48,10 @@ def _family(rec) -> tuple:
 
 
 def test_every_kernel_compiles_for_sm90_at_the_gpt2_configuration(tmp_path):
-    """bf16, rank 16, dropout off and on: every launch path (both forward variants and cublas, the fused backward
-    with atomics and deterministic partials, the cublas backward's two Triton passes, the dropout mask) compiles
-    for sm_90 and fits its shared memory with the first tile."""
+    """bf16, rank 16, dropout off and on: every launch path (each forward variant, the fused backward with atomics
+    and deterministic partials, with pointer and TMA loads, after a dy pass, the cublas backward's two Triton
+    passes, the dropout mask) compiles for sm_90 and fits its shared memory with the first tile; the kernels
+    launched with TMA on move tiles by TMA (``cp.async.bulk.tensor`` in their PTX), and no other does."""
     res = _compile_check(tmp_path, "--arch", "90", "--dtypes", "bf16", "--ranks", "16")
     assert not res["errors"]
     names = {r["kernel"] for r in res["records"]}
@@ -59,6 +60,9 @@ def test_every_kernel_compiles_for_sm90_at_the_gpt2_configuration(tmp_path):
     assert all(r["shared"] <= r["smem_limit"] for r in res["records"])
     bf16 = [r for r in res["records"] if r["kernel"] != "_dropout_mask_kernel"]
     assert bf16 and all(r["dtype"] == "bfloat16" for r in bf16)
+    tma = [r for r in res["records"] if r["meta"].get("TMA")]
+    assert {r["kernel"] for r in tma} == {"_lora_fwd_kernel", "_lora_bwd_kernel"}
+    assert all(r["tma_copies"] == bool(r["meta"].get("TMA")) for r in res["records"])
 
 
 def test_fixed_tiles_fall_back_where_they_do_not_fit_sm86(tmp_path):

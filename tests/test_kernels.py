@@ -199,6 +199,25 @@ def test_fp16_backward_scales_before_rounding(bwd_variant):
         assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
 
 
+@pytest.mark.parametrize("s, b_scale", [(0.125, 1e-4), (1 / 32, 1e-5)])
+def test_fp16_forward_young_adapter_small_scaling(s, b_scale):
+    """fp16, s < 1 and a young adapter (|B| ~ 1e-4 to 1e-5): s·B sits in fp16's subnormals, so the kernels must not
+    round it (they scale xa, of order one, instead). W₀ = 0, so y is the LoRA term alone; every forward variant stays
+    within twice the error of torch's own fp16 LoRA term against float64."""
+    M, K, N, r = 64, 48, 40, 16
+    x = torch.randn(M, K, device=DEVICE).half()
+    w = torch.zeros(N, K, device=DEVICE).half()
+    a = torch.randn(r, K, device=DEVICE) / K**0.5
+    bb = torch.randn(N, r, device=DEVICE) * b_scale
+    ref = (x.double() @ a.double().t() @ bb.double().t()) * s
+    torch_y = lora_linear_ref(x, w, None, a.half(), bb.half(), s)
+    torch_err = rel_err(torch_y, ref)
+    for variant in FWD_VARIANTS:
+        y, _ = lora_linear_fwd(x, w, None, a, bb, s, variant=variant)
+        err = rel_err(y, ref)
+        assert err <= 2 * torch_err + 1e-4, f"{variant}: fp16 error {err:.2e} > 2 x torch's {torch_err:.2e}"
+
+
 def test_dropout_mask_properties():
     """Keep-rate within 4σ of 1−p; the mask is a function of (seed, row, col): prefix-stable in rows, reproducible,
     different for another seed."""

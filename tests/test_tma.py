@@ -4,8 +4,9 @@ and the choice between their descriptor path and the pointer path of the same ke
 Under triton's interpreter a tensor descriptor is emulated (loads zero-fill outside the tensor, stores clip to it),
 so what these tests prove on a CPU is the kernels' indexing through descriptors — tile offsets, the transposed W₀
 box, partial tiles at every edge, the persistent loop over tiles — and the launchers' layout checks. Whether the
-compiled kernels move their tiles by TMA on sm_90 is checked offline by ``benchmarks/compile_check.py``
-(``cp.async.bulk.tensor`` in their PTX) and their speed only on a GPU (``benchmarks/gpu_probe.py``).
+compiled kernels move their tiles by TMA on sm_90 is checked offline (``benchmarks/compile_check.py`` records
+``cp.async.bulk.tensor`` in each kernel's PTX; ``tests/test_kernel_targets.py`` asserts it for every TMA launch
+and for no other), and their speed only on a GPU (``benchmarks/gpu_probe.py``).
 """
 
 # ruff: noqa: I001  (the kernels are imported after tests.triton_interpret has set up the interpreter)
@@ -106,9 +107,10 @@ def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K
 
 
 def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch):
-    """A row stride that is not a multiple of 16 bytes (K = 37 fp32), an inner stride ≠ 1 (a transposed view) and
-    a base address off the 16-byte grid (a view starting one element in): each launch of a tma variant falls back to
-    the pointer loads of the same kernel (TMA off) and still gives the reference's numbers."""
+    """A row stride that is not a multiple of 16 bytes (K = 37 fp32), an inner stride ≠ 1 (a transposed view), a
+    base address off the 16-byte grid (a view starting one element in) and broadcast rows (the stride-0 dy autograd
+    hands over for ``y.sum(1)``): each launch of a tma variant falls back to the pointer loads of the same kernel
+    (TMA off) and still gives the reference's numbers."""
     M, K, N, r, p, s = 33, 40, 24, 4, 0.25, 0.5
     base_x = torch.randn(M, K + 1, device=DEVICE)
     cases = {
@@ -116,14 +118,16 @@ def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch)
         "transposed x": (torch.randn(K, M, device=DEVICE).t(), torch.randn(N, K, device=DEVICE)),
         "unaligned base": (base_x[:, 1:], torch.randn(N, K, device=DEVICE)),
         "strided W₀": (torch.randn(M, K, device=DEVICE), torch.randn(N, 2 * K, device=DEVICE)[:, ::2]),
+        "broadcast dy": (torch.randn(K, M, device=DEVICE).t(), torch.randn(N, K, device=DEVICE)),
     }
     assert base_x[:, 1:].data_ptr() % 16 != 0
     # the backward reads x by pointers: dy, W₀ and dx decide whether its descriptors can be used
-    bwd_tma = {"row stride 148 B": False, "transposed x": True, "unaligned base": True, "strided W₀": False}
+    bwd_tma = {"row stride 148 B": False, "transposed x": True, "unaligned base": True, "strided W₀": False,
+               "broadcast dy": False}
     for name, (x, w) in cases.items():
         k = x.shape[1]
         a, bb = torch.randn(r, k, device=DEVICE), torch.randn(N, r, device=DEVICE)
-        dy = torch.randn(M, N, device=DEVICE)
+        dy = torch.randn(1 if name == "broadcast dy" else M, N, device=DEVICE).expand(M, N)
         st = seed_tensor(5, DEVICE)
         ref = _reference(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), False, dy)
         fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
@@ -146,6 +150,10 @@ def test_tma_layout_checks():
     assert launch.tma_ok(torch.empty(8, 8, dtype=torch.float16))  # 16-byte rows
     assert not launch.tma_ok(torch.empty(8, 17)[:, 1:])  # 68-byte rows, base one element in
     assert not launch.tma_ok(torch.empty(4, 16)[:, 1:13])  # 64-byte rows, base 4 bytes in
+    assert not launch.tma_ok(torch.empty(1, 16).expand(8, 16))  # broadcast rows (stride 0): autograd's dy of y.sum(1)
+    rows = torch.empty(4096, dtype=torch.float16)  # unfold: 128-byte rows, 16-byte row stride (overlapping) or 128
+    assert not launch.tma_ok(rows.unfold(0, 64, 8)) and launch.tma_ok(rows.unfold(0, 64, 64))
+    assert not launch.tma_ok(torch.empty(0, 16)) and not launch.tma_ok(torch.empty(8, 0))  # empty
     conv1d_w, linear_w = torch.empty(40, 24), torch.empty(24, 40)  # (K, N) and (N, K), K = 40, N = 24
     assert launch.tma_weight(conv1d_w, True) == (True, True)  # N contiguous
     assert launch.tma_weight(linear_w, False) == (True, False)  # K contiguous
