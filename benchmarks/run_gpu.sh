@@ -6,7 +6,7 @@
 # Stages (default: env tests layer-bf16 layer-fp32 layer-compile gpt2 report, in this order):
 #   env           nvidia-smi, versions                                     -> OUT_DIR/env.txt
 #   tests         python -m pytest tests, LORA_FAST_AUTOTUNE=0 (GPU-only tests run when CUDA is there) -> OUT_DIR/tests.log
-#   tests-kernels the GPU-relevant test files only (kernels, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
+#   tests-kernels the GPU-relevant test files only (kernels, TMA, launch, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
 #   probe         python -m benchmarks.gpu_probe: ceilings, per-kernel times, errors   -> OUT_DIR/probe.json, probe.log
 #   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)        -> OUT_DIR/parity/train_parity.json
 #   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
@@ -93,7 +93,8 @@ for stage in "${STAGES[@]}"; do
         tests) run tests tests.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs tests --durations=15 \
             -p no:cacheprovider $XDIST ;;
         tests-kernels) run tests-kernels tests_kernels.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs \
-            -p no:cacheprovider tests/test_kernels.py tests/test_triton_fn.py tests/test_compile.py tests/test_layer.py ;;
+            -p no:cacheprovider tests/test_kernels.py tests/test_tma.py tests/test_launch.py tests/test_triton_fn.py \
+            tests/test_compile.py tests/test_layer.py ;;
         probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
         train-parity) run train-parity train_parity.log "$PY" -m benchmarks.train_parity --out "$OUT/parity" --bf16 ;;
         layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \

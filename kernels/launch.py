@@ -330,8 +330,12 @@ def tma_worth(dtype: torch.dtype, precision: str) -> bool:
     precision, ``fma_dots``), whose operands are re-laid out from the descriptors' swizzled shared tiles into the FMA
     layout — the fixed 64×64×64 tiles then spilled 0.4–3.6 KB per thread at r = 16 (sm_90, compile_check) where
     the pointer loads spill nothing — and which are FMA-bound, not load-bound. The interpreter takes descriptors
-    for every dtype (its dots are exact whatever the precision; the tests check the descriptor indexing there)."""
-    return interpreting() or not fma_dots(dtype, precision)
+    for every dtype (its dots are exact whatever the precision; the tests check the descriptor indexing there).
+    Never with a triton that has no device-side descriptors (``tl.make_tensor_descriptor``, triton ≥ 3.4; setup.py
+    allows older ones for the default kernels)."""
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor") and (interpreting() or not fma_dots(dtype, precision))
 
 
 def tma_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple[bool, bool]:
@@ -359,9 +363,9 @@ def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def ensure_scratch_allocator() -> None:
     """Give triton an allocator for the global scratch that device-side TMA descriptors are written to (128 bytes
-    per descriptor per program; without one the launch fails: "no allocator was set"). triton keeps it in a ContextVar, unset by
-    default and per thread — autograd's backward runs on a thread of its own — so this is called before each TMA
-    launch; a user's own allocator is left in place."""
+    per descriptor per program; without one the launch fails: "no allocator was set"). triton keeps it in a
+    ContextVar, unset by default and per thread — autograd's backward runs on a thread of its own — so this is
+    called before each TMA launch; a user's own allocator is left in place."""
     import triton
 
     try:

@@ -262,10 +262,11 @@ def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torc
     - ``fused``: ``_lora_bwd_kernel``, dx, dA, dB in one kernel; ``tma``: the same kernel loading dy and W₀ and
       storing dx through TMA descriptors where the layouts allow (Hopper);
     - ``gb_first`` (and ``gb_first_tma``, with TMA): a pass over dy first (``lora_bwd_cublas._lora_dy_kernel``:
-      ĝb = s·dy·B and dB), then ``_lora_bwd_kernel`` with ``GB_IN``: the dx and dA terms from ĝb before its loop,
+      ĝb = s·dy·B and dB), then ``_lora_bwd_kernel`` with ``GB_IN``: the dA and dx terms from ĝb before its loop,
       which is then the plain dgrad — no g·B product (R/BLOCK_K of the loop's MMA work), no dB branch inside the
-      pipelined loop, and no mask or second (BM, BK) product tile beside the accumulator at the end (with dropout
-      4 of the 9 autotune tiles spill there, sm_90); one extra read of dy;
+      pipelined loop, the mask and x's tile dead before the loop starts (sm_90: without dropout no tile of the
+      autotune list spills in its TMA form; with dropout the 256-wide tiles still spill, as the fused kernel's
+      do); one extra read of dy;
     - ``cublas``: ``lora_bwd_cublas``, cuBLAS dgrad plus two skinny Triton passes.
 
     ``fused`` until a GPU measurement says where another wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE

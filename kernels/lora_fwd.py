@@ -169,13 +169,15 @@ def _fwd_tile(
             xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
             tl.store(xa_ptrs, xa_acc, mask=m_mask[:, None] & r_mask[None, :])
     b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(dtype)  # (R, BN) = Bᵀ tile
-    # s·xa (BM, R) scaled in fp32 before its rounding to x's dtype, so that the up-projection accumulates into acc
-    # itself: a second (BM, BN) fp32 product tile next to acc made every 128×256 tile spill (sm_90: 255 registers
-    # and 520–560 B of spill per thread at 8 warps; benchmarks/compile_check.py --autotune). s goes on xa, of order
-    # one, not on B: a young adapter's s·B (|B| ~ 1e-5, s < 1) falls into fp16's subnormals (a review measured
-    # 4× the error of torch's fp16 LoRA term that way)
-    acc = tl.dot((xa_acc * scaling).to(dtype), b, acc, input_precision=INPUT_PRECISION)
+    # The up-projection accumulates into acc itself, s folded into its operands in fp32 before their rounding to
+    # x's dtype: a second (BM, BN) fp32 product tile next to acc made every 128×256 tile spill (sm_90: 255 registers
+    # and 520–560 B of spill per thread at 8 warps; benchmarks/compile_check.py --autotune). s < 1 goes on xa, s ≥ 1
+    # on B, so that neither rounding leaves the range the old code's (xa and B rounded, s applied in fp32) used: a
+    # young adapter's s·B with s < 1 falls into fp16's subnormals (4× torch's error, a review measured), and s·xa
+    # with s > 1 overflows fp16 for outlier activations where xa itself does not (inf where torch is finite)
+    xa_scale, b_scale = tl.minimum(scaling, 1.0), tl.maximum(scaling, 1.0)  # product s, for any s (0 included)
+    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (R, BN) = Bᵀ tile
+    acc = tl.dot((xa_acc * xa_scale).to(dtype), (b * b_scale).to(dtype), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if TMA:
@@ -312,7 +314,8 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.d
 
     ``tma`` and ``tma_persistent``: xa_first with the GEMM's x, W₀ and y tiles moved by Hopper's TMA (device-side
     descriptors; tensors whose layout a descriptor cannot describe — rows not 16-byte aligned, an inner stride
-    ≠ 1 — take the pointer loads of the same kernel), ``tma_persistent`` with one program per SM looping over the
+    ≠ 1 — and FMA dots (fp32 without TF32, ``launch.tma_worth``) take the pointer loads of the same kernel),
+    ``tma_persistent`` with one program per SM looping over the
     output tiles. Run only when forced, until measured (PERF_NOTES "TMA variants": the gap of our pointer-tile GEMM
     core to cuBLAS is what they are meant to close)."""
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)

@@ -68,9 +68,10 @@ def _run(x, w, b, a, bb, s, p, seed, fifo, dy, variant=None, deterministic=None,
 
 @pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p", CASES)
 def test_forward_backward_match_fp64_reference(M, K, N, r, fifo, has_bias, p):
-    """Every forward variant (one-pass, xa-first, cublas) and every backward mode (fused with fp32 atomics or
-    deterministic per-block partials, cublas) against the float64 reference with the kernels' own mask, at every
-    case (dropout on and off, both layouts, ranks 1–128)."""
+    """Every forward variant (``FWD_VARIANTS``) and every backward mode (``BWD_MODES``: fused with fp32 atomics or
+    deterministic per-block partials, tma, gb_first, cublas) against the float64 reference with the kernels' own
+    mask, at every case (dropout on and off, both layouts, ranks 1–128; the odd sizes here mostly keep the TMA
+    variants on their pointer loads — tests/test_tma.py covers the descriptors)."""
     x, w, b, a, bb = _make(M, K, N, r, fifo, has_bias)
     dy = torch.randn(M, N, device=x.device)
     seed, s = 1234 + M, 2.0 / r
@@ -199,21 +200,24 @@ def test_fp16_backward_scales_before_rounding(bwd_variant):
         assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
 
 
-@pytest.mark.parametrize("s, b_scale", [(0.125, 1e-4), (1 / 32, 1e-5)])
-def test_fp16_forward_young_adapter_small_scaling(s, b_scale):
-    """fp16, s < 1 and a young adapter (|B| ~ 1e-4 to 1e-5): s·B sits in fp16's subnormals, so the kernels must not
-    round it (they scale xa, of order one, instead). W₀ = 0, so y is the LoRA term alone; every forward variant stays
-    within twice the error of torch's own fp16 LoRA term against float64."""
+@pytest.mark.parametrize("s, b_scale, x_scale", [(0.125, 1e-4, 1.0), (1 / 32, 1e-5, 1.0), (16.0, 1e-3, 3000.0)])
+def test_fp16_forward_scaling_rounds_in_range(s, b_scale, x_scale):
+    """fp16, where folding s into one operand of the up-projection before its rounding leaves fp16's range: s < 1
+    with a young adapter (|B| ~ 1e-4 to 1e-5: s·B in the subnormals) and s = 16 with outlier activations (|xa| ~ 1e4:
+    s·xa over 65504, though y is ~1e3). The kernels put s < 1 on xa and s ≥ 1 on B. W₀ = 0, so y is the LoRA term
+    alone; every forward variant is finite and within twice the error of torch's own fp16 LoRA term."""
     M, K, N, r = 64, 48, 40, 16
-    x = torch.randn(M, K, device=DEVICE).half()
+    x = (torch.randn(M, K, device=DEVICE) * x_scale).half()
     w = torch.zeros(N, K, device=DEVICE).half()
     a = torch.randn(r, K, device=DEVICE) / K**0.5
     bb = torch.randn(N, r, device=DEVICE) * b_scale
     ref = (x.double() @ a.double().t() @ bb.double().t()) * s
     torch_y = lora_linear_ref(x, w, None, a.half(), bb.half(), s)
     torch_err = rel_err(torch_y, ref)
+    assert torch.isfinite(torch_y).all()
     for variant in FWD_VARIANTS:
         y, _ = lora_linear_fwd(x, w, None, a, bb, s, variant=variant)
+        assert torch.isfinite(y).all(), f"{variant}: inf/nan where torch's fp16 result is finite"
         err = rel_err(y, ref)
         assert err <= 2 * torch_err + 1e-4, f"{variant}: fp16 error {err:.2e} > 2 x torch's {torch_err:.2e}"
 

@@ -160,7 +160,8 @@ def test_autotuned_path_matches_fixed_tile_gpu(monkeypatch, variants, p, dtype, 
     """The autotuned launchers — first call tuned, second launched directly with the chosen config — give the
     fixed-tile results (same mask, same math; tile order changes fp32 summation only). fp32 runs IEEE dots (TF32
     off, torch's default): the FMA-pruned lists and fixed tile. Also with the TMA variants (real descriptors on
-    sm_90, the persistent grid over the SMs, the gb_first backward), against the default fixed-tile route."""
+    sm_90 in bf16 — fp32 with IEEE dots keeps pointer loads —, the persistent grid over the SMs, the gb_first
+    backward), against the default fixed-tile route."""
     from lora_fast.kernels.dropout import seed_tensor
     from lora_fast.kernels.lora_bwd import BWD_TUNED, lora_linear_bwd
     from lora_fast.kernels.lora_fwd import FWD_TUNED, lora_linear_fwd

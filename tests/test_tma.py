@@ -57,6 +57,19 @@ class _Spy:
         monkeypatch.setattr(launch.TunedKernel, "launch", tuned)
 
 
+@pytest.fixture(autouse=True)
+def _tf32_on_cuda(monkeypatch):
+    """On a GPU, fp32 takes descriptors only with tensor-core dots (``launch.tma_worth``): TF32 on, so that the fp32
+    cases run the TMA path there too (FP32_TOL is TF32's). The interpreter takes descriptors in any case."""
+    if DEVICE == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+
+
+def _tma_expected(dtype) -> bool:
+    """Whether a launch in ``dtype`` takes descriptors when its layout allows (False only for FMA dots on a GPU)."""
+    return launch.tma_worth(dtype, launch.input_precision(dtype))
+
+
 # (M, K, N, r, fan_in_fan_out, bias, p, dtype): K and N rows 16-byte aligned, no size a multiple of the 64-wide
 # tiles in every dimension (partial tiles at each edge), both W₀ layouts, M·N over more tiles than the 4 programs of
 # the interpreter's persistent grid (130×100: 3×2 tiles of 64).
@@ -71,9 +84,8 @@ CASES = [
 @pytest.mark.parametrize("M, K, N, r, fifo, has_bias, p, dtype", CASES)
 def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K, N, r, fifo, has_bias, p, dtype):
     """Forward (tma, tma_persistent) and backward (tma with atomic and deterministic reductions, gb_first_tma;
-    every gradient subset that has dx) against float64 with the kernels' own mask; the launches took the
-    descriptor path (TMA on, the W₀ layout named right) and the persistent grid has at most one program per SM
-    (4 off CUDA)."""
+    every gradient subset with dx) against float64 with the kernels' own mask; the launches took the descriptor
+    path (TMA on, the W₀ layout named right) and the persistent grid has at most one program per SM (4 off CUDA)."""
     x = torch.randn(M, K, device=DEVICE).to(dtype)
     w = (torch.randn((K, N) if fifo else (N, K), device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if has_bias else None
@@ -84,18 +96,22 @@ def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K
     mask = dropout_keep_mask(seed, M, K, p, DEVICE) if p > 0 else None
     ref = _reference(x, w, b, a, bb, s, p, mask, fifo, dy)
     tol = FP32_TOL if dtype == torch.float32 else 2e-3
+    tma = _tma_expected(dtype)
+    assert tma or DEVICE == "cuda"  # the interpreter always takes them
     fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
     bwd_spy = _Spy(monkeypatch, lora_bwd, lora_bwd._lora_bwd_kernel)
     for variant in ("tma", "tma_persistent"):
         y, xa = lora_fwd.lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
         assert_rel_close(y, ref[0], tol, f"{variant}: y")
         assert_rel_close(xa, ref[1], tol, f"{variant}: xa")
-    assert [(c["TMA"], c["W_KN"], c["PERSISTENT"]) for c in fwd_spy.calls] == [(True, fifo, False), (True, fifo, True)]
+    assert [(c["TMA"], c["W_KN"], c["PERSISTENT"]) for c in fwd_spy.calls] == [(tma, fifo and tma, False),
+                                                                               (tma, fifo and tma, True)]
     if DEVICE == "cpu":
         tiles = -(-M // 64) * -(-N // 64)
         assert [c["grid"] for c in fwd_spy.calls] == [(tiles,), (min(4, tiles),)]
+    subsets = ((True, True), (False, True), (True, False), (False, False))
     for variant, deterministic in (("tma", False), ("tma", True), ("gb_first_tma", False)):
-        for need_da, need_db in ((True, True), (False, True), (True, False)):
+        for need_da, need_db in subsets:
             out = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, True, need_da, need_db,
                                            deterministic=deterministic, variant=variant)
             for name, need, o, rf in zip(("dx", "dA", "dB"), (True, need_da, need_db), out, ref[2:], strict=True):
@@ -103,41 +119,45 @@ def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K
                 if need:
                     assert_rel_close(o, rf, tol, f"{variant} backward (deterministic={deterministic}): {name}")
     switches = [(c["TMA"], c["W_KN"], c["GB_IN"]) for c in bwd_spy.calls]
-    assert switches == [(True, fifo, False)] * 6 + [(True, fifo, True)] * 3
+    assert switches == [(tma, fifo and tma, False)] * 8 + [(tma, fifo and tma, True)] * 4
 
 
 def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch):
     """A row stride that is not a multiple of 16 bytes (K = 37 fp32), an inner stride ≠ 1 (a transposed view), a
-    base address off the 16-byte grid (a view starting one element in) and broadcast rows (the stride-0 dy autograd
-    hands over for ``y.sum(1)``): each launch of a tma variant falls back to the pointer loads of the same kernel
-    (TMA off) and still gives the reference's numbers."""
+    base address off the 16-byte grid (a view starting one element in), broadcast rows (the stride-0 dy autograd
+    hands over for ``y.sum(1)``), and outputs whose rows alone are unaligned (y at N = 25, dx at K = 37 with W₀'s
+    rows aligned): each launch falls back to the pointer loads of the same kernel exactly where some tensor it
+    would describe breaks the rules, and still gives the reference's numbers."""
     M, K, N, r, p, s = 33, 40, 24, 4, 0.25, 0.5
     base_x = torch.randn(M, K + 1, device=DEVICE)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    # name: (x, W₀, fan_in_fan_out, dy rows broadcast, forward TMA, backward TMA) — the backward reads x by
+    # pointers: dy, W₀ and dx decide for it
     cases = {
-        "row stride 148 B": (torch.randn(M, 37, device=DEVICE), torch.randn(N, 37, device=DEVICE)),
-        "transposed x": (torch.randn(K, M, device=DEVICE).t(), torch.randn(N, K, device=DEVICE)),
-        "unaligned base": (base_x[:, 1:], torch.randn(N, K, device=DEVICE)),
-        "strided W₀": (torch.randn(M, K, device=DEVICE), torch.randn(N, 2 * K, device=DEVICE)[:, ::2]),
-        "broadcast dy": (torch.randn(K, M, device=DEVICE).t(), torch.randn(N, K, device=DEVICE)),
+        "row stride 148 B": (rand(M, 37), rand(N, 37), False, False, False, False),
+        "transposed x": (rand(K, M).t(), rand(N, K), False, False, False, True),
+        "unaligned base": (base_x[:, 1:], rand(N, K), False, False, False, True),
+        "strided W₀": (rand(M, K), rand(N, 2 * K)[:, ::2], False, False, False, False),
+        "broadcast dy": (rand(K, M).t(), rand(N, K), False, True, False, False),
+        "y rows 100 B": (rand(M, K), rand(25, K), False, False, False, False),  # dy (M, 25) too
+        "dx rows 148 B": (rand(M, 37), rand(37, N), True, False, False, False),  # Conv1D W₀ (37, 24): rows 96 B
     }
     assert base_x[:, 1:].data_ptr() % 16 != 0
-    # the backward reads x by pointers: dy, W₀ and dx decide whether its descriptors can be used
-    bwd_tma = {"row stride 148 B": False, "transposed x": True, "unaligned base": True, "strided W₀": False,
-               "broadcast dy": False}
-    for name, (x, w) in cases.items():
-        k = x.shape[1]
-        a, bb = torch.randn(r, k, device=DEVICE), torch.randn(N, r, device=DEVICE)
-        dy = torch.randn(1 if name == "broadcast dy" else M, N, device=DEVICE).expand(M, N)
+    tma = _tma_expected(torch.float32)
+    for name, (x, w, fifo, broadcast, fwd_tma, bwd_tma) in cases.items():
+        k, n = x.shape[1], w.shape[1] if fifo else w.shape[0]
+        a, bb = rand(r, k), rand(n, r)
+        dy = rand(1 if broadcast else M, n).expand(M, n)
         st = seed_tensor(5, DEVICE)
-        ref = _reference(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), False, dy)
+        ref = _reference(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), fifo, dy)
         fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
         bwd_spy = _Spy(monkeypatch, lora_bwd, lora_bwd._lora_bwd_kernel)
-        y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, p, st, False, variant="tma_persistent")
-        dx, da, db = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, False, variant="tma")
+        y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, p, st, fifo, variant="tma_persistent")
+        dx, da, db = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo, variant="tma")
         for label, o, rf in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, dx, da, db), ref, strict=True):
             assert_rel_close(o, rf, FP32_TOL, f"{name}: {label}")
-        assert [c["TMA"] for c in fwd_spy.calls] == [False], name
-        assert [c["TMA"] for c in bwd_spy.calls] == [bwd_tma[name]], name
+        assert [c["TMA"] for c in fwd_spy.calls] == [fwd_tma and tma], name
+        assert [c["TMA"] for c in bwd_spy.calls] == [bwd_tma and tma], name
 
 
 def test_tma_layout_checks():
@@ -163,11 +183,16 @@ def test_tma_layout_checks():
 
 def test_no_descriptors_for_fma_dots_on_a_gpu(monkeypatch):
     """Off the interpreter, fp32 with IEEE dots (FMA, torch's default without TF32) keeps the pointer loads — the
-    descriptor-fed FMA dots spilled where the pointer-fed ones do not — and every tensor-core case takes TMA."""
+    descriptor-fed FMA dots spilled where the pointer-fed ones do not — and every tensor-core case takes TMA, given
+    a triton with device-side descriptors."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     assert not launch.tma_worth(torch.float32, "ieee")
     assert all(launch.tma_worth(dtype, precision) for dtype, precision in
                ((torch.float32, "tf32"), (torch.float16, "tf32"), (torch.bfloat16, "ieee")))
+    import triton.language as tl
+
+    monkeypatch.delattr(tl, "make_tensor_descriptor")  # a triton before 3.4: pointer loads, no AttributeError
+    assert not launch.tma_worth(torch.bfloat16, "tf32")
 
 
 def test_scratch_allocator_is_set_once_and_a_users_is_kept(monkeypatch):
