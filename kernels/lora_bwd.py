@@ -60,18 +60,32 @@ from lora_fast.kernels.lora_terms import add_dx_lora_term, da_part
 
 
 @triton.jit
+def _tile_keep(seed_ptr, offs_m, k0, thr, HAS_DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BM, BK) keep-mask of the dx tile at column k0 (the forward's, regenerated from the seed), or None."""
+    keep = None
+    if HAS_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), offs_m, k0, thr, BLOCK_K)
+    return keep
+
+
+@triton.jit
+def _reduce_into(ptrs, part, mask, ATOMIC: tl.constexpr):
+    """Add an fp32 partial into the shared buffer (ATOMIC: fp32 atomics), or write it to this row block's slice."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, part, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, part, mask=mask)
+
+
+@triton.jit
 def _add_da(gb, keep, keep_scale, x_ptr, da_ptr, slot, offs_m, offs_k, offs_r, m_mask, k_mask, r_mask, stride_xm,
             stride_xk, stride_das, stride_dar, stride_dak,
             HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """dA[:, k] += 1/(1−p) · (s·gb)ᵀ·(keep ⊙ x), into the shared fp32 buffer (ATOMIC) or this row block's slice."""
     dap = da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_xk, HAS_DROPOUT,
                   INPUT_PRECISION) * keep_scale  # (R, BK)
-    da_ptrs = da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
-    da_msk = r_mask[:, None] & k_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(da_ptrs, dap, mask=da_msk, sem="relaxed")
-    else:
-        tl.store(da_ptrs, dap, mask=da_msk)
+    _reduce_into(da_ptr + slot * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
+                 r_mask[:, None] & k_mask[None, :], ATOMIC)
 
 
 @triton.jit
@@ -122,10 +136,7 @@ def _lora_bwd_kernel(
     if GB_IN:  # the LoRA terms first: the mask and the (BM, BK) product are dead before the GEMM loop starts
         gb = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R) ĝb, rounded as below
-        keep = None
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-            keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
+        keep = _tile_keep(seed_ptr, offs_m, pid_k * BLOCK_K, thr, HAS_DROPOUT, BLOCK_K)  # once for dx and dA
         if COMPUTE_DA:  # first: x's tile is dead before the accumulator comes alive
             _add_da(gb, keep, keep_scale, x_ptr, da_ptr, slot, offs_m, offs_k, offs_r, m_mask, k_mask, r_mask,
                     stride_xm, stride_xk, stride_das, stride_dar, stride_dak, HAS_DROPOUT, ATOMIC, INPUT_PRECISION)
@@ -163,19 +174,12 @@ def _lora_bwd_kernel(
                     dbp = tl.dot(gt, xa_t, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
                 else:
                     dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
-                db_ptrs = db_ptr + slot * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
-                db_msk = n_mask[:, None] & r_mask[None, :]
-                if ATOMIC:
-                    tl.atomic_add(db_ptrs, dbp, mask=db_msk, sem="relaxed")
-                else:
-                    tl.store(db_ptrs, dbp, mask=db_msk)
+                _reduce_into(db_ptr + slot * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                             dbp, n_mask[:, None] & r_mask[None, :], ATOMIC)
 
     if (COMPUTE_DX or COMPUTE_DA) and not GB_IN:
         gb = (gb_acc * db_scale).to(dtype)  # s·g·B rounded as autograd rounds (s·g)·B: s first, no overflow
-        keep = None
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
-            keep = keep_mask(seed, offs_m, pid_k * BLOCK_K, thr, BLOCK_K)  # (BM, BK), drawn once for dx and dA
+        keep = _tile_keep(seed_ptr, offs_m, pid_k * BLOCK_K, thr, HAS_DROPOUT, BLOCK_K)  # once for dx and dA
         if COMPUTE_DX:
             acc = add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k_mask, stride_ar,
                                    stride_ak, HAS_DROPOUT, INPUT_PRECISION)  # (BM, BK)
