@@ -6,7 +6,9 @@ Initialisation as in PEFT and the LoRA paper: A Kaiming-uniform(a=√5) (nn.Line
 adapter leaves the base model's output unchanged.
 
 Adapter dtype: a fp16/bf16 base gets fp32 adapter parameters (as PEFT's ``autocast_adapter_dtype=True``): AdamW
-on half-precision LoRA weights loses updates. The LoRA term is computed in the activations' dtype.
+on half-precision LoRA weights loses updates. The fused kernels compute the LoRA term from the activations' dtype with
+fp32 accumulation (dA, dB accumulated and written in fp32); the reference path in the activations' dtype, except
+fp16 outside autocast, where it runs in fp32 as PEFT's does (``reference.lora_compute_dtype``: fp16's range).
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ Seeds and dynamo (what ``lora_linear_op`` does with ``seed``):
 
 Autocast: as on the Triton path, x, W₀ and b are cast to the autocast dtype by the entry (ordinary,
 differentiable casts), A and B stay in their dtype (fp32 adapters) and are cast inside the op, dA and dB come back
-in the parameters' dtype; the op itself runs with autocast off.
+in the parameters' dtype; the op itself runs with autocast off. The reference behind the op computes the LoRA term
+in ``lora_compute_dtype`` (fp32 for fp16 x with fp32 adapters, as the eager reference does outside autocast), so
+under fp16 autocast its term is fp32 where eager autocast computes it in fp16: more precise, not bit-equal.
 
 Behind the op, ``_impl_fwd``/``_impl_bwd`` run the fused Triton kernels wherever eager ``lora_linear`` would (CUDA,
 or CPU under TRITON_INTERPRET=1; ``_use_triton``), with the same Philox mask and seed draw as the eager Triton path,
@@ -70,6 +72,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     seeded_keep_mask,
     triton_unsupported_reason,
 )
+from lora_fast.reference import lora_compute_dtype
 
 # ----------------------------------------------------------------------------------------------------------------
 # Implementations behind the ops: the fused Triton kernels where they run, the reference otherwise.
@@ -92,22 +95,23 @@ def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
     w = weight.t() if fan_in_fan_out else weight  # (N, K) view
-    xa = F.linear(_dropped(x, dropout_p, seed, backend), lora_A.to(x.dtype))  # (M, r)
-    y = F.linear(x, w, bias) + scaling * F.linear(xa, lora_B.to(x.dtype))  # (M, N)
+    dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)  # fp32 for fp16 x: the eager reference's rule
+    xa = F.linear(_dropped(x.to(dtype), dropout_p, seed, backend), lora_A.to(dtype))  # (M, r)
+    y = (F.linear(x, w, bias) + scaling * F.linear(xa, lora_B.to(dtype))).to(x.dtype)  # (M, N)
     return y, xa.to(_xa_dtype(x.dtype))
 
 
 def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, backend):
-    dtype = x.dtype
+    dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     a, b = lora_A.to(dtype), lora_B.to(dtype)
-    sdy = scaling * dy  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16, dy·B may
-    g = sdy @ b  # (M, r) = dL/dxa                 # pass 65504 where s·dy·B does not (s < 1, GradScaler-sized dy)
-    dA = (g.t() @ _dropped(x, dropout_p, seed, backend)).to(lora_A.dtype)  # (r, K)
+    sdy = scaling * dy.to(dtype)  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16,
+    g = sdy @ b  # (M, r) = dL/dxa                    # dy·B may pass 65504 where s·dy·B does not
+    dA = (g.t() @ _dropped(x.to(dtype), dropout_p, seed, backend)).to(lora_A.dtype)  # (r, K)
     dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype)  # (N, r)
     if not needs_dx:
         return x.new_empty(0), dA, dB
     dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)
-    dx = dx + _dropped(g @ a, dropout_p, seed, backend)  # the mask: a function of (seed, shape), as for x
+    dx = dx + _dropped(g @ a, dropout_p, seed, backend).to(x.dtype)  # the mask: a function of (seed, shape)
     return dx, dA, dB
 
 

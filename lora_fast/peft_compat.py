@@ -20,10 +20,11 @@ At call time a patched layer also defers to PEFT's own forward while its adapter
 ``adapter_names`` (mixed batches) or other extra arguments are passed, or when the active adapter changed to an
 unsupported setting.
 
-Numerics: identical to PEFT in fp32. With half-precision activations and fp32 adapters PEFT casts the input up
-and computes the LoRA term in fp32, lora_fast computes it in the activations' dtype (see ``lora_fast.layer``); the
-two agree to the half-precision rounding. Dropout masks come from lora_fast's generator, so in training mode
-with dropout the masks (not their distribution) differ from ``nn.Dropout``'s.
+Numerics: identical to PEFT in fp32, and in fp16 outside autocast on the reference path (both compute the LoRA
+term in fp32 there). With bf16 activations and fp32 adapters PEFT casts the input up and computes the LoRA term in
+fp32, lora_fast keeps it in bf16, and the fused kernels read the activations' dtype with fp32 accumulation (see
+``lora_fast.layer``); those agree with PEFT to the half-precision rounding. Dropout masks come from lora_fast's
+generator, so in training mode with dropout the masks (not their distribution) differ from ``nn.Dropout``'s.
 """
 
 from __future__ import annotations

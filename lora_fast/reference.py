@@ -32,6 +32,17 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def lora_compute_dtype(x_dtype: torch.dtype, *adapter_dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the LoRA term outside autocast: x's — except fp16, whose range (65504) a GradScaler-sized dA or
+    dB exceeds: there the adapters' dtype when it is wider (fp32 adapters, as LinearWithLoRA and PEFT keep them for a
+    16-bit base; PEFT also computes the term in fp32 then). bf16 has fp32's range and stays bf16."""
+    if x_dtype != torch.float16:
+        return x_dtype
+    for dtype in adapter_dtypes:
+        x_dtype = torch.promote_types(x_dtype, dtype)
+    return x_dtype
+
+
 def lora_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -68,21 +79,24 @@ def lora_linear_ref(
     w = weight.t() if fan_in_fan_out else weight  # (N, K) view
     y = F.linear(x, w, bias)  # (..., N)
 
-    x_d = x
+    x_l = x  # the LoRA input
+    # Under autocast F.linear picks the compute dtype; otherwise ``lora_compute_dtype`` does (x's; fp32 for fp16 x
+    # with fp32 adapters, dropout included, added to y before one rounding back to fp16, as PEFT's LoRA layer does).
+    # The casts are differentiable: gradients reach fp32 adapters from bf16 or fp16 activations.
+    if not autocast_enabled(x.device.type):
+        dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+        x_l, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    x_d = x_l
     if training and dropout_p > 0.0:
         if keep_mask is None:
             # generator only when given: an explicit generator=None breaks torch.compile with dynamic shapes
             kw = {"generator": generator} if generator is not None else {}
             keep_mask = torch.rand(x.shape, device=x.device, **kw) >= dropout_p
-        x_d = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+        x_d = x_l * keep_mask.to(x_l.dtype) / (1.0 - dropout_p)
     elif keep_mask is not None and dropout_p > 0.0:
         raise ValueError("keep_mask was given but training=False: dropout is off in eval mode")
-    # Under autocast F.linear picks the compute dtype; otherwise run the LoRA term in the input's dtype
-    # (fp32 adapters with bf16 activations) so that gradients flow back to the parameters through the cast.
-    if not autocast_enabled(x.device.type):
-        lora_A, lora_B = lora_A.to(x_d.dtype), lora_B.to(x_d.dtype)
     xa = F.linear(x_d, lora_A)  # (..., r)
-    return y + scaling * F.linear(xa, lora_B).to(y.dtype)  # (..., N)
+    return (y + scaling * F.linear(xa, lora_B)).to(y.dtype)  # (..., N), summed in the wider dtype
 
 
 def lora_delta_weight(

@@ -194,6 +194,31 @@ def test_op_fp16_backward_scales_before_rounding():
     assert_rel_close(db, db_ref, 1e-2, "dB")
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_op_fp16_with_fp32_adapters_computes_the_lora_term_in_fp32(p):
+    """fp16 x and W₀ with fp32 adapters (the default for a fp16 base) and a GradScaler-sized dy: dA and dB pass
+    fp16's range. The op's reference path computes the LoRA term in fp32, as the eager reference (and PEFT) does:
+    finite, and equal to eager's with the same seed's mask, every gradient."""
+    from lora_fast.functional import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(64, 32, generator=g) + 0.5).half().requires_grad_()
+    w = (torch.randn(40, 32, generator=g) * 0.01).half()
+    a = torch.full((4, 32), 0.02, requires_grad=True)
+    bb = torch.full((40, 4), 0.5, requires_grad=True)
+    dy = torch.full((64, 40), 2048.0, dtype=torch.float16)
+    y = lora_linear_op(x, w, None, a, bb, 1.0, dropout_p=p, seed=5, backend="reference")
+    y_eager = lora_linear(x, w, None, a, bb, 1.0, dropout_p=p, seed=5, backend="reference")
+    assert y.dtype == torch.float16
+    assert_rel_close(y, y_eager, 1e-3, "y")
+    grads = torch.autograd.grad(y, (x, a, bb), dy)
+    grads_eager = torch.autograd.grad(y_eager, (x, a, bb), dy)
+    assert grads[1].abs().max() > 65504 and grads[2].abs().max() > 65504
+    for name, gr, ge in zip(("dx", "dA", "dB"), grads, grads_eager, strict=True):
+        assert torch.isfinite(gr).all() and gr.dtype == ge.dtype, name
+        assert_rel_close(gr, ge, 1e-3 if name == "dx" else 1e-6, name)
+
+
 def test_op_autocast_leaves_fp64_alone():
     """Autocast never casts float64 tensors (F.linear stays fp64 under bf16 autocast); neither does the op."""
     x, w, b, a, bb = _inputs(5, 16, 8, 4, False, dtype=torch.float64)

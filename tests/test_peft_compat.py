@@ -255,6 +255,38 @@ def test_bf16_layer_within_half_precision_error():
     assert rel_err(ours, ref) <= 2 * peft_err + 1e-4 and rel_err(ours, ref) <= 1e-2
 
 
+def test_fp16_layer_equals_peft_under_grad_scaler_sized_gradients():
+    """fp16 base, fp32 adapters (PEFT's default), no autocast, on the reference path: PEFT casts x to fp32 for the
+    LoRA term and rounds once after adding it to the base output; lora_fast does the same, so outputs and every
+    gradient are bit-equal to PEFT's — including dA and dB past fp16's range (a GradScaler-sized dy), finite in both."""
+    base = nn.Sequential(nn.Linear(32, 40)).half()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = pm.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == b.dtype == torch.float32
+    with torch.no_grad():
+        b.normal_(0, 0.5)
+    x = (torch.rand(64, 32) + 0.5).half()
+    dy = torch.full((64, 40), 2048.0, dtype=torch.float16)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.backward(dy)
+        grads = (xg.grad, a.grad.clone(), b.grad.clone())
+        a.grad = b.grad = None
+        return y.detach(), *grads
+
+    theirs = run()
+    patch_peft(pm)
+    assert is_patched(layer)
+    ours = run()
+    assert theirs[2].abs().max() > 65504  # dA past fp16's range: finite only because both compute it in fp32
+    for name, o, t in zip(("y", "dx", "dA", "dB"), ours, theirs, strict=True):
+        assert o.dtype == t.dtype and torch.isfinite(o).all(), name
+        assert torch.equal(o, t), f"{name}: differs from PEFT by {rel_err(o, t):.2e}"
+
+
 @pytest.fixture
 def triton_device(monkeypatch):
     """The device the Triton kernels run on here: CUDA, else CPU through triton's interpreter (for this test)."""

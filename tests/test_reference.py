@@ -97,6 +97,43 @@ def test_gradients_flow_to_fp32_adapters_from_bf16_activations():
     assert bb.grad is not None and x.grad is not None
 
 
+def _scaled_case(adapter_dtype, p=0.0):
+    """fp16 x and W₀, adapters in ``adapter_dtype``, and a GradScaler-sized dy (2¹¹): dA = s·((dy·B)ᵀ·x) and
+    dB = s·(dyᵀ·xa) reach ~2.9e6 and ~8.4e4, past fp16's 65504, while y and dx stay in range.
+    Returns (y, dx, dA, dB, the fp64 (y, dx, dA, dB))."""
+    M, K, N, r, s = 64, 32, 40, 4, 1.0
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(M, K, generator=g) + 0.5).half()  # positive: the sums over M add up
+    w = (torch.randn(N, K, generator=g) * 0.01).half()
+    a = torch.full((r, K), 0.02)
+    bb = torch.full((N, r), 0.5)
+    dy = torch.full((M, N), 2048.0, dtype=torch.float16)
+    keep = torch.rand(M, K, generator=g) >= p if p else None
+    leaves = [t.clone().requires_grad_() for t in (x, a.to(adapter_dtype), bb.to(adapter_dtype))]
+    y = lora_linear_ref(leaves[0], w, None, leaves[1], leaves[2], s, dropout_p=p, keep_mask=keep)
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    y64 = lora_linear_ref(ref_leaves[0], w, None, ref_leaves[1], ref_leaves[2], s, dropout_p=p, keep_mask=keep,
+                          upcast=True)
+    y64.backward(dy.double())
+    return (y, *(t.grad for t in leaves)), (y64, *(t.grad for t in ref_leaves))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fp16_lora_gradients_in_fp32_adapters_range(p):
+    """fp16 activations with fp32 adapters (LinearWithLoRA's and PEFT's default), no autocast: the LoRA term is
+    computed in fp32, as PEFT computes it, so a GradScaler-sized dA/dB past fp16's range stays finite and close to
+    fp64; fp16 adapters (the whole term in fp16) overflow on the same input — the case is real."""
+    out, ref = _scaled_case(torch.float32, p)
+    assert ref[2].abs().max() > 65504 and ref[3].abs().max() > 65504 and ref[1].abs().max() < 65504
+    assert out[0].dtype == out[1].dtype == torch.float16 and out[2].dtype == out[3].dtype == torch.float32
+    for name, o, rf in zip(("y", "dx", "dA", "dB"), out, ref, strict=True):
+        assert torch.isfinite(o).all(), f"{name} has inf/nan"
+        assert_rel_close(o, rf, 1e-3 if name in ("y", "dx") else 1e-5, name)  # y, dx rounded to fp16 once
+    half, _ = _scaled_case(torch.float16, p)
+    assert not torch.isfinite(half[2]).all() and not torch.isfinite(half[3]).all()
+
+
 @pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**62 - 1, 2**63 - 1])
 def test_seed_tensor_holds_the_exact_seed(seed):
     """An int seed becomes a 1-element int64 tensor holding exactly that value (a fill, not a host copy), every
