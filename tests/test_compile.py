@@ -229,6 +229,23 @@ def test_op_autocast_leaves_fp64_alone():
     assert_rel_close(y, y_ref, 1e-12, "fp64 under bf16 autocast")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_opcheck_half_precision(dtype):
+    """fp16/bf16 x with fp32 adapters: the fake implementation must promise the real one's dtypes (y in x's dtype,
+    xa in fp32), forward and backward."""
+    x, w, b, a, bb = _inputs(6, 8, 5, 3, False)
+    x, w, b = (t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (x, w, b))
+    torch.library.opcheck(torch.ops.lora_fast.lora_linear.default,
+                          (x, w, b, a, bb, 0.5, 0.2, torch.tensor([7]), False, "reference"))
+    with torch.no_grad():
+        y, xa = torch.ops.lora_fast.lora_linear(x, w, b, a, bb, 0.5, 0.2, torch.tensor([7]), False, "reference")
+    assert y.dtype == dtype and xa.dtype == torch.float32
+    dy = torch.randn(6, 5, dtype=dtype)
+    torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default,
+                          (dy, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, 0.2, torch.tensor([7]), False,
+                           "reference", True))
+
+
 def test_opcheck_noncontiguous_adapters():
     """The fake backward must promise the strides the real one returns (contiguous dA, dB)."""
     x, w, b, _, _ = _inputs(6, 8, 5, 3, False)
@@ -252,6 +269,10 @@ def test_op_errors():
         lora_linear_op(x, w, b, a, bb[:, :1], 1.0)
     with pytest.raises(ValueError, match="dtype"):
         lora_linear_op(x.double(), w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match=r"weight \(torch.float32\) and bias \(torch.float64\) must share a dtype"):
+        lora_linear_op(x, w, b.double(), a, bb, 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(out_features,\)=\(6,\), got \(1,\)"):
+        lora_linear_op(x, w, b[:1], a, bb, 1.0)  # F.linear would broadcast it; the kernels would read past it
     with pytest.raises(ValueError, match="backend"):
         lora_linear_op(x, w, b, a, bb, 1.0, backend="cuda")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run this case"):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_fast import LinearWithLoRA, LoRALayer
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, rel_err
 
 BACKEND = "reference"  # these tests pin the module layer; kernel paths are tested in test_kernels/test_triton_fn
 
@@ -228,13 +228,46 @@ def test_state_dict_round_trip(kind):
     assert torch.equal(model(x), other(x))
 
 
-def test_bf16_activations_with_fp32_adapters_train():
-    layer = _random_adapter(LinearWithLoRA(nn.Linear(16, 8).to(torch.bfloat16), rank=2))
-    x = torch.randn(4, 16, dtype=torch.bfloat16)
+def _grads(layer, x, dy):
+    """(y, dx, dA, dB) of ``layer`` at x for the upstream gradient dy (the layer's own parameters' grads)."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
     y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().pow(2).sum().backward()
-    assert layer.lora.lora_A.grad.dtype == torch.float32 and layer.lora.lora_A.grad.abs().sum() > 0
+    y.backward(dy)
+    return y.detach(), x.grad, layer.lora.lora_A.grad, layer.lora.lora_B.grad
+
+
+def _grads64(layer, x, dy, keep=None, p=0.0):
+    """The float64 (y, dx, dA, dB) of ``layer``'s map with an explicit keep-mask (the oracle)."""
+    from lora_fast.reference import lora_linear_ref
+
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.lora.lora_A, layer.lora.lora_B))
+    y = lora_linear_ref(x64, layer.linear.weight, layer.linear.bias, a64, b64, layer.scaling, dropout_p=p,
+                        keep_mask=keep, fan_in_fan_out=layer.fan_in_fan_out, upcast=True)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, a64.grad, b64.grad
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_bf16_activations_with_fp32_adapters_train(hooked):
+    """bf16 base and activations, fp32 adapters, on the fused entry and on the non-fused path (a hooked base):
+    y and every gradient within 1e-2 of float64 and at most twice the error of PyTorch's own bf16 computation;
+    dA and dB in fp32."""
+    torch.manual_seed(0)
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(48, 40).to(torch.bfloat16), rank=4, backend=BACKEND))
+    if hooked:
+        layer.linear.register_forward_hook(lambda m, i, o: o)  # an identity hook: base(x) + the LoRA term
+        assert not layer.fusable()
+    x = torch.randn(33, 48, dtype=torch.bfloat16)
+    dy = torch.randn(33, 40, dtype=torch.bfloat16)
+    got = _grads(layer, x, dy)
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[2].dtype == got[3].dtype == torch.float32
+    torch_bf16 = LinearWithLoRA(nn.Linear(48, 40).to(torch.bfloat16), rank=4, backend=BACKEND).to(torch.bfloat16)
+    torch_bf16.load_state_dict(layer.state_dict())  # the same tensors with bf16 adapters: PyTorch's own bf16 error
+    ref = _grads64(layer, x, dy)
+    for name, g, t, rf in zip(("y", "dx", "dA", "dB"), got, _grads(torch_bf16, x, dy), ref, strict=True):
+        err, torch_err = rel_err(g, rf), rel_err(t, rf)
+        assert err <= 1e-2 and err <= 2 * torch_err + 1e-4, f"{name}: {err:.2e} vs PyTorch's bf16 {torch_err:.2e}"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer32 = _random_adapter(LinearWithLoRA(nn.Linear(16, 8), rank=2))
         y = layer32(torch.randn(4, 16))
@@ -248,6 +281,46 @@ class _DoubledLinear(nn.Linear):
 
     def forward(self, x):
         return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_non_fused_path_dropout_and_every_gradient(kind):
+    """The non-fused path (base(x) + the adapter's term; a hooked base here): in training, dropout on the LoRA input
+    with nn.Dropout's mask — recovered by replaying torch's RNG on a tensor of ones — and y, dx, dA, dB equal the
+    float64 reference with that mask; in eval no dropout (deterministic, the formula without a mask)."""
+    p = 0.4
+    layer = _random_adapter(LinearWithLoRA(_base(kind, 24, 20), rank=4, dropout=p, backend=BACKEND))
+    layer.linear.register_forward_hook(lambda m, i, o: o)
+    assert not layer.fusable()
+    x, dy = torch.randn(3, 7, 24), torch.randn(3, 7, 20)
+    torch.manual_seed(5)
+    got = _grads(layer, x, dy)
+    torch.manual_seed(5)
+    keep = torch.nn.functional.dropout(torch.ones_like(x), p, True) != 0  # the same draw as the layer's dropout
+    assert 0.4 < keep.float().mean() < 0.8  # a real mask: training drops inputs
+    for name, g, rf in zip(("y", "dx", "dA", "dB"), got, _grads64(layer, x, dy, keep, p), strict=True):
+        assert_rel_close(g, rf, 1e-5, f"train {name}")
+    layer.eval()
+    y_eval = layer(x)
+    assert torch.equal(layer(x), y_eval)
+    assert_rel_close(y_eval, _grads64(layer, x, dy)[0], 1e-5, "eval y")
+
+
+def test_non_fused_path_fp16_adapter_gradients_stay_finite():
+    """fp16 base on the non-fused path, fp32 adapters, a GradScaler-sized dy: the adapter's term is computed in fp32
+    (the reference's rule, and PEFT's), so dA past fp16's 65504 is finite and matches float64."""
+    layer = LinearWithLoRA(nn.Linear(32, 40).half(), rank=4, backend=BACKEND)
+    with torch.no_grad():
+        layer.lora.lora_A.fill_(0.02)
+        layer.lora.lora_B.fill_(0.5)
+    layer.linear.register_forward_hook(lambda m, i, o: o)
+    x = (torch.rand(64, 32) + 0.5).half()
+    dy = torch.full((64, 40), 2048.0, dtype=torch.float16)
+    got, ref = _grads(layer, x, dy), _grads64(layer, x, dy)
+    assert ref[2].abs().max() > 65504
+    for name, g, rf in zip(("dA", "dB"), got[2:], ref[2:], strict=True):
+        assert torch.isfinite(g).all(), name
+        assert_rel_close(g, rf, 1e-5, name)
 
 
 def test_base_forward_runs_when_it_does_more_than_linear():

@@ -63,6 +63,32 @@ def test_every_gradient_matches_reference(shape, N, r, fifo, bias, p):
     _grads_vs_reference(x, *_params(shape[-1], N, r, fifo, bias), s=16.0 / r, p=p, seed=4321, fifo=fifo)
 
 
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, False, True), (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_every_gradient_subset_through_the_function(needs, p):
+    """Any subset of (x, A, B) requiring grad — frozen adapters with a trainable input (an inference adapter inside a
+    trained model), LoRA-FA (A frozen), a first layer (x without grad) — gets exactly those gradients, each equal to
+    the float64 reference with the kernels' mask, and None for the others."""
+    K, N, r, s, seed = 24, 20, 4, 2.0, 11
+    w, b, a, bb = _params(K, N, r)
+    x = torch.randn(9, K, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, a, bb), needs, strict=True)]
+    y = lora_linear(*leaves[:1], w, b, *leaves[1:], s, dropout_p=p, seed=seed, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mask = dropout_mask(seed, 9, K, p, x.device) if p > 0 else None
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    ref = lora_linear_ref(ref_leaves[0], w, b, *ref_leaves[1:], s, dropout_p=p, keep_mask=mask, upcast=True)
+    ref.backward(dy.double())
+    assert_rel_close(y, ref, FP32_TOL, "y")
+    for name, need, t, rt in zip(("dx", "dA", "dB"), needs, leaves, ref_leaves, strict=True):
+        if need:
+            assert_rel_close(t.grad, rt.grad, FP32_TOL, name)
+        else:
+            assert t.grad is None, f"{name} computed for a tensor that needs no grad"
+
+
 def test_noncontiguous_and_permuted_inputs():
     """A permuted 3-D input (reshape copies) and a sliced 2-D view (strides) give the reference's gradients."""
     x3 = torch.randn(6, 24, 5, device=DEVICE).permute(0, 2, 1)  # (6, 5, 24), not viewable as 2-D
