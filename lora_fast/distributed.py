@@ -36,10 +36,35 @@ What each rank does:
                 ``training_metrics.json`` records distributed, world_size, dist_backend, per_device_batch_size
                 and global_batch_size. A failing rank exits non-zero and torchrun stops the others.
 
+    stopping    Ctrl-C reaches torchrun's agent, which forwards SIGINT (SIGTERM likewise) to every rank's process
+                group. In the training loop the first SIGINT or SIGTERM a rank receives only sets a flag
+                (``stop_signals``), carried in the all-reduce each optimizer step already does (loss, tokens): at
+                that step's boundary all ranks see it, leave the loop together (``StopRequested``) and do what an
+                interrupted single-process run does — the checkpoint of that step (``--save_steps``, DDP), no
+                test-set evaluation, the adapter saved (FSDP: gathered on every rank, rank 0 writes), ``interrupted:
+                true``, exit status 130 on every rank (torchrun lists their 130s and exits 1). A signal during
+                gradient accumulation or an evaluation is seen at the next boundary; after the last step's boundary
+                it changes nothing (the run completed its steps: it finishes as completed). A second signal raises
+                KeyboardInterrupt at once (uncoordinated, see below); a second Ctrl-C makes torchrun send SIGTERM
+                (its interrupted shutdown starts over). The save must fit in the agent's grace period: ranks still
+                running ``--shutdown-timeout`` seconds (default 30, or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) after the
+                forwarded signal are SIGKILLed — torch 2.13 ``distributed/launcher/api.py:148``
+                ``os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")``, used at ``elastic/agent/server/api.py:754``
+                ``self._shutdown(e.sigval, timeout=self._shutdown_timeout)``. DataLoader workers (in the rank's
+                process group) ignore SIGINT as well as SIGTERM under torchrun: a forked worker happens to inherit the
+                rank's flag handler, but a spawned one (macOS, Windows, forkserver) died of KeyboardInterrupt and the
+                loader raised "DataLoader worker ... exited unexpectedly" before the boundary. A stopped rank that
+                has saved ignores further signals while it exits: torchrun SIGTERMs the ranks still running when one
+                exits non-zero, which turned the last rank's 130 into -15 (3 runs out of 3 on CPU).
+
 Known limits: ``--fp16`` is refused with FSDP (``torch.amp.GradScaler`` would check non-finite gradients per
-shard and ranks could disagree on skipping a step; use ``--bf16``). Ctrl-C under torchrun is not coordinated:
-DDP's rank 0 still saves its (complete) replica; an FSDP run cannot gather after an interrupt and saves nothing.
-``LORA_FAST_RANK_STATE_DIR`` (a debugging/test hook) makes every rank write its final LoRA tensors there.
+shard and ranks could disagree on skipping a step; use ``--bf16``). A signal outside the training loop (loading,
+final saving), SIGHUP, SIGQUIT or a second signal is not coordinated: the rank gets KeyboardInterrupt (SIGINT) or
+dies (SIGTERM) where it is; DDP's rank 0 then saves its replica without a checkpoint, FSDP saves nothing. A stop
+of one rank only (``kill`` of one process) ends all with 130: a failure to torchrun, which ``--max-restarts`` > 0
+restarts. Test hooks: ``LORA_FAST_RANK_STATE_DIR`` makes every rank write its final LoRA tensors there (also after
+a coordinated stop); ``LORA_FAST_SIGNAL_AT=RANK:STEP[:INT|TERM]`` makes rank RANK send SIGINT (or SIGTERM) to its
+process group (itself and its DataLoader workers, as torchrun's agent does) during optimizer step STEP.
 """
 
 from __future__ import annotations
@@ -47,6 +72,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +86,8 @@ from lora_fast.train_args import ConfigError
 MODES = ("auto", "none", "ddp", "fsdp")
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank k's dropout seed is far from the seeds a user tries by hand (42, 43..)
 RANK_STATE_ENV = "LORA_FAST_RANK_STATE_DIR"
+SIGNAL_AT_ENV = "LORA_FAST_SIGNAL_AT"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -320,3 +349,77 @@ def dump_rank_state(model: nn.Module, ctx: DistContext) -> None:
              for n, p in unwrap_model(model).named_parameters() if ".lora.lora_" in f".{n}"}
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, f"rank{ctx.rank}.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------- stopping
+class StopRequested(KeyboardInterrupt):
+    """Raised by the training loop on every rank at the same optimizer-step boundary once any rank was signalled: a
+    KeyboardInterrupt, so the loop's interrupt handling applies, but one after which collectives are safe."""
+
+
+class StopFlag:
+    """What ``stop_signals`` yields: ``signum`` is the first stop signal this rank received (0: none)."""
+
+    signum = 0
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal.signal raises anywhere else
+
+
+@contextlib.contextmanager
+def stop_signals(ctx: DistContext):
+    """Around the training loop of a torchrun rank: the first SIGINT or SIGTERM only sets the yielded flag's
+    ``signum`` (the loop shares it with the other ranks at the next step boundary); a second one raises
+    KeyboardInterrupt at once, an escape hatch from a stop that does not come. The previous handlers are restored
+    on the way out. Nothing is installed for one process (its own interrupt handling is unchanged) or off the main
+    thread."""
+    flag = StopFlag()
+    if not ctx.enabled or not _on_main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.signum:
+            raise KeyboardInterrupt(f"signal {signum} (a second stop signal)")
+        flag.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():  # None: a handler not set from Python, which cannot be put back
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def ignore_stop_signals() -> None:
+    """A stopped rank that has saved everything ignores SIGINT and SIGTERM from then on (it is leaving): torchrun
+    SIGTERMs the ranks still running when one exits non-zero (130), and would record a signal death instead of
+    their 130. (A hung exit still ends: the agent SIGKILLs after its grace period.)"""
+    if _on_main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def signal_hook(ctx: DistContext):
+    """``LORA_FAST_SIGNAL_AT=RANK:STEP[:INT|TERM]`` (a test hook): on rank RANK, a ``callable(step)`` the loop calls
+    with the optimizer step in progress after its first micro-batch, that sends the signal once, at STEP; None
+    elsewhere. The signal goes to the rank's process group when the rank leads one (torchrun starts each rank in
+    its own session and forwards signals to the group, so DataLoader workers get it too)."""
+    spec = os.environ.get(SIGNAL_AT_ENV)
+    if not spec or not ctx.enabled:
+        return None
+    rank, at, *name = spec.split(":")
+    if int(rank) != ctx.rank:
+        return None
+    signum = getattr(signal, f"SIG{(name or ['INT'])[0]}")
+
+    def hook(step: int) -> None:
+        if step != int(at):
+            return
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signum)
+        else:
+            os.kill(os.getpid(), signum)
+
+    return hook

@@ -9,7 +9,8 @@ passes), fp16/bf16 autocast
 (a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
 accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
 what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130);
-so does SIGTERM in a single-process run (a scheduler's preemption). ``--save_steps`` writes resumable checkpoints
+so does SIGTERM (a scheduler's preemption). Under torchrun the ranks stop together at an optimizer-step boundary
+(``lora_fast.distributed``, "stopping"). ``--save_steps`` writes resumable checkpoints
 and ``--resume_from_checkpoint`` continues one, bit for bit (``lora_fast.train_ckpt``).
 
 Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``adapter_model.safetensors`` +
@@ -107,6 +108,14 @@ def worker_ignores_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """Under torchrun DataLoader workers ignore SIGINT too: the launcher forwards Ctrl-C to each rank's process
+    group, and the rank keeps training to the next step boundary (``distributed.stop_signals``), so it still needs
+    its workers' batches. (One process stops at the interrupt itself: its workers' SIGINT handling is left as is.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ⌈epochs × steps per pass⌉ (at least 1), the product rounded
     first so that float noise (1.1 × 50 = 55.000000000000007) does not add a step."""
@@ -123,7 +132,7 @@ def _loaders(opts, prep: Prepared, ctx):
 
     kw = {"batch_size": opts.batch_size, "num_workers": opts.num_workers}
     if opts.num_workers > 0:
-        kw["worker_init_fn"] = worker_ignores_sigterm
+        kw["worker_init_fn"] = worker_ignores_stop_signals if ctx.enabled else worker_ignores_sigterm
     if opts.task == "classification":
         collate = ClassificationCollator(prep.tokenizer, opts.max_length)
         datasets = {s: list(zip(*prep.data[s], strict=True)) for s in prep.data}
@@ -190,6 +199,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         on_step: optional ``callable(step, metrics)`` after every optimizer step (tests raise KeyboardInterrupt).
         log: one-line messages (stderr by default).
         ctx: ``lora_fast.distributed.DistContext`` from ``distributed.init`` (``run`` does that); None: one process.
+            Under torchrun a stop signal ends the loop on every rank at one step boundary; after that stop the rank
+            ignores SIGINT and SIGTERM (``distributed.ignore_stop_signals``: it is leaving).
     """
     import os
 
@@ -270,7 +281,8 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         else:  # re-enter the pass; its RNG state is restored after the loader's iterator draws its seed
             passes -= 1
         log(f"lora-fast: resuming from {resume_path} at step {step}/{total}")
-    start_step, boundary, in_update, last_saved = step, None, False, step
+    start_step, boundary, in_update, last_saved, together = step, None, False, step, False
+    signal_hook = D.signal_hook(ctx)
     t_start = time.perf_counter()
     bar = tqdm(total=total, initial=step, disable=not (opts.progress and main), dynamic_ncols=True, desc="train",
                file=sys.stderr)
@@ -301,100 +313,112 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     final = None
     try:
         try:
-            acc_loss, acc_tokens, t_step = 0.0, 0, time.perf_counter()
-            due = step % opts.eval_steps == 0 or step == total
-            if resumed and due and (not m["eval"] or m["eval"][-1]["step"] != step):
-                do_eval()  # an interrupt during that step's evaluation wrote the checkpoint without it
-            if is_cls and resumed and skip == 0 and step < total and (not m["epochs"] or m["epochs"][-1]["step"]
-                                                                     != step):
-                epoch_accuracy()  # the checkpoint ended a pass before that pass's accuracy was taken
-            while step < total:
-                sampler = loaders["train"].sampler
-                sampler.set_epoch(passes)  # a new (seed, pass) permutation, the same on all ranks
-                start, skip, passes = skip, 0, passes + 1
-                sampler.skip = start * bs  # a resumed pass starts after its consumed micro-batches
-                batches = iter(loaders["train"])  # draws the workers' base seed from torch's RNG
-                if pending_rng is not None:
-                    C.restore_rng(pending_rng, device)
-                    pending_rng = None
-                for j, batch in enumerate(batches, start=start):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    first = j // ga * ga  # the step's first micro-batch; fewer than ga at a pass's end
-                    rows = sum(min(bs, n_rows - i * bs) for i in range(first, min(first + ga, n_micro)))
-                    last = (j + 1) % ga == 0 or j + 1 == n_micro
-                    with D.gradient_sync(model, ctx, last):
-                        with amp():  # the step's gradient: mean over its examples (a short micro-batch weighs less)
-                            loss = model(**batch).loss * (len(batch["input_ids"]) / rows)
-                        scaler.scale(loss).backward()
-                    acc_loss += loss.item()
-                    acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                        else batch["input_ids"].numel()
-                    if not last:
-                        continue
-                    if opts.max_grad_norm > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-                    lr = optimizer.param_groups[0]["lr"]
-                    in_update = True  # from here to the next boundary an interrupt leaves no consistent state
-                    scale = scaler.get_scale() if scaler.is_enabled() else None
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: no update was made
-                        m["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0) + 1
-                    else:  # as accelerate's scheduler (HF Trainer): the schedule advances with real updates only
-                        sched.step()
-                    step += 1
-                    if ctx.enabled:  # the global batch: mean loss over ranks, tokens of all ranks
-                        acc_loss, acc_tokens = D.all_reduce_sum([acc_loss / ctx.world_size, acc_tokens], ctx, device)
-                        acc_tokens = int(acc_tokens)
-                    now = time.perf_counter()
-                    tps = acc_tokens / max(now - t_step, 1e-9)
-                    if step > start_step + 1 or total == 1:  # throughput: the first step (warm-up, builds) left out
-                        m["_timed"][0] += acc_tokens
-                        m["_timed"][1] += now - t_step
-                    m["train_loss"].append(acc_loss)
-                    m["learning_rate"].append(lr)
-                    m["tokens_per_sec"].append(tps)
-                    tokens_seen += acc_tokens
-                    if writer:
-                        writer.add_scalar("train/loss", acc_loss, step)
-                        writer.add_scalar("train/lr", lr, step)
-                    bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    bar.update(1)
-                    acc_loss, acc_tokens = 0.0, 0
-                    if checkpointing:
-                        boundary = C.Position(step, passes, j + 1, tokens_seen, C.capture_rng(device))
-                    in_update = False
-                    if step % opts.eval_steps == 0 or step == total:
-                        do_eval()
-                    if opts.save_steps and step % opts.save_steps == 0:
-                        checkpoint(boundary)
-                        last_saved = step
-                    if on_step is not None:
-                        on_step(step, m)
-                    t_step = time.perf_counter()
-                    if step >= total:
-                        break
-                else:  # a full pass over the training data
-                    if is_cls:
-                        epoch_accuracy()
-                        t_step = time.perf_counter()  # evaluation time is not training time
-            if is_cls and (not m["epochs"] or m["epochs"][-1]["step"] != step):
-                epoch_accuracy()  # the last, partial epoch
-        except KeyboardInterrupt:
+            with D.stop_signals(ctx) as stop:  # torchrun: a signal is a flag, shared at the next step boundary
+                acc_loss, acc_tokens, t_step = 0.0, 0, time.perf_counter()
+                due = step % opts.eval_steps == 0 or step == total
+                if resumed and due and (not m["eval"] or m["eval"][-1]["step"] != step):
+                    do_eval()  # an interrupt during that step's evaluation wrote the checkpoint without it
+                if is_cls and resumed and skip == 0 and step < total and (not m["epochs"] or m["epochs"][-1]["step"]
+                                                                         != step):
+                    epoch_accuracy()  # the checkpoint ended a pass before that pass's accuracy was taken
+                while step < total:
+                    sampler = loaders["train"].sampler
+                    sampler.set_epoch(passes)  # a new (seed, pass) permutation, the same on all ranks
+                    start, skip, passes = skip, 0, passes + 1
+                    sampler.skip = start * bs  # a resumed pass starts after its consumed micro-batches
+                    batches = iter(loaders["train"])  # draws the workers' base seed from torch's RNG
+                    if pending_rng is not None:
+                        C.restore_rng(pending_rng, device)
+                        pending_rng = None
+                    for j, batch in enumerate(batches, start=start):
+                        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                        first = j // ga * ga  # the step's first micro-batch; fewer than ga at a pass's end
+                        rows = sum(min(bs, n_rows - i * bs) for i in range(first, min(first + ga, n_micro)))
+                        last = (j + 1) % ga == 0 or j + 1 == n_micro
+                        with D.gradient_sync(model, ctx, last):
+                            with amp():  # the step's gradient: mean over its examples (a short micro-batch weighs less)
+                                loss = model(**batch).loss * (len(batch["input_ids"]) / rows)
+                            scaler.scale(loss).backward()
+                        acc_loss += loss.item()
+                        acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                            else batch["input_ids"].numel()
+                        if signal_hook is not None and j == first:
+                            signal_hook(step + 1)
+                        if not last:
+                            continue
+                        if opts.max_grad_norm > 0:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                        lr = optimizer.param_groups[0]["lr"]
+                        in_update = True  # from here to the next boundary an interrupt leaves no consistent state
+                        scale = scaler.get_scale() if scaler.is_enabled() else None
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: no update was made
+                            m["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0) + 1
+                        else:  # as accelerate's scheduler (HF Trainer): the schedule advances with real updates only
+                            sched.step()
+                        step += 1
+                        if ctx.enabled:  # the global batch (mean loss over ranks, tokens of all ranks); ranks stopping
+                            acc_loss, acc_tokens, stopping = D.all_reduce_sum(
+                                [acc_loss / ctx.world_size, acc_tokens, float(stop.signum > 0)], ctx, device)
+                            acc_tokens = int(acc_tokens)
+                        now = time.perf_counter()
+                        tps = acc_tokens / max(now - t_step, 1e-9)
+                        if step > start_step + 1 or total == 1:  # throughput: the first step (warm-up, builds) left out
+                            m["_timed"][0] += acc_tokens
+                            m["_timed"][1] += now - t_step
+                        m["train_loss"].append(acc_loss)
+                        m["learning_rate"].append(lr)
+                        m["tokens_per_sec"].append(tps)
+                        tokens_seen += acc_tokens
+                        if writer:
+                            writer.add_scalar("train/loss", acc_loss, step)
+                            writer.add_scalar("train/lr", lr, step)
+                        bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                        bar.update(1)
+                        acc_loss, acc_tokens = 0.0, 0
+                        if checkpointing:
+                            boundary = C.Position(step, passes, j + 1, tokens_seen, C.capture_rng(device))
+                        in_update = False
+                        if ctx.enabled and stopping and step < total:  # at the last step the run is complete: it ends
+                            raise D.StopRequested(f"a stop signal reached {int(stopping)} of {ctx.world_size} ranks; "
+                                                  f"all stopped at step {step}/{total}")
+                        if step % opts.eval_steps == 0 or step == total:
+                            do_eval()
+                        if opts.save_steps and step % opts.save_steps == 0:
+                            checkpoint(boundary)
+                            last_saved = step
+                        if on_step is not None:
+                            on_step(step, m)
+                        t_step = time.perf_counter()
+                        if step >= total:
+                            break
+                    else:  # a full pass over the training data
+                        if is_cls:
+                            epoch_accuracy()
+                            t_step = time.perf_counter()  # evaluation time is not training time
+                if is_cls and (not m["epochs"] or m["epochs"][-1]["step"] != step):
+                    epoch_accuracy()  # the last, partial epoch
+        except KeyboardInterrupt as e:
             interrupted = True
-            if ctx.mode == "fsdp":  # the other ranks may be anywhere: no collective (gather) can be trusted now
+            together = isinstance(e, D.StopRequested)  # every rank is here, at the same boundary: collectives work
+            if ctx.mode == "fsdp" and not together:  # the ranks may be anywhere: no collective (gather) can be trusted
                 say(f"lora-fast: interrupted at step {step}/{total}; an FSDP run cannot gather its shards now, "
                     "nothing is saved")
                 raise
-            say(f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
-            if opts.save_steps and not ctx.enabled and step > last_saved:
+            say(f"lora-fast: {e}; saving what has been trained" if together else
+                f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
+            if opts.save_steps and (together or not ctx.enabled) and step > last_saved:
                 if in_update or boundary is None or boundary.step != step:
                     say("lora-fast: the interrupt came during an optimizer update: no checkpoint of this step "
                         "(resume from the last one)")
                 else:
                     say(f"lora-fast: checkpoint written to {checkpoint(boundary)}")
+        if not interrupted and stop.signum:  # it came after the last step's boundary: every step is done
+            print(f"lora-fast: rank {ctx.rank}: signal {stop.signum} after the last optimizer step; the run "
+                  "completes", file=sys.stderr)
         bar.close()
         model.eval()
         if is_cls and "test" in loaders and not interrupted:
@@ -422,7 +446,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                        resumed_at_step=start_step if resume_path else None)
         if resumed and metrics["wall_time_s"] > 0:  # this process's tokens over this process's time
             metrics["mean_tokens_per_sec"] = (tokens_seen - resumed["tokens_seen"]) / metrics["wall_time_s"]
-        if not interrupted:
+        if not interrupted or together:
             D.dump_rank_state(model, ctx)
         if main:
             write_outputs(staged.path, opts, prep, plain, metrics)
@@ -438,8 +462,10 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
     finally:
         if writer:
             writer.close()
-    if ctx.enabled and not interrupted:
+    if ctx.enabled and (not interrupted or together):
         final = D.broadcast_object(str(final) if main else None, ctx)  # and the ranks leave together
+    if together:
+        D.ignore_stop_signals()  # all is saved; a signal now would only turn this rank's exit status 130 into a kill
     metrics["output_dir"] = str(final)
     return metrics
 
@@ -488,8 +514,9 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """In a single-process run, SIGTERM (a scheduler's preemption, ``kill``) stops training like Ctrl-C: what was
-    trained is saved. Under torchrun the launcher owns the signals (it forwards them to every rank), so nothing
-    changes there; nor off the main thread, where signal handlers cannot be set."""
+    trained is saved. Under torchrun the launcher forwards the signals to every rank and the training loop handles
+    them itself (``distributed.stop_signals``), so nothing changes here; nor off the main thread, where signal
+    handlers cannot be set."""
     from lora_fast.distributed import torchrun_env
 
     if torchrun_env() is not None or threading.current_thread() is not threading.main_thread():

@@ -12,9 +12,11 @@ a whole when the run finishes)::
                              started, micro-batches done in the current one), the metrics so far, the options
         trainer_state.json   step, position and options, for people
 
-A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and,
-in a single-process run, when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial
-step's gradients are dropped; an interrupt inside the optimizer update writes none). Each is staged in a hidden
+A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and
+when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial step's gradients are
+dropped; an interrupt inside the optimizer update writes none). Under torchrun that is the step boundary at which
+all ranks stopped together (``lora_fast.distributed``, "stopping"): every rank calls ``save_checkpoint`` there, as
+at a periodic save. Each is staged in a hidden
 directory and renamed into place, so a crash leaves the previous ones intact; ``--save_total_limit`` keeps the newest
 N. A fresh run refuses a checkpoint directory holding another run's checkpoints (``latest`` and the pruning would mix
 the two runs), and an unwritable one before training starts.
@@ -29,9 +31,9 @@ the number of processes. Output, logging, evaluation cadence, device and backend
 backend continues the run, but with other rounding and dropout masks).
 
 Known limits: FSDP runs neither write nor resume checkpoints (the optimizer state is sharded; an error says so).
-Under torchrun, checkpoints are written at ``save_steps`` only (an interrupt is not coordinated across ranks:
-resume from the last periodic checkpoint); every rank must see the same ``checkpoint_dir`` (one machine, or a
-shared filesystem).
+Under torchrun a signal that is not coordinated (a second one, or one outside the training loop) writes no
+checkpoint: resume from the last one. Every rank must see the same ``checkpoint_dir`` (one machine, or a shared
+filesystem).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each distributed run is compared with ONE plain process trained on the same glob
 same seed and therefore the same data order (``lora_fast.distributed``: the permutation depends on (seed, epoch)
 only). The tiny GPT-2 has its own dropouts set to 0 and LoRA dropout is 0, so the runs compute the same function
 and differ only by the order of floating-point sums (fp32: ~1e-6 relative after a few AdamW steps).
-``LORA_FAST_RANK_STATE_DIR`` makes every rank dump its final LoRA tensors, so both replicas are compared too.
+``LORA_FAST_RANK_STATE_DIR`` makes every rank dump its final LoRA tensors, so both replicas are compared too;
+``LORA_FAST_SIGNAL_AT`` makes one rank signal its own process group mid-run (the coordinated stop).
 The launcher runs with ``--standalone`` (a free rendezvous port: parallel test runs cannot collide) and a timeout.
 """
 
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,17 +66,20 @@ def setup(tmp_path_factory):
     return root, ref
 
 
-def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tuple(COMMON)):
-    """Launch 2 ranks (torchrun by default); returns (output dir, rank-dump dir, the completed process)."""
+def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tuple(COMMON), rc=0, signal_at=None):
+    """Launch 2 ranks (torchrun by default); returns (output dir, rank-dump dir, the completed process).
+    ``signal_at``: ``LORA_FAST_SIGNAL_AT`` ("RANK:STEP:INT|TERM"); ``rc``: torchrun's expected exit status."""
     out, dump = root / name, root / f"{name}-ranks"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                           "MASTER_ADDR", "MASTER_PORT")}
+                                                           "MASTER_ADDR", "MASTER_PORT", D.SIGNAL_AT_ENV)}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **{D.RANK_STATE_ENV: str(dump)})
+    if signal_at:
+        env[D.SIGNAL_AT_ENV] = signal_at
     launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*launcher, "-m", "lora_fast.train", "--model", str(root / "tiny"), "--dataset", str(root / "data.txt"),
            *common, "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == rc, f"torchrun: {proc.returncode}, not {rc}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out, dump, proc
 
 
@@ -126,24 +133,66 @@ def test_ddp_two_ranks_equal_one_process(setup):
     assert m["per_device_batch_size"] == 2
 
 
-def test_ddp_resume_from_checkpoint_is_the_uninterrupted_run(setup):
-    """2 ranks with LoRA dropout 0.1 (each rank draws its own masks) and a checkpoint every 2 steps; resuming from
-    checkpoint-2 with 2 ranks gives the uninterrupted run's adapter and losses bit for bit: the data position and
-    every rank's own RNG state come back (rank 1 restoring rank 0's stream would draw other masks)."""
+def _rank_states(dump: Path) -> list[dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return [load_file(dump / f"rank{k}.safetensors") for k in range(2)]
+
+
+def _rank_exit_codes(proc) -> list[int]:
+    """The workers' exit statuses in torchrun's failure report (it lists every rank that exited non-zero)."""
+    return sorted(int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+) \(pid", proc.stdout + proc.stderr, re.M))
+
+
+def _check_stopped_together(out: Path, dump: Path, proc, steps: int, planned: int = 4) -> dict:
+    """A coordinated stop: every rank exited 130, both stopped after ``steps`` optimizer steps holding the same LoRA
+    tensors (a rank one step ahead would differ), and rank 0 saved those as an interrupted run."""
+    assert _rank_exit_codes(proc) == [130, 130], proc.stderr[-3000:]  # no -15: no rank killed while it exited
+    log = proc.stdout + proc.stderr
+    assert log.count(f"all stopped at step {steps}/{planned}") == 1, log[-3000:]  # rank 0 alone reports it
+    m = json.loads((out / "training_metrics.json").read_text())
+    assert m["interrupted"] and m["steps"] == steps and len(m["train_loss"]) == steps and m["planned_steps"] == planned
+    ranks, saved = _rank_states(dump), _adapter(out)
+    assert len(saved) == len(ranks[0]) == 8 and ranks[0].keys() == ranks[1].keys()
+    for k, v in saved.items():
+        name = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora.lora_A").replace(
+            ".lora_B.weight", ".lora.lora_B")
+        assert torch.equal(v, ranks[0][name]) and torch.equal(v, ranks[1][name]), k
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")) == []
+    return m
+
+
+def test_ddp_signal_on_one_rank_stops_all_ranks_at_one_step_and_resumes(setup):
+    """2 ranks, LoRA dropout 0.1 (each rank draws its own masks), a checkpoint every 2 steps. Rank 1 alone gets
+    SIGINT (to its process group, DataLoader worker included, as torchrun forwards Ctrl-C) during step 3, between
+    its two accumulation micro-steps: both ranks finish step 3 and stop there, exit 130, write checkpoint-3 and the
+    adapter of step 3. Resuming from that checkpoint with 2 ranks gives the uninterrupted run's adapter and losses
+    bit for bit: the data position and every rank's own RNG state come back (rank 1 restoring rank 0's stream would
+    draw other masks). (Resuming from a periodic checkpoint is the same save: test_resume.py covers those.)
+    The reference run gets SIGTERM on rank 1 during its last step: a run that completed all its steps is reported
+    as completed (final evaluation and checkpoint, exit status 0)."""
     root, _ = setup
-    extra = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--dropout", "0.1"]
-    out, _, _ = _torchrun(root, "ddp-ckpt", [*extra, "--save_steps", "2"])
-    ck = root / "ddp-ckpt-checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    state = torch.load(ck / "checkpoint-2" / "training_state.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    extra = ["--batch_size", "2", "--gradient_accumulation_steps", "2", "--dropout", "0.1", "--save_steps", "2"]
+    want_dir, _, proc = _torchrun(root, "ddp-ckpt", extra, signal_at="1:4:TERM")  # the uninterrupted run
+    assert "rank 1: signal 15 after the last optimizer step; the run completes" in proc.stderr
+    assert sorted(p.name for p in (root / "ddp-ckpt-checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    out, dump, proc = _torchrun(root, "ddp-stop", [*extra, "--num_workers", "1"], rc=1, signal_at="1:3:INT")
+    m = _check_stopped_together(out, dump, proc, steps=3)
+    assert m["eval_steps"] == [2] and "checkpoint-3" in proc.stdout + proc.stderr
+    ck = root / "ddp-stop-checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    state = torch.load(ck / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
-    resumed, _, proc = _torchrun(root, "ddp-resumed", [*extra, "--resume_from_checkpoint", str(ck / "checkpoint-2"),
-                                                       "--checkpoint_dir", str(root / "ddp-resumed-checkpoints")])
-    want, got = _adapter(out), _adapter(resumed)
+    assert all(torch.equal(state["trainable"][n], t) for n, t in _rank_states(dump)[0].items())  # step 3's
+    resumed, _, _ = _torchrun(root, "ddp-resumed", [*extra, "--resume_from_checkpoint", str(ck / "checkpoint-3"),
+                                                    "--checkpoint_dir", str(root / "ddp-resumed-checkpoints")])
+    want, got = _adapter(want_dir), _adapter(resumed)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (resumed, out))
-    assert m["train_loss"] == m1["train_loss"] and m["resumed_at_step"] == 2
+    m, m1 = (json.loads((p / "training_metrics.json").read_text()) for p in (resumed, want_dir))
+    assert m["train_loss"] == m1["train_loss"] and m["resumed_at_step"] == 3
+    assert not m["interrupted"] and not m1["interrupted"] and m1["steps"] == 4
+    assert m["eval_steps"] == m1["eval_steps"] == [2, 4]
     assert m["grad_allreduce_numel_per_step"] == TRAINABLE  # per step of the resumed process
 
 
@@ -174,6 +223,19 @@ def test_fsdp_two_ranks_equal_one_process(setup):
     out, dump, proc = _torchrun(root, "fsdp", ["--batch_size", "4", "--distributed", "fsdp"])
     _check_against_single(ref, out, dump, proc, "fsdp")
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "tiny"), out)  # a valid PEFT adapter
+
+
+def test_fsdp_sigterm_on_one_rank_stops_all_ranks_and_saves_the_gathered_adapter(setup):
+    """FSDP2, rank 1 alone gets SIGTERM during step 3: both ranks stop after step 3 (the flag rides on the step's
+    loss all-reduce), gather the adapter together (a collective: no rank may be elsewhere) and exit 130. The first 3
+    losses are the one-process run's: stopping changed nothing before the stop."""
+    root, ref = setup
+    out, dump, proc = _torchrun(root, "fsdp-stop", ["--batch_size", "4", "--distributed", "fsdp"], rc=1,
+                                signal_at="1:3:TERM")
+    m = _check_stopped_together(out, dump, proc, steps=3)
+    m1 = json.loads((ref / "training_metrics.json").read_text())
+    assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(m1["train_loss"][:3]), LOSS_TOL, "train loss")
+    assert m["eval_steps"] == [2] and m["distributed"] == "fsdp"
 
 
 def _spam_like_csvs(root: Path) -> Path:
@@ -291,6 +353,58 @@ def test_save_adapter_failure_leaves_no_directory(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         save_adapter(_tiny_lora_model(), tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_stop_signals_first_sets_a_flag_second_raises():
+    """Under torchrun the first SIGINT/SIGTERM in the loop only sets the flag; a second raises KeyboardInterrupt
+    (the escape hatch); the previous handlers come back afterwards. One process: nothing is installed."""
+    before = {s: signal.getsignal(s) for s in D.STOP_SIGNALS}
+    with D.stop_signals(D.DistContext()) as flag:
+        assert {s: signal.getsignal(s) for s in D.STOP_SIGNALS} == before and flag.signum == 0
+    with D.stop_signals(D.DistContext("ddp", 0, 2, 0, "gloo")) as flag:
+        installed = [signal.getsignal(s) for s in D.STOP_SIGNALS]
+        assert all(callable(h) and h is not signal.default_int_handler for h in installed), installed
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # would end the test run without a handler (checked above)
+            time.sleep(0.01)  # the Python handler runs at the next bytecode, at the latest during the sleep
+        except KeyboardInterrupt:
+            pytest.fail("the first stop signal raised instead of setting the flag")
+        assert flag.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in D.STOP_SIGNALS} == before
+    try:
+        D.ignore_stop_signals()  # a stopped rank leaving: torchrun's SIGTERM must not change its exit status
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in D.STOP_SIGNALS)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_dataloader_workers_ignore_sigint_under_torchrun():
+    """torchrun forwards Ctrl-C to each rank's process group, DataLoader workers included, while the rank trains on
+    to the step boundary: its workers ignore SIGINT as well as SIGTERM (checked in a real worker). A spawned worker
+    that did not died of KeyboardInterrupt and the loader raised "DataLoader worker ... exited unexpectedly"."""
+    from lora_fast.train import Prepared, _loaders
+    from lora_fast.train_args import parse_train_args
+
+    blocks = torch.arange(64).view(4, 16)
+    opts = parse_train_args(["--batch_size", "2", "--max_length", "16", "--num_workers", "1"])
+    loader = _loaders(opts, Prepared(None, "m", None, True, {"train": blocks, "validation": blocks}, "src"),
+                      D.DistContext("ddp", 0, 2, 0, "gloo"))["train"]
+
+    class Probe(torch.utils.data.Dataset):  # reports the stop signals' dispositions inside the worker process
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):  # never raises: a failing worker held by the traceback would hang pytest's exit
+            return torch.tensor([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
+
+    probe = torch.utils.data.DataLoader(Probe(), num_workers=1, worker_init_fn=loader.worker_init_fn)
+    ignored = next(iter(probe)).tolist()  # the iterator, and its worker, end here
+    assert ignored == [[True, True]]  # SIGINT, SIGTERM
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the rank keeps its own
 
 
 def test_mode_resolution_and_errors(monkeypatch):
