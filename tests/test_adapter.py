@@ -314,6 +314,48 @@ def test_rank_mismatch_with_existing_layers_and_alpha_update(saved):
     assert_rel_close(_logits(other, ids), _logits(model, ids), TOL, "existing layers reloaded")
 
 
+def test_file_settings_reach_existing_layers_and_peft(tmp_path):
+    """A fractional alpha (6.5), rsLoRA and dropout 0.1 are written as such and read back by PEFT with the same
+    scaling (same logits); loading into a model whose layers already exist (rank 4, alpha 8, no rsLoRA, no dropout)
+    gives those layers the file's alpha, rsLoRA flag and dropout, and a second save writes them again."""
+    src = _gpt2()
+    dst = copy.deepcopy(src)
+    plain = copy.deepcopy(src)
+    apply_lora(src, ["c_attn"], rank=4, alpha=6.5, use_rslora=True, dropout=0.1)
+    _randomise_lora(src)
+    save_adapter(src, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (cfg["lora_alpha"], cfg["use_rslora"], cfg["lora_dropout"]) == (6.5, True, 0.1)
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(plain, tmp_path / "a").eval()
+    assert_rel_close(_logits(pm, ids), _logits(src, ids), TOL, "PEFT reads alpha 6.5 with rsLoRA")
+    apply_lora(dst, ["c_attn"], rank=4, alpha=8)
+    load_adapter(dst, tmp_path / "a")
+    for m in lora_layers(dst).values():
+        assert (m.lora.alpha, m.lora.use_rslora, m.lora.dropout, m.scaling) == (6.5, True, 0.1, 6.5 / 2)
+    assert_rel_close(_logits(dst.eval(), ids), _logits(src, ids), TOL, "existing layers")
+    save_adapter(dst, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text()) == cfg
+
+
+@pytest.mark.parametrize("name", ["transformer.h.0.attn.c_proj", "transformer.h.10.attn.c_attn", "h.0.mlp.c_proj",
+                                  "transformer.h.1.mlp.c_fc"])
+def test_pattern_keys_match_as_peft(name):
+    """rank_pattern/alpha_pattern keys match a dot-bounded suffix, as PEFT's own ``get_pattern_key``: "proj" does not
+    match "c_proj", "h.0" does not match "h.10" nor a name that only contains it."""
+    from peft.utils.other import get_pattern_key
+
+    from lora_fast.adapter_config import pattern_value
+
+    for keys in (["proj"], ["c_proj"], ["h.0"], [r"h\.0\.attn\.c_proj"], ["h.1.mlp.c_fc"], ["attn.c_attn"],
+                 ["mlp.c_proj", "c_proj"], [r"h\.1\d\.attn\.c_attn", "c_attn"]):
+        patterns = {k: i + 1 for i, k in enumerate(keys)}
+        peft_key = get_pattern_key(list(patterns), name)
+        assert pattern_value(patterns, name, 0) == patterns.get(peft_key, 0), (keys, name)
+
+
 def test_non_strict_load_leaves_layers_absent_from_the_file_alone(saved):
     """strict=False into a model with more LoRA layers than the file: the file's alpha/rsLoRA/dropout go to the
     layers it loads only; the others keep their scaling (they used to take the file's alpha, 0.25x here)."""

@@ -178,6 +178,30 @@ def test_unpatch_restores_peft_forward(spy):
         assert not any("forward" in m.__dict__ for m in pm.modules() if hasattr(m, "lora_A"))
         assert_rel_close(pm(input_ids=ids).logits, patched, TOL, "after unpatch")
     assert len(spy) == calls  # PEFT's own forward: lora_fast no longer called
+    patch_peft(pm)  # patching again after unpatch_peft: lora_fast's path again, same numbers
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, patched, TOL, "patched again")
+    assert len(spy) == 2 * calls and sum(is_patched(m) for m in pm.modules()) == calls
+
+
+def test_mixed_batch_adapter_names_stays_on_peft(spy):
+    """PEFT's mixed-batch call (``adapter_names``: one adapter per row) goes through PEFT's own forward on a patched
+    layer, row by row as PEFT computes it — lora_fast's path would apply the active adapter to every row."""
+    pm = _peft("gpt2").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name and ".other." in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    ref = copy.deepcopy(pm)
+    ids, names = _ids(), ["default", "other"]
+    patch_peft(pm)
+    with torch.no_grad():
+        mixed = pm(input_ids=ids, adapter_names=names).logits
+        assert_rel_close(mixed, ref(input_ids=ids, adapter_names=names).logits, TOL, "mixed batch")
+        assert not torch.allclose(mixed[1], pm(input_ids=ids).logits[1])  # row 1 really used the other adapter
 
 
 def test_save_pretrained_after_patch(tmp_path):
