@@ -310,7 +310,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                                  limit=opts.save_total_limit)
 
     staged = StagedDir(out_dir, opts.overwrite) if main else None
-    final = None
+    final = batches = None
     try:
         try:
             with D.stop_signals(ctx) as stop:  # torchrun: a signal is a flag, shared at the next step boundary
@@ -460,6 +460,11 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             staged.discard()
         raise
     finally:
+        # The loader's iterator shuts its workers down when it is freed. Dropped here, not left to the traceback,
+        # which keeps this frame's locals alive to interpreter exit: multiprocessing's exit handler then SIGTERMs
+        # the workers, which ignore SIGTERM (worker_ignores_sigterm), and joins them forever — a run failing with
+        # --num_workers > 0 (an OOM, a bad batch) hung instead of exiting.
+        batches = None  # noqa: F841
         if writer:
             writer.close()
     if ctx.enabled and (not interrupted or together):

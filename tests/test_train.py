@@ -174,6 +174,36 @@ def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys,
     assert not list(tmp_path.glob(".*staging*"))
 
 
+def test_failure_with_dataloader_workers_exits(tiny_gpt2, tmp_path):
+    """A run that fails mid-training (here an exception from the step callback, as a CUDA OOM would) with
+    ``--num_workers 1`` exits with the error. It used to hang at interpreter exit: the traceback kept the loader's
+    iterator alive, and multiprocessing's exit handler SIGTERMed the worker — which ignores SIGTERM — and joined it
+    forever. Run in a subprocess, since the hang is at exit; the timeout only detects the hang (a normal run takes
+    seconds)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from lora_fast.train import run\n"
+        "from lora_fast.train_args import parse_train_args\n"
+        "def fail(step, m):\n"
+        "    if step == 2:\n"
+        "        raise RuntimeError('failure in the middle of training')\n"
+        "run(parse_train_args(['--model', sys.argv[1], '--max_steps', '4', '--max_length', '32', '--batch_size', '2',"
+        " '--num_workers', '1', '--output_dir', sys.argv[2], '--no-progress']), on_step=fail)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, str(tiny_gpt2), str(tmp_path / "out")], env=env,
+                              capture_output=True, text=True, timeout=180, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the failed run did not exit: its DataLoader worker was left to multiprocessing's exit handler")
+    assert proc.returncode == 1 and "RuntimeError: failure in the middle of training" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*staging*"))  # nothing half-written
+
+
 def _spam_csvs(root):
     """Label/Text CSVs like the SMS-spam tutorial's split; the two classes use disjoint vocabularies."""
     spam = "win free prize cash claim urgent offer winner call now txt reward".split()
