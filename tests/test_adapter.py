@@ -22,10 +22,10 @@ import lora_fast
 from lora_fast import adapter_files
 from lora_fast.adapter import AdapterLoadResult, load_adapter, save_adapter
 from lora_fast.inject import apply_lora, lora_layers
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, MISSING
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft", reason=MISSING["peft"])
+transformers = pytest.importorskip("transformers", reason=MISSING["transformers"])
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 TOL = 1e-5  # fp32 end to end: both sides compute the same products, differences are summation order only

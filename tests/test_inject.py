@@ -19,9 +19,9 @@ from lora_fast import (
     merge_lora,
     unmerge_lora,
 )
-from tests.utils import assert_rel_close
+from tests.utils import MISSING, assert_rel_close
 
-peft = pytest.importorskip("peft", reason="peft is part of the [dev] extra; parity tests need it")
+peft = pytest.importorskip("peft", reason=MISSING["peft"])
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=101)
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -269,7 +269,7 @@ def test_multihead_attention_out_proj_is_never_silently_inert():
 def test_peft_wrapped_model_is_refused():
     """apply_lora on a model PEFT has already wrapped would nest adapters (all-linear wrapped PEFT's own lora_A and
     base_layer): an error that names the ways forward."""
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason=MISSING["peft"])
     pm = peft.get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)),
                              peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     for targets in ("all-linear", ["c_attn"]):

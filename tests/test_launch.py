@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.triton_interpret import HAS_CUDA, interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, MISSING
 
 from lora_fast.kernels.launch import TunedKernel, block_r, bucket_m, cdiv, config_meta, next_pow2
 
@@ -93,7 +93,7 @@ class _SmemKernel:
 
 
 def test_launch_fitting_falls_back_and_remembers_the_rung_per_key():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=MISSING["triton"])
     from triton.runtime.errors import OutOfResources
     from lora_fast.kernels.launch import launch_fitting
 
@@ -122,7 +122,7 @@ def test_launch_fitting_falls_back_and_remembers_the_rung_per_key():
 def test_fixed_tile_fallbacks_keep_what_the_launchers_rely_on(monkeypatch):
     """Every fallback is a complete launch meta with dot dimensions >= 16; the backward's keep BLOCK_M (its
     deterministic partials are sized by it); the interpreter gets the fixed tile alone."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=MISSING["triton"])
     from lora_fast.kernels import launch, lora_bwd, lora_bwd_cublas, lora_fwd
 
     cub = lora_bwd_cublas
@@ -144,7 +144,7 @@ def test_fixed_tile_fallbacks_keep_what_the_launchers_rely_on(monkeypatch):
 
 
 def test_config_meta_matches_triton_config():
-    triton = pytest.importorskip("triton")
+    triton = pytest.importorskip("triton", reason=MISSING["triton"])
     cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)
     meta = config_meta(cfg)
     assert {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} == {
@@ -317,7 +317,7 @@ def test_fp32_ieee_autotune_lists_keep_the_tiles_that_do_not_spill(monkeypatch):
     """fp32 with IEEE dots (torch's default: TF32 off) runs FMA dots, where large tiles spill kilobytes. With an
     H100's shared memory the pruned lists are the configs measured (offline sm_90 compiles, r = 8/16/32) to spill
     0–16 B (forward) and 0–120 B (backward); tensor-core dtypes keep the lists as they were (no FMA-only tile)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=MISSING["triton"])
     from lora_fast.kernels import launch, lora_bwd, lora_fwd
 
     monkeypatch.setattr(launch, "smem_budget", lambda device: 232448)  # H100 opt-in shared memory per block

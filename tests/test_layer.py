@@ -9,7 +9,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_fast import LinearWithLoRA, LoRALayer
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import MISSING, assert_rel_close, rel_err
 
 BACKEND = "reference"  # these tests pin the module layer; kernel paths are tested in test_kernels/test_triton_fn
 
@@ -362,7 +362,7 @@ def test_base_forward_runs_when_it_does_more_than_linear():
 def test_accelerate_offload_after_wrapping():
     """accelerate's cpu_offload moves the weights to the meta device and restores them in forward pre-hooks on the
     base and the adapter: the layer must call those modules (PEFT's order of use works the same)."""
-    accelerate = pytest.importorskip("accelerate")
+    accelerate = pytest.importorskip("accelerate", reason=MISSING["accelerate"])
     torch.manual_seed(0)
     model = nn.Sequential(LinearWithLoRA(nn.Linear(12, 6), rank=3))
     nn.init.normal_(model[0].lora.lora_B)

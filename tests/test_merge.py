@@ -125,6 +125,11 @@ def test_safe_merge_refuses_non_finite_weights_untouched():
     with pytest.raises(ValueError, match=rf"merge_and_unload: {bad}: .*inf/NaN"):
         merge_and_unload(model, safe_merge=True)
     assert len(lora_layers(model)) == 2 * len(TARGETS) + 2  # nothing replaced
+    layer = lora_layers(model)[bad]  # a single LinearWithLoRA given to merge_and_unload is checked too
+    with pytest.raises(ValueError, match="inf/NaN"):
+        merge_and_unload(layer, safe_merge=True)
+    assert not layer.merged
+    torch.testing.assert_close(layer.linear.weight, w_before, rtol=0, atol=0)
     unmerge_lora(model)
     merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
     assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()

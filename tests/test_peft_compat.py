@@ -20,10 +20,10 @@ import lora_fast
 from lora_fast import peft_compat
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.peft_compat import is_patched, patch_peft, unpatch_peft
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import assert_rel_close, rel_err, MISSING
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft", reason=MISSING["peft"])
+transformers = pytest.importorskip("transformers", reason=MISSING["transformers"])
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 TOL = 1e-5  # fp32: same products on both paths, only the summation order may differ

@@ -78,7 +78,9 @@ def test_scaling_and_delta_weight():
     d = lora_delta_weight(a, bb, 0.5)
     assert d.shape == (4, 5) and d.dtype == torch.float32
     assert_rel_close(d, 0.5 * bb.double() @ a.double(), 1e-6, "delta")
-    assert lora_delta_weight(a, bb, 0.5, fan_in_fan_out=True).shape == (5, 4)
+    assert torch.equal(lora_delta_weight(a, bb, 0.5, fan_in_fan_out=True), d.t())  # Conv1D layout: (K, N)
+    d64 = lora_delta_weight(a.double(), bb.double(), 0.5)
+    assert d64.dtype == torch.float64 and lora_delta_weight(a.half(), bb.half(), 0.5).dtype == torch.float32
     # the delta is the map's LoRA part: x ΔWᵀ equals y − base
     x = torch.randn(6, 5)
     y = lora_linear_ref(x, torch.zeros(4, 5), None, a, bb, 0.5, upcast=True)
@@ -86,15 +88,23 @@ def test_scaling_and_delta_weight():
 
 
 def test_gradients_flow_to_fp32_adapters_from_bf16_activations():
-    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(6, 8, dtype=torch.bfloat16)
-    a = torch.randn(2, 8, requires_grad=True)
-    bb = torch.randn(6, 2, requires_grad=True)
+    """bf16 activations, fp32 adapters, no autocast: the casts are differentiable, so dA, dB arrive in fp32 and dx in
+    bf16, each within bf16 rounding (1e-2) of float64."""
+    x = torch.randn(40, 48, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(36, 48, dtype=torch.bfloat16) / 48**0.5
+    a = (torch.randn(4, 48) / 48**0.5).requires_grad_()
+    bb = torch.randn(36, 4, requires_grad=True)
     y = lora_linear_ref(x, w, None, a, bb, 1.0)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert a.grad is not None and a.grad.dtype == torch.float32
-    assert bb.grad is not None and x.grad is not None
+    dy = torch.randn(40, 36, dtype=torch.bfloat16)
+    y.backward(dy)
+    assert (x.grad.dtype, a.grad.dtype, bb.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+    y64 = lora_linear_ref(leaves[0], w, None, *leaves[1:], 1.0, upcast=True)
+    y64.backward(dy.double())
+    for name, g, r in (("y", y, y64), ("dx", x.grad, leaves[0].grad), ("dA", a.grad, leaves[1].grad),
+                       ("dB", bb.grad, leaves[2].grad)):
+        assert_rel_close(g, r, 1e-2, name)
 
 
 def _scaled_case(adapter_dtype, p=0.0):

@@ -23,3 +23,12 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
     bad = ((o - r).abs() > tol * r.abs().clamp_min(1e-12) + 1e-12).nonzero()[:5].tolist()
     detail = ", ".join(f"{tuple(i)}: {o[tuple(i)].item():.6g} vs {r[tuple(i)].item():.6g}" for i in bad)
     raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; first mismatches {detail}")
+
+
+# Why a test skips when an optional module is missing, and where it runs instead (pytest.importorskip's reason)
+MISSING = {
+    "peft": "peft is in the [dev] extra (CI installs it); PEFT parity and interop run wherever it is installed",
+    "transformers": "transformers is a dependency of lora_fast (CI installs it); these tests run wherever it is",
+    "accelerate": "accelerate is not a dependency; this test runs where it is installed (HF Trainer users have it)",
+    "triton": "triton is a dependency on Linux (CI installs it); the kernel launch tests run wherever it is installed",
+}
