@@ -340,6 +340,27 @@ def test_file_settings_reach_existing_layers_and_peft(tmp_path):
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text()) == cfg
 
 
+def test_backend_and_non_float_tensors_on_load(saved, tmp_path):
+    """``backend=`` reaches layers that already exist (None leaves their own choice); an integer tensor under an
+    adapter key is refused by name, nothing loaded."""
+    directory, fresh, _ = saved
+    apply_lora(fresh, target_modules=["c_attn"], rank=4, alpha=8, backend="auto")
+    load_adapter(fresh, directory)
+    assert {m.backend for m in lora_layers(fresh).values()} == {"auto"}
+    load_adapter(fresh, directory, backend="reference")
+    assert {m.backend for m in lora_layers(fresh).values()} == {"reference"}
+    state = load_file(directory / "adapter_model.safetensors")
+    key = sorted(state)[0]
+    state[key] = state[key].to(torch.int32)
+    (tmp_path / "bad").mkdir()
+    save_file(state, tmp_path / "bad" / "adapter_model.safetensors")
+    (tmp_path / "bad" / "adapter_config.json").write_text((directory / "adapter_config.json").read_text())
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} \(dtype torch.int32 is not floating point\)"):
+        load_adapter(fresh, tmp_path / "bad")
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())
+
+
 @pytest.mark.parametrize("name", ["transformer.h.0.attn.c_proj", "transformer.h.10.attn.c_attn", "h.0.mlp.c_proj",
                                   "transformer.h.1.mlp.c_fc"])
 def test_pattern_keys_match_as_peft(name):
