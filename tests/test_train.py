@@ -580,3 +580,138 @@ def test_fp16_skipped_steps_are_counted_and_hold_the_schedule(tiny_gpt2, tmp_pat
     # a skipped step holds the next step's rate; a skip at the last step has no next step to show it
     assert m["steps"] == 8 and held >= 1 and held <= m["fp16_skipped_steps"] <= held + 1
     assert lr[-1] == pytest.approx(0.01 * (1 + held) / 8)  # 7 - held real updates before the last step
+
+
+# ------------------------------------------------------------------------------------ test audit: CLI/data paths
+def _small_corpus(path):
+    """A plain-text corpus of 40 short paragraphs: the tokenizer trains on it in a fraction of a second."""
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on in mat park day good walk code data loop test model token".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 40))) for _ in range(40)))
+    return path
+
+
+def test_use_rslora_trains_and_saves_alpha_over_sqrt_rank(tiny_gpt2, tmp_path):
+    """--use_rslora scales the LoRA update by α/√r (PEFT's ``use_rslora``). A run with r=4, α=8 (scaling 8/√4 = 4)
+    must train exactly like one without the flag at α=16 (16/4 = 4: the same init, the same scaled update, hence
+    the same losses and adapter weights), and save an adapter whose config says so: PEFT then rebuilds the scaling
+    and gives the trained model's logits. A flag dropped on its way to ``apply_lora`` trained at α/r = 2 instead,
+    silently, and saved ``use_rslora: false``."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    corpus = _small_corpus(tmp_path / "corpus.txt")
+    common = ["--model", str(tiny_gpt2), "--dataset", str(corpus), "--max_steps", "3", "--max_length", "32",
+              "--batch_size", "2", "--eval_batches", "1", "--rank", "4", "--lr", "0.01", "--warmup_ratio", "0",
+              "--target_modules", "c_attn", "--no-progress"]
+    runs = {"rslora": ["--alpha", "8", "--use_rslora"], "plain": ["--alpha", "16"]}
+    for name, extra in runs.items():
+        assert cli_main(["train", *common, *extra, "--output_dir", str(tmp_path / name)]) == 0
+    metrics = {n: json.loads((tmp_path / n / "training_metrics.json").read_text()) for n in runs}
+    assert metrics["rslora"]["train_loss"] == metrics["plain"]["train_loss"]  # scaling 4 in both runs
+    assert metrics["rslora"]["eval_loss"] == metrics["plain"]["eval_loss"]
+    weights = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in runs}
+    assert weights["rslora"].keys() == weights["plain"].keys()
+    for k in weights["rslora"]:
+        assert torch.equal(weights["rslora"][k], weights["plain"][k]), k
+    cfg = json.loads((tmp_path / "rslora" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert json.loads((tmp_path / "rslora" / "training_args.json").read_text())["use_rslora"] is True
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    load_adapter(ours, tmp_path / "rslora")
+    layers = [m for m in ours.modules() if isinstance(m, LinearWithLoRA)]
+    assert len(layers) == 2 and all(m.lora.use_rslora and m.lora.scaling == 4.0 for m in layers)
+    ids = torch.randint(0, 512, (2, 24))
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_gpt2), ids)
+    peft_out = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                                                 tmp_path / "rslora"), ids)
+    plain_peft = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                                                   tmp_path / "plain"), ids)
+    assert rel_err(peft_out, base) > 1e-3  # B ≠ 0 after training: the scaling shows in the logits
+    assert_rel_close(_logits(ours, ids), peft_out, 1e-6, "lora_fast vs PEFT logits (rsLoRA)")
+    assert_rel_close(peft_out, plain_peft, 1e-6, "rsLoRA α=8 vs plain α=16 logits")
+
+
+def test_fp16_gradients_are_clipped_in_true_units(tiny_gpt2, tmp_path, monkeypatch):
+    """Under --fp16 the backward pass yields gradients multiplied by the scaler's scale (65536 at first); they must
+    be unscaled before ``clip_grad_norm_``, or --max_grad_norm caps the scaled norm and every update shrinks by
+    the scale. Observed from outside: the gradients each optimizer step applies have the norm that
+    ``clip_grad_norm_`` measured, capped at --max_grad_norm (clipped scaled gradients, unscaled afterwards by
+    ``scaler.step``, arrive 65536 times smaller)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = {"clip": [], "step": []}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        total = real_clip(params, max_norm, *a, **k)
+        seen["clip"].append((float(total), max_norm))
+        return total
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad.double().norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen["step"].append((len(seen["clip"]), float(torch.stack(grads).norm())))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        assert cli_main(["train", "--model", str(tiny_gpt2), "--dataset", str(_small_corpus(tmp_path / "c.txt")),
+                         "--fp16", "--device", "cpu", "--max_grad_norm", "1.0", "--max_steps", "4",
+                         "--max_length", "32", "--batch_size", "2", "--eval_batches", "1", "--lr", "0.01",
+                         "--target_modules", "c_attn", "--output_dir", str(tmp_path / "o"), "--no-progress"]) == 0
+    finally:
+        handle.remove()
+    assert len(seen["clip"]) == 4 and seen["step"], seen  # a step skipped for inf/NaN gradients makes no update
+    for n_clips, applied in seen["step"]:
+        measured, max_norm = seen["clip"][n_clips - 1]  # the clip of this optimizer step
+        assert max_norm == 1.0 and 0 < measured < float("inf")
+        assert applied == pytest.approx(min(measured, max_norm), rel=1e-4), seen
+
+
+def test_lm_blocks_put_eos_after_every_document(tmp_path):
+    """Causal-LM data is the documents' tokens joined as doc₁ EOS doc₂ EOS … and cut into full blocks of
+    max_length (the tail that fills no block is dropped). Without the EOS after each document, the model would
+    learn to run one document into the next and never to end one."""
+    from lora_fast.data import lm_blocks, train_bpe_tokenizer
+
+    docs = ["the cat sat on the mat", "a dog ran in the park today", "good code is tested"]
+    tok = train_bpe_tokenizer(docs * 4, 300)
+    eos = tok.eos_token_id
+    parts = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert all(parts) and all(eos not in p for p in parts)
+    stream = [t for p in parts for t in (*p, eos)]
+    assert lm_blocks(tok, docs, 1, "train").flatten().tolist() == stream  # every token, in order
+    whole = lm_blocks(tok, docs, len(stream), "train")  # one block: the whole stream
+    assert whole.dtype == torch.long and whole.tolist() == [stream]
+    first = len(parts[0]) + 1  # blocks of doc₁ + EOS: the first block ends with the EOS
+    blocks = lm_blocks(tok, docs, first, "train")
+    n = len(stream) // first
+    assert blocks.shape == (n, first) and blocks.flatten().tolist() == stream[:n * first]
+    assert blocks[0].tolist() == parts[0] + [eos]
+
+
+def test_classification_collator_truncates_to_max_length(tmp_path):
+    """Classification batches are truncated to --max_length tokens (keeping each text's first tokens) and
+    right-padded to the longest row: a text longer than the model's positions would otherwise index past its
+    position embeddings (or silently use far more memory than --max_length promises)."""
+    from lora_fast.data import ClassificationCollator, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["one two three four five six seven eight nine ten"] * 4, 300)
+    long_text = " ".join(["one two three four five six seven eight nine ten"] * 5)
+    long_ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    short_ids = tok("two three", add_special_tokens=False)["input_ids"]
+    max_length = 8
+    assert len(long_ids) > max_length > len(short_ids)
+    batch = ClassificationCollator(tok, max_length)([(long_text, 1), ("two three", 0)])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, max_length)
+    assert batch["input_ids"][0].tolist() == long_ids[:max_length]
+    assert batch["attention_mask"][0].tolist() == [1] * max_length
+    pad = max_length - len(short_ids)
+    assert batch["input_ids"][1].tolist() == short_ids + [tok.pad_token_id] * pad
+    assert batch["attention_mask"][1].tolist() == [1] * len(short_ids) + [0] * pad
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+    short = ClassificationCollator(tok, max_length)([("two three", 0)])  # padded to the batch, not to max_length
+    assert short["input_ids"].tolist() == [short_ids]
