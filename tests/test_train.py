@@ -715,3 +715,19 @@ def test_classification_collator_truncates_to_max_length(tmp_path):
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
     short = ClassificationCollator(tok, max_length)([("two three", 0)])  # padded to the batch, not to max_length
     assert short["input_ids"].tolist() == [short_ids]
+
+
+def test_validation_split_follows_the_seed():
+    """Whole documents go to validation in a seeded order: the same seed gives the same split, other seeds other
+    splits (the seed is the user's way to vary it), each a partition of the documents with about the asked share."""
+    from lora_fast.data import _split_docs
+
+    docs = [f"document {i} " + "word " * (20 + i % 7) for i in range(40)]
+    splits = {seed: _split_docs(docs, 0.25, seed) for seed in (0, 1, 2)}
+    assert _split_docs(docs, 0.25, 0) == splits[0]
+    assert len({tuple(val) for _, val in splits.values()}) == 3
+    total = sum(map(len, docs))
+    for train, val in splits.values():
+        assert sorted(train + val) == sorted(docs)
+        assert 0.2 * total <= sum(map(len, val)) <= 1.2 * 0.25 * total
+
