@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_fast.functional import lora_linear, resolve_backend
-from lora_fast.reference import autocast_enabled, lora_compute_dtype, lora_delta_weight, lora_scaling
+from lora_fast.reference import lora_delta_weight, lora_operands, lora_scaling
 
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
@@ -129,12 +129,9 @@ class LoRALayer(nn.Module):
                              f"the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
         if not x.is_floating_point():  # A and B cast to an integer dtype would truncate to a wrong answer
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
-        a, b = self.lora_A, self.lora_B
-        if autocast_enabled(x.device.type):  # F.linear picks the dtype (the result's too)
-            return self.scaling * F.linear(F.linear(F.dropout(x, self.dropout, self.training), a), b)
-        dtype = lora_compute_dtype(x.dtype, a.dtype, b.dtype)  # the reference's rule: x's, fp32 for fp16 x
-        x_l = F.dropout(x.to(dtype), self.dropout, self.training)
-        return (self.scaling * F.linear(F.linear(x_l, a.to(dtype)), b.to(dtype))).to(x.dtype)  # (..., r) -> (..., N)
+        x_l, a, b = lora_operands(x, self.lora_A, self.lora_B)  # the reference's dtype rule (fp32 for fp16 x)
+        out = self.scaling * F.linear(F.linear(F.dropout(x_l, self.dropout, self.training), a), b)  # (..., N)
+        return out if x_l.dtype == x.dtype else out.to(x.dtype)  # fp32 term for fp16 x: back to x's dtype
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling·B·A, (out, in), in fp32 (fp64 for fp64 adapters)."""

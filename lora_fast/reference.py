@@ -43,6 +43,15 @@ def lora_compute_dtype(x_dtype: torch.dtype, *adapter_dtypes: torch.dtype) -> to
     return x_dtype
 
 
+def lora_operands(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """(x, A, B) for the LoRA term: under autocast as given (F.linear picks the dtype), otherwise cast to
+    ``lora_compute_dtype`` (differentiable casts: gradients reach fp32 adapters from bf16 or fp16 activations)."""
+    if autocast_enabled(x.device.type):
+        return x, lora_A, lora_B
+    dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    return x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+
+
 def lora_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,13 +88,9 @@ def lora_linear_ref(
     w = weight.t() if fan_in_fan_out else weight  # (N, K) view
     y = F.linear(x, w, bias)  # (..., N)
 
-    x_l = x  # the LoRA input
-    # Under autocast F.linear picks the compute dtype; otherwise ``lora_compute_dtype`` does (x's; fp32 for fp16 x
-    # with fp32 adapters, dropout included, added to y before one rounding back to fp16, as PEFT's LoRA layer does).
-    # The casts are differentiable: gradients reach fp32 adapters from bf16 or fp16 activations.
-    if not autocast_enabled(x.device.type):
-        dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
-        x_l, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    # the LoRA input and adapters in the term's dtype (fp32 for fp16 x with fp32 adapters, dropout included, added
+    # to y before one rounding back to fp16, as PEFT's LoRA layer does)
+    x_l, lora_A, lora_B = lora_operands(x, lora_A, lora_B)
     x_d = x_l
     if training and dropout_p > 0.0:
         if keep_mask is None:
