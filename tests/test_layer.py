@@ -318,6 +318,8 @@ def test_non_fused_path_fp16_adapter_gradients_stay_finite():
     dy = torch.full((64, 40), 2048.0, dtype=torch.float16)
     got, ref = _grads(layer, x, dy), _grads64(layer, x, dy)
     assert ref[2].abs().max() > 65504
+    assert got[0].dtype == got[1].dtype == torch.float16 and layer.lora(x).dtype == torch.float16  # x's dtype out
+    assert_rel_close(got[0], ref[0], 1e-2, "y")
     for name, g, rf in zip(("dA", "dB"), got[2:], ref[2:], strict=True):
         assert torch.isfinite(g).all(), name
         assert_rel_close(g, rf, 1e-5, name)
