@@ -102,6 +102,18 @@ def test_nothing_to_do_warns_and_no_lora_layer_is_an_error():
     unmerge_lora(model)
     with pytest.warns(UserWarning, match="unmerge_lora: no LoRA layer is merged"):
         unmerge_lora(model)
+    # Some layers merged, others not: there is work to do, so no warning, and every layer ends merged.
+    first = next(iter(lora_layers(model).values()))
+    first.merge_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_lora(model)
+    assert all(m.merged for m in lora_layers(model).values())
+    first.unmerge_weights()  # and the mirror: one merged layer is something to unmerge
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unmerge_lora(model)
+    assert not any(m.merged for m in lora_layers(model).values())
     plain = tiny_gpt2()
     for fn in (merge_lora, unmerge_lora, merge_and_unload, unload):
         with pytest.raises(ValueError, match=rf"{fn.__name__}: GPT2LMHeadModel has no lora_fast LoRA layer"):
