@@ -239,6 +239,9 @@ def test_classification_csv(tiny_gpt2, tmp_path):
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
 
     tok = AutoTokenizer.from_pretrained(out)
+    with open(data / "train.csv", newline="") as f:  # throughput counts real tokens, never the padding
+        lengths = [min(len(tok(r["Text"])["input_ids"]), 32) for r in csv.DictReader(f)]
+    assert m["tokens_seen"] == 3 * sum(lengths) < 3 * len(lengths) * max(lengths)
     batch = tok(["win cash now", "see you at lunch tomorrow"], padding=True, return_tensors="pt")
 
     def base():
