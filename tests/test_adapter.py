@@ -433,6 +433,19 @@ def test_legacy_tutorial_bin_loads(tmp_path):
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "legacy tutorial adapter")
 
+    # An adapter_config.json beside it: accepted when it describes the same adapter (PEFT's field names, its own
+    # list order, fields that are only notes), refused naming the field when it does not, never silently preferred.
+    save_adapter(model, tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    written["target_modules"] = written["target_modules"][::-1]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(written))
+    assert load_adapter(copy.deepcopy(fresh_base := _llama()), tmp_path) == AdapterLoadResult([], [])
+    for field, other in (("r", 8), ("use_rslora", False), ("target_modules", ["q_proj"])):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**written, field: other}))
+        with pytest.raises(ValueError, match=rf"adapter_config.json and the config inside .*adapter_model.bin "
+                                             rf"disagree \({field}: "):
+            load_adapter(copy.deepcopy(fresh_base), tmp_path)
+
 
 def test_peft_bin_loads(tmp_path):
     base = _gpt2()
