@@ -228,6 +228,21 @@ def test_save_defaults_and_regex_targets(tmp_path):
     assert (cfg["base_model_name_or_path"], cfg["task_type"]) == ("other", "FEATURE_EXTRACTION")
 
 
+def test_mixed_dropout_writes_the_most_common_value_and_warns(tmp_path):
+    model = _llama()
+    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, dropout=0.1)
+    layers = list(lora_layers(model).values())
+    assert len(layers) >= 3
+    layers[0].lora.dropout = 0.2  # one layer differs: the others' value is the adapter's
+    with pytest.warns(UserWarning, match=r"different dropout probabilities \[0.1, 0.2\]; .* 0.1 is written"):
+        save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    layers[0].lora.dropout = 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path)  # one value: nothing to warn about
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_layers_to_transform_in_peft_config(arch, tmp_path):
     """PEFT's layers_to_transform: with layers_pattern (Llama) and with its default index rule (GPT-2)."""
