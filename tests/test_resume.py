@@ -296,3 +296,23 @@ def test_resume_compares_local_paths_resolved(setup):
                               for a in _args(root, "x")])
     assert other.model != plain.model and _options(other) == _options(plain)
     assert _options(parse_train_args(_args(root, "x", "--rank", "4"))) != _options(plain)
+
+
+def test_load_trainable_refuses_names_and_shapes_that_do_not_fit(tmp_path):
+    """The backstop behind the options check (a checkpoint edited or from another model): a tensor that would
+    broadcast into the parameter (1 row for r rows) is refused as firmly as a missing or unexpected name."""
+    from lora_fast import LinearWithLoRA
+    from lora_fast.train_args import ConfigError
+    from lora_fast.train_ckpt import load_trainable
+
+    model = torch.nn.Sequential(LinearWithLoRA(torch.nn.Linear(6, 5), rank=3))
+    good = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    a = next(n for n in good if n.endswith("lora_A"))
+    for bad, what in (({**good, a: good[a][:1]}, a), ({k: v for k, v in good.items() if k != a}, a),
+                      ({**good, "extra.lora_A": good[a]}, "extra.lora_A")):
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ConfigError, match=rf"do not fit the model \(1 missing, unexpected or mis-shaped: {what}"):
+            load_trainable(model, bad, tmp_path)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing copied
+    load_trainable(model, good, tmp_path)
+    assert all(torch.equal(p, good[n]) for n, p in model.named_parameters() if p.requires_grad)
