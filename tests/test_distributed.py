@@ -66,6 +66,24 @@ def setup(tmp_path_factory):
     return root, ref
 
 
+def _run_launcher(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a launcher; on a timeout stop it with SIGTERM first. torchrun starts each rank in its own session, so
+    killing the launcher alone (what ``subprocess.run(timeout=)`` does) would leave the ranks running; on SIGTERM it
+    stops them itself. SIGKILL only if it has not exited 60 s later."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"{cmd[:6]}... did not finish in {TIMEOUT_S} s (stopped with SIGTERM)\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tuple(COMMON), rc=0, signal_at=None):
     """Launch 2 ranks (torchrun by default); returns (output dir, rank-dump dir, the completed process).
     ``signal_at``: ``LORA_FAST_SIGNAL_AT`` ("RANK:STEP:INT|TERM"); ``rc``: torchrun's expected exit status."""
@@ -78,7 +96,7 @@ def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tup
     launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*launcher, "-m", "lora_fast.train", "--model", str(root / "tiny"), "--dataset", str(root / "data.txt"),
            *common, "--output_dir", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = _run_launcher(cmd, env)
     assert proc.returncode == rc, f"torchrun: {proc.returncode}, not {rc}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out, dump, proc
 
