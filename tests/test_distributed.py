@@ -80,7 +80,8 @@ def _run_launcher(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        pytest.fail(f"{cmd[:6]}... did not finish in {TIMEOUT_S} s (stopped with SIGTERM)\n{out[-3000:]}\n{err[-3000:]}")
+        pytest.fail(f"{cmd[:6]}... did not finish in {TIMEOUT_S} s (stopped with SIGTERM)\n{out[-3000:]}\n"
+                    f"{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
