@@ -76,6 +76,7 @@ from lora_fast.inject import (
     unwrap_model,
 )
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
+from lora_fast.module_names import check_no_fsdp1, plain_module_names
 from lora_fast.reference import lora_scaling
 
 
@@ -144,13 +145,19 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
         ValueError: no LoRA layer, or state PEFT's format cannot express (mixed rsLoRA, trainable base weights),
             or DTensor parameters without an initialized process group to gather them.
     """
-    from safetensors.torch import save as safetensors_bytes
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: expected an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # torch.compile / DDP wrappers: the keys are the wrapped model's, as PEFT writes
     if hasattr(model, "peft_config"):
         raise TypeError("save_adapter: this is a PEFT model; save it with its own save_pretrained()")
+    check_no_fsdp1(model, "save_adapter")
+    with plain_module_names(model):  # keys without _checkpoint_wrapped_module / _orig_mod segments, as PEFT's
+        return _save_adapter(model, directory, base_model_name_or_path, task_type)
+
+
+def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | None, task_type: str | None) -> Path:
+    from safetensors.torch import save as safetensors_bytes
+
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
@@ -191,6 +198,12 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
         for key, (module, leaf) in _base_weight_keys(model, layers, []).items():
             tensors.setdefault(key, getattr(module, leaf))
     tensors, sharded = _gather_full(tensors)
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in _lora_shapes(layers).items()
+             if tuple(tensors[k].shape) != shape]
+    if wrong:  # e.g. DeepSpeed ZeRO-3 leaves each rank an empty placeholder outside its gather context
+        raise ValueError(f"save_adapter: LoRA tensors do not have their layers' shapes: {_names(wrong)}. Parameters "
+                         "partitioned by a wrapper lora_fast does not gather (DeepSpeed ZeRO-3: save inside "
+                         "deepspeed.zero.GatheredParameters) cannot be saved as they are; FSDP2 is gathered here")
     files = {  # serialised before anything touches the disk
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
@@ -204,6 +217,15 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write_all(directory, files)
     return directory
+
+
+def _lora_shapes(layers: dict[str, LinearWithLoRA]) -> dict[str, tuple[int, int]]:
+    """{PEFT key: the shape its layer declares}: A (r, in), B (out, r)."""
+    shapes = {}
+    for name, layer in layers.items():
+        shapes[f"{PREFIX}{name}.lora_A.weight"] = (layer.rank, layer.in_features)
+        shapes[f"{PREFIX}{name}.lora_B.weight"] = (layer.out_features, layer.rank)
+    return shapes
 
 
 def _recorded_extras(model: nn.Module, layers) -> list[str]:
@@ -339,6 +361,13 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     model = unwrap_model(model)  # torch.compile / DDP wrappers: loaded into the model they wrap
     if hasattr(model, "peft_config"):
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
+    check_no_fsdp1(model, "load_adapter")
+    with plain_module_names(model) as compiled:  # the file's keys are the plain model's names
+        return _load_adapter(model, directory, strict, backend, is_trainable, compiled)
+
+
+def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
+                  compiled: set[int]) -> AdapterLoadResult:
     cfg, state, source = _read_adapter(directory)
     _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
     if cfg.get("task_type") in TASK_HEAD_NAMES:  # as PEFT: the head is saved whole, and never a LoRA target
@@ -360,6 +389,10 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         if not isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
             raise ValueError(f"load_adapter: target {name!r} is a {type(module).__name__}; lora_fast supports "
                              "nn.Linear and transformers' Conv1D (load this adapter with PEFT)")
+        if name not in existing and id(module) in compiled:
+            raise ValueError(f"load_adapter: target {name!r} is compiled on its own (torch.compile of that "
+                             "projection), and its compiled code would keep calling the module without LoRA; load "
+                             "the adapter first, then compile (or compile a module around it)")
         in_f, out_f = (module.in_features, module.out_features) if name in existing else _in_out(module)
         r = module.rank if name in existing else pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
         plan[name] = (in_f, out_f, r, pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
+from lora_fast.module_names import wrapper_inner
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (0.21: every architecture it lists; distilbert: ours).
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
@@ -356,12 +357,13 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s ``OptimizedModule`` and DDP / DataParallel wrappers (unwrapped
-    repeatedly), else ``model`` itself: adapter keys and task types are the wrapped model's, as PEFT's
-    ``save_pretrained`` of a compiled model writes them (not ``_orig_mod.``/``module.`` prefixed)."""
+    """The model inside ``torch.compile``'s ``OptimizedModule``, torch's activation-checkpoint wrapper and DDP /
+    DataParallel wrappers (unwrapped repeatedly), else ``model`` itself: adapter keys and task types are the wrapped
+    model's, as PEFT's ``save_pretrained`` of a compiled model writes them (not ``_orig_mod.``/``module.``
+    prefixed). Wrappers further down the tree: ``lora_fast.module_names``."""
     while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        if (attr := wrapper_inner(model)) is not None:
+            model = model._modules[attr]
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:

@@ -1,0 +1,168 @@
+"""Adapters of models with wrappers inside (``lora_fast.module_names``): torch's activation-checkpoint wrapper and
+``torch.compile`` of submodules add a segment to module names; adapter files must hold the plain names PEFT uses,
+load back into wrapped or plain models, and leave the wrappers in place. FSDP1 and partitioned (ZeRO-3-style)
+parameters are refused instead of written wrong."""
+
+# ruff: noqa: I001  (tests.triton_interpret is imported first, see test_adapter.py)
+from __future__ import annotations
+
+try:
+    import tests.triton_interpret  # noqa: F401
+except ImportError:  # triton missing
+    pass
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from lora_fast import LinearWithLoRA, apply_lora, load_adapter, lora_layers, save_adapter, unwrap_model
+from lora_fast.adapter import AdapterLoadResult
+from tests.test_adapter import TOL, _gpt2, _ids, _logits, _randomise_lora
+from tests.utils import MISSING, assert_rel_close
+
+peft = pytest.importorskip("peft", reason=MISSING["peft"])
+ckpt = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
+                           reason="torch built without torch.distributed: no activation-checkpoint wrapper")
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+TARGETS = ["c_attn", "c_fc"]
+
+
+def _adapted():
+    """(plain base, LoRA model with random B) — the same weights as the plain base outside the adapter."""
+    torch.manual_seed(0)
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), TARGETS, rank=4, alpha=8)
+    _randomise_lora(model)
+    return base, model.eval()
+
+
+def _wrap_blocks(model):
+    ckpt.apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, GPT2Block))
+    assert all(isinstance(b, ckpt.CheckpointWrapper) for b in model.transformer.h)
+    return model
+
+
+def _saved(model, directory):
+    save_adapter(model, directory)
+    return load_file(directory / "adapter_model.safetensors"), json.loads((directory / "adapter_config.json")
+                                                                          .read_text())
+
+
+def _peft_logits(base, directory, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+    return _logits(pm, ids)
+
+
+def test_checkpoint_wrapped_blocks_save_plain_keys_and_load_back(tmp_path):
+    base, model = _adapted()
+    plain_sd, plain_cfg = _saved(model, tmp_path / "plain")
+    _wrap_blocks(model)
+    assert any("_checkpoint_wrapped_module" in n for n in lora_layers(model))  # the names really changed
+    sd, cfg = _saved(model, tmp_path / "wrapped")
+    assert sd.keys() == plain_sd.keys() and all(torch.equal(sd[k], plain_sd[k]) for k in sd)
+    assert cfg == plain_cfg
+    ids = _ids()
+    want = _logits(model, ids)
+    # Before: PEFT found none of the keys, warned, and ran the base model. Now it loads the adapter.
+    assert_rel_close(_peft_logits(base, tmp_path / "wrapped", ids), want, TOL, "PEFT, adapter of wrapped model")
+    assert all(isinstance(b, ckpt.CheckpointWrapper) for b in model.transformer.h)  # save put the wrappers back
+
+    wrapped_base = _wrap_blocks(copy.deepcopy(base))  # wrapped first, then the adapter loaded into it
+    assert load_adapter(wrapped_base, tmp_path / "wrapped", is_trainable=True) == AdapterLoadResult([], [])
+    assert all(isinstance(b, ckpt.CheckpointWrapper) for b in wrapped_base.transformer.h)
+    assert len(lora_layers(wrapped_base)) == 4
+    assert_rel_close(_logits(wrapped_base.eval(), ids), want, TOL, "adapter loaded into a wrapped model")
+    # Training through the wrappers still works and gives the plain model's gradients (no dropout here).
+    plain = copy.deepcopy(base)
+    load_adapter(plain, tmp_path / "plain")
+    grads = []
+    for m in (wrapped_base, plain):
+        m.train()
+        torch.manual_seed(1)  # the same dropout masks in GPT-2's own dropouts (the wrapper replays them)
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()
+                      if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for n in grads[1]:
+        assert_rel_close(grads[0][n], grads[1][n], TOL, f"grad {n}")
+
+
+def test_wrapper_directly_around_each_target(tmp_path):
+    """The checkpoint wrapper around each Conv1D itself: the LoRA layer load_adapter builds goes inside it."""
+    base, model = _adapted()
+    save_adapter(model, tmp_path)
+    wrapped = copy.deepcopy(base)
+    ckpt.apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, Conv1D))
+    assert load_adapter(wrapped, tmp_path) == AdapterLoadResult([], [])
+    c_attn = wrapped.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, ckpt.CheckpointWrapper)
+    assert isinstance(c_attn._checkpoint_wrapped_module, LinearWithLoRA)
+    ids = _ids()
+    assert_rel_close(_logits(wrapped.eval(), ids), _logits(model, ids), TOL, "LoRA layers inside the wrappers")
+    sd, _ = _saved(wrapped, tmp_path / "again")  # and saved again under the plain names
+    assert sd.keys() == load_file(tmp_path / "adapter_model.safetensors").keys()
+    # A whole model wrapped at the top is unwrapped too.
+    assert unwrap_model(ckpt.checkpoint_wrapper(model)) is model
+
+
+def test_compiled_blocks_and_a_compiled_target(tmp_path):
+    base, model = _adapted()
+    save_adapter(model, tmp_path / "plain")
+    for i, block in enumerate(model.transformer.h):  # per-block compile, as for regional compilation
+        model.transformer.h[i] = torch.compile(block, backend="eager")
+    assert any("_orig_mod" in n for n in lora_layers(model))
+    sd, _ = _saved(model, tmp_path / "compiled")
+    assert sd.keys() == load_file(tmp_path / "plain" / "adapter_model.safetensors").keys()
+
+    fresh = copy.deepcopy(base)
+    for i, block in enumerate(fresh.transformer.h):
+        fresh.transformer.h[i] = torch.compile(block, backend="eager")
+    assert load_adapter(fresh, tmp_path / "compiled") == AdapterLoadResult([], [])
+    assert all(type(b).__name__ == "OptimizedModule" for b in fresh.transformer.h)
+    ids = _ids()
+    assert_rel_close(_logits(fresh.eval(), ids), _logits(model, ids), TOL, "adapter in compiled blocks")
+
+    # A target compiled on its own: its compiled code is bound to the plain projection, so loading is refused
+    # before anything changes (the wrapper stays, no LoRA layer appears).
+    alone = copy.deepcopy(base)
+    alone.transformer.h[0].attn.c_attn = torch.compile(alone.transformer.h[0].attn.c_attn, backend="eager")
+    with pytest.raises(ValueError, match=r"target 'transformer.h.0.attn.c_attn' is compiled on its own"):
+        load_adapter(alone, tmp_path / "plain")
+    assert type(alone.transformer.h[0].attn.c_attn).__name__ == "OptimizedModule" and not lora_layers(alone)
+
+
+class _FakeFSDP1(nn.Module):
+    """The attribute FSDP1 keeps its module under (FSDP1 itself needs a GPU to construct)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._fsdp_wrapped_module = module
+
+
+def test_fsdp1_and_partitioned_parameters_are_refused(tmp_path):
+    base, model = _adapted()
+    save_adapter(model, tmp_path / "src")
+    model.transformer.h[0] = _FakeFSDP1(model.transformer.h[0])
+    fresh = copy.deepcopy(base)
+    fresh.transformer.h[0] = _FakeFSDP1(fresh.transformer.h[0])
+    for fn in (lambda: save_adapter(model, tmp_path / "a"), lambda: load_adapter(fresh, tmp_path / "src")):
+        with pytest.raises(ValueError, match=r"FSDP1 \(FullyShardedDataParallel\).*fully_shard"):
+            fn()
+    assert not (tmp_path / "a").exists() and not lora_layers(fresh)
+
+    _, model = _adapted()  # DeepSpeed ZeRO-3 leaves a 0-element placeholder in each partitioned parameter
+    layer = lora_layers(model)["transformer.h.1.mlp.c_fc"]
+    layer.lora.lora_A.data = torch.empty(0)
+    with pytest.raises(ValueError, match=r"transformer.h.1.mlp.c_fc.lora_A.weight \(0,\) \(expected \(4, 32\)\)"
+                                         r".*GatheredParameters"):
+        save_adapter(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
