@@ -316,3 +316,41 @@ def test_load_trainable_refuses_names_and_shapes_that_do_not_fit(tmp_path):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # nothing copied
     load_trainable(model, good, tmp_path)
     assert all(torch.equal(p, good[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("world_size", 2, "written by 2 process(es), resumed with 1"),
+    ("digest", "another corpus", "the tokenized training data (or tokenizer) differs"),
+])
+def test_resume_refuses_another_world_size_or_other_data(setup, tmp_path, capsys, field, value, message):
+    """Same options, but the checkpoint was written by 2 processes (other shards and RNG streams), or from data
+    that tokenizes differently (the file at the same path edited): continuing would silently train on something
+    else, so it is refused by name and nothing is written."""
+    import shutil
+
+    root, _ = setup
+    ck = root / "periodic-checkpoints" / "checkpoint-8"
+    if not ck.is_dir():
+        _run(root, "periodic", "--save_steps", "8", "--overwrite")
+    edited = tmp_path / "checkpoint-8"
+    shutil.copytree(ck, edited)
+    state = torch.load(edited / "training_state.pt", weights_only=True)
+    assert state[field] != value
+    torch.save({**state, field: value}, edited / "training_state.pt")
+    assert cli_main(["train", *_args(root, "edited", "--resume_from_checkpoint", str(edited))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "edited").exists()
+
+
+def test_latest_checkpoint_is_the_highest_step_and_incomplete_ones_are_skipped(tmp_path):
+    """'latest' and --save_total_limit order by step number (checkpoint-10 after checkpoint-9, not before it), and
+    a directory without its state file (a crash mid-write, a stray copy) is not a checkpoint."""
+    from lora_fast.train_ckpt import STATE_NAME, find_checkpoint, list_checkpoints
+
+    for step in (2, 9, 10, 11):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_NAME).write_bytes(b"")
+    (tmp_path / "checkpoint-11" / STATE_NAME).unlink()  # incomplete
+    (tmp_path / "checkpoint-x").mkdir()
+    assert list_checkpoints(tmp_path) == [(s, tmp_path / f"checkpoint-{s}") for s in (2, 9, 10)]
+    assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
