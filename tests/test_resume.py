@@ -337,9 +337,9 @@ def test_resume_refuses_another_world_size_or_other_data(setup, tmp_path, capsys
     state = torch.load(edited / "training_state.pt", weights_only=True)
     assert state[field] != value
     torch.save({**state, field: value}, edited / "training_state.pt")
-    assert cli_main(["train", *_args(root, "edited", "--resume_from_checkpoint", str(edited))]) == 2
+    assert cli_main(["train", *_args(root, f"edited-{field}", "--resume_from_checkpoint", str(edited))]) == 2
     assert message in capsys.readouterr().err
-    assert not (root / "edited").exists()
+    assert not (root / f"edited-{field}").exists()
 
 
 def test_latest_checkpoint_is_the_highest_step_and_incomplete_ones_are_skipped(tmp_path):
