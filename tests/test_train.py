@@ -452,6 +452,10 @@ def test_eval_loss_weights_every_target_not_every_batch(tiny_gpt2):
         ref = lm(input_ids=ids, labels=labels).loss.double()
     r = evaluate(lm, _batches(ids, labels, (8, 1)), cpu, amp)
     assert r["loss"] == pytest.approx(ref.item(), rel=1e-5) and r["perplexity"] == pytest.approx(ref.exp().item())
+    with torch.no_grad():  # max_batches=2 is the first two batches exactly (here: the 8 easy blocks)
+        ref2 = lm(input_ids=ids[:8], labels=labels[:8]).loss.item()
+    assert evaluate(lm, _batches(ids, labels, (4, 4, 1)), cpu, amp, max_batches=2)["loss"] == pytest.approx(ref2,
+                                                                                                         rel=1e-5)
     cls = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2, pad_token_id=0)
     y = torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
@@ -734,3 +738,38 @@ def test_validation_split_follows_the_seed():
         assert sorted(train + val) == sorted(docs)
         assert 0.2 * total <= sum(map(len, val)) <= 1.2 * 0.25 * total
 
+
+
+def test_each_train_call_starts_from_the_seeded_init_and_grad_norm_zero_disables_clipping(tiny_gpt2, tmp_path,
+                                                                                          monkeypatch):
+    """``train`` on one prepared model (as the sweep does) twice with the same options gives the same adapter: the
+    LoRA init follows --seed, not whatever drew from the generator before. --max_grad_norm 0 means no clipping (it
+    trains, as without the option), not clipping to zero. --eval_batches counts global batches: with
+    accumulation 2, an evaluation reads 2 × eval_batches loader batches."""
+    from safetensors.torch import load_file
+
+    from lora_fast import train as T
+    from lora_fast.train_args import parse_train_args
+
+    caps = []
+    real_evaluate = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: caps.append(a[4]) or real_evaluate(*a, **k))
+
+    def opts(name, *extra):
+        return parse_train_args(["--model", str(tiny_gpt2), "--max_steps", "3", "--max_length", "32", "--batch_size",
+                                 "2", "--gradient_accumulation_steps", "2", "--lr", "0.01", "--eval_steps", "3",
+                                 "--eval_batches", "3", "--target_modules", "c_attn", "--no-progress",
+                                 "--output_dir", str(tmp_path / name), *extra])
+
+    prep = T.prepare(opts("a"), log=lambda msg: None)
+    adapters = []
+    for name, extra in (("a", ()), ("b", ()), ("c", ("--max_grad_norm", "0"))):
+        torch.rand(7)  # the generator moves between runs, as in a sweep
+        T.train(opts(name, *extra), prep, log=lambda msg: None)
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    same, no_clip = adapters[1], adapters[2]
+    assert all(torch.equal(adapters[0][k], same[k]) for k in same)
+    b_keys = [k for k in no_clip if "lora_B" in k]
+    assert all(no_clip[k].abs().max() > 0 for k in b_keys)  # B starts at 0: it moved
+    assert any(not torch.equal(no_clip[k], same[k]) for k in b_keys)  # the default clips at 1.0: another run
+    assert caps and set(caps) == {3 * 2}
