@@ -773,3 +773,19 @@ def test_each_train_call_starts_from_the_seeded_init_and_grad_norm_zero_disables
     assert all(no_clip[k].abs().max() > 0 for k in b_keys)  # B starts at 0: it moved
     assert any(not torch.equal(no_clip[k], same[k]) for k in b_keys)  # the default clips at 1.0: another run
     assert caps and set(caps) == {3 * 2}
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    """GPT-2's own tokenizer has no pad token; classification batches need one, so EOS pads, as is usual for
+    GPT-2 (the attention mask keeps it out of the result)."""
+    from transformers import AutoTokenizer
+
+    from lora_fast.data import default_corpus, train_bpe_tokenizer
+    from lora_fast.train_model import load_tokenizer
+
+    tok = train_bpe_tokenizer(default_corpus()[:50], 300)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None  # saved without one
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token is not None and loaded.pad_token_id == loaded.eos_token_id
