@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora_fast
@@ -201,6 +202,14 @@ def test_seq_cls_head_saved_as_modules_to_save(tmp_path):
         assert_rel_close(_logits(ours, ids), ref, TOL, f"is_trainable={flag}")
     with pytest.raises(TypeError, match="is_trainable must be True or False"):
         load_adapter(copy.deepcopy(base_copy), tmp_path / "b", is_trainable="no")
+    # A SEQ_CLS config that leaves modules_to_save out still means the head travels whole (PEFT adds it itself).
+    cfg_b = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**cfg_b, "modules_to_save": None}))
+    ours = copy.deepcopy(base_copy)
+    assert load_adapter(ours, tmp_path / "b") == AdapterLoadResult([], [])
+    assert torch.equal(ours.score.weight, load_file(tmp_path / "b" / "adapter_model.safetensors")[
+        "base_model.model.score.weight"])
+    assert_rel_close(_logits(ours, ids), ref, TOL, "SEQ_CLS adapter with modules_to_save null")
 
 
 def test_save_defaults_and_regex_targets(tmp_path):
@@ -258,6 +267,56 @@ def test_layers_to_transform_in_peft_config(arch, tmp_path):
     assert sorted(lora_layers(fresh)) == names and all(".1." in n for n in names)
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "layers_to_transform adapter")
+
+
+@pytest.mark.parametrize("exclude", [["transformer.h.0.attn.c_proj"], r".*h\.0\.attn\.c_proj"])
+def test_peft_exclude_modules_loads_without_the_excluded_layer(exclude, tmp_path):
+    """PEFT's exclude_modules (a list of names/suffixes, or a regex) removes modules target_modules selects: the
+    adapter file has no weights for them, and loading must not wrap them."""
+    base = _gpt2()
+    fresh = copy.deepcopy(base)
+    pm = _peft_model(base, ["c_attn", "c_proj"], exclude_modules=exclude)
+    pm.save_pretrained(tmp_path)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    wrapped = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+                     for n, _ in pm.named_parameters() if "lora_A" in n)
+    assert sorted(lora_layers(fresh)) == wrapped and "transformer.h.0.attn.c_proj" not in wrapped
+    assert "transformer.h.1.attn.c_proj" in wrapped
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, "exclude_modules adapter")
+
+
+class _Lookalikes(nn.Module):
+    """``h.1.fc`` and ``h11.fc``: as a regex (PEFT reads rank_pattern keys as regexes), "h.1.fc" matches both."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList([nn.Linear(8, 8), nn.ModuleDict({"fc": nn.Linear(8, 8)})])
+        self.h11 = nn.ModuleDict({"fc": nn.Linear(8, 8)})
+
+    def forward(self, x):
+        return self.h11["fc"](self.h[1]["fc"](x))
+
+
+def test_rank_pattern_of_lookalike_names_is_escaped(tmp_path):
+    torch.manual_seed(0)
+    base = _Lookalikes()
+    fresh, peft_base = copy.deepcopy(base), copy.deepcopy(base)
+    apply_lora(base, target_modules=r"h11\.fc", rank=4, alpha=8)
+    apply_lora(base, target_modules=r"h\.1\.fc", rank=2, alpha=8)
+    _randomise_lora(base)
+    save_adapter(base, tmp_path)
+    want = {n: m.rank for n, m in lora_layers(base).items()}
+    assert want == {"h.1.fc": 2, "h11.fc": 4}
+    load_adapter(fresh, tmp_path)
+    assert {n: m.rank for n, m in lora_layers(fresh).items()} == want
+    pm = PeftModel.from_pretrained(peft_base, tmp_path).eval()
+    assert {n.removeprefix("base_model.model."): m.r["default"] for n, m in pm.named_modules()
+            if hasattr(m, "r") and isinstance(m.r, dict)} == want
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_rel_close(pm(x), base(x), TOL, "PEFT, lookalike names")
+        assert_rel_close(fresh(x), base(x), TOL, "lora_fast, lookalike names")
 
 
 # ------------------------------------------------------------------------------------------------ strict loading
@@ -440,11 +499,14 @@ def test_unsupported_config_and_models_are_refused(saved, tmp_path):
 def test_legacy_tutorial_bin_loads(tmp_path):
     model = _llama()
     fresh = copy.deepcopy(model)
-    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8, use_rslora=True)
+    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.1, use_rslora=True)
     _randomise_lora(model)
     lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}  # <module>.lora.lora_A/B
     torch.save({"lora_state_dict": lora_sd, "config": dict(model.lora_fast_config)}, tmp_path / "adapter_model.bin")
     assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    # its rank/alpha/dropout names are lora_fast's: all three carry over (dropout matters when training goes on)
+    assert {(m.rank, m.lora.alpha, m.lora.dropout, m.lora.use_rslora) for m in lora_layers(fresh).values()} == {
+        (4, 8.0, 0.1, True)}
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "legacy tutorial adapter")
 
