@@ -302,12 +302,13 @@ def test_rank_pattern_of_lookalike_names_is_escaped(tmp_path):
     torch.manual_seed(0)
     base = _Lookalikes()
     fresh, peft_base = copy.deepcopy(base), copy.deepcopy(base)
-    apply_lora(base, target_modules=r"h11\.fc", rank=4, alpha=8)
-    apply_lora(base, target_modules=r"h\.1\.fc", rank=2, alpha=8)
+    apply_lora(base, target_modules=r"h\.1\.fc", rank=4, alpha=8)
+    apply_lora(base, target_modules=r"h11\.fc", rank=2, alpha=8)  # the adapter's r: the last call's
     _randomise_lora(base)
     save_adapter(base, tmp_path)
     want = {n: m.rank for n, m in lora_layers(base).items()}
-    assert want == {"h.1.fc": 2, "h11.fc": 4}
+    assert want == {"h.1.fc": 4, "h11.fc": 2}
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2  # so h.1.fc needs the pattern
     load_adapter(fresh, tmp_path)
     assert {n: m.rank for n, m in lora_layers(fresh).items()} == want
     pm = PeftModel.from_pretrained(peft_base, tmp_path).eval()
