@@ -100,3 +100,17 @@ def test_bad_seeds_are_errors_in_eager_and_op_even_without_dropout(bad):
         for p, training in ((0.3, True), (0.0, True), (0.3, False)):
             with pytest.raises(ValueError, match="seed"):
                 fn(x, w, b, a, bb, 1.0, p, seed=bad, training=training)
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_eval_mode_with_a_seed_has_no_dropout(triton_path, monkeypatch):
+    """training=False turns dropout off whatever seed is given (a module in eval mode still passes its seed): the
+    output is the dropout-free one, on the reference path and on the Triton path (interpreter)."""
+    if triton_path:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    backend = "triton" if triton_path else "reference"
+    plain = functional.lora_linear(x, w, b, a, bb, 2.0, 0.0, backend=backend)
+    for seed in (5, torch.tensor([5])):
+        assert torch.equal(functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=seed, training=False,
+                                                  backend=backend), plain)
