@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -349,8 +351,10 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         checks = {str(path): all_rows}
         shuffled = list(all_rows)
         random.Random(seed).shuffle(shuffled)
-        n_val = int(val_fraction * len(all_rows))
-        n_train = int(round(0.8 - val_fraction, 12) * len(all_rows))  # round: 0.8 - 0.1 is 0.7000000000000001
+        # Exact shares of the decimal given (0.1 is 1/10): in floats 0.7 * 90 is 62.99999999999999, truncated to 62
+        share = Fraction(repr(val_fraction))
+        n_val = math.floor(share * len(all_rows))
+        n_train = math.floor((Fraction(4, 5) - share) * len(all_rows))
         rows = {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
                 "test": shuffled[n_train + n_val:]}
     else:

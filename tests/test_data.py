@@ -1,0 +1,91 @@
+"""Classification CSV loading (``lora_fast.data.load_classification``): the label set, its order, and the split of a
+single CSV file into train / validation / test.
+
+No model is involved: each test writes a few CSV rows and reads them back.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from fractions import Fraction
+
+import pytest
+
+from lora_fast.data import load_classification
+from lora_fast.train_args import ConfigError
+
+
+def _write_csv(path, rows, header=("Label", "Text")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _dir(root, train_rows, validation_rows):
+    root.mkdir()
+    _write_csv(root / "train.csv", train_rows)
+    _write_csv(root / "validation.csv", validation_rows)
+    return root
+
+
+def test_a_single_label_is_refused(tmp_path):
+    """A classifier needs at least two classes: a training split with one label is an error naming it, for a
+    directory of splits and for one CSV file alike."""
+    rows = [("spam", f"message {i}") for i in range(20)]
+    with pytest.raises(ConfigError, match=r"has a single label \['spam'\] in its train split"):
+        load_classification(str(_dir(tmp_path / "d", rows, rows[:3])))
+    with pytest.raises(ConfigError, match="single label"):
+        load_classification(str(_write_csv(tmp_path / "one.csv", rows)))
+
+
+def test_labels_are_stripped_of_surrounding_spaces(tmp_path):
+    """'ham ' and ' spam' (spaces left around a label by hand-edited CSVs) are the labels 'ham' and 'spam': two
+    classes, not four, and every row gets the id of its stripped label."""
+    train = [("ham ", "see you at lunch"), (" spam", "win cash now"), ("ham", "notes for the meeting"),
+             ("spam", "free prize inside"), (" ham ", "dinner at home")]
+    splits, names = load_classification(str(_dir(tmp_path / "d", train, [(" spam ", "claim your reward")])))
+    assert names == ["ham", "spam"]
+    texts, ids = splits["train"]
+    assert [names[i] for i in ids] == [label.strip() for label, _ in train] and texts == [t for _, t in train]
+    assert [names[i] for i in splits["validation"][1]] == ["spam"]
+
+
+def test_numeric_labels_sort_as_numbers(tmp_path):
+    """Integer labels get ids in numeric order ("2" < "3" < "10"), so that label k of a 0..N-1 labelling is id k;
+    a string sort would put "10" first."""
+    train = [("2", "two"), ("10", "ten"), ("3", "three"), ("10", "ten again"), ("2", "two again")]
+    splits, names = load_classification(str(_dir(tmp_path / "d", train, [("3", "three again")])))
+    assert names == ["2", "3", "10"]
+    assert [names[i] for i in splits["train"][1]] == [label for label, _ in train]
+    labelled = _dir(tmp_path / "e", [(str(k % 12), f"row {k}") for k in range(24)], [("11", "eleven")])
+    _, names = load_classification(str(labelled))
+    assert names == [str(k) for k in range(12)]  # 0..11: names[k] is label k
+
+
+@pytest.mark.parametrize("n, val_fraction", [(50, 0.1), (37, 0.25), (20, 0.3), (101, 0.05), (40, 0.5), (100, 0.29),
+                                             (90, 0.1)])
+def test_single_csv_split_sizes_and_partition(tmp_path, n, val_fraction):
+    """One CSV file is split after a seeded shuffle into train (1 - val_fraction - 0.2), validation (val_fraction)
+    and test (the rest, about 20 %): each split holds the whole rows that its exact share rounds down to, and the
+    three splits partition the file's rows (every row once, with its own label)."""
+    f = _write_csv(tmp_path / "rows.csv", [("spam" if i % 2 else "ham", f"message {i}") for i in range(n)])
+    splits, names = load_classification(str(f), seed=3, val_fraction=val_fraction)
+    share = Fraction(str(val_fraction))
+    n_train, n_val = math.floor((Fraction(4, 5) - share) * n), math.floor(share * n)
+    sizes = {s: len(texts) for s, (texts, _) in splits.items()}
+    assert sizes == {"train": n_train, "validation": n_val, "test": n - n_train - n_val}
+    rows = [(t, names[y]) for texts, ids in splits.values() for t, y in zip(texts, ids, strict=True)]
+    assert sorted(rows) == sorted((f"message {i}", "spam" if i % 2 else "ham") for i in range(n))
+    again, _ = load_classification(str(f), seed=3, val_fraction=val_fraction)
+    assert again == splits  # the shuffle follows the seed
+
+
+def test_single_csv_of_90_rows_splits_70_10_20(tmp_path):
+    """The documented 70/10/20 split at the default val_fraction 0.1: 90 rows give 63 / 9 / 18 (float shares gave
+    62 / 9 / 19: 0.7 * 90 is 62.99999999999999, truncated)."""
+    f = _write_csv(tmp_path / "rows.csv", [("spam" if i % 2 else "ham", f"message {i}") for i in range(90)])
+    splits, _ = load_classification(str(f), seed=0, val_fraction=0.1)
+    assert {s: len(texts) for s, (texts, _) in splits.items()} == {"train": 63, "validation": 9, "test": 18}
