@@ -17,6 +17,7 @@ from lora_fast.cli import main as cli_main
 from lora_fast.data import load_texts
 from lora_fast.train_args import ConfigError, parse_train_args
 from lora_fast.train_model import load_base_model
+from tests.utils import assert_rel_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -604,3 +605,139 @@ def test_text_column_without_columns_is_an_error(tmp_path):
         load_texts(str(f), text_column="body")
     with pytest.raises(ConfigError, match="--text_column 'body' needs --dataset"):
         load_texts(None, text_column="body")
+
+
+# ------------------------------------------------------------------------------- mutation audit: options, merge
+@pytest.mark.parametrize("option, value, phrase", [
+    ("--lr", "0", "lr must be a positive number, got '0'"),
+    ("--epochs", "0", "epochs must be a positive number, got '0'"),
+    ("--alpha", "0", "alpha must be a positive number, got '0'"),
+    ("--dropout", "1", "dropout must be in [0, 1), got '1'"),
+])
+def test_zero_lr_epochs_and_dropout_one_are_refused_before_the_model(tmp_path, capsys, option, value, phrase):
+    """Boundary values: lr, epochs and alpha must be > 0 and dropout < 1 (dropout 1 zeroes the LoRA input). The
+    error names the option and comes before any model is loaded: the model directory here does not exist, and
+    that is not what is reported."""
+    out = tmp_path / "out"
+    assert cli_main(["train", "--model", str(tmp_path / "no-such-model"), "--output_dir", str(out), "--no-progress",
+                     option, value]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("lora-fast")]
+    assert ours == [f"lora-fast train: error: {phrase}"], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "all-linear"], ["all-linear", "c_proj"], ["c_attn", r".*\.c_proj"]])
+def test_target_modules_mixing_names_with_all_linear_or_a_regex_is_an_error(targets):
+    """--target_modules takes module names, or one regex, or 'all-linear' alone: a mix has no single meaning
+    (PEFT's target_modules is a list of names or one string), so it is refused rather than half-applied."""
+    with pytest.raises(ConfigError, match="give either module names, or a single regex / 'all-linear'"):
+        parse_train_args(["--target_modules", *targets])
+    assert parse_train_args(["--target_modules", "c_attn", "c_proj"]).target_modules == ["c_attn", "c_proj"]
+
+
+def test_merge_rebuilds_gpt2_random_from_the_training_seed(tmp_path):
+    """An adapter trained on ``gpt2-random`` is merged into the random GPT-2 drawn from the seed recorded in its
+    training_args.json: the merged model gives the logits of that base (rebuilt by the library's own builder at
+    that seed) with the adapter loaded. The adapter is made on a one-layer GPT-2 of the 124M model's width,
+    targeting layer 0's c_attn only, so that nothing beyond the two 124M models is built."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
+    from lora_fast.train_model import random_gpt2
+
+    seed = 7
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=768, n_head=12, vocab_size=16, n_positions=16,
+                                       bos_token_id=0, eos_token_id=0))
+    apply_lora(small, r".*\.h\.0\.attn\.c_attn", rank=2, alpha=4)
+    for layer in lora_layers(small).values():
+        with torch.no_grad():
+            layer.lora.lora_B.normal_(0, 0.05)  # B ≠ 0: the merge changes the weights
+    adapter = save_adapter(small, tmp_path / "adapter", base_model_name_or_path="gpt2-random")
+    (adapter / "training_args.json").write_text(json.dumps({"seed": seed}))
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ref = random_gpt2(seed=seed).eval()
+    load_adapter(ref, adapter)
+    ids = torch.randint(0, 50257, (1, 8))
+    with torch.no_grad():
+        assert_rel_close(merged(input_ids=ids).logits, ref(input_ids=ids).logits, 1e-5, "merged vs seed-7 base")
+
+
+@pytest.fixture(scope="module")
+def seq_cls_adapter(tmp_path_factory):
+    """A tiny GPT2ForSequenceClassification (3 labels) saved with save_pretrained, and a SEQ_CLS adapter of it
+    (LoRA on c_attn with B ≠ 0, the score head saved whole): (base dir, adapter dir)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lora_fast import apply_lora, lora_layers, save_adapter
+
+    root = tmp_path_factory.mktemp("seq-cls")
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64,
+                                                     num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+    model.save_pretrained(root / "base")
+    apply_lora(model, ["c_attn"], rank=2, alpha=4, modules_to_save=["score"])
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora.lora_B.normal_(0, 0.1)
+    save_adapter(model, root / "adapter", base_model_name_or_path=str(root / "base"))
+    return root / "base", root / "adapter"
+
+
+def test_merge_without_task_type_keeps_the_saved_architecture(seq_cls_adapter, tmp_path):
+    """A generic adapter (``task_type: null``, PEFT's plain PeftModel) of a base saved as a sequence classifier is
+    merged into that class, not into a causal LM: the merged model's architectures are the base's and its logits
+    are the base's with the adapter loaded."""
+    import shutil
+
+    from transformers import AutoConfig, GPT2ForSequenceClassification
+
+    from lora_fast import load_adapter
+
+    base, adapter = seq_cls_adapter
+    generic = tmp_path / "generic"
+    shutil.copytree(adapter, generic)
+    cfg = json.loads((generic / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["score"]
+    (generic / "adapter_config.json").write_text(json.dumps(cfg | {"task_type": None}))
+    assert cli_main(["merge", "--adapter", str(generic), "--output", str(tmp_path / "merged")]) == 0
+    archs = AutoConfig.from_pretrained(tmp_path / "merged").architectures
+    assert archs == AutoConfig.from_pretrained(base).architectures == ["GPT2ForSequenceClassification"]
+    merged = GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ref = GPT2ForSequenceClassification.from_pretrained(base).eval()
+    load_adapter(ref, generic)
+    ids = torch.randint(2, 512, (2, 10))
+    with torch.no_grad():
+        assert_rel_close(merged(input_ids=ids).logits, ref(input_ids=ids).logits, 1e-5, "merged classifier")
+
+
+@pytest.mark.parametrize("n", ["1", "0"])
+def test_merge_num_labels_below_two_is_refused(seq_cls_adapter, tmp_path, capsys, n):
+    """--num_labels counts classes: fewer than two is no classifier, refused as such (exit 2, nothing written)."""
+    _, adapter = seq_cls_adapter
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(out), "--num_labels", n]) == 2
+    err = capsys.readouterr().err
+    assert f"lora-fast merge: error: --num_labels must be at least 2, got {n}" in err, err
+    assert not out.exists()
+
+
+def test_merge_label_count_contradicting_the_saved_head_names_both(seq_cls_adapter, tmp_path, capsys):
+    """The saved head has 3 rows: a label count of 2 from --num_labels, or from training_args.json's
+    label_names, is refused by a message naming the source, both counts and the adapter (not a shape mismatch
+    deep in loading)."""
+    import shutil
+
+    _, adapter = seq_cls_adapter
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(out), "--num_labels", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--num_labels gives 2 labels but the classification head saved in {adapter} has 3" in err, err
+    named = tmp_path / "named"
+    shutil.copytree(adapter, named)
+    (named / "training_args.json").write_text(json.dumps({"seed": 0, "label_names": ["ham", "spam"]}))
+    assert cli_main(["merge", "--adapter", str(named), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"training_args.json gives 2 labels but the classification head saved in {named} has 3" in err, err
+    assert not out.exists()
