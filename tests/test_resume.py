@@ -236,19 +236,26 @@ def test_resume_refuses_changed_options(setup, capsys, extra, message):
     assert not (root / "changed").exists()
 
 
-def test_resume_refuses_an_older_checkpoint_format(setup, tmp_path, capsys):
-    """A checkpoint written before the schedule / optimizer-group / split changes (format 1) would resume into
-    another schedule or fail on the optimizer's groups: refused by name, nothing written."""
+def _edited_checkpoint(root, tmp_path, **fields):
+    """A copy of the periodic checkpoint-8 whose training state has ``fields`` changed (each to a new value)."""
     import shutil
 
-    root, _ = setup
     ck = root / "periodic-checkpoints" / "checkpoint-8"
     if not ck.is_dir():
         _run(root, "periodic", "--save_steps", "8", "--overwrite")
-    old = tmp_path / "checkpoint-8"
-    shutil.copytree(ck, old)
-    state = torch.load(old / "training_state.pt", weights_only=True)
-    torch.save({**state, "format": 1}, old / "training_state.pt")
+    edited = tmp_path / "checkpoint-8"
+    shutil.copytree(ck, edited)
+    state = torch.load(edited / "training_state.pt", weights_only=True)
+    assert all(state[k] != v for k, v in fields.items())
+    torch.save({**state, **fields}, edited / "training_state.pt")
+    return edited
+
+
+def test_resume_refuses_an_older_checkpoint_format(setup, tmp_path, capsys):
+    """A checkpoint written before the schedule / optimizer-group / split changes (format 1) would resume into
+    another schedule or fail on the optimizer's groups: refused by name, nothing written."""
+    root, _ = setup
+    old = _edited_checkpoint(root, tmp_path, format=1)
     assert cli_main(["train", *_args(root, "old", "--resume_from_checkpoint", str(old))]) == 2
     assert "written by an older lora-fast (checkpoint format 1, now 2" in capsys.readouterr().err
     assert not (root / "old").exists()
@@ -326,17 +333,8 @@ def test_resume_refuses_another_world_size_or_other_data(setup, tmp_path, capsys
     """Same options, but the checkpoint was written by 2 processes (other shards and RNG streams), or from data
     that tokenizes differently (the file at the same path edited): continuing would silently train on something
     else, so it is refused by name and nothing is written."""
-    import shutil
-
     root, _ = setup
-    ck = root / "periodic-checkpoints" / "checkpoint-8"
-    if not ck.is_dir():
-        _run(root, "periodic", "--save_steps", "8", "--overwrite")
-    edited = tmp_path / "checkpoint-8"
-    shutil.copytree(ck, edited)
-    state = torch.load(edited / "training_state.pt", weights_only=True)
-    assert state[field] != value
-    torch.save({**state, field: value}, edited / "training_state.pt")
+    edited = _edited_checkpoint(root, tmp_path, **{field: value})
     assert cli_main(["train", *_args(root, f"edited-{field}", "--resume_from_checkpoint", str(edited))]) == 2
     assert message in capsys.readouterr().err
     assert not (root / f"edited-{field}").exists()

@@ -14,19 +14,11 @@ import random
 import pytest
 import torch
 
+import tests.test_cli as cli_tests
 from lora_fast.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64)).save_pretrained(path)
-    return path
+tiny_gpt2 = cli_tests.tiny_gpt2  # the CLI tests' fixture: a tiny GPT-2 saved locally
 
 
 @pytest.fixture(scope="module")
