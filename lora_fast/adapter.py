@@ -126,7 +126,9 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
 
     Args:
         model: a model with lora_fast LoRA layers (``apply_lora`` or ``load_adapter``); a ``torch.compile`` or
-            DDP/DataParallel wrapper of one is unwrapped (keys without ``_orig_mod.``/``module.``, as PEFT writes).
+            DDP/DataParallel wrapper of one is unwrapped (keys without ``_orig_mod.``/``module.``, as PEFT writes),
+            and wrappers inside it (activation checkpointing, compiled blocks) are seen through
+            (``lora_fast.module_names``).
         directory: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are replaced,
             other files are left alone.
         base_model_name_or_path: recorded in the config; default ``model.config._name_or_path`` or
@@ -143,7 +145,8 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     Raises:
         TypeError: ``model`` is a PEFT model (use its ``save_pretrained``).
         ValueError: no LoRA layer, or state PEFT's format cannot express (mixed rsLoRA, trainable base weights),
-            or DTensor parameters without an initialized process group to gather them.
+            or DTensor parameters without an initialized process group to gather them, or an FSDP1-wrapped model,
+            or LoRA tensors not of their layer's shape (partitioned by DeepSpeed ZeRO-3 outside its gather).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: expected an nn.Module, got {type(model).__name__}")
@@ -363,21 +366,60 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
     check_no_fsdp1(model, "load_adapter")
     with plain_module_names(model) as compiled:  # the file's keys are the plain model's names
-        return _load_adapter(model, directory, strict, backend, is_trainable, compiled)
+        result = _load_adapter(model, directory, strict, backend, is_trainable, compiled)
+    if not is_trainable:
+        model.eval()  # again, now with the wrappers back in the tree (they were out when _load_adapter set it)
+    return result
+
+
+def _with_task_heads(cfg: dict) -> dict:
+    """As PEFT: a task's head (SEQ_CLS: ``score``/``classifier``, ...) is saved whole, never a LoRA target."""
+    if cfg.get("task_type") not in TASK_HEAD_NAMES:
+        return cfg
+    to_save = list(cfg.get("modules_to_save") or [])
+    return {**cfg, "modules_to_save": to_save + [n for n in TASK_HEAD_NAMES[cfg["task_type"]] if n not in to_save]}
+
+
+def _resolved(model: nn.Module, cfg: dict, existing: dict) -> dict:
+    """What ``cfg`` makes of ``model``: LoRA targets with their (r, alpha), rsLoRA, dropout, modules saved whole.
+    Two configs that spell one adapter differently (target_modules None / a list / a regex, int or float alpha,
+    patterns in another order) resolve alike."""
+    names = list(existing) if existing else _peft_targets(model, cfg)
+    return {
+        "targets": {n: (existing[n].rank if n in existing else pattern_value(cfg.get("rank_pattern"), n, cfg["r"]),
+                        float(pattern_value(cfg.get("alpha_pattern"), n, cfg["lora_alpha"]))) for n in names},
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "lora_dropout": float(cfg.get("lora_dropout") or 0.0),
+        "modules_to_save": _modules_to_save(model, names, list(cfg.get("modules_to_save") or [])),
+    }
+
+
+def _diff(a, b) -> list[str]:
+    """The entries where two resolved values differ, for the error message."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if isinstance(a, list) and isinstance(b, list):
+        return [f"{n} only in one" for n in sorted(set(a) ^ set(b))] or [f"{a} vs {b}"]
+    return [f"{a} vs {b}"]
 
 
 def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
                   compiled: set[int]) -> AdapterLoadResult:
-    cfg, state, source = _read_adapter(directory)
+    cfg, state, source, second = _read_adapter(directory)
     _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
-    if cfg.get("task_type") in TASK_HEAD_NAMES:  # as PEFT: the head is saved whole, and never a LoRA target
-        to_save = list(cfg.get("modules_to_save") or [])
-        heads = TASK_HEAD_NAMES[cfg["task_type"]]
-        cfg = {**cfg, "modules_to_save": to_save + [n for n in heads if n not in to_save]}
+    cfg = _with_task_heads(cfg)
     existing = lora_layers(model)
     merged = [n for n, m in existing.items() if m.merged]
     if merged:
         raise ValueError(f"load_adapter: LoRA layers are merged ({_names(merged)}); call unmerge_lora(model) first")
+    if second is not None:  # a legacy .bin's own config and an adapter_config.json: both must mean one adapter
+        _check_config(second, directory / CONFIG_NAME)
+        ours, theirs = _resolved(model, cfg, existing), _resolved(model, _with_task_heads(second), existing)
+        differ = [f"{k}: {_names(_diff(ours[k], theirs[k]))}" for k in ours if ours[k] != theirs[k]]
+        if differ:
+            raise ValueError(f"load_adapter: {source} carries its own config, and {directory / CONFIG_NAME} beside "
+                             f"it makes another adapter of {type(model).__name__} ({'; '.join(differ)}); remove "
+                             "the one that does not belong to these weights")
 
     plan = {}  # module name -> (in, out, r, alpha)
     names = list(existing) if existing else _peft_targets(model, cfg)

@@ -9,8 +9,9 @@ unpickling) in two forms: PEFT's plain state dict (keys ``base_model.model.<modu
 tutorials' ``{'lora_state_dict': {...}, 'config': {...}}`` whose keys are lora_fast state-dict keys
 ``<module>.lora.lora_A`` / ``<module>.lora.lora_B`` and whose config is ``model.lora_fast_config``
 (``rank``/``alpha``/``dropout``/``use_rslora``/``target_modules``) or PEFT's field names. Both are normalised to
-PEFT's keys and field names. A legacy file's own config and an ``adapter_config.json`` beside it must agree on
-every field that shapes the adapter (``_SHAPING_FIELDS``), or loading is refused: neither is silently preferred.
+PEFT's keys and field names. A legacy file's own config and an ``adapter_config.json`` beside it must make the same
+adapter of the model (``load_adapter`` compares what each resolves to), or loading is refused: neither is silently
+preferred.
 
 Sharded (FSDP2) parameters are DTensors: ``_gather_full`` gathers each one (``DTensor.full_tensor()``, a collective,
 so every rank must call it in the same order) into a plain CPU tensor.
@@ -134,33 +135,13 @@ def _read_json(path: Path) -> dict:
     return cfg
 
 
-# The config fields that change what load_adapter builds, with what an omitted one means (the other fields, e.g.
-# base_model_name_or_path, are notes). r and lora_alpha are always present after _normalise_config.
-_SHAPING_FIELDS = {"r": None, "lora_alpha": None, "lora_dropout": 0.0, "use_rslora": False, "target_modules": None,
-                   "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": [], "task_type": "unsaid",
-                   "fan_in_fan_out": False, "bias": "none", "use_dora": False, "ensure_weight_tying": False}
-
-
-def _check_same_config(from_json: dict, embedded: dict, cfg_path: Path, bin_path: Path) -> None:
-    """A legacy .bin carries its own config; beside an adapter_config.json that says otherwise, which one is meant
-    cannot be known, so neither is picked."""
-    def value(cfg, k):  # PEFT writes target_modules from a set: its order means nothing
-        v = cfg.get(k)
-        v = _SHAPING_FIELDS[k] if v is None else v
-        return sorted(v) if isinstance(v, list | tuple) else v
-
-    differ = [k for k in _SHAPING_FIELDS if value(from_json, k) != value(embedded, k)
-              and "unsaid" not in (value(from_json, k), value(embedded, k))]  # a config may leave task_type out
-    if differ:
-        shown = ", ".join(f"{k}: {value(from_json, k)!r} vs {value(embedded, k)!r}" for k in differ[:5])
-        raise ValueError(f"load_adapter: {cfg_path} and the config inside {bin_path} disagree ({shown}"
-                         f"{', ...' if len(differ) > 5 else ''}); remove the one that does not belong to these weights")
-
-
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(config, {PEFT key: tensor}, weights file) from a directory in any of the accepted layouts."""
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path, dict | None]:
+    """(config, {PEFT key: tensor}, weights file, second config) from a directory in any of the accepted layouts.
+    The second config is the ``adapter_config.json`` beside a legacy .bin that carries its own config (the one
+    returned first); ``load_adapter`` checks that both make the same adapter of the model."""
     cfg_path, st_path, bin_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME, directory / BIN_NAME
     config = _read_json(cfg_path) if cfg_path.is_file() else None
+    second = None
     if st_path.is_file():
         from safetensors.torch import load_file
 
@@ -180,7 +161,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]
         if isinstance(obj, dict) and "lora_state_dict" in obj:  # the tutorials' legacy layout
             state, embedded = obj["lora_state_dict"], obj.get("config")
             if embedded and config is not None:  # two configs for one set of weights: they must agree
-                _check_same_config(_normalise_config(config), _normalise_config(embedded), cfg_path, bin_path)
+                second = _normalise_config(config)
             config = embedded or config
         else:
             state = obj
@@ -194,4 +175,4 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path]
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory} (and no 'config' in {source.name})")
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"load_adapter: {source} must hold a dict of tensors keyed by name")
-    return _normalise_config(config), {_normalise_key(k): v for k, v in state.items()}, source
+    return _normalise_config(config), {_normalise_key(k): v for k, v in state.items()}, source, second

@@ -352,7 +352,7 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         shuffled = list(all_rows)
         random.Random(seed).shuffle(shuffled)
         # Exact shares of the decimal given (0.1 is 1/10): in floats 0.7 * 90 is 62.99999999999999, truncated to 62
-        share = Fraction(repr(val_fraction))
+        share = Fraction(str(val_fraction))
         n_val = math.floor(share * len(all_rows))
         n_train = math.floor((Fraction(4, 5) - share) * len(all_rows))
         rows = {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],

@@ -29,7 +29,8 @@ FSDP1_SEGMENT = "_fsdp_wrapped_module"
 
 def wrapper_inner(module: nn.Module) -> str | None:
     """The attribute holding the wrapped module when ``module`` is a pass-through wrapper, else None."""
-    if type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get(COMPILE_SEGMENT), nn.Module):
+    compiled = any(c.__name__ == "OptimizedModule" for c in type(module).__mro__)  # FSDP2 subclasses it
+    if compiled and isinstance(module._modules.get(COMPILE_SEGMENT), nn.Module):
         return COMPILE_SEGMENT
     if isinstance(module._modules.get(CHECKPOINT_SEGMENT), nn.Module):
         return CHECKPOINT_SEGMENT

@@ -511,18 +511,45 @@ def test_legacy_tutorial_bin_loads(tmp_path):
     ids = _ids()
     assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "legacy tutorial adapter")
 
-    # An adapter_config.json beside it: accepted when it describes the same adapter (PEFT's field names, its own
-    # list order, fields that are only notes), refused naming the field when it does not, never silently preferred.
+    # An adapter_config.json beside it: accepted when it makes the same adapter of the model (PEFT's field names,
+    # its own list order, target_modules spelled otherwise, fields that are only notes), refused when it makes
+    # another (the message says what differs), never silently preferred.
     save_adapter(model, tmp_path / "saved")
     written = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
-    written["target_modules"] = written["target_modules"][::-1]
-    (tmp_path / "adapter_config.json").write_text(json.dumps(written))
-    assert load_adapter(copy.deepcopy(fresh_base := _llama()), tmp_path) == AdapterLoadResult([], [])
-    for field, other in (("r", 8), ("use_rslora", False), ("target_modules", ["q_proj"])):
-        (tmp_path / "adapter_config.json").write_text(json.dumps({**written, field: other}))
-        with pytest.raises(ValueError, match=rf"adapter_config.json and the config inside .*adapter_model.bin "
-                                             rf"disagree \({field}: "):
-            load_adapter(copy.deepcopy(fresh_base), tmp_path)
+    for same in ({"target_modules": written["target_modules"][::-1]}, {"target_modules": r".*\.(q|v)_proj"},
+                 {"lora_alpha": 8.0, "base_model_name_or_path": "elsewhere"}):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**written, **same}))
+        assert load_adapter(_llama(), tmp_path) == AdapterLoadResult([], []), same
+    for other, what in (({"r": 8}, r"targets: model.layers.0.self_attn.q_proj \(4, 8.0\) vs \(8, 8.0\)"),
+                        ({"use_rslora": False}, "use_rslora: True vs False"),
+                        ({"lora_dropout": 0.0}, "lora_dropout: 0.1 vs 0.0"),
+                        ({"target_modules": ["q_proj"]},
+                         r"targets: model.layers.0.self_attn.v_proj \(4, 8.0\) vs None"),
+                        ({"exclude_modules": ["model.layers.1.self_attn.q_proj"]}, "layers.1.self_attn.q_proj"),
+                        ({"layers_to_transform": [0], "layers_pattern": "layers"}, "layers.1.self_attn")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**written, **other}))
+        fresh = _llama()
+        with pytest.raises(ValueError, match=rf"adapter_model.bin carries its own config, and .*adapter_config.json "
+                                             rf"beside it makes another adapter of LlamaForCausalLM \(.*{what}"):
+            load_adapter(fresh, tmp_path)
+        assert not lora_layers(fresh)
+
+
+def test_legacy_gpt2_bin_beside_its_own_config_loads(tmp_path):
+    """GPT-2 (Conv1D): the json says fan_in_fan_out true, the legacy config never mentions it (the layout comes from
+    the module type), and target_modules None means GPT-2's default c_attn: the same adapter, so it loads."""
+    model = _gpt2()
+    fresh = copy.deepcopy(model)
+    apply_lora(model, rank=4, alpha=8)  # target_modules None: c_attn
+    _randomise_lora(model)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    (tmp_path / "adapter_model.safetensors").unlink()
+    lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}
+    torch.save({"lora_state_dict": lora_sd, "config": dict(model.lora_fast_config)}, tmp_path / "adapter_model.bin")
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(model, ids), TOL, "legacy GPT-2 adapter beside its json")
 
 
 def test_peft_bin_loads(tmp_path):

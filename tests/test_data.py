@@ -10,6 +10,7 @@ import csv
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from lora_fast.data import load_classification
@@ -87,5 +88,6 @@ def test_single_csv_of_90_rows_splits_70_10_20(tmp_path):
     """The documented 70/10/20 split at the default val_fraction 0.1: 90 rows give 63 / 9 / 18 (float shares gave
     62 / 9 / 19: 0.7 * 90 is 62.99999999999999, truncated)."""
     f = _write_csv(tmp_path / "rows.csv", [("spam" if i % 2 else "ham", f"message {i}") for i in range(90)])
-    splits, _ = load_classification(str(f), seed=0, val_fraction=0.1)
-    assert {s: len(texts) for s, (texts, _) in splits.items()} == {"train": 63, "validation": 9, "test": 18}
+    for vf in (0.1, np.float64(0.1), np.float32(0.1)):  # numpy scalars from a Python caller too
+        splits, _ = load_classification(str(f), seed=0, val_fraction=vf)
+        assert {s: len(texts) for s, (texts, _) in splits.items()} == {"train": 63, "validation": 9, "test": 18}

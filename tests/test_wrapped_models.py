@@ -76,6 +76,10 @@ def test_checkpoint_wrapped_blocks_save_plain_keys_and_load_back(tmp_path):
     assert_rel_close(_peft_logits(base, tmp_path / "wrapped", ids), want, TOL, "PEFT, adapter of wrapped model")
     assert all(isinstance(b, ckpt.CheckpointWrapper) for b in model.transformer.h)  # save put the wrappers back
 
+    for_inference = _wrap_blocks(copy.deepcopy(base).train())  # is_trainable=False: eval mode, wrappers included
+    load_adapter(for_inference, tmp_path / "wrapped", is_trainable=False)
+    assert not any(m.training for m in for_inference.modules())
+
     wrapped_base = _wrap_blocks(copy.deepcopy(base))  # wrapped first, then the adapter loaded into it
     assert load_adapter(wrapped_base, tmp_path / "wrapped", is_trainable=True) == AdapterLoadResult([], [])
     assert all(isinstance(b, ckpt.CheckpointWrapper) for b in wrapped_base.transformer.h)
@@ -130,6 +134,12 @@ def test_compiled_blocks_and_a_compiled_target(tmp_path):
     assert all(type(b).__name__ == "OptimizedModule" for b in fresh.transformer.h)
     ids = _ids()
     assert_rel_close(_logits(fresh.eval(), ids), _logits(model, ids), TOL, "adapter in compiled blocks")
+
+    # fully_shard (FSDP2) swaps a compiled block's class for a subclass (FSDPOptimizedModule): still seen through.
+    for block in model.transformer.h:
+        block.__class__ = type("FSDPOptimizedModule", (type(block),), {})
+    sd, _ = _saved(model, tmp_path / "sharded-compiled")
+    assert sd.keys() == load_file(tmp_path / "plain" / "adapter_model.safetensors").keys()
 
     # A target compiled on its own: its compiled code is bound to the plain projection, so loading is refused
     # before anything changes (the wrapper stays, no LoRA layer appears).
