@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
-from lora_fast.module_names import wrapper_inner
+from lora_fast.module_names import plain_name, wrapper_inner
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (0.21: every architecture it lists; distilbert: ours).
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
@@ -243,8 +243,9 @@ def apply_lora(
     existing = [n for n in lora_layers(model) if n not in names]  # wrapped by an earlier call, not targeted now
     extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
     previous = getattr(model, "lora_fast_config", None) or {}
-    extras += [e for e in previous.get("modules_to_save") or [] if e not in extras  # an earlier call's stay
-               and e in dict(model.named_modules())]
+    raw = {plain_name(n): n for n, _ in model.named_modules()}  # recorded names are plain (module_names)
+    extras += [raw[e] for e in previous.get("modules_to_save") or [] if e in raw  # an earlier call's stay
+               and raw[e] not in extras]
     new = {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
@@ -279,7 +280,7 @@ def apply_lora(
         "target_modules": target_modules if isinstance(target_modules, str) or target_modules is None
         else list(target_modules),
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
-        "modules_to_save": extras,
+        "modules_to_save": [plain_name(e) for e in extras],
     }
     return model
 

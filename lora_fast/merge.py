@@ -13,8 +13,10 @@ import warnings
 
 import torch.nn as nn
 
+from lora_fast.adapter_config import _names
 from lora_fast.inject import _set_submodule, lora_layers, unwrap_model
 from lora_fast.layer import LinearWithLoRA
+from lora_fast.module_names import COMPILE_SEGMENT
 
 
 def _layers_or_raise(model: nn.Module, who: str) -> dict[str, LinearWithLoRA]:
@@ -22,6 +24,16 @@ def _layers_or_raise(model: nn.Module, who: str) -> dict[str, LinearWithLoRA]:
     if not layers:
         raise ValueError(f"{who}: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     return layers
+
+
+def _check_not_compiled_alone(layers: dict[str, LinearWithLoRA], who: str) -> None:
+    """A LoRA layer compiled on its own (``torch.compile(layer)`` in its parent's slot) cannot be taken out: the
+    compiled forward is bound to it and would go on running the LoRA term."""
+    alone = [n.removesuffix(f".{COMPILE_SEGMENT}") for n in layers if n.endswith(f".{COMPILE_SEGMENT}")]
+    if alone:
+        raise ValueError(f"{who}: {_names(alone)} compile the LoRA layer itself (torch.compile of that layer), and "
+                         "the compiled code would keep running it; call it before compiling, or on the layer "
+                         "(<module>._orig_mod), then put the result in the module's place")
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
@@ -73,6 +85,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             model.merge_weights(safe_merge=safe_merge)
         return model.merged_base()
     layers = _layers_or_raise(model, "merge_and_unload")
+    _check_not_compiled_alone(layers, "merge_and_unload")
     _merge_unmerged(layers, safe_merge, "merge_and_unload")
     for name, m in layers.items():
         _set_submodule(model, name, m.merged_base())
@@ -91,7 +104,9 @@ def unload(model: nn.Module) -> nn.Module:
         if model.merged:
             model.unmerge_weights()
         return model.linear
-    for name, m in _layers_or_raise(model, "unload").items():
+    layers = _layers_or_raise(model, "unload")
+    _check_not_compiled_alone(layers, "unload")
+    for name, m in layers.items():
         if m.merged:
             m.unmerge_weights()
         _set_submodule(model, name, m.linear)

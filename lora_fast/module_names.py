@@ -37,6 +37,12 @@ def wrapper_inner(module: nn.Module) -> str | None:
     return None
 
 
+def plain_name(name: str) -> str:
+    """``name`` without the segments pass-through wrappers add (``a._checkpoint_wrapped_module.b`` → ``a.b``): how
+    adapter files, ``state_dict()`` and the names lora_fast records (``modules_to_save``) spell it."""
+    return ".".join(p for p in name.split(".") if p not in (CHECKPOINT_SEGMENT, COMPILE_SEGMENT))
+
+
 def check_no_fsdp1(model: nn.Module, who: str) -> None:
     """Refuse a model holding FSDP1 wrappers (flat, sharded parameters: names and tensors would both be wrong)."""
     inside = [n for n, _ in model.named_modules() if n == FSDP1_SEGMENT or f".{FSDP1_SEGMENT}" in f".{n}"]

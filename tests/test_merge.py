@@ -145,3 +145,16 @@ def test_safe_merge_refuses_non_finite_weights_untouched():
     unmerge_lora(model)
     merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
     assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()
+
+
+def test_unload_refuses_a_lora_layer_compiled_on_its_own():
+    """torch.compile of a LoRA layer itself binds the compiled forward to that layer: taking the layer out would
+    leave the LoRA term running (unload) or only by accident right (merge_and_unload). Refused, model unchanged."""
+    _, model = _trained()
+    attn = model.transformer.h[0].attn
+    attn.c_attn = torch.compile(attn.c_attn, backend="eager")
+    for fn in (unload, merge_and_unload):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: transformer.h.0.attn.c_attn compile the LoRA layer"):
+            fn(model)
+        assert type(attn.c_attn).__name__ == "OptimizedModule" and len(lora_layers(model)) == 2 * len(TARGETS) + 2
+        assert not any(m.merged for m in lora_layers(model).values())

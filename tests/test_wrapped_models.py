@@ -176,3 +176,22 @@ def test_fsdp1_and_partitioned_parameters_are_refused(tmp_path):
                                          r".*GatheredParameters"):
         save_adapter(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_modules_to_save_survive_a_later_apply_lora_on_a_wrapped_model(tmp_path):
+    """load_adapter records modules_to_save by their plain names; a later apply_lora (more targets) on the wrapped
+    model keeps them trainable and saved, as on a plain model."""
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, alpha=8, modules_to_save=["ln_1"])
+    save_adapter(model, tmp_path / "a")
+    for wrap in (False, True):
+        m = copy.deepcopy(base)
+        if wrap:
+            _wrap_blocks(m)
+        load_adapter(m, tmp_path / "a")
+        apply_lora(m, ["c_fc"], rank=4, alpha=8)
+        assert m.lora_fast_config["modules_to_save"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"], wrap
+        assert all(p.requires_grad for n, p in m.named_parameters() if ".ln_1." in n), wrap
+        sd, _ = _saved(m, tmp_path / f"b{wrap}")
+        assert {k for k in sd if ".ln_1." in k} == {f"base_model.model.transformer.h.{i}.ln_1.{w}" for i in (0, 1)
+                                                   for w in ("weight", "bias")}, wrap
