@@ -201,7 +201,8 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
         for key, (module, leaf) in _base_weight_keys(model, layers, []).items():
             tensors.setdefault(key, getattr(module, leaf))
     tensors, sharded = _gather_full(tensors)
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in _lora_shapes(layers).items()
+    declared = _lora_shapes({n: (m.rank, m.in_features, m.out_features) for n, m in layers.items()})
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in declared.items()
              if tuple(tensors[k].shape) != shape]
     if wrong:  # e.g. DeepSpeed ZeRO-3 leaves each rank an empty placeholder outside its gather context
         raise ValueError(f"save_adapter: LoRA tensors do not have their layers' shapes: {_names(wrong)}. Parameters "
@@ -222,12 +223,12 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
     return directory
 
 
-def _lora_shapes(layers: dict[str, LinearWithLoRA]) -> dict[str, tuple[int, int]]:
-    """{PEFT key: the shape its layer declares}: A (r, in), B (out, r)."""
+def _lora_shapes(dims: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int]]:
+    """{PEFT key: shape} for layers given as {name: (r, in, out)}: A (r, in), B (out, r)."""
     shapes = {}
-    for name, layer in layers.items():
-        shapes[f"{PREFIX}{name}.lora_A.weight"] = (layer.rank, layer.in_features)
-        shapes[f"{PREFIX}{name}.lora_B.weight"] = (layer.out_features, layer.rank)
+    for name, (r, in_f, out_f) in dims.items():
+        shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
+        shapes[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
     return shapes
 
 
@@ -412,9 +413,10 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     merged = [n for n, m in existing.items() if m.merged]
     if merged:
         raise ValueError(f"load_adapter: LoRA layers are merged ({_names(merged)}); call unmerge_lora(model) first")
+    ours = _resolved(model, cfg, existing)  # the adapter to build: targets with (r, alpha), modules saved whole
     if second is not None:  # a legacy .bin's own config and an adapter_config.json: both must mean one adapter
         _check_config(second, directory / CONFIG_NAME)
-        ours, theirs = _resolved(model, cfg, existing), _resolved(model, _with_task_heads(second), existing)
+        theirs = _resolved(model, _with_task_heads(second), existing)
         differ = [f"{k}: {_names(_diff(ours[k], theirs[k]))}" for k in ours if ours[k] != theirs[k]]
         if differ:
             raise ValueError(f"load_adapter: {source} carries its own config, and {directory / CONFIG_NAME} beside "
@@ -422,7 +424,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
                              "the one that does not belong to these weights")
 
     plan = {}  # module name -> (in, out, r, alpha)
-    names = list(existing) if existing else _peft_targets(model, cfg)
+    names = list(ours["targets"])
     if not names:
         raise ValueError(f"load_adapter: target_modules {cfg.get('target_modules')!r} of {source} match no module "
                          f"of {type(model).__name__}")
@@ -436,15 +438,10 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
                              "projection), and its compiled code would keep calling the module without LoRA; load "
                              "the adapter first, then compile (or compile a module around it)")
         in_f, out_f = (module.in_features, module.out_features) if name in existing else _in_out(module)
-        r = module.rank if name in existing else pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
-        plan[name] = (in_f, out_f, r, pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+        plan[name] = (in_f, out_f, *ours["targets"][name])
     lora_names = list(plan)
-    expected = {}
-    for name, (in_f, out_f, r, _) in plan.items():
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
-    to_save = list(cfg.get("modules_to_save") or [])
-    extras = _modules_to_save(model, lora_names, to_save)
+    expected = _lora_shapes({n: (r, in_f, out_f) for n, (in_f, out_f, r, _) in plan.items()})
+    extras = ours["modules_to_save"]
     destination = {}  # key -> the tensor it is copied into (extras untied below get their own copies)
     untie = not cfg.get("ensure_weight_tying")  # PEFT keeps tied modules_to_save tied only when asked to
     untied = {id(getattr(sub, leaf)) for sub, leaf, _, _ in _shared_params(model, extras)} if untie else set()
