@@ -222,6 +222,16 @@ def inductor_on_cpu(args, device: torch.device) -> bool:
     return args.compile is not None and args.compile_backend == "inductor" and device.type == "cpu"
 
 
+def run_config(shape: dict, device: torch.device, args) -> dict:
+    """The ``config`` of a run's rows (its identity in the CSV, with bench, provider, mode and metric)."""
+    config = {**shape, **LORA, "dtype": "bf16-autocast", "targets": TARGETS}
+    if args.compile is not None and args.compile_backend != "inductor":
+        config["compile_backend"] = args.compile_backend
+    if device.type == "cpu":
+        config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
+    return config
+
+
 def run_provider(provider: str, shape: dict, device: torch.device, args, env, ref: dict | None = None
                  ) -> list[dict]:
     """All rows of one provider (checked against ``ref`` first)."""
@@ -229,11 +239,7 @@ def run_provider(provider: str, shape: dict, device: torch.device, args, env, re
     case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend, ref)
     model = case["model"]
     label = provider_label(provider, args.compile)
-    config = {**shape, **LORA, "dtype": "bf16-autocast", "targets": TARGETS}
-    if args.compile is not None and args.compile_backend != "inductor":
-        config["compile_backend"] = args.compile_backend
-    if device.type == "cpu":
-        config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
+    config = run_config(shape, device, args)
     rows, merged = [], False
     for mode in args.modes:
         model.train(mode == "train")
@@ -320,6 +326,9 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as e:  # report, keep the other providers' numbers
             failures.append(f"{provider}: {type(e).__name__}: {e}")
             print(f"  {provider:<10}FAILED: {type(e).__name__}: {e}", flush=True)
+            label = provider_label(provider, args.compile)
+            utils.note_dropped(utils.drop_failed(args.csv, "gpt2", env["device"], run_config(s, device, args), label),
+                               label)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -211,12 +211,19 @@ def run_case(name: str, layer_name: str, M: int, r: int, dropout: float, dtype: 
         return _run_case(name, layer_name, M, r, dropout, dtype, modes, device, args, env, measure_mem)
 
 
-def _run_case(name, layer_name, M, r, dropout, dtype, modes, device, args, env, measure_mem) -> list[dict]:
+def case_config(layer_name: str, M: int, r: int, dropout: float, dtype: str, device) -> dict:
+    """The ``config`` of a configuration's rows (its identity in the CSV, with bench, provider, mode and metric)."""
     K, N = LAYERS[layer_name]
-    case = prepare_case(name, layer_name, M, r, dropout, dtype, device)
     config = {"layer": layer_name, "M": M, "K": K, "N": N, "r": r, "dropout": dropout, "dtype": dtype}
     if device.type == "cpu":
         config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
+    return config
+
+
+def _run_case(name, layer_name, M, r, dropout, dtype, modes, device, args, env, measure_mem) -> list[dict]:
+    K, N = LAYERS[layer_name]
+    case = prepare_case(name, layer_name, M, r, dropout, dtype, device)
+    config = case_config(layer_name, M, r, dropout, dtype, device)
     rows = []
     for mode in modes:
         setup, fn = case["fns"][mode]
@@ -309,6 +316,8 @@ def _run(args: argparse.Namespace) -> int:
             except Exception as e:  # report, keep the other providers' numbers
                 failures.append(f"{name} {layer_name} M={M} r={r} dropout={dropout} {dtype}: {e}")
                 print(f"  {name:<14}FAILED: {type(e).__name__}: {e}", flush=True)
+                config = case_config(layer_name, M, r, dropout, dtype, device)
+                utils.note_dropped(utils.drop_failed(args.csv, "layer", env["device"], config, name), name)
         if rows:  # now, not at the end: a run stopped by a time limit keeps the configurations it finished
             total = utils.upsert_csv(args.csv, rows)
             written += len(rows)

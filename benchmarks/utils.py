@@ -307,14 +307,39 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
     """Merge ``rows`` into the CSV at ``path``: existing rows with the same ``KEY_COLUMNS`` are replaced, the rest
     kept. Rows are sorted for stable diffs and written atomically. Returns the number of rows in the file."""
-    path = Path(path)
     for row in rows:
         if list(row) != CSV_COLUMNS:
             raise ValueError(f"row columns {list(row)} differ from {CSV_COLUMNS}")
     new_keys = {tuple(r[c] for c in KEY_COLUMNS) for r in rows}
     kept = [r for r in read_csv(path) if tuple(r[c] for c in KEY_COLUMNS) not in new_keys]
-    merged = sorted(kept + rows, key=lambda r: (r["bench"], r["device"], r["config"], r["provider"], r["mode"],
-                                                r["metric"]))
+    _write_csv(path, kept + rows)
+    return len(kept) + len(rows)
+
+
+def drop_failed(path: str | os.PathLike, bench: str, device: str, config: dict, provider: str) -> list[dict]:
+    """Remove the rows of ``provider`` at ``config`` on ``device`` from the CSV at ``path``: called when its
+    measurement failed, so that figures of an earlier run (another commit) do not stand in the summary for code that
+    no longer produces them. Returns the rows removed (the file is untouched when there are none)."""
+    ident = (bench, device, config_json(config), provider)
+    rows = read_csv(path)
+    gone = [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) == ident]
+    if gone:
+        _write_csv(path, [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) != ident])
+    return gone
+
+
+def note_dropped(rows: list[dict], provider: str) -> None:
+    """Say what ``drop_failed`` removed."""
+    if rows:
+        commits = ", ".join(sorted({r["commit"] for r in rows}))
+        print(f"  {provider:<14}removed its {len(rows)} earlier rows of this configuration (commit {commits}): "
+              "this run could not reproduce them", flush=True)
+
+
+def _write_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> None:
+    """Write ``rows`` sorted (stable diffs), atomically, keeping an existing file's permissions."""
+    path = Path(path)
+    rows = sorted(rows, key=lambda r: (r["bench"], r["device"], r["config"], r["provider"], r["mode"], r["metric"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         mode = path.stat().st_mode & 0o777
@@ -328,12 +353,11 @@ def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             writer.writeheader()
-            writer.writerows(merged)
+            writer.writerows(rows)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return len(merged)
 
 
 # Providers that run lora_fast's Triton path with a kernel variant forced (kernels/lora_fwd.fwd_variant and

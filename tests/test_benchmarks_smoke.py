@@ -243,3 +243,63 @@ def test_gpt2_check_compares_every_provider_with_the_oracle(monkeypatch):
         bench_gpt2.adapter_params(model)[("transformer.h.0.mlp.c_fc", "B")].mul_(1.05)
     with pytest.raises(RuntimeError, match="differs from the float64 oracle"):
         bench_gpt2.check_provider(model, ref)
+
+
+@pytest.mark.skipif(not CPU, reason="CPU smoke test; on a GPU benchmarks/run_gpu.sh runs the full benchmarks")
+def test_a_provider_that_fails_on_rerun_loses_its_earlier_rows(tmp_path, monkeypatch, capsys):
+    """A rerun replaces only the rows it measures, so a provider that now fails would leave its figures of an
+    earlier commit in the CSV, where the summary would set them beside this run's. They are removed (and said so);
+    other providers, other configurations and the other benchmark keep theirs."""
+    path = tmp_path / "results.csv"
+    env = {"device": "cpu", "torch": "t", "triton": "t", "transformers": "t", "commit": "0ld0ld1",
+           "timestamp": "2026-01-01T00:00:00Z"}
+    cpu, gpt2_args = torch.device("cpu"), bench_gpt2.parse_args(GPT2_ARGS)  # --threads 1: in the config
+    here = utils.run_with_threads(1, lambda: bench_layer.case_config("attn.c_proj", M, 16, 0.1, "fp32", cpu))
+    other = {**here, "M": 2 * M}
+    g = utils.run_with_threads(1, lambda: bench_gpt2.run_config(gpt2_args.shape, cpu, gpt2_args))
+    old = [utils.make_row("layer", "peft", "full", "time", cfg, [9.0], env) for cfg in (here, other)]
+    old += [utils.make_row("gpt2", prov, "train", "time", g, [9.0], env) for prov in ("peft", "reference")]
+    utils.upsert_csv(path, old)
+
+    real = bench_layer.prepare_case
+
+    def failing(name, *args):
+        if name == "peft":
+            raise RuntimeError("simulated failure")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench_layer, "prepare_case", failing)
+    args = [*LAYER_ARGS[:LAYER_ARGS.index("--providers") + 1], "base", "peft", *LAYER_ARGS[LAYER_ARGS.index("--rep"):]]
+    assert bench_layer.main([*args, "--csv", str(path)]) == 1
+    assert "removed its 1 earlier rows of this configuration (commit 0ld0ld1)" in capsys.readouterr().out
+    _, rows = read(path)
+    layer = {(r["provider"], json.loads(r["config"])["M"]) for r in rows if r["bench"] == "layer"}
+    assert ("peft", M) not in layer and ("peft", 2 * M) in layer and ("base", M) in layer
+    assert {r["provider"] for r in rows if r["bench"] == "gpt2"} == {"peft", "reference"}
+
+    monkeypatch.setattr(bench_gpt2, "prepare_provider", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    assert bench_gpt2.main([*GPT2_ARGS, "--csv", str(path)]) == 1
+    _, rows = read(path)
+    assert not [r for r in rows if r["bench"] == "gpt2"]  # both providers failed: neither keeps old figures
+    assert ("peft", 2 * M) in {(r["provider"], json.loads(r["config"])["M"]) for r in rows}
+
+
+def test_report_says_when_a_table_mixes_commits(tmp_path):
+    """Synthetic GPU rows (made up here): a table whose providers were measured at different commits says which
+    were measured where, and a target computed across commits is marked so, with both commits."""
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "t", "triton": "t", "transformers": "t",
+           "timestamp": "2026-01-01T00:00:00Z"}
+    cfg = {"layer": "c_attn", "M": 8192, "K": 768, "N": 2304, "r": 16, "dropout": 0.1, "dtype": "bf16"}
+    same = {**cfg, "layer": "c_fc", "N": 3072}
+    rows = [utils.make_row("layer", prov, "full", "time", c, [ms], {**env, "commit": commit})
+            for c, prov, ms, commit in [(cfg, "base", 1.0, "aaaaaaa"), (cfg, "peft", 2.0, "aaaaaaa"),
+                                        (cfg, "lora_fast", 1.05, "bbbbbbb"), (same, "base", 1.0, "bbbbbbb"),
+                                        (same, "lora_fast", 1.2, "bbbbbbb")]]
+    path = tmp_path / "gpu.csv"
+    utils.upsert_csv(path, rows)
+    text = report.render(path, tmp_path).read_text(encoding="utf-8")
+    assert text.count("Measured at more than one commit") == 1  # c_attn's table only
+    assert "Measured at more than one commit: base, peft at aaaaaaa; lora_fast at bbbbbbb." in text
+    assert "| c_attn: lora_fast / base time ≤ 1.1 | 1.050 | met (across commits) | aaaaaaa, bbbbbbb |" in text
+    assert "| c_fc: lora_fast / base time ≤ 1.1 | 1.200 | not met | bbbbbbb |" in text
+    assert "| c_fc: peft / lora_fast time ≥ 1.5 | – | no data | bbbbbbb |" in text
