@@ -335,14 +335,14 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _warn_tied(model: nn.Module, new: dict) -> None:
-    """Warn when a targeted base weight is shared (tied embeddings): merging would change the other user too."""
+    """Warn when a targeted base weight is shared (tied embeddings): merging will untie it (merge._untie_bases)."""
     names_of = parameter_names(model)
     for name, wrapped in new.items():
         tied = [n for n in names_of.get(id(wrapped.linear.weight), []) if n != f"{name}.weight"]
         if tied:
             warnings.warn(f"apply_lora: {name}.weight is tied to {tied}; merging this adapter (merge_lora, "
-                          "merge_and_unload) changes those too. Untie the weights first to keep them apart.",
-                          stacklevel=3)
+                          "merge_and_unload) will first give it a copy of its own (the tie is cut), so that ΔW "
+                          "leaves those unchanged", stacklevel=3)
 
 
 def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, target_modules=None,

@@ -14,7 +14,7 @@ import warnings
 import torch.nn as nn
 
 from lora_fast.adapter_config import _names
-from lora_fast.inject import _set_submodule, lora_layers, unwrap_model
+from lora_fast.inject import _set_submodule, lora_layers, parameter_names, unwrap_model
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.module_names import COMPILE_SEGMENT
 
@@ -46,8 +46,36 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     layers = _layers_or_raise(model, "merge_lora")
     if all(m.merged for m in layers.values()):
         warnings.warn("merge_lora: every LoRA layer is already merged, nothing done", stacklevel=2)
+    _untie_bases(model, layers, "merge_lora")
     _merge_unmerged(layers, safe_merge, "merge_lora")
     return model
+
+
+def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) -> None:
+    """Give each unmerged layer whose base weight is tied to another parameter (GPT-2's ``lm_head`` and ``wte``) its
+    own copy before merging: ΔW folded into a shared weight would change the input embeddings too, and the merged
+    model would no longer compute what the adapter did. The model's ``tie_word_embeddings`` is set to False, so that
+    ``save_pretrained``/``from_pretrained`` keep the two apart. Warns, naming what was untied (memory: one more copy
+    of that weight)."""
+    names_of, untied = parameter_names(model), []
+    for name, m in layers.items():
+        w = m.linear.weight
+        tied = [n for n in names_of.get(id(w), []) if not n.startswith(f"{name}.")]
+        if tied and not m.merged:
+            m.linear.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            untied.append(f"{name} (was tied to {', '.join(tied)})")
+    if not untied:
+        return
+    config = getattr(unwrap_model(model), "config", None)
+    configs = [config]
+    with contextlib.suppress(AttributeError, ValueError):  # a composite model's text part (several: ambiguous)
+        configs.append(config.get_text_config(decoder=True))
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    warnings.warn(f"{who}: the base weight of {'; '.join(untied)} is now a copy of its own, so that merging ΔW into "
+                  "it leaves the weights it was tied to unchanged (tie_word_embeddings set to False in the model's "
+                  "config, so save_pretrained keeps both)", stacklevel=3)
 
 
 def _merge_unmerged(layers: dict[str, LinearWithLoRA], safe_merge: bool, who: str) -> None:
@@ -86,6 +114,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         return model.merged_base()
     layers = _layers_or_raise(model, "merge_and_unload")
     _check_not_compiled_alone(layers, "merge_and_unload")
+    _untie_bases(model, layers, "merge_and_unload")
     _merge_unmerged(layers, safe_merge, "merge_and_unload")
     for name, m in layers.items():
         _set_submodule(model, name, m.merged_base())

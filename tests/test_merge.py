@@ -158,3 +158,34 @@ def test_unload_refuses_a_lora_layer_compiled_on_its_own():
             fn(model)
         assert type(attn.c_attn).__name__ == "OptimizedModule" and len(lora_layers(model)) == 2 * len(TARGETS) + 2
         assert not any(m.merged for m in lora_layers(model).values())
+
+
+@pytest.mark.parametrize("how", ["merge_lora", "merge_and_unload"])
+def test_merging_a_tied_lm_head_leaves_the_input_embeddings_alone(tmp_path, how):
+    """GPT-2's lm_head shares its weight with wte. ΔW folded into the shared tensor would change the input
+    embeddings too (logits off by ~2 on this model); merging first gives lm_head a copy of its own, warns, and sets
+    tie_word_embeddings False, so the merged model, and the one save_pretrained/from_pretrained gives back,
+    compute the adapter's logits."""
+    from transformers import GPT2LMHeadModel
+
+    base = tiny_gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn", "lm_head"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_(0, 0.1)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    want, embeddings = _logits(model, ids), model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"lm_head \(was tied to transformer.wte.weight\) is now a copy of its own"):
+        merged = merge_lora(model) if how == "merge_lora" else merge_and_unload(model)
+    assert torch.equal(merged.transformer.wte.weight, embeddings)
+    assert merged.config.tie_word_embeddings is False
+    assert_rel_close(_logits(merged, ids), want, 1e-5, f"{how} of a tied lm_head")
+    if how == "merge_lora":
+        unmerge_lora(merged)
+        assert_rel_close(_logits(merged, ids), want, 1e-5, "unmerged after the untie")
+        return
+    merged.save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert again.lm_head.weight is not again.transformer.wte.weight
+    assert_rel_close(_logits(again, ids), want, 1e-5, "merged tied lm_head after save_pretrained/from_pretrained")
