@@ -78,6 +78,25 @@ def test_disable_adapter_refuses_merged_layers_and_a_merge_inside():
         assert_rel_close(_logits(model, ids), _logits(base, ids).double(), 1e-6, "after unmerge")
 
 
+
+@pytest.mark.parametrize("how", ["apply_lora", "load_adapter"])
+def test_disable_adapter_refuses_modules_to_save(tmp_path, how):
+    """modules_to_save are trained in place: with the adapters off, the trained head would still run (logits 0.5 off
+    the base on this model, silently: PEFT switches back to the original it keeps). Refused, naming the module,
+    whether the head came from apply_lora or from a loaded adapter; nothing is switched off."""
+    from lora_fast import load_adapter, save_adapter
+
+    base = tiny_gpt2()
+    model = apply_lora(copy.deepcopy(base), TARGETS, rank=4, modules_to_save=["ln_f"])
+    if how == "load_adapter":
+        save_adapter(model, tmp_path)
+        model = copy.deepcopy(base)
+        load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match=r"disable_adapter: transformer.ln_f is trained whole \(modules_to_save\)"):
+        with disable_adapter(model):
+            pass
+    assert not any(m.disabled for m in lora_layers(model).values())
+
 def test_unload_restores_the_base_modules_and_drops_the_adapter():
     base, model = _trained()
     ids = torch.randint(0, 101, (2, 7))
