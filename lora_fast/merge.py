@@ -150,9 +150,18 @@ def disable_adapter(model: nn.Module):
     model.disable_adapter():``): base-model outputs — a DPO reference model, a before/after comparison — without
     merging, unloading or copying. The adapters stay in place, untouched, and are back on exit (also after an
     exception); contexts nest. Merged layers are refused (their ΔW is inside W₀: ``unmerge_lora`` first), and
-    merging inside the context makes their forward raise rather than silently include ΔW.
+    merging inside the context makes their forward raise rather than silently include ΔW. A model with
+    ``modules_to_save`` is refused: they are trained in place, their original weights are gone (PEFT keeps a copy
+    and switches back to it).
     """
-    layers = _layers_or_raise(unwrap_model(model), "disable_adapter")
+    inner = unwrap_model(model)
+    layers = _layers_or_raise(inner, "disable_adapter")
+    whole = (getattr(inner, "lora_fast_config", None) or {}).get("modules_to_save") or []
+    if whole:  # PEFT switches back to the original module it keeps beside the trained copy; lora_fast keeps none
+        raise ValueError(f"disable_adapter: {_names(whole)} {'is' if len(whole) == 1 else 'are'} trained whole "
+                         "(modules_to_save) in place, and lora_fast keeps no copy of the original weights (PEFT does), "
+                         "so the base model's outputs cannot be computed here; keep a frozen copy of the base model "
+                         "for them (e.g. as the DPO reference model)")
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"disable_adapter: LoRA layers are merged ({', '.join(merged[:3])}"
