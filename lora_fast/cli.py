@@ -118,8 +118,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         raise ConfigError(f"--output {output!r} and --adapter {adapter!r} overlap (the same directory, or one inside "
                           "the other): writing the merged model there would delete the adapter; choose another "
                           "--output")
-    out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter}, markers=("config.json",),
-                           flag="--output")
+    out = check_output_dir(output, overwrite, {"--model": base, "--adapter": adapter}, flag="--output")
     task_type = cfg.get("task_type") or "CAUSAL_LM"
     if task_type not in TASKS:
         raise ConfigError(f"{cfg_path}: task_type {task_type!r} is not one of PEFT's {sorted(TASKS)}")
@@ -149,7 +148,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     merged = merge_and_unload(base_model)
-    staged = StagedDir(out, overwrite)
+    staged = StagedDir(out, overwrite, command="merge")
     try:
         merged.save_pretrained(staged.path)
         if tokenizer is not None:

@@ -126,8 +126,7 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     from lora_fast.train import prepare, resolve_device, run_inputs, train
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
-    out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,
-                           markers=("sweep_results.csv", "sweep_results.md"))
+    out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
     resolve_device(opts.device)
     prep = prepare(opts, log)
     from lora_fast.inject import find_target_modules
@@ -137,7 +136,7 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
             find_target_modules(prep.model, normalize_targets(spec["targets"].split(",")))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    staged = StagedDir(out, opts.overwrite)
+    staged = StagedDir(out, opts.overwrite, command="sweep")
     rows, interrupted = [], False
     try:
         for i, spec in enumerate(runs, 1):

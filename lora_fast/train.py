@@ -309,7 +309,7 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
                                  metrics=m, opts=opts, prep=prep, total=total, digest=digest, ctx=ctx,
                                  limit=opts.save_total_limit)
 
-    staged = StagedDir(out_dir, opts.overwrite) if main else None
+    staged = StagedDir(out_dir, opts.overwrite, command="train") if main else None
     final = batches = None
     try:
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import lora_fast
 from lora_fast.train_args import ConfigError
 
 
@@ -53,11 +54,14 @@ def peft_task_type(opts) -> str:
     return "SEQ_CLS" if opts.task == "classification" else "CAUSAL_LM"
 
 
-RUN_MARKERS = ("training_metrics.json", "adapter_config.json")  # what a `lora-fast train` output always holds
+# Written into every output directory `lora-fast train`/`sweep`/`merge` commits: what --overwrite may replace. A
+# file name of the outputs themselves would not do: PEFT's and the HF Trainer's directories hold adapter_config.json,
+# every transformers model config.json.
+OUTPUT_RECORD = ".lora-fast-output"
 
 
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
-                     checkpoint_dir: str | None = None, markers=RUN_MARKERS, flag: str = "output_dir") -> Path:
+                     checkpoint_dir: str | None = None, flag: str = "output_dir") -> Path:
     """Refuse an output directory the run could not replace safely; returns the resolved path.
 
     Refused: a file, a directory under a file or an unwritable place (``check_creatable_dir``); an existing
@@ -65,8 +69,9 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
     (``inputs``: {flag: path}; hub names, which are no local path, are skipped) or the current directory —
     replacing it would delete them; and a ``logdir`` or
     ``checkpoint_dir`` inside it (written during the run, they would vanish when the finished outputs replace the
-    directory). ``overwrite`` replaces only an earlier run's output: a non-empty directory holding none of
-    ``markers`` (a project folder given by mistake) is refused, never deleted.
+    directory). ``overwrite`` replaces only an earlier lora-fast output, one with the ``OUTPUT_RECORD`` file that
+    ``StagedDir`` writes: any other non-empty directory (a project folder given by mistake, a PEFT or Trainer output,
+    a downloaded model) is refused, never deleted.
     """
     out = check_creatable_dir(output_dir, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -89,11 +94,12 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
                 raise ConfigError(f"{flag} {output_dir!r} contains {what}: --overwrite replaces the whole "
                                   f"directory and would delete it; choose another {flag}")
         found = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-        if found and not any((out / m).is_file() for m in markers):  # hidden files alone (.DS_Store) do not count
+        if found and not (out / OUTPUT_RECORD).is_file():  # hidden files alone (.DS_Store) do not count
             raise ConfigError(f"{flag} {output_dir!r} is not an earlier lora-fast output (it holds "
-                              f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''} and no "
-                              f"{' or '.join(markers)}): --overwrite replaces a previous run's directory as a whole "
-                              f"and would delete these; choose another {flag} or empty it first")
+                              f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''} and no {OUTPUT_RECORD} "
+                              "file, which lora-fast train, sweep and merge write): --overwrite replaces a previous "
+                              f"run's directory as a whole and would delete these; choose another {flag} or empty it "
+                              "first")
     return out
 
 
@@ -102,16 +108,20 @@ class StagedDir:
 
     ``overwrite``: whether ``final`` may be replaced when it is not empty at commit time. Without it, a ``final``
     that became non-empty during the run (another run, a user's file) is left alone: ``commit`` keeps this run's
-    outputs under a new sibling name and raises, saying where — nobody's files are deleted.
+    outputs under a new sibling name and raises, saying where — nobody's files are deleted. ``command`` (``train``,
+    ``sweep``, ``merge``): write ``OUTPUT_RECORD`` into the directory, for ``check_output_dir``.
     """
 
-    def __init__(self, final: Path, overwrite: bool = False):
-        self.final, self.overwrite = Path(final), overwrite
+    def __init__(self, final: Path, overwrite: bool = False, command: str | None = None):
+        self.final, self.overwrite, self.command = Path(final), overwrite, command
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like a mkdir's
 
     def commit(self) -> Path:
+        if self.command is not None:  # marks the directory as one a later --overwrite may replace
+            write_json(self.path / OUTPUT_RECORD, {"written_by": f"lora-fast {self.command}",
+                                                   "lora_fast": lora_fast.__version__})
         for p in self.path.rglob("*"):  # temp-file writers (mkstemp) leave 0600; use the umask's modes
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         old = None

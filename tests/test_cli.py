@@ -132,8 +132,9 @@ def _write_csvs(root, train: str, validation: str):
 
 
 def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsys):
-    """A non-empty output_dir needs --overwrite, which replaces an earlier run's directory as a whole; a directory
-    that is no lora-fast output (a project folder given by mistake) is refused even with --overwrite, untouched."""
+    """A non-empty output_dir needs --overwrite, which replaces an earlier run's directory as a whole (one with the
+    .lora-fast-output record every run writes); any other directory (a project folder given by mistake, a PEFT or
+    Trainer output with adapter_config.json) is refused even with --overwrite, untouched."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -142,7 +143,22 @@ def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsy
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 2
     assert "is not an earlier lora-fast output (it holds keep.txt" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    (out / "training_metrics.json").write_text("{}")  # an earlier run's directory (plus a stray file)
+    # A PEFT / HF Trainer output holds adapter_config.json (and checkpoints): not ours to delete either.
+    for name in ("adapter_config.json", "training_metrics.json", "config.json"):
+        (out / name).write_text("{}")
+    (out / "checkpoint-500").mkdir()
+    assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 2
+    assert "no .lora-fast-output file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "checkpoint-500", "config.json", "keep.txt",
+                                                     "training_metrics.json"]
+    for p in [*out.glob("*.json"), out / "checkpoint-500"]:
+        p.rmdir() if p.is_dir() else p.unlink()
+    assert cli_main(_bad(tmp_path, tiny_gpt2, [])) == 2  # keep.txt still there: refused without --overwrite
+    capsys.readouterr()
+    (out / "keep.txt").unlink()
+    assert cli_main(_bad(tmp_path, tiny_gpt2, [])) == 0  # an earlier run's directory ...
+    assert json.loads((out / ".lora-fast-output").read_text())["written_by"] == "lora-fast train"
+    (out / "keep.txt").write_text("a stray file")  # ... plus a stray file: replaced as a whole
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))

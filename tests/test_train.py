@@ -384,8 +384,8 @@ def test_merge_refuses_output_overlapping_the_adapter(trained, tmp_path, capsys)
 
 
 def test_merge_overwrite_replaces_only_a_model_directory(trained, tmp_path, capsys):
-    """lora-fast merge --overwrite replaces an earlier merged model (config.json), never a folder of other files;
-    the errors name --output, the flag the user typed."""
+    """lora-fast merge --overwrite replaces an earlier merged model (its .lora-fast-output record), never a folder of
+    other files or another model (config.json); the errors name --output, the flag the user typed."""
     out = tmp_path / "merged"
     out.mkdir()
     (out / "notes.md").write_text("mine")
@@ -394,7 +394,14 @@ def test_merge_overwrite_replaces_only_a_model_directory(trained, tmp_path, caps
     assert cli_main(["merge", "--adapter", str(trained), "--output", str(out), "--overwrite"]) == 2
     assert f"--output {str(out)!r} is not an earlier lora-fast output" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.md"]
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text("{}")  # any transformers model, e.g. a downloaded one: not ours to delete
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(out), "--overwrite"]) == 2
+    assert "no .lora-fast-output file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.md"]
+    for p in out.iterdir():
+        p.unlink()
+    assert cli_main(["merge", "--adapter", str(trained), "--output", str(out)]) == 0  # an earlier merge
+    (out / "notes.md").write_text("mine")
     assert cli_main(["merge", "--adapter", str(trained), "--output", str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "notes.md").exists()
 
