@@ -494,8 +494,11 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     for name, (_, _, r, alpha) in plan.items():
         if name not in existing:
             base = model.get_submodule(name)
-            layer = LinearWithLoRA(base, rank=r, alpha=float(alpha), dropout=dropout, use_rslora=use_rslora,
-                                   backend=backend)
+            try:
+                layer = LinearWithLoRA(base, rank=r, alpha=float(alpha), dropout=dropout, use_rslora=use_rslora,
+                                       backend=backend)
+            except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
+                raise type(e)(f"load_adapter: {name}: {e}") from e
             new_layers[name] = layer.train(base.training)  # an eval model stays in eval mode
     for name, (_, _, _r, alpha) in plan.items():
         if name in existing:

@@ -261,8 +261,11 @@ def apply_lora(
                     f"dropout={lora.dropout:g}); it is kept as is, not re-created with rank={rank}, alpha={alpha:g}, "
                     f"dropout={dropout:g}", stacklevel=2)
             continue
-        wrapped = LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                 backend=backend)
+        try:
+            wrapped = LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                     backend=backend)
+        except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
+            raise type(e)(f"apply_lora: {name}: {e}") from e
         new[name] = wrapped.train(module.training)  # an eval model stays in eval (no dropout)
     _warn_tied(model, new)
     for name, wrapped in new.items():

@@ -1118,3 +1118,14 @@ def test_full_model_checkpoint_is_named_as_such(tmp_path):
     save_file({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"full model's weights.*lora_fast\.save_adapter"):
         load_adapter(fresh, tmp_path)
+
+
+def test_load_into_a_quantised_base_names_the_module(tmp_path):
+    """A target whose base is quantised (int8 weight) is refused naming that module, before anything is changed."""
+    save_adapter(apply_lora(_llama(), ["q_proj", "v_proj"], rank=4), tmp_path)
+    fresh = _llama()
+    v = fresh.model.layers[1].self_attn.v_proj
+    v.weight = torch.nn.Parameter(v.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"load_adapter: model.layers.1.self_attn.v_proj: .*int8"):
+        load_adapter(fresh, tmp_path)
+    assert not lora_layers(fresh)
