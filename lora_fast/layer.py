@@ -165,14 +165,22 @@ class LinearWithLoRA(nn.Module):
 
     disabled = False  # a class default: modules pickled before the attribute existed still load
 
-    def __init__(self, base_or_in_features, *args, **kwargs):
+    def __init__(self, base_or_in_features=None, *args, **kwargs):
         super().__init__()
+        given = [k for k in ("base", "in_features") if k in kwargs]  # the keyword forms of the first argument
+        if base_or_in_features is None and len(given) == 1:
+            base_or_in_features = kwargs.pop(given[0])
+        elif given or base_or_in_features is None:
+            also = " beside a first argument" if base_or_in_features is not None else ""
+            raise TypeError("LinearWithLoRA needs one module to wrap (first argument or base=) or in_features (first "
+                            "argument or in_features=, with out_features)"
+                            + (f"; got {' and '.join(k + '=' for k in given)}{also}" if given else ""))
         if isinstance(base_or_in_features, nn.Module):
             names = ("rank", "alpha", "dropout", "use_rslora")
             base = base_or_in_features
-        elif isinstance(base_or_in_features, int) and not isinstance(base_or_in_features, bool):
+        elif isinstance(base_or_in_features, numbers.Integral) and not isinstance(base_or_in_features, bool):
             names = ("out_features", "rank", "alpha", "bias", "dropout", "use_rslora")
-            base = None
+            base_or_in_features, base = int(base_or_in_features), None
         else:
             raise TypeError(
                 "LinearWithLoRA expects an nn.Linear / transformers Conv1D to wrap, or in_features (int), "
@@ -193,6 +201,8 @@ class LinearWithLoRA(nn.Module):
                             "a wrapped base keeps its own: move or cast it (or the wrapper) with .to()")
         if base is None:
             out_features = kwargs.pop("out_features", None)
+            if isinstance(out_features, numbers.Integral) and not isinstance(out_features, bool):
+                out_features = int(out_features)  # numpy ints too, as for rank
             if not isinstance(out_features, int) or out_features <= 0 or base_or_in_features <= 0:
                 raise ValueError(f"in_features and out_features must be positive ints, got "
                                  f"{base_or_in_features!r}, {out_features!r}")

@@ -3,6 +3,7 @@
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -95,6 +96,16 @@ def test_two_constructors():
     rs = LinearWithLoRA(nn.Linear(8, 5), rank=4, alpha=8.0, use_rslora=True)
     assert rs.scaling == pytest.approx(8.0 / 2.0)
     assert "rank=4" in repr(rs) and "use_rslora=True" in repr(rs)
+    # the first argument by keyword, as the README's table names it; numpy ints as sizes
+    kw = LinearWithLoRA(in_features=8, out_features=5, rank=2, bias=False)
+    assert (kw.in_features, kw.out_features, kw.rank, kw.linear.bias) == (8, 5, 2, None)
+    base = nn.Linear(8, 5)
+    assert LinearWithLoRA(base=base, rank=2).linear is base
+    assert isinstance(LinearWithLoRA(np.int64(8), np.int64(5)).linear, nn.Linear)
+    for args, kwargs, what in [((), {}, r"with out_features\)$"), ((base,), {"base": base}, "got base= beside"),
+                               ((), {"base": base, "in_features": 8}, "got base= and in_features=")]:
+        with pytest.raises(TypeError, match=rf"needs one module to wrap .*{what}"):
+            LinearWithLoRA(*args, **kwargs)
 
 
 @pytest.mark.parametrize(
