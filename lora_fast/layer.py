@@ -123,7 +123,9 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cast_back: bool = True) -> torch.Tensor:
+        """The LoRA term s·B·A·dropout(x), in x's dtype; ``cast_back=False`` leaves it in the dtype it was computed
+        in (fp32 for fp16 x), for a caller that adds it to the base's output in that precision first, as PEFT does."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"input feature size mismatch: LoRALayer expects in_features={self.in_features} but "
                              f"the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
@@ -131,7 +133,7 @@ class LoRALayer(nn.Module):
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
         x_l, a, b = lora_operands(x, self.lora_A, self.lora_B)  # the reference's dtype rule (fp32 for fp16 x)
         out = self.scaling * F.linear(F.linear(F.dropout(x_l, self.dropout, self.training), a), b)  # (..., N)
-        return out if x_l.dtype == x.dtype else out.to(x.dtype)  # fp32 term for fp16 x: back to x's dtype
+        return out if x_l.dtype == x.dtype or not cast_back else out.to(x.dtype)  # fp32 term for fp16 x: back
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling·B·A, (out, in), in fp32 (fp64 for fp64 adapters)."""
@@ -261,7 +263,9 @@ class LinearWithLoRA(nn.Module):
                 raise RuntimeError(f"backend='triton' cannot fuse this layer: calling its {type(self.linear).__name__}"
                                    " base does more than nn.Linear/Conv1D's forward (an overriding subclass, hooks, "
                                    "offloaded weights); use backend='auto' (base(x) + LoRA term, as PEFT)")
-            return self.linear(x) + self.lora(x)
+            y = self.linear(x)
+            term = self.lora(x, cast_back=False)  # an fp32 term (fp16 x) is added in fp32, rounded once, as PEFT
+            return y + term if term.dtype == y.dtype else (y + term).to(y.dtype)
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,
             dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,

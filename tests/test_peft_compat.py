@@ -311,6 +311,36 @@ def test_fp16_layer_equals_peft_under_grad_scaler_sized_gradients():
         assert torch.equal(o, t), f"{name}: differs from PEFT by {rel_err(o, t):.2e}"
 
 
+
+def test_fp16_hooked_base_equals_peft():
+    """A base with a forward hook takes the non-fused path, base(x) + the adapter's term: on an fp16 model the fp32
+    term is added to the base output in fp32 and rounded once, as PEFT does (rounding the term to fp16 first put
+    outputs 1 ulp off). Outputs and every gradient bit-equal to PEFT's layer with the same hook and weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48)).half()
+    pm = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    theirs = pm.base_model.model[0]
+    ours = LinearWithLoRA(net[0], rank=4, alpha=8, backend="reference")
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_(0, 0.1)
+        ours.lora.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora.lora_B.copy_(theirs.lora_B["default"].weight)
+    for layer in (theirs.base_layer, ours.linear):
+        layer.register_forward_hook(lambda m, i, o: o)
+    assert not ours.fusable()
+    x, dy = torch.randn(16, 64).half(), torch.randn(16, 48).half()
+
+    def run(layer, a, b):
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.backward(dy)
+        return y.detach(), xg.grad, a.grad, b.grad
+
+    got = run(ours, ours.lora.lora_A, ours.lora.lora_B)
+    want = run(theirs, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight)
+    for name, o, t in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
+        assert o.dtype == t.dtype and torch.equal(o, t), f"{name}: differs from PEFT by {rel_err(o, t):.2e}"
+
 @pytest.fixture
 def triton_device(monkeypatch):
     """The device the Triton kernels run on here: CUDA, else CPU through triton's interpreter (for this test)."""
