@@ -248,17 +248,47 @@ def _recorded_task_type(model: nn.Module) -> str | None:
 
 
 def _vocab_resized(model: nn.Module, base_model_name_or_path) -> bool:
-    """Whether the model's vocabulary differs from the one in ``<base_model_name_or_path>/config.json`` (a local
-    directory only: no hub look-up): then, as PEFT does, the full embedding weights go into the adapter."""
+    """Whether the model's vocabulary differs from its base's (PEFT's ``save_embedding_layers="auto"`` rule): then
+    the full embedding weights go into the adapter. The base's ``config.json`` is read from a local directory or,
+    for a hub name, from the Hugging Face cache only (never downloaded). When it cannot be read, the embeddings are
+    not saved and a warning says so (PEFT warns alike)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    path = Path(base_model_name_or_path) / "config.json" if base_model_name_or_path else None
-    if not vocab or path is None or not path.is_file():
+    if not vocab or not base_model_name_or_path:
         return False
+    base_vocab = _base_vocab(str(base_model_name_or_path))
+    if base_vocab is None:
+        warnings.warn(f"save_adapter: could not read the config of the base model {base_model_name_or_path!r} (not a "
+                      "local directory, not in the Hugging Face cache), so whether its vocabulary was resized is "
+                      "unknown; the embedding weights are not saved. If you resized them (resize_token_embeddings), "
+                      "name the embedding and output layers in modules_to_save", stacklevel=4)
+        return False
+    return base_vocab != vocab
+
+
+def _base_vocab(name: str) -> int | None:
+    """``vocab_size`` of ``name``'s config: a local directory's ``config.json``, else the HF cache's; None if
+    neither can be read."""
+    from lora_fast.train_model import RANDOM_GPT2
+
+    if name == RANDOM_GPT2:  # the CLI's randomly initialised GPT-2 124M
+        from transformers import GPT2Config
+
+        return GPT2Config().vocab_size
+    path = Path(name) / "config.json"
+    if path.is_file():
+        try:
+            vocab = json.loads(path.read_text()).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return vocab if isinstance(vocab, int) else None
     try:
-        base_vocab = json.loads(path.read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(base_vocab, int) and base_vocab != vocab
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:  # not cached, not a valid name, no transformers: unknown
+        return None
+    vocab = getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
 
 
 # ----------------------------------------------------------------------------------------------------------- load

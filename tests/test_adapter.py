@@ -1129,3 +1129,28 @@ def test_load_into_a_quantised_base_names_the_module(tmp_path):
     with pytest.raises(TypeError, match=r"load_adapter: model.layers.1.self_attn.v_proj: .*int8"):
         load_adapter(fresh, tmp_path)
     assert not lora_layers(fresh)
+
+
+def test_resized_vocabulary_of_a_hub_base(tmp_path, monkeypatch):
+    """A hub-named base (no local directory): its config comes from the Hugging Face cache (never downloaded), and a
+    resized vocabulary saves the embeddings as for a local base; a base whose config is nowhere here cannot be
+    checked: the embeddings are not saved, and a warning says so (it was silent)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny--llama" / "snapshots" / "abc"
+    _llama().config.save_pretrained(snapshot)  # what from_pretrained("tiny/llama") would have cached
+    (cache / "models--tiny--llama" / "refs").mkdir()
+    (cache / "models--tiny--llama" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for name, saved in (("tiny/llama", True), ("tiny/elsewhere", False)):
+        model = _llama()
+        model.resize_token_embeddings(VOCAB + 4)
+        apply_lora(model, ["q_proj"], rank=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_adapter(model, tmp_path / name, base_model_name_or_path=name)
+        unread = [str(w.message) for w in caught if "could not read the config" in str(w.message)]
+        want = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} if saved else set()
+        assert set(_non_lora(tmp_path / name)) == want, name
+        assert bool(unread) != saved and all(f"base model {name!r}" in m for m in unread), unread
