@@ -40,6 +40,7 @@ other LoRA variants are refused with an error naming the field (PEFT serves thos
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +155,12 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
     if hasattr(model, "peft_config"):
         raise TypeError("save_adapter: this is a PEFT model; save it with its own save_pretrained()")
     check_no_fsdp1(model, "save_adapter")
+    for above in (Path(directory), *Path(directory).parents):  # before any work, not a bare errno at the end
+        if above.exists():
+            if not above.is_dir():
+                raise NotADirectoryError(f"save_adapter: {str(above)!r} is a file; the adapter is saved into a "
+                                         f"directory ({str(directory)!r})")
+            break
     with plain_module_names(model):  # keys without _checkpoint_wrapped_module / _orig_mod segments, as PEFT's
         return _save_adapter(model, directory, base_model_name_or_path, task_type)
 
@@ -389,7 +396,10 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
+        hub = not directory.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(directory))
+        raise FileNotFoundError(f"load_adapter: {str(directory)!r} is not a directory" + (
+            "; adapters are loaded from a local directory, not the Hugging Face hub: download it first "
+            "(huggingface_hub.snapshot_download(repo_id) returns the directory)" if hub else ""))
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: expected an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # torch.compile / DDP wrappers: loaded into the model they wrap

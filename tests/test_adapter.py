@@ -1154,3 +1154,19 @@ def test_resized_vocabulary_of_a_hub_base(tmp_path, monkeypatch):
         want = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} if saved else set()
         assert set(_non_lora(tmp_path / name)) == want, name
         assert bool(unread) != saved and all(f"base model {name!r}" in m for m in unread), unread
+
+
+def test_adapter_paths_that_are_no_directory_are_named(tmp_path):
+    """save_adapter into a file (or below one) names it before any work; load_adapter of a hub-like name that is no
+    local directory says adapters load from a local directory, and how to get one."""
+    model = apply_lora(_llama(), ["q_proj"], rank=4)
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(NotADirectoryError, match=rf"save_adapter: '{tmp_path / 'file'}' is a file"):
+            save_adapter(model, target)
+    assert (tmp_path / "file").read_text() == "x"
+    with pytest.raises(FileNotFoundError, match=r"'org/adapter' is not a directory; .*not the Hugging Face hub.*"
+                                                r"snapshot_download"):
+        load_adapter(_llama(), "org/adapter")
+    with pytest.raises(FileNotFoundError, match=r"is not a directory$"):
+        load_adapter(_llama(), tmp_path / "file")
