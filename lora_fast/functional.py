@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import torch
 
@@ -182,9 +183,21 @@ def triton_unsupported_reason(
         return "CPU tensor without TRITON_INTERPRET=1"
     try:
         from lora_fast import triton_fn  # noqa: F401  (imports triton)
-    except ImportError as e:  # triton missing, or the kernels not built in this version
-        return f"triton is not available ({e})"
+    except ImportError as e:  # triton missing, or the kernels not installed
+        return _import_reason(e)
     return triton_fn.unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p)
+
+
+_NOT_IMPORTABLE = ("triton is not available", "lora_fast.kernels is not importable")
+
+
+def _import_reason(e: ImportError) -> str:
+    """Why the kernels cannot be imported: triton itself, or ``lora_fast.kernels`` (the repository's ``kernels/``,
+    which only an install maps there: a source tree put on ``sys.path`` has no ``lora_fast.kernels``)."""
+    if (e.name or "").startswith("lora_fast.kernels"):
+        return (f"{_NOT_IMPORTABLE[1]} ({e}): lora_fast was imported from a source tree that is not installed; "
+                "`pip install -e .` there maps kernels/ to lora_fast.kernels")
+    return f"{_NOT_IMPORTABLE[0]} ({e})"
 
 
 def check_shapes(
@@ -268,7 +281,11 @@ def lora_linear(
             )  # check=False: the case was just checked above
         if backend == "triton":
             raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
-        _log_once(f"lora_fast: reference path ({reason})")
+        msg = f"lora_fast: reference path ({reason})"
+        if x.device.type == "cuda" and reason.startswith(_NOT_IMPORTABLE) and msg not in _logged:
+            warnings.warn(f"lora_fast: the fused kernels cannot run on this GPU, so every LoRA layer takes the "
+                          f"(slower) reference path: {reason}", stacklevel=2)  # once: _log_once records msg
+        _log_once(msg)
 
     keep = None  # seed None: lora_linear_ref draws torch.rand(x.shape) from torch's generator, as nn.Dropout does
     if seed is not None and training and dropout_p > 0.0:

@@ -510,3 +510,44 @@ def test_global_backward_hooks_see_the_base_module_run():
         handle.remove()
     assert "Linear" in seen and "LinearWithLoRA" in seen
     assert layer.fusable()
+
+
+def test_kernels_missing_from_a_source_tree_are_named():
+    """lora_fast imported from a source tree that is not installed has no lora_fast.kernels (only an install maps
+    kernels/ there): the reason says so, and how to fix it, instead of "triton is not available" with triton
+    installed; backend="triton" raises it, "auto" falls back to the reference, and on a GPU warns once (a silent
+    slowdown otherwise). Run in a subprocess whose importer refuses lora_fast.kernels."""
+    import os
+    import subprocess
+    import sys
+
+    script = r'''
+import importlib.abc, sys, warnings
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "lora_fast.kernels" or name.startswith("lora_fast.kernels."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Refuse())
+import torch
+from lora_fast.functional import lora_linear
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x, w, a, b = (torch.randn(*s, device=dev) for s in ((4, 8), (6, 8), (2, 8), (6, 2)))
+try:
+    lora_linear(x, w, None, a, b, 1.0, backend="triton")
+except RuntimeError as e:
+    print("RAISED", e)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        y = lora_linear(x, w, None, a, b, 1.0, backend="auto")
+print("WARNED", len([w for w in caught if "fused kernels cannot run" in str(w.message)]))
+print("OK", torch.allclose(y, x @ w.T + (x @ a.T) @ b.T, atol=1e-5))
+'''
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "RAISED backend='triton' cannot run this case: lora_fast.kernels is not importable" in out, out
+    assert "source tree that is not installed; `pip install -e .`" in out and "triton is not available" not in out
+    assert f"WARNED {1 if HAS_CUDA else 0}" in out and "OK True" in out, out
