@@ -655,16 +655,16 @@ def test_target_modules_mixing_names_with_all_linear_or_a_regex_is_an_error(targ
 def test_merge_rebuilds_gpt2_random_from_the_training_seed(tmp_path):
     """An adapter trained on ``gpt2-random`` is merged into the random GPT-2 drawn from the seed recorded in its
     training_args.json: the merged model gives the logits of that base (rebuilt by the library's own builder at
-    that seed) with the adapter loaded. The adapter is made on a one-layer GPT-2 of the 124M model's width,
-    targeting layer 0's c_attn only, so that nothing beyond the two 124M models is built."""
+    that seed) with the adapter loaded. The adapter is made on a one-layer GPT-2 of the 124M model's width and
+    vocabulary, targeting layer 0's c_attn only."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
     from lora_fast.train_model import random_gpt2
 
     seed = 7
-    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=768, n_head=12, vocab_size=16, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0))
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=768, n_head=12, n_positions=16, bos_token_id=0,
+                                       eos_token_id=0))  # GPT-2's vocabulary: another would save the embeddings
     apply_lora(small, r".*\.h\.0\.attn\.c_attn", rank=2, alpha=4)
     for layer in lora_layers(small).values():
         with torch.no_grad():
