@@ -115,7 +115,7 @@ def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in
     return dx, dA, dB
 
 
-def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, backend: str,
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, backend: str,
                 dropout_p: float = 0.0) -> bool:
     """Whether the fused kernels run behind the op: the same rule as eager ``functional.lora_linear``.
 
@@ -128,7 +128,8 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
         return False
     # weight.detach(): the op's autograd formula differentiates a trainable W₀ itself (plain aten ops), so it never
     # vetoes the kernels here — with dropout on, unsupported_reason would otherwise send it to the reference path
-    reason = triton_unsupported_reason(x, weight.detach(), lora_A, dropout_p=dropout_p)
+    # (lora_B too, as eager checks it; the bias is not an input of the backward, whose choice must equal the forward's)
+    reason = triton_unsupported_reason(x, weight.detach(), lora_A, lora_B=lora_B, dropout_p=dropout_p)
     if reason is not None and backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run this case: {reason}")
     return reason is None
@@ -137,7 +138,7 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bac
 def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
     """Forward behind the op: the fused Triton forward where it runs (same kernels, Philox mask and fp32 xa as
     the eager Triton path), the reference otherwise."""
-    if _use_triton(x, weight, lora_A, backend, dropout_p):
+    if _use_triton(x, weight, lora_A, lora_B, backend, dropout_p):
         from lora_fast.kernels.lora_fwd import lora_linear_fwd
 
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
@@ -147,7 +148,7 @@ def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_
 
 def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
     """Backward behind the op; makes ``_impl_fwd``'s choice again (same inputs, same rule, same mask)."""
-    if _use_triton(x, weight, lora_A, backend, dropout_p):
+    if _use_triton(x, weight, lora_A, lora_B, backend, dropout_p):
         from lora_fast.kernels.lora_bwd import lora_linear_bwd
 
         dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,

@@ -414,3 +414,19 @@ def test_compiled_layer_on_the_triton_path_matches_eager():
     ref = _run(m, m, x, seed=3)  # the eager module on the Triton path (lora_fast.triton_fn)
     for name, o, r in zip(("y", "dx", "dA", "dB", "next draw"), out, ref, strict=True):
         assert_rel_close(o, r, FP32_TOL, name)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_op_refuses_what_eager_refuses_for_lora_b():
+    """The op decides kernels-or-reference by eager's rule, lora_B included: an int32 (or fp64) lora_B is refused by
+    backend="triton" in both (the op used to run the kernels on it) and, under "auto", takes the reference path."""
+    from lora_fast.ops import _use_triton
+    from tests.triton_interpret import DEVICE
+
+    x, w, b, a = (torch.randn(*s, device=DEVICE) for s in ((6, 16), (5, 16), (5,), (2, 16)))
+    for bad in (torch.randint(-3, 3, (5, 2), dtype=torch.int32, device=DEVICE), torch.randn(5, 2).double()):
+        for run in (functional.lora_linear, lora_linear_op):
+            with pytest.raises(RuntimeError, match=f"lora_B dtype {bad.dtype}"):
+                run(x, w, b, a, bad.to(DEVICE), 0.5, backend="triton")
+    fp64 = torch.randn(5, 2, dtype=torch.float64, device=DEVICE)
+    assert not _use_triton(x, w, a, fp64, "auto")
