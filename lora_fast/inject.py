@@ -337,11 +337,16 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
+def tied_names(names_of: dict[int, list[str]], name: str, weight: nn.Parameter) -> list[str]:
+    """The names ``weight`` (module ``name``'s base weight) also has outside that module: its tied partners."""
+    return [n for n in names_of.get(id(weight), []) if not n.startswith(f"{name}.")]
+
+
 def _warn_tied(model: nn.Module, new: dict) -> None:
     """Warn when a targeted base weight is shared (tied embeddings): merging will untie it (merge._untie_bases)."""
     names_of = parameter_names(model)
     for name, wrapped in new.items():
-        tied = [n for n in names_of.get(id(wrapped.linear.weight), []) if n != f"{name}.weight"]
+        tied = tied_names(names_of, name, wrapped.linear.weight)
         if tied:
             warnings.warn(f"apply_lora: {name}.weight is tied to {tied}; merging this adapter (merge_lora, "
                           "merge_and_unload) will first give it a copy of its own (the tie is cut), so that ΔW "

@@ -265,7 +265,7 @@ class LinearWithLoRA(nn.Module):
                                    "offloaded weights); use backend='auto' (base(x) + LoRA term, as PEFT)")
             y = self.linear(x)
             term = self.lora(x, cast_back=False)  # an fp32 term (fp16 x) is added in fp32, rounded once, as PEFT
-            return y + term if term.dtype == y.dtype else (y + term).to(y.dtype)
+            return (y + term).to(y.dtype)  # .to: no copy when the dtypes already agree
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,
             dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,

@@ -14,7 +14,7 @@ import warnings
 import torch.nn as nn
 
 from lora_fast.adapter_config import _names
-from lora_fast.inject import _set_submodule, lora_layers, parameter_names, unwrap_model
+from lora_fast.inject import _set_submodule, lora_layers, parameter_names, tied_names, unwrap_model
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.module_names import COMPILE_SEGMENT
 
@@ -60,7 +60,7 @@ def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) 
     names_of, untied = parameter_names(model), []
     for name, m in layers.items():
         w = m.linear.weight
-        tied = [n for n in names_of.get(id(w), []) if not n.startswith(f"{name}.")]
+        tied = tied_names(names_of, name, w)
         if tied and not m.merged:
             m.linear.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             untied.append(f"{name} (was tied to {', '.join(tied)})")
