@@ -15,9 +15,14 @@ import torch
 MAX_RANK = 128  # the rank tile (BLOCK_R) lives in registers next to the output tile; 128 is the largest we allow
 
 
+# The values triton itself reads as true in TRITON_INTERPRET (triton 3.9 ``knobs.runtime.interpret``: any case, no
+# surrounding blanks): the launchers must agree with triton on whether its kernels are being interpreted.
+_TRITON_TRUE = ("1", "true", "yes", "on", "y")
+
+
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set: kernels run on CPU tensors through triton's numpy interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRITON_TRUE
 
 
 def autotune_enabled() -> bool:

@@ -99,7 +99,14 @@ def _log_once(msg: str) -> None:
 
 
 def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    """TRITON_INTERPRET read as triton reads it: one rule, ``kernels.launch.interpreting`` (launch imports only torch).
+    Without ``lora_fast.kernels`` it answers True, so that the caller's import of the kernels comes next and reports
+    that (the real reason) instead of the interpreter switch."""
+    try:
+        from lora_fast.kernels.launch import interpreting
+    except ImportError:
+        return True
+    return interpreting()
 
 
 def dropout_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
