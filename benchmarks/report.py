@@ -7,7 +7,8 @@ Per device (GPU name or ``cpu``):
             speed-ups vs ``base`` (base time / provider time: ≤ 1, the closer to 1 the better) and vs ``peft``
             (peft time / provider time), peak memory (full mode) and saved activations.
     gpt2    one table per model: each provider's step time, tokens/s, speed-up vs ``peft``, peak memory, per mode.
-    targets (GPU devices) the issue's H100 targets at bf16, M=8192, r=16, dropout 0.1, forward+backward.
+    targets (GPU devices) the issue's H100 targets at bf16, M=8192, r=16, dropout 0.1, forward+backward; each
+            ratio is judged as printed (3 decimals), so a figure and its verdict never disagree.
 Plots (matplotlib, Agg): ``layer_time_<device>_<dtype>.png`` — p50 time vs M per provider, one panel per layer
 (full mode, r=16 and dropout 0.1 where measured); ``layer_saved_<device>_<dtype>.png`` — saved activations per
 provider at the largest M.
@@ -152,11 +153,12 @@ def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[
     def line(name, keys, ok):
         num, den = (idx.get(k) for k in keys)
         value = ratio(*(None if row is None else float(row["p50"]) for row in (num, den)))
-        status = "no data" if value is None else ("met" if ok(value) else "not met")
+        shown = fmt(value, ".3f")  # judged as shown: 1.65 / 1.1 = 1.4999999999999998 is printed, and meets, 1.500
+        status = "no data" if value is None else ("met" if ok(float(shown)) else "not met")
         commits = ", ".join(sorted({row["commit"] for row in (num, den) if row is not None})) or "–"
         if value is not None and num["commit"] != den["commit"]:
             status += " (across commits)"
-        out.append(f"| {name} | {fmt(value, '.3f')} | {status} | {commits} |")
+        out.append(f"| {name} | {shown} | {status} | {commits} |")
 
     for cfg, c in layer_configs(layer_rows):
         if any(cfg.get(k) != v for k, v in TARGET_CFG.items()):

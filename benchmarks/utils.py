@@ -22,6 +22,7 @@ renamed, so an interrupted run never leaves a half-written CSV.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -58,9 +59,19 @@ CPU_TIMING_NOTE = ("CPU timings measure PyTorch's CPU kernels on this machine; t
 # --------------------------------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------------------------------
+def device_arg(text: str) -> str:
+    """argparse ``type`` of --device: ``text`` unchanged if torch parses it as a device, else a usage error that
+    names it (torch's own error would surface as a traceback from deep inside the script)."""
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+    return text
+
+
 def add_common_args(p) -> None:
     """The options every benchmark script takes: --device, --threads, --csv."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="CPU threads for this run (recorded in the config; default torch's)")
     p.add_argument("--csv", default=str(DEFAULT_CSV), help="results CSV to upsert into")
 
