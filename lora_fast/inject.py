@@ -187,12 +187,43 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
             f"target_modules {targets!r} matched no module of {type(model).__name__}. Linear/Conv1D modules that "
             f"could be targeted: {suffixes} (e.g. {candidates[:4]}){hint}"
         )
+    if all_linear:
+        _warn_plain_projections(model, skip)
     if isinstance(targets, list):  # PEFT drops a dead entry silently; a typo ("c_prj") deserves a word
         dead = [t for t in targets if not any(module_matches(n, [t]) for n in found)]
         if dead:
             warnings.warn(f"apply_lora: target_modules {dead} matched no module of {type(model).__name__} (the "
                           f"other entries matched {len(found)} modules, which are wrapped)", stacklevel=3)
     return found
+
+
+_MAX_LISTED = 8  # modules named in the all-linear warning before "... and N more"
+
+
+def _warn_plain_projections(model: nn.Module, skip: set) -> None:
+    """Say which modules "all-linear" cannot wrap although PEFT adapts them: modules other than Linear/Conv1D
+    (and embeddings, convolutions) that hold a ≥2-D floating-point parameter named like a projection (``weight``,
+    ``*_proj``). These are transformers v5's fused MoE experts (``gate_up_proj``/``down_proj`` of shape (experts,
+    ..., ...)) and routers (a custom module with a ``weight``), which PEFT 0.21's "all-linear" adapts through
+    ``target_parameters``: without a word, a ported adapter would silently train fewer modules."""
+    plain = (nn.Embedding, nn.modules.conv._ConvNd, LinearWithLoRA) + LORA_BASE_TYPES
+    found = []
+    for name, module in model.named_modules():
+        if (not name or isinstance(module, plain) or any(name == h or name.startswith(f"{h}.") for h in skip if h)
+                or any(name.startswith(f"{w}.") for w, _ in found)):
+            continue
+        leaves = [leaf for leaf, p in module.named_parameters(recurse=False)
+                  if p.dim() >= 2 and p.is_floating_point() and (leaf == "weight" or leaf.endswith("_proj"))]
+        if leaves:
+            found.append((name, leaves))
+    if not found:
+        return
+    listed = ", ".join(f"{n!r} ({', '.join(leaves)})" for n, leaves in found[:_MAX_LISTED])
+    more = f" ... and {len(found) - _MAX_LISTED} more" if len(found) > _MAX_LISTED else ""
+    warnings.warn(f"apply_lora: 'all-linear' wraps nn.Linear and Conv1D modules only; {listed}{more} hold projection "
+                  "weights as plain parameters (fused MoE experts, routers) and get no adapter, where PEFT's "
+                  "all-linear adapts them through target_parameters (which lora_fast does not implement)",
+                  stacklevel=4)
 
 
 def _mha_names(names: list[str]) -> str:
@@ -244,8 +275,9 @@ def apply_lora(
     extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
     previous = getattr(model, "lora_fast_config", None) or {}
     raw = {plain_name(n): n for n, _ in model.named_modules()}  # recorded names are plain (module_names)
-    extras += [raw[e] for e in previous.get("modules_to_save") or [] if e in raw  # an earlier call's stay
-               and raw[e] not in extras]
+    earlier = [raw[e] for e in previous.get("modules_to_save") or [] if e in raw and raw[e] not in extras]
+    _check_no_clash(earlier, names, " (of an earlier apply_lora/load_adapter call)")  # they stay: nothing inside
+    extras += earlier
     new = {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
@@ -322,11 +354,17 @@ def _resolve_modules_to_save(model: nn.Module, lora_names: list[str], entries) -
     if dead:
         raise ValueError(f"modules_to_save {dead} matched no module of {type(model).__name__} (an entry selects "
                          "every module whose name ends with it)")
+    _check_no_clash(extras, lora_names)
+    return extras
+
+
+def _check_no_clash(extras: list[str], lora_names: list[str], whose: str = "") -> None:
+    """A module trained whole (``modules_to_save``) must not be, or hold, a LoRA target: its base weights would be
+    trained too (``requires_grad_`` on the whole module) and PEFT could not load the adapter."""
     clash = [f"{e!r} (LoRA target {n!r})" for e in extras for n in lora_names if n == e or n.startswith(f"{e}.")]
     if clash:
-        raise ValueError(f"modules_to_save {', '.join(clash)}: a module trained whole cannot also hold a LoRA "
+        raise ValueError(f"modules_to_save{whose} {', '.join(clash)}: a module trained whole cannot also hold a LoRA "
                          "adapter (PEFT could not load it); leave it out of target_modules or of modules_to_save")
-    return extras
 
 
 def parameter_names(model: nn.Module) -> dict[int, list[str]]:
