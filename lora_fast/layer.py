@@ -264,6 +264,10 @@ class LinearWithLoRA(nn.Module):
                                    " base does more than nn.Linear/Conv1D's forward (an overriding subclass, hooks, "
                                    "offloaded weights); use backend='auto' (base(x) + LoRA term, as PEFT)")
             y = self.linear(x)
+            if not isinstance(y, torch.Tensor):  # e.g. Llama 4's router, an nn.Linear returning (scores, logits)
+                raise TypeError(f"LinearWithLoRA: the wrapped {type(self.linear).__name__} returns "
+                                f"{type(y).__name__}, not a tensor, so no LoRA term can be added to it; leave this "
+                                "module out of target_modules")
             term = self.lora(x, cast_back=False)  # an fp32 term (fp16 x) is added in fp32, rounded once, as PEFT
             return (y + term).to(y.dtype)  # .to: no copy when the dtypes already agree
         return lora_linear(

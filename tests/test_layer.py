@@ -294,6 +294,20 @@ class _DoubledLinear(nn.Linear):
         return 2.0 * super().forward(x)
 
 
+class _TupleLinear(nn.Linear):
+    """An nn.Linear whose forward returns a tuple (as Llama 4's router: scores and logits)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out.sigmoid(), out
+
+
+def test_a_base_that_returns_no_tensor_is_an_error_naming_it():
+    layer = LinearWithLoRA(_TupleLinear(8, 4), rank=2, backend=BACKEND)
+    with pytest.raises(TypeError, match="_TupleLinear returns tuple, not a tensor"):
+        layer(torch.randn(3, 8))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_non_fused_path_dropout_and_every_gradient(kind):
     """The non-fused path (base(x) + the adapter's term; a hooked base here): in training, dropout on the LoRA input
