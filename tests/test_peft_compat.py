@@ -10,6 +10,7 @@ except ImportError:  # triton missing
     TRITON_DEVICE = HAS_CUDA = None
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -466,16 +467,51 @@ class _DoubledLinear(nn.Linear):  # an adapter Linear with its own forward
         return 2.0 * super().forward(x)
 
 
-@pytest.mark.parametrize("case", ["dropout_subclass", "linear_subclass", "trainable_bias", "p_one"])
+def _accelerate_style_forward(module, *args, **kwargs):  # accelerate's add_hook_to_module replaces forward so
+    return module._old_forward(*args, **kwargs)  # (a partial on the instance; deepcopy gives the copy its own)
+
+
+class _WrappedWeight(torch.Tensor):  # a float tensor subclass, as a quantised base's weight looks (torchao, ...)
+    def __deepcopy__(self, memo):  # torch's default needs new_empty to keep the subclass
+        return nn.Parameter(self.detach().clone(), requires_grad=self.requires_grad)
+
+
+CASES = ["dropout_subclass", "linear_subclass", "trainable_bias", "p_one", "trainable_weight", "lora_A_bias",
+         "lora_B_bias", "dropout_hook", "subclass_weight", "forward_replaced"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_layers_whose_modules_compute_something_else_stay_on_peft(case):
     """What lora_linear cannot reproduce from the layer's tensors and ``.p`` stays on PEFT's path, named: a
     dropout or lora_A subclass with its own forward (they were patched and their forward silently ignored), a
-    trainable bias (PEFT's bias="lora_only"), dropout p = 1 in training (a crash before; in eval it is patched and
-    runs without dropout). The numbers equal unpatched PEFT's."""
+    trainable bias (PEFT's bias="lora_only") or weight (an unfrozen base: the fused kernels give W₀ no gradient),
+    dropout p = 1 in training (a crash before; in eval it is patched and runs without dropout), a bias on lora_A or
+    lora_B (a hand-built or edited adapter; lora_linear has no term for it), a hook on the adapter's dropout, a
+    base weight that is a tensor subclass (a quantised format's; the kernels would read its raw storage) and a
+    forward already replaced on the instance (accelerate's hooks: the class swap would not be what runs). The
+    numbers equal unpatched PEFT's."""
     pm = _peft("gpt2", dropout=0.0, bias="lora_only" if case == "trainable_bias" else "none").eval()
     layer = pm.base_model.model.transformer.h[0].attn.c_attn
     if case == "dropout_subclass":
         layer.lora_dropout["default"] = _ScaledDropout(0.0)
+    elif case == "trainable_weight":
+        layer.base_layer.weight.requires_grad_(True)
+    elif case in ("lora_A_bias", "lora_B_bias"):  # an nn.Linear with a bias in place of PEFT's bias-free one
+        key = case.split("_")[1]
+        old = getattr(layer, f"lora_{key}")["default"]
+        new = nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.normal_()  # large enough to change the logits
+        getattr(layer, f"lora_{key}")["default"] = new
+    elif case == "dropout_hook":
+        layer.lora_dropout["default"].register_forward_hook(lambda m, i, o: 0.5 * o)
+    elif case == "subclass_weight":
+        w = layer.base_layer.weight
+        layer.base_layer.weight = nn.Parameter(w.detach().clone().as_subclass(_WrappedWeight), requires_grad=False)
+    elif case == "forward_replaced":
+        layer._old_forward = layer.forward
+        layer.forward = functools.partial(_accelerate_style_forward, layer)
     elif case == "linear_subclass":
         old = layer.lora_A["default"]
         new = _DoubledLinear(old.in_features, old.out_features, bias=False)
@@ -485,7 +521,12 @@ def test_layers_whose_modules_compute_something_else_stay_on_peft(case):
         layer.lora_dropout["default"] = nn.Dropout(1.0).eval()
     ref_model = copy.deepcopy(pm)
     reason = {"dropout_subclass": "custom dropout _ScaledDropout", "linear_subclass": "lora_A/lora_B with their own",
-              "trainable_bias": "trainable base weight or bias", "p_one": None}[case]
+              "trainable_bias": "trainable base weight or bias", "p_one": None,
+              "trainable_weight": "trainable base weight or bias", "lora_A_bias": "lora_bias",
+              "lora_B_bias": "lora_bias",
+              "dropout_hook": "hooks or offloaded weights on the adapter's modules",
+              "subclass_weight": r"quantised base weight \(_WrappedWeight, torch.float32\)",
+              "forward_replaced": "forward already replaced"}[case]
     if case == "p_one":  # eval mode: patched; in training each call goes to PEFT's path (the check runs per call)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -506,3 +547,60 @@ def test_layers_whose_modules_compute_something_else_stay_on_peft(case):
     assert_rel_close(loss, loss_ref, TOL, case)
     for n, g in grads.items():
         assert_rel_close(g, grads_ref[n], TOL, f"{case} {n}")
+
+
+def test_layers_lacking_an_active_adapter_compute_what_peft_does():
+    """Two adapters on different modules ("other" only on c_attn): a layer computes the active adapters it has, as
+    PEFT skips those it lacks. With only "other" active, the c_fc/c_proj layers have none (left to PEFT: the base
+    alone); with ["other", "default"] active the c_fc/c_proj layers have one ("default") and run through lora_fast
+    with it, the c_attn layers (two) stay on PEFT."""
+    pm = _peft("gpt2").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_()  # B is zero at init: make the other adapter matter
+    ids = _ids()
+    for active in ("other", ["other", "default"]):
+        model = copy.deepcopy(pm)
+        model.base_model.set_adapter(active)
+        ref = copy.deepcopy(model)
+        with pytest.warns(UserWarning, match="stay on PEFT's own path"):
+            patch_peft(model)
+        fc = model.base_model.model.transformer.h[0].mlp.c_fc
+        assert is_patched(fc) == (active != "other")  # only "default" lives there
+        with torch.no_grad():
+            assert_rel_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, f"active {active}")
+
+
+def test_lora_variant_stays_on_peft():
+    """A LoRA variant (KaSA: a learned diagonal between A and B, ΔW = s·B·diag(d)·A) is a plain ``lora.Linear``
+    with ``use_dora`` False, but lora_linear has no term for its extra parameter: left to PEFT, named."""
+    from peft.tuners.lora.config import KasaConfig
+
+    pm = _peft("llama", kasa_config=KasaConfig()).eval()  # _peft randomises lora_diag too (a "lora_" parameter)
+    ref = copy.deepcopy(pm)
+    with pytest.warns(UserWarning, match="8 of 8 .*LoRA variant KasaLinearVariant"):
+        patch_peft(pm)
+    assert not any(is_patched(m) for m in pm.modules())
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "KaSA")
+
+
+def test_patching_a_lone_layer_and_patching_again_with_another_backend():
+    """patch_peft takes any module holding PEFT LoRA layers, the layer itself included; patching again sets the
+    backend anew (here: "triton", which refuses CPU tensors without TRITON_INTERPRET, then "reference")."""
+    seq = nn.Sequential()
+    seq.add_module("proj", nn.Linear(12, 6))
+    layer = get_peft_model(seq, LoraConfig(r=3, lora_alpha=6, target_modules=["proj"])).base_model.model.proj
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(4, 12)
+    ref = layer(x).detach()
+    assert patch_peft(layer, backend="triton") is layer and is_patched(layer)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        layer(x)
+    patch_peft(layer, backend="reference")
+    assert_rel_close(layer(x), ref.double(), TOL, "lone layer, reference backend")

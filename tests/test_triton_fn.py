@@ -551,3 +551,92 @@ print("OK", torch.allclose(y, x @ w.T + (x @ a.T) @ b.T, atol=1e-5))
     assert "RAISED backend='triton' cannot run this case: lora_fast.kernels is not importable" in out, out
     assert "source tree that is not installed; `pip install -e .`" in out and "triton is not available" not in out
     assert f"WARNED {1 if HAS_CUDA else 0}" in out and "OK True" in out, out
+
+
+def test_autocast_takes_base_tensors_in_other_float_dtypes():
+    """Under autocast F.linear casts x, W₀ and b to the autocast dtype whatever their float dtypes (a half-cast
+    base with an fp32 bias, or the other way round): the Triton path takes those too rather than refusing, and
+    computes what the autocast reference computes (within 1e-2 of fp64, at most twice PyTorch's own error)."""
+    half = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # interpreter: bf16 dots are wrong
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    w, b, a, bb = _params(40, 36, 8)
+    for w_, b_ in ((w.to(half), b), (w, b.to(half))):
+        with torch.autocast(DEVICE, dtype=half):
+            y = lora_linear(x, w_, b_, a, bb, 2.0, backend="triton")
+            yr = lora_linear_ref(x, w_, b_, a, bb, 2.0)
+        y64 = lora_linear_ref(x.double(), w_.double(), b_.double(), a.double(), bb.double(), 2.0)
+        err, torch_err = rel_err(y, y64), rel_err(yr, y64)
+        assert y.dtype == half and err <= 1e-2 and err <= 2 * torch_err + 1e-4, (w_.dtype, err, torch_err)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bf16 limit; on a GPU bf16 autocast runs the kernels")
+def test_bf16_autocast_on_the_interpreter_takes_the_reference_path():
+    """fp32 tensors under bf16 autocast compute in bf16, which the interpreter's tl.dot gets wrong: backend="triton"
+    refuses (it would return garbage), "auto" gives the reference's bf16 result."""
+    x = torch.randn(5, 16, device=DEVICE)
+    w, b, a, bb = _params(16, 12, 2)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="bf16"):
+            lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+        y = lora_linear(x, w, b, a, bb, 1.0, backend="auto")
+        yr = lora_linear_ref(x, w, b, a, bb, 1.0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, yr)
+
+
+def test_in_features_zero_takes_the_reference_path():
+    """in_features 0 (an empty input): the kernels are not launched on it (backend="triton" says why); "auto"
+    gives y = b in every row, an empty dx and dA, and dB = 0."""
+    x = torch.randn(5, 0, device=DEVICE, requires_grad=True)
+    w, b, a, bb = _params(0, 6, 2)
+    with pytest.raises(RuntimeError, match="in_features is 0"):
+        lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+    y = lora_linear(x, w, b, a, bb, 1.0, backend="auto")
+    assert torch.equal(y, b.expand(5, 6))
+    dx, da, db = torch.autograd.grad(y, (x, a, bb), torch.randn_like(y))
+    assert dx.shape == x.shape and da.shape == a.shape and torch.equal(db, torch.zeros_like(bb))
+
+
+# ------------------------------------------------------------------------------ the custom op behind torch.compile
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: the fused kernels behind the op
+def test_op_gradients_and_dx_only_when_x_needs_it(backend, monkeypatch):
+    """``torch.ops.lora_fast.lora_linear`` (what compiled code calls) with dropout: y and every gradient equal eager
+    ``lora_linear``'s for the same seed and backend (the same mask), with x requiring grad or not; the backward op
+    is asked for dx exactly when x needs it (a frozen first layer's dx is never computed); its outputs have the
+    shapes its fake implementation promises, on both paths (the kernels' path included)."""
+    from lora_fast import ops
+    from lora_fast.ops import lora_linear_op
+
+    asked = []
+    real_bwd = ops._impl_bwd
+    monkeypatch.setattr(ops, "_impl_bwd", lambda *args: asked.append(args[-1]) or real_bwd(*args))
+    w, b, a, bb = _params(24, 20, 4)
+    for x_grad in (False, True):
+        x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=x_grad)
+        y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=11, backend=backend)
+        ye = lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=11, backend=backend)
+        dy = torch.randn_like(y)
+        wrt, names = ((x, a, bb), ("y", "dx", "dA", "dB")) if x_grad else ((a, bb), ("y", "dA", "dB"))
+        for name, g, ge in zip(names, (y, *torch.autograd.grad(y, wrt, dy)), (ye, *torch.autograd.grad(ye, wrt, dy)),
+                               strict=True):
+            assert_rel_close(g, ge.double(), FP32_TOL, f"{name} (x requires grad: {x_grad})")
+    assert asked == [False, True]
+    x2 = torch.randn(14, 24, device=DEVICE)
+    seed = torch.tensor([11], device=DEVICE)
+    with torch.no_grad():
+        _, xa = torch.ops.lora_fast.lora_linear(x2, w, b, a, bb, 0.5, 0.3, seed, False, backend)
+    dy = torch.randn(14, 20, device=DEVICE)
+    for needs_dx in (False, True):  # real outputs against the fake's shapes and dtypes
+        torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default,
+                              (dy, x2, w, a.detach(), bb.detach(), xa, 0.5, 0.3, seed, False, backend, needs_dx),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_xa_output_takes_no_gradient():
+    """The op's second output (xa, saved for backward) is not a result: it does not require grad, so a loss built on
+    it is refused instead of silently getting no gradient through it."""
+    w, b, a, bb = _params(24, 20, 4)
+    x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
+    y, xa = torch.ops.lora_fast.lora_linear(x, w, b, a, bb, 0.5, 0.0, None, False, "auto")
+    assert y.requires_grad and not xa.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(xa.sum(), a)

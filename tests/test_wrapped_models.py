@@ -180,14 +180,17 @@ def test_fsdp1_and_partitioned_parameters_are_refused(tmp_path):
 
 def test_modules_to_save_survive_a_later_apply_lora_on_a_wrapped_model(tmp_path):
     """load_adapter records modules_to_save by their plain names; a later apply_lora (more targets) on the wrapped
-    model keeps them trainable and saved, as on a plain model."""
+    (checkpointed or compiled blocks) model keeps them trainable and saved, as on a plain model."""
     base = _gpt2()
     model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, alpha=8, modules_to_save=["ln_1"])
     save_adapter(model, tmp_path / "a")
-    for wrap in (False, True):
+    for wrap in (None, "checkpoint", "compile"):
         m = copy.deepcopy(base)
-        if wrap:
+        if wrap == "checkpoint":
             _wrap_blocks(m)
+        elif wrap == "compile":
+            for i, block in enumerate(m.transformer.h):
+                m.transformer.h[i] = torch.compile(block, backend="eager")
         load_adapter(m, tmp_path / "a")
         apply_lora(m, ["c_fc"], rank=4, alpha=8)
         assert m.lora_fast_config["modules_to_save"] == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"], wrap
@@ -195,3 +198,70 @@ def test_modules_to_save_survive_a_later_apply_lora_on_a_wrapped_model(tmp_path)
         sd, _ = _saved(m, tmp_path / f"b{wrap}")
         assert {k for k in sd if ".ln_1." in k} == {f"base_model.model.transformer.h.{i}.ln_1.{w}" for i in (0, 1)
                                                    for w in ("weight", "bias")}, wrap
+
+
+@pytest.mark.parametrize("inner", ["compile", "checkpoint"])
+def test_nested_wrappers_are_all_seen_through_and_put_back(tmp_path, inner):
+    """A checkpoint wrapper around a compiled block (or around another checkpoint wrapper): every wrapper segment
+    leaves the saved names (the keys equal the plain model's, so PEFT loads them), the adapter loads into the same
+    nesting, and each wrapper is back in its place, in its order, afterwards."""
+    base, model = _adapted()
+    plain_sd, _ = _saved(model, tmp_path / "plain")
+
+    def nest(m):
+        for i, block in enumerate(m.transformer.h):
+            m.transformer.h[i] = ckpt.checkpoint_wrapper(
+                torch.compile(block, backend="eager") if inner == "compile" else ckpt.checkpoint_wrapper(block))
+        return [(w, w._checkpoint_wrapped_module, next(iter(w._checkpoint_wrapped_module.children())))
+                for w in m.transformer.h]  # (outer, inner, block) per block
+
+    def intact(m, chain):
+        return all(m.transformer.h[i] is outer and outer._checkpoint_wrapped_module is mid
+                   and next(iter(mid.children())) is block for i, (outer, mid, block) in enumerate(chain))
+
+    chain = nest(model)
+    sd, _ = _saved(model, tmp_path / "nested")
+    assert sd.keys() == plain_sd.keys() and intact(model, chain)
+    fresh = copy.deepcopy(base)
+    fresh_chain = nest(fresh)
+    assert load_adapter(fresh, tmp_path / "nested") == AdapterLoadResult([], [])
+    assert intact(fresh, fresh_chain) and len(lora_layers(fresh)) == 4
+    ids = _ids()
+    assert_rel_close(_logits(fresh.eval(), ids), _logits(model, ids), TOL, f"adapter in {inner} inside checkpoint")
+
+
+class _OrigModHolder(nn.Module):
+    """Not torch.compile's wrapper, though its child has the attribute name compile uses."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+def test_only_real_wrappers_are_seen_through_and_none_children_are_fine(tmp_path):
+    """A module that merely holds a child named ``_orig_mod`` keeps that segment in the saved names (as
+    ``state_dict()`` and PEFT name it: PEFT loads the adapter into the same model); a None child (a submodule set
+    to None) is skipped, not walked into."""
+    base, model = _adapted()
+    base.transformer.h[0] = _OrigModHolder(base.transformer.h[0])
+    model.transformer.h[0] = _OrigModHolder(model.transformer.h[0])
+    for m in (base, model):
+        m.transformer.h[1].register_module("removed", None)
+    sd, _ = _saved(model, tmp_path)
+    assert any(".h.0._orig_mod.attn.c_attn." in k for k in sd)
+    ids = _ids()
+    assert_rel_close(_peft_logits(base, tmp_path, ids), _logits(model, ids), TOL, "PEFT, _orig_mod kept")
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert_rel_close(_logits(fresh.eval(), ids), _logits(model, ids), TOL, "lora_fast reloading it")
+
+
+def test_fsdp1_around_the_whole_model_is_refused(tmp_path):
+    """FSDP1 wrapping the root (its usual use): the model's own names then start with its segment."""
+    _, model = _adapted()
+    with pytest.raises(ValueError, match=r"FSDP1 \(FullyShardedDataParallel\)"):
+        save_adapter(_FakeFSDP1(model), tmp_path / "a")
+    assert not (tmp_path / "a").exists()

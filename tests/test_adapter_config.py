@@ -1,0 +1,153 @@
+"""adapter_config.json (``lora_fast.adapter_config``): the modules a PEFT config selects are the ones PEFT wraps
+(``layers_to_transform``, ``modules_to_save``, "all-linear"), configs lora_fast cannot honour are refused before the
+model changes, and the fields written are PEFT's, JSON types included."""
+
+# ruff: noqa: I001  (tests.triton_interpret is imported first, see test_adapter.py)
+from __future__ import annotations
+
+try:
+    import tests.triton_interpret  # noqa: F401
+except ImportError:  # triton missing
+    pass
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
+from lora_fast.adapter_config import _MAX_NAMED, _names, _peft_targets
+from tests.utils import MISSING
+
+peft = pytest.importorskip("peft", reason=MISSING["peft"])
+pytest.importorskip("transformers", reason=MISSING["transformers"])
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from tests.test_adapter import _llama, _peft_model, _roberta_cls  # noqa: E402
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+class _Tiny(nn.Module):
+    """``proj`` Linears in three places: ``encoder.layers.N.proj`` (a layer list PEFT indexes), ``blocks.N.proj``
+    (a list at the top level: PEFT's default index rule wants a segment before it, so it finds no index there) and
+    ``pool.proj`` (in no list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([_Block() for _ in range(3)])
+        self.pool = _Block()
+
+
+def _peft_wraps(model: nn.Module, **config) -> list[str]:
+    """The module names PEFT's get_peft_model gives a LoRA layer for this LoraConfig."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, **config))
+    return sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                  if isinstance(m, peft.tuners.lora.layer.LoraLayer))
+
+
+@pytest.mark.parametrize("config", [
+    {"target_modules": ["proj"], "layers_to_transform": [0, 2]},
+    {"target_modules": ["proj"], "layers_to_transform": 1},  # an int: that one layer
+    {"target_modules": ["proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["proj"], "modules_to_save": ["encoder.layers.1.proj"]},  # saved whole, never a LoRA target
+], ids=["list", "int", "pattern", "modules_to_save"])
+def test_selected_modules_are_the_ones_peft_wraps(config):
+    model = _Tiny()
+    assert sorted(_peft_targets(model, config)) == _peft_wraps(model, **config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "roberta_cls"])
+def test_all_linear_selects_what_peft_selects(arch, tmp_path):
+    """target_modules "all-linear" in a config file: every Linear but the output layer (Llama's lm_head) and, for
+    sequence classification, the head with the Linears inside it (RoBERTa's classifier.dense/.out_proj), as PEFT;
+    an adapter saved with those modules loads under that config."""
+    torch.manual_seed(0)
+    base, task = (_llama(), "CAUSAL_LM") if arch == "llama" else (_roberta_cls(), "SEQ_CLS")
+    theirs = _peft_wraps(base, target_modules="all-linear", task_type=task)
+    assert sorted(_peft_targets(base, {"target_modules": "all-linear", "task_type": task})) == theirs
+    if arch == "llama":
+        model = apply_lora(copy.deepcopy(base), "all-linear", rank=2)
+        save_adapter(model, tmp_path)
+        cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+        cfg["target_modules"] = "all-linear"  # as a hand-written config says it
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        fresh = copy.deepcopy(base)
+        load_adapter(fresh, tmp_path)
+        assert sorted(lora_layers(fresh)) == theirs and "lm_head" not in theirs
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    save_adapter(apply_lora(_Tiny(), ["proj"], rank=2, alpha=4), directory)
+    return directory
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bias", "all"),  # PEFT then saves trained base biases: added to nothing here, the outputs would differ
+    ("bias", "lora_only"),
+    ("lora_alpha", 0),
+    ("lora_alpha", float("inf")),
+    ("lora_alpha", True),  # a bool is not a number of PEFT's config (JSON true)
+    ("r", True),
+    ("lora_dropout", 1.0),
+    ("init_lora_weights", "PiSSA"),  # base-modifying initialisations whatever their case
+    ("init_lora_weights", "OLoRA"),
+])
+def test_configs_lora_fast_cannot_honour_are_refused_before_the_model_changes(tiny_adapter, tmp_path, field, value):
+    directory = tmp_path / "edited"
+    directory.mkdir()
+    for f in tiny_adapter.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    cfg[field] = value
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    model = _Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"load_adapter: .*adapter_config.json.*{field}"):
+        load_adapter(model, directory)
+    assert not lora_layers(model) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_alphas_are_written_as_peft_writes_them(tmp_path):
+    """Integral alphas are JSON integers as in PEFT's file (``LoraConfig.lora_alpha`` is an int field), others stay
+    floats; no modules_to_save is null, as PEFT writes it."""
+    torch.manual_seed(0)
+    base = _llama()
+    pm = _peft_model(copy.deepcopy(base), ["q_proj", "v_proj"], alpha_pattern={"v_proj": 3})
+    pm.save_pretrained(tmp_path / "peft")
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    model = apply_lora(copy.deepcopy(base), ["q_proj"], rank=4, alpha=8)
+    apply_lora(model, ["v_proj"], rank=4, alpha=3)
+    save_adapter(model, tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    def written(cfg):  # the alphas of the file as JSON text (which one is the default and which a pattern differs)
+        return {json.dumps(v) for v in (cfg["lora_alpha"], *cfg["alpha_pattern"].values())}
+
+    assert written(ours) == written(theirs) == {"3", "8"}
+    assert ours["modules_to_save"] is None is theirs["modules_to_save"]
+    apply_lora(model, ["k_proj"], rank=4, alpha=2.5)  # a fractional alpha stays what it is
+    save_adapter(model, tmp_path / "fractional")
+    assert written(json.loads((tmp_path / "fractional" / "adapter_config.json").read_text())) == {"2.5", "3", "8"}
+
+
+@pytest.mark.parametrize("n", [1, _MAX_NAMED - 1, _MAX_NAMED, _MAX_NAMED + 1, 3 * _MAX_NAMED])
+def test_error_messages_name_every_key_or_count_the_rest(n):
+    """Up to _MAX_NAMED keys are all listed; past it, the first _MAX_NAMED are listed and the rest counted exactly."""
+    keys = [f"layer{i}" for i in range(n)]
+    listed, _, more = _names(keys).partition(" ... and ")
+    assert listed.split(", ") == keys[:_MAX_NAMED]
+    assert more == ("" if n <= _MAX_NAMED else f"{n - _MAX_NAMED} more")
