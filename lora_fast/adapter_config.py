@@ -148,6 +148,17 @@ def _check_config(cfg: dict, where) -> None:
     if bad:
         raise ValueError(f"load_adapter: {where} uses {bad}, which lora_fast does not implement; load it with "
                          "PEFT's PeftModel.from_pretrained instead")
+    # PEFT's LoraConfig refuses these (a regex names its modules whole; a layer pattern needs the indices): taking
+    # them would mean ignoring a field that says which modules to adapt, i.e. wrapping other modules than PEFT
+    if isinstance(cfg.get("target_modules"), str):
+        given = [f for f in ("layers_to_transform", "layers_pattern") if cfg.get(f) not in (None, [], "")]
+        if given:
+            raise ValueError(f"load_adapter: {where}: {' and '.join(given)} cannot be used when target_modules is a "
+                             f"string ({cfg['target_modules']!r}: a regex or 'all-linear'), as in PEFT's LoraConfig; "
+                             "give target_modules as a list of names")
+    if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
+        raise ValueError(f"load_adapter: {where}: layers_pattern {cfg['layers_pattern']!r} needs layers_to_transform "
+                         "(the layer indices it selects), as in PEFT's LoraConfig")
     ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
     alphas = {"lora_alpha": cfg.get("lora_alpha"),
               **{f"alpha_pattern[{k!r}]": v for k, v in (cfg.get("alpha_pattern") or {}).items()}}

@@ -122,6 +122,29 @@ def test_configs_lora_fast_cannot_honour_are_refused_before_the_model_changes(ti
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("edit, says", [
+    ({"target_modules": r".*\.proj", "layers_to_transform": [0]}, "layers_to_transform cannot be used when"),
+    ({"target_modules": "all-linear", "layers_to_transform": 1}, "layers_to_transform cannot be used when"),
+    ({"target_modules": r".*\.proj", "layers_to_transform": [0], "layers_pattern": "layers"},
+     "layers_to_transform and layers_pattern cannot"),
+    ({"target_modules": ["proj"], "layers_pattern": "layers"}, "layers_pattern 'layers' needs layers_to_transform"),
+])
+def test_layer_selection_peft_refuses_is_refused_not_ignored(tiny_adapter, tmp_path, edit, says):
+    """Combinations PEFT's LoraConfig refuses: a string target_modules with a layer selection, a layer pattern with
+    no indices. Ignoring the layer fields would wrap other modules than the config says."""
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    cfg.update(edit)
+    peft_fields = {k: v for k, v in cfg.items() if k in ("target_modules", "layers_to_transform", "layers_pattern")}
+    with pytest.raises(ValueError):  # PEFT refuses it too
+        LoraConfig(r=2, **peft_fields)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "adapter_model.safetensors").write_bytes((tiny_adapter / "adapter_model.safetensors").read_bytes())
+    model = _Tiny()
+    with pytest.raises(ValueError, match=says):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+
+
 def test_alphas_are_written_as_peft_writes_them(tmp_path):
     """Integral alphas are JSON integers as in PEFT's file (``LoraConfig.lora_alpha`` is an int field), others stay
     floats; no modules_to_save is null, as PEFT writes it."""
