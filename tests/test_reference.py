@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lora_fast.reference import lora_delta_weight, lora_linear_ref, lora_scaling
+from lora_fast.reference import lora_compute_dtype, lora_delta_weight, lora_linear_ref, lora_scaling
 from tests.utils import assert_rel_close
 
 
@@ -45,6 +46,36 @@ def test_explicit_keep_mask_is_exact_dropout():
     # the mask acts on the LoRA input only: with B = 0 the output is the base product whatever the mask
     y0 = lora_linear_ref(x, w, None, a, torch.zeros(4, 2), 2.0, dropout_p=0.3, keep_mask=keep, upcast=True)
     assert_rel_close(y0, x.double() @ w.double().t(), 1e-12, "base only")
+
+
+def test_upcast_computes_in_float64():
+    """``upcast=True`` is the float64 oracle: float64 inputs that need all 53 bits (dropout on) give the einsum's
+    result to 1e-12 — no operand passes through float32 on the way."""
+    x, w, a, bb, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((7, 9), (5, 9), (3, 9), (5, 3), (5,)))
+    keep = torch.rand(7, 9) > 0.4
+    y = lora_linear_ref(x, w, b, a, bb, 0.3, dropout_p=0.4, keep_mask=keep, upcast=True)
+    assert_rel_close(y, _manual(x, w, b, a, bb, 0.3, keep, 0.4), 1e-12, "y")
+
+
+def test_lora_term_dtype_rule():
+    """Outside autocast the LoRA term runs in x's dtype — bf16 stays bf16 (fp32's range; the kernels' dtype) —
+    except fp16, which takes wider adapters' dtype (a GradScaler-sized dA/dB overflows fp16's 65504)."""
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    for x_dtype, adapters, expected in ((bf16, (f32, f32), bf16), (f32, (bf16, bf16), f32), (f16, (f32, f32), f32),
+                                         (f16, (f16, f16), f16), (f16, (f16, f32), f32), (f64, (f32, f32), f64)):
+        assert lora_compute_dtype(x_dtype, *adapters) == expected, (x_dtype, adapters)
+
+
+def test_autocast_alone_casts_the_operands():
+    """Under autocast the reference computes what PEFT's layer computes (``F.linear`` under autocast), bit for bit:
+    the adapters go to autocast as they are — bf16 activations under fp16 autocast with fp32 adapters would
+    otherwise round the adapters twice (to bf16, then to fp16)."""
+    x, w, b = torch.randn(6, 16).bfloat16(), torch.randn(8, 16).bfloat16(), torch.randn(8).bfloat16()
+    a, bb = torch.randn(4, 16), torch.randn(8, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = lora_linear_ref(x, w, b, a, bb, 0.5)
+        peft = F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * 0.5
+    assert y.dtype == torch.float16 and torch.equal(y, peft)
 
 
 def test_keep_mask_in_eval_mode_is_an_error():
