@@ -355,12 +355,17 @@ def test_launcher_rejects_unsupported_rank():
 @pytest.mark.skipif(not HAS_CUDA, reason="M·K > 2**31 needs a CUDA GPU (~4 GiB fp16 input, too slow for the "
                     "interpreter): runs in the GPU job")
 @pytest.mark.gpu
-def test_large_mk_int64_offsets_gpu():
+@pytest.mark.parametrize("layout, bwd_variant", [("row-major", None), ("column-major", None), ("row-major", "cublas")])
+def test_large_mk_int64_offsets_gpu(layout, bwd_variant):
     """M·K > 2³¹: int64 pointer offsets. Checks the last rows (beyond element 2³¹) against the reference with the
-    kernels' mask, and dx/dA on them through the full backward."""
+    kernels' mask, and dx/dA on them through the full backward. A column-major x (strides (1, M)) puts the offset
+    k·M past 2³¹ as well (the K-index times its stride); the cuBLAS backward has its own dy/dx pass kernels."""
     K, N, r, p = 4096, 64, 16, 0.1
     M = 2**31 // K + 4096  # M·K > 2**31
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    if layout == "row-major":
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    else:
+        x = torch.randn(K, M, device="cuda", dtype=torch.float16).t()  # (M, K), strides (1, M)
     w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
     a, bb = torch.randn(r, K, device="cuda") / K**0.5, torch.randn(N, r, device="cuda")
     st = seed_tensor(3, "cuda")
@@ -371,7 +376,7 @@ def test_large_mk_int64_offsets_gpu():
     assert_rel_close(y[tail], ref, 1e-2, "y tail")
     dy = torch.zeros(M, N, device="cuda", dtype=torch.float16)
     dy[tail] = torch.randn(256, N, device="cuda", dtype=torch.float16)
-    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st)
+    dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, variant=bwd_variant)
     rx, ra, rb = _ref_grads(x[tail], w, None, a, bb, 0.5, p, mask, False, dy[tail])[2:]
     assert_rel_close(dx[tail], rx, 1e-2, "dx tail")
     assert_rel_close(da, ra, 1e-2, "dA")
