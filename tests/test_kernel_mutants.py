@@ -21,7 +21,7 @@ import triton
 
 from lora_fast.reference import lora_linear_ref
 from tests.triton_interpret import DEVICE, HAS_CUDA, interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import assert_rel_close, ref_grads64, rel_err
 
 from lora_fast.kernels import launch, lora_bwd, lora_fwd
 from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor
@@ -30,15 +30,6 @@ pytestmark = [pytest.mark.usefixtures("interpret"),
               pytest.mark.skipif(HAS_CUDA, reason="instruments and re-tiles triton's interpreter (CPU); on a GPU "
                                  "test_kernels and test_tma run the autotuned tiles")]
 FP32_TOL = 1e-5  # the interpreter's fp32 dots are exact up to summation order
-
-
-def _reference(x, w, b, a, bb, s, p, mask, fifo, dy):
-    """float64 (y, xa, dx, dA, dB) of the reference with the kernels' keep-mask."""
-    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
-    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
-    y.backward(dy.double())
-    xa = (x64 * mask / (1 - p) if mask is not None else x64) @ a64.t()
-    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
 
 
 def _element_addresses(t: torch.Tensor) -> np.ndarray:
@@ -139,7 +130,7 @@ def test_kernels_touch_only_their_tensors(monkeypatch, fifo, K, dtype):
     a, bb = mem.padded(r, K, (K or 1) ** -0.5), mem.padded(N, r)  # fp32 adapters, as LinearWithLoRA keeps them
     tol = FP32_TOL if dtype == torch.float32 else 2e-3
     st = seed_tensor(3, DEVICE)
-    ref = _reference(x, w, bias, a, bb, s, p, dropout_keep_mask(3, M, K, p, DEVICE), fifo, dy)
+    ref = ref_grads64(x, w, bias, a, bb, s, p, dropout_keep_mask(3, M, K, p, DEVICE), fifo, dy)
     for variant in lora_fwd.FWD_VARIANTS:
         y, xa = lora_fwd.lora_linear_fwd(x, w, bias, a, bb, s, p, st, fifo, variant=variant)
         assert_rel_close(y, ref[0], tol, f"{variant}: y")
@@ -160,7 +151,7 @@ def test_kernels_touch_only_their_tensors(monkeypatch, fifo, K, dtype):
 def _check_all_variants(x, w, b, a, bb, s, p, seed, fifo, dy, fwd_variants, bwd_modes, label):
     st = seed_tensor(seed, DEVICE) if p > 0 else None
     mask = dropout_keep_mask(seed, *x.shape, p, DEVICE) if p > 0 else None
-    ref = _reference(x, w, b, a, bb, s, p, mask, fifo, dy)
+    ref = ref_grads64(x, w, b, a, bb, s, p, mask, fifo, dy)
     xa = None
     for variant in fwd_variants:
         y, xa = lora_fwd.lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
@@ -220,7 +211,7 @@ def test_fp16_reductions_across_tiles_accumulate_in_fp32():
     x = torch.cat([u, u], 1)  # (M, L)
     w = _cancelling(n, L) / 8  # (n, L)
     a, bb = _cancelling(r, L).float() / 8, torch.randn(n, r, device=DEVICE).half().float()
-    ref = _reference(x, w, None, a, bb, s, 0.0, None, False, torch.zeros(M, n, device=DEVICE).half())
+    ref = ref_grads64(x, w, None, a, bb, s, 0.0, None, False, torch.zeros(M, n, device=DEVICE).half())
     torch_err = rel_err(lora_linear_ref(x, w, None, a.half(), bb.half(), s), ref[0])
     for variant in ("one_pass", "xa_first"):
         y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, variant=variant)
@@ -233,7 +224,7 @@ def test_fp16_reductions_across_tiles_accumulate_in_fp32():
     ws = (_cancelling(n, L) / 8).t().contiguous()  # (L, n): Linear (N, K) with N = L
     a_s, b_s = torch.randn(r, n, device=DEVICE).half().float(), (_cancelling(r, L).float() / 8).t().contiguous()
     _, xa = lora_fwd.lora_linear_fwd(xs, ws, None, a_s, b_s, s)
-    dx_ref = _reference(xs, ws, None, a_s, b_s, s, 0.0, None, False, dy)[2]
+    dx_ref = ref_grads64(xs, ws, None, a_s, b_s, s, 0.0, None, False, dy)[2]
     xt = xs.clone().requires_grad_()
     lora_linear_ref(xt, ws, None, a_s.half(), b_s.half(), s).backward(dy)
     torch_err = rel_err(xt.grad, dx_ref)

@@ -14,7 +14,7 @@ import torch
 
 from lora_fast.reference import lora_linear_ref
 from tests.triton_interpret import DEVICE, HAS_CUDA, interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import assert_rel_close, ref_grads64, rel_err
 
 from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor, uniform
 from lora_fast.kernels.lora_bwd import lora_linear_bwd
@@ -44,15 +44,6 @@ def _make(M, K, N, r, fifo, has_bias, dtype=torch.float32, device=DEVICE):
     return x, w, b, a, bb
 
 
-def _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy):
-    """Float64 forward and gradients of the reference with the given keep-mask."""
-    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
-    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
-    y.backward(dy.double())
-    xa = torch.nn.functional.linear(x64 * mask / (1 - p), a64) if mask is not None else x64 @ a64.t()
-    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
-
-
 # Backward modes: the fused kernel with fp32 atomics or deterministic partials, with TMA loads (where the layout
 # allows; tests/test_tma.py checks which path ran), after a dy pass (gb_first), and the cublas variant.
 BWD_MODES = (("fused", False), ("fused", True), ("tma", False), ("gb_first", False), ("cublas", False))
@@ -79,7 +70,7 @@ def test_forward_backward_match_fp64_reference(M, K, N, r, fifo, has_bias, p):
     mask = dropout_keep_mask(seed, M, K, p, x.device) if p > 0 else None
     if p > 0:  # the mask really drops something, so parity below is not vacuous
         assert 0 < mask.sum() < mask.numel() or M * K < 8
-    ref = _ref_grads(x, w, b, a, bb, s, p, mask, fifo, dy)
+    ref = ref_grads64(x, w, b, a, bb, s, p, mask, fifo, dy)
     xa = None
     for variant in FWD_VARIANTS:
         y, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, fifo, variant=variant)
@@ -103,7 +94,7 @@ def test_noncontiguous_inputs_use_strides():
     dy = torch.randn(N, M, device=DEVICE).t()
     assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous() or bias.is_contiguous())
     mask = dropout_keep_mask(7, M, K, p, DEVICE)
-    ref = _ref_grads(x, w, bias, a, bb, s, p, mask, False, dy)
+    ref = ref_grads64(x, w, bias, a, bb, s, p, mask, False, dy)
     for fwd, bwd in ((None, None), ("one_pass", None), ("cublas", "cublas")):
         out = _run(x, w, bias, a, bb, s, p, 7, False, dy, variant=fwd, bwd_variant=bwd)
         for name, o, rf in zip(("y", "xa", "dx", "dA", "dB"), out, ref, strict=True):
@@ -125,7 +116,7 @@ def test_backward_skips_unneeded_gradients():
     x, w, b, a, bb = _make(M, K, N, r, False, True)
     dy = torch.randn(M, N, device=DEVICE)
     y, xa = lora_linear_fwd(x, w, b, a, bb, 1.0)
-    ref = _ref_grads(x, w, b, a, bb, 1.0, 0.0, None, False, dy)
+    ref = ref_grads64(x, w, b, a, bb, 1.0, 0.0, None, False, dy)
     dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 1.0, needs_dx=False)
     assert dx is None
     assert_rel_close(da, ref[3], FP32_TOL, "dA")
@@ -142,7 +133,7 @@ def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, 
     dy = torch.randn(M, N, device=device, dtype=dtype)
     mask = dropout_keep_mask(99, M, K, p, device)
     out = _run(x, w, b, a, bb, 0.5, p, 99, False, dy, variant=variants[0], bwd_variant=variants[1])
-    ref = _ref_grads(x, w, b, a, bb, 0.5, p, mask, False, dy)
+    ref = ref_grads64(x, w, b, a, bb, 0.5, p, mask, False, dy)
     # PyTorch in the same dtype (adapters cast to it, as the reference does outside autocast)
     xt, at, bt = (t.detach().clone().requires_grad_() for t in (x, a.to(dtype), bb.to(dtype)))
     yt = lora_linear_ref(xt, w, b, at, bt, 0.5, dropout_p=p, keep_mask=mask)
@@ -194,7 +185,7 @@ def test_fp16_backward_scales_before_rounding(bwd_variant):
     dy = torch.full((M, N), 6000.0, dtype=torch.float16, device=dev)  # dy·B = 1.2e5 > 65504; s·dy·B = 3e4
     assert (dy.double() @ bb.double()).abs().max() > 65504 > s * (dy.double() @ bb.double()).abs().max()
     out = _run(x, w, b, a, bb, s, 0.0, 0, False, dy, bwd_variant=bwd_variant)
-    ref = _ref_grads(x, w, b, a, bb, s, 0.0, None, False, dy)
+    ref = ref_grads64(x, w, b, a, bb, s, 0.0, None, False, dy)
     for name, o, rf in zip(("dx", "dA", "dB"), out[2:], ref[2:], strict=True):
         assert torch.isfinite(o).all(), f"{bwd_variant}: {name} has inf/nan where fp64 is {rf.abs().max():.3g} at most"
         assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
@@ -274,7 +265,7 @@ def test_every_gradient_subset_and_reduction(M, K, N, variant, deterministic):
     dy = torch.randn(M, N, device=DEVICE)
     st = seed_tensor(21, DEVICE)
     _, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, True)
-    ref = _ref_grads(x, w, b, a, bb, s, p, dropout_keep_mask(21, M, K, p, DEVICE), True, dy)[2:]
+    ref = ref_grads64(x, w, b, a, bb, s, p, dropout_keep_mask(21, M, K, p, DEVICE), True, dy)[2:]
     for need in itertools.product((False, True), repeat=3):
         if not any(need):
             continue
@@ -377,7 +368,7 @@ def test_large_mk_int64_offsets_gpu(layout, bwd_variant):
     dy = torch.zeros(M, N, device="cuda", dtype=torch.float16)
     dy[tail] = torch.randn(256, N, device="cuda", dtype=torch.float16)
     dx, da, db = lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, variant=bwd_variant)
-    rx, ra, rb = _ref_grads(x[tail], w, None, a, bb, 0.5, p, mask, False, dy[tail])[2:]
+    rx, ra, rb = ref_grads64(x[tail], w, None, a, bb, 0.5, p, mask, False, dy[tail])[2:]
     assert_rel_close(dx[tail], rx, 1e-2, "dx tail")
     assert_rel_close(da, ra, 1e-2, "dA")
     assert_rel_close(db, rb, 1e-2, "dB")
@@ -485,7 +476,7 @@ def test_fp32_ieee_fixed_backward_tile(monkeypatch, deterministic):
     dy = torch.randn(M, N, device=DEVICE)
     st = seed_tensor(5, DEVICE)
     _, xa = lora_linear_fwd(x, w, b, a, bb, s, p, st, True)
-    ref = _ref_grads(x, w, b, a, bb, s, p, dropout_keep_mask(5, M, K, p, DEVICE), True, dy)[2:]
+    ref = ref_grads64(x, w, b, a, bb, s, p, dropout_keep_mask(5, M, K, p, DEVICE), True, dy)[2:]
     out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, deterministic=deterministic, variant="fused")
     for name, o, rf in zip(("dx", "dA", "dB"), out, ref, strict=True):
         assert_rel_close(o, rf, FP32_TOL, name)

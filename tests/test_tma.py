@@ -15,23 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_fast.reference import lora_linear_ref
 from tests.triton_interpret import DEVICE, interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, ref_grads64
 
 from lora_fast.kernels import launch, lora_bwd, lora_fwd
 from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor
 
 pytestmark = pytest.mark.usefixtures("interpret")
 FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
-
-
-def _reference(x, w, b, a, bb, s, p, mask, fifo, dy):
-    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
-    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
-    y.backward(dy.double())
-    xa = (x64 * mask / (1 - p) if mask is not None else x64) @ a64.t()
-    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
 
 
 class _Spy:
@@ -94,7 +85,7 @@ def test_tma_variants_match_fp64_reference_through_descriptors(monkeypatch, M, K
     s, seed = 0.75, 4321
     st = seed_tensor(seed, DEVICE) if p > 0 else None
     mask = dropout_keep_mask(seed, M, K, p, DEVICE) if p > 0 else None
-    ref = _reference(x, w, b, a, bb, s, p, mask, fifo, dy)
+    ref = ref_grads64(x, w, b, a, bb, s, p, mask, fifo, dy)
     tol = FP32_TOL if dtype == torch.float32 else 2e-3
     tma = _tma_expected(dtype)
     assert tma or DEVICE == "cuda"  # the interpreter always takes them
@@ -149,7 +140,7 @@ def test_layouts_a_descriptor_cannot_describe_take_the_pointer_path(monkeypatch)
         a, bb = rand(r, k), rand(n, r)
         dy = rand(1 if broadcast else M, n).expand(M, n)
         st = seed_tensor(5, DEVICE)
-        ref = _reference(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), fifo, dy)
+        ref = ref_grads64(x, w, None, a, bb, s, p, dropout_keep_mask(5, M, k, p, DEVICE), fifo, dy)
         fwd_spy = _Spy(monkeypatch, lora_fwd, lora_fwd._lora_fwd_kernel)
         bwd_spy = _Spy(monkeypatch, lora_bwd, lora_bwd._lora_bwd_kernel)
         y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, p, st, fifo, variant="tma_persistent")

@@ -25,6 +25,18 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
     raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; first mismatches {detail}")
 
 
+def ref_grads64(x, w, b, a, bb, s, p, mask, fifo, dy):
+    """Float64 (y, xa, dx, dA, dB) of the reference with the given keep-mask (None: no dropout): the oracle the
+    kernel tests compare each launcher output and gradient with. xa is the kernels' saved (M, r) product."""
+    from lora_fast.reference import lora_linear_ref
+
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y = lora_linear_ref(x64, w, b, a64, b64, s, dropout_p=p, keep_mask=mask, fan_in_fan_out=fifo, upcast=True)
+    y.backward(dy.double())
+    xa = (x64 * mask / (1 - p) if mask is not None else x64) @ a64.t()
+    return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
+
+
 # Why a test skips when an optional module is missing, and where it runs instead (pytest.importorskip's reason)
 MISSING = {
     "peft": "peft is in the [dev] extra (CI installs it); PEFT parity and interop run wherever it is installed",
