@@ -1,12 +1,16 @@
 """Which fused output goes wrong in fp32 on a GPU, and under which switch (diagnostic for issue 8).
 
-    python -m benchmarks.gpu_fp32_check
+    python -m benchmarks.gpu_fp32_check [--device cuda]
 
 For a few small cases prints ‖out − ref‖/‖ref‖ of y, xa, dx, dA, dB against float64 with the kernels' own mask,
-for each forward variant, atomic/deterministic reductions, and fp32 dot precision ieee vs tf32.
+for each forward variant, atomic/deterministic reductions, and fp32 dot precision ieee vs tf32. ``--device cpu``
+under ``TRITON_INTERPRET=1`` runs the same cases in the interpreter: a check of the script, not of the GPU (fp32
+dots are exact there and its bf16 ``tl.dot`` is garbage).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from lora_fast.kernels import lora_bwd, lora_fwd
@@ -14,9 +18,12 @@ from lora_fast.kernels import lora_bwd, lora_fwd
 from benchmarks.gpu_probe import fp64_reference, rel
 from lora_fast.functional import dropout_mask, seed_tensor
 
+# (M, K, N, r, dropout p, fan_in_fan_out): one row; odd sizes and r = 16; dropout on a Conv1D layout
+CASES = [(1, 97, 75, 1, 0.0, False), (128, 70, 33, 16, 0.0, True), (64, 40, 24, 8, 0.3, True)]
 
-def case(M, K, N, r, p, fifo, variant, det, tf32):
-    dev = "cuda"
+
+def case(M, K, N, r, p, fifo, variant, det, tf32, dev="cuda") -> dict:
+    """One case, printed; returns {output: ‖out − ref‖/‖ref‖}. Sets torch's TF32 switch (``main`` restores it)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     x = torch.randn(M, K, device=dev)
     w = torch.randn((K, N) if fifo else (N, K), device=dev) / K**0.5
@@ -31,18 +38,29 @@ def case(M, K, N, r, p, fifo, variant, det, tf32):
     errs = {k: rel(o, ref[k]) for k, o in (("y", y), ("xa", xa), ("dx", dx), ("dA", dA), ("dB", dB))}
     print(f"M={M} K={K} N={N} r={r} p={p} fifo={fifo} {variant:<8} det={det!s:<5} tf32={tf32!s:<5} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    return errs
 
 
-def main() -> int:
-    for M, K, N, r, p, fifo in [(1, 97, 75, 1, 0.0, False), (128, 70, 33, 16, 0.0, True), (64, 40, 24, 8, 0.3, True)]:
-        for variant in lora_fwd.FWD_VARIANTS:
-            for det in (False, True):
-                case(M, K, N, r, p, fifo, variant, det, False)
-        case(M, K, N, r, p, fifo, "one_pass", False, True)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_fp32_check", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu under TRITON_INTERPRET=1")
+    dev = ap.parse_args(argv).device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (no CUDA device is visible to torch); --device cpu with TRITON_INTERPRET=1 runs "
+                 "the same cases in Triton's interpreter")
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for M, K, N, r, p, fifo in CASES:
+            for variant in lora_fwd.FWD_VARIANTS:
+                for det in (False, True):
+                    case(M, K, N, r, p, fifo, variant, det, False, dev)
+            case(M, K, N, r, p, fifo, "one_pass", False, True, dev)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
     for dtype in (torch.float16, torch.bfloat16):  # the same small case in half precision, for comparison
-        x = torch.randn(64, 40, device="cuda", dtype=dtype)
-        w = torch.randn(24, 40, device="cuda", dtype=dtype)
-        A, B = torch.randn(8, 40, device="cuda"), torch.randn(24, 8, device="cuda")
+        x = torch.randn(64, 40, device=dev, dtype=dtype)
+        w = torch.randn(24, 40, device=dev, dtype=dtype)
+        A, B = torch.randn(8, 40, device=dev), torch.randn(24, 8, device=dev)
         y, _ = lora_fwd.lora_linear_fwd(x, w, None, A, B, 0.5)
         ref = x.double() @ w.double().t() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
         print(dtype, "y", f"{rel(y, ref):.1e}", flush=True)

@@ -219,15 +219,33 @@ def probe_case(layer: str, M: int, r: int, p: float, dtype: torch.dtype, device)
     return out
 
 
+def print_summary(res: dict) -> None:
+    """The table of ``main``'s cases: eager times per piece, then the CUDA-graph times, errors and tuned configs."""
+    keys = ("base_fwd", "base_dx", "fwd_one_pass", "fwd_xa_first", "bwd_dx_only", "bwd_atomic", "bwd_determ",
+            "mask_MK", "layer_base", "layer_lora_fast", "layer_peft", "layer_reference", "cpu_base", "cpu_lora_fast",
+            "cpu_peft")
+    print("\nlayer         r   p    | " + " ".join(f"{k[-10:]:>10}" for k in keys))
+    for c in res["cases"]:
+        if "ms" in c:
+            print(f"{c['layer']:<12} {c['r']:>3} {c['p']:<4} | " + " ".join(
+                f"{c['ms'].get(k, float('nan')):10.4f}" for k in keys))
+            print("    graph " + " ".join(f"{k}={v:.4f}" for k, v in c.get("graph_ms", {}).items()))
+            print("    err " + " ".join(f"{k}={v:.1e}" for k, v in c["err"].items()) + f"  cfg {c['configs']}")
+        else:
+            print(f"{c['layer']:<12} {c['r']:>3} {c['p']:<4} | failed: {c.get('error')}")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_probe", description=__doc__.splitlines()[0])
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--r", type=int, nargs="+", default=[16])
     ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    ap.add_argument("--layers", nargs="+", default=list(LAYERS))
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (no CUDA device is visible to torch): it times kernels with triton.testing")
     device = torch.device("cuda")
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings(device),
@@ -248,17 +266,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
-    keys = ("base_fwd", "base_dx", "fwd_one_pass", "fwd_xa_first", "bwd_dx_only", "bwd_atomic", "bwd_determ",
-            "mask_MK", "layer_base", "layer_lora_fast", "layer_peft", "layer_reference", "cpu_base", "cpu_lora_fast",
-            "cpu_peft")
-    print("\nlayer         r   p    | " + " ".join(f"{k[-10:]:>10}" for k in keys))
-    for c in res["cases"]:
-        if "ms" in c:
-            print(f"{c['layer']:<12} {c['r']:>3} {c['p']:<4} | " + " ".join(
-                f"{c['ms'].get(k, float('nan')):10.4f}" for k in keys))
-            print("    graph " + " ".join(f"{k}={v:.4f}" for k, v in c.get("graph_ms", {}).items()))
-            print("    err " + " ".join(f"{k}={v:.1e}" for k, v in c["err"].items()) + f"  cfg {c['configs']}")
-    return 0
+    print_summary(res)
+    return 1 if any("error" in c for c in res["cases"]) else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fused path vs reference path over a real fine-tuning run (issue 8 §1): GPT-2 124M, random init, N steps.
 
-    python -m benchmarks.train_parity --out DIR [--steps 50] [--dropout 0.0] [--bf16]
+    python -m benchmarks.train_parity --out DIR [--steps 50] [--dropout 0.0] [--bf16] [--model gpt2-random]
 
 Runs ``lora-fast train`` twice with the same seed, data and options, once with ``--backend triton`` and once with
 ``--backend reference``, and prints both per-step training-loss curves, their largest relative difference, and
@@ -21,7 +21,7 @@ def run_backend(backend: str, args, out: Path) -> dict:
     from lora_fast.train import run
     from lora_fast.train_args import parse_train_args
 
-    argv = ["--model", "gpt2-random", "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
+    argv = ["--model", args.model, "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
             "--max_length", str(args.max_length), "--eval_steps", str(args.steps), "--eval_batches", "8",
             "--lr", "2e-3", "--rank", "16", "--alpha", "32", "--dropout", str(args.dropout), "--target_modules",
             "c_attn", "c_proj", "c_fc", "--seed", "0", "--backend", backend, "--output_dir", str(out / backend),
@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--tol", type=float, default=0.02)
+    ap.add_argument("--model", default="gpt2-random", help="as lora-fast train's --model (default: GPT-2 124M, random "
+                    "init)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     res = {b: run_backend(b, args, out) for b in ("triton", "reference")}
