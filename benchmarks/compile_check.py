@@ -126,6 +126,7 @@ def offline_compiler(arch: int, records: list):
                 "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
                 "smem_limit": limit, **resource_usage(kernel.asm["cubin"], tool),
                 "tma_copies": "cp.async.bulk.tensor" in kernel.asm.get("ptx", ""),  # TMA loads/stores in its PTX
+                "fp_fusion": md.enable_fp_fusion,  # the option it was compiled with (launch.COMPILE_OPTIONS)
                 "compile_s": round(time.perf_counter() - t0, 2),
             })
         if not fits:  # what the device does, before anything runs (CompiledKernel._init_handles)
@@ -222,14 +223,15 @@ def _dropout_mask():
     from lora_fast.kernels.dropout import seed_tensor
 
     out = torch.empty(64, 96, dtype=torch.uint8)
-    dropout._dropout_mask_kernel[(1, 2)](seed_tensor(7, "cpu"), out, 64, 96, 96, 1, 1000, BLOCK_M=64, BLOCK_K=64)
+    dropout._dropout_mask_kernel[(1, 2)](seed_tensor(7, "cpu"), out, 64, 96, 96, 1, 1000, BLOCK_M=64, BLOCK_K=64,
+                                         **dropout.COMPILE_OPTIONS)
 
 
 def autotune_cases():
     """The GPT-2 target (bf16, r = 16, Conv1D with bias; the xa_first forward at p = 0.1, the one-pass forward at
     p = 0, the fused atomic backward): every config of the tuning lists, pruned or not."""
     from lora_fast.kernels import lora_bwd, lora_fwd
-    from lora_fast.kernels.launch import TunedKernel, config_meta
+    from lora_fast.kernels.launch import COMPILE_OPTIONS, TunedKernel, config_meta
     from triton.runtime.errors import OutOfResources
 
     spaces = {id(lora_fwd._lora_fwd_kernel): (lora_fwd.get_fwd_configs, lora_fwd.prune_fwd_configs),
@@ -246,7 +248,7 @@ def autotune_cases():
                 pruned_away.append({"kernel": self.kernel.fn.__name__, **c.kwargs, "num_warps": c.num_warps,
                                     "num_stages": c.num_stages})
             try:
-                self.kernel[grid](*args, **meta, **config_meta(c))
+                self.kernel[grid](*args, **meta, **config_meta(c), **COMPILE_OPTIONS)
             except OutOfResources:  # the tuner skips such a config on the device too
                 pass
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lora_fast.kernels.launch import cdiv, device_current, interpreting
+from lora_fast.kernels.launch import COMPILE_OPTIONS, cdiv, device_current, interpreting
 
 from lora_fast.functional import SEED_HIGH, seed_tensor  # noqa: F401  (re-exported for the launchers)
 from lora_fast.rng import keep_threshold  # noqa: F401  (re-exported for the launchers)
@@ -149,5 +149,5 @@ def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, 
         grid = (cdiv(rows, block_m), cdiv(cols, block_k))
         with device_current(device):  # triton launches on the current device (launch.device_current)
             _dropout_mask_kernel[grid](seed_t, out, rows, cols, out.stride(0), out.stride(1), thr,
-                                       BLOCK_M=block_m, BLOCK_K=block_k)
+                                       BLOCK_M=block_m, BLOCK_K=block_k, **COMPILE_OPTIONS)
     return out.view(torch.bool)

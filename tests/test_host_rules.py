@@ -327,3 +327,48 @@ def test_interpret_switch_reads_triton_interpret_as_triton_does(monkeypatch, val
     assert (reason == "CPU tensor without TRITON_INTERPRET=1") == (not knobs.runtime.interpret), reason
     if launch.interpreting():
         assert routes.fwd(100)[0] == routes.bwd(100)[0] == "fixed"
+
+
+def test_every_launch_pins_fma_contraction(monkeypatch):
+    """Each launch path passes ``enable_fp_fusion=True`` (``launch.COMPILE_OPTIONS``) to triton: tuned, direct after
+    tuning, the fixed tile (and its fallback rungs) and the dropout mask. Left to triton's default, the kernels'
+    rounding and speed would change with triton 3.10, whose default is off (3.9 warns at the first compile);
+    ``test_kernel_targets`` checks that the compiled kernels carry it even with that default turned off."""
+    from lora_fast.kernels import dropout
+    from triton.runtime.errors import OutOfResources
+
+    pinned = launch.COMPILE_OPTIONS
+    assert pinned == {"enable_fp_fusion": True}
+    routes = _Routes(monkeypatch)
+    for kind in ("fwd", "bwd"):
+        for _ in range(2):  # tuned, then direct with the chosen config
+            getattr(routes, kind)(100)
+            ((route, meta),) = [e for e in routes.events if e[0] != "bench"]
+            assert meta.get("enable_fp_fusion") is True, (kind, route)
+
+    seen = []
+
+    class _Fitting:  # the first rung is out of shared memory, the second launches
+        def __getitem__(self, grid):
+            def launch_(*args, **meta):
+                seen.append(meta)
+                if len(seen) == 1:
+                    raise OutOfResources(1, 0, "shared memory")
+
+            return launch_
+
+    kernel = _Fitting()
+    rungs = lambda: [{"BLOCK_M": 64}, {"BLOCK_M": 32}]  # noqa: E731
+    for _ in range(2):  # the fitting search, then the remembered rung
+        launch.launch_fitting(kernel, rungs, ("pin-test",), (1,), HAS_BIAS=True)
+    assert len(seen) == 3 and all(m.get("enable_fp_fusion") is True for m in seen), seen
+
+    class _Mask:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(meta)
+
+    seen.clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dropout, "_dropout_mask_kernel", _Mask())
+    dropout.dropout_keep_mask(7, 8, 8, 0.5, "cpu")
+    assert len(seen) == 1 and seen[0].get("enable_fp_fusion") is True

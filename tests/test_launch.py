@@ -18,6 +18,7 @@ import torch
 from tests.triton_interpret import HAS_CUDA, interpret  # noqa: F401  (fixture)
 from tests.utils import assert_rel_close, MISSING
 
+from lora_fast.kernels import launch
 from lora_fast.kernels.launch import TunedKernel, block_r, bucket_m, cdiv, config_meta, next_pow2
 
 
@@ -68,8 +69,9 @@ def test_tuned_kernel_routes_first_launch_through_the_tuner_then_direct():
     assert builds == [1]  # the tuner is built once, on the first launch
     assert [(n, a[1]) for n, a, _ in log] == [("tuner", 1), ("kernel", 2), ("tuner", 3), ("kernel", 4),
                                             ("kernel", 5)]
-    assert log[1][2] == {"FLAG": True, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # key a's config
-    assert log[3][2] == {"FLAG": False, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3}  # key b's config
+    opts = launch.COMPILE_OPTIONS  # compile options every launch passes along
+    assert log[1][2] == {"FLAG": True, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, **opts}  # key a's config
+    assert log[3][2] == {"FLAG": False, "BLOCK_M": 128, "num_warps": 4, "num_stages": 3, **opts}  # key b's config
     assert log[4][2]["BLOCK_M"] == 64
 
 
