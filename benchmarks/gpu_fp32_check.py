@@ -23,7 +23,8 @@ CASES = [(1, 97, 75, 1, 0.0, False), (128, 70, 33, 16, 0.0, True), (64, 40, 24, 
 
 
 def case(M, K, N, r, p, fifo, variant, det, tf32, dev="cuda") -> dict:
-    """One case, printed; returns {output: ‖out − ref‖/‖ref‖}. Sets torch's TF32 switch (``main`` restores it)."""
+    """One case, printed; returns {output: ‖out − ref‖/‖ref‖}, and ``torch_y``: torch's own y computed with the same
+    switch. Sets torch's TF32 switch (``main`` restores it)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     x = torch.randn(M, K, device=dev)
     w = torch.randn((K, N) if fifo else (N, K), device=dev) / K**0.5
@@ -36,6 +37,8 @@ def case(M, K, N, r, p, fifo, variant, det, tf32, dev="cuda") -> dict:
     keep = dropout_mask(7, M, K, p, dev) if p else None
     ref = fp64_reference(x, w, b, A, B, dy, 0.5, p, keep, fifo)
     errs = {k: rel(o, ref[k]) for k, o in (("y", y), ("xa", xa), ("dx", dx), ("dA", dA), ("dB", dB))}
+    xk = x * keep / (1 - p) if p else x  # torch's own y under the same TF32 switch: the baseline to compare with
+    errs["torch_y"] = rel(torch.addmm(b, x, w if fifo else w.t()) + 0.5 * (xk @ A.t()) @ B.t(), ref["y"])
     print(f"M={M} K={K} N={N} r={r} p={p} fifo={fifo} {variant:<8} det={det!s:<5} tf32={tf32!s:<5} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     return errs

@@ -69,6 +69,17 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "run_gpu.sh: no CUDA GPU visible to torch; this script is for GPU machines (use --quick on a CPU)" >&2
     exit 2
 fi
+# lora_fast.kernels exists only through an install (setup.py maps it to kernels/): the lent GPU image has no
+# lora_fast, and one installed from another copy would test other code. Install this checkout where needed.
+here=$(python -c "import os, lora_fast.kernels as k; print(os.path.dirname(os.path.dirname(os.path.abspath(k.__file__))))" \
+    2>/dev/null)
+if [ "$here" != "$PWD" ]; then
+    echo "run_gpu.sh: installing this checkout (pip install --no-deps --no-build-isolation -e .)"
+    if ! python -m pip install -q --no-deps --no-build-isolation -e . ; then
+        echo "run_gpu.sh: could not install this checkout; lora_fast.kernels would not import" >&2
+        exit 2
+    fi
+fi
 mkdir -p "$OUT" || exit 2
 CSV="$OUT/results.csv"
 if [ ! -f "$CSV" ] && [ -f benchmarks/results/results.csv ]; then

@@ -6,7 +6,8 @@ functionalisation — everything but inductor's code generation; one test compil
 
 Routing: ``LinearWithLoRA`` goes through ``lora_fast.functional.lora_linear``, which hands over to
 ``lora_fast.ops.lora_linear_op`` under ``torch.compiler.is_compiling()``: these tests exercise the real module path.
-Behind the op the fused Triton kernels run where eager would run them (here: CPU under TRITON_INTERPRET=1).
+Behind the op the fused Triton kernels run where eager would run them: the tests of that path run on ``DEVICE``
+(CUDA, or CPU under TRITON_INTERPRET=1); the others on CPU tensors, where the op takes the reference path.
 
 Dropout masks: the op draws its seed with ``torch.randint`` and regenerates the mask from it; eager
 ``functional.lora_linear`` (reference backend) draws the mask with ``torch.rand`` directly. The two agree for an
@@ -28,10 +29,10 @@ from lora_fast import apply_lora, lora_layers
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.ops import lora_linear_op
 from lora_fast.reference import lora_linear_ref
-from tests.triton_interpret import interpret  # noqa: F401  (fixture)
+from tests.triton_interpret import DEVICE, interpret  # noqa: F401  (fixture)
 from tests.utils import assert_rel_close, rel_err
 
-FP32_TOL = 1e-5  # fp32 CPU matmuls against a float64 reference on these small shapes (errors are ~1e-7)
+FP32_TOL = 1e-5  # fp32 matmuls (CPU; a GPU's IEEE dots, torch's default) against float64 at these small shapes: ~1e-7
 
 
 @pytest.fixture
@@ -42,13 +43,26 @@ def routed():
     torch._dynamo.reset()
 
 
-def _inputs(M, K, N, r, fan_in_fan_out, bias=True, dtype=torch.float32):
-    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
-    w = torch.randn(K, N, dtype=dtype) if fan_in_fan_out else torch.randn(N, K, dtype=dtype)
-    b = torch.randn(N, dtype=dtype) if bias else None
-    a = (torch.randn(r, K, dtype=dtype) / K**0.5).requires_grad_()
-    bb = torch.randn(N, r, dtype=dtype).requires_grad_()
+def _inputs(M, K, N, r, fan_in_fan_out, bias=True, dtype=torch.float32, device="cpu"):
+    kw = {"dtype": dtype, "device": device}
+    x = torch.randn(M, K, **kw, requires_grad=True)
+    w = torch.randn(K, N, **kw) if fan_in_fan_out else torch.randn(N, K, **kw)
+    b = torch.randn(N, **kw) if bias else None
+    a = (torch.randn(r, K, **kw) / K**0.5).requires_grad_()
+    bb = torch.randn(N, r, **kw).requires_grad_()
     return x, w, b, a, bb
+
+
+def _kernel_calls(monkeypatch) -> list[str]:
+    """Records each launch of the fused forward and backward (the op imports the launchers at call time): proof that
+    a test of the Triton path ran the kernels, not the reference (whose seeded mask is the kernels' own on a GPU)."""
+    from lora_fast.kernels import lora_bwd, lora_fwd
+
+    calls = []
+    for module, name in ((lora_fwd, "lora_linear_fwd"), (lora_bwd, "lora_linear_bwd")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    return calls
 
 
 # --- the custom op -------------------------------------------------------------------------------------------
@@ -143,14 +157,15 @@ def test_op_unfrozen_base_gradients():
 
 
 @pytest.mark.usefixtures("interpret")
-def test_op_trainable_base_with_dropout_keeps_the_fused_kernels():
+def test_op_trainable_base_with_dropout_keeps_the_fused_kernels(monkeypatch):
     """The op differentiates a trainable W₀ with aten ops, so W₀ never vetoes the kernels behind it, dropout on or
     off (eager's grad-mode-independent veto is for its own autograd Function): backend="triton" runs, and every
     gradient, dW₀ included, equals the float64 reference with the kernels' mask."""
     from lora_fast.functional import dropout_mask
 
-    x, w, b, a, bb = _inputs(9, 12, 10, 2, True)
+    x, w, b, a, bb = _inputs(9, 12, 10, 2, True, device=DEVICE)
     w.requires_grad_()
+    calls = _kernel_calls(monkeypatch)
     y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=3, fan_in_fan_out=True, backend="triton")
     keep = dropout_mask(3, 9, 12, 0.3, x.device)
     y_ref = lora_linear_ref(x, w, b, a, bb, 0.5, 0.3, keep_mask=keep, fan_in_fan_out=True, upcast=True)
@@ -158,6 +173,7 @@ def test_op_trainable_base_with_dropout_keeps_the_fused_kernels():
     for name, g, g_ref in zip("xWAB", torch.autograd.grad(y, (x, w, a, bb), dy),
                               torch.autograd.grad(y_ref, (x, w, a, bb), dy.double()), strict=True):
         assert_rel_close(g, g_ref, FP32_TOL, f"d{name}")
+    assert calls == ["lora_linear_fwd", "lora_linear_bwd"]
 
 
 def test_op_autocast_bf16():
@@ -298,9 +314,9 @@ def _run(fn, m, x, seed):
     """(y, dx, dA, dB, the next draw of torch's generator): that draw shows the run consumed the stream alike."""
     torch.manual_seed(seed)
     y = fn(x)
-    dy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    dy = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)
     grads = torch.autograd.grad(y, (x, m.lora.lora_A, m.lora.lora_B), dy)
-    return (y, *grads, torch.rand(4))
+    return (y, *grads, torch.rand(4, device=y.device))  # the generator the op draws from: x's device
 
 
 def _eager_op(m):
@@ -384,12 +400,13 @@ def test_compiled_gpt2_no_extra_graph_breaks_and_matches_eager():
 
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_op_runs_the_triton_kernels_where_eager_would(fan_in_fan_out):
-    """With TRITON_INTERPRET=1 the op's forward and backward are the fused kernels: the dropout mask is the
-    kernels' Philox mask (``dropout_mask``), not the reference's torch.Generator mask."""
+def test_op_runs_the_triton_kernels_where_eager_would(monkeypatch, fan_in_fan_out):
+    """Where eager runs the kernels (CUDA, or CPU with TRITON_INTERPRET=1) the op's forward and backward are the
+    fused kernels (spied), with the kernels' Philox mask (``dropout_mask``), not a torch.Generator mask."""
     from lora_fast.functional import dropout_mask
 
-    x, w, b, a, bb = _inputs(37, 40, 24, 3, fan_in_fan_out)
+    x, w, b, a, bb = _inputs(37, 40, 24, 3, fan_in_fan_out, device=DEVICE)
+    calls = _kernel_calls(monkeypatch)
     y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=1234, fan_in_fan_out=fan_in_fan_out)
     keep = dropout_mask(1234, 37, 40, 0.3, x.device)
     x64 = x.detach().double().requires_grad_()
@@ -402,14 +419,15 @@ def test_op_runs_the_triton_kernels_where_eager_would(fan_in_fan_out):
     grads_ref = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
     for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
         assert_rel_close(g, g_ref, FP32_TOL, name)
+    assert calls == ["lora_linear_fwd", "lora_linear_bwd"]
 
 
 @pytest.mark.usefixtures("routed", "interpret")
 def test_compiled_layer_on_the_triton_path_matches_eager():
     """torch.compile(fullgraph=True) of a layer on the Triton path: same seed draw, same kernels as eager."""
-    m = _layer(True, 0.3)
+    m = _layer(True, 0.3).to(DEVICE)
     m.backend = "triton"
-    x = torch.randn(2, 5, 32, requires_grad=True)
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
     out = _run(torch.compile(m, backend="aot_eager", fullgraph=True), m, x, seed=3)
     ref = _run(m, m, x, seed=3)  # the eager module on the Triton path (lora_fast.triton_fn)
     for name, o, r in zip(("y", "dx", "dA", "dB", "next draw"), out, ref, strict=True):
@@ -421,7 +439,6 @@ def test_op_refuses_what_eager_refuses_for_lora_b():
     """The op decides kernels-or-reference by eager's rule, lora_B included: an int32 (or fp64) lora_B is refused by
     backend="triton" in both (the op used to run the kernels on it) and, under "auto", takes the reference path."""
     from lora_fast.ops import _use_triton
-    from tests.triton_interpret import DEVICE
 
     x, w, b, a = (torch.randn(*s, device=DEVICE) for s in ((6, 16), (5, 16), (5,), (2, 16)))
     for bad in (torch.randint(-3, 3, (5, 2), dtype=torch.int32, device=DEVICE), torch.randn(5, 2).double()):

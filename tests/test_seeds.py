@@ -11,17 +11,24 @@ import lora_fast.functional as functional
 from lora_fast.ops import lora_linear_op
 from lora_fast.reference import lora_linear_ref
 from tests.test_compile import FP32_TOL, _inputs
-from tests.triton_interpret import interpret  # noqa: F401  (fixture)
+from tests.triton_interpret import DEVICE, interpret  # noqa: F401  (fixture)
 from tests.utils import assert_rel_close
 
 
+def _path_inputs(triton_path: bool, request, *shape):
+    """``_inputs`` on CPU for the reference path; for the Triton path on ``DEVICE`` (CUDA, or CPU with the
+    interpreter: the ``interpret`` fixture), where backend="triton" runs the kernels or raises."""
+    if not triton_path:
+        return _inputs(*shape)
+    request.getfixturevalue("interpret")
+    return _inputs(*shape, device=DEVICE)
+
+
 @pytest.mark.parametrize("triton_path", [False, True])
-def test_eager_seed_tensor_equals_its_int(triton_path, monkeypatch):
+def test_eager_seed_tensor_equals_its_int(triton_path, request):
     """Eager ``lora_linear`` takes a seed tensor as the compiled op does (one function for both modes): the same
-    output as the int seed, on the reference path and on the Triton path (interpreter)."""
-    if triton_path:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    output as the int seed, on the reference path and on the Triton path."""
+    x, w, b, a, bb = _path_inputs(triton_path, request, 16, 32, 24, 4, False)
     backend = "triton" if triton_path else "reference"
     y_int = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=7, backend=backend)
     y_t = functional.lora_linear(x, w, b, a, bb, 2.0, 0.5, seed=torch.tensor([7]), backend=backend)
@@ -38,11 +45,16 @@ def test_op_reference_fallback_reads_no_seed_on_the_host(monkeypatch, r):
     how a rank-256 adapter runs on a GPU) with dropout, the mask is the kernels' own, read from the seed tensor on
     the device: no ``.item()`` (a host sync on CUDA, illegal inside CUDA-graph capture, and a seed frozen into a
     captured graph). Forward and backward equal the float64 reference with ``dropout_mask(seed)``, and eager
-    ``lora_linear`` with the same seed applies the same mask."""
+    ``lora_linear`` with the same seed applies the same mask. The path each direction took is spied."""
+    from lora_fast.kernels.launch import MAX_RANK
+
+    from lora_fast import ops
     from lora_fast.functional import dropout_mask
 
-    x, w, b, a, bb = _inputs(29, 40, 24, r, False)
-    seed = torch.tensor([4321])
+    x, w, b, a, bb = _inputs(29, 40, 24, r, False, device=DEVICE)
+    seed = torch.tensor([4321], device=DEVICE)
+    fused, real = [], ops._use_triton
+    monkeypatch.setattr(ops, "_use_triton", lambda *args, **kw: fused.append(real(*args, **kw)) or fused[-1])
 
     def no_item(self):
         raise AssertionError("a tensor was read on the host (.item())")
@@ -60,6 +72,7 @@ def test_op_reference_fallback_reads_no_seed_on_the_host(monkeypatch, r):
     grads_ref = torch.autograd.grad(ref, (x64, a64, b64), dy.double())
     for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref, strict=True):
         assert_rel_close(g, g_ref, FP32_TOL, name)
+    assert fused == [r <= MAX_RANK] * 2  # forward, backward: the kernels up to their rank limit, else the reference
     y_fn = functional.lora_linear(x, w, b, a, bb, 0.5, 0.3, seed=4321)  # eager, same path (fused, or reference)
     torch.testing.assert_close(y, y_fn, rtol=0, atol=1e-6)
 
@@ -103,12 +116,10 @@ def test_bad_seeds_are_errors_in_eager_and_op_even_without_dropout(bad):
 
 
 @pytest.mark.parametrize("triton_path", [False, True])
-def test_eval_mode_with_a_seed_has_no_dropout(triton_path, monkeypatch):
+def test_eval_mode_with_a_seed_has_no_dropout(triton_path, request):
     """training=False turns dropout off whatever seed is given (a module in eval mode still passes its seed): the
-    output is the dropout-free one, on the reference path and on the Triton path (interpreter)."""
-    if triton_path:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w, b, a, bb = _inputs(16, 32, 24, 4, False)
+    output is the dropout-free one, on the reference path and on the Triton path."""
+    x, w, b, a, bb = _path_inputs(triton_path, request, 16, 32, 24, 4, False)
     backend = "triton" if triton_path else "reference"
     plain = functional.lora_linear(x, w, b, a, bb, 2.0, 0.0, backend=backend)
     for seed in (5, torch.tensor([5])):

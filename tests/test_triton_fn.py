@@ -17,11 +17,11 @@ from torch.utils.checkpoint import checkpoint
 from lora_fast import LinearWithLoRA, apply_lora
 from lora_fast.functional import dropout_mask, lora_linear
 from lora_fast.reference import lora_linear_ref
-from tests.triton_interpret import DEVICE, HAS_CUDA, interpret  # noqa: F401  (fixture)
+from tests.triton_interpret import DEVICE, HAS_CUDA, TF32_TOL, fp32_tol, interpret  # noqa: F401  (fixture)
 from tests.utils import assert_rel_close, rel_err
 
 pytestmark = pytest.mark.usefixtures("interpret")
-FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3  # interpreter: exact fp32 dots; GPU: TF32 may be allowed
+FP32_TOL = fp32_tol()  # exact fp32 dots: the interpreter's, or a GPU's IEEE ones (torch's default)
 
 
 def _params(K, N, r, fifo=False, bias=True, dtype=torch.float32):
@@ -407,7 +407,7 @@ def test_fp32_precision_api_is_honoured():
         w, b, a, bb = _params(16, 12, 2)
         x = torch.randn(3, 16, device=DEVICE)
         y = lora_linear(x, w, b, a, bb, 1.0, backend="triton")
-        assert_rel_close(y, lora_linear_ref(x, w, b, a, bb, 1.0, upcast=True), 2e-3, "tf32")  # TF32's 2^-11
+        assert_rel_close(y, lora_linear_ref(x, w, b, a, bb, 1.0, upcast=True), TF32_TOL, "tf32")
         matmul.fp32_precision = "ieee"
         assert input_precision(torch.float32) == "ieee"
     finally:
