@@ -6,6 +6,7 @@
 See README.md for the API overview.
 """
 
+import lora_fast.ops  # noqa: F401  (registers torch.ops.lora_fast.*: torch.export.load of a program with LoRA layers)
 from lora_fast.functional import lora_linear
 from lora_fast.inject import (
     apply_lora,
