@@ -74,6 +74,7 @@ from lora_fast.inject import (
     _set_submodule,
     lora_layers,
     parameter_names,
+    untie_embeddings_in_config,
     unwrap_model,
 )
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
@@ -364,8 +365,11 @@ def _untie_extras(model: nn.Module, owners, who: str = "load_adapter") -> None:
         setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
         untied.append(f"{full} (was tied to {', '.join(others)})")
     if untied:
+        flag = ("; tie_word_embeddings set to False in the model's config, so that transformers does not tie them "
+                "again" if untie_embeddings_in_config(model) else "")
         warnings.warn(f"{who}: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
-                      "PEFT (training or loading them must not change the parameters they were tied to)", stacklevel=3)
+                      f"PEFT (training or loading them must not change the parameters they were tied to{flag})",
+                      stacklevel=3)
 
 
 def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str | None = None, *,

@@ -375,6 +375,31 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
+def untie_embeddings_in_config(model: nn.Module) -> bool:
+    """After an untie: when the model's output embeddings no longer share the input embeddings' weight, set
+    ``tie_word_embeddings`` to False in its config (and its text config), so that transformers does not tie them
+    again — ``tie_weights()`` (``resize_token_embeddings`` calls it) and ``from_pretrained`` of the saved model
+    would put one weight in place of the other. Returns whether a config changed."""
+    import contextlib
+
+    inner = unwrap_model(model)
+    try:
+        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
+        return False
+    if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
+        return False
+    config = getattr(inner, "config", None)
+    configs = [config]
+    with contextlib.suppress(AttributeError, ValueError):  # a composite model's text part (several: ambiguous)
+        configs.append(config.get_text_config(decoder=True))
+    changed = False
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings, changed = False, True
+    return changed
+
+
 def tied_names(names_of: dict[int, list[str]], name: str, weight: nn.Parameter) -> list[str]:
     """The names ``weight`` (module ``name``'s base weight) also has outside that module: its tied partners."""
     return [n for n in names_of.get(id(weight), []) if not n.startswith(f"{name}.")]

@@ -14,7 +14,14 @@ import warnings
 import torch.nn as nn
 
 from lora_fast.adapter_config import _names
-from lora_fast.inject import _set_submodule, lora_layers, parameter_names, tied_names, unwrap_model
+from lora_fast.inject import (
+    _set_submodule,
+    lora_layers,
+    parameter_names,
+    tied_names,
+    untie_embeddings_in_config,
+    unwrap_model,
+)
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.module_names import COMPILE_SEGMENT
 
@@ -54,9 +61,9 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) -> None:
     """Give each unmerged layer whose base weight is tied to another parameter (GPT-2's ``lm_head`` and ``wte``) its
     own copy before merging: ΔW folded into a shared weight would change the input embeddings too, and the merged
-    model would no longer compute what the adapter did. The model's ``tie_word_embeddings`` is set to False, so that
-    ``save_pretrained``/``from_pretrained`` keep the two apart. Warns, naming what was untied (memory: one more copy
-    of that weight)."""
+    model would no longer compute what the adapter did. Where that breaks the word-embedding tie, the model's
+    ``tie_word_embeddings`` is set to False, so that ``save_pretrained``/``from_pretrained`` keep the two apart.
+    Warns, naming what was untied (memory: one more copy of that weight)."""
     names_of, untied = parameter_names(model), []
     for name, m in layers.items():
         w = m.linear.weight
@@ -66,16 +73,10 @@ def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) 
             untied.append(f"{name} (was tied to {', '.join(tied)})")
     if not untied:
         return
-    config = getattr(unwrap_model(model), "config", None)
-    configs = [config]
-    with contextlib.suppress(AttributeError, ValueError):  # a composite model's text part (several: ambiguous)
-        configs.append(config.get_text_config(decoder=True))
-    for c in configs:
-        if getattr(c, "tie_word_embeddings", False):
-            c.tie_word_embeddings = False
+    flag = (" (tie_word_embeddings set to False in the model's config, so save_pretrained keeps both)"
+            if untie_embeddings_in_config(model) else "")
     warnings.warn(f"{who}: the base weight of {'; '.join(untied)} is now a copy of its own, so that merging ΔW into "
-                  "it leaves the weights it was tied to unchanged (tie_word_embeddings set to False in the model's "
-                  "config, so save_pretrained keeps both)", stacklevel=3)
+                  f"it leaves the weights it was tied to unchanged{flag}", stacklevel=3)
 
 
 def _merge_unmerged(layers: dict[str, LinearWithLoRA], safe_merge: bool, who: str) -> None:

@@ -208,3 +208,53 @@ def test_merging_a_tied_lm_head_leaves_the_input_embeddings_alone(tmp_path, how)
     again = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert again.lm_head.weight is not again.transformer.wte.weight
     assert_rel_close(_logits(again, ids), want, 1e-5, "merged tied lm_head after save_pretrained/from_pretrained")
+
+
+@pytest.mark.parametrize("how", ["apply_lora", "load_adapter"])
+def test_a_trained_head_untied_from_the_embeddings_is_not_tied_again(tmp_path, how):
+    """``modules_to_save=["lm_head"]`` on GPT-2 gives lm_head a weight of its own (PEFT trains a copy). The config
+    must then say so: with ``tie_word_embeddings`` still True, transformers' ``tie_weights()`` (which
+    ``resize_token_embeddings`` calls) put wte's weight back in place of the trained head, and a merged model saved
+    with that flag claimed a tie its weights no longer have. Untied here, the trained head survives both."""
+    from lora_fast import load_adapter, save_adapter
+
+    base = tiny_gpt2()
+    assert base.config.tie_word_embeddings and base.lm_head.weight is base.transformer.wte.weight
+    with pytest.warns(UserWarning, match="tie_word_embeddings set to False"):
+        model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, modules_to_save=["lm_head"])
+    if how == "load_adapter":
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.5)
+        save_adapter(model, tmp_path / "adapter")
+        model = copy.deepcopy(base)
+        with pytest.warns(UserWarning, match="tie_word_embeddings set to False"):
+            load_adapter(model, tmp_path / "adapter")
+    else:
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.5)  # "trained"
+    head, embeddings = model.lm_head.weight.detach().clone(), base.transformer.wte.weight.detach().clone()
+    assert model.config.tie_word_embeddings is False
+    assert not torch.equal(head, embeddings)
+    model.tie_weights()
+    assert torch.equal(model.lm_head.weight, head) and torch.equal(model.transformer.wte.weight, embeddings)
+    merged = merge_and_unload(model)
+    assert merged.config.tie_word_embeddings is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers warns about a claimed tie the weights do not have
+        merged.save_pretrained(tmp_path / "merged")
+    from transformers import GPT2LMHeadModel
+
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    assert torch.equal(again.lm_head.weight, head) and torch.equal(again.transformer.wte.weight, embeddings)
+
+
+def test_the_tie_flag_stays_where_the_embeddings_stay_tied():
+    """Untying something else (a head that is not the output embeddings) leaves ``tie_word_embeddings`` alone:
+    the flag may only follow the embeddings' own tie."""
+    from lora_fast.inject import untie_embeddings_in_config
+
+    model = tiny_gpt2()
+    assert untie_embeddings_in_config(model) is False and model.config.tie_word_embeddings is True
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    assert untie_embeddings_in_config(model) is True and model.config.tie_word_embeddings is False
+    assert untie_embeddings_in_config(nn.Linear(2, 2)) is False  # no embeddings to speak of
