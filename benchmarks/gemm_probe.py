@@ -32,6 +32,7 @@ import sys
 
 import triton
 import triton.language as tl
+from lora_fast.kernels.launch import COMPILE_OPTIONS
 
 # Kernels are built (compiled or interpreted) when this module is imported: TRITON_INTERPRET=1 must be in the
 # environment before, for --check on a CPU.
@@ -114,10 +115,8 @@ def run_variant(variant: str, a, b_store, b_trans: bool, c, cfg, num_sms: int = 
     bm, bn, bk, warps, stages = cfg
     M, K = a.shape
     N = c.shape[1]
-    from lora_fast.kernels.launch import COMPILE_OPTIONS  # compiled as lora_fast's kernels are
-
     meta = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": warps, "num_stages": stages}
-    meta.update(COMPILE_OPTIONS)
+    meta.update(COMPILE_OPTIONS)  # compiled as lora_fast's kernels are
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if variant in ("ptr32", "ptr64"):
         sbk, sbn = (b_store.stride(1), b_store.stride(0)) if b_trans else b_store.stride()

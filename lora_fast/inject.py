@@ -13,6 +13,7 @@ projections are Conv1D), a target that matches nothing is an error listing the c
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -380,8 +381,6 @@ def untie_embeddings_in_config(model: nn.Module) -> bool:
     ``tie_word_embeddings`` to False in its config (and its text config), so that transformers does not tie them
     again — ``tie_weights()`` (``resize_token_embeddings`` calls it) and ``from_pretrained`` of the saved model
     would put one weight in place of the other. Returns whether a config changed."""
-    import contextlib
-
     inner = unwrap_model(model)
     try:
         inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
