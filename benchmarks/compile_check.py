@@ -192,14 +192,15 @@ def _tf32(enabled: bool):
         matmul.allow_tf32 = old
 
 
-def fixed_cases(full: bool, dtypes=tuple(DTYPES), ranks=None, dropouts=(0.0, 0.1)):
-    """(label, thunk) for the fixed-tile launches: each dtype × rank tile × dropout; ``full`` adds both layouts,
-    no bias, no_grad forwards, backward subsets, odd sizes and fp32 with TF32."""
+def fixed_cases(full: bool, dtypes=tuple(DTYPES), ranks=None, dropouts=(0.0, 0.1), fp32=("ieee", "tf32")):
+    """(label, thunk) for the fixed-tile launches: each dtype × rank tile × dropout, and fp32 with TF32 allowed
+    likewise (its kernels differ: ``kernels/dots.py``); ``fp32`` names which fp32 dot precisions to compile;
+    ``full`` adds both layouts, no bias, no_grad forwards, backward subsets and odd sizes."""
     ranks = ranks or ((1, 8, 16, 64, 128) if full else (16, 128))
     shapes = ((128, 64, 96), (37, 33, 45)) if full else ((128, 64, 96),)
     for dname in dtypes:
         dtype = DTYPES[dname]
-        for r in ranks:
+        for r in ranks if dname != "fp32" or "ieee" in fp32 else ():
             for p in dropouts:
                 for M, K, N in shapes:
                     for conv1d, bias in (((True, True), (False, False)) if full else ((True, True),)):
@@ -207,9 +208,11 @@ def fixed_cases(full: bool, dtypes=tuple(DTYPES), ranks=None, dropouts=(0.0, 0.1
                                 f"{'' if bias else ' no-bias'}"
                         yield label, lambda M=M, K=K, N=N, r=r, dtype=dtype, p=p, c=conv1d, b=bias: run_launchers(
                             M, K, N, r, dtype, p, c, b, no_grad=full, subsets=full)
-        if dname == "fp32" and full:
-            yield "fp32 tf32 r=16 p=0.1", lambda: _with_tf32(lambda: run_launchers(128, 64, 96, 16, torch.float32,
-                                                                                   0.1))
+        if dname == "fp32" and "tf32" in fp32:  # TF32: rounded operands for the frozen GEMMs, "tf32x3" for rank r
+            for r in ranks:
+                for p in dropouts:
+                    yield f"fp32 tf32 r={r} p={p}", lambda r=r, p=p: _with_tf32(
+                        lambda: run_launchers(128, 64, 96, r, torch.float32, p))
     yield "dropout mask", _dropout_mask
 
 
@@ -267,7 +270,7 @@ def autotune_cases():
 
 def check(arch: int = 90, full: bool = False, autotune: bool = False, log=print, **select) -> dict:
     """Compile every case for ``sm_<arch>``; returns {"records", "errors", "pruned"} (errors: label -> message).
-    ``select``: ``dtypes``, ``ranks``, ``dropouts`` narrowing ``fixed_cases``."""
+    ``select``: ``dtypes``, ``ranks``, ``dropouts``, ``fp32`` narrowing ``fixed_cases``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("compile_check compiles for a GPU: unset TRITON_INTERPRET")
     records: list[dict] = []
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=tuple(DTYPES))
     ap.add_argument("--ranks", nargs="+", type=int, help="default: 16 128 (--full: 1 8 16 64 128)")
     ap.add_argument("--dropouts", nargs="+", type=float, default=(0.0, 0.1))
+    ap.add_argument("--fp32-precisions", nargs="+", choices=("ieee", "tf32"), default=("ieee", "tf32"),
+                    help="fp32 dots compiled: IEEE (torch's default) and/or TF32 (torch allows it)")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--table", action="store_true", help="print a markdown table of every compiled kernel")
     args = ap.parse_args(argv)
@@ -324,7 +329,8 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch} "
           f"(shared memory limit {SMEM_LIMIT.get(args.arch, 0) // 1024} KiB per block)")
     t0 = time.perf_counter()
-    res = check(args.arch, args.full, args.autotune, dtypes=args.dtypes, ranks=args.ranks, dropouts=args.dropouts)
+    res = check(args.arch, args.full, args.autotune, dtypes=args.dtypes, ranks=args.ranks, dropouts=args.dropouts,
+                fp32=args.fp32_precisions)
     recs = res["records"]
     spills = [r for r in recs if r.get("spill", 0) > 0]
     if args.table:

@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     tf32_before = torch.backends.cuda.matmul.allow_tf32
     try:
         for M, K, N, r, p, fifo in CASES:
-            for variant in lora_fwd.FWD_VARIANTS:
-                for det in (False, True):
-                    case(M, K, N, r, p, fifo, variant, det, False, dev)
-            case(M, K, N, r, p, fifo, "one_pass", False, True, dev)
+            for tf32 in (False, True):  # TF32: the default backward is cuBLAS's, the deterministic one fused
+                for variant in lora_fwd.FWD_VARIANTS:
+                    for det in (False, True):
+                        case(M, K, N, r, p, fifo, variant, det, tf32, dev)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
     for dtype in (torch.float16, torch.bfloat16):  # the same small case in half precision, for comparison

@@ -161,6 +161,20 @@ def fma_dots(dtype: torch.dtype, precision: str) -> bool:
     return dtype == torch.float32 and precision == "ieee"
 
 
+def tf32_dots(dtype: torch.dtype, precision: str) -> bool:
+    """Whether the dots are TF32 tensor-core dots on fp32 operands (torch allows TF32): the kernels then round the
+    frozen GEMMs' operands and run the rank-r products in "tf32x3" (``kernels/dots.py``), and the default route is
+    the ``cublas`` variant, whose frozen GEMMs are torch's own."""
+    return dtype == torch.float32 and precision == "tf32"
+
+
+def wide_tf32(dtype: torch.dtype, precision: str, br: int) -> bool:
+    """Whether a skinny pass's rank-r dots are "tf32x3" over a rank tile wider than 32: each operand is held as two
+    TF32 parts, and the 64-wide fixed tiles spilled there (sm_90, r = 128: dy pass 1056 B, xa 48–112 B, dx pass
+    with dropout 112 B); the passes take narrower tiles (PERF_NOTES "TF32")."""
+    return tf32_dots(dtype, precision) and br > 32
+
+
 FMA_FUSED_MAX_RANK = 32  # fp32 with IEEE dots above this rank: the cublas variant (``fwd_variant``, ``bwd_variant``)
 FMA_RANK_CHUNK = 16  # rank chunk of an FMA dot over the rank (sm_90, r = 128: 0 spill with 32-wide tiles)
 

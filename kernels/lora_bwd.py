@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lora_fast.kernels.dots import base_dot, lora_dot
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import (
     FMA_FUSED_MAX_RANK,
@@ -49,6 +50,7 @@ from lora_fast.kernels.launch import (
     per_thread,
     prune_for_dots,
     prune_smem,
+    tf32_dots,
     tile_config,
     tma_ok,
     tma_weight,
@@ -159,11 +161,11 @@ def _lora_bwd_kernel(
             else:
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
-            acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+            acc = base_dot(g, w, acc, INPUT_PRECISION)
         if (COMPUTE_DX or COMPUTE_DA) and not GB_IN:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
-            gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
+            gb_acc = lora_dot(g, b, gb_acc, INPUT_PRECISION)
         if COMPUTE_DB:
             if (n0 // BLOCK_N) % num_pid_k == pid_k:  # N-tiles dealt round-robin over the row block's programs
                 if DB_RELOAD:  # fp32: gᵀ and xa loaded afresh (tl.trans(g) here gave a wrong dB on Triton 3.6/H100)
@@ -171,9 +173,9 @@ def _lora_bwd_kernel(
                                  mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # (BN, BM)
                     xa_t = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                                    mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, R)
-                    dbp = tl.dot(gt, xa_t, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                    dbp = lora_dot(gt, xa_t, None, INPUT_PRECISION) * db_scale  # (BN, R)
                 else:
-                    dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                    dbp = lora_dot(tl.trans(g), xa, None, INPUT_PRECISION) * db_scale  # (BN, R)
                 _reduce_into(db_ptr + slot * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                              dbp, n_mask[:, None] & r_mask[None, :], ATOMIC)
 
@@ -274,13 +276,15 @@ def bwd_variant(M: int, N: int, K: int, r: int, deterministic: bool, dtype: torc
     - ``cublas``: ``lora_bwd_cublas``, cuBLAS dgrad plus two skinny Triton passes.
 
     ``fused`` until a GPU measurement says where another wins (benchmarks/PERF_NOTES.md), except for fp32 with IEEE
-    dots above rank ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes (as in
-    ``lora_fwd.fwd_variant``); ``LORA_FAST_BWD_VARIANT`` forces one. Deterministic mode runs ``fused`` (``tma``
-    when a TMA variant is forced): the others reduce dB with atomics."""
+    dots above rank ``FMA_FUSED_MAX_RANK``, where the fused kernel's FMA dots spill kilobytes, and for fp32 with
+    TF32 (cuBLAS's TF32 dgrad is torch's own; as in ``lora_fwd.fwd_variant``); ``LORA_FAST_BWD_VARIANT`` forces
+    one. Deterministic mode runs ``fused`` (``tma`` when a TMA variant is forced): the others reduce dB with
+    atomics."""
     forced = variant_override("LORA_FAST_BWD_VARIANT", BWD_VARIANTS)
     if deterministic:
         return "tma" if forced in ("tma", "gb_first_tma") else "fused"
-    if forced is None and r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
+    precision = input_precision(dtype)
+    if forced is None and ((r > FMA_FUSED_MAX_RANK and fma_dots(dtype, precision)) or tf32_dots(dtype, precision)):
         return "cublas"
     return forced or "fused"
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lora_fast.kernels.dots import lora_dot
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import (
     block_r,
@@ -42,6 +43,7 @@ from lora_fast.kernels.launch import (
     input_precision,
     launch_fitting,
     rank_chunk,
+    wide_tf32,
 )
 
 
@@ -77,14 +79,14 @@ def _lora_dy_kernel(
         if COMPUTE_GB:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BN, R)
-            gb_acc = tl.dot(g, b, gb_acc, input_precision=INPUT_PRECISION)
+            gb_acc = lora_dot(g, b, gb_acc, INPUT_PRECISION)
         if COMPUTE_DB:
             if DB_RELOAD:
                 gt = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
                              mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # (BN, BM)
-                dbp = tl.dot(gt, xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                dbp = lora_dot(gt, xa, None, INPUT_PRECISION) * db_scale  # (BN, R)
             else:
-                dbp = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * db_scale  # (BN, R)
+                dbp = lora_dot(tl.trans(g), xa, None, INPUT_PRECISION) * db_scale  # (BN, R)
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, dbp,
                           mask=n_mask[:, None] & r_mask[None, :], sem="relaxed")
     if COMPUTE_GB:
@@ -132,11 +134,11 @@ def _lora_dx_lora_kernel(
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BM, RC)
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(dtype)  # (RC, BK)
-            lora = tl.dot(gb, a, lora, input_precision=INPUT_PRECISION)
+            lora = lora_dot(gb, a, lora, INPUT_PRECISION)
         if COMPUTE_DA:  # gbᵀ loaded transposed (no tl.trans of a tile that feeds another dot, see lora_bwd.py)
             gbt = tl.load(gb_ptr + offs_r[:, None] * stride_gbr + offs_m[None, :] * stride_gbm,
                           mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(dtype)  # (RC, BM)
-            dap = tl.dot(gbt, xk, input_precision=INPUT_PRECISION) * keep_scale  # (RC, BK)
+            dap = lora_dot(gbt, xk, None, INPUT_PRECISION) * keep_scale  # (RC, BK)
             tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, dap,
                           mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
     if COMPUTE_DX:
@@ -174,6 +176,9 @@ DX_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}
 # these spill nothing (benchmarks/PERF_NOTES.md, "fp32 with IEEE dots").
 DY_TILE_FMA = {"BLOCK_M": 32, "BLOCK_N": 32}
 DX_TILE_FMA = {"BLOCK_M": 32, "BLOCK_K": 32}
+# "tf32x3" dots above rank 32 (``wide_tf32``: each operand held as two TF32 parts): at r = 128 the 64-wide dy tile
+# spilled 1056 B (sm_90), 32×32 96 B (0 at r = 64); the dx pass with dropout 112 B at 64×64, 0 at 64×32
+DX_TILE_TF32_WIDE = {"BLOCK_M": 64, "BLOCK_K": 32}
 # smaller tiles where those need more shared memory than the GPU has (``launch_fitting``; at rank 128 in fp32 the
 # dy pass needs 98 KiB on sm_86, whose limit is 99; a T4 allows 64)
 DY_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
@@ -189,19 +194,21 @@ def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor | None, sca
     M, N = dy.shape
     r = lora_B.shape[1]
     dev = dy.device
-    fma = fma_dots(dy.dtype, input_precision(dy.dtype))
+    precision = input_precision(dy.dtype)
+    fma = fma_dots(dy.dtype, precision)
+    tile = DY_TILE_FMA if fma or wide_tf32(dy.dtype, precision, block_r(r)) else DY_TILE
     gb = torch.empty((M, r), dtype=torch.float32, device=dev) if needs_gb else dy  # dummy: never dereferenced
     db = torch.zeros((N, r) if needs_dB else (1, 1), dtype=torch.float32, device=dev)
     xa_arg = xa if needs_dB else dy
     launch_fitting(
-        _lora_dy_kernel, lambda: fixed_rungs(DY_TILE_FMA if fma else DY_TILE, dy.dtype, r, DY_FALLBACKS),
+        _lora_dy_kernel, lambda: fixed_rungs(tile, dy.dtype, r, DY_FALLBACKS),
         (dy.dtype, lora_B.dtype, xa_arg.dtype, dev), lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
         dy, lora_B, xa_arg, gb, db,
         M, N, r,
         *dy.stride(), *lora_B.stride(), *xa_arg.stride(), *gb.stride(), *db.stride(),
         float(scaling),
         COMPUTE_GB=needs_gb, COMPUTE_DB=needs_dB, DB_RELOAD=dy.dtype == torch.float32,
-        INPUT_PRECISION=input_precision(dy.dtype), BLOCK_R=block_r(r),
+        INPUT_PRECISION=precision, BLOCK_R=block_r(r),
     )
     return gb, db
 
@@ -215,6 +222,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
     dev = x.device
     br, precision = block_r(r), input_precision(x.dtype)
     fma = fma_dots(x.dtype, precision)
+    tile = DX_TILE_FMA if fma else DX_TILE_TF32_WIDE if wide_tf32(x.dtype, precision, br) else DX_TILE
     dx = None
     # fp32 without dropout: dx comes whole from one GEMM with the merged weight; else dgrad + the LoRA term added
     fix_dx = needs_dx and (dropout_p > 0.0 or not merge_exact(x.dtype))
@@ -232,7 +240,7 @@ def lora_linear_bwd_cublas(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p
         dx_arg = dx if fix_dx else x  # dummy: never dereferenced
         seed_arg = seed if dropout_p > 0.0 else x
         launch_fitting(
-            _lora_dx_lora_kernel, lambda: fixed_rungs(DX_TILE_FMA if fma else DX_TILE, x.dtype, r, DX_FALLBACKS),
+            _lora_dx_lora_kernel, lambda: fixed_rungs(tile, x.dtype, r, DX_FALLBACKS),
             (x.dtype, lora_A.dtype, seed_arg.dtype, dev),
             lambda cfg: (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"])),
             x, lora_A, gb, dx_arg, da, seed_arg,

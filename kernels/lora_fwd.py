@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lora_fast.kernels.dots import base_dot, lora_dot
 from lora_fast.kernels.dropout import keep_mask, keep_threshold
 from lora_fast.kernels.launch import (
     FMA_FUSED_MAX_RANK,
@@ -52,11 +53,13 @@ from lora_fast.kernels.launch import (
     per_thread,
     prune_for_dots,
     prune_smem,
+    tf32_dots,
     tile_config,
     tma_ok,
     tma_weight,
     tma_worth,
     variant_override,
+    wide_tf32,
 )
 from lora_fast.kernels.lora_bwd_cublas import merge_exact, merged_weight
 
@@ -151,13 +154,13 @@ def _fwd_tile(
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
             w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN) = W₀ᵀ tile
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = base_dot(x, w, acc, INPUT_PRECISION)
         if not XA_IN:
             a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
             a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
             if HAS_DROPOUT:
                 x = tl.where(keep_mask(seed, offs_m, k0, thr, BLOCK_K), x, 0.0)
-            xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
+            xa_acc = lora_dot(x, a, xa_acc, INPUT_PRECISION)
 
     if XA_IN:  # (BM, R) fp32, already scaled by 1/(1-p)
         xa_acc = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
@@ -177,7 +180,7 @@ def _fwd_tile(
     # with s > 1 overflows fp16 for outlier activations where xa itself does not (inf where torch is finite)
     xa_scale, b_scale = tl.minimum(scaling, 1.0), tl.maximum(scaling, 1.0)  # product s, for any s (0 included)
     b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (R, BN) = Bᵀ tile
-    acc = tl.dot((xa_acc * xa_scale).to(dtype), (b * b_scale).to(dtype), acc, input_precision=INPUT_PRECISION)
+    acc = lora_dot((xa_acc * xa_scale).to(dtype), (b * b_scale).to(dtype), acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if TMA:
@@ -219,7 +222,7 @@ def _lora_xa_kernel(
             x = tl.where(keep_mask(seed, offs_m, k0, thr, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)  # (BK, R) = Aᵀ tile
-        xa_acc = tl.dot(x, a, xa_acc, input_precision=INPUT_PRECISION)
+        xa_acc = lora_dot(x, a, xa_acc, INPUT_PRECISION)
     tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa_acc * keep_scale,
              mask=m_mask[:, None] & r_mask[None, :])
 
@@ -229,6 +232,7 @@ def _lora_xa_kernel(
 FIXED_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 XA_TILE = {"BLOCK_M": 64, "BLOCK_K": 64}  # the xa kernel is a memory-bound skinny product: one fixed tile
 XA_TILE_FMA = {"BLOCK_M": 32, "BLOCK_K": 64}  # FMA dots (``fma_dots``): at r = 128, 64×64 spills 528 B, this 0
+XA_TILE_TF32_WIDE = {"BLOCK_M": 64, "BLOCK_K": 32}  # "tf32x3" above rank 32 (``wide_tf32``): r = 64/128 0 B spill
 # Where the fixed tile needs more shared memory than the GPU has (compiled sizes, sm_86's 99 KiB: the one-pass
 # forward at rank 128 in 16 bits 104 KiB, the xa kernel at rank 128 in fp32 112 KiB; a T4 allows 64 KiB), the
 # launch falls back to these, in order (``launch_fitting``; benchmarks/compile_check.py checks that the last fits).
@@ -309,7 +313,10 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.d
     in place; in fp32 without dropout one GEMM with the merged weight W₀ᵀ + s·Aᵀ·Bᵀ) is the rule for fp32 with IEEE
     dots (``fma_dots``) above rank ``FMA_FUSED_MAX_RANK``: there the fused kernels' FMA dots over a long rank spill
     9–21 KB per thread and take ~1 min each to compile (benchmarks/compile_check.py, PERF_NOTES "fp32 with IEEE
-    dots"), while cuBLAS runs the FP32 GEMMs. Elsewhere it runs only when ``LORA_FAST_FWD_VARIANT=cublas`` asks,
+    dots"), while cuBLAS runs the FP32 GEMMs. It is also the rule for fp32 with TF32 (``tf32_dots``) at every
+    rank: cuBLAS's TF32 GEMMs are torch's own numbers (it rounds the operands to TF32), where the fused kernels
+    must round every tile first (``kernels/dots.py``); its Triton pass holds only the rank-r product, in
+    "tf32x3". Elsewhere it runs only when ``LORA_FAST_FWD_VARIANT=cublas`` asks,
     until a GPU measurement says where it wins (PERF_NOTES: predicted faster where our GEMM core trails cuBLAS).
 
     ``tma`` and ``tma_persistent``: xa_first with the GEMM's x, W₀ and y tiles moved by Hopper's TMA (device-side
@@ -321,7 +328,8 @@ def fwd_variant(M: int, N: int, K: int, r: int, dropout_p: float, dtype: torch.d
     forced = variant_override("LORA_FAST_FWD_VARIANT", FWD_VARIANTS)
     if forced is not None:
         return forced
-    if r > FMA_FUSED_MAX_RANK and fma_dots(dtype, input_precision(dtype)):
+    precision = input_precision(dtype)
+    if (r > FMA_FUSED_MAX_RANK and fma_dots(dtype, precision)) or tf32_dots(dtype, precision):
         return "cublas"
     return "xa_first" if dropout_p > 0.0 or r > ONE_PASS_MAX_RANK else "one_pass"
 
@@ -387,7 +395,8 @@ def lora_linear_fwd(
     br = block_r(r)
     seed_arg = seed if has_dropout else y  # never dereferenced without dropout
     if xa_in:
-        xa_tile = XA_TILE_FMA if fma_dots(x.dtype, precision) else XA_TILE
+        xa_tile = (XA_TILE_FMA if fma_dots(x.dtype, precision)
+                   else XA_TILE_TF32_WIDE if wide_tf32(x.dtype, precision, br) else XA_TILE)
         launch_fitting(
             _lora_xa_kernel, lambda: fixed_rungs(xa_tile, x.dtype, r, XA_FALLBACKS),
             (x.dtype, lora_A.dtype, seed_arg.dtype, dev), lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from lora_fast.kernels.dots import lora_dot
 
 
 @triton.jit
@@ -27,8 +28,8 @@ def add_dx_lora_term(acc, gb, keep, keep_scale, a_ptr, offs_r, offs_k, r_mask, k
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(gb.dtype)  # (R, BK)
     if HAS_DROPOUT:
-        return acc + keep_scale * tl.where(keep, tl.dot(gb, a, input_precision=INPUT_PRECISION), 0.0)
-    return tl.dot(gb, a, acc, input_precision=INPUT_PRECISION)
+        return acc + keep_scale * tl.where(keep, lora_dot(gb, a, None, INPUT_PRECISION), 0.0)
+    return lora_dot(gb, a, acc, INPUT_PRECISION)
 
 
 @triton.jit
@@ -39,4 +40,4 @@ def da_part(gb, keep, x_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_x
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
     if HAS_DROPOUT:
         x = tl.where(keep, x, 0.0)
-    return tl.dot(tl.trans(gb), x, input_precision=INPUT_PRECISION)  # (R, BK)
+    return lora_dot(tl.trans(gb), x, None, INPUT_PRECISION)  # (R, BK)

@@ -84,3 +84,22 @@ def test_fixed_tiles_fall_back_where_they_do_not_fit_sm86(tmp_path):
     fitting = {_family(r) for r in recs if r["shared"] <= r["smem_limit"]}
     for r in over:
         assert _family(r) in fitting, f"{r['kernel']} {r['meta']}: no smaller tile was compiled in its place"
+
+
+def test_tf32_kernels_compile_for_sm90(tmp_path):
+    """fp32 with TF32 allowed, rank 16 and 128, dropout on: the frozen GEMMs' operand rounding and the "tf32x3"
+    rank-r dots (``kernels/dots.py``) compile for sm_90 in every launch path and fit its shared memory; the default
+    route's skinny passes (xa, dy, dx/dA: the cublas variant) take the narrow tiles above rank 32
+    (``launch.wide_tf32``), where the 64-wide ones spilled up to 1 KB."""
+    res = _compile_check(tmp_path, "--arch", "90", "--dtypes", "fp32", "--fp32-precisions", "tf32", "--ranks", "16",
+                         "128", "--dropouts", "0.1")
+    assert not res["errors"]
+    recs = [r for r in res["records"] if r["kernel"] != "_dropout_mask_kernel"]
+    assert recs and all(r["meta"]["INPUT_PRECISION"] == "tf32" and r["dtype"] == "float32" for r in recs)
+    assert {r["kernel"] for r in recs} == {"_lora_fwd_kernel", "_lora_xa_kernel", "_lora_bwd_kernel",
+                                           "_lora_dy_kernel", "_lora_dx_lora_kernel"}
+    assert all(r["shared"] <= r["smem_limit"] for r in res["records"])
+    wide = {r["kernel"]: (r["meta"]["BLOCK_M"], r["meta"].get("BLOCK_N", r["meta"].get("BLOCK_K")))
+            for r in recs if r["meta"]["BLOCK_R"] == 128 and r["kernel"] in ("_lora_xa_kernel", "_lora_dy_kernel",
+                                                                             "_lora_dx_lora_kernel")}
+    assert wide == {"_lora_xa_kernel": (64, 32), "_lora_dy_kernel": (32, 32), "_lora_dx_lora_kernel": (64, 32)}

@@ -278,7 +278,8 @@ def test_every_gradient_subset_and_reduction(M, K, N, variant, deterministic):
 
 
 def test_variant_rules_and_overrides(monkeypatch):
-    """Default rules (fused backward; xa-first with dropout or above rank 32; cuBLAS for fp32 IEEE above rank 32),
+    """Default rules (fused backward; xa-first with dropout or above rank 32; cuBLAS for fp32 IEEE above rank 32
+    and for fp32 with TF32 at every rank),
     the environment overrides a benchmark uses to time a
     variant through the module path (spied: on CPU every variant gives the same numbers), and their errors."""
     from lora_fast.kernels import lora_bwd, lora_fwd
@@ -290,14 +291,18 @@ def test_variant_rules_and_overrides(monkeypatch):
     # above rank 32: xa computed once (bf16, or fp32 with TF32); fp32 with IEEE dots: cuBLAS (FMA dots spill)
     assert [lora_fwd.fwd_variant(64, 64, 64, r, 0.0) for r in (32, 33, 128)] == ["one_pass", "xa_first", "xa_first"]
     real_precision = lora_fwd.input_precision
-    for precision, fwd, bwd in (("ieee", "cublas", "cublas"), ("tf32", "xa_first", "fused")):
+    # (precision, rank 64, rank 16 with dropout): IEEE small ranks keep the fused kernels; TF32 takes cuBLAS's
+    # rounding GEMMs at every rank (kernels/dots.py)
+    for precision, fwd64, bwd64, fwd16, bwd16 in (("ieee", "cublas", "cublas", "xa_first", "fused"),
+                                                  ("tf32", "cublas", "cublas", "cublas", "cublas")):
         monkeypatch.setattr(lora_fwd, "input_precision", lambda dtype, p=precision: p)
         monkeypatch.setattr(lora_bwd, "input_precision", lambda dtype, p=precision: p)
-        assert lora_fwd.fwd_variant(64, 64, 64, 64, 0.0, torch.float32) == fwd
-        assert lora_bwd.bwd_variant(64, 64, 64, 64, False, torch.float32) == bwd
-        assert lora_fwd.fwd_variant(64, 64, 64, 16, 0.1, torch.float32) == "xa_first"  # small rank: fused kernels
-        assert lora_bwd.bwd_variant(64, 64, 64, 16, False, torch.float32) == "fused"
+        assert lora_fwd.fwd_variant(64, 64, 64, 64, 0.0, torch.float32) == fwd64
+        assert lora_bwd.bwd_variant(64, 64, 64, 64, False, torch.float32) == bwd64
+        assert lora_fwd.fwd_variant(64, 64, 64, 16, 0.1, torch.float32) == fwd16
+        assert lora_bwd.bwd_variant(64, 64, 64, 16, False, torch.float32) == bwd16
         assert lora_bwd.bwd_variant(64, 64, 64, 64, True, torch.float32) == "fused"  # deterministic: fused
+        assert lora_fwd.fwd_variant(64, 64, 64, 16, 0.1, torch.bfloat16) == "xa_first"  # 16 bits: unaffected
     monkeypatch.setattr(lora_fwd, "input_precision", real_precision)
     monkeypatch.setattr(lora_bwd, "input_precision", real_precision)
     monkeypatch.setenv("LORA_FAST_FWD_VARIANT", "cublas")

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-_KERNEL_MODULES = ("lora_fast.kernels.dropout", "lora_fast.kernels.lora_fwd", "lora_fast.kernels.lora_bwd")
+# in import order: each module's jit helpers are bound by name into the modules after it (a reload must follow it)
+_KERNEL_MODULES = ("lora_fast.kernels.dropout", "lora_fast.kernels.dots", "lora_fast.kernels.lora_terms",
+                   "lora_fast.kernels.lora_bwd_cublas", "lora_fast.kernels.lora_fwd", "lora_fast.kernels.lora_bwd")
 
 
 def _import_kernels_interpreted() -> None:
@@ -47,12 +49,12 @@ _import_kernels_interpreted()
 # Tests run where the kernels run: CUDA when present, else CPU through the interpreter.
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-# Relative error of fp32 kernel results against float64 with TF32 on a GPU: the project's standard, 5e-4. Expected
-# to FAIL on a GPU today (a known gap, benchmarks/PERF_NOTES.md "TF32"): triton's tf32 dots do not round their fp32
-# operands — the tensor cores drop the 13 low mantissa bits, a bias where cuBLAS rounds (triton issue #4574) — and
-# the kernels chain up to three such dots (dA = (s·dy·B)ᵀ·x). The H100 lease of 2026-11-22 measured 7e-4 to 3.9e-3
-# (benchmarks/results/h100_2026-11-22/fp32_check.log, tf32=True rows); test_tma's kernels under the interpreter
-# with every tf32 operand truncated so: up to 1.6e-3 (rounded operands: 5e-4).
+# Relative error of fp32 kernel results against float64 with TF32 on a GPU: the project's standard, 5e-4. triton's
+# tf32 dots do not round their fp32 operands — the tensor cores drop the 13 low mantissa bits, a bias where cuBLAS
+# rounds (triton issue #4574) — which the H100 lease of 2026-11-22 measured as 7e-4 to 3.9e-3
+# (benchmarks/results/h100_2026-11-22/fp32_check.log, tf32=True rows). The kernels now round the frozen GEMMs'
+# operands and run the rank-r products in tf32x3 (kernels/dots.py): 1.9e-4–2.3e-4 with the truncation emulated on
+# CPU (tests/test_tf32.py), not yet measured on a GPU.
 TF32_TOL = 5e-4
 
 
