@@ -182,6 +182,22 @@ def test_every_variant_meets_the_tf32_standard(truncating_tf32, M, K, N, r, fifo
                 assert_rel_close(o, rf, TF32_TOL, f"{variant} (deterministic={deterministic}): {name}")
 
 
+def _default_route_is_accurate(seed, M, K, N, r, p, s, fifo):
+    """The default route's forward and backward with TF32 on against float64: y and dx (cuBLAS's TF32 GEMMs, exact
+    fp32 on a CPU) within ``TF32_TOL``; xa, dA and dB (the "tf32x3" passes alone) within 1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
+    x, dy, w = rand(M, K), rand(M, N), rand(*((K, N) if fifo else (N, K))) / K**0.5
+    a, bb = rand(r, K) / K**0.5, rand(N, r) / r**0.5
+    st, mask = seed_tensor(seed, DEVICE), dropout_keep_mask(seed, M, K, p, DEVICE)
+    ref = ref_grads64(x, w, None, a, bb, s, p, mask, fifo, dy)
+    y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, s, p, st, fifo)
+    dx, dA, dB = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, fifo)
+    for name, out, want, tol in (("y", y, ref[0], TF32_TOL), ("xa", xa, ref[1], 1e-5), ("dx", dx, ref[2], TF32_TOL),
+                                 ("dA", dA, ref[3], 1e-5), ("dB", dB, ref[4], 1e-5)):
+        assert_rel_close(out, want, tol, f"r={r}: {name}")
+
+
 def test_the_default_route_for_tf32_is_cublas_with_fp32_accurate_lora_terms(truncating_tf32):
     """With TF32 the default route runs the frozen GEMMs on cuBLAS (torch's own TF32 numbers: ``fwd_variant``,
     ``bwd_variant``; deterministic mode keeps the fused backward), and its Triton passes hold only rank-r products
@@ -194,19 +210,7 @@ def test_the_default_route_for_tf32_is_cublas_with_fp32_accurate_lora_terms(trun
         assert lora_bwd.bwd_variant(M, N, K, rank, False, torch.float32) == "cublas"
         assert lora_bwd.bwd_variant(M, N, K, rank, True, torch.float32) == "fused"
         assert lora_fwd.fwd_variant(M, N, K, rank, p, torch.bfloat16) != "cublas"  # 16 bits: unchanged
-    g = torch.Generator().manual_seed(2)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
-    x, dy, w = rand(M, K), rand(M, N), rand(K, N) / K**0.5
-    a, bb = rand(r, K) / K**0.5, rand(N, r) / r**0.5
-    st, mask = seed_tensor(5, DEVICE), dropout_keep_mask(5, M, K, p, DEVICE)
-    ref = ref_grads64(x, w, None, a, bb, 0.5, p, mask, True, dy)
-    y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, 0.5, p, st, True)
-    assert_rel_close(xa, ref[1], 1e-5, "xa")
-    assert_rel_close(y, ref[0], TF32_TOL, "y")
-    dx, dA, dB = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, 0.5, p, st, True)
-    assert_rel_close(dA, ref[3], 1e-5, "dA")
-    assert_rel_close(dB, ref[4], 1e-5, "dB")
-    assert_rel_close(dx, ref[2], TF32_TOL, "dx")
+    _default_route_is_accurate(2, M, K, N, r, p, 0.5, True)
 
 
 @pytest.mark.parametrize("r", [16, 64])
@@ -230,18 +234,7 @@ def test_wide_tf32x3_passes_take_the_narrow_tiles(truncating_tf32, monkeypatch, 
 
     spy(lora_fwd)
     spy(lora_bwd_cublas)
-    M, K, N, p = 70, 80, 48, 0.25
-    g = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)  # noqa: E731
-    x, dy, w = rand(M, K), rand(M, N), rand(N, K) / K**0.5
-    a, bb = rand(r, K) / K**0.5, rand(N, r) / r**0.5
-    st, mask = seed_tensor(8, DEVICE), dropout_keep_mask(8, M, K, p, DEVICE)
-    ref = ref_grads64(x, w, None, a, bb, 2.0, p, mask, False, dy)
-    y, xa = lora_fwd.lora_linear_fwd(x, w, None, a, bb, 2.0, p, st, False)
-    dx, dA, dB = lora_bwd.lora_linear_bwd(dy, x, xa, w, a, bb, 2.0, p, st, False)
-    for name, out, want, tol in (("y", y, ref[0], TF32_TOL), ("xa", xa, ref[1], 1e-5), ("dx", dx, ref[2], TF32_TOL),
-                                 ("dA", dA, ref[3], 1e-5), ("dB", dB, ref[4], 1e-5)):
-        assert_rel_close(out, want, tol, f"r={r}: {name}")
+    _default_route_is_accurate(3, 70, 80, 48, r, 0.25, 2.0, False)
     wide = r > 32
     assert tiles["_lora_xa_kernel"] == (lora_fwd.XA_TILE_TF32_WIDE if wide else lora_fwd.XA_TILE)
     assert tiles["_lora_dy_kernel"] == (lora_bwd_cublas.DY_TILE_FMA if wide else lora_bwd_cublas.DY_TILE)
