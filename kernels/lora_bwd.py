@@ -204,7 +204,7 @@ FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 # back to these, in order (``launch_fitting``). BLOCK_M stays 64: the deterministic partials are sized by it.
 BWD_FALLBACKS = ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
                  {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})
-FIXED_CONFIG_FMA = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}  # fp32 IEEE (FMA dots): the first fallback's tile
+FIXED_CONFIG_FMA = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}  # fp32 (FMA or TF32 dots): the first fallback's
 
 
 def get_bwd_configs() -> list[triton.Config]:
@@ -252,8 +252,11 @@ def _bwd_fixed_meta(deterministic: bool, dtype: torch.dtype, r: int) -> list[dic
     interpreter, in deterministic mode (the partial buffers are sized by BLOCK_M before the launch) or with
     ``LORA_FAST_AUTOTUNE=0``; None: the autotuned path."""
     if interpreting() or deterministic or not autotune_enabled():
-        if fma_dots(dtype, input_precision(dtype)) and not interpreting():  # the 64×64×64 tile spills 72–1448 B
-            return fixed_rungs(FIXED_CONFIG_FMA, dtype, r, BWD_FALLBACKS[1:])  # there (sm_90), this one 0–120 B
+        precision = input_precision(dtype)
+        # FMA dots: the 64×64×64 tile spills 72–1448 B there (sm_90), this one 0–120 B; TF32 (rounded operands,
+        # "tf32x3" rank-r dots) at r = 16: 80–104 B against 0 (at r = 128 both ~1.3 KB)
+        if (fma_dots(dtype, precision) or tf32_dots(dtype, precision)) and not interpreting():
+            return fixed_rungs(FIXED_CONFIG_FMA, dtype, r, BWD_FALLBACKS[1:])
         return fixed_rungs(FIXED_CONFIG, dtype, r, BWD_FALLBACKS)
     return None
 

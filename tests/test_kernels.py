@@ -478,16 +478,21 @@ def test_autotune_pruning_respects_the_shared_memory_budget(dtype, r):
         assert len(fwd) < len(get_fwd_configs()) and len(dx) < len(get_bwd_configs())
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the fp32 IEEE fixed tile; on a GPU fp32 IEEE launches "
-                    "it directly (the GPU job's test_kernels fp32 cases)")
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter check of the fp32 fixed tile; on a GPU fp32 launches it directly "
+                    "(the GPU job's test_kernels fp32 cases, test_tf32)")
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_fp32_ieee_fixed_backward_tile(monkeypatch, deterministic):
-    """The fixed backward tile of fp32 with IEEE dots (``FIXED_CONFIG_FMA``, 64×32×32: the 64×64×64 tile spills on
-    sm_90) is the one a GPU launches without autotuning; run here through the interpreter (its own choice is the
-    64×64×64 tile) at shapes with several K and N tiles: every gradient equals the float64 reference."""
+def test_fp32_fixed_backward_tile(monkeypatch, deterministic, precision):
+    """The fixed backward tile of fp32 (``FIXED_CONFIG_FMA``, 64×32×32: the 64×64×64 tile spills on sm_90, with
+    IEEE's FMA dots and with TF32's rounded operands and "tf32x3" dots alike) is the one a GPU launches without
+    autotuning; run here through the interpreter (its own choice is the 64×64×64 tile) at shapes with several K and
+    N tiles: every gradient equals the float64 reference (TF32: within its tolerance, the operands being rounded)."""
     from lora_fast.kernels import lora_bwd
 
+    from tests.triton_interpret import TF32_TOL
+
     monkeypatch.setattr(lora_bwd, "interpreting", lambda: False)  # the launcher's choice as on a GPU
+    monkeypatch.setattr(lora_bwd, "input_precision", lambda dtype: precision)  # the launcher's reading of torch
     monkeypatch.setenv("LORA_FAST_AUTOTUNE", "0")
     rungs = lora_bwd._bwd_fixed_meta(deterministic, torch.float32, 8)
     assert {k: rungs[0][k] for k in lora_bwd.FIXED_CONFIG_FMA} == lora_bwd.FIXED_CONFIG_FMA
@@ -499,4 +504,4 @@ def test_fp32_ieee_fixed_backward_tile(monkeypatch, deterministic):
     ref = ref_grads64(x, w, b, a, bb, s, p, dropout_keep_mask(5, M, K, p, DEVICE), True, dy)[2:]
     out = lora_linear_bwd(dy, x, xa, w, a, bb, s, p, st, True, deterministic=deterministic, variant="fused")
     for name, o, rf in zip(("dx", "dA", "dB"), out, ref, strict=True):
-        assert_rel_close(o, rf, fp32_tol(), name)
+        assert_rel_close(o, rf, fp32_tol() if precision == "ieee" else TF32_TOL, name)
