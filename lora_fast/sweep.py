@@ -123,11 +123,11 @@ def _table_csv(rows) -> str:
 def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]:
     """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted)."""
     from lora_fast.plots import sweep_plot
-    from lora_fast.train import prepare, resolve_device, run_inputs, train
+    from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs, train
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
-    resolve_device(opts.device)
+    check_tf32(getattr(opts, "tf32", None), resolve_device(opts.device))
     prep = prepare(opts, log)
     from lora_fast.inject import find_target_modules
 

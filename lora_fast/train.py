@@ -40,12 +40,14 @@ from lora_fast.train_args import ConfigError, parse_train_args
 from lora_fast.train_io import print_summary
 from lora_fast.train_model import (
     backend_used,
+    check_tf32,
     evaluate,
     load_base_model,
     load_tokenizer,
     log_stderr,
     resolve_device,
     set_special_tokens,
+    tf32_matmuls,
 )
 
 
@@ -192,6 +194,7 @@ def _tensorboard(logdir, log, purge_step=None):
 
 def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None) -> dict:
     """Run the loop on ``prep.model`` (a copy of it by default) and write the outputs; returns the metrics dict.
+    fp32 matmuls run as ``--tf32`` asks (``tf32_matmuls``; torch's setting restored after).
 
     Args:
         opts: validated options (``parse_train_args``).
@@ -202,6 +205,15 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             Under torchrun a stop signal ends the loop on every rank at one step boundary; after that stop the rank
             ignores SIGINT and SIGTERM (``distributed.ignore_stop_signals``: it is leaving).
     """
+    from lora_fast import distributed as D
+
+    device = D.device(ctx) if ctx is not None and ctx.enabled else resolve_device(opts.device)
+    with tf32_matmuls(getattr(opts, "tf32", None), device):
+        return _train(opts, prep, on_step, log, copy_model, ctx)
+
+
+def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx) -> dict:
+    """``train``'s loop, with torch's TF32 switch already set."""
     import os
 
     from tqdm.auto import tqdm
@@ -496,8 +508,7 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     bars = hf_logging.is_progress_bar_enabled()
     try:
-        if not ctx.enabled:
-            resolve_device(opts.device)
+        check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
         if not opts.progress:  # --no-progress also hides transformers' "Loading weights" bar
             hf_logging.disable_progress_bar()
         if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers

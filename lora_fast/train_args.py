@@ -62,6 +62,8 @@ OPTIONS: dict[str, tuple] = {
                      "validation split"),
     "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),
     "bf16": (bool, False, None, "", "bfloat16 autocast"),
+    "tf32": (bool, None, None, "", "fp32 matmuls on TF32 tensor cores (CUDA, Ampere or newer), as HF's --tf32; "
+             "--no-tf32 forces IEEE fp32 (default: torch's setting, off)"),
     "seed": (int, 42, lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)", "random seed"),
     "output_dir": (str, "outputs/lora-gpt2", None, "", "where the adapter, metrics and plots go"),
     "overwrite": (bool, False, None, "", "replace a non-empty output directory"),

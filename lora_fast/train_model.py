@@ -242,6 +242,44 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_tf32(flag: bool | None, device: torch.device) -> None:
+    """``--tf32`` where the device has TF32 (a CUDA GPU of compute capability 8.0 or newer), else a ``ConfigError``
+    naming why; called before the minutes of loading too."""
+    if not flag:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"--tf32 needs a CUDA GPU (TF32 is an NVIDIA tensor-core format, Ampere or newer); "
+                          f"this run is on {device}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ConfigError(f"--tf32 needs an Ampere or newer GPU (compute capability 8.0+); "
+                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(flag: bool | None, device: torch.device):
+    """``--tf32`` / ``--no-tf32``: the run's fp32 matmuls on TF32 tensor cores, or in IEEE fp32, torch's setting
+    restored afterwards (a sweep runs several trainings in one process); None leaves torch's setting alone (off by
+    default). The same switch as ``torch.backends.cuda.matmul``'s, so the LoRA kernels follow it too (their TF32
+    route: ``lora_fast/kernels/dots.py``); autocast's bf16/fp16 matmuls are unaffected. TF32 asked for where there
+    is none is an error, never a silent no-op: it needs a CUDA GPU of compute capability 8.0 or newer (Ampere)."""
+    if flag is None:
+        yield
+        return
+    check_tf32(flag, device)
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; reading allow_tf32 after it was set raises
+        name, value = "fp32_precision", "tf32" if flag else "ieee"
+    else:
+        name, value = "allow_tf32", bool(flag)
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
+
+
 def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:
     """Which LoRA path the injected layers will take ("reference" or "triton"), probed with an input in the dtype
     the layers compute in (the autocast dtype under --fp16/--bf16); ``--backend triton`` that cannot run here is

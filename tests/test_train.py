@@ -796,3 +796,75 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None  # saved without one
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token == loaded.eos_token is not None and loaded.pad_token_id == loaded.eos_token_id
+
+
+def _fp32_precision() -> str:
+    matmul = torch.backends.cuda.matmul
+    return matmul.fp32_precision if hasattr(matmul, "fp32_precision") else ("tf32" if matmul.allow_tf32 else "ieee")
+
+
+def test_tf32_needs_a_gpu_that_has_it(tiny_gpt2, tmp_path, capsys, monkeypatch):
+    """``--tf32`` on the CPU is refused before anything loads (train and sweep), naming why; on a pre-Ampere GPU
+    (compute capability < 8.0) likewise, naming the GPU. ``--no-tf32`` is accepted everywhere (IEEE fp32 is what a
+    CPU computes anyway)."""
+    from lora_fast import train as T
+    from lora_fast.train_args import ConfigError
+    from lora_fast.train_model import check_tf32
+
+    def loading(*a, **k):
+        raise AssertionError("the model and data were loaded before the --tf32 check")
+
+    monkeypatch.setattr(T, "prepare", loading)
+    for cmd in ("train", "sweep"):
+        rc = cli_main([cmd, "--model", str(tiny_gpt2), "--max_steps", "1", "--tf32", "--device", "cpu",
+                       "--output_dir", str(tmp_path / cmd), "--no-progress"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "--tf32 needs a CUDA GPU" in err and "cpu" in err, err
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ConfigError, match=r"Ampere or newer.*Tesla T4 is 7\.5"):
+        check_tf32(True, torch.device("cuda", 0))
+    check_tf32(False, torch.device("cpu"))
+    check_tf32(None, torch.device("cpu"))
+
+
+def test_tf32_switch_holds_for_the_run_and_is_restored(tiny_gpt2, tmp_path, monkeypatch):
+    """``--tf32`` / ``--no-tf32`` set torch's fp32 matmul precision for the whole training run — the setting the
+    LoRA kernels read at each launch (``launch.input_precision``) — and put the previous one back afterwards, also
+    when the run fails; no flag leaves it alone. (On a CPU the TF32 check is patched to pass: what is tested is the
+    switch, not TF32 arithmetic.)"""
+    from lora_fast import train as T
+    from lora_fast import train_model
+    from lora_fast.train_args import parse_train_args
+
+    monkeypatch.setattr(train_model, "check_tf32", lambda flag, device: None)
+    seen = []
+
+    def opts(name, *extra):
+        return parse_train_args(["--model", str(tiny_gpt2), "--max_steps", "2", "--max_length", "32", "--batch_size",
+                                 "2", "--target_modules", "c_attn", "--no-progress", "--output_dir",
+                                 str(tmp_path / name), *extra])
+
+    prep = T.prepare(opts("prep"), log=lambda msg: None)
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    try:
+        for run, extra, want in (("on", ("--tf32",), "tf32"), ("off", ("--no-tf32",), "ieee"), ("unset", (), None)):
+            setattr(matmul, name, "ieee" if name == "fp32_precision" else False)  # a known state to restore to
+            start = _fp32_precision()
+            T.train(opts(run, *extra), prep, on_step=lambda step, m, run=run: seen.append((run, _fp32_precision())),
+                    log=lambda msg: None)
+            assert {p for r, p in seen if r == run} == {want or start}, (run, seen)
+            assert _fp32_precision() == start, run
+        setattr(matmul, name, "ieee" if name == "fp32_precision" else False)
+
+        def boom(step, m):
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            T.train(opts("fail", "--tf32"), prep, on_step=boom, log=lambda msg: None)
+        assert _fp32_precision() == "ieee"
+    finally:
+        setattr(matmul, name, before)
