@@ -6,7 +6,10 @@
 # Stages (default: env tests layer-bf16 layer-fp32 layer-compile gpt2 report, in this order):
 #   env           nvidia-smi, versions                                     -> OUT_DIR/env.txt
 #   tests         python -m pytest tests, LORA_FAST_AUTOTUNE=0 (GPU-only tests run when CUDA is there) -> OUT_DIR/tests.log
-#   tests-kernels the GPU-relevant test files only (kernels, TMA, launch, Triton Function, compile, layer)   -> OUT_DIR/tests_kernels.log
+#   tests-kernels the GPU-relevant test files only (kernels, TMA, launch, Triton Function, compile, layer, TF32)
+#                 -> OUT_DIR/tests_kernels.log
+#   fp32-check    python -m benchmarks.gpu_fp32_check: y, xa, dx, dA, dB errors vs float64 in fp32, TF32 off and on,
+#                 each forward variant, both backward routes, with torch's own y error beside  -> OUT_DIR/fp32_check.log
 #   probe         python -m benchmarks.gpu_probe: ceilings, per-kernel times, errors   -> OUT_DIR/probe.json, probe.log
 #   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)        -> OUT_DIR/parity/train_parity.json
 #   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
@@ -44,7 +47,7 @@ STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
     STAGES=(env tests layer-bf16 layer-fp32 layer-compile gpt2 report)
 fi
-KNOWN=" env tests tests-kernels probe train-parity layer-bf16 layer-fp32 layer-compile layer-variants gpt2 gpt2-compile \
+KNOWN=" env tests tests-kernels fp32-check probe train-parity layer-bf16 layer-fp32 layer-compile layer-variants gpt2 gpt2-compile \
 gemm-probe host pytest-bench report "
 for stage in "${STAGES[@]}"; do  # all checked before any runs: a typo must not cost a lease's first stages
     if [[ "$KNOWN" != *" $stage "* ]]; then
@@ -105,7 +108,8 @@ for stage in "${STAGES[@]}"; do
             -p no:cacheprovider $XDIST ;;
         tests-kernels) run tests-kernels tests_kernels.log env LORA_FAST_AUTOTUNE=0 "$PY" -m pytest -v -rfEs \
             -p no:cacheprovider tests/test_kernels.py tests/test_tma.py tests/test_launch.py tests/test_triton_fn.py \
-            tests/test_compile.py tests/test_layer.py ;;
+            tests/test_compile.py tests/test_layer.py tests/test_tf32.py ;;
+        fp32-check) run fp32-check fp32_check.log "$PY" -m benchmarks.gpu_fp32_check ;;
         probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
         train-parity) run train-parity train_parity.log "$PY" -m benchmarks.train_parity --out "$OUT/parity" --bf16 ;;
         layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \
