@@ -12,7 +12,7 @@ with "tf32" are changed here:
   warns of it; triton issue #4574) — where cuBLAS, and so torch's TF32 matmuls, round. Truncation errs by up to one
   TF32 unit (2⁻¹⁰ of the binade), ≈ 3.4e-4 of mean bias per operand, coherent over a dot's terms (≈ 7e-4 for a
   product of two); rounding errs by at most half a unit either way (≈ 2e-4 rms per operand) and averages out. The
-  H100 measured 7e-4–9e-4 for one dot (xa, y) and up to 3.9e-3 where three chain (dA)
+  H100 measured xa 6.9e-4–7.7e-4, y 7.1e-4–8.0e-4, dx 8.7e-4–9.4e-4 and, where three dots chain, dA up to 3.9e-3
   (``benchmarks/results/h100_2026-11-22/fp32_check.log``), against the project's 5e-4 for fp32 with TF32.
 - ``base_dot`` rounds both operands to the nearest TF32 value (ties to even, ``tf32_round``) before the dot: the
   hardware's truncation of a TF32 value is exact, so the product is what a rounding TF32 GEMM computes — torch's
@@ -37,15 +37,19 @@ import triton.language as tl
 @triton.jit
 def tf32_round(t):
     """fp32 tile → the nearest TF32 value of each element (10 mantissa bits kept, ties to even), still stored as
-    fp32; Inf and NaN unchanged, a finite value rounding past the largest TF32 becomes Inf (as IEEE rounding does).
+    fp32; Inf unchanged, NaN kept NaN (quiet), a finite value rounding past the largest TF32 becomes Inf (as IEEE
+    rounding does).
 
     Bits: adding 0xFFF plus the lowest kept bit to the 32-bit pattern and clearing the 13 low bits rounds the
     mantissa to nearest, ties to even; a carry out of the mantissa increments the exponent, which is the correct
-    result (the next binade, or Inf). The same arithmetic as a TMA load through a TFLOAT32 tensor map."""
+    result (the next binade, or Inf). The same arithmetic as a TMA load through a TFLOAT32 tensor map (triton's
+    interpreter models it so), which leaves NaNs as they are."""
     bits = t.to(tl.uint32, bitcast=True)
     special = (bits & 0x7F800000) == 0x7F800000  # Inf or NaN: the carry would corrupt them
     rounded = (bits + (((bits >> 13) & 1) + 0xFFF)) & 0xFFFFE000
-    return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+    # a NaN is made quiet (top mantissa bit set): a payload only in the 13 low bits would read as Inf to the dot
+    kept = tl.where((bits & 0x7FFFFF) != 0, bits | 0x400000, bits)
+    return tl.where(special, kept, rounded).to(tl.float32, bitcast=True)
 
 
 @triton.jit
