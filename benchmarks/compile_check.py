@@ -181,17 +181,6 @@ def run_launchers(M, K, N, r, dtype, p, conv1d=True, bias=True, no_grad=False, s
                                      variant=variant)
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    matmul = torch.backends.cuda.matmul
-    old = matmul.allow_tf32
-    matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = old
-
-
 def fixed_cases(full: bool, dtypes=tuple(DTYPES), ranks=None, dropouts=(0.0, 0.1), fp32=("ieee", "tf32")):
     """(label, thunk) for the fixed-tile launches: each dtype × rank tile × dropout, and fp32 with TF32 allowed
     likewise (its kernels differ: ``kernels/dots.py``); ``fp32`` names which fp32 dot precisions to compile;
@@ -217,7 +206,9 @@ def fixed_cases(full: bool, dtypes=tuple(DTYPES), ranks=None, dropouts=(0.0, 0.1
 
 
 def _with_tf32(fn):
-    with _tf32(True):
+    from lora_fast.kernels.launch import matmul_tf32
+
+    with matmul_tf32(True):
         fn()
 
 

@@ -14,6 +14,7 @@ import argparse
 
 import torch
 from lora_fast.kernels import lora_bwd, lora_fwd
+from lora_fast.kernels.launch import matmul_tf32
 
 from benchmarks.gpu_probe import fp64_reference, rel
 from lora_fast.functional import dropout_mask, seed_tensor
@@ -24,8 +25,12 @@ CASES = [(1, 97, 75, 1, 0.0, False), (128, 70, 33, 16, 0.0, True), (64, 40, 24, 
 
 def case(M, K, N, r, p, fifo, variant, det, tf32, dev="cuda") -> dict:
     """One case, printed; returns {output: ‖out − ref‖/‖ref‖}, and ``torch_y``: torch's own y computed with the same
-    switch. Sets torch's TF32 switch (``main`` restores it)."""
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    switch. Runs with torch's TF32 switch set to ``tf32``, restored after."""
+    with matmul_tf32(tf32):
+        return _case(M, K, N, r, p, fifo, variant, det, tf32, dev)
+
+
+def _case(M, K, N, r, p, fifo, variant, det, tf32, dev) -> dict:
     x = torch.randn(M, K, device=dev)
     w = torch.randn((K, N) if fifo else (N, K), device=dev) / K**0.5
     b = torch.randn(N, device=dev)
@@ -51,15 +56,11 @@ def main(argv=None) -> int:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (no CUDA device is visible to torch); --device cpu with TRITON_INTERPRET=1 runs "
                  "the same cases in Triton's interpreter")
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for M, K, N, r, p, fifo in CASES:
-            for tf32 in (False, True):  # TF32: the default backward is cuBLAS's, the deterministic one fused
-                for variant in lora_fwd.FWD_VARIANTS:
-                    for det in (False, True):
-                        case(M, K, N, r, p, fifo, variant, det, tf32, dev)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    for M, K, N, r, p, fifo in CASES:
+        for tf32 in (False, True):  # TF32: the default backward is cuBLAS's, the deterministic one fused
+            for variant in lora_fwd.FWD_VARIANTS:
+                for det in (False, True):
+                    case(M, K, N, r, p, fifo, variant, det, tf32, dev)
     for dtype in (torch.float16, torch.bfloat16):  # the same small case in half precision, for comparison
         x = torch.randn(64, 40, device=dev, dtype=dtype)
         w = torch.randn(24, 40, device=dev, dtype=dtype)

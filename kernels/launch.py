@@ -152,6 +152,25 @@ def input_precision(dtype: torch.dtype) -> str:
         return "tf32" if getattr(matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
 
 
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool):
+    """A context in which torch allows (``enabled``) or forbids TF32 for fp32 matmuls — the switch
+    ``input_precision`` reads, so the kernels follow it — restored on exit. Set and restored through one API:
+    ``fp32_precision`` where torch has it (>= 2.9; reading the legacy ``allow_tf32`` after it was set raises),
+    else ``allow_tf32``. For the training CLI's ``--tf32``, the tests and the benchmarks."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        name, value = "fp32_precision", "tf32" if enabled else "ieee"
+    else:
+        name, value = "allow_tf32", bool(enabled)
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
+
+
 def fma_dots(dtype: torch.dtype, precision: str) -> bool:
     """Whether ``tl.dot`` runs on FMA units rather than tensor cores: fp32 operands with IEEE precision (TF32 off,
     torch's default). Triton's FMA lowering holds each thread's rows and columns of both operands over the whole

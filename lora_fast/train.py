@@ -209,11 +209,11 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
 
     device = D.device(ctx) if ctx is not None and ctx.enabled else resolve_device(opts.device)
     with tf32_matmuls(getattr(opts, "tf32", None), device):
-        return _train(opts, prep, on_step, log, copy_model, ctx)
+        return _train(opts, prep, on_step, log, copy_model, ctx, device)
 
 
-def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx) -> dict:
-    """``train``'s loop, with torch's TF32 switch already set."""
+def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: torch.device) -> dict:
+    """``train``'s loop on ``device`` (resolved by ``train``), with torch's TF32 switch already set."""
     import os
 
     from tqdm.auto import tqdm
@@ -234,7 +234,6 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx) -> dict:
         raise ConfigError("--save_steps / --resume_from_checkpoint: FSDP runs do not checkpoint (the optimizer "
                           "state is sharded); use DDP (the default under torchrun)")
     ckpt_root, resume_path = C.check_options(opts)
-    device = D.device(ctx) if ctx.enabled else resolve_device(opts.device)
     main = ctx.is_main
     log = log if main else (lambda msg: None)
     torch.manual_seed(opts.seed)  # the same LoRA init on every rank

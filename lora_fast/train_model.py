@@ -267,17 +267,10 @@ def tf32_matmuls(flag: bool | None, device: torch.device):
         yield
         return
     check_tf32(flag, device)
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; reading allow_tf32 after it was set raises
-        name, value = "fp32_precision", "tf32" if flag else "ieee"
-    else:
-        name, value = "allow_tf32", bool(flag)
-    before = getattr(matmul, name)
-    setattr(matmul, name, value)
-    try:
+    from lora_fast.kernels.launch import matmul_tf32  # torch only (triton is imported by the kernel modules)
+
+    with matmul_tf32(flag):
         yield
-    finally:
-        setattr(matmul, name, before)
 
 
 def backend_used(backend: str, model, device: torch.device, amp_dtype) -> str:

@@ -87,12 +87,13 @@ def test_gpu_fp32_check_cases_agree_with_the_oracle(capsys):
     """Every fp32 case of the diagnostic (each forward variant, atomic and deterministic reductions, TF32 off and
     on) is within the fp32 bound, and the script leaves torch's TF32 switch as it found it."""
     from lora_fast.kernels import lora_fwd
+    from lora_fast.kernels.launch import input_precision
 
     from benchmarks import gpu_fp32_check
 
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = input_precision(torch.float32)
     assert gpu_fp32_check.main(["--device", DEVICE.type]) == 0
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert input_precision(torch.float32) == before
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("M=")]
     assert len(lines) == len(gpu_fp32_check.CASES) * 2 * 2 * len(lora_fwd.FWD_VARIANTS)
     for line in lines:

@@ -47,15 +47,11 @@ def _round_away(a: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def truncating_tf32(monkeypatch):
-    """torch allows TF32 (``fp32_precision = "tf32"``, restored after), and on a CPU the interpreter's fp32 dots
+    """torch allows TF32 (``launch.matmul_tf32``, restored after), and on a CPU the interpreter's fp32 dots
     behave as tensor cores fed raw fp32 operands (module docstring)."""
     from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
-    matmul = torch.backends.cuda.matmul
-    name, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    before = getattr(matmul, name)
-    setattr(matmul, name, on)
     if DEVICE == "cpu":
         real = interpreter.InterpreterBuilder.create_dot
         modes = {ir.INPUT_PRECISION.TF32: "tf32", ir.INPUT_PRECISION.TF32x3: "tf32x3"}
@@ -74,11 +70,9 @@ def truncating_tf32(monkeypatch):
             return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
 
         monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-    try:
+    with launch.matmul_tf32(True):
         assert launch.input_precision(torch.float32) == "tf32"
         yield
-    finally:
-        setattr(matmul, name, before)
 
 
 def _dot_kernel():

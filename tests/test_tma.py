@@ -52,22 +52,15 @@ def _tf32_on_cuda():
     """On a GPU, fp32 takes descriptors only with tensor-core dots (``launch.tma_worth``): TF32 on, so that the fp32
     cases run the TMA path there too (``fp32_tol`` is then TF32's). The interpreter takes descriptors in any case.
 
-    Set and restored through one API — ``fp32_precision`` where torch has it (>= 2.9): reading the legacy
-    ``allow_tf32`` after the new API set "tf32" raises — and not with monkeypatch: pytest 9.2 restores an instance
+    Set and restored by ``launch.matmul_tf32`` (one API), not with monkeypatch: pytest 9.2 restores an instance
     attribute it did not find in ``__dict__`` by deleting it, which ``torch.backends.cuda.matmul`` refuses (an error
     at teardown, TF32 left on for the rest of the worker)."""
     if DEVICE != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    name, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    before = getattr(matmul, name)
-    setattr(matmul, name, on)
-    try:
+    with launch.matmul_tf32(True):
         assert launch.input_precision(torch.float32) == "tf32"
         yield
-    finally:
-        setattr(matmul, name, before)
 
 
 def _tma_expected(dtype) -> bool:

@@ -798,11 +798,6 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     assert loaded.pad_token == loaded.eos_token is not None and loaded.pad_token_id == loaded.eos_token_id
 
 
-def _fp32_precision() -> str:
-    matmul = torch.backends.cuda.matmul
-    return matmul.fp32_precision if hasattr(matmul, "fp32_precision") else ("tf32" if matmul.allow_tf32 else "ieee")
-
-
 def test_tf32_needs_a_gpu_that_has_it(tiny_gpt2, tmp_path, capsys, monkeypatch):
     """``--tf32`` on the CPU is refused before anything loads (train and sweep), naming why; on a pre-Ampere GPU
     (compute capability < 8.0) likewise, naming the GPU. ``--no-tf32`` is accepted everywhere (IEEE fp32 is what a
@@ -834,6 +829,8 @@ def test_tf32_switch_holds_for_the_run_and_is_restored(tiny_gpt2, tmp_path, monk
     LoRA kernels read at each launch (``launch.input_precision``) — and put the previous one back afterwards, also
     when the run fails; no flag leaves it alone. (On a CPU the TF32 check is patched to pass: what is tested is the
     switch, not TF32 arithmetic.)"""
+    from lora_fast.kernels.launch import input_precision, matmul_tf32
+
     from lora_fast import train as T
     from lora_fast import train_model
     from lora_fast.train_args import parse_train_args
@@ -847,24 +844,21 @@ def test_tf32_switch_holds_for_the_run_and_is_restored(tiny_gpt2, tmp_path, monk
                                  str(tmp_path / name), *extra])
 
     prep = T.prepare(opts("prep"), log=lambda msg: None)
-    matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    before = getattr(matmul, name)
-    try:
-        for run, extra, want in (("on", ("--tf32",), "tf32"), ("off", ("--no-tf32",), "ieee"), ("unset", (), None)):
-            setattr(matmul, name, "ieee" if name == "fp32_precision" else False)  # a known state to restore to
-            start = _fp32_precision()
-            T.train(opts(run, *extra), prep, on_step=lambda step, m, run=run: seen.append((run, _fp32_precision())),
+    precision = lambda: input_precision(torch.float32)  # noqa: E731  (what the kernels read)
+    # each run starts from the other setting than the one it asks for ("unset": from TF32 on, left so)
+    for run, extra, start_tf32, want in (("on", ("--tf32",), False, "tf32"), ("off", ("--no-tf32",), True, "ieee"),
+                                         ("unset", (), True, "tf32")):
+        with matmul_tf32(start_tf32):
+            start = precision()
+            T.train(opts(run, *extra), prep, on_step=lambda step, m, run=run: seen.append((run, precision())),
                     log=lambda msg: None)
-            assert {p for r, p in seen if r == run} == {want or start}, (run, seen)
-            assert _fp32_precision() == start, run
-        setattr(matmul, name, "ieee" if name == "fp32_precision" else False)
+            assert {p for r, p in seen if r == run} == {want}, (run, seen)
+            assert precision() == start, run
 
-        def boom(step, m):
-            raise RuntimeError("boom")
+    def boom(step, m):
+        raise RuntimeError("boom")
 
+    with matmul_tf32(False):
         with pytest.raises(RuntimeError, match="boom"):
             T.train(opts("fail", "--tf32"), prep, on_step=boom, log=lambda msg: None)
-        assert _fp32_precision() == "ieee"
-    finally:
-        setattr(matmul, name, before)
+        assert precision() == "ieee"
