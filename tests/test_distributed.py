@@ -95,7 +95,10 @@ def _torchrun(root: Path, name: str, extra: list[str], launcher=None, common=tup
     out, dump = root / name, root / f"{name}-ranks"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                            "MASTER_ADDR", "MASTER_PORT", D.SIGNAL_AT_ENV)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **{D.RANK_STATE_ENV: str(dump)})
+    tmp = root / f"{name}-tmp"  # torchrun's own per-run directories (torchelastic_*), which it leaves behind
+    tmp.mkdir(exist_ok=True)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TMPDIR=str(tmp),
+               **{D.RANK_STATE_ENV: str(dump)})
     if signal_at:
         env[D.SIGNAL_AT_ENV] = signal_at
     launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
