@@ -75,6 +75,10 @@ def prepare(opts, log=log_stderr) -> Prepared:
     else:
         train_texts, val_texts, source = D.load_texts(opts.dataset, opts.text_column, opts.val_fraction, opts.seed)
     model, base_name = load_base_model(opts.model, opts.task, len(label_names or [0, 1]), opts.seed, log=log)
+    if opts.task == "causal-lm" and getattr(model, "loss_type", "") is None:
+        # transformers 5 finds no loss in the class name GPT2LMHeadModel, warns "`loss_type=None` was set in the
+        # config but it is unrecognized" at the first loss and falls back to ForCausalLM: name that same loss
+        model.loss_type = "ForCausalLM"
     tokenizer = load_tokenizer(base_name)
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_pos is not None and opts.max_length > n_pos:  # both tasks: longer inputs would index past wpe

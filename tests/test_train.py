@@ -862,3 +862,30 @@ def test_tf32_switch_holds_for_the_run_and_is_restored(tiny_gpt2, tmp_path, monk
         with pytest.raises(RuntimeError, match="boom"):
             T.train(opts("fail", "--tf32"), prep, on_step=boom, log=lambda msg: None)
         assert precision() == "ieee"
+
+
+def test_gpt2_loss_is_named_so_transformers_does_not_warn(tiny_gpt2, monkeypatch):
+    """transformers 5 finds no loss in the class name ``GPT2LMHeadModel`` and warns "`loss_type=None` was set in the
+    config but it is unrecognized" on the first training loss (misleading: nobody set it), then uses ForCausalLM.
+    ``prepare`` names that same loss, so a run prints no such warning and computes the loss it computed before."""
+    import logging
+
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import train as T
+    from lora_fast.train_args import parse_train_args
+
+    warned = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: warned.append(str(msg)))
+    ids = torch.randint(0, 512, (2, 16))
+    plain = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    plain_loss = plain(input_ids=ids, labels=ids).loss  # the control: what transformers does by itself
+    plain_warned = any("loss_type" in m for m in warned)
+    warned.clear()
+    prep = T.prepare(parse_train_args(["--model", str(tiny_gpt2), "--max_steps", "1", "--no-progress"]),
+                     log=lambda msg: None)
+    assert prep.model.loss_type == "ForCausalLM"
+    loss = prep.model(input_ids=ids, labels=ids).loss
+    assert not [m for m in warned if "loss_type" in m], warned
+    assert plain_warned == (plain.loss_type is None)  # the control warns exactly when transformers finds no loss
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)  # the loss transformers fell back to
