@@ -65,21 +65,27 @@ def _check_hparams(rank, alpha, dropout) -> tuple[int, float, float]:
     if (isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha)
             or alpha <= 0):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    return int(rank), float(alpha), _check_dropout(dropout)
+
+
+def _check_dropout(dropout) -> float:
     if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    return int(rank), float(alpha), float(dropout)
+    return float(dropout)
 
 
 _FLOAT_BASE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_base(base: nn.Module) -> None:
-    """Refuse bases a LoRA wrapper cannot compute with: quantised/integer weights, meta or offloaded weights."""
+def _check_base(base: nn.Module, own: bool = False) -> None:
+    """Refuse bases a LoRA wrapper cannot compute with: quantised/integer weights, meta or offloaded weights.
+    ``own``: a base the wrapper built itself, where the meta device can only be the caller's (``device="meta"``,
+    ``with torch.device("meta")``: shape inference, or an empty init materialised later), as for nn.Linear."""
     w = base.weight
     if w.dtype not in _FLOAT_BASE_DTYPES:
         raise TypeError(f"LinearWithLoRA needs a floating-point base weight (fp32/fp16/bf16/fp64), got {w.dtype} "
                         f"in {type(base).__name__}: quantised bases are not supported")
-    if w.device.type == "meta" or hasattr(base, "_hf_hook"):
+    if (w.device.type == "meta" and not own) or hasattr(base, "_hf_hook"):
         raise ValueError(f"LinearWithLoRA cannot wrap a {type(base).__name__} whose weight is offloaded or on the "
                          "meta device (accelerate device_map/cpu_offload): load the model onto a real device first")
 
@@ -95,6 +101,11 @@ class LoRALayer(nn.Module):
         in_features, out_features: sizes of the wrapped projection.
         rank: r > 0. alpha: α > 0; scaling = α/r (α/√r with ``use_rslora``).
         dropout: probability in [0, 1) on the adapter's input, active in training mode only.
+
+    The dropout is a module, ``lora_dropout`` (an ``nn.Dropout``, as PEFT's): its ``p`` (also read and set as
+    ``dropout``) and its own training flag decide, on the fused path too, so what finds dropout by module type
+    reaches it — TRL's ``disable_dropout_in_model`` (p = 0), MC dropout (``model.eval()``, then ``.train()`` on the
+    dropout modules).
     """
 
     def __init__(
@@ -111,13 +122,35 @@ class LoRALayer(nn.Module):
         super().__init__()
         rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
-        self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
+        self.lora_dropout = nn.Dropout(dropout)
+        self.rank, self.alpha = rank, float(alpha)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(rank, self.alpha, self.use_rslora)
         kw = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))  # (r, K)
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))  # (N, r)
         self.reset_parameters()
+
+    @property
+    def dropout(self) -> float:
+        """The dropout probability, ``lora_dropout.p``."""
+        return self.lora_dropout.p
+
+    @dropout.setter
+    def dropout(self, p) -> None:
+        self.lora_dropout.p = _check_dropout(p)
+
+    def dropout_args(self) -> tuple[float, bool]:
+        """(p, active) for ``lora_linear``: the dropout module's probability, checked (it may have been set on the
+        module directly), and its own training flag."""
+        p = self.lora_dropout.p
+        return (p if type(p) is float and 0.0 <= p < 1.0 else _check_dropout(p)), self.lora_dropout.training
+
+    def __setstate__(self, state) -> None:
+        p = state.pop("dropout", 0.0)  # pickled before lora_dropout: dropout was a float attribute
+        super().__setstate__(state)
+        if "lora_dropout" not in self._modules:
+            self.lora_dropout = nn.Dropout(p).train(self.training)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -132,7 +165,8 @@ class LoRALayer(nn.Module):
         if not x.is_floating_point():  # A and B cast to an integer dtype would truncate to a wrong answer
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
         x_l, a, b = lora_operands(x, self.lora_A, self.lora_B)  # the reference's dtype rule (fp32 for fp16 x)
-        out = self.scaling * F.linear(F.linear(F.dropout(x_l, self.dropout, self.training), a), b)  # (..., N)
+        p, active = self.dropout_args()
+        out = self.scaling * F.linear(F.linear(F.dropout(x_l, p, active), a), b)  # (..., N)
         return out if x_l.dtype == x.dtype or not cast_back else out.to(x.dtype)  # fp32 term for fp16 x: back
 
     def delta_weight(self) -> torch.Tensor:
@@ -141,7 +175,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+                f"alpha={self.alpha:g}, scaling={self.scaling:g}"
                 + (", use_rslora=True" if self.use_rslora else ""))
 
 
@@ -201,8 +235,11 @@ class LinearWithLoRA(nn.Module):
         if base is not None and (device is not None or dtype is not None):
             raise TypeError("LinearWithLoRA: device/dtype apply when it builds its own nn.Linear from in_features; "
                             "a wrapped base keeps its own: move or cast it (or the wrapper) with .to()")
-        if base is None:
-            out_features = kwargs.pop("out_features", None)
+        own = base is None
+        if own:
+            if "out_features" not in kwargs:
+                raise TypeError("LinearWithLoRA(in_features, out_features, ...) is missing out_features")
+            out_features = kwargs.pop("out_features")
             if isinstance(out_features, numbers.Integral) and not isinstance(out_features, bool):
                 out_features = int(out_features)  # numpy ints too, as for rank
             if not isinstance(out_features, int) or out_features <= 0 or base_or_in_features <= 0:
@@ -215,7 +252,7 @@ class LinearWithLoRA(nn.Module):
         if not isinstance(base, LORA_BASE_TYPES):
             raise TypeError(f"LinearWithLoRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         _check_hparams(rank, alpha, dropout)
-        _check_base(base)
+        _check_base(base, own)
         if self.backend is not None:
             resolve_backend(self.backend)  # an unknown name fails here, not at the first forward
 
@@ -270,9 +307,10 @@ class LinearWithLoRA(nn.Module):
                                 "module out of target_modules")
             term = self.lora(x, cast_back=False)  # an fp32 term (fp16 x) is added in fp32, rounded once, as PEFT
             return (y + term).to(y.dtype)  # .to: no copy when the dtypes already agree
+        p, active = self.lora.dropout_args()
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,
-            dropout_p=self.lora.dropout, training=self.training, fan_in_fan_out=self.fan_in_fan_out,
+            dropout_p=p, training=active, fan_in_fan_out=self.fan_in_fan_out,
             backend=self.backend,
         )
 

@@ -106,6 +106,30 @@ def test_two_constructors():
                                ((), {"base": base, "in_features": 8}, "got base= and in_features=")]:
         with pytest.raises(TypeError, match=rf"needs one module to wrap .*{what}"):
             LinearWithLoRA(*args, **kwargs)
+    with pytest.raises(TypeError, match=r"is missing out_features"):  # as nn.Linear(8): a TypeError naming it
+        LinearWithLoRA(8, rank=2)
+
+
+def test_built_on_the_meta_device_as_nn_linear():
+    """A layer that builds its own base builds on ``meta`` when asked (``device="meta"`` or a ``torch.device``
+    context), as nn.Linear and PEFT's layer do: the empty-init pattern (build on meta, ``to_empty``,
+    ``reset_parameters``) then gives a working layer. Wrapping an existing meta base stays refused: there the
+    weight may be accelerate's offload, which the wrapper cannot compute with."""
+    for layer in (LinearWithLoRA(16, 12, rank=4, device="meta"), _on_meta(lambda: LinearWithLoRA(16, 12, rank=4))):
+        assert layer.weight.device.type == "meta" and layer.lora.lora_A.device.type == "meta"
+        layer.to_empty(device="cpu")
+        layer.linear.reset_parameters()
+        layer.reset_parameters()
+        x = torch.randn(3, 16)
+        assert_rel_close(layer(x), _expected(layer, x), 1e-5, "materialised after a meta build")
+        assert not layer.lora.lora_B.any() and layer.lora.lora_A.abs().max() <= 1 / 16**0.5
+    with pytest.raises(ValueError, match="offloaded or on the meta device"):
+        LinearWithLoRA(nn.Linear(16, 12, device="meta"), rank=4)
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build()
 
 
 @pytest.mark.parametrize(
@@ -424,3 +448,65 @@ def test_meta_device_forward_and_backward_give_shapes(dropout):
     assert y.shape == (3, 5, 12) and y.device.type == "meta"
     y.sum().backward()
     assert x.grad.shape == x.shape and layer.lora.lora_A.grad.shape == (4, 20)
+
+
+def _dropout_modules_off(model):  # TRL's disable_dropout_in_model (trl.trainer.utils), which DPO/GRPO/PPO call
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_lora_dropout_is_a_module_that_decides(hooked):
+    """The LoRA dropout is an ``nn.Dropout`` (``lora.lora_dropout``, as PEFT's), so what finds dropout by module
+    type reaches it: TRL's ``disable_dropout_in_model`` (p = 0: train mode then computes the eval output), MC
+    dropout (``eval()``, then ``train()`` on the dropout modules: stochastic). Its own flag decides on the fused and
+    the hooked (non-fused) path alike; a probability set on the module outside [0, 1) is refused at the call."""
+    torch.manual_seed(0)
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(32, 8), rank=4, dropout=0.5, backend=BACKEND))
+    if hooked:
+        layer.lora.register_forward_pre_hook(lambda module, args: None)
+        assert not layer.fusable()
+    model = nn.Sequential(layer, nn.Dropout(0.1))
+    x = torch.randn(20, 32)
+    assert isinstance(layer.lora.lora_dropout, nn.Dropout) and layer.lora.dropout == 0.5
+    model.eval()
+    want = layer(x).detach()
+    model.train()
+    assert not torch.equal(layer(x), layer(x))
+    _dropout_modules_off(model)
+    assert layer.lora.dropout == 0.0
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    layer.lora.dropout = 0.5
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()  # MC dropout
+    assert not layer.training and not torch.equal(layer(x), layer(x))
+    model.train()
+    layer.lora.lora_dropout.eval()  # the module's flag, not the wrapper's
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    layer.lora.lora_dropout.train()
+    layer.lora.lora_dropout.p = 1.0
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
+        layer(x)
+    with pytest.raises(ValueError, match="dropout must be"):
+        layer.lora.dropout = -0.1
+
+
+def test_a_layer_pickled_with_a_float_dropout_loads():
+    """Before ``lora_dropout`` was a module, ``dropout`` was a float attribute: such a pickle (``torch.save`` of a
+    whole model) loads with the module rebuilt from it, in the layer's mode."""
+    import pickle
+
+    layer = _random_adapter(LinearWithLoRA(nn.Linear(16, 8), rank=4, dropout=0.25)).eval()
+    old = layer.lora
+    del old._modules["lora_dropout"]
+    old.__dict__["dropout"] = 0.25  # the old layout
+    again = pickle.loads(pickle.dumps(layer))
+    assert isinstance(again.lora.lora_dropout, nn.Dropout) and again.lora.dropout == 0.25
+    assert not again.lora.lora_dropout.training
+    x = torch.randn(5, 16)
+    assert_rel_close(again(x), _expected(again, x), 1e-5, "reloaded layer, eval")
+    again.train()
+    assert not torch.equal(again(x), again(x))

@@ -219,6 +219,27 @@ def test_seeds_reproduce_and_differ():
     assert abs(m.float().mean().item() - 0.7) < 4 * (0.3 * 0.7 / m.numel()) ** 0.5
 
 
+def test_dropout_module_decides_on_the_triton_path():
+    """The kernels follow the LoRA dropout module (``lora.lora_dropout``): its p set to 0 by module type (TRL's
+    ``disable_dropout_in_model``) gives the eval output in train mode, its own eval() turns the mask off, its
+    train() under an eval model (MC dropout) turns it on."""
+    layer = LinearWithLoRA(nn.Linear(24, 20), rank=4, dropout=0.3, backend="triton").to(DEVICE)
+    nn.init.normal_(layer.lora.lora_B)
+    x = torch.randn(16, 24, device=DEVICE)
+    want = layer.eval()(x)
+    layer.train()
+    for module in layer.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    layer.lora.dropout = 0.3
+    assert not torch.equal(layer(x), want)
+    layer.lora.lora_dropout.eval()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    layer.eval()
+    layer.lora.lora_dropout.train()
+    assert not torch.equal(layer(x), want)
+
 def test_checkpoint_regenerates_the_same_masks():
     """With dropout on and seeds drawn from torch's RNG, checkpoint recomputation gives the same gradients."""
     torch.manual_seed(0)
