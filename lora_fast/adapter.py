@@ -365,8 +365,8 @@ def _untie_extras(model: nn.Module, owners, who: str = "load_adapter") -> None:
         setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
         untied.append(f"{full} (was tied to {', '.join(others)})")
     if untied:
-        flag = ("; tie_word_embeddings set to False in the model's config, so that transformers does not tie them "
-                "again" if untie_embeddings_in_config(model) else "")
+        flag = untie_embeddings_in_config(model)
+        flag = f"; {flag}" if flag else ""
         warnings.warn(f"{who}: modules_to_save " + "; ".join(untied) + " now have their own weights, as in "
                       f"PEFT (training or loading them must not change the parameters they were tied to{flag})",
                       stacklevel=3)
@@ -408,7 +408,9 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         raise TypeError(f"load_adapter: expected an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # torch.compile / DDP wrappers: loaded into the model they wrap
     if hasattr(model, "peft_config"):
-        raise TypeError("load_adapter: this is a PEFT model; use its load_adapter(), or load into the base model")
+        raise TypeError("load_adapter: this model carries PEFT's adapter (peft_config: a PeftModel, or the model "
+                        "inside one, with PEFT's LoRA layers in place); use PEFT's load_adapter(), or load into a "
+                        "model without them (a fresh base model, or PEFT's unload())")
     check_no_fsdp1(model, "load_adapter")
     with plain_module_names(model) as compiled:  # the file's keys are the plain model's names
         result = _load_adapter(model, directory, strict, backend, is_trainable, compiled)
@@ -521,11 +523,16 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
             raise ValueError(f"load_adapter: {source}: {keys[0]} and {_names(differing)} load into one tied tensor "
                              "(ensure_weight_tying / tied embeddings) but hold different values")
     if strict and (missing or unexpected):
+        lora_keys = [k for k in missing + unexpected if ".lora_A." in k or ".lora_B." in k]
+        layers = (f" The model already has LoRA layers ({_names(list(existing))}): an adapter loads into those, "
+                  f"whatever its target_modules ({cfg.get('target_modules')!r}); to load an adapter of other "
+                  "modules, take them off first (lora_fast.unload(model))." if existing and lora_keys else "")
         raise ValueError(
             f"load_adapter: {source} does not fit {type(model).__name__} "
             f"(strict=True; pass strict=False to load what fits). "
             + (f"Missing {len(missing)} key(s): {_names(missing)}. " if missing else "")
             + (f"Unexpected {len(unexpected)} key(s): {_names(unexpected)}." if unexpected else "")
+            + layers
         )
 
     # Checks done: from here on the model is modified.
@@ -577,9 +584,9 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         module.requires_grad_(True)
     for k, (module, leaf) in base_weights.items():  # frozen base weights, as in PEFT
         params.setdefault(k, getattr(module, leaf))
+    for name in lora_names:  # into existing layers too: an earlier is_trainable=False load froze them
+        model.get_submodule(name).lora.requires_grad_(is_trainable)
     if not is_trainable:
-        for name in lora_names:
-            model.get_submodule(name).lora.requires_grad_(False)
         for owner in extras:
             model.get_submodule(owner).requires_grad_(False)
         model.eval()  # as PEFT's from_pretrained/load_adapter with is_trainable=False: no dropout at inference

@@ -170,6 +170,9 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path,
         if (directory / "model.safetensors").is_file() or list(directory.glob("model-*-of-*.safetensors")):
             hint = (" (it holds a full model's weights: a Trainer.save_model / save_pretrained of a model with LoRA "
                     "layers in place; write the adapter with lora_fast.save_adapter(model, dir))")
+        elif inner := sorted(d.name for d in directory.iterdir() if (d / CONFIG_NAME).is_file()):
+            hint = (f" (it holds adapter directories: {', '.join(inner)}; PEFT saves an adapter named other than "
+                    "'default' in a subdirectory of that name: load that directory)")
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} or {BIN_NAME} in {directory}{hint}")
     if config is None:
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory} (and no 'config' in {source.name})")

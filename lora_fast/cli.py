@@ -102,10 +102,19 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
 
     adir = Path(adapter)
     cfg_path = adir / "adapter_config.json"
-    if not cfg_path.is_file():
+    legacy = not cfg_path.is_file() and (adir / "adapter_model.bin").is_file()
+    if not cfg_path.is_file() and not legacy:
         raise ConfigError(f"--adapter {adapter!r} has no adapter_config.json")
+    if legacy:  # the tutorials' adapter_model.bin carrying its own config, as load_adapter reads it
+        from lora_fast.adapter_files import _read_adapter
+
+        try:
+            cfg, cfg_path = _read_adapter(adir)[0], adir / "adapter_model.bin"
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
     try:
-        cfg = json.loads(cfg_path.read_text())
+        if not legacy:
+            cfg = json.loads(cfg_path.read_text())
         args = json.loads((adir / "training_args.json").read_text()) if (adir / "training_args.json").is_file() \
             else {}
     except ValueError as e:

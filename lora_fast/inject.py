@@ -14,6 +14,8 @@ projections are Conv1D), a target that matches nothing is an error listing the c
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
 import warnings
 from collections.abc import Iterable
@@ -376,27 +378,58 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
-def untie_embeddings_in_config(model: nn.Module) -> bool:
+def untie_embeddings_in_config(model: nn.Module) -> str:
     """After an untie: when the model's output embeddings no longer share the input embeddings' weight, set
     ``tie_word_embeddings`` to False in its config (and its text config), so that transformers does not tie them
     again — ``tie_weights()`` (``resize_token_embeddings`` calls it) and ``from_pretrained`` of the saved model
-    would put one weight in place of the other. Returns whether a config changed."""
+    would put one weight in place of the other.
+
+    Not where the model's ``forward`` reads the flag (``tie_reading_classes``: UMT5, SwitchTransformers, UDOP, and
+    T5 before transformers 5 scale the decoder output by d_model**-0.5 when it is set): clearing it there would
+    change the logits by a factor √d_model. The flag stays; ``save_pretrained`` still writes both weights (it drops
+    only tensors that share storage), and transformers ≥ 5's ``from_pretrained`` does not tie two saved weights
+    that differ. Returns what was done, for the caller's warning ("" when nothing)."""
     inner = unwrap_model(model)
     try:
         inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
     except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
-        return False
+        return ""
     if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
-        return False
+        return ""
     config = getattr(inner, "config", None)
     configs = [config]
     with contextlib.suppress(AttributeError, ValueError):  # a composite model's text part (several: ambiguous)
         configs.append(config.get_text_config(decoder=True))
-    changed = False
+    configs = [c for c in configs if getattr(c, "tie_word_embeddings", False)]
+    if not configs:
+        return ""
+    readers = tie_reading_classes(inner)
+    if readers:
+        return (f"tie_word_embeddings left True: {', '.join(readers)} scales the decoder output by it, so clearing "
+                "it would change the logits; save_pretrained keeps both weights and from_pretrained (transformers "
+                ">= 5) does not tie them again, but tie_weights() and resize_token_embeddings() would")
     for c in configs:
-        if getattr(c, "tie_word_embeddings", False):
-            c.tie_word_embeddings, changed = False, True
-    return changed
+        c.tie_word_embeddings = False
+    return "tie_word_embeddings set to False in the model's config, so that transformers does not tie them again"
+
+
+_TIE_FLAG_READ = re.compile(r"config\.tie_word_embeddings\b")
+
+
+def tie_reading_classes(model: nn.Module) -> list[str]:
+    """The classes in ``model`` whose ``forward`` reads ``config.tie_word_embeddings`` (for numbers, not for
+    tying): ``Cls.forward`` names, sorted. A class whose source cannot be read counts as not reading it."""
+    return sorted({f"{type(m).__name__}.forward" for m in model.modules() if _forward_reads_tie_flag(type(m))})
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_tie_flag(cls: type) -> bool:
+    if cls.forward is nn.Module.forward or not hasattr(cls, "config_class"):  # transformers models only
+        return False
+    try:
+        return bool(_TIE_FLAG_READ.search(inspect.getsource(cls.forward)))
+    except (OSError, TypeError):
+        return False
 
 
 def tied_names(names_of: dict[int, list[str]], name: str, weight: nn.Parameter) -> list[str]:

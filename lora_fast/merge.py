@@ -73,8 +73,8 @@ def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) 
             untied.append(f"{name} (was tied to {', '.join(tied)})")
     if not untied:
         return
-    flag = (" (tie_word_embeddings set to False in the model's config, so save_pretrained keeps both)"
-            if untie_embeddings_in_config(model) else "")
+    flag = untie_embeddings_in_config(model)
+    flag = f" ({flag})" if flag else ""
     warnings.warn(f"{who}: the base weight of {'; '.join(untied)} is now a copy of its own, so that merging ΔW into "
                   f"it leaves the weights it was tied to unchanged{flag}", stacklevel=3)
 

@@ -491,6 +491,9 @@ def test_unsupported_config_and_models_are_refused(saved, tmp_path):
         load_adapter(fresh, tmp_path)
     with pytest.raises(TypeError, match="PEFT model"):
         save_adapter(_peft_model(_gpt2(), ["c_attn"]), tmp_path / "y")
+    for peft_side in (_peft_model(_gpt2(), ["c_attn"]), _peft_model(_gpt2(), ["c_attn"]).get_base_model()):
+        with pytest.raises(TypeError, match=r"carries PEFT's adapter \(peft_config: a PeftModel, or the model inside"):
+            load_adapter(peft_side, directory)
     with pytest.raises(TypeError, match="nn.Module"):
         load_adapter("model", directory)
     assert not lora_layers(fresh)
@@ -1110,6 +1113,52 @@ def test_frozen_load_switches_dropout_off_as_peft_does(tmp_path):
     load_adapter(trainable, tmp_path)  # is_trainable=True leaves the mode alone (training goes on)
     assert trainable.training
 
+
+def test_a_second_load_sets_what_is_trainable_again(tmp_path):
+    """A model whose LoRA layers came from an ``is_trainable=False`` load (evaluate a checkpoint first), loaded
+    again with ``is_trainable=True`` (go on training from it): the LoRA weights are trainable again, not only the
+    ``modules_to_save`` (the optimizer then trained the head alone, silently); and the reverse freezes them."""
+    model, fresh = _lora_fast_model("gpt2")
+    save_adapter(model, tmp_path)
+    load_adapter(fresh, tmp_path, is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.parameters())
+    load_adapter(fresh, tmp_path, is_trainable=True)
+    lora_params = {n for n, _ in fresh.named_parameters() if ".lora.lora_" in n}
+    assert lora_params and {n for n, p in fresh.named_parameters() if p.requires_grad} == lora_params
+    load_adapter(fresh, tmp_path, is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_an_adapter_of_other_modules_into_existing_layers_says_why(tmp_path):
+    """Existing LoRA layers take the loaded weights whatever the adapter's target_modules: an adapter of other
+    modules then does not fit, and the error says that, and how to load it (unload first), beside the keys."""
+    build, _, _, _ = MODELS["gpt2"]
+    for targets in (["c_attn"], ["c_fc"]):
+        model = apply_lora(build(), targets, rank=4)
+        save_adapter(model, tmp_path / targets[0])
+    model = build()
+    load_adapter(model, tmp_path / "c_attn")
+    with pytest.raises(ValueError, match=r"Unexpected .*c_fc.*already has LoRA layers \(transformer\.h\.0\.attn\."
+                                         r"c_attn.*target_modules \(\['c_fc'\]\).*lora_fast\.unload\(model\)"):
+        load_adapter(model, tmp_path / "c_fc")
+    lora_fast.unload(model)
+    load_adapter(model, tmp_path / "c_fc")
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(model)} == {"c_fc"}
+
+def test_a_named_peft_adapter_directory_is_pointed_to(tmp_path):
+    """PEFT saves an adapter named other than "default" in a subdirectory of that name: the error on the parent
+    names the subdirectories to load, and the subdirectory loads."""
+    build, targets, _, _ = MODELS["gpt2"]
+    base = build()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+                        adapter_name="mine")
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds adapter directories: mine; PEFT saves an adapter named"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "mine")
+    ids = _ids()
+    assert_rel_close(_logits(ours, ids), _logits(pm, ids), TOL, "the named adapter's directory")
 
 def test_full_model_checkpoint_is_named_as_such(tmp_path):
     """A Trainer.save_model / save_pretrained folder of a LoRA-injected model holds no adapter file: the error says

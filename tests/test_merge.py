@@ -254,7 +254,68 @@ def test_the_tie_flag_stays_where_the_embeddings_stay_tied():
     from lora_fast.inject import untie_embeddings_in_config
 
     model = tiny_gpt2()
-    assert untie_embeddings_in_config(model) is False and model.config.tie_word_embeddings is True
+    assert untie_embeddings_in_config(model) == "" and model.config.tie_word_embeddings is True
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-    assert untie_embeddings_in_config(model) is True and model.config.tie_word_embeddings is False
-    assert untie_embeddings_in_config(nn.Linear(2, 2)) is False  # no embeddings to speak of
+    assert "set to False" in untie_embeddings_in_config(model) and model.config.tie_word_embeddings is False
+    assert untie_embeddings_in_config(nn.Linear(2, 2)) == ""  # no embeddings to speak of
+
+
+def _tiny_umt5():
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return UMT5ForConditionalGeneration(UMT5Config(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, d_ff=96,
+                                                   num_heads=4, vocab_size=256)).eval()
+
+
+def _t5_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+
+
+def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
+    """UMT5 (like SwitchTransformers, UDOP, and T5 before transformers 5) scales its decoder output by d_model**-0.5
+    when ``tie_word_embeddings`` is set: clearing the flag after an untie changed the logits by √d_model = 8 (merging
+    an lm_head adapter; ``modules_to_save=["lm_head"]`` at B = 0; a PEFT adapter with that head loaded off PEFT's
+    numbers). The flag stays there, the logits stay, and the merged model saved and loaded again still computes
+    the adapter's logits. GPT-2's forward does not read it (its flag is cleared: the tests above)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import UMT5ForConditionalGeneration
+
+    from lora_fast import load_adapter
+    from lora_fast.inject import tie_reading_classes
+
+    ids = torch.randint(0, 256, (2, 9))
+    assert tie_reading_classes(_tiny_umt5()) == ["UMT5ForConditionalGeneration.forward"]
+    assert tie_reading_classes(tiny_gpt2()) == []
+    # a head trained whole: nothing trained yet, nothing may change
+    model = _tiny_umt5()
+    want = _t5_logits(model, ids)
+    with pytest.warns(UserWarning, match="tie_word_embeddings left True: UMT5ForConditionalGeneration.forward"):
+        apply_lora(model, ["q", "v"], rank=4, modules_to_save=["lm_head"])
+    assert model.lm_head.weight is not model.shared.weight and model.config.tie_word_embeddings is True
+    torch.testing.assert_close(_t5_logits(model, ids), want, rtol=0, atol=0)
+    # PEFT's adapter with that head: PEFT's numbers
+    peft_model = get_peft_model(_tiny_umt5(), LoraConfig(r=4, target_modules=["q", "v"], modules_to_save=["lm_head"],
+                                                         init_lora_weights=False)).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = _tiny_umt5()
+    with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
+        load_adapter(model, tmp_path / "peft", is_trainable=False)
+    assert_rel_close(_t5_logits(model, ids), _t5_logits(peft_model, ids), 1e-6, "UMT5 adapter with lm_head")
+    # an adapter on the tied head, merged: the adapter's logits, in memory and after save/load
+    model = apply_lora(_tiny_umt5(), ["q", "v", "lm_head"], rank=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_(0, 0.1)
+    want = _t5_logits(model, ids)
+    with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
+        merged = merge_and_unload(model)
+    assert merged.config.tie_word_embeddings is True
+    assert_rel_close(_t5_logits(merged, ids), want, 1e-5, "merged UMT5 with its lm_head untied")
+    merged.save_pretrained(tmp_path / "merged")
+    again = UMT5ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert again.lm_head.weight is not again.shared.weight
+    assert_rel_close(_t5_logits(again, ids), want, 1e-5, "merged UMT5 after save_pretrained/from_pretrained")
