@@ -284,7 +284,9 @@ def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str) -> torch.
     if eos is None:
         raise ConfigError("the tokenizer has no EOS (or SEP) token to put between documents")
     ids: list[int] = []
-    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+    # verbose=False: no "longer than the model's maximum ... indexing errors" warning for a long document: the
+    # blocks below are max_length tokens each
+    for enc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc)
         ids.append(eos)
     n = len(ids) // max_length
@@ -387,17 +389,22 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
 
 class ClassificationCollator:
     """Tokenise, truncate to ``max_length`` and right-pad a batch of (text, label) pairs (a module-level class:
-    DataLoader workers on spawn platforms pickle it)."""
+    DataLoader workers on spawn platforms pickle it).
+
+    Right, whatever the tokenizer's ``padding_side``: GPT-2 gets no ``position_ids``, so left padding would shift
+    every real token's position by its row's padding, and a text's logits would depend on the batch it is in."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, batch):
         texts, labels = zip(*batch, strict=True)
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (B, T)
-                "labels": torch.tensor(labels, dtype=torch.long)}  # (B,)
+        rows = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = torch.full((len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}  # (B,)
 
 
 def lm_collate(items) -> dict:

@@ -129,11 +129,11 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
     check_tf32(getattr(opts, "tf32", None), resolve_device(opts.device))
     prep = prepare(opts, log)
-    from lora_fast.inject import find_target_modules
+    from lora_fast.train import check_rank
 
-    for spec in runs:  # every target set must match before minutes of training start
+    for spec in runs:  # every target set must match, every rank fit, before minutes of training start
         try:
-            find_target_modules(prep.model, normalize_targets(spec["targets"].split(",")))
+            check_rank(prep.model, normalize_targets(spec["targets"].split(",")), spec["rank"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
     staged = StagedDir(out, opts.overwrite, command="sweep")

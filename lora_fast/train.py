@@ -165,6 +165,19 @@ def lr_schedule(optimizer, warmup_ratio: float, total: int):
     return get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
 
 
+def check_rank(model, target_modules, rank: int) -> None:
+    """Refuse a rank above min(in, out) of a targeted layer: ΔW = B·A (out × in) has rank at most that, so a larger
+    r adds parameters and no capacity — and an absurd one (10¹²) ended in the allocator's traceback."""
+    from lora_fast.inject import find_target_modules, unwrap_model
+
+    inner = unwrap_model(model)
+    for name in find_target_modules(inner, target_modules):
+        w = getattr(inner.get_submodule(name), "weight", None)
+        if w is not None and w.dim() == 2 and rank > min(w.shape):
+            raise ConfigError(f"rank={rank} exceeds {name}'s min(in_features, out_features) = {min(w.shape)}: "
+                              f"ΔW = B·A has rank at most {min(w.shape)}, so a larger rank adds no capacity")
+
+
 def _inject(opts, model):
     from lora_fast import apply_lora
     from lora_fast.inject import SEQ_CLS_HEAD_NAMES, _head_of
@@ -177,6 +190,7 @@ def _inject(opts, model):
         names = [n for n, _ in model.named_modules()]
         heads = [h for h in SEQ_CLS_HEAD_NAMES if any(n.endswith(h) for n in names)]
     try:
+        check_rank(model, opts.target_modules, opts.rank)
         apply_lora(model, opts.target_modules, opts.rank, opts.alpha, opts.dropout, use_rslora=opts.use_rslora,
                    backend=opts.backend, modules_to_save=heads)
     except ValueError as e:

@@ -92,6 +92,12 @@ def check_options(opts) -> tuple[Path, Path | None]:
     if opts.save_steps is None:
         return root, resume
     check_creatable_dir(root, "--checkpoint_dir")
+    foreign = sorted(p.name for p in root.iterdir() if _DIR_RE.fullmatch(p.name) and not (p / STATE_NAME).is_file()) \
+        if root.is_dir() else []
+    if foreign:  # e.g. an HF Trainer's checkpoint-<step>: saving that step would replace it
+        raise ConfigError(f"--checkpoint_dir {str(root)!r} holds {', '.join(foreign)}, not written by lora-fast (no "
+                          f"{STATE_NAME}); a checkpoint of the same step would replace it: move it, or choose another "
+                          "--checkpoint_dir")
     found = list_checkpoints(root)
     if found and resume is None:
         names = ", ".join(p.name for _, p in found)

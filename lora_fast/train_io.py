@@ -256,6 +256,10 @@ def write_outputs(path: Path, opts, prep, model, metrics: dict) -> None:
     from lora_fast.plots import loss_curve
 
     save_adapter(model, path, base_model_name_or_path=prep.base_name, task_type=peft_task_type(opts))
+    backend = getattr(prep.tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the collator's truncation stays set on a fast tokenizer: tokenizer.json would keep it
+        backend.no_truncation()
+        backend.no_padding()
     prep.tokenizer.save_pretrained(path)
     args = {k: v for k, v in vars(opts).items()}
     args.update(base_model=prep.base_name, tokenizer_trained=prep.tokenizer_trained, label_names=prep.label_names,

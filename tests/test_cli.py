@@ -78,6 +78,8 @@ def _bad(tmp_path, tiny, extra):
     (["--dataset", "{tmp}/bad.jsonl"], "line 2 is not valid JSON"),
     (["--target_modules", "q_proj"], "matched no module"),
     (["--rank", "0"], "rank must be a positive integer"),
+    (["--rank", "1000000000000"], "rank=1000000000000 exceeds transformer.h.0.attn.c_attn's min(in_features, "
+     "out_features) = 64"),  # was the allocator's traceback
     (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     (["--lr=-1e-4"], "lr must be a positive number"),
     (["--lr", "fast"], "lr must be a number"),
@@ -292,6 +294,32 @@ def test_merge_never_uses_random_weights_for_a_pretrained_base(tmp_path, monkeyp
     assert "'gpt2' is not a local directory" in err and "randomly" not in err, err
     assert not (tmp_path / "merged").exists()
 
+
+def test_merge_takes_a_legacy_bin_with_its_own_config(tmp_path, tiny_gpt2, capsys):
+    """The tutorials' ``adapter_model.bin`` holding ``{"lora_state_dict", "config"}`` and no adapter_config.json:
+    ``load_adapter`` reads it, and so does ``lora-fast merge`` (its base from ``--model``, the file naming none);
+    the merged model computes the adapter's logits."""
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import apply_lora
+
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(tiny_gpt2), ["c_attn"], rank=4).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1)
+    adapter = tmp_path / "legacy"
+    adapter.mkdir()
+    state = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}
+    torch.save({"lora_state_dict": state, "config": dict(model.lora_fast_config)}, adapter / "adapter_model.bin")
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m0")]) == 2
+    assert "adapter_model.bin names no base model; pass --model" in capsys.readouterr().err
+    assert cli_main(["merge", "--adapter", str(adapter), "--model", str(tiny_gpt2), "--output",
+                     str(tmp_path / "merged")]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        assert_rel_close(merged(ids).logits, model(ids).logits, 1e-5, "merged legacy adapter")
 
 def test_misspelt_hub_name_is_an_error(tmp_path, monkeypatch):
     import transformers

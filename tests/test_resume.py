@@ -290,6 +290,12 @@ def test_checkpoint_option_errors(setup, tmp_path, capsys):
     assert cli_main(["train", *_args(root, "none", "--resume_from_checkpoint", "latest", "--checkpoint_dir",
                                      str(tmp_path))]) == 2
     assert "cannot read" in capsys.readouterr().err
+    hf = tmp_path / "hf-run"  # another tool's checkpoint-<step> (an HF Trainer's): never replaced
+    (hf / "checkpoint-2").mkdir(parents=True)
+    (hf / "checkpoint-2" / "model.safetensors").write_bytes(b"weights")
+    assert cli_main(["train", *_args(root, "none", "--save_steps", "2", "--checkpoint_dir", str(hf))]) == 2
+    assert "holds checkpoint-2, not written by lora-fast (no training_state.pt)" in capsys.readouterr().err
+    assert (hf / "checkpoint-2" / "model.safetensors").read_bytes() == b"weights"
     assert not (root / "none").exists()
 
 

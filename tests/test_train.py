@@ -237,6 +237,8 @@ def test_classification_csv(tiny_gpt2, tmp_path):
     assert 0.0 <= m["test_accuracy"] <= 1.0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    saved = json.loads((out / "tokenizer.json").read_text())  # the collator's truncation is not saved with it:
+    assert saved["truncation"] is None and saved["padding"] is None  # the tokenizers library would apply it
 
     tok = AutoTokenizer.from_pretrained(out)
     with open(data / "train.csv", newline="") as f:  # throughput counts real tokens, never the padding
@@ -324,6 +326,18 @@ def test_sweep_table(tiny_gpt2, tmp_path):
     assert (out / "sweep_plot.png").stat().st_size > 0
     for r in rows:
         assert (out / r["run"] / "adapter_model.safetensors").is_file()
+
+
+def test_sweep_refuses_a_rank_no_target_can_hold_before_training(tiny_gpt2, tmp_path, capsys):
+    """A rank above a targeted layer's min(in, out) (64 for every projection of this GPT-2) is refused, for every
+    run of a sweep, before the first one trains: nothing is written."""
+    rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "32", "--ranks", "100",
+                   "--alphas", "16", "--target_sets", "c_attn", "all-linear", "--rank", "4", "--output_dir",
+                   str(tmp_path / "sweep"), "--no-progress"])
+    assert rc == 2
+    assert "rank=100 exceeds transformer.h.0.attn.c_attn's min(in_features, out_features) = 64" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the Triton path is tested where it is "
@@ -707,6 +721,27 @@ def test_lm_blocks_put_eos_after_every_document(tmp_path):
     assert blocks[0].tolist() == parts[0] + [eos]
 
 
+def test_lm_blocks_of_long_documents_do_not_warn_of_indexing_errors(monkeypatch):
+    """A document longer than the model's positions is cut into max_length blocks, never fed whole: transformers'
+    "Token indices sequence length is longer than ... indexing errors" warning (on every run of GPT-2 with long
+    documents) would be wrong, so it is not triggered."""
+    import logging
+
+    from lora_fast.data import lm_blocks, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["the cat sat on the mat"] * 4, 300)
+    tok.model_max_length = 8
+    warned = []
+    monkeypatch.setattr(logging.Logger, "warning", lambda self, msg, *a, **k: warned.append(str(msg)))
+    tok(" ".join(["the cat sat on the mat"] * 5), add_special_tokens=False)  # the control: it warns by itself
+    assert any("indexing errors" in m for m in warned), warned
+    warned.clear()
+    tok = train_bpe_tokenizer(["the cat sat on the mat"] * 4, 300)  # it warns once per tokenizer: a fresh one
+    tok.model_max_length = 8
+    assert lm_blocks(tok, [" ".join(["the cat sat on the mat"] * 5)], 8, "train").shape[1] == 8
+    assert not [m for m in warned if "indexing errors" in m], warned
+
+
 def test_classification_collator_truncates_to_max_length(tmp_path):
     """Classification batches are truncated to --max_length tokens (keeping each text's first tokens) and
     right-padded to the longest row: a text longer than the model's positions would otherwise index past its
@@ -730,6 +765,29 @@ def test_classification_collator_truncates_to_max_length(tmp_path):
     short = ClassificationCollator(tok, max_length)([("two three", 0)])  # padded to the batch, not to max_length
     assert short["input_ids"].tolist() == [short_ids]
 
+
+def test_classification_batches_are_right_padded_whatever_the_tokenizer_says(tmp_path):
+    """A tokenizer saved with ``padding_side="left"`` still gets right-padded batches: GPT-2 takes no
+    position_ids, so left padding shifted every real token and a text's logits (eval loss, accuracy, gradients)
+    depended on the batch size. Each text's logits in a batch equal its logits alone."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lora_fast.data import ClassificationCollator, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["one two three four five six seven eight nine ten"] * 4, 300)
+    tok.padding_side = "left"
+    texts = [("one two three four five six", 1), ("two", 0), ("nine ten one", 1)]
+    batch = ClassificationCollator(tok, 16)(texts)
+    assert batch["attention_mask"][1].tolist()[0] == 1 and batch["attention_mask"][1].tolist()[-1] == 0
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=32,
+                                                     pad_token_id=tok.pad_token_id)).eval()
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, item in enumerate(texts):
+            alone = ClassificationCollator(tok, 16)([item])
+            torch.testing.assert_close(together[i], model(input_ids=alone["input_ids"],
+                                                          attention_mask=alone["attention_mask"]).logits[0])
 
 def test_validation_split_follows_the_seed():
     """Whole documents go to validation in a seeded order: the same seed gives the same split, other seeds other
