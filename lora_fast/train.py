@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import sys
 import threading
@@ -166,16 +167,22 @@ def lr_schedule(optimizer, warmup_ratio: float, total: int):
 
 
 def check_rank(model, target_modules, rank: int) -> None:
-    """Refuse a rank above min(in, out) of a targeted layer: ΔW = B·A (out × in) has rank at most that, so a larger
-    r adds parameters and no capacity — and an absurd one (10¹²) ended in the allocator's traceback."""
+    """Refuse a rank whose LoRA weights (fp32, r·(in + out) per targeted layer) would not fit in this machine's
+    memory: an absurd rank (10¹²) ended in the allocator's traceback. Any rank that fits is accepted, as PEFT does
+    (above a layer's min(in, out) it adds parameters and no capacity, but a ported config may hold one)."""
     from lora_fast.inject import find_target_modules, unwrap_model
 
     inner = unwrap_model(model)
-    for name in find_target_modules(inner, target_modules):
-        w = getattr(inner.get_submodule(name), "weight", None)
-        if w is not None and w.dim() == 2 and rank > min(w.shape):
-            raise ConfigError(f"rank={rank} exceeds {name}'s min(in_features, out_features) = {min(w.shape)}: "
-                              f"ΔW = B·A has rank at most {min(w.shape)}, so a larger rank adds no capacity")
+    names = find_target_modules(inner, target_modules)
+    need = sum(4 * rank * sum(w.shape) for n in names
+               if (w := getattr(inner.get_submodule(n), "weight", None)) is not None and w.dim() == 2)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocator decides
+        return
+    if need > have:
+        raise ConfigError(f"rank={rank}: the LoRA weights of the {len(names)} targeted layers would take "
+                          f"{need / 2**30:.3g} GiB, more than this machine's {have / 2**30:.3g} GiB of memory")
 
 
 def _inject(opts, model):

@@ -328,15 +328,18 @@ def test_sweep_table(tiny_gpt2, tmp_path):
         assert (out / r["run"] / "adapter_model.safetensors").is_file()
 
 
-def test_sweep_refuses_a_rank_no_target_can_hold_before_training(tiny_gpt2, tmp_path, capsys):
-    """A rank above a targeted layer's min(in, out) (64 for every projection of this GPT-2) is refused, for every
-    run of a sweep, before the first one trains: nothing is written."""
-    rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "32", "--ranks", "100",
-                   "--alphas", "16", "--target_sets", "c_attn", "all-linear", "--rank", "4", "--output_dir",
+def test_sweep_refuses_a_rank_whose_weights_cannot_fit_before_training(tiny_gpt2, tmp_path, capsys):
+    """A rank whose LoRA weights would not fit in memory is refused, for every run of a sweep, before the first one
+    trains: nothing is written. (A rank above a layer's min(in, out) that fits is accepted, as PEFT accepts it.)"""
+    from lora_fast.train import check_rank
+    from transformers import GPT2LMHeadModel
+
+    check_rank(GPT2LMHeadModel.from_pretrained(tiny_gpt2), ["c_attn"], 100)  # > 64 = min(in, out): accepted
+    rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "32", "--ranks",
+                   "10000000000000", "--alphas", "16", "--target_sets", "c_attn", "--rank", "4", "--output_dir",
                    str(tmp_path / "sweep"), "--no-progress"])
     assert rc == 2
-    assert "rank=100 exceeds transformer.h.0.attn.c_attn's min(in_features, out_features) = 64" in \
-        capsys.readouterr().err
+    assert "rank=10000000000000: the LoRA weights of the 2 targeted layers would take" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
 
