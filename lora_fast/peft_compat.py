@@ -12,13 +12,14 @@ call time (``base_layer.weight``/``bias``, ``lora_A[a].weight``, ``lora_B[a].wei
 bound method stored on the instance) keeps patched models picklable and ``nn.DataParallel`` replicas correct.
 
 Supported: ``peft.tuners.lora.layer.Linear`` over nn.Linear or transformers' Conv1D (``fan_in_fan_out``), plain
-LoRA, exactly one active adapter, with or without dropout. Everything else — DoRA and other LoRA variants,
-several active adapters, ``lora_bias``, quantised bases (bitsandbytes, GPTQ, torchao, ...: their PEFT classes are
-not ``lora.Linear`` or their weights are not float Parameters), embeddings and convolutions, trainable base weights,
-layers whose ``forward`` was already replaced (accelerate hooks) — stays on PEFT's path, named in one warning.
-At call time a patched layer also defers to PEFT's own forward while its adapter is merged or disabled, when
-``adapter_names`` (mixed batches) or other extra arguments are passed, or when the active adapter changed to an
-unsupported setting.
+LoRA, exactly one active adapter, with or without dropout. Layers of other classes (embeddings, convolutions,
+quantised bases: bitsandbytes, GPTQ, ...), over other bases, or whose ``forward`` was already replaced (accelerate
+hooks) are never patched. A patched layer checks the rest on every call (cheaply) and defers to PEFT's own forward
+while it does not hold: DoRA and other LoRA variants, several or no active adapters, ``lora_bias``, custom dropout or
+adapter modules, hooks, weights that are not float Parameters (torchao), trainable base weights, a merged or
+disabled adapter, ``adapter_names`` (mixed batches) or other extra arguments. So a layer whose active adapter is
+unsupported when ``patch_peft`` runs takes the fused path once ``set_adapter`` picks a supported one. Both kinds
+are named in one warning.
 
 Numerics: identical to PEFT in fp32, and in fp16 outside autocast on the reference path (both compute the LoRA
 term in fp32 there). With bf16 activations and fp32 adapters PEFT casts the input up and computes the LoRA term in
@@ -40,13 +41,20 @@ from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, fusable_ba
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
 
 
+_CLASSES = None
+
+
 def _lora_classes():
-    try:
-        from peft.tuners.lora.layer import Linear, LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError as e:  # pragma: no cover - peft is installed with the test extras
-        raise ImportError("patch_peft needs the `peft` package (pip install peft)") from e
-    return Linear, LoraLayer, BaseTunerLayer
+    """PEFT's (lora.Linear, LoraLayer, BaseTunerLayer), imported once."""
+    global _CLASSES
+    if _CLASSES is None:
+        try:
+            from peft.tuners.lora.layer import Linear, LoraLayer
+            from peft.tuners.tuners_utils import BaseTunerLayer
+        except ImportError as e:  # pragma: no cover - peft is installed with the test extras
+            raise ImportError("patch_peft needs the `peft` package (pip install peft)") from e
+        _CLASSES = (Linear, LoraLayer, BaseTunerLayer)
+    return _CLASSES
 
 
 _FAST_CLASS = None
@@ -70,17 +78,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why this PEFT LoRA layer cannot take the fused path (now), or None when it can."""
+def _structural_reason(module: nn.Module) -> str | None:
+    """Why this PEFT layer can never take the fused path (its class, or its base's), or None. Checked once, by
+    ``patch_peft``: what can change later (adapters, hooks, weights) is ``_state_reason``'s, checked per call."""
     peft_linear, _, base_tuner = _lora_classes()
     if type(module) not in (peft_linear, _fast_class()):
         kind = "embedding" if "Embedding" in type(module).__name__ else "not a plain lora.Linear (quantised, conv, ...)"
         return f"{type(module).__module__}.{type(module).__name__}: {kind}"
+    if "forward" in module.__dict__:
+        return "forward already replaced (e.g. an accelerate hook)"
     base = module.base_layer
     if isinstance(base, base_tuner):
         return "nested adapter layers"
     if not isinstance(base, LORA_BASE_TYPES):
         return f"base layer is a {type(base).__name__}, not nn.Linear/Conv1D"
+    return None
+
+
+def _state_reason(module: nn.Module) -> str | None:
+    """Why this (structurally supported) PEFT layer cannot take the fused path now — its base's hooks and weights,
+    the active adapter's setting — or None when it can. Cheap: it runs on every call of a patched layer."""
+    base = module.base_layer
     if not fusable_base(base):  # PEFT calls base_layer(x): what runs there must run
         return (f"base layer {type(base).__name__} runs more than nn.Linear/Conv1D's forward (an overriding "
                 "subclass, hooks, offloaded weights)")
@@ -99,26 +117,29 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return "DoRA"
     if a in getattr(module, "lora_variant", {}):
         return f"LoRA variant {type(module.lora_variant[a]).__name__}"
-    if module.lora_bias.get(a, False) or module.lora_B[a].bias is not None or module.lora_A[a].bias is not None:
+    lora_A, lora_B, drop = module.lora_A[a], module.lora_B[a], module.lora_dropout[a]
+    if module.lora_bias.get(a, False) or lora_B.bias is not None or lora_A.bias is not None:
         return "lora_bias"
-    drop = module.lora_dropout[a]
-    if not isinstance(drop, (nn.Dropout, nn.Identity)) or type(drop).forward not in (nn.Dropout.forward,
-                                                                                   nn.Identity.forward):
+    if type(drop).forward not in (nn.Dropout.forward, nn.Identity.forward):
         return f"custom dropout {type(drop).__name__}"
     if isinstance(drop, nn.Dropout) and drop.training and drop.p >= 1.0:
         return "dropout p = 1 (the LoRA term is zero in training)"
-    parts = (module.lora_A[a], module.lora_B[a], drop)
-    if any(type(m).forward is not nn.Linear.forward for m in parts[:2]):
+    if type(lora_A).forward is not nn.Linear.forward or type(lora_B).forward is not nn.Linear.forward:
         return "lora_A/lora_B with their own forward (a subclass of nn.Linear)"
-    if any(calls_more_than_forward(m) or m.weight.device.type == "meta" for m in parts[:2]) or \
-            calls_more_than_forward(parts[2]):
+    if (calls_more_than_forward(lora_A) or calls_more_than_forward(lora_B) or calls_more_than_forward(drop)
+            or lora_A.weight.device.type == "meta" or lora_B.weight.device.type == "meta"):
         return "hooks or offloaded weights on the adapter's modules"
     return None
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why this PEFT LoRA layer cannot take the fused path (now), or None when it can."""
+    return _structural_reason(module) or _state_reason(module)
+
+
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors."""
-    if args or kwargs or self.disable_adapters or self.merged or _unsupported_reason(self) is not None:
+    if args or kwargs or self.disable_adapters or self.merged or _state_reason(self) is not None:
         return _lora_classes()[0].forward(self, x, *args, **kwargs)  # PEFT's own path
     a = next(a for a in self.active_adapters if a in self.lora_A)
     base, drop = self.base_layer, self.lora_dropout[a]
@@ -158,24 +179,31 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
         raise ValueError(f"patch_peft: {type(peft_model).__name__} has no PEFT LoRA layer")
     if backend is not None:
         resolve_backend(backend)  # an unknown name fails here, not at the first forward
-    left: dict[str, list[str]] = {}
+    left: dict[str, list[str]] = {}  # never patched: the layer's class or base
+    waiting: dict[str, list[str]] = {}  # patched, on PEFT's path until the active adapter's setting is supported
     for name, module in layers.items():
-        if hasattr(module, _MARK):  # already patched
-            setattr(module, _MARK, backend)
-            continue
-        reason = _unsupported_reason(module)
-        if reason is None and "forward" in module.__dict__:
-            reason = "forward already replaced (e.g. an accelerate hook)"
+        reason = _structural_reason(module)
         if reason is not None:
             left.setdefault(reason, []).append(name)
             continue
-        setattr(module, _MARK, backend)
+        setattr(module, _MARK, backend)  # patching twice only updates the backend
         module.__class__ = _fast_class()
+        reason = _state_reason(module)
+        if reason is not None:
+            waiting.setdefault(reason, []).append(name)
+
+    def listed(groups):
+        return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in groups.items())
+    msgs = []
     if left:
-        n = sum(map(len, left.values()))
-        detail = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in left.items())
-        warnings.warn(f"patch_peft: {n} of {len(layers)} LoRA layer(s) stay on PEFT's own path — {detail}",
-                      stacklevel=2)
+        msgs.append(f"{sum(map(len, left.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path — "
+                    f"{listed(left)}")
+    if waiting:
+        msgs.append(f"{sum(map(len, waiting.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path "
+                    f"until their setting is supported (patched: they take lora_fast's path after a set_adapter "
+                    f"to a supported adapter, hooks removed, ...) — {listed(waiting)}")
+    if msgs:
+        warnings.warn("patch_peft: " + ". ".join(msgs), stacklevel=2)
     return peft_model
 
 
@@ -191,5 +219,7 @@ def unpatch_peft(peft_model: nn.Module) -> nn.Module:
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether a PEFT LoRA layer currently runs through lora_fast."""
-    return type(module) is _fast_class()
+    """Whether a PEFT LoRA layer currently runs through lora_fast: patched, and its next call (no extra
+    arguments) takes the fused path — not while merged, disabled or in an unsupported setting."""
+    return (type(module) is _fast_class() and not module.disable_adapters and not module.merged
+            and _state_reason(module) is None)

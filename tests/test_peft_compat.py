@@ -233,7 +233,7 @@ def test_unsupported_layers_stay_on_peft_with_one_warning(case):
     ref_model = copy.deepcopy(pm)
     reason = {"embedding": "embedding: base_model.model.transformer.wte", "dora": "DoRA: .*h.0.attn.c_attn",
               "lora_bias": "lora_bias: .*h.0.attn.c_attn", "two_adapters": "2 active adapters .*h.0.attn.c_attn"}[case]
-    with pytest.warns(UserWarning, match=f"stay on PEFT's own path — .*{reason}") as record:
+    with pytest.warns(UserWarning, match=f"stay on PEFT's own path.* — .*{reason}") as record:
         patch_peft(pm)
     assert len([w for w in record if "patch_peft" in str(w.message)]) == 1
     message = str(record[0].message)
@@ -538,7 +538,7 @@ def test_layers_whose_modules_compute_something_else_stay_on_peft(case):
         pm.train()
         ref_model.train()
     else:
-        with pytest.warns(UserWarning, match=f"stay on PEFT's own path — {reason}"):
+        with pytest.warns(UserWarning, match=f"stay on PEFT's own path.* — {reason}"):
             patch_peft(pm)
         assert not is_patched(layer) if case != "trainable_bias" else not any(is_patched(m) for m in pm.modules())
     ids = _ids()
@@ -604,3 +604,34 @@ def test_patching_a_lone_layer_and_patching_again_with_another_backend():
         layer(x)
     patch_peft(layer, backend="reference")
     assert_rel_close(layer(x), ref.double(), TOL, "lone layer, reference backend")
+
+
+def test_a_layer_unsupported_when_patched_takes_the_fused_path_after_set_adapter(spy):
+    """patch_peft swaps the class of every structurally supported layer, even one whose active adapter is
+    unsupported at that moment (a DoRA adapter, or none in the layer): it defers to PEFT while so, and takes
+    lora_fast's path once set_adapter picks a plain adapter (it used to stay on PEFT's path for good)."""
+    pm = _peft("gpt2").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("dora", LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["c_attn"],
+                                          fan_in_fan_out=True))
+    pm.base_model.set_adapter("dora")
+    ref = copy.deepcopy(pm)
+    with pytest.warns(UserWarning, match=r"8 of 8 LoRA layer\(s\) stay on PEFT's own path until .* — DoRA: "
+                                         r"base_model.model.transformer.h.0.attn.c_attn, "
+                                         r"base_model.model.transformer.h.1.attn.c_attn; no active adapter in this "
+                                         r"layer: base_model.model.transformer.h.0.attn.c_proj, "):
+        patch_peft(pm)
+    assert all(type(m).__name__ == "FastLoraLinear" for n, m in pm.named_modules() if n.endswith(("c_attn", "c_fc")))
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "DoRA active")
+    assert not spy  # c_attn: DoRA; the others: no active adapter ("dora" lives on c_attn only)
+    c_attn = pm.base_model.model.transformer.h[0].attn.c_attn
+    assert not is_patched(c_attn)
+    for model in (pm, ref):
+        model.base_model.set_adapter("default")
+    spy.clear()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "default active")
+    assert len(spy) == 8 and is_patched(c_attn)
