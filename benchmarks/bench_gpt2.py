@@ -305,13 +305,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"GPT-2 benchmark on {env['device']}: {s['model']} ({s['n_layer']} layers, {s['n_embd']} wide), batch "
           f"{s['batch']} × {s['seq']} tokens, LoRA r={LORA['r']} α={LORA['alpha']} dropout={LORA['dropout']} on "
           f"{TARGETS}, bf16 autocast, AdamW")
-    providers = list(args.providers)
-    if device.type != "cuda":
-        print("note: " + utils.CPU_TIMING_NOTE)
-        for name in [p for p in providers if p in utils.TRITON_PROVIDERS]:
-            providers.remove(name)
-            print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
-                  "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
+    providers = utils.timeable_providers(args.providers, device)
     if inductor_on_cpu(args, device):
         print("note: peak memory is not measured for compiled models on CPU (Inductor allocates outside the "
               "dispatcher)")

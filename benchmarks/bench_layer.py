@@ -164,6 +164,9 @@ def check_provider(name: str, layer: nn.Module, conv: nn.Module, x: torch.Tensor
                  mask), ["output", "dx", "dA", "dB"], dtype, f"training, dropout {dropout}")
 
 
+CASE_SEED = 20261124  # seeds each case's weights and inputs, the same for every provider
+
+
 def prepare_case(name: str, layer_name: str, M: int, r: int, dropout: float, dtype: str,
                  device: torch.device | str) -> dict:
     """Build and check provider ``name`` on one configuration.
@@ -178,13 +181,16 @@ def prepare_case(name: str, layer_name: str, M: int, r: int, dropout: float, dty
     from transformers.pytorch_utils import Conv1D
 
     conv = Conv1D(N, K).to(device=device, dtype=torch_dtype)  # weight (K, N)
-    nn.init.normal_(conv.bias, std=0.02)
+    gen = torch.Generator(device).manual_seed(CASE_SEED)  # every provider: the same weights and inputs
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.02, generator=gen)  # Conv1D's own init, drawn from gen
+        conv.bias.normal_(0.0, 0.02, generator=gen)
     conv.requires_grad_(False)
-    lora_A = torch.randn(r, K, device=device) / K**0.5  # (r, K)
-    lora_B = torch.randn(N, r, device=device) / r**0.5  # (N, r), random: a zero B would hide the LoRA path
+    lora_A = torch.randn(r, K, device=device, generator=gen) / K**0.5  # (r, K)
+    lora_B = torch.randn(N, r, device=device, generator=gen) / r**0.5  # (N, r), random: a zero B hides the LoRA path
+    x = torch.randn(M, K, device=device, dtype=torch_dtype, generator=gen)  # (M, K)
+    dy = torch.randn(M, N, device=device, dtype=torch_dtype, generator=gen)  # (M, N)
     layer, params = build_provider(name, conv, r, dropout, lora_A, lora_B)
-    x = torch.randn(M, K, device=device, dtype=torch_dtype)  # (M, K)
-    dy = torch.randn(M, N, device=device, dtype=torch_dtype)  # (M, N)
     check_provider(name, layer, conv, x, dy, lora_A, lora_B, params, dropout, dtype)
     x.requires_grad_(True)
     layer.train()
@@ -285,13 +291,7 @@ def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     env = utils.env_info(device)
     print(f"layer benchmark on {env['device']} (torch {env['torch']}, commit {env['commit']})")
-    providers = list(args.providers)
-    if device.type != "cuda":
-        print("note: " + utils.CPU_TIMING_NOTE)
-        for name in [p for p in providers if p in utils.TRITON_PROVIDERS]:
-            providers.remove(name)
-            print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
-                  "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
+    providers = utils.timeable_providers(args.providers, device)
     # Inductor's CPU buffers bypass the dispatcher, so LiveBytes cannot see them.
     no_mem = {"torch_compile"} if device.type != "cuda" else set()
     if no_mem & set(providers):

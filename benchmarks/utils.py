@@ -389,6 +389,30 @@ VARIANT_PROVIDERS = {
 TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
 
 
+def timeable_providers(providers: Iterable[str], device: torch.device) -> list[str]:
+    """The providers this run can time, saying why each other is left out: off a GPU the Triton providers' kernels
+    would run in the interpreter (numpy), whose timings are never kernel timings, so they are skipped.
+
+    Raises:
+        SystemExit: a GPU run asked for a Triton provider with ``TRITON_INTERPRET`` set: its figures would be the
+            interpreter's, recorded under the GPU's name.
+    """
+    providers = list(providers)
+    triton = [p for p in providers if p in TRITON_PROVIDERS]
+    if device.type == "cuda":
+        from lora_fast.kernels.launch import interpreting
+
+        if triton and interpreting():
+            raise SystemExit(f"TRITON_INTERPRET is set: providers {', '.join(triton)} would time the Triton "
+                             "interpreter, not the kernels; unset it for a GPU benchmark")
+        return providers
+    print("note: " + CPU_TIMING_NOTE)
+    for name in triton:
+        print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
+              "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
+    return [p for p in providers if p not in triton]
+
+
 @contextlib.contextmanager
 def provider_env(provider: str) -> Iterator[None]:
     """Set the environment a provider's kernels read for the duration of its measurements (restored after)."""

@@ -293,3 +293,28 @@ def test_bad_common_options_are_usage_errors_naming_the_value(script, argv, name
 def test_good_common_options_are_accepted(script):
     args = script.parse_args(["--quick", "--device", "cpu", "--threads", "1"])
     assert (args.device, args.threads) == ("cpu", 1)
+
+
+def test_timeable_providers_skip_triton_off_gpu_and_refuse_the_interpreter_on_one(monkeypatch, capsys):
+    """Off a GPU the Triton providers are skipped with a note; on a GPU with TRITON_INTERPRET set they are refused
+    (their figures would be the interpreter's under the GPU's name), and without it every provider is kept."""
+    asked = ["base", "lora_fast", "peft", "lora_fast_cublas"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert utils.timeable_providers(asked, torch.device("cpu")) == ["base", "peft"]
+    out = capsys.readouterr().out
+    assert "provider lora_fast skipped" in out and "provider lora_fast_cublas skipped" in out
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET is set: providers lora_fast, lora_fast_cublas would "
+                                         "time the Triton interpreter"):
+        utils.timeable_providers(asked, torch.device("cuda"))
+    assert utils.timeable_providers(["base", "peft"], torch.device("cuda")) == ["base", "peft"]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert utils.timeable_providers(asked, torch.device("cuda")) == asked
+
+
+def test_layer_providers_compute_the_same_function_on_the_same_inputs():
+    """prepare_case draws the Conv1D, the adapter and the input from one seeded generator: every provider's output
+    is the same function of the same x (PEFT's own init, run in between, used to shift the global RNG)."""
+    ys = {name: bench_layer.prepare_case(name, "attn.c_proj", 8, 4, 0.0, "fp32", "cpu")["forward"]().detach()
+          for name in ("reference", "peft", "base")}
+    assert torch.allclose(ys["reference"], ys["peft"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ys["reference"], ys["base"], rtol=1e-3, atol=1e-4)  # the LoRA term is there
