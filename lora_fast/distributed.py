@@ -27,7 +27,8 @@ What each rank does:
                 every rank (``DTensor.full_tensor``, a collective) and rank 0 writes (``adapter.save_adapter``).
                 The per-block-then-root layout is the one of PyTorch's FSDP2 tutorial and torchtitan.
     evaluation  rank k evaluates batches k, k+W, ... of the (unsharded, in-order) eval loader and the sums are
-                all-reduced; ``--eval_batches`` counts batches of ``batch_size``, as in one process.
+                all-reduced; ``--eval_batches`` counts global batches (batch_size × processes × accumulation
+                sequences), so runs with the same global batch evaluate the same sequences.
     dropout     LoRA init uses ``--seed`` on every rank (identical replicas); then rank k > 0 reseeds torch with
                 ``seed + 1_000_003·k`` so ranks draw different, reproducible dropout masks (rank 0 keeps the
                 single-process stream).
@@ -81,7 +82,7 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 from lora_fast.inject import unwrap_model
-from lora_fast.train_args import ConfigError
+from lora_fast.train_args import ConfigError, RankConfigError
 
 MODES = ("auto", "none", "ddp", "fsdp")
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank k's dropout seed is far from the seeds a user tries by hand (42, 43..)
@@ -119,7 +120,7 @@ def torchrun_env() -> dict | None:
     except ValueError:
         raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
     if env["world_size"] < 1 or not 0 <= env["rank"] < env["world_size"]:
-        raise ConfigError(f"RANK={env['rank']} / WORLD_SIZE={env['world_size']} are inconsistent")
+        raise RankConfigError(f"RANK={env['rank']} / WORLD_SIZE={env['world_size']} are inconsistent")
     return env
 
 
@@ -163,10 +164,10 @@ def init(requested: str, device_name: str, fp16: bool = False) -> DistContext:
                           "cuda:LOCAL_RANK) or cpu")
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
+        raise RankConfigError("--device cuda requested but CUDA is not available")
     if use_cuda:
         if env["local_rank"] >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={env['local_rank']} but only {torch.cuda.device_count()} GPU(s) here")
+            raise RankConfigError(f"LOCAL_RANK={env['local_rank']} but only {torch.cuda.device_count()} GPU(s) here")
         torch.cuda.set_device(env["local_rank"])
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():

@@ -422,7 +422,7 @@ def tie_reading_classes(model: nn.Module) -> list[str]:
     return sorted({f"{type(m).__name__}.forward" for m in model.modules() if _forward_reads_tie_flag(type(m))})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_reads_tie_flag(cls: type) -> bool:
     if cls.forward is nn.Module.forward or not hasattr(cls, "config_class"):  # transformers models only
         return False

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_fast.train_args import ConfigError, parse_train_args
+from lora_fast.train_args import ConfigError, RankConfigError, parse_train_args
 from lora_fast.train_io import print_summary
 from lora_fast.train_model import (
     backend_used,
@@ -554,12 +554,13 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """In a single-process run, SIGTERM (a scheduler's preemption, ``kill``) stops training like Ctrl-C: what was
-    trained is saved. Under torchrun the launcher forwards the signals to every rank and the training loop handles
-    them itself (``distributed.stop_signals``), so nothing changes here; nor off the main thread, where signal
-    handlers cannot be set."""
+    trained is saved. That includes ``torchrun --nproc_per_node 1``, which forwards the signal to its one rank.
+    With several ranks the training loop handles the signals itself (``distributed.stop_signals``: every rank stops
+    at the same step), so nothing changes here; nor off the main thread, where signal handlers cannot be set."""
     from lora_fast.distributed import torchrun_env
 
-    if torchrun_env() is not None or threading.current_thread() is not threading.main_thread():
+    env = torchrun_env()
+    if (env is not None and env["world_size"] > 1) or threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -573,22 +574,32 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lora-fast train``; returns the exit status (0, 2 bad input, 130 interrupted)."""
+def _rank_for_messages() -> int:
+    """This process's torchrun rank, which decides who prints; 0 outside torchrun or when its variables are bad
+    (then every process prints that error)."""
     from lora_fast.distributed import torchrun_env
 
+    try:
+        return (torchrun_env() or {}).get("rank", 0)
+    except ConfigError:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lora-fast train``; returns the exit status (0, 2 bad input, 130 interrupted)."""
     try:
         with sigterm_as_interrupt():
             metrics = run(parse_train_args(argv))
     except ConfigError as e:
-        if (torchrun_env() or {}).get("rank", 0) == 0:  # every rank fails alike on bad options: say it once
-            print(f"lora-fast train: error: {e}", file=sys.stderr)
+        rank = _rank_for_messages()
+        if rank == 0 or isinstance(e, RankConfigError):  # every rank fails alike on bad options: say it once
+            print(f"lora-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-fast train: interrupted before training started (or while saving); nothing was written",
               file=sys.stderr)
         return 130
-    if metrics.get("world_size", 1) == 1 or (torchrun_env() or {}).get("rank", 0) == 0:
+    if metrics.get("world_size", 1) == 1 or _rank_for_messages() == 0:
         print_summary(metrics)
     return 130 if metrics["interrupted"] else 0
 

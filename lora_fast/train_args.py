@@ -19,7 +19,12 @@ _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
 class ConfigError(ValueError):
-    """Bad option value or config file; the CLI prints it as one line and exits with status 2."""
+    """Bad option value or config file; the CLI prints it as one line and exits with status 2 (under torchrun, rank
+    0 prints it: every rank fails alike)."""
+
+
+class RankConfigError(ConfigError):
+    """A ConfigError that may arise on some ranks only (their GPUs, their environment): every rank prints it."""
 
 
 def _pos_int(v):

@@ -508,3 +508,31 @@ def test_accelerate_launch_runs_ddp(setup):
     out, dump, proc = _torchrun(root, "accelerate", ["--batch_size", "4"], launcher)
     m = _check_against_single(ref, out, dump, proc, "ddp")
     assert m["grad_allreduce_numel_per_step"] == TRAINABLE
+
+
+def test_errors_of_one_rank_are_printed_by_that_rank(monkeypatch, capsys):
+    """Bad options fail on every rank alike, so rank 0 alone prints them; an error that can arise on some ranks only
+    (LOCAL_RANK past this node's GPUs, no CUDA on this node) is printed by the rank it arose on, which says so —
+    it used to be printed by nobody (torchrun showed an exit status 2 and nothing else)."""
+    from lora_fast import train as T
+    from lora_fast.train_args import RankConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for error, printed in ((ConfigError("bad option"), ""),
+                           (RankConfigError("LOCAL_RANK=1 but only 1 GPU(s) here"),
+                            "lora-fast train: error (rank 1): LOCAL_RANK=1 but only 1 GPU(s) here\n")):
+        def failing(opts, error=error):
+            raise error
+        monkeypatch.setattr(T, "run", failing)
+        assert T.main(["--output_dir", "/nonexistent/never-written"]) == 2
+        assert capsys.readouterr().err == printed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RankConfigError, match="LOCAL_RANK=1 but only 1 GPU"):  # what D.init raises there
+        D.init("ddp", "cuda")
+    monkeypatch.setenv("RANK", "2")  # torchrun's variables inconsistent: every process says so
+    monkeypatch.setattr(T, "run", lambda opts: D.torchrun_env())
+    assert T.main(["--output_dir", "/nonexistent/never-written"]) == 2
+    assert "error: RANK=2 / WORLD_SIZE=2 are inconsistent" in capsys.readouterr().err

@@ -137,13 +137,18 @@ def test_merge_saves_plain_model(trained, tiny_gpt2, tmp_path):
     assert cli_main(["merge", "--adapter", str(trained), "--output", str(merged_dir)]) == 2
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm-torchrun-1"])
 def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys, how):
-    """Ctrl-C, or SIGTERM (a scheduler's preemption) in a single-process run, saves what was trained."""
+    """Ctrl-C, or SIGTERM (a scheduler's preemption) in a single-process run, saves what was trained — also as the
+    one rank of ``torchrun --nproc_per_node 1`` (torchrun forwards the signal; it used to kill the rank unsaved)."""
     import os
     import signal
 
     from transformers import AutoModelForCausalLM
+
+    if how == "sigterm-torchrun-1":
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(k, v)
 
     calls = {"n": 0, "handler": None}
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -331,8 +336,9 @@ def test_sweep_table(tiny_gpt2, tmp_path):
 def test_sweep_refuses_a_rank_whose_weights_cannot_fit_before_training(tiny_gpt2, tmp_path, capsys):
     """A rank whose LoRA weights would not fit in memory is refused, for every run of a sweep, before the first one
     trains: nothing is written. (A rank above a layer's min(in, out) that fits is accepted, as PEFT accepts it.)"""
-    from lora_fast.train import check_rank
     from transformers import GPT2LMHeadModel
+
+    from lora_fast.train import check_rank
 
     check_rank(GPT2LMHeadModel.from_pretrained(tiny_gpt2), ["c_attn"], 100)  # > 64 = min(in, out): accepted
     rc = cli_main(["sweep", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "32", "--ranks",
