@@ -53,6 +53,22 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be None, an int in [0, 2**63) or an int64 tensor, got {seed!r}")
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform is running (the reference path, plain aten ops, supports them all)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether any tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``): neither the fused
+    kernels' autograd Function nor the torch.library op has a ``jvp``; the reference path's aten ops have one."""
+    from torch.autograd import forward_ad as fwad
+
+    if getattr(fwad, "_current_level", 0) < 0:  # no dual level entered: nothing can carry a tangent (cheap test)
+        return False
+    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def seed_tensor(seed, device: torch.device | str) -> torch.Tensor:
     """The dropout seed as the 1-element int64 tensor on ``device`` that the kernels and the op read.
 
@@ -62,8 +78,8 @@ def seed_tensor(seed, device: torch.device | str) -> torch.Tensor:
     check_seed(seed)
     if seed is None:
         return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).to(device)
+    if isinstance(seed, torch.Tensor):  # a copy (8 bytes): the caller may advance its seed in place before backward
+        return seed.reshape(1).to(device, copy=True)
     # a fill kernel with the value as its argument: no host-to-device copy (torch.tensor([seed]) would copy from
     # pageable memory and synchronise on CUDA, which also breaks CUDA-graph capture)
     return torch.full((1,), seed, dtype=torch.int64, device=device)
@@ -157,7 +173,7 @@ def triton_mask_runs(x: torch.Tensor, p: float) -> bool:
         return False
     if device.type == "cpu" and not launch.kernels_interpreted(dropout._dropout_mask_kernel):
         return False
-    return not triton_fn._functorch_active() and triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
+    return not functorch_active() and triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
 
 
 def seeded_keep_mask(seed: int | torch.Tensor, x: torch.Tensor, p: float, backend: str) -> torch.Tensor:
@@ -267,6 +283,10 @@ def lora_linear(
         y (..., out_features) in x's (or autocast's) dtype.
     """
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
+        if functorch_active():  # torch.compile(torch.func.grad(...)): the op has no functorch rules; aten ops do
+            check_seed(seed)
+            return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
+                                   fan_in_fan_out, "reference")
         from lora_fast.ops import lora_linear_op
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
@@ -294,6 +314,12 @@ def lora_linear(
                           f"(slower) reference path: {reason}", stacklevel=2)  # once: _log_once records msg
         _log_once(msg)
 
+    return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
+                           backend)
+
+
+def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):
+    """``lora_linear_ref`` with the mask an explicit seed gives (``seeded_keep_mask``)."""
     keep = None  # seed None: lora_linear_ref draws torch.rand(x.shape) from torch's generator, as nn.Dropout does
     if seed is not None and training and dropout_p > 0.0:
         keep = seeded_keep_mask(seed, x, float(dropout_p), backend)

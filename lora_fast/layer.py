@@ -257,6 +257,7 @@ class LinearWithLoRA(nn.Module):
             resolve_backend(self.backend)  # an unknown name fails here, not at the first forward
 
         self.linear = base
+        self.disabled = False  # on the instance too: torch.compile's guards then see one dict from the start
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores weight as (in, out)
         w = base.weight
         k_in, n_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])

@@ -12,9 +12,10 @@ Ops (x is 2-D: the entry ``lora_linear_op`` flattens leading dims; keep is the d
     lora_fast::lora_linear(x (M,K), W₀, b?, A (r,K), B (N,r), s, p, seed?, fan_in_fan_out, backend)
         xa = (x ⊙ keep)·Aᵀ/(1−p)                 (M, r)  returned in fp32 (fp64 for fp64 x): saved with x
         y  = x·W₀ᵀ + b + s·xa·Bᵀ                  (M, N)
-    lora_fast::lora_linear_backward(dy, x, W₀, A, B, xa, s, p, seed?, fan_in_fan_out, backend, needs_dx)
+    lora_fast::lora_linear_backward(dy, x, W₀, A, B, xa, s, p, seed?, fan_in_fan_out, backend, needs_dx, needs_dA,
+                                    needs_dB)
         g  = s·dy·B                               (M, r)  dL/dxa
-        dx = dy·W₀ + (g·A) ⊙ keep/(1−p)           (M, K)  (an empty tensor when x needs no grad)
+        dx = dy·W₀ + (g·A) ⊙ keep/(1−p)           (M, K)  (each gradient not needed: an empty tensor, not computed)
         dA = gᵀ·(x ⊙ keep)/(1−p)                  (r, K)
         dB = s·dyᵀ·xa                             (N, r)
     The chain rule: y depends on A only through xa and on B through s·xa·Bᵀ; dropout is a fixed diagonal
@@ -68,6 +69,8 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     check_seed,
     check_shapes,
     resolve_backend,
+    functorch_active,
+    has_tangent,
     seed_tensor,
     seeded_keep_mask,
     triton_unsupported_reason,
@@ -101,13 +104,15 @@ def _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
     return y, xa.to(_xa_dtype(x.dtype))
 
 
-def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, backend):
+def _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs):
+    needs_dx, needs_dA, needs_dB = needs
     dtype = lora_compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     a, b = lora_A.to(dtype), lora_B.to(dtype)
     sdy = scaling * dy.to(dtype)  # (M, N): scaled before any product, as autograd of s·(xa·Bᵀ) does — in fp16,
     g = sdy @ b  # (M, r) = dL/dxa                    # dy·B may pass 65504 where s·dy·B does not
-    dA = (g.t() @ _dropped(x.to(dtype), dropout_p, seed, backend)).to(lora_A.dtype)  # (r, K)
-    dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype)  # (N, r)
+    dA = (g.t() @ _dropped(x.to(dtype), dropout_p, seed, backend)).to(lora_A.dtype) if needs_dA \
+        else lora_A.new_empty(0)  # (r, K)
+    dB = (sdy.t() @ xa.to(dtype)).to(lora_B.dtype) if needs_dB else lora_B.new_empty(0)  # (N, r)
     if not needs_dx:
         return x.new_empty(0), dA, dB
     dx = dy @ (weight.t() if fan_in_fan_out else weight)  # (M, K)
@@ -146,15 +151,22 @@ def _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_
     return _ref_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend)
 
 
-def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
-    """Backward behind the op; makes ``_impl_fwd``'s choice again (same inputs, same rule, same mask)."""
+def _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs):
+    """Backward behind the op; makes ``_impl_fwd``'s choice again (same inputs, same rule, same mask). ``needs``:
+    (dx, dA, dB) wanted; each one not wanted comes back as an empty tensor (a custom op returns tensors)."""
     if _use_triton(x, weight, lora_A, lora_B, backend, dropout_p):
         from lora_fast.kernels.lora_bwd import lora_linear_bwd
 
-        dx, dA, dB = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
-                                     needs_dx=needs_dx, needs_dA=True, needs_dB=True)
-        return (dx if dx is not None else x.new_empty(0)), dA, dB
-    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs_dx, backend)
+        grads = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out,
+                                needs_dx=needs[0], needs_dA=needs[1], needs_dB=needs[2])
+        return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, (x, lora_A, lora_B), strict=True))
+    return _ref_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs)
+
+
+def _check_seed_given(dropout_p: float, seed: torch.Tensor | None) -> None:
+    if dropout_p > 0.0 and seed is None:  # lora_linear_op always passes one; a direct caller of the op may not
+        raise ValueError(f"lora_fast::lora_linear: dropout_p={dropout_p} > 0 needs a seed tensor (the keep-mask is a "
+                         "function of it)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,12 +187,14 @@ def _lora_linear(
     fan_in_fan_out: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_seed_given(dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):
         return _impl_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend)
 
 
 @_lora_linear.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, backend):
+    _check_seed_given(dropout_p, seed)
     n_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     return x.new_empty(x.shape[0], n_out), x.new_empty(x.shape[0], lora_A.shape[0], dtype=_xa_dtype(x.dtype))
 
@@ -199,16 +213,22 @@ def _lora_linear_backward(
     fan_in_fan_out: bool,
     backend: str,
     needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_seed_given(dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):
         return _impl_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out,
-                         backend, needs_dx)
+                         backend, (needs_dx, needs_dA, needs_dB))
 
 
 @_lora_linear_backward.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx):
-    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)  # contiguous, as the real impls
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, backend, needs_dx, needs_dA,
+      needs_dB):
+    _check_seed_given(dropout_p, seed)
+    # contiguous, as the real impls; an empty tensor for each gradient not wanted
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((x, needs_dx), (lora_A, needs_dA),
+                                                                       (lora_B, needs_dB)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -223,14 +243,15 @@ def _backward(ctx, dy, _dxa):
     needs = ctx.needs_input_grad  # (x, weight, bias, lora_A, lora_B, ...)
     dx, dA, dB = torch.ops.lora_fast.lora_linear_backward(
         dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out, ctx.backend,
-        needs[0],
+        needs[0], needs[3], needs[4],
     )
     dW = db = None
     if needs[1]:  # an unfrozen base weight: dW₀ = dyᵀ·x, (N, K), or its transpose in Conv1D layout
         dW = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x).to(weight.dtype)
     if needs[2]:
         db = dy.sum(0)
-    return dx if needs[0] else None, dW, db, dA, dB, None, None, None, None, None
+    return (dx if needs[0] else None, dW, db, dA if needs[3] else None, dB if needs[4] else None,
+            None, None, None, None, None)
 
 
 _lora_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -287,6 +308,13 @@ def lora_linear_op(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     check_seed(seed)  # also when dropout is off, as eager lora_linear checks it
+    if functorch_active() or has_tangent(x, weight, bias, lora_A, lora_B):
+        # torch.func transforms and forward-mode AD: the op has neither rules nor a jvp (its autograd kernel would
+        # drop the tangent silently); eager lora_linear takes the reference path (aten ops) there, as here
+        from lora_fast.functional import lora_linear
+
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
+                           backend=backend)
     p = float(dropout_p) if training else 0.0
     seed_t = seed_tensor(seed, x.device) if p > 0.0 else None
     x, weight, bias = autocast_inputs(x, weight, bias)

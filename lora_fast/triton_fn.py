@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
-from lora_fast.functional import autocast_inputs, seed_tensor
+from lora_fast.functional import autocast_inputs, functorch_active, has_tangent, seed_tensor
 from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
@@ -53,22 +53,6 @@ def dropout_bias(p: float) -> float:
     return abs((1.0 - keep_threshold(p) / 2.0**16) / (1.0 - p) - 1.0)
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform is running (the reference path, plain aten ops, supports them all)."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
-
-
-def _dual(*tensors) -> bool:
-    """Whether any tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``): the fused kernels'
-    autograd Function has no ``jvp``; the reference path's aten ops have one."""
-    from torch.autograd import forward_ad as fwad
-
-    if getattr(fwad, "_current_level", 0) < 0:  # no dual level entered: nothing can carry a tangent (cheap test)
-        return False
-    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None, dropout_p: float = 0.0,
@@ -82,10 +66,10 @@ def unsupported_reason(
     it) and a dropout probability so close to 1 that the 16-bit keep threshold would bias E[dropout(x)] by more
     than ``MAX_DROPOUT_BIAS``.
     """
-    if _functorch_active():
+    if functorch_active():
         return ("torch.func transforms (grad, vmap, jacrev, ...) are active: the fused kernels' autograd Function "
                 "does not support them")
-    if _dual(x, weight, lora_A, bias, lora_B):
+    if has_tangent(x, weight, lora_A, bias, lora_B):
         return "forward-mode AD (dual tensors) is active: the fused kernels' autograd Function has no jvp"
     dev = x.device
     if dev.type == "cpu":

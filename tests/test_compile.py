@@ -81,8 +81,8 @@ def test_opcheck(M, K, N, r, fan_in_fan_out, bias, p):
     with torch.no_grad():
         _, xa = torch.ops.lora_fast.lora_linear(x, w, b, a, bb, 0.5, p, seed, fan_in_fan_out, "auto")
     dy = torch.randn(M, N)
-    for needs_dx in (True, False):
-        args = (dy, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, p, seed, fan_in_fan_out, "auto", needs_dx)
+    for needs in ((True, True, True), (False, True, True), (True, False, False), (False, False, True)):
+        args = (dy, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, p, seed, fan_in_fan_out, "auto", *needs)
         torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default, args)
 
 
@@ -264,7 +264,7 @@ def test_opcheck_half_precision(dtype):
     dy = torch.randn(6, 5, dtype=dtype)
     torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default,
                           (dy, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, 0.2, torch.tensor([7]), False,
-                           "reference", True))
+                           "reference", True, True, True))
 
 
 def test_opcheck_noncontiguous_adapters():
@@ -447,3 +447,113 @@ def test_op_refuses_what_eager_refuses_for_lora_b():
                 run(x, w, b, a, bad.to(DEVICE), 0.5, backend="triton")
     fp64 = torch.randn(5, 2, dtype=torch.float64, device=DEVICE)
     assert not _use_triton(x, w, a, fp64, "auto")
+
+
+# --- edge cases of the op's entry (review) -------------------------------------------------------------------------
+@pytest.mark.usefixtures("routed")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_compiled_torch_func_grad_equals_eager(dropout):
+    """torch.compile(torch.func.grad(...)) over a LoRA layer: the op has no functorch rules, so under a transform
+    the compiled entry takes the reference path, as eager does (it crashed inside dynamo)."""
+    from torch.func import functional_call, grad
+
+    m = _layer(True, dropout)
+    x = torch.randn(3, 5, 32)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(B):
+        return functional_call(m, {**params, "lora.lora_B": B}, (x,)).square().sum()
+
+    B0 = params["lora.lora_B"]
+    torch.manual_seed(3)  # dropout draws from torch's generator: the same draws in both runs
+    eager = grad(loss)(B0)
+    torch.manual_seed(3)
+    compiled = torch.compile(grad(loss), backend="aot_eager", fullgraph=True)(B0)
+    assert_rel_close(compiled, eager.double(), FP32_TOL, "compiled func.grad")
+    if dropout == 0.0:  # against the float64 reference's own gradient
+        w, b = m.linear.weight.detach(), m.linear.bias.detach()
+        B = B0.double().requires_grad_()
+        y = lora_linear_ref(x.double(), w.double(), b.double(), m.lora.lora_A.detach().double(), B, m.scaling,
+                            fan_in_fan_out=True)
+        assert_rel_close(compiled, torch.autograd.grad(y.square().sum(), B)[0], FP32_TOL, "vs float64")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_op_entry_forward_mode_ad_carries_the_tangent(backend):
+    """Forward-mode AD through lora_linear_op (the op has no jvp: its autograd kernel used to drop the tangent
+    silently, a JVP of 0): the entry takes the reference path, and the tangent is eager lora_linear's."""
+    import torch.autograd.forward_ad as fwad
+
+    x, w, b, a, bb = (t.detach() for t in _inputs(6, 16, 10, 3, False))
+    t = torch.randn_like(x)
+    with fwad.dual_level():
+        outs = [fwad.unpack_dual(run(fwad.make_dual(x, t), w, b, a, bb, 0.5, backend=backend))
+                for run in (lora_linear_op, functional.lora_linear)]
+    (y, jvp), (y_e, jvp_e) = outs
+    assert jvp is not None and jvp_e is not None
+    assert_rel_close(jvp, jvp_e.double(), FP32_TOL, "jvp")
+    w_eff = w.double() + 0.5 * bb.double() @ a.double()  # the map is linear in x: its JVP is t·(W₀ + s·B·A)ᵀ
+    assert_rel_close(jvp, t.double() @ w_eff.t(), FP32_TOL, "jvp vs float64")
+
+
+@pytest.mark.usefixtures("routed")
+def test_a_seed_tensor_advanced_in_place_before_backward():
+    """A training loop may keep one seed tensor and advance it in place (seed += 1) before the previous forward's
+    backward: the entry hands the op its own copy of the seed, so backward regenerates the forward's mask, compiled
+    and eager alike (both raised autograd's in-place error; the eager reference path accepted it)."""
+    m = _layer(False, 0.3)
+    x = torch.randn(5, 32, requires_grad=True)
+    params = (m.linear.weight, m.linear.bias, m.lora.lora_A, m.lora.lora_B, m.scaling, 0.3)
+
+    def compiled_fn(x, seed):
+        return functional.lora_linear(x, *params, seed=seed)
+
+    compiled = torch.compile(compiled_fn, backend="aot_eager", fullgraph=True)
+    for name, fn in (("compiled", compiled), ("eager op", lambda x, seed: lora_linear_op(x, *params, seed=seed))):
+        seed = torch.tensor([41])
+        y = fn(x, seed)
+        seed += 1  # before backward
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, m.lora.lora_A, m.lora.lora_B), dy)
+        y_ref = lora_linear_op(x, *params, seed=41)
+        ref = torch.autograd.grad(y_ref, (x, m.lora.lora_A, m.lora.lora_B), dy)
+        assert_rel_close(y, y_ref.double(), FP32_TOL, f"{name} y")
+        for g_name, g, r in zip(("dx", "dA", "dB"), got, ref, strict=True):
+            assert_rel_close(g, r.double(), FP32_TOL, f"{name} {g_name}")
+        assert rel_err(y, lora_linear_op(x, *params, seed=42)) > 1e-3  # the seed's value matters
+
+
+def test_raw_op_with_dropout_needs_a_seed():
+    """torch.ops.lora_fast.lora_linear with p > 0 and no seed used to apply no dropout on the reference path (the
+    kernels raised): both ops refuse it, the fake implementations too."""
+    x, w, b, a, bb = (t.detach() for t in _inputs(4, 8, 6, 2, False))
+    with pytest.raises(ValueError, match="dropout_p=0.5 > 0 needs a seed tensor"):
+        torch.ops.lora_fast.lora_linear(x, w, b, a, bb, 1.0, 0.5, None, False, "reference")
+    with pytest.raises(ValueError, match="needs a seed tensor"):
+        torch.ops.lora_fast.lora_linear_backward(torch.randn(4, 6), x, w, a, bb, torch.randn(4, 2), 1.0, 0.5, None,
+                                                 False, "reference", True, True, True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="needs a seed tensor"):
+        fx, fw, fb, fa, fbb = (mode.from_tensor(t) for t in (x, w, b, a, bb))
+        torch.ops.lora_fast.lora_linear(fx, fw, fb, fa, fbb, 1.0, 0.5, None, False, "reference")
+
+
+@pytest.mark.usefixtures("routed")
+def test_disable_adapter_costs_one_graph_per_state():
+    """disable_adapter on a compiled layer: one new graph for the disabled state and none when it is re-enabled
+    (``disabled`` lived on the class until first set, so the first state's guard failed once more)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lora_fast import disable_adapter
+
+    m = _layer(False, 0.0)
+    counter = CompileCounter()
+    compiled = torch.compile(m, backend=counter)
+    x = torch.randn(3, 32)
+    y = compiled(x)
+    with disable_adapter(m):
+        y_off = compiled(x)
+    y_again = compiled(x)
+    assert counter.frame_count == 2
+    assert torch.equal(y_again, y) and torch.allclose(y_off, m.linear(x))

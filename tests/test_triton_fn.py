@@ -621,35 +621,44 @@ def test_in_features_zero_takes_the_reference_path():
 @pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: the fused kernels behind the op
 def test_op_gradients_and_dx_only_when_x_needs_it(backend, monkeypatch):
     """``torch.ops.lora_fast.lora_linear`` (what compiled code calls) with dropout: y and every gradient equal eager
-    ``lora_linear``'s for the same seed and backend (the same mask), with x requiring grad or not; the backward op
-    is asked for dx exactly when x needs it (a frozen first layer's dx is never computed); its outputs have the
-    shapes its fake implementation promises, on both paths (the kernels' path included)."""
+    ``lora_linear``'s for the same seed and backend (the same mask), with x, A or B requiring grad or not; the
+    backward op is asked for exactly the gradients needed (a frozen first layer's dx, frozen adapters' dA/dB are
+    never computed); its outputs have the shapes its fake implementation promises, on both paths (the kernels'
+    path included)."""
     from lora_fast import ops
     from lora_fast.ops import lora_linear_op
 
     asked = []
     real_bwd = ops._impl_bwd
     monkeypatch.setattr(ops, "_impl_bwd", lambda *args: asked.append(args[-1]) or real_bwd(*args))
-    w, b, a, bb = _params(24, 20, 4)
-    for x_grad in (False, True):
-        x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=x_grad)
+    w, b, a0, b0 = _params(24, 20, 4)
+    cases = [(False, True, True), (True, True, True), (True, False, False), (False, False, True), (True, True, False)]
+    for needs in cases:
+        a, bb = (t.detach().requires_grad_(n) for t, n in zip((a0, b0), needs[1:], strict=True))
+        x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=needs[0])
         y = lora_linear_op(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=11, backend=backend)
         ye = lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=11, backend=backend)
         dy = torch.randn_like(y)
-        wrt, names = ((x, a, bb), ("y", "dx", "dA", "dB")) if x_grad else ((a, bb), ("y", "dA", "dB"))
-        for name, g, ge in zip(names, (y, *torch.autograd.grad(y, wrt, dy)), (ye, *torch.autograd.grad(ye, wrt, dy)),
-                               strict=True):
-            assert_rel_close(g, ge.double(), FP32_TOL, f"{name} (x requires grad: {x_grad})")
-    assert asked == [False, True]
+        wrt, names = zip(*[(t, n) for t, n, need in zip((x, a, bb), ("dx", "dA", "dB"), needs, strict=True) if need],
+                         strict=True)
+        for name, g, ge in zip(("y", *names), (y, *torch.autograd.grad(y, wrt, dy)),
+                               (ye, *torch.autograd.grad(ye, wrt, dy)), strict=True):
+            assert_rel_close(g, ge.double(), FP32_TOL, f"{name} (x, A, B require grad: {needs})")
+    assert asked == cases
     x2 = torch.randn(14, 24, device=DEVICE)
     seed = torch.tensor([11], device=DEVICE)
     with torch.no_grad():
-        _, xa = torch.ops.lora_fast.lora_linear(x2, w, b, a, bb, 0.5, 0.3, seed, False, backend)
+        _, xa = torch.ops.lora_fast.lora_linear(x2, w, b, a0, b0, 0.5, 0.3, seed, False, backend)
     dy = torch.randn(14, 20, device=DEVICE)
-    for needs_dx in (False, True):  # real outputs against the fake's shapes and dtypes
-        torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default,
-                              (dy, x2, w, a.detach(), bb.detach(), xa, 0.5, 0.3, seed, False, backend, needs_dx),
+    full = torch.ops.lora_fast.lora_linear_backward(dy, x2, w, a0.detach(), b0.detach(), xa, 0.5, 0.3, seed, False,
+                                                    backend, True, True, True)
+    for needs in cases:  # real outputs against the fake's shapes and dtypes; a gradient not asked for is empty
+        args = (dy, x2, w, a0.detach(), b0.detach(), xa, 0.5, 0.3, seed, False, backend, *needs)
+        torch.library.opcheck(torch.ops.lora_fast.lora_linear_backward.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+        for name, g, g_full, need in zip(("dx", "dA", "dB"), torch.ops.lora_fast.lora_linear_backward(*args), full,
+                                         needs, strict=True):
+            assert torch.equal(g, g_full) if need else g.numel() == 0, f"{name} with needs {needs}"
 
 
 def test_op_xa_output_takes_no_gradient():
