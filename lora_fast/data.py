@@ -4,7 +4,8 @@ Default corpus: ``pydoc_data.topics`` — the help texts behind ``help('topics')
 prose that ships with every CPython, so the first run needs no download. Its distinct topic texts (78 in CPython
 3.11) are documents; whole documents, in a seeded order, go to the validation split until it holds ``val_fraction``
 of the text by characters, so no document is in both (documents too large for that share: the largest one's tail is
-cut off at a word boundary). Other files are split the same way.
+cut off, at a whitespace near the cut point). Other files are split the same way; a text repeated in a file stays on
+one side (all its copies in training, or once in validation).
 
 ``--dataset`` may also be a plain-text file (documents = blank-line separated paragraphs), JSON lines (one object
 per line, the ``text`` field, a string; a ``.json`` file may also hold one array of such objects), CSV/TSV (the
@@ -28,6 +29,7 @@ import json
 import math
 import random
 import re
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -90,6 +92,11 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delim)
     out, line = [], 1
     for row in reader:
+        if None in row:  # DictReader's restkey: fields past the header's (an unquoted delimiter inside a text)
+            sep = "a tab" if delim == "\t" else "','"
+            raise ConfigError(f"{path}: the row on line {line + 1} has {len(reader.fieldnames) + len(row[None])} "
+                              f"fields, the header {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
+                              f"quote fields that contain {sep} (\"Hello, world\")")
         out.append((line + 1, row))  # a row's first line (quoted fields may span several)
         if delim == "\t":  # lines inside one field shaped like this file's rows are rows an unclosed quote swallowed
             tabs = len(reader.fieldnames or ()) - 1  # a row line: a first cell, then exactly this many tabs
@@ -156,21 +163,43 @@ def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
 
 
 def _cut(text: str, fraction: float) -> tuple[str, str]:
-    """``text`` cut near ``1 - fraction`` of its length at a whitespace: (head, tail)."""
-    cut = int(len(text) * (1 - fraction))
-    space = text.rfind(" ", 0, cut)
-    cut = space if space > 0 else cut
+    """``text`` cut at ``1 - fraction`` of its length: (head, tail). At the nearest whitespace (a space, a line
+    break, U+3000) within a window of max(200 characters, 2 % of the text) before or after that point, else at the
+    point itself: text with few spaces (Chinese, Japanese, code) is cut where the share says, not at a space far
+    back (one space in a title put nearly all the text in the tail)."""
+    n = len(text)
+    cut = min(max(int(n * (1 - fraction)), 1), n - 1) if n > 1 else n
+    window = max(200, n // 50)
+    before = [m.start() for m in re.finditer(r"\s", text[max(1, cut - window):cut])]
+    after = re.search(r"\s", text[cut:cut + window])
+    options = [max(1, cut - window) + before[-1]] if before else []
+    options += [cut + after.start()] if after and cut + after.start() > 0 else []
+    if options:
+        cut = min(options, key=lambda i: abs(i - cut))
     return text[:cut].strip(), text[cut:].strip()
 
 
 def _split_docs(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) documents. Distinct texts are split (``_pick_validation``), so a text that repeats stays
+    on one side: every copy goes to training, or validation holds it once (a record in both splits would make the
+    eval loss optimistic). Training keeps the input order."""
+    distinct = list(dict.fromkeys(docs))
+    val_idx, cut = _pick_validation(distinct, val_fraction, seed)
+    in_val = {distinct[i] for i in val_idx}
+    heads = {distinct[cut[0]]: cut[1]} if cut else {}  # a cut document's training part, for each of its copies
+    train = [heads.get(d, d) for d in docs if d not in in_val]
+    val = [distinct[i] for i in sorted(val_idx)] + ([cut[2]] if cut else [])
+    return train, val
+
+
+def _pick_validation(docs: list[str], val_fraction: float, seed: int) -> tuple[list[int], tuple | None]:
     """Whole documents, in a seeded order, go to validation until they hold ``val_fraction`` of the text (by
     characters: one long document among short ones must not take most of the data). A document that would
-    overshoot the share by a fifth is passed over; when no combination comes near (a few large documents), the
-    largest training document's tail makes up the rest, cut at a word boundary."""
+    overshoot the share by a fifth is passed over; when no combination comes near (a few large documents, or one),
+    the largest training document's tail makes up the rest (``_cut``). Returns (validation indices, None or
+    (index of the cut document, its head, its tail))."""
     if len(docs) == 1:
-        head, tail = _cut(docs[0], val_fraction)
-        return [head], [tail]
+        return [], (0, *_cut(docs[0], val_fraction))
     target = val_fraction * sum(map(len, docs))
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -181,14 +210,10 @@ def _split_docs(docs: list[str], val_fraction: float, seed: int) -> tuple[list[s
         if chars + len(docs[i]) <= 1.2 * target:
             val.append(i)
             chars += len(docs[i])
-    train = [docs[i] for i in sorted(set(order) - set(val))]
-    val_docs = [docs[i] for i in sorted(val)]
-    if chars < 0.5 * target:  # nothing fits: take the missing share off the largest training document
-        j = max(range(len(train)), key=lambda k: len(train[k]))
-        head, tail = _cut(train[j], (target - chars) / len(train[j]))
-        train[j] = head
-        val_docs.append(tail)
-    return train, val_docs
+    if chars >= 0.5 * target:
+        return val, None
+    j = max(sorted(set(order) - set(val)), key=lambda k: len(docs[k]))  # nothing fits: cut the largest
+    return val, (j, *_cut(docs[j], (target - chars) / len(docs[j])))
 
 
 def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list[str] | None]:
@@ -215,6 +240,12 @@ def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list
         raise ConfigError(f"dataset {name!r}: column {col!r} holds {feature}, not text; name a string column with "
                           "--text_column")
     val_split = next((s for s in ("validation", "test") if s in ds), None)
+    if val_split and (col not in ds[val_split].column_names
+                      or getattr(ds[val_split].features[col], "dtype", None) not in ("string", "large_string")):
+        warnings.warn(f"dataset {name!r}: its {val_split!r} split has no text column {col!r} (columns: "
+                      f"{ds[val_split].column_names[:10]}); validation is split off the train split instead",
+                      stacklevel=2)
+        val_split = None
     train = [t for t in ds["train"][col] if t and t.strip()]
     val = [t for t in ds[val_split][col] if t and t.strip()] if val_split else []
     return train, (val or None)  # a split without text: validation is taken from train, as for files

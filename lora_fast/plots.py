@@ -28,7 +28,9 @@ def loss_curve(path: Path, train_loss: list[float], eval_steps: list[int], eval_
     """Train loss per optimizer step and eval loss at each evaluation, in one PNG."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(train_loss) + 1), train_loss, label="train loss", lw=1)
+    # a one-step run (or one stopped after step 1) has one point: a line alone would draw nothing
+    ax.plot(range(1, len(train_loss) + 1), train_loss, label="train loss", lw=1, marker="." if len(train_loss) < 2
+            else None)
     if eval_loss:
         ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
     ax.set_xlabel("optimizer step")

@@ -8,7 +8,8 @@ prepared once and every run starts from a fresh copy of the base model, so runs 
 Outputs in ``--output_dir`` (default ``outputs/lora-sweep``, written all at once like ``train``): one directory
 per run (the full ``train`` outputs), ``sweep_results.md`` and ``sweep_results.csv`` (final eval loss and the step it
 was taken at, perplexity, trainable parameters, training tokens/s — step 1 and evaluations left out, see
-``train_tokens_per_sec`` in ``lora_fast.train_io.finish_metrics`` — peak memory, wall time) and ``sweep_plot.png``.
+``train_tokens_per_sec`` in ``lora_fast.train_io.finish_metrics`` — peak memory, wall time, and ``status``: ok,
+interrupted, or "failed: <error>" for a run that raised, which does not stop the sweep) and ``sweep_plot.png``.
 
 Target modules: ``--target_sets`` lists the sets to compare. Without it, ``--target_modules`` (command line or
 YAML) is the one set every run uses, so the sweep varies rank and alpha on the modules asked for; giving both is
@@ -30,7 +31,7 @@ from lora_fast.train_args import ConfigError, add_train_options, load_yaml, norm
 from lora_fast.train_model import log_stderr
 
 COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
-           "trainable_params", "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps")
+           "trainable_params", "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps", "status")
 DEFAULT_TARGET_SETS = ["c_attn", "all-linear"]
 DEFAULT_OUTPUT_DIR = "outputs/lora-sweep"
 CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")  # refused here
@@ -120,8 +121,32 @@ def _table_csv(rows) -> str:
     return buf.getvalue()
 
 
+def _failed_row(spec: dict, error: Exception) -> dict:
+    """The table row of a run that raised: its setting, no metrics, and the error in ``status``."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    row = dict.fromkeys(COLUMNS)
+    row.update(run=spec["run"], rank=spec["rank"], alpha=spec["alpha"], target_modules=spec["targets"],
+               status=f"failed: {type(error).__name__}: {first}")
+    return row
+
+
+def _free_memory() -> None:
+    """After a failed run (an out-of-memory error, say): drop its tensors before the next run starts."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]:
-    """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted)."""
+    """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted).
+
+    A run that raises (out of memory at the largest rank, say) is a table row with ``status`` "failed: ..." and no
+    metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
+    after the current run saves what it trained; the table then holds the runs so far."""
     from lora_fast.plots import sweep_plot
     from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs, train
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
@@ -146,7 +171,15 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
             ro.target_modules = normalize_targets(spec["targets"].split(","))
             ro.output_dir = str(staged.path / spec["run"])
             ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
-            m = train(ro, prep, log=log)
+            try:
+                m = train(ro, prep, log=log)
+            except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)
+                log(f"lora-fast sweep: run {spec['run']} failed: {type(e).__name__}: {e}")
+                rows.append(_failed_row(spec, e))
+                m = None
+            if m is None:  # outside the except block: the exception (and its frames' tensors) is released
+                _free_memory()
+                continue
             p = m["parameters"]
             rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
                          "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
@@ -154,15 +187,16 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
                          "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
                          "trainable_pct": p["percentage"], "tokens_per_sec": m["train_tokens_per_sec"],
                          "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
-                         "steps": m["steps"]})
+                         "steps": m["steps"], "status": "interrupted" if m["interrupted"] else "ok"})
             if m["interrupted"]:
                 interrupted = True
                 log("lora-fast sweep: interrupted; writing the table of the runs so far")
                 break
         write_atomic(staged.path / "sweep_results.md", _table_md(rows))
         write_atomic(staged.path / "sweep_results.csv", _table_csv(rows))
-        if all(r["final_eval_loss"] is not None for r in rows) and rows:
-            sweep_plot(staged.path / "sweep_plot.png", rows)
+        plotted = [r for r in rows if r["final_eval_loss"] is not None]
+        if plotted:
+            sweep_plot(staged.path / "sweep_plot.png", plotted)
         staged.commit()
     except BaseException:
         staged.discard()
@@ -171,7 +205,8 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lora-fast sweep``; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    """Entry point of ``lora-fast sweep``; returns the exit status (0, 1 some run failed, 2 bad input, 130
+    interrupted)."""
     ns = build_parser().parse_args(argv)
     try:
         if ns.output_dir is None and not (ns.config and "output_dir" in load_yaml(ns.config)):
@@ -199,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     print(_table_md(rows))
     print(f"Sweep outputs in {opts.output_dir}: sweep_results.md, sweep_results.csv, sweep_plot.png, one directory "
           "per run")
-    return 130 if interrupted else 0
+    failed = [r["run"] for r in rows if r["status"].startswith("failed")]
+    if failed:
+        print(f"lora-fast sweep: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); see the status "
+              "column", file=sys.stderr)
+    return 130 if interrupted else 1 if failed else 0
 
 
 if __name__ == "__main__":

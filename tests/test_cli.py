@@ -550,7 +550,8 @@ def test_tokenizers_without_eos_or_pad(tmp_path, capsys):
     TypeError); one with neither EOS nor SEP, or a classification run without any padding token, is a one-line
     error before training, exit 2, nothing written."""
     text = tmp_path / "d.txt"
-    text.write_text("\n\n".join("the cat is on the mat and it was a good day for a walk " * 4 for _ in range(30)))
+    words = "the cat is on the mat and it was a good day for a walk".split()
+    text.write_text("\n\n".join(" ".join(words[i % 7:] + words[:i % 7]) * 4 for i in range(30)))  # 7 distinct texts
     common = ["--max_steps", "1", "--batch_size", "2", "--max_length", "16", "--eval_batches", "1", "--no-progress",
               "--target_modules", "query", "value"]
     bert = _bert_lm_with_wordpiece(tmp_path / "bert")

@@ -91,3 +91,93 @@ def test_single_csv_of_90_rows_splits_70_10_20(tmp_path):
     for vf in (0.1, np.float64(0.1), np.float32(0.1)):  # numpy scalars from a Python caller too
         splits, _ = load_classification(str(f), seed=0, val_fraction=vf)
         assert {s: len(texts) for s, (texts, _) in splits.items()} == {"train": 63, "validation": 9, "test": 18}
+
+
+# ------------------------------------------------------------------------- causal-LM files: the split, CSV rows
+def test_validation_share_holds_for_text_with_few_spaces():
+    """The cut that makes up validation's share lands near the share, at a nearby whitespace or at the point itself:
+    a Chinese text whose only ASCII space is in its title went 100 % to validation (it was cut at that space), and
+    two such documents split 50/50 at --val_fraction 0.1."""
+    from lora_fast.data import _split_docs
+
+    para = "风从山谷里吹来，树叶沙沙作响，远处传来钟声。" * 20  # 440 characters, no whitespace
+    novel = "第一章 风起\n" + "\n".join([para] * 40)  # one document: no blank line
+    code = "\n".join(f"x{i}=f(y{i})+g(z{i})" for i in range(2000))  # line breaks, no spaces
+    for docs in ([novel], [novel, novel.replace("第一章", "第二章")], [code]):
+        train, val = _split_docs(docs, 0.1, seed=0)
+        share = sum(map(len, val)) / sum(map(len, docs))
+        assert 0.09 <= share <= 0.11, share
+        assert all(train) and all(val)
+        assert sorted("".join(train + val).replace("\n", "").replace(" ", "")) == \
+            sorted("".join(docs).replace("\n", "").replace(" ", ""))  # a partition of the text
+
+
+def test_repeated_documents_stay_on_one_side(tmp_path):
+    """A text repeated in the file (scraped or FAQ-style data) lands in one split: every copy in training, or once
+    in validation (copies used to go to both, so validation measured text the model trained on)."""
+    import json
+
+    from lora_fast.data import load_texts
+
+    texts = [(f"record {i} says " + "something useful " * (5 + i % 4)).strip() for i in range(50)]
+    records = texts + texts[:25]  # 25 texts twice
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in records))
+    for seed in range(4):
+        train, val, _ = load_texts(str(f), val_fraction=0.2, seed=seed)
+        assert not set(train) & set(val) and len(set(val)) == len(val)
+        assert sorted(set(train) | set(val)) == sorted(set(texts))
+        for t in set(train):  # a training text keeps all its copies
+            assert train.count(t) == records.count(t)
+
+
+@pytest.mark.parametrize("ext, row", [(".csv", "ham,Hello, how are you"), (".tsv", "ham\tHello\thow are you")])
+def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path, ext, row):
+    """An unquoted delimiter inside a text gave the row extra fields, which were dropped silently ("Hello" trained,
+    not "Hello, how are you"); pandas and datasets refuse such a file. Both readers name the line."""
+    from lora_fast.data import load_texts
+
+    sep = "\t" if ext == ".tsv" else ","
+    f = tmp_path / f"d{ext}"
+    f.write_text(f"Label{sep}Text\nspam{sep}\"win, now\"\n{row}\nham{sep}fine\n")
+    with pytest.raises(ConfigError, match=r"row on line 3 has 3 fields, the header 2 \(Label, Text\); quote"):
+        load_texts(str(f))
+    root = tmp_path / f"cls{ext}"
+    root.mkdir()
+    (root / "train.csv").write_text("Label,Text\nspam,win\nham,Hello, how are you\n")
+    (root / "validation.csv").write_text("Label,Text\nham,ok\n")
+    with pytest.raises(ConfigError, match=r"train.csv: the row on line 3 has 3 fields"):
+        load_classification(str(root))
+
+
+def test_hub_validation_split_without_the_text_column_falls_back_to_a_split_of_train(monkeypatch):
+    """A hub dataset whose validation split lacks the text column (other columns there) raised datasets' own
+    ValueError, a traceback: now a warning names the split and validation is split off train."""
+    import datasets
+
+    from lora_fast import train_model
+    from lora_fast.data import load_texts
+
+    def fake_load(path, config=None):
+        train = datasets.Dataset.from_dict({"text": [f"document {i} " * 5 for i in range(20)]})
+        return datasets.DatasetDict({"train": train, "test": datasets.Dataset.from_dict({"body": ["x y z"]})})
+
+    monkeypatch.setattr(train_model, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    with pytest.warns(UserWarning, match=r"its 'test' split has no text column 'text' \(columns: \['body'\]\)"):
+        train, val, _ = load_texts("someone/corpus", val_fraction=0.1, seed=0)
+    assert val and len(train) + len(val) == 20 and not set(train) & set(val)
+
+
+def test_a_one_step_loss_curve_draws_its_point(tmp_path, monkeypatch):
+    """One training step (--max_steps 1, or a stop after step 1) is one point: drawn with a marker (a line alone
+    drew nothing); longer curves stay lines."""
+    from lora_fast import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    plots.loss_curve(tmp_path / "a.png", [3.2], [], [])
+    plots.loss_curve(tmp_path / "b.png", [3.2, 3.1, 3.0], [2], [3.05])
+    one, many = (fig.axes[0].lines[0] for fig in figs)
+    assert one.get_marker() not in (None, "None", "", " ") and len(one.get_xdata()) == 1
+    assert many.get_marker() in (None, "None", "", " ")

@@ -90,3 +90,31 @@ def test_non_positive_rank_or_alpha_is_refused_before_training(tiny_gpt2, corpus
     assert f"lora-fast sweep: error: {grid}: '{value}' must be a positive finite number" in err, err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".*staging*"))
+
+
+def test_a_failing_run_is_a_row_and_the_finished_runs_are_kept(tiny_gpt2, corpus, tmp_path, monkeypatch, capsys):
+    """One run raising (out of memory at the largest rank, say) used to discard every finished run: now its row
+    says "failed: ..." with no metrics, the other runs train and are written, and the exit status is 1."""
+    import lora_fast.train as train_mod
+
+    real_train = train_mod.train
+
+    def train_failing_at_rank_8(opts, prep, log=None):
+        if opts.rank == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_train(opts, prep, log=log)
+
+    monkeypatch.setattr(train_mod, "train", train_failing_at_rank_8)
+    out = tmp_path / "sweep"
+    rc = cli_main(_sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--ranks", "2", "8", "4", "--rank", "2",
+                         "--alpha", "4", "--alphas", "4"))
+    assert rc == 1
+    rows = {int(r["rank"]): r for r in _rows(out)}
+    assert sorted(rows) == [2, 4, 8]
+    assert rows[8]["status"] == "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
+    assert rows[8]["final_eval_loss"] == "" and not (out / rows[8]["run"]).exists()
+    for r in (2, 4):  # the runs before and after the failure
+        assert rows[r]["status"] == "ok" and float(rows[r]["final_eval_loss"]) > 0
+        assert (out / rows[r]["run"] / "adapter_model.safetensors").is_file()
+    assert (out / "sweep_plot.png").is_file() and "failed: OutOfMemoryError" in (out / "sweep_results.md").read_text()
+    assert "1 of 3 runs failed" in capsys.readouterr().err
