@@ -74,6 +74,7 @@ from lora_fast.inject import (
     _set_submodule,
     lora_layers,
     parameter_names,
+    prepare_for_checkpointing,
     untie_embeddings_in_config,
     unwrap_model,
 )
@@ -187,7 +188,8 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
         raise ValueError(f"save_adapter: LoRA layer(s) {', '.join(inside)} sit inside a module PEFT saves whole "
                          "(modules_to_save: a trainable module, or a sequence-classification head); PEFT cannot "
                          "load LoRA weights there. Leave the head out of target_modules and train it whole, as "
-                         "PEFT's SEQ_CLS adapters do")
+                         "PEFT's SEQ_CLS adapters do: apply_lora(..., modules_to_save=[head]) leaves the targets "
+                         "inside it out")
     config = _adapter_config(model, layers, extras, base_model_name_or_path, task_type)
     tied = _tied_outside(model, extras)
     if tied:  # trained as one tensor: loading must keep them one (load_adapter unties unless told otherwise)
@@ -474,6 +476,12 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     if not names:
         raise ValueError(f"load_adapter: target_modules {cfg.get('target_modules')!r} of {source} match no module "
                          f"of {type(model).__name__}")
+    mha_out = [n for n in names if n.endswith(".out_proj")
+               and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.MultiheadAttention)]
+    if mha_out:  # apply_lora refuses or leaves these out; an adapter file may name them (PEFT wraps them too)
+        warnings.warn(f"load_adapter: {source} adapts {_names(mha_out)}, the out_proj of nn.MultiheadAttention, "
+                      "which reads its weight directly and never calls it: those LoRA weights change nothing (in "
+                      "PEFT either)", stacklevel=3)
     for name in names:
         module = existing[name] if name in existing else model.get_submodule(name)
         if not isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
@@ -594,4 +602,6 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         for k, v in state.items():
             if k in params:
                 params[k].copy_(v.to(params[k].device))
+    if is_trainable:
+        prepare_for_checkpointing(model)
     return AdapterLoadResult(missing, unexpected)

@@ -73,7 +73,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
     names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
+    get_out = getattr(unwrap_model(model), "get_output_embeddings", None)  # DDP does not forward it
     out = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
         if out is not None and module is out:
@@ -92,11 +92,23 @@ def _head_of(model: nn.Module, names) -> str | None:
     return next((n for n in names if isinstance(getattr(model, n, None), nn.Module)), None)
 
 
+def _inner_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the model inside torch.compile / DDP wrappers, the prefix its module names have in ``model``: "" or
+    "_orig_mod.", "module.", ...)."""
+    inner = unwrap_model(model)
+    if inner is model:
+        return model, ""
+    return inner, next(f"{n}." for n, m in model.named_modules() if m is inner)
+
+
 def classifier_head_name(model: nn.Module) -> str | None:
-    """The sequence-classification head PEFT leaves out of "all-linear" (``classifier`` or ``score``)."""
-    if not type(model).__name__.endswith("ForSequenceClassification"):
+    """The sequence-classification head PEFT leaves out of "all-linear" (``classifier`` or ``score``), named as in
+    ``model`` (a compiled or DDP-wrapped model's class is the wrapper's: the model inside decides)."""
+    inner, prefix = _inner_and_prefix(model)
+    if not type(inner).__name__.endswith("ForSequenceClassification"):
         return None
-    return _head_of(model, SEQ_CLS_HEAD_NAMES)
+    head = _head_of(inner, SEQ_CLS_HEAD_NAMES)
+    return prefix + head if head else None
 
 
 def _resolve_targets(model: nn.Module, target_modules):
@@ -133,8 +145,18 @@ def module_matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
+def _inside_saved(name: str, entries) -> bool:
+    """PEFT's rule (``check_target_module_exists``): a module equal to, or inside, a module that a
+    ``modules_to_save`` entry names (the entry as whole '.'-separated segments of the name) is no LoRA target."""
+    return any(re.match(rf"(^|.*\.){re.escape(e)}($|\..*)", name) for e in entries)
+
+
+def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=None) -> list[str]:
     """Full names of the modules that ``apply_lora`` would wrap (already-wrapped ones included).
+
+    As in PEFT, a matched module inside a ``modules_to_save`` module (RoBERTa's ``classifier.dense`` for a
+    ``"dense"`` target when the classifier is trained whole) is left out, with a warning; one named in full in a
+    list stays (``apply_lora`` then refuses the clash).
 
     Raises:
         ValueError: nothing matches (the message names the targets and lists candidate module names), or a
@@ -153,7 +175,9 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
     # out_proj: a wrapper there would never run. Left out with a warning (an error when named in full or when
     # nothing else matches).
     mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    found, candidates, skipped = [], [], []
+    saved = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
+    saved = [e for e in saved if isinstance(e, str) and e] if isinstance(saved, list) else []  # bad ones: apply_lora
+    found, candidates, skipped, in_saved = [], [], [], []
     for name, module in model.named_modules():
         if not name or name in wrapped_inner:
             continue
@@ -166,6 +190,9 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
         elif module_matches(name, targets):
             if name in mha_out:
                 skipped.append(name)
+                continue
+            if saved and _inside_saved(name, saved) and not (isinstance(targets, list) and name in targets):
+                in_saved.append(name)
                 continue
             if not is_base:
                 raise ValueError(
@@ -181,6 +208,13 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[str]:
             raise ValueError(f"target module {why}. Target other modules (or a model whose attention calls its "
                              "projections)")
         warnings.warn(f"apply_lora: left out {why}", stacklevel=3)
+    if in_saved:
+        msg = (f"{len(in_saved)} module(s) matching target_modules inside modules_to_save {saved}, which are "
+               f"trained whole: {', '.join(in_saved[:6])}{', ...' if len(in_saved) > 6 else ''}")
+        if not found:
+            raise ValueError(f"target_modules {targets!r}: every match lies inside modules_to_save ({msg}); "
+                             "target modules outside them")
+        warnings.warn(f"apply_lora: left out {msg} (as PEFT does)", stacklevel=3)
     if not found:
         suffixes = sorted({c.rsplit(".", 1)[-1] for c in candidates})
         hint = (f". A string is a regular expression matched against the full module name (as in PEFT); for the "
@@ -273,7 +307,9 @@ def apply_lora(
             or naming a LoRA target (or a module holding one). The model is unchanged then.
     """
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
-    names = find_target_modules(model, target_modules)
+    if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, str):
+        modules_to_save = list(modules_to_save)  # read twice below (a generator would be empty the second time)
+    names = find_target_modules(model, target_modules, modules_to_save)
     existing = [n for n in lora_layers(model) if n not in names]  # wrapped by an earlier call, not targeted now
     extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
     previous = getattr(model, "lora_fast_config", None) or {}
@@ -320,7 +356,21 @@ def apply_lora(
         "rank": rank, "alpha": float(alpha), "dropout": float(dropout), "use_rslora": bool(use_rslora),
         "modules_to_save": [plain_name(e) for e in extras],
     }
+    prepare_for_checkpointing(model)
     return model
+
+
+def prepare_for_checkpointing(model: nn.Module) -> None:
+    """As PEFT's ``get_peft_model``: on a transformers model with gradient checkpointing on (and not quantised),
+    make the input embeddings' output require grad (``enable_input_require_grads``). Reentrant checkpointing drops
+    the gradients of everything inside a block none of whose inputs requires grad — with the base frozen, every
+    LoRA weight of a ViT, CLIP or Whisper model (transformers does this itself only for ``input_ids`` models)."""
+    inner = unwrap_model(model)
+    quantised = any(getattr(inner, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
+    on = getattr(inner, "is_activation_checkpointing", None)  # transformers 5's name (the old one warns there)
+    on = getattr(inner, "is_gradient_checkpointing", False) if on is None else on
+    if on and not quantised and callable(getattr(inner, "enable_input_require_grads", None)):
+        inner.enable_input_require_grads()
 
 
 def _warn_frozen_head(model: nn.Module, lora_names, extras) -> None:
@@ -328,13 +378,21 @@ def _warn_frozen_head(model: nn.Module, lora_names, extras) -> None:
     current, usually random, weights: say so once, and how PEFT users get it trained (their task_type adds it)."""
     from lora_fast.adapter_config import _default_task_type
 
-    task = _default_task_type(model)
-    head = _head_of(model, TASK_HEAD_NAMES.get(task, ()))
+    inner, prefix = _inner_and_prefix(model)
+    task = _default_task_type(inner)
+    head = _head_of(inner, TASK_HEAD_NAMES.get(task, ()))
     if head is None:
         return
-    trained = any(e == head or e.startswith(f"{head}.") or head.startswith(f"{e}.") for e in extras)
-    trained |= any(n == head or n.startswith(f"{head}.") for n in lora_names)
-    if not trained:
+    head = prefix + head
+    if any(e == head or e.startswith(f"{head}.") or head.startswith(f"{e}.") for e in extras):
+        return
+    inside = [n for n in lora_names if n == head or n.startswith(f"{head}.")]
+    if inside and task == "SEQ_CLS":  # save_adapter refuses it: PEFT saves a SEQ_CLS head whole
+        warnings.warn(f"apply_lora: LoRA layer(s) {inside} sit in {type(inner).__name__}'s head {head!r}, whose other "
+                      f"weights stay frozen at their current (usually random) values, and save_adapter will refuse "
+                      f"them (PEFT saves a SEQ_CLS head whole); pass modules_to_save=[{head.rsplit('.', 1)[-1]!r}] "
+                      "to train the head whole (targets inside it are then left out, as PEFT does)", stacklevel=3)
+    elif not inside:
         warnings.warn(f"apply_lora: {type(model).__name__}'s head {head!r} stays frozen at its current weights "
                       f"(random, unless the checkpoint was trained for this task); pass modules_to_save=[{head!r}] "
                       f"to train it with the adapter, as PEFT's task_type={task!r} does", stacklevel=3)

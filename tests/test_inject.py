@@ -335,8 +335,8 @@ def test_modules_to_save_errors_leave_the_model_alone():
     with pytest.raises(ValueError, match=r"modules_to_save \['scroe'\] matched no module"):
         apply_lora(model, ["c_attn"], modules_to_save=["lm_head", "scroe"])
     with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
-        apply_lora(model, ["c_attn"], modules_to_save=["h.0.attn"])  # holds the c_attn target
-    with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
+        apply_lora(model, ["transformer.h.0.attn.c_attn"], modules_to_save=["h.0.attn"])  # holds a target named in full
+    with pytest.raises(ValueError, match=r"every match lies inside modules_to_save \(2 module"):
         apply_lora(model, ["c_attn"], modules_to_save=["c_attn"])
     with pytest.raises(TypeError, match="modules_to_save must be a list of module names"):
         apply_lora(model, ["c_attn"], modules_to_save=[3])
@@ -429,3 +429,109 @@ def test_modules_to_save_survive_a_second_call_and_a_frozen_load(tmp_path):
     cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["transformer.ln_f"]
     assert "base_model.model.transformer.ln_f.weight" in load_file(tmp_path / "b" / "adapter_model.safetensors")
+
+
+def test_targets_inside_modules_to_save_are_left_out_as_peft_does(tmp_path):
+    """RoBERTa's classification head holds its own ``dense`` and ``out_proj``: with targets ["query", "value",
+    "dense"] and modules_to_save=["classifier"] (what the frozen-head warning advises), PEFT leaves classifier.dense
+    out of the targets and trains the head whole. apply_lora raised a clash there; it now picks PEFT's modules (with
+    a warning), and the saved adapter loads in PEFT with equal logits. Without modules_to_save, LoRA inside the head
+    is named at once (save_adapter would refuse it), not only when saving."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from lora_fast import save_adapter
+
+    def roberta():
+        torch.manual_seed(0)
+        return RobertaForSequenceClassification(RobertaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+            max_position_embeddings=40, pad_token_id=1, num_labels=3, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)).eval()
+
+    targets = ["query", "value", "dense"]
+    theirs = get_peft_model(roberta(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                  modules_to_save=["classifier"]))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    with pytest.warns(UserWarning, match=r"left out 1 module\(s\) .*inside modules_to_save \['classifier'\].*: "
+                                         r"classifier.dense \(as PEFT does\)"):
+        ours = apply_lora(roberta(), targets, rank=4, alpha=8, modules_to_save=["classifier"])
+    assert set(lora_layers(ours)) == peft_names and len(peft_names) == 10
+    assert count_parameters(ours)["trainable"] == count_parameters(theirs)["trainable"]
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(ours, tmp_path / "a", task_type="SEQ_CLS")
+    ids = torch.randint(2, 64, (2, 7))
+    loaded = PeftModel.from_pretrained(roberta(), tmp_path / "a").eval()
+    assert_rel_close(loaded(ids).logits, ours(ids).logits, 1e-5, "PEFT-loaded logits")
+    with pytest.warns(UserWarning, match=r"\['classifier.dense'\] sit in .*head 'classifier'.*save_adapter will "
+                                         r"refuse.*modules_to_save=\['classifier'\]"):
+        apply_lora(roberta(), targets, rank=4, alpha=8)
+
+
+def test_all_linear_of_a_compiled_classifier_leaves_its_head_out():
+    """The head check looked at the wrapper's class (OptimizedModule), so "all-linear" of a torch.compile'd
+    *ForSequenceClassification wrapped its score head too; the model inside decides now."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(cfg)
+    plain = find_target_modules(model, "all-linear")
+    compiled = find_target_modules(torch.compile(model), "all-linear")
+    assert "score" not in plain and len(plain) == 7
+    assert compiled == [f"_orig_mod.{n}" for n in plain]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant):
+    """A model whose input is not input_ids (ViT): with reentrant checkpointing on and the base frozen, no input of
+    a checkpointed block required grad, so every LoRA weight got no gradient (PEFT's get_peft_model makes the
+    embeddings' output require grad; apply_lora now does the same). Gradients equal those without checkpointing."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit():
+        torch.manual_seed(0)
+        return ViTForImageClassification(ViTConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    grads = []
+    for checkpointing in (False, True):
+        model = vit()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        apply_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, modules_to_save=["classifier"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # B = 0 at init: A's gradient would be zero either way
+        model.train()
+        model(pixel_values=x, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".lora.lora_" in n})
+    assert len(grads[0]) == 8
+    for n, g in grads[0].items():
+        assert grads[1][n] is not None, n
+        assert_rel_close(grads[1][n], g.double(), 1e-5, n)
+
+
+def test_load_adapter_names_inert_multihead_attention_targets(tmp_path):
+    """An adapter file may target the out_proj of an nn.MultiheadAttention (PEFT wraps it): those weights never
+    take part (the attention reads out_proj.weight itself). apply_lora refuses such a target; load_adapter now says
+    so instead of loading dead weights silently."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_fast import load_adapter
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+
+    get_peft_model(model(), LoraConfig(r=2, target_modules=["out_proj", "linear1"])).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"adapts 0.self_attn.out_proj, the out_proj of nn.MultiheadAttention"):
+        load_adapter(model(), tmp_path)
