@@ -167,6 +167,7 @@ def _cut(text: str, fraction: float) -> tuple[str, str]:
     break, U+3000) within a window of max(200 characters, 2 % of the text) before or after that point, else at the
     point itself: text with few spaces (Chinese, Japanese, code) is cut where the share says, not at a space far
     back (one space in a title put nearly all the text in the tail)."""
+    text = text.strip()  # a hub text may end in whitespace: the search below must not cut there
     n = len(text)
     cut = min(max(int(n * (1 - fraction)), 1), n - 1) if n > 1 else n
     window = max(200, n // 50)

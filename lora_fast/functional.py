@@ -59,6 +59,14 @@ def functorch_active() -> bool:
     return bool(active and active())
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is entered (``forward_ad.dual_level``). Under torch.compile this is what can
+    be known: dynamo traces with tensors that carry no tangent, and guards on the level."""
+    from torch.autograd import forward_ad as fwad
+
+    return getattr(fwad, "_current_level", -1) >= 0
+
+
 def has_tangent(*tensors) -> bool:
     """Whether any tensor carries a forward-mode AD tangent (``torch.autograd.forward_ad``): neither the fused
     kernels' autograd Function nor the torch.library op has a ``jvp``; the reference path's aten ops have one."""
@@ -283,7 +291,8 @@ def lora_linear(
         y (..., out_features) in x's (or autocast's) dtype.
     """
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
-        if functorch_active():  # torch.compile(torch.func.grad(...)): the op has no functorch rules; aten ops do
+        if functorch_active() or forward_ad_active():  # torch.compile(torch.func.grad(...)), or inside a
+            # forward-AD level: the op has no functorch rules nor a jvp; aten ops have both
             check_seed(seed)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")

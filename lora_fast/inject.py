@@ -175,8 +175,9 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
     # out_proj: a wrapper there would never run. Left out with a warning (an error when named in full or when
     # nothing else matches).
     mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    saved = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
-    saved = [e for e in saved if isinstance(e, str) and e] if isinstance(saved, list) else []  # bad ones: apply_lora
+    saved = [modules_to_save] if isinstance(modules_to_save, str) else \
+        list(modules_to_save) if isinstance(modules_to_save, Iterable) else []
+    saved = [e for e in saved if isinstance(e, str) and e]  # bad entries: apply_lora's _resolve_modules_to_save
     found, candidates, skipped, in_saved = [], [], [], []
     for name, module in model.named_modules():
         if not name or name in wrapped_inner:
@@ -186,6 +187,9 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
             candidates.append(name)
         if all_linear:
             if is_base and name not in skip and not any(name.startswith(f"{h}.") for h in skip if h):
+                if saved and _inside_saved(name, saved):
+                    in_saved.append(name)
+                    continue
                 found.append(name)  # nothing inside a skipped head either (RoBERTa's classifier.dense/.out_proj)
         elif module_matches(name, targets):
             if name in mha_out:

@@ -68,6 +68,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     autocast_inputs,
     check_seed,
     check_shapes,
+    forward_ad_active,
     functorch_active,
     has_tangent,
     resolve_backend,
@@ -308,7 +309,8 @@ def lora_linear_op(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     check_seed(seed)  # also when dropout is off, as eager lora_linear checks it
-    if functorch_active() or has_tangent(x, weight, bias, lora_A, lora_B):
+    if functorch_active() or (forward_ad_active() if torch.compiler.is_compiling()
+                              else has_tangent(x, weight, bias, lora_A, lora_B)):
         # torch.func transforms and forward-mode AD: the op has neither rules nor a jvp (its autograd kernel would
         # drop the tangent silently); eager lora_linear takes the reference path (aten ops) there, as here
         from lora_fast.functional import lora_linear

@@ -182,7 +182,8 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     left: dict[str, list[str]] = {}  # never patched: the layer's class or base
     waiting: dict[str, list[str]] = {}  # patched, on PEFT's path until the active adapter's setting is supported
     for name, module in layers.items():
-        reason = _structural_reason(module)
+        # a patched layer (hooked since, say) is patched: patching again updates its backend
+        reason = None if type(module) is _fast_class() else _structural_reason(module)
         if reason is not None:
             left.setdefault(reason, []).append(name)
             continue

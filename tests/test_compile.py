@@ -478,17 +478,24 @@ def test_compiled_torch_func_grad_equals_eager(dropout):
         assert_rel_close(compiled, torch.autograd.grad(y.square().sum(), B)[0], FP32_TOL, "vs float64")
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_op_entry_forward_mode_ad_carries_the_tangent(backend):
+@pytest.mark.usefixtures("routed")
+@pytest.mark.parametrize("backend, compiled", [("reference", False), ("auto", False), ("auto", True)])
+def test_op_entry_forward_mode_ad_carries_the_tangent(backend, compiled):
     """Forward-mode AD through lora_linear_op (the op has no jvp: its autograd kernel used to drop the tangent
-    silently, a JVP of 0): the entry takes the reference path, and the tangent is eager lora_linear's."""
+    silently, a JVP of 0): the entry takes the reference path, and the tangent is eager lora_linear's. Compiled
+    too: there the tensors dynamo traces carry no tangent, so the dual level decides."""
     import torch.autograd.forward_ad as fwad
 
     x, w, b, a, bb = (t.detach() for t in _inputs(6, 16, 10, 3, False))
     t = torch.randn_like(x)
+
+    def entry(run):
+        def call(x):
+            return run(x, w, b, a, bb, 0.5, backend=backend)
+        return torch.compile(call, backend="aot_eager", fullgraph=True) if compiled else call
+
     with fwad.dual_level():
-        outs = [fwad.unpack_dual(run(fwad.make_dual(x, t), w, b, a, bb, 0.5, backend=backend))
-                for run in (lora_linear_op, functional.lora_linear)]
+        outs = [fwad.unpack_dual(entry(run)(fwad.make_dual(x, t))) for run in (lora_linear_op, functional.lora_linear)]
     (y, jvp), (y_e, jvp_e) = outs
     assert jvp is not None and jvp_e is not None
     assert_rel_close(jvp, jvp_e.double(), FP32_TOL, "jvp")

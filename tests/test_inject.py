@@ -535,3 +535,28 @@ def test_load_adapter_names_inert_multihead_attention_targets(tmp_path):
     get_peft_model(model(), LoraConfig(r=2, target_modules=["out_proj", "linear1"])).save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match=r"adapts 0.self_attn.out_proj, the out_proj of nn.MultiheadAttention"):
         load_adapter(model(), tmp_path)
+
+
+def test_all_linear_and_a_tuple_of_modules_to_save_leave_out_what_peft_does():
+    """"all-linear" with modules_to_save=("classifier", "pooler") on BERT: PEFT leaves pooler.dense out of the targets
+    (trained whole), as for a list of names; the rule used to apply to lists and regexes only, and
+    find_target_modules read a tuple or set of modules_to_save as none."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=48, vocab_size=101, num_labels=2))
+
+    saved = ("classifier", "pooler")
+    theirs = get_peft_model(bert(), LoraConfig(r=2, target_modules="all-linear", modules_to_save=list(saved)))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert "bert.pooler.dense" not in peft_names
+    for given in (saved, set(saved), list(saved)):
+        with pytest.warns(UserWarning, match="bert.pooler.dense"):
+            assert set(find_target_modules(bert(), "all-linear", given)) == peft_names
+    with pytest.warns(UserWarning, match=r"left out 1 module.*bert.pooler.dense \(as PEFT does\)"):
+        ours = apply_lora(bert(), "all-linear", rank=2, modules_to_save=saved)
+    assert set(lora_layers(ours)) == peft_names

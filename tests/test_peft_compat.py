@@ -635,3 +635,22 @@ def test_a_layer_unsupported_when_patched_takes_the_fused_path_after_set_adapter
     with torch.no_grad():
         assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "default active")
     assert len(spy) == 8 and is_patched(c_attn)
+
+
+def test_patching_again_a_layer_hooked_since_updates_its_backend(spy):
+    """A patched layer whose forward an accelerate hook replaced since is still patched: patching again sets the
+    new backend, with no warning (it was refused as "forward already replaced" while it kept the old backend)."""
+    pm = _peft("gpt2").eval()
+    ref = copy.deepcopy(pm)
+    patch_peft(pm, backend="auto")
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    layer._old_forward = layer.forward  # what accelerate's add_hook_to_module does (a no-op hook)
+    layer.forward = functools.partial(_accelerate_style_forward, layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_peft(pm, backend="reference")
+    assert getattr(layer, peft_compat._MARK) == "reference" and is_patched(layer)
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "hooked, patched again")
+    assert len(spy) == 8
