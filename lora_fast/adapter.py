@@ -73,6 +73,7 @@ from lora_fast.inject import (
     TASK_HEAD_NAMES,
     _set_submodule,
     lora_layers,
+    multihead_out_projs,
     parameter_names,
     prepare_for_checkpointing,
     untie_embeddings_in_config,
@@ -476,8 +477,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     if not names:
         raise ValueError(f"load_adapter: target_modules {cfg.get('target_modules')!r} of {source} match no module "
                          f"of {type(model).__name__}")
-    mha_out = [n for n in names if n.endswith(".out_proj")
-               and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.MultiheadAttention)]
+    mha_out = sorted(multihead_out_projs(model).intersection(names))
     if mha_out:  # apply_lora refuses or leaves these out; an adapter file may name them (PEFT wraps them too)
         warnings.warn(f"load_adapter: {source} adapts {_names(mha_out)}, the out_proj of nn.MultiheadAttention, "
                       "which reads its weight directly and never calls it: those LoRA weights change nothing (in "

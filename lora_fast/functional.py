@@ -72,7 +72,7 @@ def has_tangent(*tensors) -> bool:
     kernels' autograd Function nor the torch.library op has a ``jvp``; the reference path's aten ops have one."""
     from torch.autograd import forward_ad as fwad
 
-    if getattr(fwad, "_current_level", 0) < 0:  # no dual level entered: nothing can carry a tangent (cheap test)
+    if not forward_ad_active():  # no dual level entered: nothing can carry a tangent (cheap test)
         return False
     return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 
@@ -293,7 +293,7 @@ def lora_linear(
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
         if functorch_active() or forward_ad_active():  # torch.compile(torch.func.grad(...)), or inside a
             # forward-AD level: the op has no functorch rules nor a jvp; aten ops have both
-            check_seed(seed)
+            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")
         from lora_fast.ops import lora_linear_op
@@ -301,10 +301,7 @@ def lora_linear(
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                               backend=backend)
     backend = resolve_backend(backend)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    check_seed(seed)
-    check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
+    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
 
     if backend != "reference":
         reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p if training else 0.0)
@@ -325,6 +322,13 @@ def lora_linear(
 
     return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                            backend)
+
+
+def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_seed(seed)
+    check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 
 
 def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):

@@ -145,6 +145,12 @@ def module_matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def multihead_out_projs(model: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` of every nn.MultiheadAttention: it reads their weight and bias directly
+    (F.multi_head_attention_forward), never calling them, so a LoRA wrapper there would never run."""
+    return {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _inside_saved(name: str, entries) -> bool:
     """PEFT's rule (``check_target_module_exists``): a module equal to, or inside, a module that a
     ``modules_to_save`` entry names (the entry as whole '.'-separated segments of the name) is no LoRA target."""
@@ -171,10 +177,8 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
     skip = _output_embedding_names(model) | {classifier_head_name(model)} if all_linear else set()
     wrapped_inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)
                      for c, _ in m.named_modules() if c}
-    # nn.MultiheadAttention reads out_proj.weight/bias directly (F.multi_head_attention_forward), never calling
-    # out_proj: a wrapper there would never run. Left out with a warning (an error when named in full or when
-    # nothing else matches).
-    mha_out = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    # MHA out_proj modules: left out with a warning (an error when named in full or when nothing else matches)
+    mha_out = multihead_out_projs(model)
     saved = [modules_to_save] if isinstance(modules_to_save, str) else \
         list(modules_to_save) if isinstance(modules_to_save, Iterable) else []
     saved = [e for e in saved if isinstance(e, str) and e]  # bad entries: apply_lora's _resolve_modules_to_save

@@ -132,14 +132,14 @@ def _state_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why this PEFT LoRA layer cannot take the fused path (now), or None when it can."""
-    return _structural_reason(module) or _state_reason(module)
+def _fused_now(module: nn.Module) -> bool:
+    """Whether a patched layer's plain call (no extra arguments) takes the fused path now."""
+    return not module.disable_adapters and not module.merged and _state_reason(module) is None
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors."""
-    if args or kwargs or self.disable_adapters or self.merged or _state_reason(self) is not None:
+    if args or kwargs or not _fused_now(self):
         return _lora_classes()[0].forward(self, x, *args, **kwargs)  # PEFT's own path
     a = next(a for a in self.active_adapters if a in self.lora_A)
     base, drop = self.base_layer, self.lora_dropout[a]
@@ -222,5 +222,4 @@ def unpatch_peft(peft_model: nn.Module) -> nn.Module:
 def is_patched(module: nn.Module) -> bool:
     """Whether a PEFT LoRA layer currently runs through lora_fast: patched, and its next call (no extra
     arguments) takes the fused path — not while merged, disabled or in an unsupported setting."""
-    return (type(module) is _fast_class() and not module.disable_adapters and not module.merged
-            and _state_reason(module) is None)
+    return type(module) is _fast_class() and _fused_now(module)
