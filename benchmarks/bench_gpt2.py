@@ -12,7 +12,9 @@ has the same adapters) and token ids are random in [1, vocab): no all-zero input
 Providers: ``lora_fast`` (``apply_lora(..., backend="triton")``, CUDA only; ``lora_fast_cublas``, asked for by name,
 forces the cublas kernel variant — on a CPU the Triton interpreter would
 run, whose timings are never kernel timings, so it is skipped with a message), ``peft`` (``get_peft_model`` with
-``fan_in_fan_out=True``), ``reference`` (``apply_lora(..., backend="reference")``).
+``fan_in_fan_out=True``), ``peft_patched`` (that PEFT model after ``lora_fast.patch_peft(model, backend="triton")``:
+every LoRA layer on lora_fast's Triton path, checked; CUDA only, asked for by name), ``reference``
+(``apply_lora(..., backend="reference")``).
 
 ``--compile MODE`` runs each provider's model under ``torch.compile(mode=MODE)`` (``default`` or
 ``reduce-overhead``, the latter with CUDA graphs: no per-launch host cost) and records it as provider
@@ -42,7 +44,8 @@ import torch.nn as nn
 from benchmarks import utils
 
 PROVIDERS = ("lora_fast", "peft", "reference")
-ALL_PROVIDERS = (*PROVIDERS, *utils.VARIANT_PROVIDERS)  # lora_fast_cublas: the cublas kernel variant, by name
+# by name: peft_patched (PEFT's model after lora_fast.patch_peft) and the kernel variants (lora_fast_cublas, ...)
+ALL_PROVIDERS = (*PROVIDERS, *utils.PATCHED_PROVIDERS, *utils.VARIANT_PROVIDERS)
 MODES = ("train", "infer_unmerged", "infer_merged")
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
@@ -81,12 +84,14 @@ def build_model(shape: dict, device: torch.device, model_path: str | None) -> nn
 
 def add_lora(model: nn.Module, provider: str) -> nn.Module:
     """The LoRA-wrapped model for ``provider`` (only adapter parameters trainable); B initialised randomly."""
-    if provider == "peft":
+    if provider in ("peft", *utils.PATCHED_PROVIDERS):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                          target_modules=TARGETS, fan_in_fan_out=True)
         model = get_peft_model(model, cfg)
+        if provider in utils.PATCHED_PROVIDERS:
+            utils.patch_peft_fused(model)
     else:
         from lora_fast import apply_lora
 
@@ -153,7 +158,7 @@ def check_provider(model: nn.Module, ref: dict) -> None:
 
 def set_merged(model: nn.Module, provider: str, merged: bool) -> None:
     """Fold the adapters into the base weights (``merged=True``) or take them out again."""
-    if provider == "peft":
+    if provider in ("peft", *utils.PATCHED_PROVIDERS):
         model.merge_adapter() if merged else model.unmerge_adapter()
     else:
         from lora_fast import merge_lora, unmerge_lora

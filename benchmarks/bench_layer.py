@@ -17,6 +17,8 @@ same random adapter weights — never zeros — and α = 2r):
                    ``utils.VARIANT_PROVIDERS``): cuBLAS for the frozen GEMMs and Triton for the LoRA terms; or the
                    fused kernels with the one-pass or xa-first forward. CUDA only, asked for by name. ``lora_fast``
                    itself runs with both variables unset (the default rules).
+    peft_patched   PEFT's layer as ``peft`` builds it, after ``lora_fast.patch_peft(..., backend="triton")``: what a
+                   PEFT user gets from one added line. CUDA only, asked for by name.
 Each library keeps its defaults for a bf16 base: both lora_fast and PEFT hold fp32 adapter weights; without
 autocast PEFT casts x to the adapters' fp32 for its LoRA GEMMs (and saves that fp32 copy), lora_fast and the
 reference cast the adapters to x's bf16. That is what each library's users get, so "vs peft" compares it as is.
@@ -45,7 +47,7 @@ from benchmarks import utils
 
 LAYERS = {"c_attn": (768, 2304), "attn.c_proj": (768, 768), "c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}
 PROVIDERS = ("base", "reference", "peft", "torch_compile", "lora_fast")
-ALL_PROVIDERS = (*PROVIDERS, *utils.VARIANT_PROVIDERS)  # the variant providers are asked for by name
+ALL_PROVIDERS = (*PROVIDERS, *utils.PATCHED_PROVIDERS, *utils.VARIANT_PROVIDERS)  # these two kinds: by name
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FULL_SET = {"M": [2048, 8192, 32768], "r": [8, 16, 64], "dropout": [0.0, 0.1], "dtype": ["bf16", "fp32"]}
@@ -83,11 +85,13 @@ def build_provider(name: str, conv: nn.Module, r: int, dropout: float, lora_A: t
 
     if name == "base":
         return conv, []
-    if name == "peft":
+    if name in ("peft", *utils.PATCHED_PROVIDERS):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], fan_in_fan_out=True)
         layer = get_peft_model(_Wrapper(conv), cfg).base_model.model.proj
+        if name in utils.PATCHED_PROVIDERS:
+            utils.patch_peft_fused(layer)
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     else:
         backend = "triton" if name in utils.TRITON_PROVIDERS else "reference"

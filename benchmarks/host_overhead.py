@@ -13,7 +13,8 @@ never a kernel time. ``base`` (the Conv1D alone) and ``peft`` run for real at a 
 their compute is negligible: their figure is PyTorch's per-op dispatch cost on this CPU.
 
 GPU mode (``--device cuda``): host microseconds per call with no synchronisation in the loop, for base, peft,
-reference and lora_fast — Triton's launch path included. The default shape is small (M = 256) and the runs short
+peft_patched (PEFT's layer after ``patch_peft``: its per-call state check included), reference and lora_fast —
+Triton's launch path included. The default shape is small (M = 256) and the runs short
 (50 calls) so that the GPU keeps up and its launch queue (~1024 entries) never fills: a full queue would block the
 host and turn the figure into GPU time.
 
@@ -116,10 +117,10 @@ def time_calls(fn, calls: int, rep: int, sync) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu (stubbed launches) or cuda; default: cuda if available")
-    p.add_argument("--providers", nargs="+", default=["base", "peft", "reference", "lora_fast"],
-                   choices=["base", "peft", "reference", "lora_fast", "lora_fast_cublas", "lora_fast_one_pass",
-                            "lora_fast_xa_first", "lora_fast_gb_first", "lora_fast_tma",
-                            "lora_fast_tma_persistent"])
+    from benchmarks.bench_layer import ALL_PROVIDERS  # imports no kernel either
+
+    p.add_argument("--providers", nargs="+", default=["base", "peft", "peft_patched", "reference", "lora_fast"],
+                   choices=[name for name in ALL_PROVIDERS if name != "torch_compile"])
     p.add_argument("--M", type=int, help="rows (default 256 on a GPU, 1 on CPU)")
     p.add_argument("--K", type=int, help="in_features (default 768 on a GPU, 64 on CPU)")
     p.add_argument("--N", type=int, help="out_features (default 2304 on a GPU, 192 on CPU)")
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
             with provider_env(provider):
                 us = time_calls(fn, args.calls, args.rep, sync)
             results[f"{provider} {mode}"] = statistics.median(us)
-            print(f"  {provider:<10} {mode:<12} {statistics.median(us):8.1f} µs  (min {min(us):.1f})", flush=True)
+            print(f"  {provider:<14} {mode:<12} {statistics.median(us):8.1f} µs  (min {min(us):.1f})", flush=True)
     if not on_gpu:
         print("per-launch wrapper cost around a no-op kernel (forward kernel's 41 arguments):")
         for name, us in wrappers.items():

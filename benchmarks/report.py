@@ -27,7 +27,7 @@ from benchmarks import utils
 from benchmarks.bench_layer import ALL_PROVIDERS as PROVIDERS
 from benchmarks.bench_layer import LAYERS
 
-GPT2_PROVIDERS = ("lora_fast", *utils.VARIANT_PROVIDERS, "peft", "reference")
+GPT2_PROVIDERS = ("lora_fast", *utils.VARIANT_PROVIDERS, "peft", *utils.PATCHED_PROVIDERS, "reference")
 TARGET_CFG = {"M": 8192, "r": 16, "dropout": 0.1, "dtype": "bf16"}
 TARGETS = {"vs_base": 1.10, "vs_peft": 1.5, "gpt2_tokens": 1.25}  # from issue 4
 

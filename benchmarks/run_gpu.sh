@@ -12,7 +12,8 @@
 #                 each forward variant, both backward routes, with torch's own y error beside  -> OUT_DIR/fp32_check.log
 #   probe         python -m benchmarks.gpu_probe: ceilings, per-kernel times, errors   -> OUT_DIR/probe.json, probe.log
 #   train-parity  GPT-2 124M 50 steps, fused vs reference path (bf16)        -> OUT_DIR/parity/train_parity.json
-#   layer-bf16    full layer set, bf16, providers except torch_compile    -> OUT_DIR/results.csv, bench_layer_bf16.log
+#   layer-bf16    full layer set, bf16, providers except torch_compile (peft_patched included)
+#                 -> OUT_DIR/results.csv, bench_layer_bf16.log
 #   layer-fp32    the same in fp32                                          -> ..., bench_layer_fp32.log
 #   layer-compile torch_compile at bf16, r=16, dropout 0.1 (all layers, all M)   -> ..., bench_layer_compile.log
 #   layer-variants lora_fast's default route vs each forced kernel variant (one_pass, xa_first, cublas,
@@ -21,7 +22,8 @@
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
 #   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
 #   gemm-probe    GEMM-core variants (pointer/TMA tiles, persistent) vs cuBLAS and lora_fast -> OUT_DIR/gemm_probe.json
-#   host          host µs per layer call (launch overhead), base / peft / reference / lora_fast -> OUT_DIR/host.json
+#   host          host µs per layer call (launch overhead), base / peft / peft_patched / reference / lora_fast
+#                 -> OUT_DIR/host.json
 #   pytest-bench  pytest benchmarks --benchmark-only (json; ~2000 cases on a GPU: far more than 10 minutes, so
 #                 narrow it with PYTEST_BENCH_K="c_attn and 8192", a pytest -k expression)  -> OUT_DIR/pytest_bench.json
 #   report        SUMMARY.md and PNGs from OUT_DIR/results.csv             -> OUT_DIR/SUMMARY.md, *.png
@@ -113,7 +115,7 @@ for stage in "${STAGES[@]}"; do
         probe) run probe probe.log "$PY" -m benchmarks.gpu_probe --json "$OUT/probe.json" ;;
         train-parity) run train-parity train_parity.log "$PY" -m benchmarks.train_parity --out "$OUT/parity" --bf16 ;;
         layer-bf16) run layer-bf16 bench_layer_bf16.log python -m benchmarks.bench_layer --dtypes bf16 \
-            --providers base reference peft lora_fast lora_fast_cublas --csv "$CSV" ${LAYER_ARGS:-} ;;
+            --providers base reference peft peft_patched lora_fast lora_fast_cublas --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-fp32) run layer-fp32 bench_layer_fp32.log python -m benchmarks.bench_layer --dtypes fp32 \
             --providers base reference peft lora_fast --csv "$CSV" ${LAYER_ARGS:-} ;;
         layer-compile) run layer-compile bench_layer_compile.log python -m benchmarks.bench_layer --dtypes bf16 \
@@ -122,7 +124,7 @@ for stage in "${STAGES[@]}"; do
             --ranks 16 64 --dtypes bf16 fp32 --providers lora_fast lora_fast_one_pass lora_fast_xa_first \
             lora_fast_cublas lora_fast_gb_first lora_fast_tma lora_fast_tma_persistent --csv "$CSV" ${LAYER_ARGS:-} ;;
         gpt2) run gpt2 bench_gpt2.log python -m benchmarks.bench_gpt2 --providers lora_fast lora_fast_cublas \
-            lora_fast_tma peft \
+            lora_fast_tma peft peft_patched \
             reference --csv "$CSV" ;;
         gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c '"$0" -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile default --csv "$1"; a=$?; "$0" -m benchmarks.bench_gpt2 --modes \

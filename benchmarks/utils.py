@@ -386,7 +386,25 @@ VARIANT_PROVIDERS = {
     "lora_fast_tma": dict(zip(_VARIANT_VARS, ("tma", "tma"), strict=True)),
     "lora_fast_tma_persistent": dict(zip(_VARIANT_VARS, ("tma_persistent", "gb_first_tma"), strict=True)),
 }
-TRITON_PROVIDERS = ("lora_fast", *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
+# PEFT's own model with ``lora_fast.patch_peft``: its LoRA layers on lora_fast's Triton path (the default rules)
+PATCHED_PROVIDERS = ("peft_patched",)
+TRITON_PROVIDERS = ("lora_fast", *PATCHED_PROVIDERS, *VARIANT_PROVIDERS)  # CUDA only: never timed in the interpreter
+
+
+def patch_peft_fused(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``'s PEFT LoRA layers routed through lora_fast's Triton path (``patch_peft``), for ``peft_patched``.
+
+    Raises:
+        RuntimeError: a LoRA layer would stay on PEFT's own path: its timings would be PEFT's, recorded under this
+            provider's name.
+    """
+    from lora_fast.peft_compat import _peft_lora_layers, is_patched, patch_peft
+
+    patch_peft(model, backend="triton")
+    left = [name or "(the model)" for name, m in _peft_lora_layers(model).items() if not is_patched(m)]
+    if left:
+        raise RuntimeError(f"patch_peft left {len(left)} LoRA layer(s) on PEFT's own path: {', '.join(left[:4])}")
+    return model
 
 
 def timeable_providers(providers: Iterable[str], device: torch.device) -> list[str]:
@@ -416,7 +434,7 @@ def timeable_providers(providers: Iterable[str], device: torch.device) -> list[s
 @contextlib.contextmanager
 def provider_env(provider: str) -> Iterator[None]:
     """Set the environment a provider's kernels read for the duration of its measurements (restored after)."""
-    default = dict.fromkeys(_VARIANT_VARS) if provider == "lora_fast" else {}
+    default = dict.fromkeys(_VARIANT_VARS) if provider in ("lora_fast", *PATCHED_PROVIDERS) else {}
     with env_vars(VARIANT_PROVIDERS.get(provider, default)):
         yield
 

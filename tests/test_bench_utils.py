@@ -240,6 +240,8 @@ def test_provider_env_forces_the_variant_its_name_says_and_lora_fast_the_default
     assert routes() == ("one_pass", "fused")  # the shell's setting is back
     with utils.provider_env("peft"):  # not lora_fast's kernels: the environment is left alone
         assert routes() == ("one_pass", "fused")
+    with utils.provider_env("peft_patched"):  # PEFT's layers on lora_fast's kernels: the default rules
+        assert routes() == default
 
 
 @pytest.mark.skipif(shutil.which("git") is None,
@@ -309,6 +311,25 @@ def test_timeable_providers_skip_triton_off_gpu_and_refuse_the_interpreter_on_on
     assert utils.timeable_providers(["base", "peft"], torch.device("cuda")) == ["base", "peft"]
     monkeypatch.delenv("TRITON_INTERPRET")
     assert utils.timeable_providers(asked, torch.device("cuda")) == asked
+
+
+def test_peft_patched_is_a_triton_provider_that_refuses_layers_left_on_pefts_path():
+    """``peft_patched`` times PEFT's model after ``patch_peft``: it is skipped off a GPU like every Triton provider,
+    runs with the default kernel rules, and a LoRA layer that would stay on PEFT's own path (DoRA here) is an
+    error, never PEFT's timings under this provider's name."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_fast.peft_compat import is_patched
+
+    assert "peft_patched" in utils.TRITON_PROVIDERS and "peft_patched" in bench_gpt2.ALL_PROVIDERS
+    assert utils.timeable_providers(["peft", "peft_patched"], torch.device("cpu")) == ["peft"]
+    model = get_peft_model(bench_layer._Wrapper(torch.nn.Linear(8, 6)), LoraConfig(r=4, target_modules=["proj"]))
+    assert is_patched(utils.patch_peft_fused(model).base_model.model.proj)
+    dora = get_peft_model(bench_layer._Wrapper(torch.nn.Linear(8, 6)),
+                          LoraConfig(r=4, target_modules=["proj"], use_dora=True))
+    with pytest.warns(UserWarning, match="DoRA"), \
+            pytest.raises(RuntimeError, match=r"patch_peft left 1 LoRA layer\(s\) on PEFT's own path: .*proj"):
+        utils.patch_peft_fused(dora)
 
 
 def test_layer_providers_compute_the_same_function_on_the_same_inputs():

@@ -211,7 +211,7 @@ def test_check_before_timing_covers_the_timed_training_path(monkeypatch):
     r, p = 16, 0.1
     a, b = torch.randn(r, 24, device=dev) / 24**0.5, torch.randn(40, r, device=dev) / r**0.5
     x, dy = torch.randn(33, 24, device=dev), torch.randn(33, 40, device=dev)
-    for name in ("base", "reference", "peft", "lora_fast"):
+    for name in ("base", "reference", "peft", "peft_patched", "lora_fast"):
         layer, params = bench_layer.build_provider(name, conv, r, p, a, b)
         bench_layer.check_provider(name, layer, conv, x, dy, a, b, params, p, "fp32")
     layer, params = bench_layer.build_provider("peft", conv, r, p, a, b)
@@ -226,8 +226,8 @@ def test_check_before_timing_covers_the_timed_training_path(monkeypatch):
 
 def test_gpt2_check_compares_every_provider_with_the_oracle(monkeypatch):
     """bench_gpt2 checks each provider's model before timing: LoRA part of the logits and every adapter gradient
-    against a float64 oracle on the same base weights and adapters. PEFT and lora_fast (interpreter on CPU) pass;
-    one adapter 5 % off fails."""
+    against a float64 oracle on the same base weights and adapters. PEFT, PEFT patched and lora_fast (interpreter
+    on CPU) pass; one adapter 5 % off fails."""
     from tests.triton_interpret import HAS_CUDA
 
     if not HAS_CUDA:
@@ -236,7 +236,7 @@ def test_gpt2_check_compares_every_provider_with_the_oracle(monkeypatch):
     shape = {**bench_gpt2.QUICK_SET, "n_layer": 1, "seq": 16}
     ref = bench_gpt2.oracle(shape, dev, None)
     assert len(ref["grads"]) == 2 * 4 and all(g.abs().sum() > 0 for g in ref["grads"].values())
-    for provider in ("peft", "lora_fast"):
+    for provider in ("peft", "peft_patched", "lora_fast"):
         model = bench_gpt2.add_lora(bench_gpt2.build_model(shape, dev, None), provider)
         bench_gpt2.check_provider(model, ref)
     with torch.no_grad():
