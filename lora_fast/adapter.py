@@ -63,9 +63,9 @@ from lora_fast.adapter_files import (
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
-    _atomic_write_all,
     _gather_full,
     _read_adapter,
+    write_adapter_files,
 )
 from lora_fast.functional import resolve_backend
 from lora_fast.inject import (
@@ -219,7 +219,7 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
         raise ValueError(f"save_adapter: LoRA tensors do not have their layers' shapes: {_names(wrong)}. Parameters "
                          "partitioned by a wrapper lora_fast does not gather (DeepSpeed ZeRO-3: save inside "
                          "deepspeed.zero.GatheredParameters) cannot be saved as they are; FSDP2 is gathered here")
-    files = {  # serialised before anything touches the disk
+    files = {  # serialised before anything touches the disk; the config last (write_adapter_files' commit marker)
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
     }
@@ -229,8 +229,7 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
 
         if dist.get_rank() != 0:
             return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_all(directory, files)
+    write_adapter_files(directory, files)  # the config last: the commit marker
     return directory
 
 

@@ -1,8 +1,13 @@
 """The files of an adapter directory: atomic writing, reading in every accepted layout, gathering sharded tensors.
 
 Writes are atomic: both files go to temporary files in the target directory (fsync'ed), then ``os.replace``
-puts them in place, so an interrupted save leaves the previous adapter intact. The one window left is between the
-two renames (microseconds), where the new weights may sit beside the old config.
+puts them in place, so an interrupted save leaves the previous adapter intact. The config is the commit marker: it
+is renamed last, and an old config that differs from the new one is removed before the weights are replaced. So
+the two renames' window (microseconds) leaves either the previous adapter whole or a directory without
+``adapter_config.json`` (refused on load, naming the file) — never new weights beside an old config, which would
+load with the old alpha (a silently wrong model). A save whose config is unchanged (a rewrite of the same adapter's
+weights: checkpoints of one run) renames the weights alone: one atomic step. Directories the save created are
+removed again when it fails.
 
 Besides the safetensors file, ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary
 unpickling) in two forms: PEFT's plain state dict (keys ``base_model.model.<module>.lora_A.weight``, ...), or the
@@ -43,13 +48,34 @@ def _write_file(fh, data: bytes) -> None:
     fh.write(data)
 
 
+def write_adapter_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write an adapter's files into ``directory`` (created if needed; what this call created is removed again
+    if it fails), atomically: ``files``' last entry is the commit marker (the config), renamed last."""
+    created = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        _atomic_write_all(directory, files)
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()  # only if still empty: never anything a concurrent writer put there
+            except OSError:
+                break
+        raise
+
+
 def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
-    """Write every file to a fsync'ed temporary in ``directory`` first, then rename them all into place."""
+    """Write every file to a fsync'ed temporary in ``directory`` first, then rename them into place, the last
+    (the commit marker) last; an existing marker that differs is removed before the first rename, and an
+    unchanged one is left as it is (module docstring)."""
     temps: dict[str, str] = {}
     umask = os.umask(0o022)  # mkstemp creates 0600 files; give them the mode a plain open() would
     os.umask(umask)
+    marker = list(files)[-1]
     try:
         for name, data in files.items():
+            if name == marker and _same_bytes(directory / name, data):
+                continue
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
             temps[name] = tmp
             if hasattr(os, "fchmod"):
@@ -58,6 +84,8 @@ def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
                 _write_file(fh, data)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if marker in temps and len(temps) > 1:  # the old marker must not outlive the files it described
+            (directory / marker).unlink(missing_ok=True)
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
         temps.clear()
@@ -73,6 +101,13 @@ def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _dtensor_type():

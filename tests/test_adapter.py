@@ -588,7 +588,9 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
     directory, _, model = saved
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     with torch.no_grad():
-        next(iter(lora_layers(model).values())).lora.lora_B.add_(1.0)  # the new save would differ
+        next(iter(lora_layers(model).values())).lora.lora_B.add_(1.0)  # the new save would differ ...
+    for layer in lora_layers(model).values():  # ... in both files (an unchanged config is not rewritten)
+        layer.lora.alpha, layer.lora.scaling = 16.0, 16.0 / 4
     calls = []
 
     def interrupted(fh, data):
@@ -607,6 +609,68 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
     save_adapter(model, directory)
     assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert {p.name: p.read_bytes() for p in directory.iterdir()} != before
+
+
+@pytest.mark.parametrize("fail_at_rename", [1, 2])
+def test_save_interrupted_between_renames_never_pairs_new_weights_with_the_old_config(saved, monkeypatch,
+                                                                                      fail_at_rename):
+    """Overwriting an adapter with another alpha (same shapes: nothing else would tell the files apart) and
+    interrupted at either rename: the directory holds the old adapter whole or no config, which loading refuses
+    naming the file. Before, the new weights sat beside the old config and loaded with the old alpha."""
+    directory, fresh, model = saved
+    for layer in lora_layers(model).values():
+        layer.lora.alpha, layer.lora.scaling = 32.0, 32.0 / 4
+    _randomise_lora(model)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at_rename:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(src, dst)
+
+    monkeypatch.setattr(adapter_files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, directory)
+    monkeypatch.undo()
+    assert not any(p.name.endswith(".tmp") for p in directory.iterdir())
+    assert not (directory / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(copy.deepcopy(fresh), directory)
+    save_adapter(model, directory)  # a finished save is whole again
+    assert json.loads((directory / "adapter_config.json").read_text())["lora_alpha"] == 32
+
+
+def test_save_with_an_unchanged_config_is_one_rename(saved, monkeypatch):
+    """Saving new weights of the same adapter (a run's checkpoints) renames the weights alone, the config being
+    byte-identical: one atomic step, no window at all; the config on disk is left untouched."""
+    directory, _, model = saved
+    config = directory / "adapter_config.json"
+    stamp = config.stat().st_ino, config.read_bytes()
+    _randomise_lora(model)
+    real, calls = os.replace, []
+    monkeypatch.setattr(adapter_files.os, "replace",
+                        lambda src, dst: calls.append(os.path.basename(dst)) or real(src, dst))
+    save_adapter(model, directory)
+    assert calls == ["adapter_model.safetensors"]
+    assert (config.stat().st_ino, config.read_bytes()) == stamp
+    assert not any(p.name.endswith(".tmp") for p in directory.iterdir())
+
+
+def test_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, monkeypatch):
+    """A save that fails while writing into a directory it created removes what it created (the save is all or
+    nothing); a directory that was there before stays."""
+    model = _gpt2()
+    apply_lora(model, target_modules=["c_attn"], rank=2)
+
+    def interrupted(fh, data):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(adapter_files, "_write_file", interrupted)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, tmp_path / "runs" / "new" / "nested")
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and os.listdir(tmp_path / "runs") == []
 
 
 def test_lazy_exports():
