@@ -248,9 +248,11 @@ def check_shapes(
             f"input feature size mismatch: the layer expects in_features={k_in} but the input's last dimension is "
             f"{x.shape[-1] if x.dim() else 'missing (0-d input)'} (input shape {tuple(x.shape)})"
         )
+    if lora_A.dim() != 2 or lora_A.shape[1] != k_in:
+        flipped = lora_A.dim() == 2 and lora_A.shape[0] == k_in
+        raise ValueError(f"lora_A must be (rank, in_features={k_in}), got {tuple(lora_A.shape)}"
+                         + (" (transposed?)" if flipped else ""))
     r = lora_A.shape[0]
-    if lora_A.shape != (r, k_in):
-        raise ValueError(f"lora_A must be (rank, in_features)=({r}, {k_in}), got {tuple(lora_A.shape)}")
     if lora_B.shape != (n_out, r):
         raise ValueError(f"lora_B must be (out_features, rank)=({n_out}, {r}), got {tuple(lora_B.shape)}")
     if bias is not None and bias.shape != (n_out,):
@@ -293,7 +295,7 @@ def lora_linear(
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
         if functorch_active() or forward_ad_active():  # torch.compile(torch.func.grad(...)), or inside a
             # forward-AD level: the op has no functorch rules nor a jvp; aten ops have both
-            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
+            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")
         from lora_fast.ops import lora_linear_op
@@ -301,7 +303,7 @@ def lora_linear(
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                               backend=backend)
     backend = resolve_backend(backend)
-    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
+    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling, backend)
 
     if backend != "reference":
         reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p if training else 0.0)
@@ -324,9 +326,25 @@ def lora_linear(
                            backend)
 
 
-def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out) -> None:
+def check_scalars(dropout_p, scaling, scaling_as_float: bool) -> None:
+    """``dropout_p`` a number in [0, 1); ``scaling`` no tensor requiring grad where it is taken as a float (the
+    fused path, the torch.library op): its gradient would be dropped without a word."""
+    if isinstance(dropout_p, torch.Tensor):
+        raise TypeError(f"dropout_p must be a Python float, got a tensor ({dropout_p!r})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scaling_as_float and isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+        raise ValueError("scaling is a tensor that requires grad: the fused path and the compiled op take it as a "
+                         "float and would drop its gradient; pass a float, or call lora_linear with "
+                         "backend='reference' (eager) to train the scaling")
+
+
+def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling=1.0,
+                backend="reference") -> None:
+    """Refuse what no path computes right: ``dropout_p`` not a number in [0, 1), a seed out of range, shapes that
+    do not fit, and a ``scaling`` tensor that requires grad on a path that takes it as a float (its gradient would
+    be silently lost: only the reference path differentiates it)."""
+    check_scalars(dropout_p, scaling, scaling_as_float=backend != "reference")
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 

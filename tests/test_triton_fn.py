@@ -394,6 +394,34 @@ def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
         lora_linear(x, w, b.double(), a, bb, 1.0, backend="auto")
 
 
+def test_arguments_no_path_computes_right_are_refused_by_name():
+    """A ``scaling`` tensor requiring grad: the reference differentiates it, the fused path and the compiled op
+    take it as a float and used to drop its gradient without a word — refused there, by name. A tensor
+    ``dropout_p`` is a TypeError on every path (the Triton path's was a bare ``__round__`` error, the reference
+    accepted it). A transposed lora_A is named as such, with the rank its message infers no longer K."""
+    from lora_fast.ops import lora_linear_op
+
+    w, _, a, bb = _params(16, 12, 2)
+    x = torch.randn(5, 16, device=DEVICE)
+    s = torch.tensor(2.0, device=DEVICE, requires_grad=True)
+    for call in (lambda: lora_linear(x, w, None, a, bb, s, backend="triton"),
+                 lambda: lora_linear(x, w, None, a, bb, s, backend="auto"),
+                 lambda: lora_linear_op(x, w, None, a, bb, s)):
+        with pytest.raises(ValueError, match="scaling is a tensor that requires grad"):
+            call()
+    lora_linear(x, w, None, a, bb, s, backend="reference").sum().backward()
+    assert s.grad is not None and s.grad.abs() > 0  # the path that differentiates it still does
+    y = lora_linear(x, w, None, a, bb, s.detach(), backend="triton")  # a tensor without grad: its value
+    assert_rel_close(y, lora_linear(x, w, None, a, bb, 2.0, backend="triton"), 1e-6, "tensor scaling")
+    for backend in ("reference", "triton"):
+        with pytest.raises(TypeError, match="dropout_p must be a Python float, got a tensor"):
+            lora_linear(x, w, None, a, bb, 1.0, torch.tensor(0.1), seed=3, backend=backend)
+    with pytest.raises(TypeError, match="dropout_p must be a Python float"):
+        lora_linear_op(x, w, None, a, bb, 1.0, torch.tensor(0.1), seed=3)
+    with pytest.raises(ValueError, match=r"lora_A must be \(rank, in_features=16\), got \(16, 2\) \(transposed\?\)"):
+        lora_linear(x, w, None, a.t(), bb, 1.0, backend="reference")
+
+
 def test_dropout_too_close_to_one_runs_unbiased():
     """p so close to 1 that the kernels' 16-bit keep threshold would bias E[dropout(x)] by > 1e-3: refused by
     backend="triton" with the reason, run by the (unbiased) reference under "auto"; ordinary p stays on the kernels."""
