@@ -9,15 +9,22 @@ Per device (GPU name or ``cpu``):
     gpt2    one table per model: each provider's step time, tokens/s, speed-up vs ``peft``, peak memory, per mode.
     targets (GPU devices) the issue's H100 targets at bf16, M=8192, r=16, dropout 0.1, forward+backward; each
             ratio is judged as printed (3 decimals), so a figure and its verdict never disagree.
+            The targets are H100 targets: on any other device the figures are shown for reference, not judged.
 Plots (matplotlib, Agg): ``layer_time_<device>_<dtype>.png`` — p50 time vs M per provider, one panel per layer
 (full mode, r=16 and dropout 0.1 where measured); ``layer_saved_<device>_<dtype>.png`` — saved activations per
-provider at the largest M.
+provider at the largest M. Each figure names the commit(s) and library versions of the rows it draws.
+
+Provenance is (commit, torch, triton, transformers): a table, target or plot whose rows differ in any of them says
+which. Rows of a bench, provider or mode the report does not know are named in a line at the top, not dropped
+silently. A row with a non-finite figure or a config lacking a key the tables need is refused (``main``: one line,
+exit 2), naming its line in the CSV.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import defaultdict
@@ -26,8 +33,17 @@ from pathlib import Path
 from benchmarks import utils
 from benchmarks.bench_layer import ALL_PROVIDERS as PROVIDERS
 from benchmarks.bench_layer import LAYERS
+from benchmarks.bench_layer import MODES as LAYER_MODES
 
 GPT2_PROVIDERS = ("lora_fast", *utils.VARIANT_PROVIDERS, "peft", *utils.PATCHED_PROVIDERS, "reference")
+GPT2_MODES = ("train", "infer_unmerged", "infer_merged")
+# the config keys each bench's tables, targets and plots read
+CONFIG_KEYS = {"layer": ("layer", "M", "K", "N", "r", "dropout", "dtype"),
+               "gpt2": ("model", "n_layer", "n_embd", "batch", "seq", "r", "alpha", "dropout", "dtype")}
+MODES_OF = {"layer": LAYER_MODES, "gpt2": GPT2_MODES}
+PROVENANCE = ("commit", "torch", "triton", "transformers")  # what a figure was measured with, besides the device
+VERSION_OF = {"commit": "commit", "torch": "torch version", "triton": "triton version",
+              "transformers": "transformers version"}
 TARGET_CFG = {"M": 8192, "r": 16, "dropout": 0.1, "dtype": "bf16"}
 TARGETS = {"vs_base": 1.10, "vs_peft": 1.5, "gpt2_tokens": 1.25}  # from issue 4
 
@@ -62,16 +78,100 @@ def provenance(rows: list[dict]) -> str:
     return "; ".join(parts) + f"; measured {stamps[0]} … {stamps[-1]}"
 
 
-def mixed_commits(rows: list[dict]) -> list[str]:
-    """A line under a table whose rows come from more than one commit (a rerun replaces only the rows it measures,
-    so a table can hold a provider's figures from an earlier run): which providers were measured at which commit."""
-    by_commit = defaultdict(set)
-    for r in rows:
-        by_commit[r["commit"]].add(r["provider"])
-    if len(by_commit) < 2:
+def differing(rows: list[dict]) -> list[str]:
+    """The provenance columns on which ``rows`` disagree. A library upgraded between two runs at one commit changes
+    the figures as much as a code change does, so the versions count as much as the commit."""
+    return [col for col in PROVENANCE if len({r[col] for r in rows}) > 1]
+
+
+def and_join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def stamp_label(cols: list[str], values: tuple[str, ...]) -> str:
+    """``aaaaaaa, torch 2.11``: a commit bare (as everywhere in the summary), a version after its library's name."""
+    return ", ".join(v if c == "commit" else f"{c} {v}" for c, v in zip(cols, values, strict=True))
+
+
+def mixed_provenance(rows: list[dict]) -> list[str]:
+    """A line under a table whose rows come from more than one commit or library version (a rerun replaces only the
+    rows it measures, so a table can hold a provider's figures from an earlier run): which providers were measured
+    at which commit / under which versions, naming only the columns that differ."""
+    cols = differing(rows)
+    if not cols:
         return []
-    parts = [f"{', '.join(sorted(provs))} at {commit}" for commit, provs in sorted(by_commit.items())]
-    return [f"*Measured at more than one commit: {'; '.join(parts)}. Ratios across them compare different runs.*", ""]
+    by_stamp = defaultdict(set)
+    for r in rows:
+        by_stamp[tuple(r[c] for c in cols)].add(r["provider"])
+    parts = [f"{', '.join(sorted(provs))} at {stamp_label(cols, st)}" for st, provs in sorted(by_stamp.items())]
+    return [f"*Measured at more than one {and_join([VERSION_OF[c] for c in cols])}: {'; '.join(parts)}. Ratios "
+            "across them compare different runs.*", ""]
+
+
+def figure_stamp(rows: list[dict]) -> str:
+    """The provenance line a PNG carries (a plot is shown on its own, away from the summary's provenance line):
+    ``commit … · torch … · triton … · transformers …``, led by ``mixed:`` when its rows differ in any of them."""
+    text = " · ".join(f"{col} {', '.join(sorted({r[col] for r in rows}))}" for col in PROVENANCE)
+    return f"mixed: {text}" if differing(rows) else text
+
+
+def is_h100(dev: str) -> bool:
+    """The issue's targets are H100 figures: judged only on a device whose name says H100."""
+    return "H100" in dev.upper()
+
+
+def check_rows(rows: list[dict], source: str | Path) -> None:
+    """Refuse a row the report cannot show truthfully, naming its line in the CSV: a p20/p50/p80 that is not a
+    finite number, or a config that is not a JSON object with the keys its bench's tables read. The writers never
+    write either (``utils.make_row`` refuses them); a hand-edited or merged file can. Refused rather than shown:
+    a NaN would print as ``nan`` beside a verdict, and a missing key would end the report in a KeyError. Rows of a
+    bench the report does not know are not read, and not checked (``not_shown`` names them)."""
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        if r["bench"] not in CONFIG_KEYS:
+            continue
+        where = f"{source}, line {line} ({r['bench']} {r['provider']} {r['mode']} {r['metric']} on {r['device']})"
+        for col in ("p20", "p50", "p80"):
+            try:
+                finite = math.isfinite(float(r[col]))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ValueError(f"{where}: {col} {r[col]!r} is not a finite number")
+        try:
+            cfg = json.loads(r["config"])
+        except (TypeError, ValueError):
+            cfg = None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: config {r['config']!r} is not a JSON object")
+        missing = [k for k in CONFIG_KEYS[r["bench"]] if k not in cfg]
+        if missing:
+            raise ValueError(f"{where}: config {r['config']} lacks {', '.join(missing)}")
+
+
+def provider_shown(bench: str, provider: str) -> bool:
+    """Whether the tables and plots of ``bench`` show this provider (as their sections select providers)."""
+    if bench == "gpt2":
+        return provider in GPT2_PROVIDERS or "+compile" in provider  # bench_gpt2 --compile: <name>+compile[:mode]
+    return provider in PROVIDERS
+
+
+def not_shown(rows: list[dict]) -> list[str]:
+    """A line naming the benches, providers and modes in the CSV that no table or plot shows (a renamed provider,
+    rows of an older or newer benchmark), with their row counts: rows never vanish without a word."""
+    counts = defaultdict(int)
+    for r in rows:
+        bench = r["bench"]
+        if bench not in MODES_OF:
+            counts[f"bench `{bench}`"] += 1
+            continue
+        if not provider_shown(bench, r["provider"]):
+            counts[f"{bench} provider `{r['provider']}`"] += 1
+        if r["mode"] not in MODES_OF[bench]:
+            counts[f"{bench} mode `{r['mode']}`"] += 1
+    if not counts:
+        return []
+    parts = [f"{what} ({n} row{'s' * (n != 1)})" for what, n in sorted(counts.items())]
+    return [f"*Not shown (the report does not know them): {'; '.join(parts)}.*", ""]
 
 
 def layer_configs(rows: list[dict]) -> list[tuple[dict, str]]:
@@ -113,7 +213,7 @@ def layer_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
                        f"{fmt(p50(idx, 'layer', dev, c, prov, 'full', 'peak_mem'), '.3g')} | "
                        f"{fmt(None if saved is None else saved / 2**20, '.3g')} |")
         out.append("")
-        out += mixed_commits([r for r in rows if r["config"] == c])
+        out += mixed_provenance([r for r in rows if r["config"] == c])
     return out
 
 
@@ -128,7 +228,7 @@ def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
                 "|---|---|---:|---:|---:|---:|"]
         present = {r["provider"] for r in rows if r["config"] == c}
         compiled = sorted(p for p in present if "+compile" in p)  # bench_gpt2 --compile: <name>+compile[:mode]
-        for mode in ("train", "infer_unmerged", "infer_merged"):
+        for mode in GPT2_MODES:
             for prov in [*GPT2_PROVIDERS, *compiled]:
                 t = idx.get(("gpt2", dev, c, prov, mode, "time"))
                 if t is None:
@@ -141,23 +241,35 @@ def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
                            f"| {fmt(tps, '.4g')} | {fmt(ratio(tps, peft_tps), '.2f')} | "
                            f"{fmt(p50(idx, 'gpt2', dev, c, prov, mode, 'peak_mem'), '.4g')} |")
         out.append("")
-        out += mixed_commits([r for r in rows if r["config"] == c])
+        out += mixed_provenance([r for r in rows if r["config"] == c])
     return out
 
 
 def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[dict]) -> list[str]:
-    """The issue's targets, checked on this device's rows: met, missed, or no data; with the commits measured."""
-    out = ["### Targets (issue 4: H100, bf16, M=8192, r=16, dropout 0.1, forward+backward)", "",
-           "| target | measured | status | commits |", "|---|---:|---|---|"]
+    """The issue's targets, checked on this device's rows: met, missed, or no data; with the commits measured (and
+    the library versions where the two figures of a ratio differ in them). The targets are H100 figures: on another
+    device the ratios are shown for reference, never judged against them."""
+    judged = is_h100(dev)
+    out = ["### Targets (issue 4: H100, bf16, M=8192, r=16, dropout 0.1, forward+backward)"
+           + ("" if judged else " — for reference only, not an H100"), ""]
+    if not judged:
+        out += [f"*The targets are the issue's H100 targets; {dev} is not an H100, so its ratios are shown for "
+                "reference, with no met / not met verdict.*", ""]
+    out += ["| target | measured | status | commits |", "|---|---:|---|---|"]
 
     def line(name, keys, ok):
         num, den = (idx.get(k) for k in keys)
         value = ratio(*(None if row is None else float(row["p50"]) for row in (num, den)))
         shown = fmt(value, ".3f")  # judged as shown: 1.65 / 1.1 = 1.4999999999999998 is printed, and meets, 1.500
-        status = "no data" if value is None else ("met" if ok(float(shown)) else "not met")
+        if value is None:
+            status = "no data"
+        else:
+            status = ("met" if ok(float(shown)) else "not met") if judged else "for reference"
         commits = ", ".join(sorted({row["commit"] for row in (num, den) if row is not None})) or "–"
-        if value is not None and num["commit"] != den["commit"]:
-            status += " (across commits)"
+        if value is not None and (cols := differing([num, den])):
+            status += f" (across {', '.join(VERSION_OF[c] + 's' for c in cols)})"
+            commits = "; ".join([commits, *(f"{c} {', '.join(sorted({num[c], den[c]}))}" for c in cols
+                                            if c != "commit")])
         out.append(f"| {name} | {shown} | {status} | {commits} |")
 
     for cfg, c in layer_configs(layer_rows):
@@ -179,6 +291,15 @@ def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[
     return out + [""]
 
 
+def fit_width(fig, texts) -> None:
+    """Widen ``fig`` until each of ``texts`` (figure-level titles, the legend) fits across it: one panel is 4.2 in
+    wide, narrower than a GPU's name in the title, and the title would be cut at both ends."""
+    renderer = fig.canvas.get_renderer()
+    need = max(t.get_window_extent(renderer).width for t in texts) / fig.dpi + 0.4  # + margins
+    if need > fig.get_figwidth():
+        fig.set_figwidth(need)
+
+
 def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[str]:
     """Write the PNGs for one device; returns their file names."""
     import matplotlib
@@ -195,7 +316,8 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         combos = sorted({(cfg["r"], cfg["dropout"]) for cfg, _ in cfgs})
         r, p = (16, 0.1) if (16, 0.1) in combos else combos[0]
         cfgs = [(cfg, c) for cfg, c in cfgs if (cfg["r"], cfg["dropout"]) == (r, p)]
-        layers = [n for n in LAYERS if any(cfg["layer"] == n for cfg, _ in cfgs)]
+        names = {cfg["layer"] for cfg, _ in cfgs}
+        layers = [n for n in LAYERS if n in names] + sorted(names - set(LAYERS))  # a layer of another CSV: last
         fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
         for ax, name in zip(axes[0], layers, strict=True):
             for prov in PROVIDERS:
@@ -216,9 +338,14 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         for ax in axes[0]:
             for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, h)
-        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
-        fig.suptitle(f"{dev} · {dtype} · r={r} · dropout={p} · forward+backward")
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        drawn = [idx[k] for _, c in cfgs for prov in PROVIDERS
+                 if (k := ("layer", dev, c, prov, "full", "time")) in idx]
+        legend = fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(len(handles), 1),
+                            fontsize=8, bbox_to_anchor=(0.5, 0.05))
+        title = fig.suptitle(f"{dev} · {dtype} · r={r} · dropout={p} · forward+backward")
+        footer = fig.text(0.5, 0.01, figure_stamp(drawn) if drawn else "", ha="center", va="bottom", fontsize=8)
+        fit_width(fig, [title, footer, legend])
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
         name = f"layer_time_{slug(dev)}_{dtype}.png"
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -231,6 +358,8 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         saved = {prov: vals for prov, vals in saved.items() if any(v is not None for v in vals)}
         if not saved:
             continue
+        drawn = [idx[k] for n in layers if n in at_max for prov in saved
+                 if (k := ("layer", dev, at_max[n], prov, "fwd", "saved_bytes")) in idx]
         fig, ax = plt.subplots(figsize=(7, 3.6))
         width = 0.8 / len(PROVIDERS)
         for prov, vals in saved.items():
@@ -238,9 +367,12 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
             ax.bar([j + i * width for j in range(len(layers))], [(v or 0) / 2**20 for v in vals], width, label=prov,
                    color=f"C{i}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
-        ax.set(ylabel="saved activations (MB)", title=f"{dev} · {dtype} · M={m_max} · r={r} · dropout={p}")
+        ax.set(ylabel="saved activations (MB)")
+        title = fig.suptitle(f"{dev} · {dtype} · M={m_max} · r={r} · dropout={p}")
+        footer = fig.text(0.5, 0.01, figure_stamp(drawn), ha="center", va="bottom", fontsize=8)
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        fit_width(fig, [title, footer])
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         name = f"layer_saved_{slug(dev)}_{dtype}.png"
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -249,16 +381,26 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
 
 
 def render(csv_path: str | Path, out_dir: str | Path) -> Path:
-    """Write ``SUMMARY.md`` and the plots for every device in the CSV; returns the summary's path."""
+    """Write ``SUMMARY.md`` and the plots for every device in the CSV; returns the summary's path. A missing file, a
+    file with no rows and a row ``check_rows`` refuses are errors (``utils.read_csv`` reads a missing file as
+    empty, which would call a misspelt path "no results")."""
+    if not Path(csv_path).exists():
+        raise FileNotFoundError(f"{csv_path} does not exist (run benchmarks.bench_layer / bench_gpt2 first, or "
+                                "name the results CSV with --csv)")
+    if not Path(csv_path).is_file():
+        raise ValueError(f"{csv_path} is not a file (name the results CSV with --csv)")
     rows = utils.read_csv(csv_path)
     if not rows:
-        raise ValueError(f"{csv_path}: no results to report (run benchmarks.bench_layer / bench_gpt2 first)")
+        raise ValueError(f"{csv_path} has no rows: no results to report (run benchmarks.bench_layer / bench_gpt2 "
+                         "first)")
+    check_rows(rows, csv_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     idx = index(rows)
     devices = sorted({r["device"] for r in rows}, key=lambda d: (d == "cpu", d))  # GPUs first
     lines = ["# lora_fast benchmark summary", "",
-             f"Generated by `python -m benchmarks.report` from `{Path(csv_path).name}` ({len(rows)} rows).", ""]
+             f"Generated by `python -m benchmarks.report` from `{Path(csv_path).name}` ({len(rows)} rows).", "",
+             *not_shown(rows)]
     for dev in devices:
         dev_rows = [r for r in rows if r["device"] == dev]
         layer_rows = [r for r in dev_rows if r["bench"] == "layer"]
@@ -287,7 +429,12 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=str(utils.DEFAULT_CSV))
     p.add_argument("--out", default=str(utils.RESULTS_DIR), help="directory for SUMMARY.md and the PNGs")
     args = p.parse_args(argv)
-    print(f"wrote {render(args.csv, args.out)}")
+    try:
+        summary = render(args.csv, args.out)
+    except (OSError, ValueError) as e:  # bad input (or an unwritable --out): one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary}")
     return 0
 
 

@@ -1,8 +1,11 @@
 """Unit tests of ``benchmarks/report.py`` on synthetic rows (made up here, never measured): which figure lands in
-which column, the ratios' directions, the target verdicts and the layout of the summary. Plots are left to the
-smoke test (``tests/test_benchmarks_smoke.py``); here they are switched off to keep the tests fast."""
+which column, the ratios' directions, the target verdicts and the layout of the summary, what the report says about
+mixed provenance, unknown rows and bad inputs. Plots are drawn only where their content is under test (their
+provenance line, their width); elsewhere they are switched off to keep the tests fast."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +162,215 @@ def test_summary_lists_gpus_in_name_order_then_cpu_and_judges_targets_on_gpus_on
     assert [s.split("\n", 1)[0] for s in sections] == [*sorted(d for d in devices if d != "cpu"), "cpu"]
     for s in sections:
         assert ("### Targets" in s) == (not s.startswith("cpu\n")), s[:40]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Provenance: commit and library versions
+# --------------------------------------------------------------------------------------------------------------------
+def mixed_note(lines: list[str]) -> dict[str, set[str]]:
+    """{label: providers} of the one "Measured at more than one …" note in ``lines``; {} when there is none."""
+    notes = [line for line in lines if line.startswith("*Measured at more than one")]
+    if not notes:
+        return {}
+    assert len(notes) == 1, notes
+    parts = notes[0].split(": ", 1)[1].split(". ")[0].split("; ")
+    return {label: set(provs.split(", ")) for provs, label in (p.split(" at ", 1) for p in parts)}
+
+
+@pytest.mark.parametrize("col", ["torch", "triton", "transformers"])
+def test_a_table_mixing_library_versions_at_one_commit_says_which(col):
+    """base and peft measured under one version of a library, lora_fast re-measured under another, all at one
+    commit: the table says so, names the library, and puts each provider beside its version."""
+    rows = [layer_row("base", "full", "time", [1.0], **{col: "2.11"}),
+            layer_row("peft", "full", "time", [2.0], **{col: "2.11"}),
+            layer_row("lora_fast", "full", "time", [1.05], **{col: "2.12"})]
+    lines = report.layer_section(GPU, rows, report.index(rows))
+    note = next(line for line in lines if line.startswith("*Measured at more than one"))
+    assert col in note.split(":")[0] and "commit" not in note.split(":")[0], note  # names what differs, only that
+    assert mixed_note(lines) == {f"{col} 2.11": {"base", "peft"}, f"{col} 2.12": {"lora_fast"}}
+    same = [{**r, col: "2.11"} for r in rows]
+    assert mixed_note(report.layer_section(GPU, same, report.index(same))) == {}
+
+
+def test_a_target_from_rows_of_different_library_versions_is_marked_and_shows_both():
+    rows = [layer_row("base", "full", "time", [1.0]), layer_row("peft", "full", "time", [2.0]),
+            layer_row("lora_fast", "full", "time", [1.05], torch="2.12")]
+    lines = targets(rows)
+    _, status = verdict(lines, "c_attn: lora_fast / base")
+    assert status.startswith("met (across") and "torch" in status and "commit" not in status, status
+    row = next(line for line in lines if line.startswith("| c_attn: lora_fast / base"))
+    assert "2.12" in row.split("|")[-2] and ENV["torch"] in row.split("|")[-2], row
+    same = [{**r, "torch": "2.12"} for r in rows]
+    assert verdict(targets(same), "c_attn: lora_fast / base")[1] == "met"  # nothing mixed: no mark
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plots (these draw: matplotlib, Agg)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures ``report.plots`` saves, by file name (still saved as usual). Each gets ``text_boxes``: (text,
+    x0, x1, figure width) in pixels of its figure-level titles, texts and legends, taken as it is saved (the report
+    closes its figures after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved, original = {}, Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        self.canvas.draw()
+        renderer = self.canvas.get_renderer()
+        self.text_boxes = [(getattr(a, "get_text", lambda: "legend")(), box.x0, box.x1, self.bbox.width)
+                           for a in [self._suptitle, *self.texts, *self.legends]
+                           if a is not None and (box := a.get_window_extent(renderer))]
+        saved[Path(fname).name] = self
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def figure_text(fig) -> str:
+    return "\n".join([fig.get_suptitle(), *(t.get_text() for t in fig.texts),
+                      *(ax.get_title() for ax in fig.axes)])
+
+
+def plot_rows(commits=("abc1234",), torches=("2.11",)) -> list[dict]:
+    """c_attn only (``bench_layer --layers c_attn``), two M, each provider at its own commit / torch in turn."""
+    rows = []
+    for i, prov in enumerate(("base", "peft", "lora_fast")):
+        env = {"commit": commits[i % len(commits)], "torch": torches[i % len(torches)], "triton": "3.6.0",
+               "transformers": "5.23.0"}
+        for m in (2048, 8192):
+            rows += [layer_row(prov, "full", "time", [m / 8192 * (i + 1)], {**LAYER, "M": m}, **env),
+                     layer_row(prov, "fwd", "saved_bytes", [2**20 * (i + 1)], {**LAYER, "M": m}, **env)]
+    return rows
+
+
+def test_each_plot_names_its_commit_and_versions_and_says_when_they_are_mixed(tmp_path, figures):
+    rows = plot_rows()
+    report.plots(GPU, rows, report.index(rows), tmp_path)
+    assert len(figures) == 2
+    for name, fig in figures.items():
+        text = figure_text(fig)
+        assert all(v in text for v in ("abc1234", "2.11", "3.6.0", "5.23.0")), (name, text)
+        assert "mixed" not in text, (name, text)
+
+    figures.clear()
+    rows = plot_rows(commits=("aaaaaaa", "bbbbbbb"), torches=("2.11", "2.12"))
+    report.plots(GPU, rows, report.index(rows), tmp_path)
+    for name, fig in figures.items():
+        text = figure_text(fig)
+        assert "mixed" in text and all(v in text for v in ("aaaaaaa", "bbbbbbb", "2.11", "2.12")), (name, text)
+
+
+def test_a_one_layer_plot_is_wide_enough_for_its_title_and_legend(tmp_path, figures):
+    """With one panel the figure used to be narrower than the title, which lost the device name at both ends."""
+    rows = plot_rows()
+    report.plots(GPU, rows, report.index(rows), tmp_path)
+    assert len(figures) == 2
+    for name, fig in figures.items():
+        assert GPU in fig.get_suptitle()
+        for text, x0, x1, width in fig.text_boxes:
+            assert 0 <= x0 and x1 <= width, (name, text, x0, x1, width)
+
+
+def test_plots_draw_a_layer_the_benchmark_does_not_list(tmp_path, figures):
+    """A layer name outside ``bench_layer.LAYERS`` (renamed, or an older CSV) gets a panel instead of an empty
+    figure (matplotlib refuses zero panels)."""
+    rows = [{**r, "config": r["config"].replace('"c_attn"', '"q_proj"')} for r in plot_rows()]
+    report.plots(GPU, rows, report.index(rows), tmp_path)
+    assert [ax.get_title() for ax in figures[f"layer_time_{report.slug(GPU)}_bf16.png"].axes] == ["q_proj"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------------------------
+def run_main(capsys, csv_path, out) -> tuple[int, list[str]]:
+    rc = report.main(["--csv", str(csv_path), "--out", str(out)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_main_says_in_one_line_that_the_csv_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "resutls.csv"
+    rc, err = run_main(capsys, missing, tmp_path / "out")
+    assert rc != 0 and len(err) == 1 and str(missing) in err[0] and "does not exist" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_says_in_one_line_that_the_csv_has_no_rows(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(utils.CSV_COLUMNS) + "\n", encoding="utf-8")  # header only
+    rc, err = run_main(capsys, path, tmp_path / "out")
+    assert rc != 0 and len(err) == 1 and str(path) in err[0] and "no rows" in err[0], err
+    assert "does not exist" not in err[0]
+
+
+def bad_csv(tmp_path, bad: dict, **change) -> tuple[Path, int]:
+    """A CSV of good rows and ``bad`` changed by ``change``; returns its path and the bad row's line."""
+    good = [layer_row("base", "full", "time", [1.0]), layer_row("peft", "full", "time", [2.0]),
+            gpt2_row("peft", "train", "tokens_per_s", [100.0])]
+    path = tmp_path / "results.csv"
+    utils.upsert_csv(path, [*good, {**bad, **change}])  # upsert checks the columns only, as a hand edit would pass
+    line = 2 + [r["provider"] for r in utils.read_csv(path)].index(bad["provider"])
+    return path, line
+
+
+@pytest.mark.parametrize("col", ["p20", "p50", "p80"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "", "fast"])
+def test_a_non_finite_figure_is_refused_naming_its_line(tmp_path, capsys, no_plots, col, value):
+    path, line = bad_csv(tmp_path, layer_row("lora_fast", "full", "time", [1.05]), **{col: value})
+    rc, err = run_main(capsys, path, tmp_path / "out")
+    assert rc != 0 and len(err) == 1, err
+    assert f"line {line} " in err[0] and "lora_fast" in err[0] and col in err[0], err
+    assert not (tmp_path / "out" / "SUMMARY.md").exists()
+
+
+@pytest.mark.parametrize(("bench", "key"), [*(("layer", k) for k in LAYER),
+                                             *(("gpt2", k) for k in GPT2 if k not in ("n_head", "vocab"))])
+def test_a_config_missing_a_key_the_report_reads_is_refused_naming_its_line(tmp_path, capsys, no_plots, bench, key):
+    make, cfg = (layer_row, LAYER) if bench == "layer" else (gpt2_row, GPT2)
+    path, line = bad_csv(tmp_path, make("lora_fast", "full" if bench == "layer" else "train", "time", [1.0],
+                                        {k: v for k, v in cfg.items() if k != key}))
+    rc, err = run_main(capsys, path, tmp_path / "out")
+    assert rc != 0 and len(err) == 1, err
+    assert f"line {line} " in err[0] and key in err[0].rsplit(":", 1)[1], err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows the report does not show; targets on other GPUs
+# --------------------------------------------------------------------------------------------------------------------
+def test_summary_names_the_providers_and_modes_it_does_not_show(tmp_path, no_plots):
+    known = [layer_row("base", "full", "time", [1.0]), layer_row("lora_fast", "full", "time", [1.05]),
+             gpt2_row("peft", "train", "tokens_per_s", [100.0]), gpt2_row("peft+compile", "train", "time", [9.0])]
+    unknown = [layer_row("lora_fast_v2", "full", "time", [1.1]), layer_row("lora_fast_v2", "fwd", "time", [0.5]),
+               layer_row("base", "warmup", "time", [3.0]), gpt2_row("peft_v0", "train", "time", [9.0]),
+               gpt2_row("peft", "generate", "time", [9.0])]
+    path = tmp_path / "results.csv"
+    utils.upsert_csv(path, known + unknown)
+    lines = report.render(path, tmp_path).read_text(encoding="utf-8").splitlines()
+    flagged = [line for line in lines if "lora_fast_v2" in line]
+    assert len(flagged) == 1, flagged  # one line, and no table shows it
+    for name in ("lora_fast_v2", "warmup", "peft_v0", "generate"):
+        assert name in flagged[0], (name, flagged)
+    for name in ("`base`", "`lora_fast`", "`peft`", "`peft+compile`", "`full`", "`train`"):
+        assert name not in flagged[0], (name, flagged)
+    assert report.not_shown(known) == []
+
+
+@pytest.mark.parametrize(("dev", "h100"), [(GPU, True), ("NVIDIA H100 PCIe", True), ("NVIDIA H100 NVL", True),
+                                           ("NVIDIA A100-SXM4-80GB", False), ("NVIDIA H200", False),
+                                           ("AMD Instinct MI300X", False)])
+def test_the_h100_targets_are_judged_on_an_h100_only(dev, h100):
+    """On another GPU the ratios are still shown (for reference) but never called met or not met."""
+    rows = [layer_row(prov, "full", "time", [ms], device=dev) for prov, ms in [("base", 1.0), ("peft", 2.0),
+                                                                                ("lora_fast", 1.3)]]
+    lines = targets(rows, dev)
+    for name, shown in [("c_attn: lora_fast / base", "1.300"), ("c_attn: peft / lora_fast", "1.538")]:
+        measured, status = verdict(lines, name)
+        assert measured == shown
+        assert (status in ("met", "not met")) == h100, (dev, status)
+        assert ("met" in status.split()) == h100, (dev, status)  # no "met"/"not met" wording at all elsewhere
+    assert any("not an H100" in line for line in lines) != h100, lines
