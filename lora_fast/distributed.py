@@ -375,10 +375,35 @@ def stop_signals(ctx: DistContext):
     KeyboardInterrupt at once, an escape hatch from a stop that does not come. The previous handlers are restored
     on the way out. Nothing is installed for one process (its own interrupt handling is unchanged) or off the main
     thread."""
-    flag = StopFlag()
     if not ctx.enabled or not _on_main_thread():
-        yield flag
+        yield StopFlag()
         return
+    with _flagging_signals() as flag:
+        yield flag
+
+
+@contextlib.contextmanager
+def held_signals(active: bool = True):
+    """A block a stop signal must not cut (one process: an optimizer update and its step's bookkeeping, the final
+    outputs' write): the first SIGINT or SIGTERM in it is held — recorded in the yielded flag's ``signum`` — and,
+    when the block ends, raised as KeyboardInterrupt at that consistent point; a second one raises at once (the
+    escape hatch). A caller that must finish anyway reads the flag inside the block and clears it. ``active`` False
+    (torchrun ranks, whose ``stop_signals`` already hold every signal to a step boundary) or off the main thread:
+    nothing is installed."""
+    if not active or not _on_main_thread():
+        yield StopFlag()
+        return
+    with _flagging_signals() as flag:
+        yield flag
+    if flag.signum:
+        raise KeyboardInterrupt(f"signal {flag.signum}")
+
+
+@contextlib.contextmanager
+def _flagging_signals():
+    """SIGINT and SIGTERM set the yielded flag (the first) or raise KeyboardInterrupt (a second); the previous
+    handlers come back on the way out."""
+    flag = StopFlag()
 
     def handler(signum, frame):
         if flag.signum:

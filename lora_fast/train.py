@@ -271,6 +271,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     scaler = torch.amp.GradScaler(device.type, enabled=opts.fp16)
     loaders = _loaders(opts, prep, ctx)
     digest = D.digest(prep.data["train"], prep.tokenizer) if ctx.enabled or checkpointing else None
+    base = C.base_digest(model) if checkpointing else None  # before wrapping: the frozen tensors, whole
     if ctx.enabled:  # e.g. a tokenizer trained differently on two ranks would silently train on different data
         D.check_same(digest, ctx, "the training data and tokenizer (digest)")
     reduced = [0]  # gradient elements all-reduced by DDP (its comm hook counts them)
@@ -294,9 +295,11 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     eval_cap = opts.eval_batches * ctx.world_size * ga if opts.eval_batches else None
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
-    resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total) if resume_path else None
+    resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total, base) if resume_path else None
     if resumed:
         C.load_trainable(plain, resumed["trainable"], resume_path)  # DDP replicas: every rank loads the same
+        if main and opts.save_steps:  # every rank found its checkpoint before check_same's collective above
+            C.set_aside_newer(ckpt_root, resume_path, log)
     sched = lr_schedule(optimizer, opts.warmup_ratio, total)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -343,7 +346,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     def checkpoint(pos):
         return C.save_checkpoint(ckpt_root, pos, model=plain, optimizer=optimizer, scheduler=sched, scaler=scaler,
                                  metrics=m, opts=opts, prep=prep, total=total, digest=digest, ctx=ctx,
-                                 limit=opts.save_total_limit)
+                                 limit=opts.save_total_limit, base=base)
 
     staged = StagedDir(out_dir, opts.overwrite, command="train") if main else None
     final = batches = None
@@ -386,38 +389,44 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                             scaler.unscale_(optimizer)
                             torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                         lr = optimizer.param_groups[0]["lr"]
-                        in_update = True  # from here to the next boundary an interrupt leaves no consistent state
-                        scale = scaler.get_scale() if scaler.is_enabled() else None
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: no update was made
-                            m["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0) + 1
-                        else:  # as accelerate's scheduler (HF Trainer): the schedule advances with real updates only
-                            sched.step()
-                        step += 1
-                        if ctx.enabled:  # the global batch (mean loss over ranks, tokens of all ranks); ranks stopping
-                            acc_loss, acc_tokens, stopping = D.all_reduce_sum(
-                                [acc_loss / ctx.world_size, acc_tokens, float(stop.signum > 0)], ctx, device)
-                            acc_tokens = int(acc_tokens)
-                        now = time.perf_counter()
-                        tps = acc_tokens / max(now - t_step, 1e-9)
-                        if step > start_step + 1 or total == 1:  # throughput: the first step (warm-up, builds) left out
-                            m["_timed"][0] += acc_tokens
-                            m["_timed"][1] += now - t_step
-                        m["train_loss"].append(acc_loss)
-                        m["learning_rate"].append(lr)
-                        m["tokens_per_sec"].append(tps)
-                        tokens_seen += acc_tokens
-                        if writer:
-                            writer.add_scalar("train/loss", acc_loss, step)
-                            writer.add_scalar("train/lr", lr, step)
-                        bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                        bar.update(1)
-                        acc_loss, acc_tokens = 0.0, 0
-                        if checkpointing:
-                            boundary = C.Position(step, passes, j + 1, tokens_seen, C.capture_rng(device))
-                        in_update = False
+                        # one process: a signal in the update and its bookkeeping is held to the step's
+                        # boundary (then raised there: the interrupt handler checkpoints that boundary)
+                        with D.held_signals(not ctx.enabled) as held:
+                            in_update = True  # from here to the boundary an interrupt leaves no consistent state
+                            scale = scaler.get_scale() if scaler.is_enabled() else None
+                            scaler.step(optimizer)
+                            scaler.update()
+                            optimizer.zero_grad(set_to_none=True)
+                            if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: no update
+                                m["fp16_skipped_steps"] = m.get("fp16_skipped_steps", 0) + 1
+                            else:  # as accelerate's scheduler (HF Trainer): the schedule advances with updates only
+                                sched.step()
+                            step += 1
+                            if ctx.enabled:  # the global batch (mean loss over ranks, tokens of all ranks); stopping
+                                acc_loss, acc_tokens, stopping = D.all_reduce_sum(
+                                    [acc_loss / ctx.world_size, acc_tokens, float(stop.signum > 0)], ctx, device)
+                                acc_tokens = int(acc_tokens)
+                            now = time.perf_counter()
+                            tps = acc_tokens / max(now - t_step, 1e-9)
+                            if step > start_step + 1 or total == 1:  # throughput: the first step (warm-up) left out
+                                m["_timed"][0] += acc_tokens
+                                m["_timed"][1] += now - t_step
+                            m["train_loss"].append(acc_loss)
+                            m["learning_rate"].append(lr)
+                            m["tokens_per_sec"].append(tps)
+                            tokens_seen += acc_tokens
+                            if writer:
+                                writer.add_scalar("train/loss", acc_loss, step)
+                                writer.add_scalar("train/lr", lr, step)
+                            bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                            bar.update(1)
+                            acc_loss, acc_tokens = 0.0, 0
+                            if checkpointing:
+                                boundary = C.Position(step, passes, j + 1, tokens_seen, C.capture_rng(device))
+                            in_update = False
+                            if held.signum and step >= total:  # every step is done: it completes (as torchrun's)
+                                say(f"lora-fast: signal {held.signum} after the last optimizer step; the run completes")
+                                held.signum = 0
                         if ctx.enabled and stopping and step < total:  # at the last step the run is complete: it ends
                             raise D.StopRequested(f"a stop signal reached {int(stopping)} of {ctx.world_size} ranks; "
                                                   f"all stopped at step {step}/{total}")
@@ -448,10 +457,15 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                 f"lora-fast: interrupted at step {step}/{total}; saving what has been trained")
             if opts.save_steps and (together or not ctx.enabled) and step > last_saved:
                 if in_update or boundary is None or boundary.step != step:
-                    say("lora-fast: the interrupt came during an optimizer update: no checkpoint of this step "
-                        "(resume from the last one)")
+                    last = (f"resume from the checkpoint of step {last_saved}" if last_saved > 0 else
+                            "no checkpoint was written before it")
+                    say(f"lora-fast: the interrupt came during an optimizer update: no checkpoint of this step "
+                        f"({last})")
                 else:
                     say(f"lora-fast: checkpoint written to {checkpoint(boundary)}")
+            elif not opts.save_steps and step > start_step:
+                say("lora-fast: no resumable checkpoint is written (--save_steps not given): the output holds the "
+                    "adapter trained so far")
         if not interrupted and stop.signum:  # it came after the last step's boundary: every step is done
             print(f"lora-fast: rank {ctx.rank}: signal {stop.signum} after the last optimizer step; the run "
                   "completes", file=sys.stderr)
@@ -485,8 +499,12 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         if not interrupted or together:
             D.dump_rank_state(model, ctx)
         if main:
-            write_outputs(staged.path, opts, prep, plain, metrics)
-            final = staged.commit()
+            with D.held_signals() as held:  # the run is complete: a signal now must not discard it
+                write_outputs(staged.path, opts, prep, plain, metrics)
+                final = staged.commit()
+                if held.signum:
+                    held.signum = 0
+                    say(f"lora-fast: a stop signal came while the outputs were written; they are complete ({final})")
         elif ctx.mode == "fsdp":
             from lora_fast.adapter import save_adapter
 

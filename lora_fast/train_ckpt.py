@@ -14,21 +14,26 @@ a whole when the run finishes)::
 
 A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and
 when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial step's gradients are
-dropped; an interrupt inside the optimizer update writes none). Under torchrun that is the step boundary at which
+dropped; in one process a signal during the optimizer update and its bookkeeping is held to that step's end,
+``distributed.held_signals``; a KeyboardInterrupt raised inside the update itself writes none). Under torchrun that is the step boundary at which
 all ranks stopped together (``lora_fast.distributed``, "stopping"): every rank calls ``save_checkpoint`` there, as
 at a periodic save. Each is staged in a hidden
 directory and renamed into place, so a crash leaves the previous ones intact; ``--save_total_limit`` keeps the newest
-N. A fresh run refuses a checkpoint directory holding another run's checkpoints (``latest`` and the pruning would mix
-the two runs), and an unwritable one before training starts.
+N. A checkpoint directory holding another run's checkpoints is refused (``latest`` and the pruning would mix the
+two runs): a fresh run refuses any, a resumed run those of a directory its checkpoint is not in. Resuming from a
+checkpoint older than the newest in its directory sets the newer ones aside (renamed ``checkpoint-<step>.abandoned``:
+kept, but no longer ``latest`` nor counted by the pruning). An unwritable directory is refused before training starts.
 
 Resuming restores all of it and continues at the next micro-batch of the same (seed, pass) permutation, with the
 same RNG stream: on the same device, backend and number of processes the resumed run is the uninterrupted run,
 bit for bit (the test compares adapters with ``torch.equal``). An evaluation (or a classification pass's accuracy)
 that the interrupt cut short is taken on resuming; a TensorBoard ``--logdir`` hides the abandoned steps after the
 checkpoint (``purge_step``). The options that shape the run must be the same
-(``MUST_MATCH``; an error names those that differ), and so must the tokenized training data (sha256 digest) and
-the number of processes. Output, logging, evaluation cadence, device and backend may change (a different device or
-backend continues the run, but with other rounding and dropout masks).
+(``MUST_MATCH``; an error names those that differ; an option the checkpoint predates counts as its default), and so
+must the tokenized training data (sha256 digest), the frozen base model's weights (``base_digest``: a sample of every
+frozen tensor) and the number of processes. ``--model`` and ``--dataset`` may name another path when the content is
+the same (data staged to a job's own directory). Output, logging, evaluation cadence, device and backend may change
+(a different device or backend continues the run, but with other rounding and dropout masks).
 
 Known limits: FSDP runs neither write nor resume checkpoints (the optimizer state is sharded; an error says so).
 Under torchrun a signal that is not coordinated (a second one, or one outside the training loop) writes no
@@ -99,12 +104,34 @@ def check_options(opts) -> tuple[Path, Path | None]:
                           f"{STATE_NAME}); a checkpoint of the same step would replace it: move it, or choose another "
                           "--checkpoint_dir")
     found = list_checkpoints(root)
-    if found and resume is None:
+    if found and (resume is None or resume.resolve().parent != root.resolve()):
         names = ", ".join(p.name for _, p in found)
+        how = ("resume that run with --resume_from_checkpoint" if resume is None else
+               f"the resumed checkpoint {str(resume)!r} is not among them: resume from one of them")
         raise ConfigError(f"--checkpoint_dir {str(root)!r} already holds checkpoints of another run ({names}); "
-                          "resume that run with --resume_from_checkpoint, delete them, or choose another "
-                          "--checkpoint_dir")
+                          f"{how}, delete them, or choose another --checkpoint_dir")
     return root, resume
+
+
+def set_aside_newer(root: Path, resume: Path, log) -> list[Path]:
+    """Resuming from ``resume`` in ``root``: rename the checkpoints of later steps (the abandoned continuation) to
+    ``checkpoint-<step>.abandoned`` — kept, but no longer ``latest`` nor pruned in place of this run's own."""
+    step = int(_DIR_RE.fullmatch(resume.name).group(1)) if _DIR_RE.fullmatch(resume.name) else None
+    if step is None or resume.resolve().parent != root.resolve():
+        return []
+    moved = []
+    for s, path in list_checkpoints(root):
+        if s > step:
+            dest, n = path.with_name(f"{path.name}.abandoned"), 1
+            while dest.exists():
+                n += 1
+                dest = path.with_name(f"{path.name}.abandoned-{n}")
+            path.rename(dest)
+            moved.append(dest)
+    if moved:
+        log(f"lora-fast: resuming from step {step}: the later checkpoints of the abandoned continuation are set "
+            f"aside as {', '.join(p.name for p in moved)}")
+    return moved
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -130,6 +157,24 @@ def _options(opts) -> dict:
     return out
 
 
+def base_digest(model: torch.nn.Module) -> str:
+    """A fingerprint of the frozen weights (the base model): sha256 over every frozen tensor's name, shape, dtype
+    and up to 1024 of its values at evenly spaced positions. Exact values, no sums (whose rounding would change
+    with the device or thread count a resumed run may use); a base re-saved with other weights changes nearly
+    every sampled value."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024), device=flat.device).long()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype};".encode())
+        h.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _gather_rng(rng: dict, ctx) -> list[dict]:
     """Every rank's RNG states, on every rank (a collective under torchrun)."""
     if not ctx.enabled:
@@ -146,7 +191,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, scaler, metrics: dict, opts, prep,
-                    total: int, digest: str, ctx, limit: int | None) -> Path | None:
+                    total: int, digest: str, ctx, limit: int | None, base: str | None = None) -> Path | None:
     """Write ``root/checkpoint-<step>`` (staged, then renamed into place; one already there is replaced) and prune
     to the newest ``limit``. Under torchrun every rank must call this (the RNG states are gathered); rank 0 writes
     and returns the path, the others return None.
@@ -161,7 +206,7 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         "tokens_seen": pos.tokens_seen, "planned_steps": total, "world_size": ctx.world_size, "digest": digest,
         "options": _options(opts), "rng": rngs, "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "metrics": copy.deepcopy(metrics),
+        "metrics": copy.deepcopy(metrics), "base_digest": base, "versions": _versions(),
     }
     final = root / f"checkpoint-{pos.step}"
     staged = StagedDir(final, overwrite=True)  # one already there (a resumed run passing it again) is replaced
@@ -171,7 +216,7 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         torch.save(state, tmp / STATE_NAME)
         info = {"step": pos.step, "planned_steps": total, "passes_started": pos.passes,
                 "micro_batches_done_in_pass": pos.micro_done, "world_size": ctx.world_size,
-                "options": state["options"]}
+                "versions": state["versions"], "options": state["options"]}
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
@@ -185,6 +230,16 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
             if path != final:
                 shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    try:
+        mine = metadata.version("lora_fast")
+    except metadata.PackageNotFoundError:
+        mine = None
+    return {"lora_fast": mine, "torch": str(torch.__version__)}  # a plain str: weights_only loads it
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -213,36 +268,64 @@ def find_checkpoint(spec: str, root: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, opts, digest: str, ctx, total: int) -> dict:
-    """Read and check a checkpoint against this run; raises ``ConfigError`` naming what does not fit."""
+# what resuming reads from a format-2 state (``base_digest`` and ``versions`` are newer: absent in older files)
+_STATE_KEYS = ("step", "passes", "micro_done", "tokens_seen", "planned_steps", "world_size", "digest", "options",
+               "rng", "trainable", "optimizer", "scheduler", "scaler", "metrics")
+
+
+def load_checkpoint(path: Path, opts, digest: str, ctx, total: int, base: str | None = None) -> dict:
+    """Read and check a checkpoint against this run (``base``: this run's ``base_digest``); raises ``ConfigError``
+    naming what does not fit."""
+    where = str(path / STATE_NAME)
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"resume_from_checkpoint: cannot read {str(path / STATE_NAME)!r}: "
+        raise ConfigError(f"resume_from_checkpoint: cannot read {where!r} (truncated, damaged or not a checkpoint): "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < FORMAT:
-        raise ConfigError(f"resume_from_checkpoint: {str(path / STATE_NAME)!r} was written by an older lora-fast "
-                          f"(checkpoint format {state['format']}, now {FORMAT}: the learning-rate schedule, optimizer "
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if isinstance(fmt, int) and fmt < FORMAT:
+        raise ConfigError(f"resume_from_checkpoint: {where!r} was written by an older lora-fast "
+                          f"(checkpoint format {fmt}, now {FORMAT}: the learning-rate schedule, optimizer "
                           "groups and validation split changed); resuming would not continue that run. Resume with "
                           "the lora-fast version that wrote it, or start a new run")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ConfigError(f"resume_from_checkpoint: {str(path / STATE_NAME)!r} is not a lora-fast checkpoint of "
-                          f"format {FORMAT}")
+    if isinstance(fmt, int) and fmt > FORMAT:
+        raise ConfigError(f"resume_from_checkpoint: {where!r} was written by a newer lora-fast (checkpoint format "
+                          f"{fmt}; this one reads format {FORMAT}{_written_by(state)}); resume with that version")
+    if fmt != FORMAT:
+        raise ConfigError(f"resume_from_checkpoint: {where!r} is not a lora-fast checkpoint of format {FORMAT}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing or not isinstance(state["options"], dict):
+        raise ConfigError(f"resume_from_checkpoint: {where!r} is damaged: "
+                          + (f"no {', '.join(missing)}" if missing else "its options are not a mapping"))
     saved, now = state["options"], _options(opts)
-    differ = [f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in MUST_MATCH if saved.get(k) != now[k]]
+    saved = {k: saved.get(k, OPTIONS[k][1]) for k in MUST_MATCH}  # an option the checkpoint predates: its default
+    same_data = state["digest"] == digest
+    same_base = base is not None and state.get("base_digest") == base
+    relocated = {"dataset": same_data, "model": same_base}  # another path to the same content
+    differ = [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in MUST_MATCH
+              if saved[k] != now[k] and not relocated.get(k)]
     if differ:
         raise ConfigError(f"resume_from_checkpoint {str(path)!r}: options differ from the checkpointed run: "
                           f"{'; '.join(differ)}. Resuming continues that run; start a new run to change them")
     if state["world_size"] != ctx.world_size:
         raise ConfigError(f"resume_from_checkpoint {str(path)!r}: written by {state['world_size']} process(es), "
                           f"resumed with {ctx.world_size}; the data shards and RNG streams need the same number")
-    if state["digest"] != digest:
+    if not same_data:
         raise ConfigError(f"resume_from_checkpoint {str(path)!r}: the tokenized training data (or tokenizer) "
                           "differs from the checkpointed run's")
+    if base is not None and state.get("base_digest") not in (None, base):
+        raise ConfigError(f"resume_from_checkpoint {str(path)!r}: the base model's weights differ from the "
+                          f"checkpointed run's (--model {now['model']!r} was changed or re-saved since); resuming "
+                          "would train the adapter on another model")
     if state["planned_steps"] != total:
         raise ConfigError(f"resume_from_checkpoint {str(path)!r}: the run was planned for {state['planned_steps']} "
                           f"steps, this one for {total}")
     return state
+
+
+def _written_by(state: dict) -> str:
+    v = state.get("versions")
+    return f", written by lora-fast {v.get('lora_fast')}" if isinstance(v, dict) and v.get("lora_fast") else ""
 
 
 def load_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:

@@ -358,3 +358,140 @@ def test_latest_checkpoint_is_the_highest_step_and_incomplete_ones_are_skipped(t
     (tmp_path / "checkpoint-x").mkdir()
     assert list_checkpoints(tmp_path) == [(s, tmp_path / f"checkpoint-{s}") for s in (2, 9, 10)]
     assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
+
+
+def _periodic_checkpoint(root):
+    ck = root / "periodic-checkpoints" / "checkpoint-8"
+    if not ck.is_dir():
+        _run(root, "periodic", "--save_steps", "8", "--overwrite")
+    return ck
+
+
+def test_a_signal_inside_the_update_is_held_to_the_steps_boundary(setup, monkeypatch, capsys):
+    """One process: a SIGTERM arriving while AdamW updates (with the bookkeeping after it, ~5 % of a step) used to
+    stop the run there with no checkpoint at all (none written yet) and an output labelled one step short. It is
+    now held to the step's boundary, which is checkpointed: resuming gives the uninterrupted run."""
+    import os
+    import signal
+
+    from lora_fast.train import sigterm_as_interrupt
+
+    root, ref = setup
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once: inside the update window
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with sigterm_as_interrupt():
+        first = _run(root, "held", "--save_steps", "5")
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    assert first["interrupted"] and first["steps"] == 3
+    assert sorted(p.name for p in (root / "held-checkpoints").iterdir()) == ["checkpoint-3"]
+    assert _run(root, "held", "--overwrite", "--resume_from_checkpoint", "latest")["resumed_at_step"] == 3
+    _assert_same_run(root / "held", ref, root / "ref")
+
+
+def test_a_signal_while_the_outputs_are_written_keeps_the_finished_run(setup, monkeypatch, capsys):
+    """SIGTERM while a finished run writes its outputs (the loss plot alone takes ~0.5 s) discarded them all:
+    the run is complete, so the write now finishes and the run ends normally."""
+    import os
+    import signal
+
+    from lora_fast import train_io
+    from lora_fast.train import sigterm_as_interrupt
+
+    root, ref = setup
+    real = train_io.write_outputs
+
+    def write(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_io, "write_outputs", write)
+    with sigterm_as_interrupt():
+        m = _run(root, "finalsig")
+    assert not m["interrupted"]
+    _assert_same_run(root / "finalsig", ref, root / "ref")
+    assert "while the outputs were written; they are complete" in capsys.readouterr().out
+
+
+def test_a_resumed_run_refuses_another_runs_checkpoint_dir(setup, tmp_path, capsys):
+    """Resuming with --checkpoint_dir naming another run's checkpoints used to prune them and replace the one of
+    the same step: refused, as a fresh run is, and nothing there is touched."""
+    import shutil
+
+    root, _ = setup
+    ck = _periodic_checkpoint(root)
+    other = tmp_path / "other-run"
+    shutil.copytree(ck, other / "checkpoint-2")
+    rc = cli_main(["train", *_args(root, "into-other", "--resume_from_checkpoint", str(ck), "--save_steps", "2",
+                                   "--save_total_limit", "1", "--checkpoint_dir", str(other))])
+    assert rc == 2 and "is not among them" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["checkpoint-2"]
+
+
+def test_resuming_an_older_checkpoint_sets_the_abandoned_ones_aside(setup):
+    """Resumed from step 4 of a run that went to 8: its checkpoints 6 and 8 (the abandoned continuation) are
+    renamed, so ``latest`` is this run's newest and the pruning counts this run's own."""
+    from lora_fast.train_ckpt import find_checkpoint
+
+    root, _ = setup
+    _run(root, "branch", "--save_steps", "2")
+    ckpts = root / "branch-checkpoints"
+    _run(root, "branch", "--overwrite", "--save_steps", "2", "--save_total_limit", "2", "--resume_from_checkpoint",
+         str(ckpts / "checkpoint-4"), on_step=_stop_at(5))
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "checkpoint-4", "checkpoint-5", "checkpoint-6.abandoned", "checkpoint-8.abandoned"]
+    assert find_checkpoint("latest", ckpts).name == "checkpoint-5"
+
+
+def test_resume_checks_the_base_weights_and_accepts_moved_inputs(setup, tmp_path, capsys):
+    """The base model's weights are part of a run's identity (a model re-saved at the same path used to resume
+    silently onto other weights); its path and the dataset's are not: copies elsewhere (a job's staging
+    directory) resume, since the data digest and the base digest say they are the same."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_fast.train_ckpt import base_digest
+
+    root, _ = setup
+    ck = _periodic_checkpoint(root)
+    assert torch.load(ck / "training_state.pt", weights_only=True)["base_digest"]
+    shutil.copytree(root / "tiny", tmp_path / "tiny-copy")
+    shutil.copy(root / "data.txt", tmp_path / "data-copy.txt")
+    moved = [a.replace(str(root / "tiny"), str(tmp_path / "tiny-copy")).replace(
+        str(root / "data.txt"), str(tmp_path / "data-copy.txt")) for a in _args(root, "moved")]
+    assert cli_main(["train", *moved, "--resume_from_checkpoint", str(ck)]) == 0, capsys.readouterr().err
+    edited = _edited_checkpoint(root, tmp_path / "edited", base_digest="0" * 64)
+    assert cli_main(["train", *_args(root, "rebased", "--resume_from_checkpoint", str(edited))]) == 2
+    assert "the base model's weights differ from the checkpointed run's" in capsys.readouterr().err
+    cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    torch.manual_seed(0)
+    a = GPT2LMHeadModel(cfg).requires_grad_(False)
+    torch.manual_seed(1)
+    b = GPT2LMHeadModel(cfg).requires_grad_(False)
+    assert base_digest(a) != base_digest(b) and base_digest(a) == base_digest(a.to(torch.float32))
+
+
+def test_damaged_newer_and_older_checkpoint_files_are_named(setup, tmp_path, capsys):
+    """A state without a field resuming reads is 'damaged' (it was a KeyError traceback); a newer format says so;
+    an option the checkpoint predates counts as its default (it made every older checkpoint unresumable)."""
+    root, _ = setup
+    ck = _periodic_checkpoint(root)
+    state = torch.load(ck / "training_state.pt", weights_only=True)
+    cases = [({k: v for k, v in state.items() if k != "optimizer"}, 2, "is damaged: no optimizer"),
+             ({**state, "format": 3}, 2, "was written by a newer lora-fast (checkpoint format 3"),
+             ({**state, "options": {k: v for k, v in state["options"].items() if k != "use_rslora"}}, 0, "")]
+    for i, (edited, rc, message) in enumerate(cases):
+        path = tmp_path / f"c{i}" / "checkpoint-8"
+        path.mkdir(parents=True)
+        torch.save(edited, path / "training_state.pt")
+        assert cli_main(["train", *_args(root, f"dmg{i}", "--resume_from_checkpoint", str(path))]) == rc
+        assert message in capsys.readouterr().err
