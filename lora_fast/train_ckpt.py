@@ -15,14 +15,14 @@ a whole when the run finishes)::
 A checkpoint is written at the end of every ``save_steps``-th optimizer step (after that step's evaluation), and
 when Ctrl-C or SIGTERM stops training (the state of the last finished step: the partial step's gradients are
 dropped; in one process a signal during the optimizer update and its bookkeeping is held to that step's end,
-``distributed.held_signals``; a KeyboardInterrupt raised inside the update itself writes none). Under torchrun that is the step boundary at which
-all ranks stopped together (``lora_fast.distributed``, "stopping"): every rank calls ``save_checkpoint`` there, as
-at a periodic save. Each is staged in a hidden
-directory and renamed into place, so a crash leaves the previous ones intact; ``--save_total_limit`` keeps the newest
-N. A checkpoint directory holding another run's checkpoints is refused (``latest`` and the pruning would mix the
-two runs): a fresh run refuses any, a resumed run those of a directory its checkpoint is not in. Resuming from a
-checkpoint older than the newest in its directory sets the newer ones aside (renamed ``checkpoint-<step>.abandoned``:
-kept, but no longer ``latest`` nor counted by the pruning). An unwritable directory is refused before training starts.
+``distributed.held_signals``; a KeyboardInterrupt raised inside the update itself writes none). Under torchrun that
+is the step boundary at which all ranks stopped together (``lora_fast.distributed``, "stopping"): every rank calls
+``save_checkpoint`` there, as at a periodic save. Each is staged in a hidden directory and renamed into place, so a
+crash leaves the previous ones intact; ``--save_total_limit`` keeps the newest N. A checkpoint directory holding
+another run's checkpoints is refused (``latest`` and the pruning would mix the two runs): a fresh run refuses any, a
+resumed run those of a directory its checkpoint is not in. Resuming from a checkpoint older than the newest in its
+directory sets the newer ones aside (renamed ``checkpoint-<step>.abandoned``: kept, but no longer ``latest`` nor
+counted by the pruning). An unwritable directory is refused before training starts.
 
 Resuming restores all of it and continues at the next micro-batch of the same (seed, pass) permutation, with the
 same RNG stream: on the same device, backend and number of processes the resumed run is the uninterrupted run,
