@@ -100,7 +100,7 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     from lora_fast import load_adapter, merge_and_unload
     from lora_fast.train_io import StagedDir, check_output_dir
 
-    adir = Path(adapter)
+    adir = Path(adapter).expanduser()
     cfg_path = adir / "adapter_config.json"
     legacy = not cfg_path.is_file() and (adir / "adapter_model.bin").is_file()
     if not cfg_path.is_file() and not legacy:
@@ -147,6 +147,10 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         tokenizer = AutoTokenizer.from_pretrained(adir)
         if args.get("tokenizer_trained"):  # as training set them (lora_fast.train.prepare)
             set_special_tokens(base_model, tokenizer.eos_token_id)  # config and generation_config
+    elif (Path(base).expanduser() / "tokenizer_config.json").is_file():  # a PEFT adapter: the base's, so the
+        from transformers import AutoTokenizer  # merged directory loads with AutoTokenizer too
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(base).expanduser())
     if task in LABELLED_TASKS:
         base_model.config.id2label = dict(enumerate(labels))
         base_model.config.label2id = {n: i for i, n in enumerate(labels)}
@@ -156,7 +160,14 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         load_adapter(base_model, adir)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    merged = merge_and_unload(base_model)
+    try:  # a diverged adapter, or W₀+ΔW past an fp16 base's range: refused, never written
+        merged = merge_and_unload(base_model, safe_merge=True)
+    except ValueError as e:
+        raise ConfigError(f"{e}; nothing written") from None
+    bad = next((n for n, p in merged.named_parameters() if p.is_floating_point() and not p.isfinite().all()), None)
+    if bad is not None:  # e.g. a trained head (modules_to_save) with inf/NaN
+        raise ConfigError(f"the merged model's {bad} has inf/NaN entries (the adapter's weights are not finite); "
+                          "nothing written")
     staged = StagedDir(out, overwrite, command="merge")
     try:
         merged.save_pretrained(staged.path)

@@ -293,6 +293,10 @@ class LinearWithLoRA(nn.Module):
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
+            if self.merged and self.training and torch.is_grad_enabled() and self.lora.lora_A.requires_grad:
+                warnings.warn("LinearWithLoRA: a training-mode forward of a merged layer: the adapter gets no "
+                              "gradient (its term is inside the frozen W₀); unmerge first (lora_fast.unmerge_lora)",
+                              stacklevel=2)
             return self.linear(x)
         if not self.fusable():
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
@@ -337,19 +341,26 @@ class LinearWithLoRA(nn.Module):
                              "entries (the adapter or W₀+ΔW is not finite in the base's dtype); nothing merged")
         w.copy_(merged)
         self.merged = True
+        # what was added, for unmerge: an optimizer step (or a load) while merged changes A and B, and subtracting
+        # the new ΔW would corrupt W₀ (PEFT has that gap); r·(K+N) elements, the adapter's own size
+        self._merged_adapter = (self.lora.lora_A.detach().clone(), self.lora.lora_B.detach().clone(),
+                                self.lora.scaling)
 
     @torch.no_grad()
     def unmerge_weights(self) -> None:
-        """W₀ ← W₀ − ΔW. Unmerging an unmerged layer warns and does nothing. In fp16/bf16 the base weight comes
-        back up to one rounding of W₀+ΔW away from the original (as in PEFT)."""
+        """W₀ ← W₀ − ΔW, with the ΔW that was merged (A, B and scaling as they were then: an optimizer step while
+        merged does not leak into W₀). Unmerging an unmerged layer warns and does nothing. In fp16/bf16 the base
+        weight comes back up to one rounding of W₀+ΔW away from the original (as in PEFT)."""
         if not self.merged:
             warnings.warn("LinearWithLoRA.unmerge_weights: not merged, nothing done", stacklevel=2)
             return
         w = self.linear.weight
-        delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
-                                  dtype=w.dtype)
-        w.copy_((w.to(delta.dtype) - delta.to(w.device)).to(w.dtype))
+        a, b, scaling = getattr(self, "_merged_adapter", None) or (self.lora.lora_A, self.lora.lora_B,
+                                                                    self.lora.scaling)  # merged before it existed
+        delta = lora_delta_weight(a.to(w.device), b.to(w.device), scaling, self.fan_in_fan_out, dtype=w.dtype)
+        w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
         self.merged = False
+        self._merged_adapter = None
 
     def merged_base(self) -> nn.Module:
         """The base module with ΔW folded in (merges if needed): what ``merge_and_unload`` puts back."""

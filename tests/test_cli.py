@@ -321,6 +321,36 @@ def test_merge_takes_a_legacy_bin_with_its_own_config(tmp_path, tiny_gpt2, capsy
     with torch.no_grad():
         assert_rel_close(merged(ids).logits, model(ids).logits, 1e-5, "merged legacy adapter")
 
+def test_merge_refuses_a_non_finite_merge_and_expands_the_adapter_path(tmp_path, tiny_gpt2, capsys, monkeypatch):
+    """An adapter holding NaN (a diverged run) was merged and saved with exit 0: refused by name, nothing written.
+    ``--adapter ~/...`` is expanded as ``--output`` and ``--model`` are; a PEFT adapter (no tokenizer of its own)
+    gets the base directory's tokenizer, so the merged model loads with AutoTokenizer."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from lora_fast import apply_lora, lora_layers, save_adapter
+
+    base = tmp_path / "base"
+    GPT2LMHeadModel.from_pretrained(tiny_gpt2).save_pretrained(base)
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    GPT2TokenizerFast(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt")
+                      ).save_pretrained(base)
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(base), ["c_attn"], rank=2)
+    save_adapter(model, tmp_path / "home" / "good", base_model_name_or_path=str(base))
+    with torch.no_grad():
+        next(iter(lora_layers(model).values())).lora.lora_B[0, 0] = float("nan")
+    save_adapter(model, tmp_path / "bad", base_model_name_or_path=str(base))
+    assert cli_main(["merge", "--adapter", str(tmp_path / "bad"), "--output", str(tmp_path / "m-bad")]) == 2
+    err = capsys.readouterr().err
+    assert "transformer.h.0.attn.c_attn" in err and "inf/NaN" in err and "nothing written" in err, err
+    assert not (tmp_path / "m-bad").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli_main(["merge", "--adapter", "~/good", "--output", str(tmp_path / "m-good")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "m-good").get_vocab() == \
+        AutoTokenizer.from_pretrained(base).get_vocab()
+
+
 def test_misspelt_hub_name_is_an_error(tmp_path, monkeypatch):
     import transformers
 

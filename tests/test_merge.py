@@ -40,6 +40,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+@pytest.mark.usefixtures("one_thread")  # exact comparisons of repeated forwards: one thread's GEMMs
 def test_disable_adapter_gives_the_base_model_and_restores_on_exit():
     base, model = _trained(dropout=0.3)
     ids = torch.randint(0, 101, (2, 9))
@@ -164,6 +165,34 @@ def test_safe_merge_refuses_non_finite_weights_untouched():
     unmerge_lora(model)
     merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
     assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_an_update_while_merged_does_not_leak_into_the_base_on_unmerge(kind):
+    """backward, merge (for an evaluation, say), optimizer step, unmerge: unmerge used to subtract the *new* ΔW,
+    leaving W₀ off by the step's change (PEFT has the same gap). It subtracts what was merged: W₀ comes back, the
+    adapter keeps its step, and the layer computes W₀ + the new ΔW. A training-mode forward while merged warns
+    that the adapter gets no gradient (it used to fail later with torch's generic message)."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
+    layer = LinearWithLoRA(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora.lora_B.normal_(0, 0.5)
+    w0 = layer.linear.weight.detach().clone()
+    opt = torch.optim.SGD(layer.lora.parameters(), lr=1.0)
+    x = torch.randn(6, 12)
+    layer(x).pow(2).sum().backward()
+    layer.merge_weights()
+    with pytest.warns(UserWarning, match="merged layer: the adapter gets no gradient"):
+        layer(x)
+    a_before = layer.lora.lora_A.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.lora.lora_A, a_before)  # the step changed the adapter while merged
+    layer.unmerge_weights()
+    assert_rel_close(layer.linear.weight, w0, 1e-6, "W0 after unmerge")
+    layer.eval()
+    want = base(x) + layer.lora.scaling * x @ layer.lora.lora_A.T @ layer.lora.lora_B.T
+    assert_rel_close(layer(x), want, 1e-6, "W0 + the new ΔW")
 
 
 def test_unload_refuses_a_lora_layer_compiled_on_its_own():
