@@ -56,6 +56,9 @@ def write_adapter_files(directory: Path, files: dict[str, bytes]) -> None:
     try:
         _atomic_write_all(directory, files)
     except BaseException:
+        if created:  # a directory this call made holds only what it renamed in: take that out too
+            for name in files:
+                (directory / name).unlink(missing_ok=True)
         for d in created:
             try:
                 d.rmdir()  # only if still empty: never anything a concurrent writer put there
@@ -104,6 +107,7 @@ def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
 
 
 def _same_bytes(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a file holding exactly ``data`` (size first: most changes stop there)."""
     try:
         return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
     except OSError:

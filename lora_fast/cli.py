@@ -147,27 +147,26 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         tokenizer = AutoTokenizer.from_pretrained(adir)
         if args.get("tokenizer_trained"):  # as training set them (lora_fast.train.prepare)
             set_special_tokens(base_model, tokenizer.eos_token_id)  # config and generation_config
-    elif (Path(base).expanduser() / "tokenizer_config.json").is_file():  # a PEFT adapter: the base's, so the
-        from transformers import AutoTokenizer  # merged directory loads with AutoTokenizer too
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(base).expanduser())
     if task in LABELLED_TASKS:
         base_model.config.id2label = dict(enumerate(labels))
         base_model.config.label2id = {n: i for i, n in enumerate(labels)}
         if tokenizer is not None:
             set_special_tokens(base_model, tokenizer.pad_token_id, ("pad_token_id",))
+    if tokenizer is None and (Path(base).expanduser() / "tokenizer_config.json").is_file():
+        # a PEFT adapter carries no tokenizer: the base's is saved beside the merged model (read after the
+        # pad-token step above, so the model's config keeps its own ids)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(base).expanduser())
     try:
         load_adapter(base_model, adir)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    try:  # a diverged adapter, or W₀+ΔW past an fp16 base's range: refused, never written
+    _check_finite_adapter(adir)
+    try:  # W₀+ΔW past an fp16 base's range: refused, never written
         merged = merge_and_unload(base_model, safe_merge=True)
     except ValueError as e:
         raise ConfigError(f"{e}; nothing written") from None
-    bad = next((n for n, p in merged.named_parameters() if p.is_floating_point() and not p.isfinite().all()), None)
-    if bad is not None:  # e.g. a trained head (modules_to_save) with inf/NaN
-        raise ConfigError(f"the merged model's {bad} has inf/NaN entries (the adapter's weights are not finite); "
-                          "nothing written")
     staged = StagedDir(out, overwrite, command="merge")
     try:
         merged.save_pretrained(staged.path)
@@ -177,6 +176,17 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     except BaseException:
         staged.discard()
         raise
+
+
+def _check_finite_adapter(adir: Path) -> None:
+    """Refuse an adapter whose own tensors (LoRA weights, a trained head) hold inf/NaN — a diverged run — naming
+    the first; the base's weights are not the adapter's to answer for (and a full scan costs minutes at 70B)."""
+    from lora_fast.adapter_files import _read_adapter
+
+    tensors = _read_adapter(adir)[1]
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:
+        raise ConfigError(f"--adapter {str(adir)!r}: {bad} has inf/NaN entries (a diverged run?); nothing written")
 
 
 def _merge_main(argv) -> int:

@@ -410,7 +410,8 @@ def _flagging_signals():
             raise KeyboardInterrupt(f"signal {signum} (a second stop signal)")
         flag.signum = signum
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    # a signal the process ignores (SIGINT in a background job of a script) stays ignored
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield flag
     finally:

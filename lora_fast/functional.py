@@ -295,7 +295,7 @@ def lora_linear(
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
         if functorch_active() or forward_ad_active():  # torch.compile(torch.func.grad(...)), or inside a
             # forward-AD level: the op has no functorch rules nor a jvp; aten ops have both
-            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling)
+            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")
         from lora_fast.ops import lora_linear_op
@@ -303,12 +303,14 @@ def lora_linear(
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                               backend=backend)
     backend = resolve_backend(backend)
-    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling, backend)
+    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
 
     if backend != "reference":
         reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p if training else 0.0)
         if reason is None:
             from lora_fast import triton_fn
+
+            check_scalars(dropout_p, scaling, scaling_as_float=True)  # auto's reference fallback differentiates it
 
             _log_once(f"lora_fast: Triton path for {x.device.type} {x.dtype}")
             return triton_fn.lora_linear_triton(
@@ -339,12 +341,10 @@ def check_scalars(dropout_p, scaling, scaling_as_float: bool) -> None:
                          "backend='reference' (eager) to train the scaling")
 
 
-def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out, scaling=1.0,
-                backend="reference") -> None:
+def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out) -> None:
     """Refuse what no path computes right: ``dropout_p`` not a number in [0, 1), a seed out of range, shapes that
-    do not fit, and a ``scaling`` tensor that requires grad on a path that takes it as a float (its gradient would
-    be silently lost: only the reference path differentiates it)."""
-    check_scalars(dropout_p, scaling, scaling_as_float=backend != "reference")
+    do not fit. (A ``scaling`` tensor requiring grad is refused where the fused path is taken: ``lora_linear``.)"""
+    check_scalars(dropout_p, None, scaling_as_float=False)
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 

@@ -116,6 +116,7 @@ def check_options(opts) -> tuple[Path, Path | None]:
 def set_aside_newer(root: Path, resume: Path, log) -> list[Path]:
     """Resuming from ``resume`` in ``root``: rename the checkpoints of later steps (the abandoned continuation) to
     ``checkpoint-<step>.abandoned`` — kept, but no longer ``latest`` nor pruned in place of this run's own."""
+    resume = resume.resolve()  # a symlink (best -> checkpoint-2) names its target's step
     step = int(_DIR_RE.fullmatch(resume.name).group(1)) if _DIR_RE.fullmatch(resume.name) else None
     if step is None or resume.resolve().parent != root.resolve():
         return []
@@ -169,9 +170,11 @@ def base_digest(model: torch.nn.Module) -> str:
         if p.requires_grad:
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024), device=flat.device).long()
+        n, k = flat.numel(), min(flat.numel(), 1024)
+        idx = torch.arange(k, dtype=torch.int64) * max(n - 1, 0) // max(k - 1, 1)  # exact integers (a float32
+        # linspace rounds past the end above 2**24 elements: GPT-2's embedding has 38.6M)
         h.update(f"{name}{tuple(p.shape)}{p.dtype};".encode())
-        h.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
+        h.update(flat[idx.to(flat.device)].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -233,6 +236,7 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
 
 
 def _versions() -> dict:
+    """The lora-fast and torch versions a checkpoint records (for people, and for a newer format's message)."""
     from importlib import metadata
 
     try:
@@ -324,6 +328,7 @@ def load_checkpoint(path: Path, opts, digest: str, ctx, total: int, base: str | 
 
 
 def _written_by(state: dict) -> str:
+    """", written by lora-fast X" when the state records its version, else nothing."""
     v = state.get("versions")
     return f", written by lora-fast {v.get('lora_fast')}" if isinstance(v, dict) and v.get("lora_fast") else ""
 

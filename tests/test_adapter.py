@@ -671,6 +671,19 @@ def test_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "runs" / "new" / "nested")
     assert sorted(os.listdir(tmp_path)) == ["runs"] and os.listdir(tmp_path / "runs") == []
+    monkeypatch.undo()
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # the weights renamed in, then the config's rename fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(src, dst)
+
+    monkeypatch.setattr(adapter_files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, tmp_path / "runs" / "new")
+    assert os.listdir(tmp_path / "runs") == []
 
 
 def test_lazy_exports():

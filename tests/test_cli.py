@@ -760,6 +760,27 @@ def seq_cls_adapter(tmp_path_factory):
     return root / "base", root / "adapter"
 
 
+def test_merge_saves_the_bases_tokenizer_without_touching_the_models_pad_id(seq_cls_adapter, tmp_path):
+    """A classification adapter without a tokenizer of its own, onto a base directory whose tokenizer has no pad
+    token: the merged directory gets that tokenizer, and the model keeps its pad_token_id (a batch of several
+    sequences needs it), as without a tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, GPT2TokenizerFast
+
+    base, adapter = seq_cls_adapter
+    shutil.copytree(base, tmp_path / "base")
+    (tmp_path / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = GPT2TokenizerFast(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
+    assert tok.pad_token_id is None
+    tok.save_pretrained(tmp_path / "base")
+    assert cli_main(["merge", "--adapter", str(adapter), "--model", str(tmp_path / "base"), "--output",
+                     str(tmp_path / "merged")]) == 0
+    assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == 0
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
 def test_merge_without_task_type_keeps_the_saved_architecture(seq_cls_adapter, tmp_path):
     """A generic adapter (``task_type: null``, PEFT's plain PeftModel) of a base saved as a sequence classifier is
     merged into that class, not into a causal LM: the merged model's architectures are the base's and its logits

@@ -478,6 +478,8 @@ def test_resume_checks_the_base_weights_and_accepts_moved_inputs(setup, tmp_path
     torch.manual_seed(1)
     b = GPT2LMHeadModel(cfg).requires_grad_(False)
     assert base_digest(a) != base_digest(b) and base_digest(a) == base_digest(a.to(torch.float32))
+    big = torch.nn.Embedding(2**24 + 4, 1).requires_grad_(False)  # a float32 linspace of positions ran past the
+    assert len(base_digest(big)) == 64  # end above 2**24 elements (GPT-2's embedding: 38.6M): an IndexError
 
 
 def test_damaged_newer_and_older_checkpoint_files_are_named(setup, tmp_path, capsys):
@@ -495,3 +497,40 @@ def test_damaged_newer_and_older_checkpoint_files_are_named(setup, tmp_path, cap
         torch.save(edited, path / "training_state.pt")
         assert cli_main(["train", *_args(root, f"dmg{i}", "--resume_from_checkpoint", str(path))]) == rc
         assert message in capsys.readouterr().err
+
+
+def test_set_aside_follows_a_symlinked_checkpoint(tmp_path):
+    """``--resume_from_checkpoint best`` with ``best -> checkpoint-2``: the later checkpoints are set aside as for
+    the target itself (the link's own name has no step)."""
+    from lora_fast.train_ckpt import STATE_NAME, find_checkpoint, set_aside_newer
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_NAME).write_bytes(b"state")
+    (tmp_path / "best").symlink_to(tmp_path / "checkpoint-2")
+    moved = set_aside_newer(tmp_path, tmp_path / "best", log=lambda msg: None)
+    assert sorted(p.name for p in moved) == ["checkpoint-4.abandoned", "checkpoint-6.abandoned"]
+    assert find_checkpoint("latest", tmp_path).name == "checkpoint-2"
+
+
+def test_held_signals_leave_an_ignored_signal_ignored():
+    """A run started with SIGINT ignored (a background job of a script) must not stop on one that lands in a held
+    block; a signal it does handle is held to the block's end and raised there."""
+    import os
+    import signal
+
+    from lora_fast.distributed import held_signals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with held_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    reached = []
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        with held_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append(True)  # held: the block runs to its end
+    assert reached == [True]

@@ -411,6 +411,9 @@ def test_arguments_no_path_computes_right_are_refused_by_name():
             call()
     lora_linear(x, w, None, a, bb, s, backend="reference").sum().backward()
     assert s.grad is not None and s.grad.abs() > 0  # the path that differentiates it still does
+    s.grad = None
+    lora_linear(x.double(), w.double(), None, a, bb, s, backend="auto").sum().backward()  # auto's reference
+    assert s.grad is not None and s.grad.abs() > 0  # fallback (fp64: no kernel) differentiates it too
     y = lora_linear(x, w, None, a, bb, s.detach(), backend="triton")  # a tensor without grad: its value
     assert_rel_close(y, lora_linear(x, w, None, a, bb, 2.0, backend="triton"), 1e-6, "tensor scaling")
     for backend in ("reference", "triton"):
