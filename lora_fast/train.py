@@ -40,12 +40,15 @@ import torch
 from lora_fast.train_args import ConfigError, RankConfigError, parse_train_args
 from lora_fast.train_io import print_summary
 from lora_fast.train_model import (
+    RANDOM_GPT2,
     backend_used,
+    check_causal,
     check_tf32,
     evaluate,
     load_base_model,
     load_tokenizer,
     log_stderr,
+    position_limit,
     resolve_device,
     set_special_tokens,
     tf32_matmuls,
@@ -75,17 +78,23 @@ def prepare(opts, log=log_stderr) -> Prepared:
         train_texts, source = splits["train"][0], opts.dataset
     else:
         train_texts, val_texts, source = D.load_texts(opts.dataset, opts.text_column, opts.val_fraction, opts.seed)
-    model, base_name = load_base_model(opts.model, opts.task, len(label_names or [0, 1]), opts.seed, log=log)
+    model, base_name = load_base_model(opts.model, opts.task, len(label_names or [0, 1]), opts.seed, log=log,
+                                       dtype=torch.float32)  # fp32 master weights; --bf16/--fp16: autocast
+    if opts.task == "causal-lm":
+        check_causal(model, opts.model)
     if opts.task == "causal-lm" and getattr(model, "loss_type", "") is None:
         # transformers 5 finds no loss in the class name GPT2LMHeadModel, warns "`loss_type=None` was set in the
         # config but it is unrecognized" at the first loss and falls back to ForCausalLM: name that same loss
         model.loss_type = "ForCausalLM"
     tokenizer = load_tokenizer(base_name)
-    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    n_pos = position_limit(model.config)
     if n_pos is not None and opts.max_length > n_pos:  # both tasks: longer inputs would index past wpe
         raise ConfigError(f"max_length={opts.max_length} exceeds the model's {n_pos} positions")
     trained = tokenizer is None
     if trained:
+        if opts.model != RANDOM_GPT2:
+            log(f"lora-fast: {opts.model!r} has no tokenizer; training a byte-level BPE of "
+                f"{model.config.vocab_size} tokens on the training text")
         tokenizer = D.train_bpe_tokenizer(train_texts, model.config.vocab_size)
         set_special_tokens(model, tokenizer.eos_token_id, ("eos_token_id", "bos_token_id", "pad_token_id"))
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:

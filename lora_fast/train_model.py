@@ -29,7 +29,10 @@ from lora_fast.train_args import ConfigError
 RANDOM_GPT2 = "gpt2-random"
 FALLBACK_NAMES = ("gpt2", "openai-community/gpt2")  # names whose architecture GPT2Config() reproduces
 PROBE_TIMEOUT_S = 3.0  # long enough for a slow network, far below huggingface_hub's retry loop
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model")
+# any of these in a model directory means it has a tokenizer (one that must load, not be replaced by a trained BPE):
+# fast and slow BPE/WordPiece files, sentencepiece models (Llama/Mistral, T5/ALBERT, XLM-R/CamemBERT), configs
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
 
 
 def hub_offline_flag() -> bool:
@@ -128,7 +131,8 @@ def _is_not_found(e: BaseException) -> bool:
 
 
 def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, seed: int = 0,
-                    cache_dir: str | None = None, log=print, random_fallback: bool = True):
+                    cache_dir: str | None = None, log=print, random_fallback: bool = True,
+                    dtype: torch.dtype | None = None):
     """Load the base model named by ``--model``.
 
     Args:
@@ -139,6 +143,10 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
         random_fallback: whether ``gpt2`` (``FALLBACK_NAMES``) may fall back to random weights offline (training
             may; merging an adapter trained on the pretrained weights must not).
         log: where the one-line offline notice goes.
+        dtype: the dtype to load in; None keeps the checkpoint's (transformers 5's ``dtype="auto"``). Training
+            passes float32, as transformers 4 loaded by default: a head trained whole in a 16-bit checkpoint's
+            dtype is updated by AdamW in fp16/bf16 (its eps rounds to 0: NaN from the second step), and
+            ``--fp16``/``--bf16`` mixed precision expects fp32 parameters.
 
     Returns:
         (model, resolved name): the resolved name is what ``adapter_config.json`` records as the base model.
@@ -148,6 +156,8 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     """
     cls = _model_class(task)
     kw = {"num_labels": num_labels} if task in LABELLED_TASKS else {}
+    if dtype is not None:
+        kw["dtype"] = dtype
     if name == RANDOM_GPT2:
         if task not in ("causal-lm", "classification"):
             raise ConfigError(f"{RANDOM_GPT2} is a causal-LM or sequence-classification GPT-2, not a {task} model")
@@ -159,7 +169,9 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
         try:
             return cls.from_pretrained(path, **kw), str(path.resolve())
         except Exception as e:  # noqa: BLE001  (broken weights raise OSError, ValueError, RuntimeError, ...)
-            raise ConfigError(f"could not load the model in {name!r}: {_first_line(e)}") from None
+            hint = (f" (its saved head has another number of labels than the {num_labels} asked for)"
+                    if "ignore_mismatched_sizes" in str(e) else "")
+            raise ConfigError(f"could not load the model in {name!r}{hint}: {_first_line(e)}") from None
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise ConfigError(f"model directory {name!r} does not exist")
     reachable = hub_reachable()
@@ -187,26 +199,70 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
                       f"be downloaded ({offline_reason})")
 
 
+# Encoders whose causal-LM class attends both ways unless the config says is_decoder (BertLMHeadModel, ...)
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie",
+                           "bert-generation", "data2vec-text", "roformer", "roberta-prelayernorm", "megatron-bert",
+                           "xmod", "rembert"})
+# Models whose positions start after the padding index (RoBERTa's create_position_ids_from_input_ids): of
+# max_position_embeddings, pad_token_id + 1 are never a token's position (roberta-base: 514 → 512 tokens)
+PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                      "roberta-prelayernorm", "data2vec-text", "ibert", "mpnet", "xmod", "luke"})
+
+
+def check_causal(model, name: str) -> None:
+    """Refuse an encoder loaded as a causal LM without ``is_decoder``: each position would attend to the token it
+    is scored on, and the loss and perplexity would not be next-token prediction (transformers only warns)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) in ENCODER_TYPES and not getattr(cfg, "is_decoder", False):
+        raise ConfigError(f"--model {name!r} is an encoder ({cfg.model_type}, is_decoder false): as a causal LM every "
+                          "position would see the token it predicts. Use a decoder model (GPT-2, Llama, ...), "
+                          "--task classification, or a checkpoint saved with is_decoder true")
+
+
+def position_limit(cfg) -> int | None:
+    """The longest input the model's position embeddings take (None: no learned limit)."""
+    n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if n_pos is not None and getattr(cfg, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        n_pos -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    return n_pos
+
+
 def load_tokenizer(name: str):
-    """The model's own tokenizer (local files, or the cache for a hub name), or None when it has none."""
+    """The model's own tokenizer (local files, or the cache for a hub name), or None when it has none.
+
+    Raises:
+        ConfigError: a local model directory holds tokenizer files (``TOKENIZER_FILES``) that do not load (a
+            truncated file, sentencepiece not installed): training a new tokenizer there would feed the
+            pretrained embeddings ids that mean nothing to them.
+    """
     from transformers import AutoTokenizer
 
     if name == RANDOM_GPT2:
         return None
     path = Path(name)
-    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    tok = None
-    reachable = not path.is_dir() and hub_reachable()
-    for local_only in (True, False):
-        if not local_only and not reachable:
-            break
+    if path.is_dir():
+        present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+        if not present:
+            return None
         try:
-            with _offline(not reachable):
-                tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-            break
-        except Exception:  # noqa: BLE001  (a model without a tokenizer: we train one)
-            continue
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception as e:  # noqa: BLE001  (a broken file, a missing library)
+            hint = ("; `pip install sentencepiece` reads .model files" if any(f.endswith(".model") for f in present)
+                    else "")
+            raise ConfigError(f"the tokenizer in {name!r} ({', '.join(present)}) does not load: {_first_line(e)}"
+                              f"{hint}") from None
+    else:
+        tok = None
+        reachable = hub_reachable()
+        for local_only in (True, False):
+            if not local_only and not reachable:
+                break
+            try:
+                with _offline(not reachable):
+                    tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+                break
+            except Exception:  # noqa: BLE001  (a hub model without a tokenizer: we train one, and say so)
+                continue
     if tok is None:
         return None
     if tok.pad_token is None:

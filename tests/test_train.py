@@ -956,3 +956,86 @@ def test_gpt2_loss_is_named_so_transformers_does_not_warn(tiny_gpt2, monkeypatch
     assert not [m for m in warned if "loss_type" in m], warned
     assert plain_warned == (plain.loss_type is None)  # the control warns exactly when transformers finds no loss
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)  # the loss transformers fell back to
+
+
+def test_a_16_bit_checkpoint_trains_its_classification_head_in_fp32(tiny_gpt2, tmp_path):
+    """transformers 5 loads a checkpoint in its stored dtype; a head trained whole in fp16 was updated by AdamW in
+    fp16 (eps rounds to 0): NaN from the second step, and still a test accuracy and exit 0. Training loads the
+    base in fp32 (mixed precision is --bf16/--fp16's autocast): the losses stay finite."""
+    from transformers import GPT2LMHeadModel
+
+    half = tmp_path / "half"
+    GPT2LMHeadModel.from_pretrained(tiny_gpt2).half().save_pretrained(half)
+    out = tmp_path / "cls"
+    rc = cli_main(["train", "--task", "classification", "--model", str(half), "--dataset", str(_spam_csvs(tmp_path)),
+                   "--max_steps", "6", "--batch_size", "4", "--lr", "0.05", "--max_length", "32", "--eval_steps",
+                   "100", "--output_dir", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "training_metrics.json").read_text())
+    assert all(torch.isfinite(torch.tensor(m["train_loss"]))), m["train_loss"]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
+
+
+def test_tokenizers_that_exist_are_never_replaced_by_a_trained_one(tiny_gpt2, tmp_path, capsys):
+    """A model directory with tokenizer files that do not load (a truncated tokenizer.json; a sentencepiece model
+    without the library) is an error naming them; it used to train a new BPE silently, whose ids mean nothing to
+    the pretrained embeddings. A WordPiece vocab.txt alone is a tokenizer (it used to count as none). A model with
+    no tokenizer at all still gets a trained BPE, and says so."""
+    import shutil
+
+    from transformers import BertConfig, BertTokenizer
+
+    from lora_fast.train_model import load_tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gpt2, broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    rc = cli_main(["train", "--model", str(broken), "--max_steps", "1", "--output_dir", str(tmp_path / "o1"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tokenizer in" in err and "tokenizer.json" in err and "does not load" in err, err
+    wordpiece = tmp_path / "wordpiece"  # an older BERT checkpoint's layout: config.json and vocab.txt
+    BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(wordpiece)
+    (wordpiece / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    tok = load_tokenizer(str(wordpiece))
+    assert isinstance(tok, BertTokenizer) or type(tok).__name__.startswith("Bert")
+    out = tmp_path / "o2"
+    assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "16", "--output_dir",
+                     str(out), "--no-progress"]) == 0
+    assert "has no tokenizer; training a byte-level BPE" in capsys.readouterr().err
+
+
+def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training(tmp_path, capsys):
+    """BERT loaded for --task causal-lm attends both ways (transformers only warns): the loss would not be
+    next-token prediction, so it is refused. RoBERTa's positions start after its padding index: of 66 position
+    embeddings 64 tokens fit (checked on the model itself), and --max_length 66 is refused before training (it
+    used to pass the check and crash mid-run)."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForSequenceClassification
+
+    from lora_fast.train_model import position_limit
+
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(bert)
+    rc = cli_main(["train", "--model", str(bert), "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is an encoder (bert, is_decoder false)" in err, err
+    cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=1)
+    model = RobertaForSequenceClassification(cfg).eval()
+    limit = position_limit(cfg)
+    with torch.no_grad():
+        model(torch.full((1, limit), 5))  # fits
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            model(torch.full((1, limit + 1), 5))  # one more does not
+    assert limit < cfg.max_position_embeddings
+    model.save_pretrained(tmp_path / "roberta")
+    rc = cli_main(["train", "--task", "classification", "--model", str(tmp_path / "roberta"), "--dataset",
+                   str(_spam_csvs(tmp_path)), "--max_length", "66", "--output_dir", str(tmp_path / "o"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"max_length=66 exceeds the model's {limit} positions" in err, err
