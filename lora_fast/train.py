@@ -310,6 +310,9 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         if main and opts.save_steps:  # every rank found its checkpoint before check_same's collective above
             C.set_aside_newer(ckpt_root, resume_path, log)
     sched = lr_schedule(optimizer, opts.warmup_ratio, total)
+    if total == 1 and opts.warmup_ratio > 0 and not resumed:  # HF's schedule: warm-up's first step runs at lr 0
+        log(f"lora-fast: warning: a 1-step run with warmup_ratio {opts.warmup_ratio:g} trains at learning rate 0 "
+            "(warm-up starts from 0, as the HF Trainer's): the adapter stays as initialised; pass --warmup_ratio 0")
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])

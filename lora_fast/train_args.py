@@ -47,8 +47,8 @@ OPTIONS: dict[str, tuple] = {
     "alpha": (float, 16.0, _pos_float, "a positive number", "LoRA alpha (scaling = alpha / rank)"),
     "dropout": (float, 0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "dropout on the LoRA input"),
     "use_rslora": (bool, False, None, "", "scale by alpha/sqrt(rank) (rank-stabilised LoRA)"),
-    "target_modules": (list, None, None, "", "module names, one regex, or 'all-linear' (default: the "
-                       "architecture's, c_attn for GPT-2)"),
+    "target_modules": (list, None, None, "", "module names (space- or comma-separated), one regex, or "
+                       "'all-linear' (default: the architecture's, c_attn for GPT-2)"),
     "epochs": (float, 1.0, _pos_float, "a positive number", "passes over the training data"),
     "max_steps": (int, None, _pos_int, "a positive integer", "optimizer steps (overrides --epochs)"),
     "batch_size": (int, 8, _pos_int, "a positive integer", "sequences per micro-batch"),
@@ -176,6 +176,8 @@ def normalize_targets(values: list[str] | None):
     """CLI words → ``apply_lora``'s ``target_modules``: None, 'all-linear', one regex string, or a list of names."""
     if values is None:
         return None
+    # "c_attn,c_proj" (sweep's --target_sets spelling): module names never hold a comma, a regex's {1,2} may
+    values = [p for v in values for p in ([v] if _REGEX_CHARS & set(v) else v.split(",")) if p]
     if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
         return values[0]
     if "all-linear" in values or any(_REGEX_CHARS & set(v) for v in values):

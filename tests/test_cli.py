@@ -103,6 +103,9 @@ def _bad(tmp_path, tiny, extra):
     (["--dataset", "{tmp}/number.jsonl"], "number.jsonl line 1: field 'text' is 5, expected a string"),
     (["--dataset", "{tmp}/pretty.json"], "line 1 is not valid JSON (Expecting property name enclosed in double "
      "quotes); expected JSON lines"),
+    # review round 4: a text file for classification was read as CSV (a quoting error)
+    (["--task", "classification", "--dataset", "{tmp}/latin1.txt"], "reads CSV/TSV files with Label and Text "
+     "columns"),
 ])
 def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, extra, phrase):
     (tmp_path / "empty.txt").write_text("  \n\n \n")
@@ -710,6 +713,15 @@ def test_target_modules_mixing_names_with_all_linear_or_a_regex_is_an_error(targ
     with pytest.raises(ConfigError, match="give either module names, or a single regex / 'all-linear'"):
         parse_train_args(["--target_modules", *targets])
     assert parse_train_args(["--target_modules", "c_attn", "c_proj"]).target_modules == ["c_attn", "c_proj"]
+
+
+def test_target_modules_take_sweeps_comma_spelling_too():
+    """``--target_modules c_attn,c_proj`` (how sweep's --target_sets spells a set) used to match no module: names
+    never hold a comma, so it is the list; a regex's own comma (a {1,2} quantifier) stays inside the regex."""
+    assert parse_train_args(["--target_modules", "c_attn,c_proj"]).target_modules == ["c_attn", "c_proj"]
+    assert parse_train_args(["--target_modules", "c_attn,", "c_fc"]).target_modules == ["c_attn", "c_fc"]
+    assert parse_train_args(["--target_modules", r"h\.[0-9]{1,2}\.attn\.c_attn"]).target_modules == \
+        r"h\.[0-9]{1,2}\.attn\.c_attn"
 
 
 def test_merge_rebuilds_gpt2_random_from_the_training_seed(tmp_path):

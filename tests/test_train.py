@@ -1039,3 +1039,15 @@ def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training
                    "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and f"max_length=66 exceeds the model's {limit} positions" in err, err
+
+
+def test_a_one_step_run_in_warm_up_is_named(tiny_gpt2, tmp_path, capsys):
+    """A 1-step run with the default warm-up trains at learning rate 0 (HF's schedule starts warm-up at 0): the
+    adapter stays as initialised, which used to pass without a word."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "one"
+    assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "16", "--output_dir",
+                     str(out), "--no-progress"]) == 0
+    assert "a 1-step run with warmup_ratio 0.05 trains at learning rate 0" in capsys.readouterr().err
+    assert all(not t.any() for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
