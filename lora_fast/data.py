@@ -378,9 +378,9 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         checks = {f"{f} ({s} split)": read_csv(f) for s, f in files.items()}
         rows = dict(zip(files, checks.values(), strict=True))
     elif path.is_file():
-        if path.suffix.lower() not in (".csv", ".tsv"):  # a text file read as CSV fails on its first quote
+        if path.suffix.lower() in (".txt", ".json", ".jsonl", ".md", ".parquet"):  # read as CSV: a quoting error
             raise ConfigError(f"--task classification reads CSV/TSV files with Label and Text columns (or a "
-                              f"directory of train/validation[/test].csv); {dataset!r} is not a .csv or .tsv file")
+                              f"directory of train/validation[/test].csv); {dataset!r} is a {path.suffix} file")
         if not 0.0 < val_fraction < 0.8:
             raise ConfigError(f"val_fraction={val_fraction} leaves no training rows in the single classification "
                               f"file {dataset!r} (test takes 20 %): use a value in (0, 0.8)")

@@ -78,8 +78,9 @@ def prepare(opts, log=log_stderr) -> Prepared:
         train_texts, source = splits["train"][0], opts.dataset
     else:
         train_texts, val_texts, source = D.load_texts(opts.dataset, opts.text_column, opts.val_fraction, opts.seed)
+    dtype = None if opts.base_dtype == "auto" else getattr(torch, opts.base_dtype)  # LoRA weights: fp32 always
     model, base_name = load_base_model(opts.model, opts.task, len(label_names or [0, 1]), opts.seed, log=log,
-                                       dtype=torch.float32)  # fp32 master weights; --bf16/--fp16: autocast
+                                       dtype=dtype)
     if opts.task == "causal-lm":
         check_causal(model, opts.model)
     if opts.task == "causal-lm" and getattr(model, "loss_type", "") is None:
@@ -93,8 +94,8 @@ def prepare(opts, log=log_stderr) -> Prepared:
     trained = tokenizer is None
     if trained:
         if opts.model != RANDOM_GPT2:
-            log(f"lora-fast: {opts.model!r} has no tokenizer; training a byte-level BPE of "
-                f"{model.config.vocab_size} tokens on the training text")
+            log(f"lora-fast: no tokenizer loads for {opts.model!r} (none in its directory, or none cached for a hub "
+                f"name); training a byte-level BPE of {model.config.vocab_size} tokens on the training text")
         tokenizer = D.train_bpe_tokenizer(train_texts, model.config.vocab_size)
         set_special_tokens(model, tokenizer.eos_token_id, ("eos_token_id", "bos_token_id", "pad_token_id"))
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -16,6 +16,7 @@ BACKEND_CHOICES = ("auto", "reference", "triton")
 DISTRIBUTED_CHOICES = ("auto", "none", "ddp", "fsdp")
 TASK_CHOICES = ("causal-lm", "classification")
 _REGEX_CHARS = set("*+?[](){}|^$\\")
+BASE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,10 @@ OPTIONS: dict[str, tuple] = {
                      "gradient_accumulation_steps sequences"),
     "val_fraction": (float, 0.1, lambda v: 0.0 < v < 1.0, "in (0, 1)", "held-out share when the data has no "
                      "validation split"),
+    "base_dtype": (str, "float32", lambda v: v in BASE_DTYPES, f"one of {BASE_DTYPES}",
+                   "dtype the frozen base model is loaded in (auto: the checkpoint's). LoRA weights stay fp32; "
+                   "bfloat16/float16 halve the base's memory (--task classification needs float32: its head is "
+                   "trained whole)"),
     "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),
     "bf16": (bool, False, None, "", "bfloat16 autocast"),
     "tf32": (bool, None, None, "", "fp32 matmuls on TF32 tensor cores (CUDA, Ampere or newer), as HF's --tf32; "
@@ -163,6 +168,9 @@ def validate(values: dict) -> argparse.Namespace:
         out[name] = v
     if out["fp16"] and out["bf16"]:
         raise ConfigError("choose one of fp16 and bf16, not both")
+    if out["task"] == "classification" and out["base_dtype"] != "float32":
+        raise ConfigError(f"base_dtype {out['base_dtype']}: --task classification trains its head whole, which "
+                          "AdamW cannot update in a 16-bit dtype (NaN); keep --base_dtype float32")
     if out["save_total_limit"] is not None and out["save_steps"] is None:
         raise ConfigError("save_total_limit needs save_steps (it prunes the checkpoints save_steps writes)")
     if out["checkpoint_dir"] is not None and out["save_steps"] is None and out["resume_from_checkpoint"] is None:
@@ -177,7 +185,7 @@ def normalize_targets(values: list[str] | None):
     if values is None:
         return None
     # "c_attn,c_proj" (sweep's --target_sets spelling): module names never hold a comma, a regex's {1,2} may
-    values = [p for v in values for p in ([v] if _REGEX_CHARS & set(v) else v.split(",")) if p]
+    values = [p.strip() for v in values for p in ([v] if _REGEX_CHARS & set(v) else v.split(",")) if p.strip()]
     if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
         return values[0]
     if "all-linear" in values or any(_REGEX_CHARS & set(v) for v in values):

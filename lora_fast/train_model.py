@@ -202,19 +202,23 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
 # Encoders whose causal-LM class attends both ways unless the config says is_decoder (BertLMHeadModel, ...)
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie",
                            "bert-generation", "data2vec-text", "roformer", "roberta-prelayernorm", "megatron-bert",
-                           "xmod", "rembert"})
+                           "xmod", "rembert", "big_bird", "roc_bert"})
 # Models whose positions start after the padding index (RoBERTa's create_position_ids_from_input_ids): of
 # max_position_embeddings, pad_token_id + 1 are never a token's position (roberta-base: 514 → 512 tokens)
 PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
-                                      "roberta-prelayernorm", "data2vec-text", "ibert", "mpnet", "xmod", "luke"})
+                                      "roberta-prelayernorm", "data2vec-text", "ibert", "xmod", "luke", "esm",
+                                      "markuplm", "layoutlmv3", "lilt"})
 
 
 def check_causal(model, name: str) -> None:
     """Refuse an encoder loaded as a causal LM without ``is_decoder``: each position would attend to the token it
     is scored on, and the loss and perplexity would not be next-token prediction (transformers only warns)."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) in ENCODER_TYPES and not getattr(cfg, "is_decoder", False):
-        raise ConfigError(f"--model {name!r} is an encoder ({cfg.model_type}, is_decoder false): as a causal LM every "
+    kind = getattr(cfg, "model_type", None)
+    bidirectional = (kind in ENCODER_TYPES and not getattr(cfg, "is_decoder", False)) or kind == "xlnet" or (
+        kind == "xlm" and not getattr(cfg, "causal", False))  # XLNet permutes; XLM's own flag is `causal`
+    if bidirectional:
+        raise ConfigError(f"--model {name!r} is an encoder ({kind}, not a causal decoder): as a causal LM every "
                           "position would see the token it predicts. Use a decoder model (GPT-2, Llama, ...), "
                           "--task classification, or a checkpoint saved with is_decoder true")
 
@@ -222,8 +226,11 @@ def check_causal(model, name: str) -> None:
 def position_limit(cfg) -> int | None:
     """The longest input the model's position embeddings take (None: no learned limit)."""
     n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if n_pos is not None and getattr(cfg, "model_type", None) in PADDING_OFFSET_POSITIONS:
+    kind = getattr(cfg, "model_type", None)
+    if n_pos is not None and kind in PADDING_OFFSET_POSITIONS:
         n_pos -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    elif n_pos is not None and kind == "mpnet":  # its padding index is 1 whatever the config's pad id
+        n_pos -= 2
     return n_pos
 
 
@@ -265,6 +272,9 @@ def load_tokenizer(name: str):
                 continue
     if tok is None:
         return None
+    if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):  # a config without its vocabulary file
+        raise ConfigError(f"the tokenizer of {name!r} has no vocabulary beyond its special tokens "
+                          f"({len(tok.get_vocab())} tokens): every text would encode to nothing")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token  # None: refused by prepare
     return tok

@@ -720,6 +720,7 @@ def test_target_modules_take_sweeps_comma_spelling_too():
     never hold a comma, so it is the list; a regex's own comma (a {1,2} quantifier) stays inside the regex."""
     assert parse_train_args(["--target_modules", "c_attn,c_proj"]).target_modules == ["c_attn", "c_proj"]
     assert parse_train_args(["--target_modules", "c_attn,", "c_fc"]).target_modules == ["c_attn", "c_fc"]
+    assert parse_train_args(["--target_modules", "c_attn, c_proj"]).target_modules == ["c_attn", "c_proj"]
     assert parse_train_args(["--target_modules", r"h\.[0-9]{1,2}\.attn\.c_attn"]).target_modules == \
         r"h\.[0-9]{1,2}\.attn\.c_attn"
 

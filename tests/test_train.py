@@ -987,6 +987,7 @@ def test_tokenizers_that_exist_are_never_replaced_by_a_trained_one(tiny_gpt2, tm
 
     from transformers import BertConfig, BertTokenizer
 
+    from lora_fast.train_args import ConfigError
     from lora_fast.train_model import load_tokenizer
 
     broken = tmp_path / "broken"
@@ -1001,10 +1002,15 @@ def test_tokenizers_that_exist_are_never_replaced_by_a_trained_one(tiny_gpt2, tm
     (wordpiece / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     tok = load_tokenizer(str(wordpiece))
     assert isinstance(tok, BertTokenizer) or type(tok).__name__.startswith("Bert")
+    vocabless = tmp_path / "vocabless"  # a special_tokens_map.json left alone: a 1-token "tokenizer"
+    shutil.copytree(tiny_gpt2, vocabless)
+    (vocabless / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
+    with pytest.raises(ConfigError, match="no vocabulary beyond its special tokens"):
+        load_tokenizer(str(vocabless))
     out = tmp_path / "o2"
     assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "16", "--output_dir",
                      str(out), "--no-progress"]) == 0
-    assert "has no tokenizer; training a byte-level BPE" in capsys.readouterr().err
+    assert "no tokenizer loads for" in capsys.readouterr().err
 
 
 def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training(tmp_path, capsys):
@@ -1023,7 +1029,7 @@ def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training
     rc = cli_main(["train", "--model", str(bert), "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
                    "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "is an encoder (bert, is_decoder false)" in err, err
+    assert rc == 2 and "is an encoder (bert, not a causal decoder)" in err, err
     cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=66, pad_token_id=1)
     model = RobertaForSequenceClassification(cfg).eval()
@@ -1039,6 +1045,34 @@ def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training
                    "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and f"max_length=66 exceeds the model's {limit} positions" in err, err
+    from transformers import MPNetConfig, MPNetModel
+
+    cfg = MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=66, pad_token_id=0)  # its padding index: 1
+    model, limit = MPNetModel(cfg).eval(), position_limit(cfg)
+    with torch.no_grad():
+        model(torch.full((1, limit), 5))
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            model(torch.full((1, limit + 1), 5))
+
+
+def test_base_dtype_keeps_a_16_bit_base_and_fp32_adapters(tiny_gpt2, tmp_path, capsys):
+    """--base_dtype bfloat16 loads the frozen base in bf16 (half its memory) with the LoRA weights in fp32; the run
+    trains with finite losses. A classification head (trained whole) refuses a 16-bit base by name."""
+    from lora_fast.train import prepare
+    from lora_fast.train_args import parse_train_args
+
+    args = ["--model", str(tiny_gpt2), "--max_steps", "2", "--max_length", "16", "--base_dtype", "bfloat16",
+            "--warmup_ratio", "0", "--output_dir", str(tmp_path / "bf16"), "--no-progress"]
+    model = prepare(parse_train_args(args), log=lambda msg: None).model
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert cli_main(["train", *args]) == 0
+    m = json.loads((tmp_path / "bf16" / "training_metrics.json").read_text())
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])))
+    assert json.loads((tmp_path / "bf16" / "training_args.json").read_text())["base_dtype"] == "bfloat16"
+    rc = cli_main(["train", "--task", "classification", "--model", str(tiny_gpt2), "--dataset",
+                   str(_spam_csvs(tmp_path)), "--base_dtype", "float16", "--output_dir", str(tmp_path / "c")])
+    assert rc == 2 and "keep --base_dtype float32" in capsys.readouterr().err
 
 
 def test_a_one_step_run_in_warm_up_is_named(tiny_gpt2, tmp_path, capsys):
