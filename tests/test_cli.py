@@ -571,7 +571,8 @@ def _bert_lm_with_wordpiece(path, special=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "
     (path / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
     vocab = path / "vocab.txt"
     vocab.write_text("\n".join([*special, *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), **tok_kw)
+    # from_pretrained reads vocab.txt (transformers 5's BertTokenizerFast(vocab_file=...) kept the specials only)
+    tok = BertTokenizerFast.from_pretrained(path, **tok_kw)
     torch.manual_seed(0)
     BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                                vocab_size=len(tok), max_position_embeddings=64, is_decoder=True)).save_pretrained(path)
