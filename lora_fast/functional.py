@@ -310,7 +310,7 @@ def lora_linear(
         if reason is None:
             from lora_fast import triton_fn
 
-            check_scalars(dropout_p, scaling, scaling_as_float=True)  # auto's reference fallback differentiates it
+            check_float_scaling(scaling)  # here only: auto's reference fallback differentiates it
 
             _log_once(f"lora_fast: Triton path for {x.device.type} {x.dtype}")
             return triton_fn.lora_linear_triton(
@@ -328,14 +328,18 @@ def lora_linear(
                            backend)
 
 
-def check_scalars(dropout_p, scaling, scaling_as_float: bool) -> None:
-    """``dropout_p`` a number in [0, 1); ``scaling`` no tensor requiring grad where it is taken as a float (the
-    fused path, the torch.library op): its gradient would be dropped without a word."""
+def check_dropout_p(dropout_p) -> None:
+    """``dropout_p`` a Python number in [0, 1) (a tensor would pass the range test on one path and fail on another)."""
     if isinstance(dropout_p, torch.Tensor):
         raise TypeError(f"dropout_p must be a Python float, got a tensor ({dropout_p!r})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scaling_as_float and isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+
+
+def check_float_scaling(scaling) -> None:
+    """Where ``scaling`` is taken as a float (the fused path, the torch.library op), a tensor requiring grad would
+    lose its gradient without a word: refused."""
+    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
         raise ValueError("scaling is a tensor that requires grad: the fused path and the compiled op take it as a "
                          "float and would drop its gradient; pass a float, or call lora_linear with "
                          "backend='reference' (eager) to train the scaling")
@@ -344,7 +348,7 @@ def check_scalars(dropout_p, scaling, scaling_as_float: bool) -> None:
 def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out) -> None:
     """Refuse what no path computes right: ``dropout_p`` not a number in [0, 1), a seed out of range, shapes that
     do not fit. (A ``scaling`` tensor requiring grad is refused where the fused path is taken: ``lora_linear``.)"""
-    check_scalars(dropout_p, None, scaling_as_float=False)
+    check_dropout_p(dropout_p)
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
 

@@ -66,7 +66,8 @@ import torch.nn.functional as F
 from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the range drawn seeds lie in)
     SEED_HIGH,
     autocast_inputs,
-    check_scalars,
+    check_dropout_p,
+    check_float_scaling,
     check_seed,
     check_shapes,
     forward_ad_active,
@@ -307,7 +308,8 @@ def lora_linear_op(
         y (..., out_features) in x's dtype (the autocast dtype under autocast).
     """
     backend = resolve_backend(backend)  # dynamo traces its os.environ read without a graph break
-    check_scalars(dropout_p, scaling, scaling_as_float=True)
+    check_dropout_p(dropout_p)
+    check_float_scaling(scaling)
     check_seed(seed)  # also when dropout is off, as eager lora_linear checks it
     if functorch_active() or (forward_ad_active() if torch.compiler.is_compiling()
                               else has_tangent(x, weight, bias, lora_A, lora_B)):

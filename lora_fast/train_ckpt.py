@@ -104,7 +104,7 @@ def check_options(opts) -> tuple[Path, Path | None]:
                           f"{STATE_NAME}); a checkpoint of the same step would replace it: move it, or choose another "
                           "--checkpoint_dir")
     found = list_checkpoints(root)
-    if found and (resume is None or resume.resolve().parent != root.resolve()):
+    if found and (resume is None or not _in_root(resume, root)):
         names = ", ".join(p.name for _, p in found)
         how = ("resume that run with --resume_from_checkpoint" if resume is None else
                f"the resumed checkpoint {str(resume)!r} is not among them: resume from one of them")
@@ -113,13 +113,18 @@ def check_options(opts) -> tuple[Path, Path | None]:
     return root, resume
 
 
+def _in_root(checkpoint: Path, root: Path) -> bool:
+    """Whether ``checkpoint`` (links resolved) is one of ``root``'s checkpoints."""
+    return checkpoint.resolve().parent == root.resolve()
+
+
 def set_aside_newer(root: Path, resume: Path, log) -> list[Path]:
     """Resuming from ``resume`` in ``root``: rename the checkpoints of later steps (the abandoned continuation) to
     ``checkpoint-<step>.abandoned`` — kept, but no longer ``latest`` nor pruned in place of this run's own."""
-    resume = resume.resolve()  # a symlink (best -> checkpoint-2) names its target's step
-    step = int(_DIR_RE.fullmatch(resume.name).group(1)) if _DIR_RE.fullmatch(resume.name) else None
-    if step is None or resume.resolve().parent != root.resolve():
+    m = _DIR_RE.fullmatch(resume.resolve().name)  # a symlink (best -> checkpoint-2) names its target's step
+    if m is None or not _in_root(resume, root):
         return []
+    step = int(m.group(1))
     moved = []
     for s, path in list_checkpoints(root):
         if s > step:

@@ -796,6 +796,26 @@ def test_merge_saves_the_bases_tokenizer_without_touching_the_models_pad_id(seq_
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
 
 
+def test_merge_refuses_a_head_trained_to_inf_or_nan(seq_cls_adapter, tmp_path, capsys):
+    """A SEQ_CLS adapter whose head (trained whole, modules_to_save) diverged: refused naming the head, nothing
+    written (the LoRA layers' own check, safe_merge, does not see a head)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = seq_cls_adapter
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    sd = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in sd if ".score." in k)
+    sd[key][0, 0] = float("inf")
+    save_file(sd, bad / "adapter_model.safetensors")
+    assert cli_main(["merge", "--adapter", str(bad), "--model", str(base), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "score" in err and "inf/NaN" in err and "nothing written" in err, err
+    assert not (tmp_path / "m").exists()
+
+
 def test_merge_without_task_type_keeps_the_saved_architecture(seq_cls_adapter, tmp_path):
     """A generic adapter (``task_type: null``, PEFT's plain PeftModel) of a base saved as a sequence classifier is
     merged into that class, not into a causal LM: the merged model's architectures are the base's and its logits
