@@ -44,7 +44,7 @@ DRAW_BITS = 16
 
 
 @triton.jit
-def philox(seed, c0, c1, c2, c3):
+def _philox_tl_mul(seed, c0, c1, c2, c3):
     """Philox-4x32-10 of the counter words (c0, c1, c2, c3) (uint32 tensors of one shape) under the int64 ``seed``
     (key = its low and high words): the 4 uint32 output words, the rounds of ``tl.randint4x``. Written out rather
     than calling triton's library because triton's own library functions are fixed to compiled mode when triton is
@@ -63,6 +63,31 @@ def philox(seed, c0, c1, c2, c3):
         k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
         k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
     return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_wide(seed, c0, c1, c2, c3):
+    """``_philox_tl_mul`` for triton 3.4 and 3.5, which do not export ``tl.mul``/``tl.add``: the wrapping uint32
+    products and sums are computed in uint64 (where they cannot overflow, so no overflow check applies) and
+    truncated — the same words (tested against ``_philox_tl_mul`` and the numpy Philox). Not used where ``tl.mul``
+    exists: only ``_philox_tl_mul`` has been timed on a GPU."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(_PHILOX_ROUNDS):
+        _c0, _c2 = c0, c2
+        c0 = tl.umulhi(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
+        c2 = tl.umulhi(_PHILOX_ROUND_A, _c0) ^ c3 ^ k1
+        c1 = (_c2.to(tl.uint64) * _PHILOX_ROUND_B).to(tl.uint32)
+        c3 = (_c0.to(tl.uint64) * _PHILOX_ROUND_A).to(tl.uint32)
+        k0 = (k0.to(tl.uint64) + _PHILOX_KEY_A).to(tl.uint32)
+        k1 = (k1.to(tl.uint64) + _PHILOX_KEY_B).to(tl.uint32)
+    return c0, c1, c2, c3
+
+
+# Chosen once, by name: triton's JIT resolves every ``tl.<name>`` in the source of each function a kernel reaches
+# (dead branches included), so a kernel that could reach ``_philox_tl_mul`` would not compile on triton < 3.6.
+philox = _philox_tl_mul if hasattr(tl, "mul") and hasattr(tl, "add") else _philox_wide
 
 
 @triton.jit

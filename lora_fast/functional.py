@@ -167,7 +167,8 @@ def _fake(x: torch.Tensor) -> bool:
 
 
 def triton_mask_runs(x: torch.Tensor, p: float) -> bool:
-    """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on x's device: triton imports, x is a real
+    """Whether the kernels' mask (``dropout_mask``) can be built for ``p`` on x's device: triton imports (a version
+    the kernels build with: ``triton_fn.TRITON_MIN``), x is a real
     CUDA tensor (or CPU under TRITON_INTERPRET=1 with the kernels built for the interpreter; not meta, not fake), no
     torch.func transform is active, and the 16-bit keep threshold biases E[dropout(x)] by at most
     ``triton_fn.MAX_DROPOUT_BIAS``."""
@@ -180,6 +181,8 @@ def triton_mask_runs(x: torch.Tensor, p: float) -> bool:
     except ImportError:
         return False
     if device.type == "cpu" and not launch.kernels_interpreted(dropout._dropout_mask_kernel):
+        return False
+    if triton_fn.TOO_OLD is not None:
         return False
     return not functorch_active() and triton_fn.dropout_bias(p) <= triton_fn.MAX_DROPOUT_BIAS
 
@@ -219,7 +222,8 @@ def triton_unsupported_reason(
     return triton_fn.unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p)
 
 
-_NOT_IMPORTABLE = ("triton is not available", "lora_fast.kernels is not importable")
+# reasons that hold for every call on this machine (a GPU run taking them is warned about once, below)
+_NOT_IMPORTABLE = ("triton is not available", "lora_fast.kernels is not importable", "triton is too old")
 
 
 def _import_reason(e: ImportError) -> str:

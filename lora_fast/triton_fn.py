@@ -35,6 +35,30 @@ from lora_fast.rng import keep_threshold
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The oldest triton the kernels compile with. Before 3.4 triton's JIT fails on names their source holds
+# (``tl.make_tensor_descriptor``, looked up even in a branch a constexpr switches off) and on None accumulators passed
+# through jit helpers; 3.4 and 3.5 lack ``tl.mul``, for which the dropout RNG has a uint64 body. Found by compiling
+# every kernel for sm_90 without a GPU (``benchmarks.compile_check``) with triton 3.0 to 3.6; run on a GPU: 3.6 only.
+TRITON_MIN = (3, 4)
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``3.4.0`` or ``3.5.0+git1234``."""
+    parts = [int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit()]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def triton_too_old(version: str | None = None) -> str | None:
+    """Why this triton (``triton.__version__`` by default) cannot build the kernels, or None."""
+    version = triton.__version__ if version is None else version
+    if version_tuple(version) < TRITON_MIN:
+        return (f"triton is too old ({version}): the fused kernels need triton >= {'.'.join(map(str, TRITON_MIN))}"
+                " (torch >= 2.8 ships it)")
+    return None
+
+
+TOO_OLD = triton_too_old()  # read once: unsupported_reason runs on every call
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if autocast_enabled(x.device.type):
@@ -66,6 +90,8 @@ def unsupported_reason(
     it) and a dropout probability so close to 1 that the 16-bit keep threshold would bias E[dropout(x)] by more
     than ``MAX_DROPOUT_BIAS``.
     """
+    if TOO_OLD is not None:
+        return TOO_OLD
     if functorch_active():
         return ("torch.func transforms (grad, vmap, jacrev, ...) are active: the fused kernels' autograd Function "
                 "does not support them")

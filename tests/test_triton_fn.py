@@ -605,6 +605,28 @@ print("OK", torch.allclose(y, x @ w.T + (x @ a.T) @ b.T, atol=1e-5))
     assert f"WARNED {1 if HAS_CUDA else 0}" in out and "OK True" in out, out
 
 
+def test_a_triton_too_old_for_the_kernels_takes_the_reference_path(monkeypatch):
+    """triton < 3.4 cannot compile the kernels (compile_check with triton 3.0-3.3: names their source holds, None
+    accumulators in jit helpers): with such a triton, "auto" takes the reference path — never a compile error on the
+    first forward — backend="triton" names the version and the one needed, and the seeded reference mask does not
+    ask triton for its mask either. The version test itself: releases and local builds, 3.10 after 3.4."""
+    from lora_fast import functional, triton_fn
+
+    assert triton_fn.version_tuple("3.4.0") == (3, 4) and triton_fn.version_tuple("3.5.0+git1a2b") == (3, 5)
+    assert triton_fn.triton_too_old("3.10.1") is None and triton_fn.triton_too_old("3.4.0") is None
+    assert triton_fn.triton_too_old(triton_fn.triton.__version__) is None  # the suite's own triton builds them
+    monkeypatch.setattr(triton_fn, "TOO_OLD", triton_fn.triton_too_old("3.3.1"))
+    torch.manual_seed(0)
+    x, w, a, b = (torch.randn(*s, device=DEVICE) for s in ((5, 16), (12, 16), (4, 16), (12, 4)))
+    with pytest.raises(RuntimeError, match=r"triton is too old \(3\.3\.1\): the fused kernels need triton >= 3\.4"):
+        lora_linear(x, w, None, a, b, 0.5, backend="triton")
+    y = lora_linear(x, w, None, a, b, 0.5, backend="auto")
+    assert torch.equal(y, lora_linear(x, w, None, a, b, 0.5, backend="reference"))
+    assert not functional.triton_mask_runs(x, 0.1)
+    yd = lora_linear(x, w, None, a, b, 0.5, dropout_p=0.5, seed=3, backend="auto")
+    assert torch.equal(yd, lora_linear(x, w, None, a, b, 0.5, dropout_p=0.5, seed=3, backend="reference"))
+
+
 def test_autocast_takes_base_tensors_in_other_float_dtypes():
     """Under autocast F.linear casts x, W₀ and b to the autocast dtype whatever their float dtypes (a half-cast
     base with an fp32 bias, or the other way round): the Triton path takes those too rather than refusing, and
