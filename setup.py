@@ -3,9 +3,13 @@
 ``kernels/`` is installed as ``lora_fast.kernels`` (never as a top-level ``kernels``: PyPI has a package of that
 name and transformers >= 5 imports any top-level ``kernels`` it finds).
 
-torch is required but left unpinned so that a GPU user keeps the CUDA build they already have. On a CPU-only
+torch is required but not pinned, so that a GPU user keeps the CUDA build they already have. On a CPU-only
 machine install ``torch==2.13.0`` first (the local CPU wheel); an unpinned install there would pull CUDA wheels.
 Triton is optional at import time: without it everything runs on the plain-PyTorch reference path.
+
+Lower bounds are the versions the suite has run on, not guesses (README "Versions"): torch 2.4 failed at import and
+2.5 lacks the public FSDP2 API; triton < 3.4 cannot compile the kernels (they fall back to the reference path
+there); transformers 4.57 failed on --base_dtype and reentrant checkpointing; 5.17 and 5.23 pass.
 """
 
 from setuptools import setup
@@ -20,20 +24,20 @@ setup(
     packages=["lora_fast", "lora_fast.kernels"],
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.40",
+        "torch>=2.6",
+        "transformers>=5.17",
         "safetensors>=0.4",
         "tqdm",
         "numpy",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.4"],
         "train": ["datasets", "tokenizers", "matplotlib", "pyyaml"],
         "dev": [
-            "triton>=3.0",
+            "triton>=3.4",
             "pytest>=7",
             "pytest-benchmark",
-            "peft>=0.13",
+            "peft>=0.21",
             "datasets",
             "tokenizers",
             "matplotlib",

@@ -133,7 +133,8 @@ def offline_compiler(arch: int, records: list):
             raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
         return kernel
 
-    previous = driver._active  # None unless a real driver was already in use
+    attr = "_active" if hasattr(driver, "_active") else "active"  # triton 3.4 keeps it in a plain `active`
+    previous = getattr(driver, attr)  # saved and put back: whatever driver was in use before
     driver.set_active(_OfflineDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
     launch.smem_budget = lambda device: limit
@@ -141,7 +142,7 @@ def offline_compiler(arch: int, records: list):
         yield records
     finally:
         JITFunction.run, launch.smem_budget = orig_run, orig_budget
-        driver._active = previous
+        setattr(driver, attr, previous)
         del triton
 
 
