@@ -44,6 +44,13 @@ DRAW_BITS = 16
 
 
 @triton.jit
+def _philox_key(seed):
+    """The Philox key: the low and high uint32 words of the int64 ``seed``."""
+    seed = seed.to(tl.uint64)
+    return (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
 def _philox_tl_mul(seed, c0, c1, c2, c3):
     """Philox-4x32-10 of the counter words (c0, c1, c2, c3) (uint32 tensors of one shape) under the int64 ``seed``
     (key = its low and high words): the 4 uint32 output words, the rounds of ``tl.randint4x``. Written out rather
@@ -51,9 +58,7 @@ def _philox_tl_mul(seed, c0, c1, c2, c3):
     imported before ``TRITON_INTERPRET=1`` is set (any process that imported peft first), while functions of this
     module follow the variable at their own import. For the same reason the kernels here use only builtins
     (``tl.full``, not the library's ``tl.zeros``/``tl.cdiv``)."""
-    seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = _philox_key(seed)
     for _ in tl.static_range(_PHILOX_ROUNDS):
         _c0, _c2 = c0, c2
         c0 = tl.umulhi(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
@@ -71,9 +76,7 @@ def _philox_wide(seed, c0, c1, c2, c3):
     products and sums are computed in uint64 (where they cannot overflow, so no overflow check applies) and
     truncated — the same words (tested against ``_philox_tl_mul`` and the numpy Philox). Not used where ``tl.mul``
     exists: only ``_philox_tl_mul`` has been timed on a GPU."""
-    seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = _philox_key(seed)
     for _ in tl.static_range(_PHILOX_ROUNDS):
         _c0, _c2 = c0, c2
         c0 = tl.umulhi(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
