@@ -131,8 +131,7 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
-        "lora_bias": False,
+        "use_dora": False,  # no "lora_bias" (False, PEFT's default): PEFT < 0.14's LoraConfig refuses that key
     }
 
 

@@ -118,7 +118,7 @@ def _state_reason(module: nn.Module) -> str | None:
     if a in getattr(module, "lora_variant", {}):
         return f"LoRA variant {type(module.lora_variant[a]).__name__}"
     lora_A, lora_B, drop = module.lora_A[a], module.lora_B[a], module.lora_dropout[a]
-    if module.lora_bias.get(a, False) or lora_B.bias is not None or lora_A.bias is not None:
+    if getattr(module, "lora_bias", {}).get(a, False) or lora_B.bias is not None or lora_A.bias is not None:
         return "lora_bias"
     if type(drop).forward not in (nn.Dropout.forward, nn.Identity.forward):
         return f"custom dropout {type(drop).__name__}"

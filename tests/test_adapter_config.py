@@ -167,6 +167,36 @@ def test_alphas_are_written_as_peft_writes_them(tmp_path):
     assert written(json.loads((tmp_path / "fractional" / "adapter_config.json").read_text())) == {"2.5", "3", "8"}
 
 
+# The fields of peft 0.13.2's LoraConfig and PeftConfig (read from that release's peft/tuners/lora/config.py and
+# peft/config.py): its LoraConfig(**json) raises TypeError on any other key, so a file for PEFT users on older
+# releases holds none (lora_bias, for one, came in 0.14).
+PEFT_0_13_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora",
+}
+
+
+def test_the_written_config_has_only_fields_older_peft_knows(tmp_path):
+    """An adapter saved by lora_fast loads in PEFT releases back to 0.13 (whose LoraConfig refused the unknown
+    ``lora_bias`` key we used to write, at its default False) — and still in this PEFT, with the same outputs."""
+    torch.manual_seed(0)
+    base = _llama()
+    model = apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], rank=4, alpha=8, use_rslora=True)
+    for m in lora_layers(model).values():
+        nn.init.normal_(m.lora.lora_B, std=0.1)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(cfg) <= PEFT_0_13_FIELDS, set(cfg) - PEFT_0_13_FIELDS
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("n", [1, _MAX_NAMED - 1, _MAX_NAMED, _MAX_NAMED + 1, 3 * _MAX_NAMED])
 def test_error_messages_name_every_key_or_count_the_rest(n):
     """Up to _MAX_NAMED keys are all listed; past it, the first _MAX_NAMED are listed and the rest counted exactly."""

@@ -131,6 +131,24 @@ def test_optimizer_keeps_working_across_patch():
     assert rel_err(pm.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight, b0) > 1e-4  # trained
 
 
+def test_peft_layers_without_lora_bias_are_patched(spy):
+    """PEFT < 0.14's LoRA layers have no ``lora_bias`` dict: patch_peft takes them (it used to raise on the attribute,
+    after swapping the classes of the layers before it: a half-patched model) and computes what PEFT does."""
+    pm = _peft("gpt2")
+    layers = [m for m in pm.modules() if hasattr(m, "lora_bias") and hasattr(m, "lora_A")]
+    assert layers
+    for m in layers:
+        del m.lora_bias
+    ids = _ids()
+    want_loss, want = _loss_and_grads(copy.deepcopy(pm), ids)
+    patch_peft(pm)
+    loss, got = _loss_and_grads(pm, ids)
+    assert len(spy) > 0 and all(is_patched(m) for m in layers)
+    assert_rel_close(loss, want_loss, 1e-6, "loss")
+    for (name, g), w in zip(got.items(), want.values(), strict=True):
+        assert_rel_close(g, w, 1e-5, name)
+
+
 def test_dropout_goes_through_lora_fast():
     """Train mode with dropout: the patched PEFT layer is the lora_fast layer (same tensors, same RNG draws)."""
     pm = _peft("llama", dropout=0.25).train()
