@@ -19,7 +19,7 @@ from lora_fast import (
     merge_lora,
     unmerge_lora,
 )
-from tests.utils import MISSING, assert_rel_close
+from tests.utils import MISSING, assert_rel_close, enable_checkpointing
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 
@@ -505,7 +505,7 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant):
     for checkpointing in (False, True):
         model = vit()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            enable_checkpointing(model, reentrant)
         apply_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, modules_to_save=["classifier"])
         with torch.no_grad():
             for n, p in model.named_parameters():

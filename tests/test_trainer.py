@@ -18,7 +18,7 @@ from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
 from lora_fast.ops import lora_linear_op
 from tests.triton_interpret import DEVICE as TRITON_DEVICE
 from tests.triton_interpret import interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import assert_rel_close, enable_checkpointing, rel_err
 
 VOCAB = 101
 
@@ -27,14 +27,6 @@ def _config(**kw) -> GPT2Config:
     # GPT-2's own dropouts off: the checkpointing tests are about the LoRA masks alone.
     return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
-
-
-def _enable_checkpointing(model, use_reentrant: bool) -> None:
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
-        model.activation_checkpointing_enable(kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def test_trainer_trains_saves_and_reloads(tmp_path):
@@ -98,7 +90,7 @@ def _checkpointing_matches(path: str, use_reentrant: bool, device: str, targets,
     handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in lora_layers(model).values()]
     plain = _lora_grads(model, ids, seed=7)
     n_plain = len(calls)
-    _enable_checkpointing(model, use_reentrant)
+    enable_checkpointing(model, use_reentrant)
     ckpt = _lora_grads(model, ids, seed=7)
     # Recomputation re-runs LoRA layers (non-reentrant checkpointing stops early, after the last saved tensor).
     assert len(calls) - n_plain > n_plain, "checkpointing did not recompute the LoRA layers"
