@@ -299,6 +299,9 @@ def lora_linear(
     if torch.compiler.is_compiling():  # torch.compile: the torch.library op (no env reads, imports, logging here)
         if functorch_active() or forward_ad_active():  # torch.compile(torch.func.grad(...)), or inside a
             # forward-AD level: the op has no functorch rules nor a jvp; aten ops have both
+            if backend == "triton":  # as eager: "triton" never falls back without a word
+                raise RuntimeError("backend='triton' cannot run this case: a torch.func transform or forward-mode AD"
+                                   " is active (the fused kernels support neither)")
             _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")

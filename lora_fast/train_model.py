@@ -115,6 +115,12 @@ def random_gpt2(task: str = "causal-lm", num_labels: int = 2, seed: int = 0, voc
         return cls(config)
 
 
+def _in_dtype(model, dtype):
+    """A randomly initialised model in ``dtype`` (None: as built, fp32) — what ``from_pretrained(dtype=...)`` gives
+    a checkpoint (``--base_dtype bfloat16`` with ``gpt2-random`` used to stay fp32 without a word)."""
+    return model if dtype is None else model.to(dtype)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -143,7 +149,8 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
         random_fallback: whether ``gpt2`` (``FALLBACK_NAMES``) may fall back to random weights offline (training
             may; merging an adapter trained on the pretrained weights must not).
         log: where the one-line offline notice goes.
-        dtype: the dtype to load in; None keeps the checkpoint's (transformers 5's ``dtype="auto"``). Training
+        dtype: the dtype to load in (random weights too); None keeps the checkpoint's (transformers 5's
+            ``dtype="auto"``; fp32 for random weights). Training
             passes float32, as transformers 4 loaded by default: a head trained whole in a 16-bit checkpoint's
             dtype is updated by AdamW in fp16/bf16 (its eps rounds to 0: NaN from the second step), and
             ``--fp16``/``--bf16`` mixed precision expects fp32 parameters.
@@ -161,7 +168,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     if name == RANDOM_GPT2:
         if task not in ("causal-lm", "classification"):
             raise ConfigError(f"{RANDOM_GPT2} is a causal-LM or sequence-classification GPT-2, not a {task} model")
-        return random_gpt2(task, num_labels, seed), RANDOM_GPT2
+        return _in_dtype(random_gpt2(task, num_labels, seed), dtype), RANDOM_GPT2
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -194,7 +201,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     if name in FALLBACK_NAMES and random_fallback:
         log(f"lora-fast: cannot load {name!r} ({offline_reason}, not cached): continuing with the GPT-2 124M "
             f"architecture randomly initialised (same as --model {RANDOM_GPT2})")
-        return random_gpt2(task, num_labels, seed), RANDOM_GPT2
+        return _in_dtype(random_gpt2(task, num_labels, seed), dtype), RANDOM_GPT2
     raise ConfigError(f"--model {name!r} is not a local directory and not in the Hugging Face cache, and it cannot "
                       f"be downloaded ({offline_reason})")
 

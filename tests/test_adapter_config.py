@@ -169,7 +169,8 @@ def test_alphas_are_written_as_peft_writes_them(tmp_path):
 
 # The fields of peft 0.13.2's LoraConfig and PeftConfig (read from that release's peft/tuners/lora/config.py and
 # peft/config.py): its LoraConfig(**json) raises TypeError on any other key, so a file for PEFT users on older
-# releases holds none (lora_bias, for one, came in 0.14).
+# releases holds none (lora_bias, for one, came in 0.14) — but ensure_weight_tying, written only when a saved
+# module is tied to one outside it, which older PEFT could not honour anyway.
 PEFT_0_13_FIELDS = {
     "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
     "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",

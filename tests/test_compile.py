@@ -449,6 +449,24 @@ def test_op_refuses_what_eager_refuses_for_lora_b():
     assert not _use_triton(x, w, a, fp64, "auto")
 
 
+def test_backend_triton_under_a_compiled_transform_raises_as_eager():
+    """backend="triton" on a case the kernels cannot run raises, eager or compiled: under torch.compile inside a
+    torch.func transform (or a forward-AD level) every other backend takes the reference path, and "triton" used to
+    take it too without a word."""
+    from torch.func import grad
+
+    x, w, a, b0 = (torch.randn(*s) for s in ((3, 8), (4, 8), (2, 8), (4, 2)))
+
+    def loss(B):
+        return functional.lora_linear(x, w, None, a, B, 0.5, backend="triton").sum()
+
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this case"):
+        grad(loss)(b0)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this case"):  # dynamo may run the
+        torch.compile(grad(loss), backend="eager")(b0)  # frame eagerly at the raise: then eager's reason
+    torch._dynamo.reset()
+
+
 # --- edge cases of the op's entry (review) -------------------------------------------------------------------------
 @pytest.mark.usefixtures("routed")
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -1075,6 +1075,17 @@ def test_base_dtype_keeps_a_16_bit_base_and_fp32_adapters(tiny_gpt2, tmp_path, c
     assert rc == 2 and "keep --base_dtype float32" in capsys.readouterr().err
 
 
+def test_base_dtype_reaches_random_gpt2():
+    """gpt2-random (and the offline gpt2 fallback, built the same way) is loaded in the dtype asked for, as a
+    checkpoint is: --base_dtype bfloat16 with gpt2-random used to stay fp32 without a word. None: as built, fp32."""
+    from lora_fast.train_model import RANDOM_GPT2, load_base_model
+
+    model, _ = load_base_model(RANDOM_GPT2, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = load_base_model(RANDOM_GPT2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_a_one_step_run_in_warm_up_is_named(tiny_gpt2, tmp_path, capsys):
     """A 1-step run with the default warm-up trains at learning rate 0 (HF's schedule starts warm-up at 0): the
     adapter stays as initialised, which used to pass without a word."""
