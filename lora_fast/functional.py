@@ -222,8 +222,9 @@ def triton_unsupported_reason(
     return triton_fn.unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p)
 
 
+TRITON_TOO_OLD = "triton is too old"  # how triton_fn.unsupported_reason's version reason starts
 # reasons that hold for every call on this machine (a GPU run taking them is warned about once, below)
-_NOT_IMPORTABLE = ("triton is not available", "lora_fast.kernels is not importable", "triton is too old")
+_NOT_IMPORTABLE = ("triton is not available", "lora_fast.kernels is not importable", TRITON_TOO_OLD)
 
 
 def _import_reason(e: ImportError) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
-from lora_fast.functional import autocast_inputs, functorch_active, has_tangent, seed_tensor
+from lora_fast.functional import TRITON_TOO_OLD, autocast_inputs, functorch_active, has_tangent, seed_tensor
 from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
@@ -52,7 +52,7 @@ def triton_too_old(version: str | None = None) -> str | None:
     """Why this triton (``triton.__version__`` by default) cannot build the kernels, or None."""
     version = triton.__version__ if version is None else version
     if version_tuple(version) < TRITON_MIN:
-        return (f"triton is too old ({version}): the fused kernels need triton >= {'.'.join(map(str, TRITON_MIN))}"
+        return (f"{TRITON_TOO_OLD} ({version}): the fused kernels need triton >= {'.'.join(map(str, TRITON_MIN))}"
                 " (torch >= 2.8 ships it)")
     return None
 
