@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from lora_fast.checkpointing import watch_checkpointing
 from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_hparams
 from lora_fast.module_names import plain_name, wrapper_inner
 
@@ -369,16 +370,9 @@ def apply_lora(
 
 
 def prepare_for_checkpointing(model: nn.Module) -> None:
-    """As PEFT's ``get_peft_model``: on a transformers model with gradient checkpointing on (and not quantised),
-    make the input embeddings' output require grad (``enable_input_require_grads``). Reentrant checkpointing drops
-    the gradients of everything inside a block none of whose inputs requires grad — with the base frozen, every
-    LoRA weight of a ViT, CLIP or Whisper model (transformers does this itself only for ``input_ids`` models)."""
-    inner = unwrap_model(model)
-    quantised = any(getattr(inner, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
-    on = getattr(inner, "is_activation_checkpointing", None)  # transformers 5's name (the old one warns there)
-    on = getattr(inner, "is_gradient_checkpointing", False) if on is None else on
-    if on and not quantised and callable(getattr(inner, "enable_input_require_grads", None)):
-        inner.enable_input_require_grads()
+    """Activation checkpointing, now or switched on later, leaves no LoRA weight without its gradient
+    (``lora_fast.checkpointing``; PEFT's ``get_peft_model`` covers only checkpointing already on)."""
+    watch_checkpointing(unwrap_model(model))
 
 
 def _warn_frozen_head(model: nn.Module, lora_names, extras) -> None:
@@ -454,7 +448,9 @@ def untie_embeddings_in_config(model: nn.Module) -> str:
     T5 before transformers 5 scale the decoder output by d_model**-0.5 when it is set): clearing it there would
     change the logits by a factor √d_model. The flag stays; ``save_pretrained`` still writes both weights (it drops
     only tensors that share storage), and transformers ≥ 5's ``from_pretrained`` does not tie two saved weights
-    that differ. Returns what was done, for the caller's warning ("" when nothing)."""
+    that differ; ``merge_and_unload`` moves the scale into the head where the config keeps a cleared flag
+    (``merge._fold_decoder_scale``: transformers 4). Returns what was done, for the caller's warning ("" when
+    nothing)."""
     inner = unwrap_model(model)
     try:
         inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()

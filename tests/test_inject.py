@@ -19,7 +19,7 @@ from lora_fast import (
     merge_lora,
     unmerge_lora,
 )
-from tests.utils import MISSING, assert_rel_close, enable_checkpointing
+from tests.utils import MISSING, assert_rel_close, enable_checkpointing, transformers_major
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 
@@ -487,11 +487,17 @@ def test_all_linear_of_a_compiled_classifier_leaves_its_head_out():
     assert compiled == [f"_orig_mod.{n}" for n in plain]
 
 
+@pytest.mark.parametrize("order", ["checkpointing first", "adapter first"])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant):
+def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant, order):
     """A model whose input is not input_ids (ViT): with reentrant checkpointing on and the base frozen, no input of
     a checkpointed block required grad, so every LoRA weight got no gradient (PEFT's get_peft_model makes the
-    embeddings' output require grad; apply_lora now does the same). Gradients equal those without checkpointing."""
+    embeddings' output require grad; apply_lora does the same). The Trainer switches checkpointing on after the
+    adapter is in place — there PEFT and transformers (which helps input_ids models only) leave the gap and only
+    the head trained; apply_lora's hook closes it. Gradients equal those without checkpointing, also in a deep copy
+    made before checkpointing is switched on (the hook acts on the model it runs for)."""
+    import copy
+
     from transformers import ViTConfig, ViTForImageClassification
 
     def vit():
@@ -500,24 +506,65 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant):
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
             patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
+    def lora_grads(model):
+        model.train()
+        model(pixel_values=x, labels=labels).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if ".lora.lora_" in n}
+
     x, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
     grads = []
     for checkpointing in (False, True):
         model = vit()
-        if checkpointing:
+        if checkpointing and order == "checkpointing first":
             enable_checkpointing(model, reentrant)
-        apply_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, modules_to_save=["classifier"])
+        targets = ["q_proj", "v_proj"] if transformers_major() >= 5 else ["query", "value"]  # ViT's names
+        apply_lora(model, targets, rank=4, alpha=8, modules_to_save=["classifier"])
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_()  # B = 0 at init: A's gradient would be zero either way
-        model.train()
-        model(pixel_values=x, labels=labels).loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if ".lora.lora_" in n})
+        twin = copy.deepcopy(model)
+        if checkpointing and order == "adapter first":
+            enable_checkpointing(model, reentrant)
+            enable_checkpointing(twin, reentrant)
+        grads.append(lora_grads(model))
+        if checkpointing:
+            grads.append(lora_grads(twin))
     assert len(grads[0]) == 8
-    for n, g in grads[0].items():
-        assert grads[1][n] is not None, n
-        assert_rel_close(grads[1][n], g.double(), 1e-5, n)
+    for g_ckpt in grads[1:]:
+        for n, g in grads[0].items():
+            assert g_ckpt[n] is not None, n
+            assert_rel_close(g_ckpt[n], g.double(), 1e-5, n)
+
+
+def test_the_checkpointing_hook_stays_out_of_the_way():
+    """Without checkpointing the input embeddings' output is left alone (it would cost a backward through the
+    first block); the user's disable_input_require_grads() is not undone; a copy whose switch holder was replaced
+    still finds the switch by scanning."""
+    from lora_fast.checkpointing import checkpointing_on
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    model = apply_lora(GPT2LMHeadModel(cfg), ["c_attn"], rank=2).train()
+    ids = torch.randint(0, 50, (1, 5))
+    model(ids)
+    assert "_require_grads_hook" not in model.__dict__
+
+    enable_checkpointing(model, use_reentrant=True)
+    model(ids)
+    assert "_require_grads_hook" in model.__dict__
+    model.disable_input_require_grads()
+    seen = []
+    model.transformer.wte.register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        model(ids)
+    assert seen == [False]
+
+    other = apply_lora(GPT2LMHeadModel(cfg), ["c_attn"], rank=2)
+    assert other.__dict__["_lora_fast_checkpointing_probe"] == "transformer"
+    other.__dict__["_lora_fast_checkpointing_probe"] = "gone"  # as after the user restructured the model
+    assert not checkpointing_on(other)
+    enable_checkpointing(other, use_reentrant=True)
+    assert checkpointing_on(other)
 
 
 def test_load_adapter_names_inert_multihead_attention_targets(tmp_path):

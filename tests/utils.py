@@ -37,6 +37,13 @@ def ref_grads64(x, w, b, a, bb, s, p, mask, fifo, dy):
     return y.detach(), xa.detach(), x64.grad, a64.grad, b64.grad
 
 
+def transformers_major() -> int:
+    """transformers' major version (4 or 5): where a test must build or call something by the version's own API."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 # Why a test skips when an optional module is missing, and where it runs instead (pytest.importorskip's reason)
 MISSING = {
     "peft": "peft is in the [dev] extra (CI installs it); PEFT parity and interop run wherever it is installed",
