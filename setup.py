@@ -30,6 +30,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "numpy",
+        "packaging",
     ],
     extras_require={
         "triton": ["triton>=3.4"],

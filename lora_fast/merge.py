@@ -9,12 +9,16 @@ Nothing to do is a warning (merging a merged model), no LoRA layer at all is an 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 import warnings
 
+import torch
 import torch.nn as nn
 
 from lora_fast.adapter_config import _names
 from lora_fast.inject import (
+    _forward_reads_tie_flag,
     _set_submodule,
     lora_layers,
     parameter_names,
@@ -53,17 +57,18 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     layers = _layers_or_raise(model, "merge_lora")
     if all(m.merged for m in layers.values()):
         warnings.warn("merge_lora: every LoRA layer is already merged, nothing done", stacklevel=2)
-    _untie_bases(model, layers, "merge_lora")
+    untied = _untie_bases(model, layers)
     _merge_unmerged(layers, safe_merge, "merge_lora")
+    _warn_untied("merge_lora", untied, untie_embeddings_in_config(model) if untied else "")
     return model
 
 
-def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) -> None:
+def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA]) -> list[str]:
     """Give each unmerged layer whose base weight is tied to another parameter (GPT-2's ``lm_head`` and ``wte``) its
     own copy before merging: ΔW folded into a shared weight would change the input embeddings too, and the merged
-    model would no longer compute what the adapter did. Where that breaks the word-embedding tie, the model's
-    ``tie_word_embeddings`` is set to False, so that ``save_pretrained``/``from_pretrained`` keep the two apart.
-    Warns, naming what was untied (memory: one more copy of that weight)."""
+    model would no longer compute what the adapter did. Where that breaks the word-embedding tie, the caller sets
+    the model's ``tie_word_embeddings`` to False (``untie_embeddings_in_config``; ``_fold_decoder_scale``), so that
+    ``save_pretrained``/``from_pretrained`` keep the two apart. Returns what was untied, for ``_warn_untied``."""
     names_of, untied = parameter_names(model), []
     for name, m in layers.items():
         w = m.linear.weight
@@ -71,12 +76,17 @@ def _untie_bases(model: nn.Module, layers: dict[str, LinearWithLoRA], who: str) 
         if tied and not m.merged:
             m.linear.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             untied.append(f"{name} (was tied to {', '.join(tied)})")
-    if not untied:
-        return
-    flag = untie_embeddings_in_config(model)
-    flag = f" ({flag})" if flag else ""
-    warnings.warn(f"{who}: the base weight of {'; '.join(untied)} is now a copy of its own, so that merging ΔW into "
-                  f"it leaves the weights it was tied to unchanged{flag}", stacklevel=3)
+    return untied
+
+
+def _warn_untied(who: str, untied: list[str], flag: str) -> None:
+    """Say what was untied (memory: one more copy of that weight) and what became of the tie flag."""
+    if untied:
+        flag = f" ({flag})" if flag else ""
+        warnings.warn(f"{who}: the base weight of {'; '.join(untied)} is now a copy of its own, so that merging ΔW "
+                      f"into it leaves the weights it was tied to unchanged{flag}", stacklevel=3)
+    elif flag:
+        warnings.warn(f"{who}: {flag}", stacklevel=3)
 
 
 def _merge_unmerged(layers: dict[str, LinearWithLoRA], safe_merge: bool, who: str) -> None:
@@ -115,13 +125,74 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         return model.merged_base()
     layers = _layers_or_raise(model, "merge_and_unload")
     _check_not_compiled_alone(layers, "merge_and_unload")
-    _untie_bases(model, layers, "merge_and_unload")
+    untied = _untie_bases(model, layers)
     _merge_unmerged(layers, safe_merge, "merge_and_unload")
     for name, m in layers.items():
         _set_submodule(model, name, m.merged_base())
     if hasattr(model, "lora_fast_config"):
         del model.lora_fast_config
+    folded = _fold_decoder_scale(model, "merge_and_unload")
+    _warn_untied("merge_and_unload", untied, folded or (untie_embeddings_in_config(model) if untied else ""))
     return model
+
+
+# T5-family forwards: ``if self.config.tie_word_embeddings: sequence_output = sequence_output * (self.model_dim**-0.5)``
+_DECODER_SCALE = re.compile(r"\*\s*\(?\s*self\.(?:model_dim|config\.d_model)\s*\*\*\s*-\s*0?\.5\b")
+
+
+def _fold_decoder_scale(model: nn.Module, who: str) -> str:
+    """A merged model (``merge_and_unload``) whose output embeddings are no longer tied to the input embeddings,
+    while ``tie_word_embeddings`` stays set because its forward reads the flag to scale the decoder output by
+    d_model**-0.5 (UMT5, SwitchTransformers, UDOP; T5 and LongT5 before transformers 5;
+    ``untie_embeddings_in_config``). Saved like that, transformers 4's ``from_pretrained`` tied the head back to
+    the embeddings (logits 5 % and 33 % off in a tiny T5 and UMT5), and ``tie_weights()`` does so in any version.
+
+    Here the scale goes into the head instead: lm_head.weight · d_model**-0.5, and the flag is cleared, so the
+    forward no longer scales: logits = (s·W)h = W(s·h), the same up to one rounding of the weight. Only where the
+    config keeps a cleared flag when loaded (not transformers 5's T5 family: ``_cleared_flag_survives``), and where
+    the forward's scale is that expression; another reader is left as it is, with a warning. A merged model of
+    this kind saved with one major version of transformers does not load right in the other.
+
+    Not in ``unload`` or ``merge_lora``: their model takes adapters again, and an adapter's trained head (PEFT's
+    numbers) expects the scale in the forward. Returns what was done ("" when nothing), for the caller's
+    warning."""
+    inner = unwrap_model(model)
+    try:
+        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return ""
+    config = getattr(inner, "config", None)
+    if inp is None or out is None or out.weight is inp.weight or not getattr(config, "tie_word_embeddings", False):
+        return ""
+    readers = {type(m) for m in inner.modules() if _forward_reads_tie_flag(type(m))}
+    if not readers or not _cleared_flag_survives(config):
+        return ""
+    d_model = getattr(config, "d_model", None)
+    unknown = sorted(c.__name__ for c in readers if not isinstance(d_model, int)
+                     or not _DECODER_SCALE.search(inspect.getsource(c.forward)))
+    if unknown:
+        warnings.warn(f"{who}: {', '.join(unknown)}.forward reads tie_word_embeddings in a way lora_fast does not "
+                      "know, so the flag stays set with the output embeddings untied: tie_weights() (and "
+                      "from_pretrained in transformers 4) would tie them again", stacklevel=3)
+        return ""
+    with torch.no_grad():
+        out.weight.mul_(d_model ** -0.5)
+    for m in inner.modules():  # every config object a reader may consult (the model's and its stacks')
+        c = getattr(m, "config", None)
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    return (f"the untied output embeddings of {type(inner).__name__} now hold the decoder's d_model**-0.5 scale and "
+            "tie_word_embeddings is False, so that the saved model loads with its own head and the same logits")
+
+
+def _cleared_flag_survives(config) -> bool:
+    """Whether ``config`` saved with ``tie_word_embeddings`` False loads with it False. transformers 5's T5-family
+    configs force it True; there the flag stays, and transformers 5's ``from_pretrained`` keeps an untied head
+    whose saved weights differ from the embeddings'."""
+    try:
+        return type(config).from_dict({**config.to_dict(), "tie_word_embeddings": False}).tie_word_embeddings is False
+    except Exception:  # noqa: BLE001  (a config that does not round-trip: leave the model as it is)
+        return False
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -121,6 +121,15 @@ def _in_dtype(model, dtype):
     return model if dtype is None else model.to(dtype)
 
 
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s name for the dtype: ``dtype`` from transformers 4.56 (5 warns on the old name),
+    ``torch_dtype`` before (an unknown ``dtype`` went on to the model's constructor and failed there)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -164,7 +173,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     cls = _model_class(task)
     kw = {"num_labels": num_labels} if task in LABELLED_TASKS else {}
     if dtype is not None:
-        kw["dtype"] = dtype
+        kw[_dtype_keyword()] = dtype
     if name == RANDOM_GPT2:
         if task not in ("causal-lm", "classification"):
             raise ConfigError(f"{RANDOM_GPT2} is a causal-LM or sequence-classification GPT-2, not a {task} model")

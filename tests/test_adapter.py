@@ -1269,6 +1269,7 @@ def test_resized_vocabulary_of_a_hub_base(tmp_path, monkeypatch):
     (cache / "models--tiny--llama" / "refs").mkdir()
     (cache / "models--tiny--llama" / "refs" / "main").write_text("abc")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(cache), raising=False)  # 4.x's copy
     for name, saved in (("tiny/llama", True), ("tiny/elsewhere", False)):
         model = _llama()
         model.resize_token_embeddings(VOCAB + 4)

@@ -564,15 +564,23 @@ def test_sweep_table_escapes_a_regex_alternation():
     assert line.replace("\\|", "").count("|") == len(COLUMNS) + 1 and "c_(attn\\|fc)" in line
 
 
-def _bert_lm_with_wordpiece(path, special=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), **tok_kw):
-    from transformers import BertConfig, BertLMHeadModel, BertTokenizerFast
+def _bert_lm_with_wordpiece(path, special=("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), bare=False):
+    """A small BERT LM saved with a WordPiece tokenizer; ``bare``: one with no special token but UNK (a generic
+    fast tokenizer: transformers 4 cannot build a BertTokenizerFast without SEP and CLS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertLMHeadModel, BertTokenizerFast, PreTrainedTokenizerFast
 
     words = "the a of to and in is it that for on with as was this by be are".split()
-    (path / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join([*special, *words, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
-    # from_pretrained reads vocab.txt (transformers 5's BertTokenizerFast(vocab_file=...) kept the specials only)
-    tok = BertTokenizerFast.from_pretrained(path, **tok_kw)
+    tokens = [*special, *words, *"abcdefghijklmnopqrstuvwxyz"]
+    path.mkdir(parents=True, exist_ok=True)
+    if bare:
+        core = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    else:
+        (path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+        # from_pretrained reads vocab.txt (transformers 5's BertTokenizerFast(vocab_file=...) kept the specials only)
+        tok = BertTokenizerFast.from_pretrained(path)
     torch.manual_seed(0)
     BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                                vocab_size=len(tok), max_position_embeddings=64, is_decoder=True)).save_pretrained(path)
@@ -592,8 +600,7 @@ def test_tokenizers_without_eos_or_pad(tmp_path, capsys):
     bert = _bert_lm_with_wordpiece(tmp_path / "bert")
     assert cli_main(["train", "--model", str(bert), "--dataset", str(text), *common,
                      "--output_dir", str(tmp_path / "o1")]) == 0
-    bare = _bert_lm_with_wordpiece(tmp_path / "bare", special=("[UNK]",), sep_token=None, pad_token=None,
-                                   cls_token=None, mask_token=None)
+    bare = _bert_lm_with_wordpiece(tmp_path / "bare", special=("[UNK]",), bare=True)
     assert cli_main(["train", "--model", str(bare), "--dataset", str(text), *common,
                      "--output_dir", str(tmp_path / "o2")]) == 2
     assert "has no EOS (or SEP) token" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -4,6 +4,7 @@ against the base model they must reproduce, and errors instead of silent no-ops.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ from lora_fast import (
     unmerge_lora,
 )
 from tests.test_inject import TARGETS, tiny_gpt2
-from tests.utils import assert_rel_close
+from tests.utils import assert_rel_close, transformers_major
 
 
 def _trained(dropout=0.0):
@@ -306,8 +307,9 @@ def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
     """UMT5 (like SwitchTransformers, UDOP, and T5 before transformers 5) scales its decoder output by d_model**-0.5
     when ``tie_word_embeddings`` is set: clearing the flag after an untie changed the logits by √d_model = 8 (merging
     an lm_head adapter; ``modules_to_save=["lm_head"]`` at B = 0; a PEFT adapter with that head loaded off PEFT's
-    numbers). The flag stays there, the logits stay, and the merged model saved and loaded again still computes
-    the adapter's logits. GPT-2's forward does not read it (its flag is cleared: the tests above)."""
+    numbers). The flag stays there and the logits stay. merge_and_unload moves the scale into the head and clears
+    the flag: saved and loaded again (transformers 4 tied a flagged head back), the model computes the adapter's
+    logits. GPT-2's forward does not read it (its flag is cleared: the tests above)."""
     from peft import LoraConfig, get_peft_model
     from transformers import UMT5ForConditionalGeneration
 
@@ -334,17 +336,41 @@ def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
     with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
         load_adapter(model, tmp_path / "peft", is_trainable=False)
     assert_rel_close(_t5_logits(model, ids), _t5_logits(peft_model, ids), 1e-6, "UMT5 adapter with lm_head")
-    # an adapter on the tied head, merged: the adapter's logits, in memory and after save/load
+    # merge_lora keeps the layers (an adapter may be unmerged or loaded again): the flag stays, the logits stay
     model = apply_lora(_tiny_umt5(), ["q", "v", "lm_head"], rank=4)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora.lora_B.normal_(0, 0.1)
     want = _t5_logits(model, ids)
     with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
-        merged = merge_and_unload(model)
-    assert merged.config.tie_word_embeddings is True
-    assert_rel_close(_t5_logits(merged, ids), want, 1e-5, "merged UMT5 with its lm_head untied")
-    merged.save_pretrained(tmp_path / "merged")
-    again = UMT5ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
-    assert again.lm_head.weight is not again.shared.weight
-    assert_rel_close(_t5_logits(again, ids), want, 1e-5, "merged UMT5 after save_pretrained/from_pretrained")
+        merge_lora(model)
+    assert model.config.tie_word_embeddings is True
+    assert_rel_close(_t5_logits(model, ids), want, 1e-5, "UMT5 merged in place")
+    # merge_and_unload of a LoRA head, and of a head trained whole: the saved model loads with its own head and the
+    # adapter's logits. transformers 4 tied a flagged head back to the embeddings (logits 33 % off): there the
+    # decoder's scale moves into the head and the flag is cleared. transformers 5's UMT5Config forces the flag
+    # True, and its from_pretrained keeps a head that differs from the embeddings: there both stay as they are.
+    folds = transformers_major() < 5
+    done = r"UMT5ForConditionalGeneration now hold the decoder's d_model\*\*-0.5" if folds else "left True"
+    for case in ("LoRA on lm_head", "modules_to_save"):
+        if case == "LoRA on lm_head":
+            model = apply_lora(_tiny_umt5(), ["q", "v", "lm_head"], rank=4)
+        else:
+            with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
+                model = apply_lora(_tiny_umt5(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora.lora_B.normal_(0, 0.1)
+            model.get_output_embeddings().weight.mul_(1.5)  # a trained head (under LoRA: another base weight)
+        want = _t5_logits(model, ids)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = merge_and_unload(model)
+        said = " ".join(str(w.message) for w in caught)  # 5 with a head untied at apply_lora: nothing new to say
+        assert (re.search(done, said) is not None) == (folds or case == "LoRA on lm_head"), said
+        assert merged.config.tie_word_embeddings is not folds, case
+        assert_rel_close(_t5_logits(merged, ids), want, 1e-5, f"merged UMT5, {case}")
+        merged.save_pretrained(tmp_path / case)
+        again = UMT5ForConditionalGeneration.from_pretrained(tmp_path / case).eval()
+        assert again.lm_head.weight is not again.shared.weight
+        assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged UMT5 after save/load, {case}")

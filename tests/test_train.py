@@ -26,7 +26,7 @@ except ImportError:  # triton missing: the Triton-path test is skipped
 
 from lora_fast import LinearWithLoRA, load_adapter
 from lora_fast.cli import main as cli_main
-from tests.utils import assert_rel_close, rel_err
+from tests.utils import assert_rel_close, rel_err, transformers_major
 
 OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_metrics.json",
                 "training_loss_curve.png", "model_comparison.txt", "training_args.json", "tokenizer.json")
@@ -578,7 +578,7 @@ def test_csv_field_longer_than_the_csv_module_default(tmp_path):
 def test_lr_schedule_is_the_hf_trainers(ratio, total):
     """Per-step learning rates equal an HF Trainer's with the same warmup_ratio and steps (its warm-up count is
     ceil(ratio·total), from lr 0): computed here from TrainingArguments (transformers 5: a warmup_steps below 1 is
-    the ratio) and the Trainer's own scheduler factory."""
+    the ratio; 4: warmup_ratio) and the Trainer's own scheduler factory."""
     from transformers import TrainingArguments
     from transformers.optimization import get_scheduler
 
@@ -593,7 +593,8 @@ def test_lr_schedule_is_the_hf_trainers(ratio, total):
             sched.step()
         return out
 
-    args = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
+    warmup = {"warmup_steps": ratio} if transformers_major() >= 5 else {"warmup_ratio": ratio}
+    args = TrainingArguments(output_dir="unused", report_to=[], **warmup)
     hf = lrs(lambda o: get_scheduler("linear", o, args.get_warmup_steps(total), total))
     assert lrs(lambda o: lr_schedule(o, ratio, total)) == hf
 
@@ -1005,7 +1006,9 @@ def test_tokenizers_that_exist_are_never_replaced_by_a_trained_one(tiny_gpt2, tm
     vocabless = tmp_path / "vocabless"  # a special_tokens_map.json left alone: a 1-token "tokenizer"
     shutil.copytree(tiny_gpt2, vocabless)
     (vocabless / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
-    with pytest.raises(ConfigError, match="no vocabulary beyond its special tokens"):
+    # transformers 5 builds a tokenizer of the special tokens alone; 4's does not load
+    with pytest.raises(ConfigError, match=r"no vocabulary beyond its special tokens|special_tokens_map.json\) does "
+                                          "not load"):
         load_tokenizer(str(vocabless))
     out = tmp_path / "o2"
     assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "1", "--max_length", "16", "--output_dir",
