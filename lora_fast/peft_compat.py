@@ -39,6 +39,7 @@ from lora_fast.functional import lora_linear, resolve_backend
 from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, fusable_base
 
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
+_NO_MARK = object()  # a layer without _MARK (patch_peft restores that on an exception)
 
 
 _CLASSES = None
@@ -181,17 +182,28 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
         resolve_backend(backend)  # an unknown name fails here, not at the first forward
     left: dict[str, list[str]] = {}  # never patched: the layer's class or base
     waiting: dict[str, list[str]] = {}  # patched, on PEFT's path until the active adapter's setting is supported
-    for name, module in layers.items():
-        # a patched layer (hooked since, say) is patched: patching again updates its backend
-        reason = None if type(module) is _fast_class() else _structural_reason(module)
-        if reason is not None:
-            left.setdefault(reason, []).append(name)
-            continue
-        setattr(module, _MARK, backend)  # patching twice only updates the backend
-        module.__class__ = _fast_class()
-        reason = _state_reason(module)
-        if reason is not None:
-            waiting.setdefault(reason, []).append(name)
+    before = []  # (layer, its class, its mark or _NO_MARK): an exception puts every layer back as it was
+    try:
+        for name, module in layers.items():
+            # a patched layer (hooked since, say) is patched: patching again updates its backend
+            reason = None if type(module) is _fast_class() else _structural_reason(module)
+            if reason is not None:
+                left.setdefault(reason, []).append(name)
+                continue
+            before.append((module, type(module), module.__dict__.get(_MARK, _NO_MARK)))
+            setattr(module, _MARK, backend)  # patching twice only updates the backend
+            module.__class__ = _fast_class()
+            reason = _state_reason(module)
+            if reason is not None:
+                waiting.setdefault(reason, []).append(name)
+    except BaseException:
+        for module, cls, mark in reversed(before):
+            module.__class__ = cls
+            if mark is _NO_MARK:
+                module.__dict__.pop(_MARK, None)
+            else:
+                setattr(module, _MARK, mark)
+        raise
 
     def listed(groups):
         return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in groups.items())

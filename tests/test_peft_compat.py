@@ -672,3 +672,34 @@ def test_patching_again_a_layer_hooked_since_updates_its_backend(spy):
     with torch.no_grad():
         assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "hooked, patched again")
     assert len(spy) == 8
+
+
+def test_patch_peft_that_fails_midway_leaves_every_layer_as_it_was(monkeypatch):
+    """An exception while patching (here: the state check of the third layer) puts back the class and backend mark
+    of the layers already patched in that call — including one patched before with another backend — so the model
+    is never half on lora_fast's path; it used to keep the first layers patched."""
+    pm = _peft("gpt2")
+    first = next(iter(peft_compat._peft_lora_layers(pm).values()))
+    patch_peft(first, backend="reference")
+    classes = {n: type(m) for n, m in peft_compat._peft_lora_layers(pm).items()}
+    marks = {n: m.__dict__.get(peft_compat._MARK, "none") for n, m in peft_compat._peft_lora_layers(pm).items()}
+    ids = _ids()
+    want = _loss_and_grads(pm, ids)
+    real, calls = peft_compat._state_reason, []
+
+    def failing(module):
+        calls.append(module)
+        if len(calls) == 3:
+            raise RuntimeError("state check failed")
+        return real(module)
+
+    monkeypatch.setattr(peft_compat, "_state_reason", failing)
+    with pytest.raises(RuntimeError, match="state check failed"):
+        patch_peft(pm, backend="auto")
+    assert len(calls) == 3
+    assert {n: type(m) for n, m in peft_compat._peft_lora_layers(pm).items()} == classes
+    assert {n: m.__dict__.get(peft_compat._MARK, "none") for n, m in peft_compat._peft_lora_layers(pm).items()} == marks
+    loss, grads = _loss_and_grads(pm, ids)
+    assert_rel_close(loss, want[0].double(), TOL, "loss after a failed patch")
+    for n, g in grads.items():
+        assert_rel_close(g, want[1][n].double(), TOL, n)
