@@ -78,3 +78,23 @@ def watch_checkpointing(model: nn.Module) -> None:
         model.register_forward_pre_hook(_input_grads_when_checkpointing)
     if checkpointing_on(model):
         _add_input_grads(model)  # now, as PEFT does
+
+
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """transformers' activation checkpointing on ``model``, by the name its version has (``gradient_checkpointing_
+    enable`` warns in transformers 5), with ``use_cache`` off as transformers' own training turns it off; the LoRA
+    layers inside are recomputed with the same dropout masks (regenerated from their seeds).
+
+    Raises:
+        ValueError: the model does not support it (transformers' ``supports_gradient_checkpointing``).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing "
+                         "(transformers' supports_gradient_checkpointing is False)")
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a cache built while blocks are replayed would grow twice

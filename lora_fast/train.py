@@ -197,6 +197,7 @@ def check_rank(model, target_modules, rank: int) -> None:
 
 def _inject(opts, model):
     from lora_fast import apply_lora
+    from lora_fast.checkpointing import enable_checkpointing
     from lora_fast.inject import SEQ_CLS_HEAD_NAMES, _head_of
 
     heads = None
@@ -210,6 +211,8 @@ def _inject(opts, model):
         check_rank(model, opts.target_modules, opts.rank)
         apply_lora(model, opts.target_modules, opts.rank, opts.alpha, opts.dropout, use_rslora=opts.use_rslora,
                    backend=opts.backend, modules_to_save=heads)
+        if getattr(opts, "gradient_checkpointing", False):
+            enable_checkpointing(model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

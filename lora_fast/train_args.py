@@ -70,6 +70,9 @@ OPTIONS: dict[str, tuple] = {
                    "dtype the frozen base model is loaded in (auto: the checkpoint's). LoRA weights stay fp32; "
                    "bfloat16/float16 halve the base's memory (--task classification needs float32: its head is "
                    "trained whole)"),
+    "gradient_checkpointing": (bool, False, None, "", "recompute each block's activations during the backward "
+                               "(transformers' activation checkpointing, non-reentrant): less activation memory for "
+                               "about one more forward; the same numbers"),
     "fp16": (bool, False, None, "", "float16 autocast (+ gradient scaling)"),
     "bf16": (bool, False, None, "", "bfloat16 autocast"),
     "tf32": (bool, None, None, "", "fp32 matmuls on TF32 tensor cores (CUDA, Ampere or newer), as HF's --tf32; "

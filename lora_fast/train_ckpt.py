@@ -63,10 +63,11 @@ STATE_NAME = "training_state.pt"
 INFO_NAME = "trainer_state.json"
 _DIR_RE = re.compile(r"checkpoint-(\d+)")
 # Options that change nothing of the trajectory (where things go, how often evaluation runs, what is printed) or
-# that a user may need to change to resume at all (device, backend, and with them TF32): everything else must match.
+# that a user may need to change to resume at all (device, backend, and with them TF32; activation checkpointing,
+# which recomputes the same numbers with less memory): everything else must match.
 MAY_CHANGE = frozenset({"output_dir", "overwrite", "logdir", "progress", "eval_steps", "eval_batches", "num_workers",
                         "save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint", "device",
-                        "backend", "distributed", "tf32"})
+                        "backend", "distributed", "tf32", "gradient_checkpointing"})
 MUST_MATCH = tuple(k for k in OPTIONS if k not in MAY_CHANGE)
 
 

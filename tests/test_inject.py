@@ -19,7 +19,8 @@ from lora_fast import (
     merge_lora,
     unmerge_lora,
 )
-from tests.utils import MISSING, assert_rel_close, enable_checkpointing, transformers_major
+from lora_fast.checkpointing import enable_checkpointing
+from tests.utils import MISSING, assert_rel_close, transformers_major
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 

@@ -1099,3 +1099,35 @@ def test_a_one_step_run_in_warm_up_is_named(tiny_gpt2, tmp_path, capsys):
                      str(out), "--no-progress"]) == 0
     assert "a 1-step run with warmup_ratio 0.05 trains at learning rate 0" in capsys.readouterr().err
     assert all(not t.any() for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k)
+
+
+def test_gradient_checkpointing_trains_the_same_numbers(tiny_gpt2, tmp_path, monkeypatch):
+    """--gradient_checkpointing recomputes every block in the backward (the LoRA layers run again: more forward
+    calls) and trains exactly as without it: the same losses and adapter, with GPT-2's own dropouts and LoRA
+    dropout on (the replay restores the RNG state; the LoRA masks are regenerated from their seeds)."""
+    from safetensors.torch import load_file
+
+    import lora_fast.layer as layer_mod
+
+    real, calls = layer_mod.LinearWithLoRA.forward, [0]
+
+    def counting(self, *a, **k):
+        calls[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(layer_mod.LinearWithLoRA, "forward", counting)
+    runs = {}
+    for flag in ("--no-gradient_checkpointing", "--gradient_checkpointing"):
+        calls[0] = 0
+        out = tmp_path / flag.strip("-")
+        assert cli_main(["train", "--model", str(tiny_gpt2), "--max_steps", "3", "--max_length", "32", "--batch_size",
+                         "4", "--dropout", "0.2", "--eval_batches", "1", "--eval_steps", "3", "--output_dir", str(out),
+                         "--no-progress", flag]) == 0
+        metrics = json.loads((out / "training_metrics.json").read_text())
+        runs[flag] = calls[0], metrics["train_loss"], load_file(out / "adapter_model.safetensors")
+    (n_plain, loss_plain, sd_plain), (n_ckpt, loss_ckpt, sd_ckpt) = runs.values()
+    assert n_ckpt > n_plain, (n_ckpt, n_plain)  # the blocks were replayed
+    assert len(loss_plain) == 3 and loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
+    assert sd_ckpt.keys() == sd_plain.keys()
+    for k in sd_plain:
+        assert_rel_close(sd_ckpt[k], sd_plain[k].double(), 1e-6, k)

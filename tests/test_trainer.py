@@ -15,10 +15,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import lora_fast.layer as layer_mod
 from lora_fast import apply_lora, load_adapter, lora_layers, save_adapter
+from lora_fast.checkpointing import enable_checkpointing
 from lora_fast.ops import lora_linear_op
 from tests.triton_interpret import DEVICE as TRITON_DEVICE
 from tests.triton_interpret import interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close, enable_checkpointing, rel_err
+from tests.utils import assert_rel_close, rel_err
 
 VOCAB = 101
 

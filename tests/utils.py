@@ -51,12 +51,3 @@ MISSING = {
     "accelerate": "accelerate is not a dependency; this test runs where it is installed (HF Trainer users have it)",
     "triton": "triton is a dependency on Linux (CI installs it); the kernel launch tests run wherever it is installed",
 }
-
-
-def enable_checkpointing(model, use_reentrant: bool) -> None:
-    """A transformers model's activation checkpointing on, by the name its version has (the old one warns in 5.x)."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
