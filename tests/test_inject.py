@@ -538,6 +538,35 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant, order
             assert_rel_close(g_ckpt[n], g.double(), 1e-5, n)
 
 
+def test_the_checkpointing_hook_adds_no_graph_break():
+    """The hook runs in every training forward: under torch.compile(fullgraph=True) it must trace (its module
+    lookup raises nothing; the model's __dict__, which holds transformers' hook handle, is not read whole), and
+    after checkpointing is switched on it acts once, eagerly, in a compiled run too."""
+    from lora_fast.checkpointing import _input_grads_when_checkpointing
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = apply_lora(GPT2LMHeadModel(cfg), ["c_attn"], rank=2, backend="reference").train()
+    ids = torch.randint(0, 50, (1, 5))
+    torch._dynamo.reset()
+    assert_rel_close(torch.compile(model, backend="eager", fullgraph=True)(ids).logits, model(ids).logits, 1e-6,
+                     "logits")
+    torch._dynamo.reset()
+    enable_checkpointing(model, use_reentrant=True)
+    model(ids)  # handled (by transformers 5 itself for input_ids models): from here the hook must trace whole
+    assert "_require_grads_hook" in model.__dict__
+    torch.compile(_input_grads_when_checkpointing, backend="eager", fullgraph=True)(model, (ids,))
+    torch._dynamo.reset()
+    model.__dict__.pop("_require_grads_hook", None)  # as transformers 4, which adds none for input_ids models
+    model.__dict__.pop("_lora_fast_input_grads_added", None)
+    for h in model.__dict__.pop("_require_grads_hooks", []):
+        h.remove()
+    torch.compile(model, backend="eager")(ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_the_checkpointing_hook_stays_out_of_the_way():
     """Without checkpointing the input embeddings' output is left alone (it would cost a backward through the
     first block); the user's disable_input_require_grads() is not undone; a copy whose switch holder was replaced
