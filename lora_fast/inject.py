@@ -470,12 +470,56 @@ def untie_embeddings_in_config(model: nn.Module) -> str:
         return (f"tie_word_embeddings left True: {', '.join(readers)} scales the decoder output by it, so clearing "
                 "it would change the logits; save_pretrained keeps both weights and from_pretrained (transformers "
                 ">= 5) does not tie them again, but tie_weights() and resize_token_embeddings() would")
+    others = ties_lost_with_flag(inner, configs, out)
+    if others:
+        return (f"tie_word_embeddings left True: it also ties {', '.join(others)} in this transformers version, so "
+                "clearing it would make from_pretrained of the saved model load those at random; save_pretrained "
+                "keeps both head and embeddings and from_pretrained does not tie two saved weights that differ, "
+                "but tie_weights() and resize_token_embeddings() would")
     for c in configs:
         c.tie_word_embeddings = False
+    inner.__dict__[CLEARED_TIE] = True  # merge_and_unload then copies the ties that only the flag made (transformers 4)
     return "tie_word_embeddings set to False in the model's config, so that transformers does not tie them again"
 
 
+def ties_lost_with_flag(inner: nn.Module, configs, out: nn.Module) -> list[str]:
+    """The tied parameters other than the output embeddings' that transformers would stop tying if
+    ``tie_word_embeddings`` were cleared in ``configs`` (transformers 5's ``get_expanded_tied_weights_keys`` returns
+    nothing when the flag is off: BART's, and UMT5's up to 5.x, encoder/decoder ``embed_tokens`` -> ``shared``).
+    save_pretrained writes such a weight once, so with the flag cleared the reloaded model gets it at random."""
+    get = getattr(inner, "get_expanded_tied_weights_keys", None)
+    if get is None:  # transformers 4: those ties do not follow the flag
+        return []
+    config = getattr(inner, "config", None)
+    try:  # a config that loads the flag True again (transformers 5's T5) ties everything back: nothing lost
+        if type(config).from_dict({**config.to_dict(), "tie_word_embeddings": False}).tie_word_embeddings:
+            return []
+    except Exception:  # noqa: BLE001
+        pass
+    head = tuple(f"{n}." for n, m in inner.named_modules(remove_duplicate=False) if m is out)  # a LoRA one too
+    saved = [c.tie_word_embeddings for c in configs]
+    try:
+        before = dict(get(all_submodels=True))
+        for c in configs:
+            c.tie_word_embeddings = False
+        after = get(all_submodels=True)
+    except Exception:  # noqa: BLE001  (an API that differs: keep the previous behaviour)
+        return []
+    finally:
+        for c, v in zip(configs, saved, strict=True):
+            c.tie_word_embeddings = v
+    modules = dict(inner.named_modules(remove_duplicate=False))
+
+    def owner(name):
+        return modules.get(name.rpartition(".")[0])
+
+    # one module under two names (T5's encoder.embed_tokens is its shared) stays one whatever the flag says
+    return sorted(k for k, v in before.items() if k not in after and not k.startswith(head)
+                  and (owner(k) is None or owner(k) is not owner(v)))
+
+
 _TIE_FLAG_READ = re.compile(r"config\.tie_word_embeddings\b")
+CLEARED_TIE = "_lora_fast_cleared_tie_flag"  # on a model whose tie_word_embeddings lora_fast set to False
 
 
 def tie_reading_classes(model: nn.Module) -> list[str]:

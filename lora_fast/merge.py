@@ -18,11 +18,13 @@ import torch.nn as nn
 
 from lora_fast.adapter_config import _names
 from lora_fast.inject import (
+    CLEARED_TIE,
     _forward_reads_tie_flag,
     _set_submodule,
     lora_layers,
     parameter_names,
     tied_names,
+    ties_lost_with_flag,
     untie_embeddings_in_config,
     unwrap_model,
 )
@@ -132,8 +134,39 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     if hasattr(model, "lora_fast_config"):
         del model.lora_fast_config
     folded = _fold_decoder_scale(model, "merge_and_unload")
-    _warn_untied("merge_and_unload", untied, folded or (untie_embeddings_in_config(model) if untied else ""))
+    flag = folded or (untie_embeddings_in_config(model) if untied else "")
+    copied = _copy_flag_ties(model)
+    if copied:
+        flag = (f"{flag}; " if flag else "") + (f"{', '.join(copied)} got a copy of the input embeddings of their own: "
+                                               "the cleared flag no longer ties them, and save_pretrained writes a "
+                                               "shared weight once (from_pretrained loaded them at random)")
+    _warn_untied("merge_and_unload", untied, flag)
     return model
+
+
+def _copy_flag_ties(model: nn.Module) -> list[str]:
+    """After lora_fast cleared ``tie_word_embeddings`` (``untie_embeddings_in_config``, ``_fold_decoder_scale``):
+    modules other than the input embeddings that still share their weight in memory, tied only because the flag
+    said so (BART's encoder/decoder ``embed_tokens`` in transformers 4; transformers 5 keeps the flag there:
+    ``ties_lost_with_flag``), each get a copy of their own, so that ``save_pretrained`` writes them and
+    ``from_pretrained`` loads them (a shared weight is written once, and the cleared flag no longer ties it back).
+    One module known under two names (T5's ``shared`` and ``encoder.embed_tokens``) stays one. Memory: one copy of
+    the embeddings per such module. Returns their names."""
+    inner = unwrap_model(model)
+    if not inner.__dict__.get(CLEARED_TIE) or getattr(getattr(inner, "config", None), "tie_word_embeddings", True):
+        return []
+    try:
+        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    if inp is None or out is None or out.weight is inp.weight:
+        return []
+    w, copied = inp.weight, []
+    for name, m in inner.named_modules():  # each module once, under its first name
+        if m is not inp and m is not out and getattr(m, "weight", None) is w:
+            m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            copied.append(name)
+    return copied
 
 
 # T5-family forwards: ``if self.config.tie_word_embeddings: sequence_output = sequence_output * (self.model_dim**-0.5)``
@@ -167,6 +200,10 @@ def _fold_decoder_scale(model: nn.Module, who: str) -> str:
     readers = {type(m) for m in inner.modules() if _forward_reads_tie_flag(type(m))}
     if not readers or not _cleared_flag_survives(config):
         return ""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in inner.modules())
+               if getattr(c, "tie_word_embeddings", False)}
+    if ties_lost_with_flag(inner, list(configs.values()), out):  # 5.0 UMT5: the flag ties embed_tokens too
+        return ""
     d_model = getattr(config, "d_model", None)
     unknown = sorted(c.__name__ for c in readers if not isinstance(d_model, int)
                      or not _DECODER_SCALE.search(inspect.getsource(c.forward)))
@@ -177,6 +214,7 @@ def _fold_decoder_scale(model: nn.Module, who: str) -> str:
         return ""
     with torch.no_grad():
         out.weight.mul_(d_model ** -0.5)
+    inner.__dict__[CLEARED_TIE] = True
     for m in inner.modules():  # every config object a reader may consult (the model's and its stacks')
         c = getattr(m, "config", None)
         if getattr(c, "tie_word_embeddings", False):

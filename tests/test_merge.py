@@ -298,6 +298,39 @@ def _tiny_umt5():
                                                    num_heads=4, vocab_size=256)).eval()
 
 
+@pytest.mark.parametrize("case", ["LoRA on lm_head", "modules_to_save"])
+def test_a_merged_bart_head_reloads_with_its_input_embeddings(case, tmp_path):
+    """BART's tie_word_embeddings also ties encoder/decoder embed_tokens to shared (transformers 5): clearing it
+    after untying the head made save_pretrained write shared once and from_pretrained load both embed_tokens at
+    random (logits 100 % off). The flag stays True there. transformers 4 ties the head back when the flag is set
+    and embed_tokens only when it is: there the flag is cleared and embed_tokens get copies of their own, which
+    save_pretrained writes. Either way the reloaded model computes the adapter's logits."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=256, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 256, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if case == "LoRA on lm_head":
+            model = apply_lora(base, ["q_proj", "v_proj", "lm_head"], rank=4)
+        else:
+            model = apply_lora(base, ["q_proj", "v_proj"], rank=4, modules_to_save=["lm_head"])
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora.lora_B.normal_(0, 0.1)
+            model.get_output_embeddings().weight.mul_(1.5)
+        want = _t5_logits(model, ids)
+        merged = merge_and_unload(model)
+    merged.save_pretrained(tmp_path)
+    again = BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for stack in (again.model.encoder, again.model.decoder):  # tied (5: the flag stays) or saved copies (4)
+        assert torch.equal(stack.embed_tokens.weight, again.model.shared.weight)
+    assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged BART after save/load, {case}")
+
+
 def _t5_logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
