@@ -14,6 +14,11 @@ try:  # triton is optional: without it the Triton tests skip themselves
 except ImportError:
     pass
 
+if torch.distributed.is_available():
+    # peft >= 0.21 reads torch.distributed.tensor.DTensor without importing the submodule; transformers 5 imports it,
+    # transformers 4 does not (AttributeError in get_peft_model on an nn.Linear target, depending on test order)
+    import torch.distributed.tensor  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

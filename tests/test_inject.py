@@ -20,7 +20,7 @@ from lora_fast import (
     unmerge_lora,
 )
 from lora_fast.checkpointing import enable_checkpointing
-from tests.utils import MISSING, assert_rel_close, transformers_major
+from tests.utils import MISSING, assert_rel_close
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 
@@ -116,7 +116,7 @@ def test_no_match_error_names_targets_and_candidates():
 
 
 def test_unsupported_module_and_unknown_architecture():
-    with pytest.raises(ValueError, match="GPT2Attention"):
+    with pytest.raises(ValueError, match=r"GPT2(Sdpa)?Attention"):  # 4.4x: GPT2SdpaAttention
         apply_lora(tiny_gpt2(), target_modules=["attn"])
     with pytest.raises(ValueError, match="no default target_modules"):
         apply_lora(nn.Sequential(nn.Linear(3, 3)))
@@ -518,7 +518,8 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant, order
         model = vit()
         if checkpointing and order == "checkpointing first":
             enable_checkpointing(model, reentrant)
-        targets = ["q_proj", "v_proj"] if transformers_major() >= 5 else ["query", "value"]  # ViT's names
+        names = {n.rsplit(".", 1)[-1] for n in dict(model.named_modules())}  # q_proj/v_proj in later 5.x
+        targets = ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
         apply_lora(model, targets, rank=4, alpha=8, modules_to_save=["classifier"])
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -952,10 +952,14 @@ def test_gpt2_loss_is_named_so_transformers_does_not_warn(tiny_gpt2, monkeypatch
     warned.clear()
     prep = T.prepare(parse_train_args(["--model", str(tiny_gpt2), "--max_steps", "1", "--no-progress"]),
                      log=lambda msg: None)
-    assert prep.model.loss_type == "ForCausalLM"
+    if hasattr(plain, "loss_type"):
+        assert prep.model.loss_type == "ForCausalLM"
+    else:  # older transformers 4 (4.46) names no loss: nothing is added
+        assert not hasattr(prep.model, "loss_type")
     loss = prep.model(input_ids=ids, labels=ids).loss
     assert not [m for m in warned if "loss_type" in m], warned
-    assert plain_warned == (plain.loss_type is None)  # the control warns exactly when transformers finds no loss
+    # the control warns exactly when transformers finds no loss
+    assert plain_warned == (getattr(plain, "loss_type", "") is None)
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)  # the loss transformers fell back to
 
 
