@@ -488,7 +488,7 @@ def ties_lost_with_flag(inner: nn.Module, configs, out: nn.Module) -> list[str]:
     nothing when the flag is off: BART's, and UMT5's up to 5.x, encoder/decoder ``embed_tokens`` -> ``shared``).
     save_pretrained writes such a weight once, so with the flag cleared the reloaded model gets it at random."""
     get = getattr(inner, "get_expanded_tied_weights_keys", None)
-    if get is None:  # transformers 4: those ties do not follow the flag
+    if get is None:  # transformers 4 has no such map: merge_and_unload copies those ties (merge._copy_flag_ties)
         return []
     config = getattr(inner, "config", None)
     try:  # a config that loads the flag True again (transformers 5's T5) ties everything back: nothing lost
