@@ -174,14 +174,16 @@ def provider_label(provider: str, compile_mode: str | None) -> str:
 
 
 def prepare_provider(provider: str, shape: dict, device: torch.device | str, model_path: str | None = None,
-                     compile_mode: str | None = None, compile_backend: str = "inductor", ref: dict | None = None
-                     ) -> dict:
+                     compile_mode: str | None = None, compile_backend: str = "inductor", ref: dict | None = None,
+                     checkpointing: bool = False) -> dict:
     """Build provider's LoRA GPT-2, its optimizer and a batch source.
 
     Args:
         compile_mode: None (eager), or a ``torch.compile`` mode the forward (and so backward) runs under.
         compile_backend: the ``torch.compile`` backend (``aot_eager`` for a quick CPU check).
         ref: ``oracle(...)``'s answer to check the (eager) model against before anything is timed.
+        checkpointing: transformers' activation checkpointing (non-reentrant) on, after the check (what
+            ``lora-fast train --gradient_checkpointing`` and a PEFT user's Trainer do): memory against recompute.
 
     Returns:
         {"train": one optimizer step, "infer": one no-grad forward, "model": the (uncompiled) model}.
@@ -196,6 +198,10 @@ def prepare_provider(provider: str, shape: dict, device: torch.device | str, mod
         raise RuntimeError(f"{trainable} trainable parameters, expected {shape['n_layer'] * per_block}")
     if ref is not None:
         check_provider(model, ref)
+    if checkpointing:
+        from lora_fast.checkpointing import enable_checkpointing
+
+        enable_checkpointing(getattr(model, "get_base_model", lambda: model)())  # PEFT's: the model inside
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = [torch.randint(1, shape["vocab"], (B, T), device=device) for _ in range(3)]  # (B, T), never zeros
     run = model
@@ -234,6 +240,8 @@ def run_config(shape: dict, device: torch.device, args) -> dict:
         config["compile_backend"] = args.compile_backend
     if device.type == "cpu":
         config["threads"] = torch.get_num_threads()  # CPU numbers depend on it
+    if getattr(args, "gradient_checkpointing", False):
+        config["checkpointing"] = "non-reentrant"
     return config
 
 
@@ -241,7 +249,8 @@ def run_provider(provider: str, shape: dict, device: torch.device, args, env, re
                  ) -> list[dict]:
     """All rows of one provider (checked against ``ref`` first)."""
     B, T = shape["batch"], shape["seq"]
-    case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend, ref)
+    case = prepare_provider(provider, shape, device, args.model_path, args.compile, args.compile_backend, ref,
+                            checkpointing=args.gradient_checkpointing)
     model = case["model"]
     label = provider_label(provider, args.compile)
     config = run_config(shape, device, args)
@@ -276,6 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["default", "reduce-overhead"],
                    help="run each model under torch.compile with this mode (provider recorded as <name>+compile)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="transformers' activation checkpointing (non-reentrant) in every provider's model: rows "
+                        "with config checkpointing=non-reentrant")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the check against the float64 oracle before timing (it runs by default)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; 1 with --quick)")

@@ -21,6 +21,7 @@
 #                 r 16/64, dropout 0/0.1, bf16 and fp32: the measurements the variant rules wait for -> ...
 #   gpt2          GPT-2 124M training step and inference                   -> ..., bench_gpt2.log
 #   gpt2-compile  the training step of lora_fast and peft under torch.compile (default, reduce-overhead) -> ...
+#   gpt2-ckpt     the training step of lora_fast and peft with activation checkpointing (non-reentrant) -> ...
 #   gemm-probe    GEMM-core variants (pointer/TMA tiles, persistent) vs cuBLAS and lora_fast -> OUT_DIR/gemm_probe.json
 #   host          host µs per layer call (launch overhead), base / peft / peft_patched / reference / lora_fast
 #                 -> OUT_DIR/host.json
@@ -50,7 +51,7 @@ if [ ${#STAGES[@]} -eq 0 ]; then
     STAGES=(env tests layer-bf16 layer-fp32 layer-compile gpt2 report)
 fi
 KNOWN=" env tests tests-kernels fp32-check probe train-parity layer-bf16 layer-fp32 layer-compile layer-variants gpt2 gpt2-compile \
-gemm-probe host pytest-bench report "
+gpt2-ckpt gemm-probe host pytest-bench report "
 for stage in "${STAGES[@]}"; do  # all checked before any runs: a typo must not cost a lease's first stages
     if [[ "$KNOWN" != *" $stage "* ]]; then
         echo "run_gpu.sh: unknown stage '$stage' (stages:$KNOWN)" >&2
@@ -129,6 +130,8 @@ for stage in "${STAGES[@]}"; do
         gpt2-compile) run gpt2-compile bench_gpt2_compile.log bash -c '"$0" -m benchmarks.bench_gpt2 --modes train \
             --providers lora_fast peft --compile default --csv "$1"; a=$?; "$0" -m benchmarks.bench_gpt2 --modes \
             train --providers lora_fast peft --compile reduce-overhead --csv "$1"; b=$?; exit $((a | b))' "$PY" "$CSV" ;;
+        gpt2-ckpt) run gpt2-ckpt bench_gpt2_ckpt.log python -m benchmarks.bench_gpt2 --modes train --providers \
+            lora_fast peft --gradient-checkpointing --csv "$CSV" ;;
         gemm-probe) run gemm-probe gemm_probe.log "$PY" -m benchmarks.gemm_probe --json "$OUT/gemm_probe.json" ;;
         host) run host host.log "$PY" -m benchmarks.host_overhead --device cuda --json "$OUT/host.json" ;;
         pytest-bench) run pytest-bench pytest_bench.log python -m pytest benchmarks --benchmark-only -q \

@@ -159,6 +159,32 @@ def test_report_checks_the_issue_targets_on_gpu_rows(tmp_path):
     assert "| GPT-2 train: lora_fast / peft peak memory < 1 | 0.900 | met |" in text
 
 
+def test_gpt2_checkpointing_rows_are_their_own_and_recompute(tmp_path, monkeypatch):
+    """``--gradient-checkpointing`` runs every provider's blocks again in the backward (the LoRA layers of lora_fast
+    and PEFT are called more often than without it) and keys its rows apart in the CSV."""
+    import peft.tuners.lora.layer as peft_layer
+
+    import lora_fast.layer as layer_mod
+
+    calls = [0]
+    for cls in (layer_mod.LinearWithLoRA, peft_layer.Linear):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _real=real, **k: (calls.__setitem__(0, calls[0] + 1),
+                                                                                _real(self, *a, **k))[1])
+    path = tmp_path / "results.csv"
+    args = ["--quick", "--providers", "reference", "peft", "--modes", "train", "--batch", "1", "--seq", "16",
+            "--rep", "1", "--warmup", "0", "--threads", "1", "--no-check"]
+    counted = []
+    for extra in ([], ["--gradient-checkpointing"]):
+        calls[0] = 0
+        assert bench_gpt2.main([*args, *extra, "--csv", str(path)]) == 0
+        counted.append(calls[0])
+    assert counted[1] > counted[0], counted
+    _, rows = read(path)
+    configs = {json.loads(r["config"]).get("checkpointing") for r in rows}
+    assert configs == {None, "non-reentrant"} and len(rows) == 2 * 2 * 3  # 2 runs × 2 providers × 3 metrics
+
+
 @pytest.mark.skipif(not CPU, reason="CPU smoke test; on a GPU the compiled GPT-2 step is the gpt2-compile stage of "
                     "benchmarks/run_gpu.sh")
 def test_gpt2_compile_rows_are_labelled(tmp_path):
