@@ -6,18 +6,26 @@ base frozen, nothing before the first block requires grad, so every LoRA weight 
 no gradient at all — torch warns "None of the inputs have requires_grad=True" and training goes on with the head
 alone (or stops with "does not require grad" when nothing else trains).
 
-The remedy is transformers' ``enable_input_require_grads``: a hook that makes the input embeddings' output
-require grad. PEFT's ``get_peft_model`` calls it when checkpointing is already on, and transformers' own
-``*_checkpointing_enable`` calls it for ``input_ids`` models (transformers >= 5) or for adapters it loaded itself.
-Neither covers the usual order — the adapter first, then ``gradient_checkpointing_enable()`` (the Trainer's
-``gradient_checkpointing=True``) — on a vision or audio model, or on any model under transformers 4.
+The remedy is a forward hook that makes the input embeddings' output require grad (transformers'
+``enable_input_require_grads``). PEFT's ``get_peft_model`` calls that when checkpointing is already on, and
+transformers' own ``*_checkpointing_enable`` does it for ``input_ids`` models (transformers >= 5) or for adapters
+it loaded itself. Neither covers the usual order — the adapter first, then ``gradient_checkpointing_enable()`` (the
+Trainer's ``gradient_checkpointing=True``) — on a vision or audio model, or on any model under transformers 4, whose
+``enable_input_require_grads`` also looks only at the top model's embeddings (CLIP and Wav2Vec2 raise there;
+Whisper's encoder is missed).
 
 So ``watch_checkpointing`` registers a forward pre-hook on the transformers model: whenever it runs in training
-with grad enabled and checkpointing switched on, and the input-embeddings hook is not there, it is added. The
-switch is read from one module (transformers sets every module's at once), recorded when the hook is registered.
+with grad enabled and reentrant checkpointing switched on, and no such hook is in place, lora_fast adds one to the
+input embeddings of every transformers model inside (as transformers 5 does), under transformers' own attribute
+names, so that ``disable_input_require_grads()`` removes them. Non-reentrant checkpointing needs none: it is left
+alone. The switch is read from one module (transformers sets every module's at once), recorded when the pre-hook
+is registered.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn as nn
@@ -33,44 +41,122 @@ def _switch_holder(model: nn.Module) -> str | None:
     return next((name for name, m in model.named_modules() if hasattr(m, FLAG)), None)
 
 
+def _switch_of(model: nn.Module) -> nn.Module | None:
+    """The module recorded by ``watch_checkpointing`` (no get_submodule: its raise would break graphs)."""
+    holder = model
+    for part in filter(None, getattr(model, PROBE, "").split(".")):
+        holder = getattr(holder, part, None)
+    return holder if isinstance(holder, nn.Module) and hasattr(holder, FLAG) else None
+
+
 def checkpointing_on(model: nn.Module) -> bool:
     """Whether transformers' checkpointing switch is on in ``model`` (read from the module recorded by
     ``watch_checkpointing``; every module is scanned when that name no longer resolves)."""
-    holder = model
-    for part in filter(None, getattr(model, PROBE, "").split(".")):  # no get_submodule: its raise breaks graphs
-        holder = getattr(holder, part, None)
-    if isinstance(holder, nn.Module) and hasattr(holder, FLAG):
+    holder = _switch_of(model)
+    if holder is not None:
         return getattr(holder, FLAG) is True
     return any(getattr(m, FLAG, False) is True for m in model.modules())
 
 
+def _non_reentrant(model: nn.Module) -> bool:
+    """Whether transformers checkpoints with ``use_reentrant=False`` (its ``_gradient_checkpointing_func`` is a
+    partial of torch's checkpoint with the keyword): then nothing needs an input that requires grad, and making the
+    embeddings' output require it would only add a backward through the first block's input. Unknown: False."""
+    func = getattr(_switch_of(model), "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None)
+    return isinstance(keywords, dict) and keywords.get("use_reentrant") is False
+
+
+def _outputs_require_grad(module: nn.Module, inputs, output) -> None:
+    """Forward hook on input embeddings (module-level: a model carrying it still pickles)."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings of every transformers model inside ``model`` (itself included): CLIP's text and vision
+    towers, Whisper's encoder (its conv1) and decoder. transformers 5's ``enable_input_require_grads`` looks at all
+    of them; 4's only at the top, where CLIP and Wav2Vec2 raise NotImplementedError."""
+    from transformers import PreTrainedModel
+
+    found: dict[int, nn.Module] = {}
+    for m in model.modules():
+        if not isinstance(m, PreTrainedModel):
+            continue
+        try:
+            emb = m.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(emb, nn.Module):
+            found.setdefault(id(emb), emb)
+    return list(found.values())
+
+
+_HIDDEN = ("hidden_states", "inputs_embeds")
+
+
+@functools.cache
+def _positional_names(cls: type) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(cls.forward).parameters)[1:]  # after self
+    except (TypeError, ValueError):
+        return ()
+
+
+def _hidden_states_require_grad(module: nn.Module, args, kwargs):
+    """Forward pre-hook on a module with the checkpointing switch (module-level: picklable), for models without
+    input embeddings: its ``hidden_states`` / ``inputs_embeds`` input (by name, positional or keyword), when it
+    requires no grad, goes on as a detached copy that does — the caller's tensor is not changed, and nothing else
+    (masks, raw audio or pixel values) is made to require grad."""
+    def lift(t):
+        return t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() \
+            and not t.requires_grad else t
+
+    names = _positional_names(type(module))
+    args = tuple(lift(a) if i < len(names) and names[i] in _HIDDEN else a for i, a in enumerate(args))
+    return args, {k: lift(v) if k in _HIDDEN else v for k, v in kwargs.items()}
+
+
 @torch.compiler.disable
 def _add_input_grads(model: nn.Module) -> None:
-    """transformers' hook, once: never again after the user's ``disable_input_require_grads()`` (the removed
-    handle stays in place), nor on every forward of a model without input embeddings (no handle at all). Run
-    eagerly under torch.compile (a graph break, once: the flag it sets then keeps the hook out of the graph)."""
-    if "_require_grads_hook" not in model.__dict__ and not getattr(model, ADDED, False):
-        model.enable_input_require_grads()
+    """Make the input embeddings' output require grad, once per model: never again after the user's
+    ``disable_input_require_grads()`` (``ADDED`` stays set), and not where transformers' own hook is in place
+    (transformers 5 adds it for ``input_ids`` models). A model without input embeddings that transformers 4 can
+    find (CLIP's towers, Wav2Vec2) gets the hidden states entering each module with the checkpointing switch made to
+    require grad instead. The handles go where transformers keeps its own, so ``disable_input_require_grads()``
+    removes them. Runs eagerly under torch.compile (a graph break, once: ``ADDED`` then keeps the hook out of the
+    graph)."""
+    if getattr(model, ADDED, False):
+        return
     setattr(model, ADDED, True)
+    if model.__dict__.get("_require_grads_hook") is not None or model.__dict__.get("_require_grads_hooks"):
+        return
+    handles = [e.register_forward_hook(_outputs_require_grad) for e in _input_embeddings(model)]
+    if not handles:
+        handles = [m.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
+                   for m in model.modules() if hasattr(m, FLAG)]
+    if handles:  # where transformers 5 keeps its own (4 keeps the first)
+        model._require_grads_hooks = handles
+        model._require_grads_hook = handles[0]
 
 
 def _input_grads_when_checkpointing(model: nn.Module, args) -> None:
     """Forward pre-hook (module-level, so that deepcopy and pickling keep it bound to the right model). About
     2 µs per training forward while checkpointing is off (GPT-2 124M, one CPU core), 0.1 µs once it was handled;
     under torch.compile it adds guards on these attributes, not graph breaks."""
-    if model.training and torch.is_grad_enabled() and not getattr(model, ADDED, False) and checkpointing_on(model):
+    if model.training and torch.is_grad_enabled() and not getattr(model, ADDED, False) and checkpointing_on(model) \
+            and not _non_reentrant(model):
         _add_input_grads(model)
 
 
 def watch_checkpointing(model: nn.Module) -> None:
     """Make the input embeddings' output require grad whenever ``model`` (a transformers model, after
-    ``unwrap_model``) trains with checkpointing on — now, or after checkpointing is switched on later.
+    ``unwrap_model``) trains with reentrant checkpointing on — now, or after checkpointing is switched on later.
 
-    Not for quantised models (PEFT leaves those to ``prepare_model_for_kbit_training``), nor for models without
-    ``enable_input_require_grads`` or without a checkpointing switch. Registered once per model; the user's
-    ``disable_input_require_grads()`` is respected (transformers leaves the removed handle in place, so the hook
-    does not add it again)."""
-    if not callable(getattr(model, "enable_input_require_grads", None)):
+    Not for quantised models (PEFT leaves those to ``prepare_model_for_kbit_training``), nor for models without a
+    checkpointing switch. Registered once per model; once the embeddings' hook was added (or found in place), the
+    user's ``disable_input_require_grads()`` is respected: it is not added again."""
+    if not callable(getattr(model, "get_input_embeddings", None)):
         return
     if any(getattr(model, a, False) for a in QUANTISED_FLAGS):
         return
@@ -80,18 +166,22 @@ def watch_checkpointing(model: nn.Module) -> None:
     setattr(model, PROBE, holder)
     if not any(h is _input_grads_when_checkpointing for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_input_grads_when_checkpointing)
-    if checkpointing_on(model):
+    if checkpointing_on(model) and not _non_reentrant(model):
         _add_input_grads(model)  # now, as PEFT does
 
 
 def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """transformers' activation checkpointing on ``model``, by the name its version has (``gradient_checkpointing_
-    enable`` warns in transformers 5), with ``use_cache`` off as transformers' own training turns it off; the LoRA
-    layers inside are recomputed with the same dropout masks (regenerated from their seeds).
+    """transformers' activation checkpointing on ``model`` (or the transformers model inside a DDP or
+    torch.compile wrapper), by the name its version has (``gradient_checkpointing_enable`` warns in transformers
+    5), with ``use_cache`` off as transformers' own training turns it off; the LoRA layers inside are recomputed
+    with the same dropout masks (regenerated from their seeds).
 
     Raises:
         ValueError: the model does not support it (transformers' ``supports_gradient_checkpointing``).
     """
+    from lora_fast.inject import unwrap_model
+
+    model = unwrap_model(model)  # DDP, torch.compile: the transformers model inside
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support activation checkpointing "
                          "(transformers' supports_gradient_checkpointing is False)")

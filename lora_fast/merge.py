@@ -23,6 +23,7 @@ from lora_fast.inject import (
     _set_submodule,
     lora_layers,
     parameter_names,
+    tie_reading_classes,
     tied_names,
     ties_lost_with_flag,
     untie_embeddings_in_config,
@@ -251,7 +252,36 @@ def unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, m.linear)
     if hasattr(model, "lora_fast_config"):
         del model.lora_fast_config
+    copied = _copy_flag_ties(model)
+    if copied:
+        warnings.warn(f"unload: {', '.join(copied)} got a copy of the input embeddings of their own: the cleared "
+                      "tie_word_embeddings no longer ties them, and save_pretrained writes a shared weight once",
+                      stacklevel=2)
+    _warn_head_tied_back(model)
     return model
+
+
+def _warn_head_tied_back(model: nn.Module) -> None:
+    """``unload`` keeps a head trained whole (``modules_to_save``), untied from the input embeddings; where the
+    model's forward reads ``tie_word_embeddings`` (T5 family) the flag stays set, and transformers 4's
+    ``from_pretrained`` of the saved model ties the head back to the embeddings (the trained head is lost). Said,
+    not changed: the unloaded model takes adapters again, whose heads expect the flag's scale."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return
+    inner = unwrap_model(model)
+    try:
+        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if inp is None or out is None or out.weight is inp.weight:
+        return
+    if getattr(getattr(inner, "config", None), "tie_word_embeddings", False) and tie_reading_classes(inner):
+        warnings.warn(f"unload: {type(inner).__name__}'s head is untied from its input embeddings (trained whole), "
+                      "but tie_word_embeddings stays set (its forward scales by it): save_pretrained then "
+                      "from_pretrained with transformers 4 would tie the head back to the embeddings; export with "
+                      "merge_and_unload, which moves the scale into the head", stacklevel=3)
 
 
 @contextlib.contextmanager

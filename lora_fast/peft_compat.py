@@ -196,6 +196,19 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
             reason = _state_reason(module)
             if reason is not None:
                 waiting.setdefault(reason, []).append(name)
+
+        def listed(groups):
+            return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in groups.items())
+        msgs = []
+        if left:
+            msgs.append(f"{sum(map(len, left.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path — "
+                        f"{listed(left)}")
+        if waiting:
+            msgs.append(f"{sum(map(len, waiting.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path "
+                        f"until their setting is supported (patched: they take lora_fast's path after a set_adapter "
+                        f"to a supported adapter, hooks removed, ...) — {listed(waiting)}")
+        if msgs:
+            warnings.warn("patch_peft: " + ". ".join(msgs), stacklevel=2)
     except BaseException:
         for module, cls, mark in reversed(before):
             module.__class__ = cls
@@ -204,19 +217,6 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
             else:
                 setattr(module, _MARK, mark)
         raise
-
-    def listed(groups):
-        return "; ".join(f"{reason}: {', '.join(names)}" for reason, names in groups.items())
-    msgs = []
-    if left:
-        msgs.append(f"{sum(map(len, left.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path — "
-                    f"{listed(left)}")
-    if waiting:
-        msgs.append(f"{sum(map(len, waiting.values()))} of {len(layers)} LoRA layer(s) stay on PEFT's own path "
-                    f"until their setting is supported (patched: they take lora_fast's path after a set_adapter "
-                    f"to a supported adapter, hooks removed, ...) — {listed(waiting)}")
-    if msgs:
-        warnings.warn("patch_peft: " + ". ".join(msgs), stacklevel=2)
     return peft_model
 
 

@@ -19,7 +19,7 @@ from lora_fast import (
     merge_lora,
     unmerge_lora,
 )
-from lora_fast.checkpointing import enable_checkpointing
+from lora_fast.checkpointing import checkpointing_on, enable_checkpointing
 from tests.utils import MISSING, assert_rel_close
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
@@ -539,6 +539,83 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant, order
             assert_rel_close(g_ckpt[n], g.double(), 1e-5, n)
 
 
+def _whisper_and_clip():
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        Wav2Vec2Config,
+        Wav2Vec2ForCTC,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    whisper = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=60, num_mel_bins=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2))
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=8))
+    wav2vec2 = Wav2Vec2ForCTC(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, conv_dim=(8, 8),
+        conv_kernel=(3, 3), conv_stride=(2, 2), num_feat_extract_layers=2, vocab_size=12, num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2))
+    return {"wav2vec2": (wav2vec2, {"input_values": torch.randn(2, 400), "labels": torch.randint(1, 12, (2, 4))}),
+            "whisper": (whisper, {"input_features": torch.randn(2, 8, 16), "labels": torch.randint(3, 60, (2, 5))}),
+            "clip": (clip, {"input_ids": torch.randint(0, 60, (2, 5)), "pixel_values": torch.randn(2, 3, 16, 16),
+                            "return_loss": True})}
+
+
+@pytest.mark.parametrize("arch", ["whisper", "clip", "wav2vec2"])
+def test_reentrant_checkpointing_after_the_adapter_trains_every_tower(arch):
+    """Models of several transformers models (Whisper's encoder and decoder, CLIP's text and vision towers): the
+    hook makes the input embeddings of each require grad, so every block's LoRA weights get a gradient (transformers
+    4's enable_input_require_grads looked at the top model only: CLIP raised NotImplementedError at every forward,
+    Whisper's encoder trained nothing). Wav2Vec2 has no input embeddings: the hidden states entering its
+    checkpointed encoder are made to require grad instead (4: it raised too). With lora_fast's hook the model
+    still pickles after a checkpointed step (transformers' own hook is a local function)."""
+    import io
+    import warnings
+
+    model, inputs = _whisper_and_clip()[arch]
+    apply_lora(model, ["q_proj", "v_proj"], rank=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    enable_checkpointing(model, use_reentrant=True)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's "None of the inputs have requires_grad=True" too
+        model(**inputs).loss.backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if ".lora.lora_" in n}
+    missing = sorted(n for n, g in lora.items() if g is None or not g.abs().sum() > 0)
+    assert len(lora) == 2 * len(lora_layers(model)) >= 8 and not missing, missing
+    if arch == "whisper":  # lora_fast's hook (CLIP: transformers 5's own, local; Wav2Vec2: parametrized)
+        torch.save(model, io.BytesIO())
+
+
+def test_non_reentrant_checkpointing_gets_no_embeddings_hook():
+    """use_reentrant=False needs no input that requires grad: the embeddings' output is left alone (it would cost a
+    backward through the first block's input), on a ViT, for which transformers adds nothing itself; gradients
+    still reach every LoRA weight. enable_checkpointing takes a wrapped (compiled) model."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=16, patch_size=8, num_labels=3))
+    apply_lora(model, "all-linear", rank=2)
+    enable_checkpointing(torch.compile(model), use_reentrant=False)
+    assert checkpointing_on(model)
+    model.train()
+    model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2])).loss.backward()
+    assert "_require_grads_hook" not in model.__dict__ and "_require_grads_hooks" not in model.__dict__
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
 def test_the_checkpointing_hook_adds_no_graph_break():
     """The hook runs in every training forward: under torch.compile(fullgraph=True) it must trace (its module
     lookup raises nothing; the model's __dict__, which holds transformers' hook handle, is not read whole), and
@@ -572,8 +649,6 @@ def test_the_checkpointing_hook_stays_out_of_the_way():
     """Without checkpointing the input embeddings' output is left alone (it would cost a backward through the
     first block); the user's disable_input_require_grads() is not undone; a copy whose switch holder was replaced
     still finds the switch by scanning."""
-    from lora_fast.checkpointing import checkpointing_on
-
     cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     model = apply_lora(GPT2LMHeadModel(cfg), ["c_attn"], rank=2).train()
     ids = torch.randint(0, 50, (1, 5))

@@ -331,6 +331,45 @@ def test_a_merged_bart_head_reloads_with_its_input_embeddings(case, tmp_path):
     assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged BART after save/load, {case}")
 
 
+def test_unload_keeps_a_trained_bart_head_that_reloads(tmp_path):
+    """unload after modules_to_save=["lm_head"]: the head trained whole stays (PEFT's unload keeps it too) and the
+    saved model reloads with it and with its input embeddings (transformers 4: the flag cleared at apply_lora no
+    longer tied embed_tokens to shared, which reloaded at random; unload now gives them copies, as
+    merge_and_unload does)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=256, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 256, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_lora(model, ["q_proj", "v_proj"], rank=4, modules_to_save=["lm_head"])
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)  # as trained
+        plain = unload(model)
+    want = _t5_logits(plain, ids)
+    plain.save_pretrained(tmp_path)
+    again = BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert_rel_close(_t5_logits(again, ids), want, 1e-5, "unloaded BART after save/load")
+
+
+def test_unload_says_when_transformers_4_would_tie_a_trained_head_back():
+    """UMT5 keeps tie_word_embeddings set beside a head trained whole (its forward scales by the flag); unload does
+    not change that (adapters may be loaded again), but on transformers 4, whose from_pretrained ties a flagged
+    head back to the embeddings, it says so and points at merge_and_unload. transformers 5 keeps the saved head."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_lora(_tiny_umt5(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unload(model)
+    said = [str(w.message) for w in caught if "tie the head back" in str(w.message)]
+    assert len(said) == (1 if transformers_major() < 5 else 0), said
+    assert all("merge_and_unload" in m for m in said)
+
+
 def _t5_logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits

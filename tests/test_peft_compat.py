@@ -703,3 +703,17 @@ def test_patch_peft_that_fails_midway_leaves_every_layer_as_it_was(monkeypatch):
     assert_rel_close(loss, want[0].double(), TOL, "loss after a failed patch")
     for n, g in grads.items():
         assert_rel_close(g, want[1][n].double(), TOL, n)
+
+
+def test_patch_peft_under_warnings_as_errors_patches_nothing():
+    """With warnings turned into errors (pytest's filterwarnings=error, python -W error), the warning that names
+    the layers left to PEFT raises out of patch_peft: every layer it had patched is put back (the two c_attn of a
+    model whose other targets use DoRA used to stay patched)."""
+    pm = _peft("gpt2", target_modules=["c_attn"])
+    pm.add_adapter("dora", LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["c_fc"]))
+    pm.base_model.set_adapter(["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match="stay on PEFT's own path"):
+            patch_peft(pm)
+    assert not any(is_patched(m) for m in pm.modules())
