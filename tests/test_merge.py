@@ -298,6 +298,15 @@ def _tiny_umt5():
                                                    num_heads=4, vocab_size=256)).eval()
 
 
+def _tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=256, max_position_embeddings=64)).eval()
+
+
 @pytest.mark.parametrize("case", ["LoRA on lm_head", "modules_to_save"])
 def test_a_merged_bart_head_reloads_with_its_input_embeddings(case, tmp_path):
     """BART's tie_word_embeddings also ties encoder/decoder embed_tokens to shared (transformers 5): clearing it
@@ -305,12 +314,9 @@ def test_a_merged_bart_head_reloads_with_its_input_embeddings(case, tmp_path):
     random (logits 100 % off). The flag stays True there. transformers 4 ties the head back when the flag is set
     and embed_tokens only when it is: there the flag is cleared and embed_tokens get copies of their own, which
     save_pretrained writes. Either way the reloaded model computes the adapter's logits."""
-    from transformers import BartConfig, BartForConditionalGeneration
+    from transformers import BartForConditionalGeneration
 
-    torch.manual_seed(0)
-    base = BartForConditionalGeneration(BartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=256, max_position_embeddings=64)).eval()
+    base = _tiny_bart()
     ids = torch.randint(3, 256, (2, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -336,12 +342,9 @@ def test_unload_keeps_a_trained_bart_head_that_reloads(tmp_path):
     saved model reloads with it and with its input embeddings (transformers 4: the flag cleared at apply_lora no
     longer tied embed_tokens to shared, which reloaded at random; unload now gives them copies, as
     merge_and_unload does)."""
-    from transformers import BartConfig, BartForConditionalGeneration
+    from transformers import BartForConditionalGeneration
 
-    torch.manual_seed(0)
-    model = BartForConditionalGeneration(BartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=256, max_position_embeddings=64)).eval()
+    model = _tiny_bart()
     ids = torch.randint(3, 256, (2, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
