@@ -68,28 +68,56 @@ def _non_reentrant(model: nn.Module) -> bool:
 
 
 def _outputs_require_grad(module: nn.Module, inputs, output) -> None:
-    """Forward hook on input embeddings (module-level: a model carrying it still pickles)."""
-    if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
-        output.requires_grad_(True)
+    """Forward hook on input embeddings (module-level: a model carrying it still pickles). A tuple output (Swin's
+    patch embeddings return the embeddings and their shape): its first floating tensor."""
+    for t in output if isinstance(output, (tuple, list)) else (output,):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if not t.requires_grad:
+                t.requires_grad_(True)
+            return
 
 
-def _input_embeddings(model: nn.Module) -> list[nn.Module]:
-    """The input embeddings of every transformers model inside ``model`` (itself included): CLIP's text and vision
-    towers, Whisper's encoder (its conv1) and decoder. transformers 5's ``enable_input_require_grads`` looks at all
-    of them; 4's only at the top, where CLIP and Wav2Vec2 raise NotImplementedError."""
+class _AllHandles:
+    """``_require_grads_hook`` for transformers 4, whose ``disable_input_require_grads`` removes only that one
+    handle: removing it removes every hook lora_fast added (module-level: picklable)."""
+
+    def __init__(self, handles):
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _input_grad_hooks(model: nn.Module) -> list:
+    """For every transformers model inside ``model`` (itself included): a hook on its input embeddings (CLIP's two
+    towers, Whisper's encoder conv1 and decoder embeddings: what transformers 5's ``enable_input_require_grads``
+    covers; transformers 4 looks at the top model only, where CLIP and Wav2Vec2 raise NotImplementedError). One
+    without input embeddings (Wav2Vec2, also as the encoder of a SpeechEncoderDecoderModel) gets a pre-hook on each
+    of its modules with the checkpointing switch that holds a LoRA layer (not the frozen feature encoder, whose
+    backward would be wasted). Returns the handles."""
     from transformers import PreTrainedModel
 
-    found: dict[int, nn.Module] = {}
-    for m in model.modules():
-        if not isinstance(m, PreTrainedModel):
+    from lora_fast.layer import LinearWithLoRA
+
+    handles, seen = [], set()
+    for sub in model.modules():
+        if not isinstance(sub, PreTrainedModel):
             continue
         try:
-            emb = m.get_input_embeddings()
+            emb = sub.get_input_embeddings()
         except (NotImplementedError, AttributeError):
-            continue
+            emb = None
         if isinstance(emb, nn.Module):
-            found.setdefault(id(emb), emb)
-    return list(found.values())
+            if id(emb) not in seen:
+                seen.add(id(emb))
+                handles.append(emb.register_forward_hook(_outputs_require_grad))
+            continue
+        for m in sub.modules():
+            if hasattr(m, FLAG) and id(m) not in seen and any(isinstance(x, LinearWithLoRA) for x in m.modules()):
+                seen.add(id(m))
+                handles.append(m.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True))
+    return handles
 
 
 _HIDDEN = ("hidden_states", "inputs_embeds")
@@ -121,23 +149,18 @@ def _hidden_states_require_grad(module: nn.Module, args, kwargs):
 def _add_input_grads(model: nn.Module) -> None:
     """Make the input embeddings' output require grad, once per model: never again after the user's
     ``disable_input_require_grads()`` (``ADDED`` stays set), and not where transformers' own hook is in place
-    (transformers 5 adds it for ``input_ids`` models). A model without input embeddings that transformers 4 can
-    find (CLIP's towers, Wav2Vec2) gets the hidden states entering each module with the checkpointing switch made to
-    require grad instead. The handles go where transformers keeps its own, so ``disable_input_require_grads()``
-    removes them. Runs eagerly under torch.compile (a graph break, once: ``ADDED`` then keeps the hook out of the
-    graph)."""
+    (transformers 5 adds it for ``input_ids`` models): ``_input_grad_hooks``. The handles go where transformers
+    keeps its own, so ``disable_input_require_grads()`` removes them (all of them, in transformers 4 too). Runs
+    eagerly under torch.compile (a graph break, once: ``ADDED`` then keeps the hook out of the graph)."""
     if getattr(model, ADDED, False):
         return
     setattr(model, ADDED, True)
     if model.__dict__.get("_require_grads_hook") is not None or model.__dict__.get("_require_grads_hooks"):
         return
-    handles = [e.register_forward_hook(_outputs_require_grad) for e in _input_embeddings(model)]
-    if not handles:
-        handles = [m.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
-                   for m in model.modules() if hasattr(m, FLAG)]
-    if handles:  # where transformers 5 keeps its own (4 keeps the first)
+    handles = _input_grad_hooks(model)
+    if handles:  # where transformers keeps its own hooks: disable_input_require_grads() removes them
         model._require_grads_hooks = handles
-        model._require_grads_hook = handles[0]
+        model._require_grads_hook = _AllHandles(handles)
 
 
 def _input_grads_when_checkpointing(model: nn.Module, args) -> None:

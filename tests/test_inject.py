@@ -539,10 +539,15 @@ def test_checkpointing_a_vision_model_keeps_every_lora_gradient(reentrant, order
             assert_rel_close(g_ckpt[n], g.double(), 1e-5, n)
 
 
-def _whisper_and_clip():
+def _towers():
     from transformers import (
+        BertConfig,
         CLIPConfig,
         CLIPModel,
+        SpeechEncoderDecoderConfig,
+        SpeechEncoderDecoderModel,
+        SwinConfig,
+        SwinForImageClassification,
         Wav2Vec2Config,
         Wav2Vec2ForCTC,
         WhisperConfig,
@@ -562,40 +567,66 @@ def _whisper_and_clip():
     wav2vec2 = Wav2Vec2ForCTC(Wav2Vec2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, conv_dim=(8, 8),
         conv_kernel=(3, 3), conv_stride=(2, 2), num_feat_extract_layers=2, vocab_size=12, num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2))
+        num_conv_pos_embedding_groups=2, layerdrop=0.0, mask_time_prob=0.0))  # both drawn with numpy's RNG
+    speech = SpeechEncoderDecoderModel(config=SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+        wav2vec2.config, BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=16, is_decoder=True,
+                                    add_cross_attention=True), decoder_start_token_id=1, pad_token_id=0))
+    speech.freeze_feature_encoder()  # the usual speech recipe
+    swin = SwinForImageClassification(SwinConfig(image_size=16, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                 num_heads=[2, 2], window_size=2, num_labels=3))
     return {"wav2vec2": (wav2vec2, {"input_values": torch.randn(2, 400), "labels": torch.randint(1, 12, (2, 4))}),
+            "speech-encoder-decoder": (speech, {"input_values": torch.randn(2, 400),
+                                                "labels": torch.randint(3, 60, (2, 4))}),
+            "swin": (swin, {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([0, 2])}),
             "whisper": (whisper, {"input_features": torch.randn(2, 8, 16), "labels": torch.randint(3, 60, (2, 5))}),
             "clip": (clip, {"input_ids": torch.randint(0, 60, (2, 5)), "pixel_values": torch.randn(2, 3, 16, 16),
                             "return_loss": True})}
 
 
-@pytest.mark.parametrize("arch", ["whisper", "clip", "wav2vec2"])
+@pytest.mark.parametrize("arch", ["whisper", "clip", "wav2vec2", "speech-encoder-decoder", "swin"])
 def test_reentrant_checkpointing_after_the_adapter_trains_every_tower(arch):
     """Models of several transformers models (Whisper's encoder and decoder, CLIP's text and vision towers): the
     hook makes the input embeddings of each require grad, so every block's LoRA weights get a gradient (transformers
     4's enable_input_require_grads looked at the top model only: CLIP raised NotImplementedError at every forward,
     Whisper's encoder trained nothing). Wav2Vec2 has no input embeddings: the hidden states entering its
-    checkpointed encoder are made to require grad instead (4: it raised too). With lora_fast's hook the model
-    still pickles after a checkpointed step (transformers' own hook is a local function)."""
+    checkpointed encoder are made to require grad instead (4: it raised too), also as the encoder of a
+    SpeechEncoderDecoderModel whose BERT decoder has embeddings (its encoder got nothing). Swin's patch embeddings
+    return a tuple. Gradients equal those without checkpointing. With lora_fast's hook the model still pickles
+    after a checkpointed step (transformers' own hook is a local function), and disable_input_require_grads()
+    removes all of them."""
+    import copy
     import io
-    import warnings
 
-    model, inputs = _whisper_and_clip()[arch]
-    apply_lora(model, ["q_proj", "v_proj"], rank=4)
+    from lora_fast.checkpointing import _hidden_states_require_grad, _outputs_require_grad
+
+    model, inputs = _towers()[arch]
+    names = {n.rsplit(".", 1)[-1] for n in dict(model.named_modules())}
+    apply_lora(model, sorted(names & {"q_proj", "v_proj", "query", "value"}), rank=4)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
+    plain = copy.deepcopy(model).train()
+    torch.manual_seed(1)  # the same masks, if any dropout is left on (checkpointing replays them)
+    plain(**inputs).loss.backward()
     enable_checkpointing(model, use_reentrant=True)
     model.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # torch's "None of the inputs have requires_grad=True" too
-        model(**inputs).loss.backward()
+    torch.manual_seed(1)
+    model(**inputs).loss.backward()
+    want = {n: p.grad for n, p in plain.named_parameters() if ".lora.lora_" in n}
     lora = {n: p.grad for n, p in model.named_parameters() if ".lora.lora_" in n}
-    missing = sorted(n for n, g in lora.items() if g is None or not g.abs().sum() > 0)
+    missing = sorted(n for n, g in lora.items() if g is None)
     assert len(lora) == 2 * len(lora_layers(model)) >= 8 and not missing, missing
+    for n, g in lora.items():
+        assert_rel_close(g, want[n].double(), 1e-5, n)
+    assert sum(g.abs().sum() > 0 for g in lora.values()) >= len(lora) // 2  # not a vacuous match of zeros
     if arch == "whisper":  # lora_fast's hook (CLIP: transformers 5's own, local; Wav2Vec2: parametrized)
         torch.save(model, io.BytesIO())
+    model.disable_input_require_grads()  # removes every hook lora_fast added (transformers 4: only one before)
+    ours = (_outputs_require_grad, _hidden_states_require_grad)
+    assert not [m for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+                if h in ours]
 
 
 def test_non_reentrant_checkpointing_gets_no_embeddings_hook():
