@@ -58,13 +58,16 @@ def checkpointing_on(model: nn.Module) -> bool:
     return any(getattr(m, FLAG, False) is True for m in model.modules())
 
 
-def _non_reentrant(model: nn.Module) -> bool:
-    """Whether transformers checkpoints with ``use_reentrant=False`` (its ``_gradient_checkpointing_func`` is a
-    partial of torch's checkpoint with the keyword): then nothing needs an input that requires grad, and making the
-    embeddings' output require it would only add a backward through the first block's input. Unknown: False."""
-    func = getattr(_switch_of(model), "_gradient_checkpointing_func", None)
-    keywords = getattr(func, "keywords", None)
-    return isinstance(keywords, dict) and keywords.get("use_reentrant") is False
+def _reentrant_checkpointing_on(model: nn.Module) -> bool:
+    """``checkpointing_on``, unless transformers checkpoints with ``use_reentrant=False`` (its
+    ``_gradient_checkpointing_func`` is a partial of torch's checkpoint with that keyword): then nothing needs an
+    input that requires grad, and making the embeddings' output require it would only add a backward through the
+    first block's input. Unknown (no recorded switch, no such partial): counted as reentrant."""
+    holder = _switch_of(model)
+    if holder is None:
+        return checkpointing_on(model)
+    keywords = getattr(getattr(holder, "_gradient_checkpointing_func", None), "keywords", None)
+    return getattr(holder, FLAG) is True and not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False)
 
 
 def _outputs_require_grad(module: nn.Module, inputs, output) -> None:
@@ -167,8 +170,8 @@ def _input_grads_when_checkpointing(model: nn.Module, args) -> None:
     """Forward pre-hook (module-level, so that deepcopy and pickling keep it bound to the right model). About
     2 µs per training forward while checkpointing is off (GPT-2 124M, one CPU core), 0.1 µs once it was handled;
     under torch.compile it adds guards on these attributes, not graph breaks."""
-    if model.training and torch.is_grad_enabled() and not getattr(model, ADDED, False) and checkpointing_on(model) \
-            and not _non_reentrant(model):
+    if model.training and torch.is_grad_enabled() and not getattr(model, ADDED, False) \
+            and _reentrant_checkpointing_on(model):
         _add_input_grads(model)
 
 
@@ -189,7 +192,7 @@ def watch_checkpointing(model: nn.Module) -> None:
     setattr(model, PROBE, holder)
     if not any(h is _input_grads_when_checkpointing for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_input_grads_when_checkpointing)
-    if checkpointing_on(model) and not _non_reentrant(model):
+    if _reentrant_checkpointing_on(model):
         _add_input_grads(model)  # now, as PEFT does
 
 

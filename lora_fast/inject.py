@@ -438,6 +438,19 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
+def untied_embeddings(model: nn.Module):
+    """(inner model, input embeddings, output embeddings) when ``model`` (after ``unwrap_model``) has both and they
+    no longer share a weight; else None (not a transformers model, no embeddings, or still tied)."""
+    inner = unwrap_model(model)
+    try:
+        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
+        return None
+    if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
+        return None
+    return inner, inp, out
+
+
 def untie_embeddings_in_config(model: nn.Module) -> str:
     """After an untie: when the model's output embeddings no longer share the input embeddings' weight, set
     ``tie_word_embeddings`` to False in its config (and its text config), so that transformers does not tie them
@@ -451,13 +464,10 @@ def untie_embeddings_in_config(model: nn.Module) -> str:
     that differ; ``merge_and_unload`` moves the scale into the head where the config keeps a cleared flag
     (``merge._fold_decoder_scale``: transformers 4). Returns what was done, for the caller's warning ("" when
     nothing)."""
-    inner = unwrap_model(model)
-    try:
-        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):  # not a transformers model, or one without embeddings
+    found = untied_embeddings(model)
+    if found is None:
         return ""
-    if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
-        return ""
+    inner, _inp, out = found
     config = getattr(inner, "config", None)
     configs = [config]
     with contextlib.suppress(AttributeError, ValueError):  # a composite model's text part (several: ambiguous)

@@ -27,6 +27,7 @@ from lora_fast.inject import (
     tied_names,
     ties_lost_with_flag,
     untie_embeddings_in_config,
+    untied_embeddings,
     unwrap_model,
 )
 from lora_fast.layer import LinearWithLoRA
@@ -153,14 +154,11 @@ def _copy_flag_ties(model: nn.Module) -> list[str]:
     ``from_pretrained`` loads them (a shared weight is written once, and the cleared flag no longer ties it back).
     One module known under two names (T5's ``shared`` and ``encoder.embed_tokens``) stays one. Memory: one copy of
     the embeddings per such module. Returns their names."""
-    inner = unwrap_model(model)
+    found = untied_embeddings(model)
+    if found is None:
+        return []
+    inner, inp, out = found
     if not inner.__dict__.get(CLEARED_TIE) or getattr(getattr(inner, "config", None), "tie_word_embeddings", True):
-        return []
-    try:
-        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return []
-    if inp is None or out is None or out.weight is inp.weight:
         return []
     w, copied = inp.weight, []
     for name, m in inner.named_modules():  # each module once, under its first name
@@ -190,13 +188,12 @@ def _fold_decoder_scale(model: nn.Module, who: str) -> str:
     Not in ``unload`` or ``merge_lora``: their model takes adapters again, and an adapter's trained head (PEFT's
     numbers) expects the scale in the forward. Returns what was done ("" when nothing), for the caller's
     warning."""
-    inner = unwrap_model(model)
-    try:
-        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
+    found = untied_embeddings(model)
+    if found is None:
         return ""
+    inner, _inp, out = found
     config = getattr(inner, "config", None)
-    if inp is None or out is None or out.weight is inp.weight or not getattr(config, "tie_word_embeddings", False):
+    if not getattr(config, "tie_word_embeddings", False):
         return ""
     readers = {type(m) for m in inner.modules() if _forward_reads_tie_flag(type(m))}
     if not readers or not _cleared_flag_survives(config):
@@ -268,15 +265,10 @@ def _warn_head_tied_back(model: nn.Module) -> None:
     not changed: the unloaded model takes adapters again, whose heads expect the flag's scale."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    found = untied_embeddings(model)
+    if found is None or int(transformers.__version__.split(".")[0]) >= 5:
         return
-    inner = unwrap_model(model)
-    try:
-        inp, out = inner.get_input_embeddings(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return
-    if inp is None or out is None or out.weight is inp.weight:
-        return
+    inner = found[0]
     if getattr(getattr(inner, "config", None), "tie_word_embeddings", False) and tie_reading_classes(inner):
         warnings.warn(f"unload: {type(inner).__name__}'s head is untied from its input embeddings (trained whole), "
                       "but tie_word_embeddings stays set (its forward scales by it): save_pretrained then "
