@@ -332,6 +332,18 @@ class LinearWithLoRA(nn.Module):
         if self.merged:
             warnings.warn("LinearWithLoRA.merge_weights: already merged, nothing done", stacklevel=2)
             return
+        self.linear.weight.copy_(self.merged_weight(safe_merge))
+        self.merged = True
+        # what was added, for unmerge: an optimizer step (or a load) while merged changes A and B, and subtracting
+        # the new ΔW would corrupt W₀ (PEFT has that gap); r·(K+N) elements, the adapter's own size
+        self._merged_adapter = (self.lora.lora_A.detach().clone(), self.lora.lora_B.detach().clone(),
+                                self.lora.scaling)
+
+    @torch.no_grad()
+    def merged_weight(self, safe_merge: bool = False) -> torch.Tensor:
+        """W₀ + ΔW as ``merge_weights`` would store it (a new tensor; W₀ is not touched). ``safe_merge``: raise
+        ``ValueError`` if it has inf/NaN entries — what ``merge_lora(safe_merge=True)`` checks on every layer before
+        merging any."""
         w = self.linear.weight
         delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
                                   dtype=w.dtype)  # fp32, or fp64 for a fp64 base
@@ -339,12 +351,7 @@ class LinearWithLoRA(nn.Module):
         if safe_merge and not bool(torch.isfinite(merged).all()):
             raise ValueError("LinearWithLoRA.merge_weights(safe_merge=True): the merged weight has inf/NaN "
                              "entries (the adapter or W₀+ΔW is not finite in the base's dtype); nothing merged")
-        w.copy_(merged)
-        self.merged = True
-        # what was added, for unmerge: an optimizer step (or a load) while merged changes A and B, and subtracting
-        # the new ΔW would corrupt W₀ (PEFT has that gap); r·(K+N) elements, the adapter's own size
-        self._merged_adapter = (self.lora.lora_A.detach().clone(), self.lora.lora_B.detach().clone(),
-                                self.lora.scaling)
+        return merged
 
     @torch.no_grad()
     def unmerge_weights(self) -> None:

@@ -54,15 +54,18 @@ def _check_not_compiled_alone(layers: dict[str, LinearWithLoRA], who: str) -> No
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Fold ΔW into every LoRA layer's base weight (forward becomes the base alone).
 
-    ``safe_merge``: check each merged weight for inf/NaN before writing it (``LinearWithLoRA.merge_weights``); a
-    failing layer raises ``ValueError`` naming it, layers merged before it stay merged. A model whose layers are
-    all merged already gets a warning (nothing to do), as PEFT warns; one without LoRA layers is an error.
+    ``safe_merge``: check every merged weight for inf/NaN before writing any (``LinearWithLoRA.merged_weight``);
+    a failing layer raises ``ValueError`` naming it and the model is left as it was (PEFT checks layer by layer and
+    leaves the layers before the failing one merged). A model whose layers are all merged already gets a warning
+    (nothing to do), as PEFT warns; one without LoRA layers is an error.
     """
     layers = _layers_or_raise(model, "merge_lora")
     if all(m.merged for m in layers.values()):
         warnings.warn("merge_lora: every LoRA layer is already merged, nothing done", stacklevel=2)
+    if safe_merge:
+        _check_merges(layers, "merge_lora")
     untied = _untie_bases(model, layers)
-    _merge_unmerged(layers, safe_merge, "merge_lora")
+    _merge_unmerged(layers)
     _warn_untied("merge_lora", untied, untie_embeddings_in_config(model) if untied else "")
     return model
 
@@ -93,14 +96,22 @@ def _warn_untied(who: str, untied: list[str], flag: str) -> None:
         warnings.warn(f"{who}: {flag}", stacklevel=3)
 
 
-def _merge_unmerged(layers: dict[str, LinearWithLoRA], safe_merge: bool, who: str) -> None:
-    """Merge every layer not merged yet; a ``safe_merge`` failure names the layer."""
+def _check_merges(layers: dict[str, LinearWithLoRA], who: str) -> None:
+    """``safe_merge``: compute each unmerged layer's W₀ + ΔW (one at a time: one weight of extra memory) and raise,
+    naming the layer, at the first with inf/NaN — before anything is merged or untied."""
     for name, m in layers.items():
         if not m.merged:
             try:
-                m.merge_weights(safe_merge=safe_merge)
+                m.merged_weight(safe_merge=True)
             except ValueError as e:
                 raise ValueError(f"{who}: {name}: {e}") from e
+
+
+def _merge_unmerged(layers: dict[str, LinearWithLoRA]) -> None:
+    """Merge every layer not merged yet."""
+    for m in layers.values():
+        if not m.merged:
+            m.merge_weights()
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -120,8 +131,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     Parameters of the restored bases keep ``requires_grad=False``; call ``requires_grad_()`` to train them. A
     ``LinearWithLoRA`` given itself returns its merged base (use the return value). ``safe_merge``: as in
-    ``merge_lora``; every layer is merged (and checked) before any module is replaced, so a failure leaves the
-    LoRA layers in place.
+    ``merge_lora``: every layer is checked before any is merged or replaced, so a failure leaves the model as it
+    was.
     """
     if isinstance(model, LinearWithLoRA):
         if not model.merged:
@@ -129,8 +140,10 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         return model.merged_base()
     layers = _layers_or_raise(model, "merge_and_unload")
     _check_not_compiled_alone(layers, "merge_and_unload")
+    if safe_merge:
+        _check_merges(layers, "merge_and_unload")
     untied = _untie_bases(model, layers)
-    _merge_unmerged(layers, safe_merge, "merge_and_unload")
+    _merge_unmerged(layers)
     for name, m in layers.items():
         _set_submodule(model, name, m.merged_base())
     if hasattr(model, "lora_fast_config"):

@@ -145,26 +145,41 @@ def test_nothing_to_do_warns_and_no_lora_layer_is_an_error():
 
 
 def test_safe_merge_refuses_non_finite_weights_untouched():
-    _, model = _trained()
+    """A refusal names the layer and leaves the whole model as it was: every layer is checked before any is
+    merged, so the layers before the failing one are not merged either (PEFT leaves those merged)."""
+    with pytest.warns(UserWarning, match="tied"):  # lm_head too: a merge would untie it from wte first
+        model = apply_lora(tiny_gpt2(), TARGETS + ["lm_head"], rank=4, alpha=8.0)
     bad = "transformer.h.1.mlp.c_fc"
     with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.lora_B.normal_(0, 0.1)
         lora_layers(model)[bad].lora.lora_B[0, 0] = float("inf")
-    w_before = lora_layers(model)[bad].linear.weight.detach().clone()
+    state_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def assert_untouched():
+        assert not any(m.merged for m in lora_layers(model).values())
+        after = model.state_dict()
+        assert after.keys() == state_before.keys()
+        for k, v in state_before.items():
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+        assert model.lm_head.linear.weight is model.transformer.wte.weight  # the tie: nothing untied either
+
+    assert list(lora_layers(model)).index(bad) > 0  # layers come before the failing one
     with pytest.raises(ValueError, match=rf"merge_lora: {bad}: .*inf/NaN"):
         merge_lora(model, safe_merge=True)
-    assert not lora_layers(model)[bad].merged
-    torch.testing.assert_close(lora_layers(model)[bad].linear.weight, w_before, rtol=0, atol=0)
-    unmerge_lora(model)  # the layers merged before it
+    assert_untouched()
     with pytest.raises(ValueError, match=rf"merge_and_unload: {bad}: .*inf/NaN"):
         merge_and_unload(model, safe_merge=True)
-    assert len(lora_layers(model)) == 2 * len(TARGETS) + 2  # nothing replaced
+    assert len(lora_layers(model)) == 2 * len(TARGETS) + 3  # nothing replaced
+    assert_untouched()
+    w_before = lora_layers(model)[bad].linear.weight.detach().clone()
     layer = lora_layers(model)[bad]  # a single LinearWithLoRA given to merge_and_unload is checked too
     with pytest.raises(ValueError, match="inf/NaN"):
         merge_and_unload(layer, safe_merge=True)
     assert not layer.merged
     torch.testing.assert_close(layer.linear.weight, w_before, rtol=0, atol=0)
-    unmerge_lora(model)
-    merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
+    with pytest.warns(UserWarning, match="lm_head .* is now a copy of its own"):
+        merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
     assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()
 
 
