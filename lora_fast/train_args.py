@@ -80,8 +80,9 @@ OPTIONS: dict[str, tuple] = {
     "seed": (int, 42, lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)", "random seed"),
     "output_dir": (str, "outputs/lora-gpt2", None, "", "where the adapter, metrics and plots go"),
     "overwrite": (bool, False, None, "", "replace a non-empty output directory"),
-    "backend": (str, "auto", lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}",
-                "LoRA kernels: auto (Triton where it runs, else the reference), reference or triton"),
+    "backend": (str, None, lambda v: v in BACKEND_CHOICES, f"one of {BACKEND_CHOICES}",
+                "LoRA kernels: auto (Triton where it runs, else the reference), reference or triton (default: "
+                "the LORA_FAST_BACKEND environment variable, as in the library, else auto)"),
     "device": (str, "auto", None, "", "auto (cuda when available), cpu, cuda, cuda:1, ..."),
     "logdir": (str, None, None, "", "TensorBoard log directory (needs the tensorboard package)"),
     "num_workers": (int, 0, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0", "DataLoader workers"),
@@ -169,6 +170,13 @@ def validate(values: dict) -> argparse.Namespace:
         elif check is not None and not check(v):
             raise ConfigError(f"{name} must be {needs}, got {values.get(name)!r}")
         out[name] = v
+    if out["backend"] is None:  # the library's default, so that one setting reaches the CLI and the library alike
+        from lora_fast.functional import default_backend
+
+        try:
+            out["backend"] = default_backend()
+        except ValueError as e:
+            raise ConfigError(f"{e} (it is --backend's default; pass --backend or fix the variable)") from None
     if out["fp16"] and out["bf16"]:
         raise ConfigError("choose one of fp16 and bf16, not both")
     if out["task"] == "classification" and out["base_dtype"] != "float32":

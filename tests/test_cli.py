@@ -45,6 +45,18 @@ def test_yaml_values_and_command_line_precedence(tmp_path):
     assert parse_train_args(["--target_modules", r"h\.\d+\.attn\.c_attn"]).target_modules == r"h\.\d+\.attn\.c_attn"
 
 
+def test_backend_defaults_to_lora_fast_backend_as_the_library_does(monkeypatch):
+    monkeypatch.delenv("LORA_FAST_BACKEND", raising=False)
+    assert parse_train_args([]).backend == "auto"
+    monkeypatch.setenv("LORA_FAST_BACKEND", "Reference")
+    assert parse_train_args([]).backend == "reference"
+    assert parse_train_args(["--backend", "auto"]).backend == "auto"  # the flag wins
+    monkeypatch.setenv("LORA_FAST_BACKEND", "fused")
+    with pytest.raises(ConfigError, match="LORA_FAST_BACKEND='fused' is not one of .*--backend's default"):
+        parse_train_args([])
+    assert parse_train_args(["--backend", "triton"]).backend == "triton"
+
+
 @pytest.mark.parametrize("yaml_text, phrase", [
     ("rank: 0\n", "rank must be a positive integer"),
     ("rank: eight\n", "rank must be an integer"),
