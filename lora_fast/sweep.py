@@ -76,9 +76,7 @@ def target_sets(ns, opts) -> list[str]:
     if opts.target_modules is None:
         return list(DEFAULT_TARGET_SETS)
     t = opts.target_modules
-    if isinstance(t, str) and "," in t:  # a regex with a comma would be split into names by the run loop
-        raise ConfigError(f"target_modules regex {t!r} contains a comma; sweep sets are comma-separated names")
-    return [t if isinstance(t, str) else ",".join(t)]
+    return [t if isinstance(t, str) else ",".join(t)]  # normalize_targets splits names, keeps a regex whole
 
 
 def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[dict]:
@@ -147,8 +145,9 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     A run that raises (out of memory at the largest rank, say) is a table row with ``status`` "failed: ..." and no
     metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
     after the current run saves what it trained; the table then holds the runs so far."""
+    from lora_fast.distributed import held_signals
     from lora_fast.plots import sweep_plot
-    from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs, train
+    from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
@@ -158,50 +157,67 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
 
     for spec in runs:  # every target set must match, every rank fit, before minutes of training start
         try:
-            check_rank(prep.model, normalize_targets(spec["targets"].split(",")), spec["rank"])
+            check_rank(prep.model, normalize_targets([spec["targets"]]), spec["rank"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
     staged = StagedDir(out, opts.overwrite, command="sweep")
     rows, interrupted = [], False
     try:
-        for i, spec in enumerate(runs, 1):
-            log(f"lora-fast sweep: run {i}/{len(runs)}: {spec['run']}")
-            ro = copy.copy(opts)
-            ro.rank, ro.alpha, ro.overwrite = spec["rank"], spec["alpha"], False
-            ro.target_modules = normalize_targets(spec["targets"].split(","))
-            ro.output_dir = str(staged.path / spec["run"])
-            ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
-            try:
-                m = train(ro, prep, log=log)
-            except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)
-                log(f"lora-fast sweep: run {spec['run']} failed: {type(e).__name__}: {e}")
-                rows.append(_failed_row(spec, e))
-                m = None
-            if m is None:  # outside the except block: the exception (and its frames' tensors) is released
-                _free_memory()
-                continue
-            p = m["parameters"]
-            rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
-                         "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
-                         "final_eval_step": m["final_eval_step"],
-                         "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
-                         "trainable_pct": p["percentage"], "tokens_per_sec": m["train_tokens_per_sec"],
-                         "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
-                         "steps": m["steps"], "status": "interrupted" if m["interrupted"] else "ok"})
-            if m["interrupted"]:
-                interrupted = True
-                log("lora-fast sweep: interrupted; writing the table of the runs so far")
-                break
-        write_atomic(staged.path / "sweep_results.md", _table_md(rows))
-        write_atomic(staged.path / "sweep_results.csv", _table_csv(rows))
-        plotted = [r for r in rows if r["final_eval_loss"] is not None]
-        if plotted:
-            sweep_plot(staged.path / "sweep_plot.png", plotted)
-        staged.commit()
+        try:
+            interrupted = _train_runs(opts, prep, runs, staged, rows, log)
+        except KeyboardInterrupt:  # outside a run's own handler (between runs, while one sets up): the rows so far
+            if not rows:
+                raise
+            interrupted = True
+            log(f"lora-fast sweep: interrupted after {len(rows)} of {len(runs)} runs; writing their table")
+        with held_signals() as held:  # the table of the finished runs: a signal now must not discard it
+            write_atomic(staged.path / "sweep_results.md", _table_md(rows))
+            write_atomic(staged.path / "sweep_results.csv", _table_csv(rows))
+            plotted = [r for r in rows if r["final_eval_loss"] is not None]
+            if plotted:
+                sweep_plot(staged.path / "sweep_plot.png", plotted)
+            staged.commit()
+            if held.signum:
+                held.signum, interrupted = 0, True
     except BaseException:
         staged.discard()
         raise
     return rows, interrupted
+
+
+def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> bool:
+    """Train each run into ``staged``, appending its table row to ``rows``; returns whether a run was
+    interrupted (Ctrl-C / SIGTERM inside its training loop: it saved what it trained, and the sweep stops)."""
+    from lora_fast.train import train
+
+    for i, spec in enumerate(runs, 1):
+        log(f"lora-fast sweep: run {i}/{len(runs)}: {spec['run']}")
+        ro = copy.copy(opts)
+        ro.rank, ro.alpha, ro.overwrite = spec["rank"], spec["alpha"], False
+        ro.target_modules = normalize_targets([spec["targets"]])
+        ro.output_dir = str(staged.path / spec["run"])
+        ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
+        try:
+            m = train(ro, prep, log=log)
+        except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)
+            log(f"lora-fast sweep: run {spec['run']} failed: {type(e).__name__}: {e}")
+            rows.append(_failed_row(spec, e))
+            m = None
+        if m is None:  # outside the except block: the exception (and its frames' tensors) is released
+            _free_memory()
+            continue
+        p = m["parameters"]
+        rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
+                     "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
+                     "final_eval_step": m["final_eval_step"],
+                     "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
+                     "trainable_pct": p["percentage"], "tokens_per_sec": m["train_tokens_per_sec"],
+                     "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
+                     "steps": m["steps"], "status": "interrupted" if m["interrupted"] else "ok"})
+        if m["interrupted"]:
+            log("lora-fast sweep: interrupted; writing the table of the runs so far")
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,7 @@ def peft_task_type(opts) -> str:
 # file name of the outputs themselves would not do: PEFT's and the HF Trainer's directories hold adapter_config.json,
 # every transformers model config.json.
 OUTPUT_RECORD = ".lora-fast-output"
+DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # what a file browser leaves in any directory
 
 
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
@@ -93,8 +94,8 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
                 what = name if name.startswith("the ") else f"{name} {str(p)!r}"
                 raise ConfigError(f"{flag} {output_dir!r} contains {what}: --overwrite replaces the whole "
                                   f"directory and would delete it; choose another {flag}")
-        found = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-        if found and not (out / OUTPUT_RECORD).is_file():  # hidden files alone (.DS_Store) do not count
+        found = sorted(p.name for p in out.iterdir() if p.name not in DESKTOP_FILES) if out.is_dir() else []
+        if found and not (out / OUTPUT_RECORD).is_file():  # a .git or .venv counts: only desktop clutter does not
             raise ConfigError(f"{flag} {output_dir!r} is not an earlier lora-fast output (it holds "
                               f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''} and no {OUTPUT_RECORD} "
                               "file, which lora-fast train, sweep and merge write): --overwrite replaces a previous "

@@ -180,12 +180,22 @@ def test_existing_output_dir_refused_then_overwritten(tmp_path, tiny_gpt2, capsy
     assert cli_main(_bad(tmp_path, tiny_gpt2, ["--overwrite"])) == 0
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".*staging*")) and not list(tmp_path.glob(".*old*"))
-    finder = tmp_path / "finder"  # hidden files alone (.DS_Store) are no one's work: --overwrite may replace them
+    finder = tmp_path / "finder"  # a file browser's clutter alone (.DS_Store) is no one's work: replaced
     finder.mkdir()
     (finder / ".DS_Store").write_bytes(b"\0")
     args = _bad(tmp_path, tiny_gpt2, ["--overwrite"])
     args[args.index(str(out))] = str(finder)
     assert cli_main(args) == 0 and (finder / "adapter_model.safetensors").is_file()
+    project = tmp_path / "project"  # other hidden entries are: a fresh repository's .git, a .venv, a .env
+    for hidden in (".git", ".venv"):
+        (project / hidden).mkdir(parents=True)
+        (project / hidden / "HEAD").write_text("history")
+        args[args.index(str(finder) if str(finder) in args else str(project))] = str(project)
+        assert cli_main(args) == 2
+        assert f"is not an earlier lora-fast output (it holds {hidden}" in capsys.readouterr().err
+        assert (project / hidden / "HEAD").read_text() == "history"
+        (project / hidden / "HEAD").unlink()
+        (project / hidden).rmdir()
 
 
 def test_output_dir_that_would_delete_inputs_or_logs_is_refused(tmp_path, tiny_gpt2, capsys, monkeypatch):

@@ -80,6 +80,51 @@ def test_interrupted_sweep_keeps_the_runs_so_far_and_exits_130(tiny_gpt2, corpus
     assert "interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("at_run", [1, 2])
+def test_an_interrupt_between_runs_keeps_the_finished_ones(tiny_gpt2, corpus, tmp_path, monkeypatch, capsys, at_run):
+    """Ctrl-C / SIGTERM outside a run's training loop (while the next run copies and injects its model, say) used
+    to discard every finished run: the table of the runs so far is written and the exit status is 130. Before the
+    first run has finished, nothing is written."""
+    import lora_fast.train as train_mod
+
+    real_train, calls = train_mod.train, {"n": 0}
+
+    def train_interrupted_at(opts, prep, log=None):
+        calls["n"] += 1
+        if calls["n"] == at_run:
+            raise KeyboardInterrupt  # what SIGINT (or SIGTERM, under sigterm_as_interrupt) raises at that moment
+        return real_train(opts, prep, log=log)
+
+    monkeypatch.setattr(train_mod, "train", train_interrupted_at)
+    out = tmp_path / "sweep"
+    rc = cli_main(_sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--ranks", "2", "4", "--rank", "2",
+                         "--alpha", "4", "--alphas", "4"))
+    assert rc == 130 and calls["n"] == at_run
+    err = capsys.readouterr().err
+    if at_run == 1:
+        assert "interrupted; nothing was written" in err and not out.exists()
+    else:
+        assert "interrupted after 1 of 2 runs" in err
+        rows = _rows(out)
+        assert [(r["rank"], r["status"]) for r in rows] == [("2", "ok")]
+        assert (out / rows[0]["run"] / "adapter_model.safetensors").is_file() and (out / "sweep_results.md").is_file()
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+def test_a_target_set_regex_may_hold_a_comma(tiny_gpt2, corpus, tmp_path):
+    """A regex set with a comma ({1,2}) is one set (normalize_targets keeps it whole), not the two names the comma
+    used to split it into (an error: neither half matched)."""
+    regex = r".*\.h\.[0-9]{1,2}\.attn\.c_attn"
+    out = tmp_path / "sweep"
+    args = _sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--ranks", "2", "--rank", "2", "--alphas", "4",
+                  "--alpha", "4")
+    args[args.index("--target_sets") + 1] = regex
+    assert cli_main(args) == 0
+    (row,) = _rows(out)
+    assert row["target_modules"] == regex and row["status"] == "ok"
+    assert json.loads((out / row["run"] / "adapter_config.json").read_text())["target_modules"] == regex
+
+
 @pytest.mark.parametrize("grid, value", [("--ranks", "0"), ("--alphas", "0"), ("--ranks", "-2")])
 def test_non_positive_rank_or_alpha_is_refused_before_training(tiny_gpt2, corpus, tmp_path, capsys, grid, value):
     """A rank or alpha of 0 (or below) in the grid is a one-line error, exit 2, before any run: no output
