@@ -86,10 +86,19 @@ def _target_modules_for(model: nn.Module, names: list[str], configured):
 
 
 def _patterns(values: dict[str, float], default) -> dict:
-    """{module: value} for the modules whose value differs from ``default``, checked against PEFT's lookup."""
+    """{module: value} for the modules whose value differs from ``default``, checked against PEFT's lookup.
+
+    The keys are the module names, as PEFT writes them, where PEFT's lookup (``pattern_value``) then gives every
+    module its own value. Otherwise — a name that is a regex matching another name (``h.1.fc`` and ``h11.fc``), or
+    a dot-bounded suffix of another (``proj`` and ``inner.proj``) — each key is ``^`` + the escaped name: in
+    ``(.*\\.)?(^name)$`` the ``^`` holds only where the optional prefix is empty, so the key matches that full name
+    alone."""
     pattern = {n: v for n, v in values.items() if v != default}
     if any(pattern_value(pattern, n, default) != v for n, v in values.items()):
-        pattern = {re.escape(n): v for n, v in pattern.items()}
+        pattern = {"^" + re.escape(n): v for n, v in pattern.items()}
+        wrong = [n for n, v in values.items() if pattern_value(pattern, n, default) != v]
+        if wrong:  # pragma: no cover  (an anchored escaped name matches itself alone)
+            raise AssertionError(f"save_adapter: no rank/alpha pattern keys select {wrong} alone")
     return pattern
 
 
@@ -147,6 +156,7 @@ def _check_config(cfg: dict, where) -> None:
     if bad:
         raise ValueError(f"load_adapter: {where} uses {bad}, which lora_fast does not implement; load it with "
                          "PEFT's PeftModel.from_pretrained instead")
+    _check_field_types(cfg, where)
     # PEFT's LoraConfig refuses these (a regex names its modules whole; a layer pattern needs the indices): taking
     # them would mean ignoring a field that says which modules to adapt, i.e. wrapping other modules than PEFT
     if isinstance(cfg.get("target_modules"), str):
@@ -170,6 +180,46 @@ def _check_config(cfg: dict, where) -> None:
     p = cfg.get("lora_dropout", 0.0) or 0.0
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"load_adapter: {where}: lora_dropout must be in [0, 1), got {p!r}")
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+
+def _check_field_types(cfg: dict, where) -> None:
+    """The fields that select modules have the types PEFT's LoraConfig documents, and their regexes compile: a
+    string where a list belongs would be read letter by letter (``modules_to_save: "lm_head"`` leaves out every
+    module whose name holds an ``h``), and a bad regex would fail later without naming the field."""
+    def bad(field, needs):
+        raise ValueError(f"load_adapter: {where}: {field} must be {needs}, got {cfg[field]!r}")
+
+    def compiles(field, pattern, shown):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"load_adapter: {where}: {shown} is not a valid regular expression ({e})") from None
+
+    for field in ("target_modules", "exclude_modules"):
+        v = cfg.get(field)
+        if v is not None and not (isinstance(v, str) or _is_names(v)):
+            bad(field, "a regex string or a list of module names")
+        if isinstance(v, str):
+            compiles(field, v, f"{field} {v!r}")
+    if cfg.get("modules_to_save") is not None and not _is_names(cfg["modules_to_save"]):
+        bad("modules_to_save", "a list of module names")
+    v = cfg.get("layers_to_transform")
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) or isinstance(v, list)
+                              and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        bad("layers_to_transform", "a layer index or a list of layer indices")
+    v = cfg.get("layers_pattern")
+    if v is not None and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        bad("layers_pattern", "a string or a list of strings")
+    for field in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(field)
+        if v is not None and not isinstance(v, dict):
+            bad(field, "a mapping of module-name patterns to values")
+        for key in v or {}:
+            compiles(field, key, f"{field} key {key!r}")
 
 
 def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:

@@ -320,6 +320,45 @@ def test_rank_pattern_of_lookalike_names_is_escaped(tmp_path):
         assert_rel_close(fresh(x), base(x), TOL, "lora_fast, lookalike names")
 
 
+class _NestedSuffix(nn.Module):
+    """``proj`` and ``inner.proj``: PEFT's lookup ``(.*\\.)?(key)$`` finds ``inner.proj`` under the key ``proj`` —
+    and under its escaped form too, so escaping alone does not tell the two apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.inner, self.out = nn.Linear(8, 8), nn.ModuleDict({"proj": nn.Linear(8, 8)}), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.inner["proj"](self.proj(x)))
+
+
+@pytest.mark.parametrize("field", ["alpha", "rank"])
+def test_a_pattern_key_that_is_a_suffix_of_another_name_stays_its_own(tmp_path, field):
+    """The module ``proj`` differs from the rest (alpha 4, or rank 2); its key must not reach ``inner.proj``: the
+    key was escaped but unanchored, so PEFT and load_adapter scaled ``inner.proj`` by ``proj``'s alpha (outputs
+    off, no error) or built it at ``proj``'s rank (a shape error)."""
+    torch.manual_seed(0)
+    base = _NestedSuffix()
+    fresh, peft_base = copy.deepcopy(base), copy.deepcopy(base)
+    apply_lora(base, ["inner.proj", "out"], rank=4, alpha=32)
+    apply_lora(base, r"proj", rank=2 if field == "rank" else 4, alpha=4 if field == "alpha" else 32)
+    apply_lora(base, ["out"], rank=4, alpha=32)  # leaves the config's default at the majority's value
+    _randomise_lora(base)
+    want = {n: (m.lora.rank, m.lora.alpha) for n, m in lora_layers(base).items()}
+    assert len(set(want.values())) == 2 and want["inner.proj"] == want["out"]
+    save_adapter(base, tmp_path)
+    load_adapter(fresh, tmp_path)
+    assert {n: (m.lora.rank, m.lora.alpha) for n, m in lora_layers(fresh).items()} == want
+    pm = PeftModel.from_pretrained(peft_base, tmp_path).eval()
+    got = {n.removeprefix("base_model.model."): (m.r["default"], m.lora_alpha["default"])
+           for n, m in pm.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)}
+    assert got == want
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_rel_close(pm(x), base(x), TOL, "PEFT, nested suffix")
+        assert_rel_close(fresh(x), base(x), TOL, "lora_fast, nested suffix")
+
+
 # ------------------------------------------------------------------------------------------------ strict loading
 @pytest.fixture
 def saved(tmp_path):
@@ -462,6 +501,31 @@ def test_non_strict_load_leaves_layers_absent_from_the_file_alone(saved):
     assert sorted(result.missing_keys) == sorted(f"base_model.model.{n}.lora_{ab}.weight" for n in c_fc for ab in "AB")
     assert all(m.scaling == 8.0 and m.lora.dropout == 0.2 for m in c_fc.values())
     assert all(m.scaling == 2.0 for n, m in lora_layers(fresh).items() if n.endswith("c_attn"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank_pattern", {"c_attn(": 4}, r"rank_pattern key 'c_attn\(' is not a valid regular expression \(missing \)"),
+    ("alpha_pattern", {"*c_attn": 4}, r"alpha_pattern key '\*c_attn' is not a valid regular expression \(nothing to"),
+    ("exclude_modules", "((", r"exclude_modules '\(\(' is not a valid regular expression"),
+    ("target_modules", "c_attn[", r"target_modules 'c_attn\[' is not a valid regular expression"),
+    ("target_modules", 3, r"target_modules must be a regex string or a list of module names, got 3"),
+    ("modules_to_save", "lm_head", r"modules_to_save must be a list of module names, got 'lm_head'"),
+    ("layers_to_transform", "0", r"layers_to_transform must be a layer index or a list of layer indices, got '0'"),
+    ("layers_pattern", 1, r"layers_pattern must be a string or a list of strings, got 1"),
+    ("rank_pattern", ["c_attn"], r"rank_pattern must be a mapping of module-name patterns to values"),
+])
+def test_a_mistyped_or_invalid_config_field_is_named(saved, field, value, message):
+    """Hand-edited or foreign configs: a bad regex used to surface as a bare re.error without the field or file, and
+    a string where a list belongs was read letter by letter (modules_to_save "lm_head" left out every module with
+    an "h" in its name, and the error blamed target_modules)."""
+    directory, fresh, _ = saved
+    cfg_path = directory / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, field: value, **({"target_modules": ["c_attn"]}
+                                                             if field == "layers_pattern" else {})}))
+    with pytest.raises(ValueError, match=r"load_adapter: .*adapter_config.json: " + message):
+        load_adapter(fresh, directory)
+    assert not lora_layers(fresh)  # refused before anything was injected
 
 
 def test_unsupported_config_and_models_are_refused(saved, tmp_path):
