@@ -23,6 +23,7 @@ exit 2), naming its line in the CSV.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from benchmarks import utils
 from benchmarks.bench_layer import ALL_PROVIDERS as PROVIDERS
 from benchmarks.bench_layer import LAYERS
 from benchmarks.bench_layer import MODES as LAYER_MODES
+from lora_fast.train_io import write_atomic
 
 GPT2_PROVIDERS = ("lora_fast", *utils.VARIANT_PROVIDERS, "peft", *utils.PATCHED_PROVIDERS, "reference")
 GPT2_MODES = ("train", "infer_unmerged", "infer_merged")
@@ -300,6 +302,13 @@ def fit_width(fig, texts) -> None:
         fig.set_figwidth(need)
 
 
+def save_figure(fig, path: Path) -> None:
+    """PNG bytes rendered in memory, then written atomically: a failed render (a full disk) keeps the old plot."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(path, buf.getvalue())
+
+
 def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[str]:
     """Write the PNGs for one device; returns their file names."""
     import matplotlib
@@ -347,7 +356,7 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         fit_width(fig, [title, footer, legend])
         fig.tight_layout(rect=(0, 0.14, 1, 1))
         name = f"layer_time_{slug(dev)}_{dtype}.png"
-        fig.savefig(out_dir / name, dpi=110)
+        save_figure(fig, out_dir / name)
         plt.close(fig)
         written.append(name)
 
@@ -374,7 +383,7 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         fit_width(fig, [title, footer])
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         name = f"layer_saved_{slug(dev)}_{dtype}.png"
-        fig.savefig(out_dir / name, dpi=110)
+        save_figure(fig, out_dir / name)
         plt.close(fig)
         written.append(name)
     return written
@@ -418,9 +427,8 @@ def render(csv_path: str | Path, out_dir: str | Path) -> Path:
             lines += gpt2_section(dev, gpt2_rows, idx)
         if dev != "cpu":
             lines += target_section(dev, idx, layer_rows, gpt2_rows)
-    summary, tmp = out_dir / "SUMMARY.md", out_dir / ".SUMMARY.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(summary)  # never a half-written summary
+    summary = out_dir / "SUMMARY.md"
+    write_atomic(summary, "\n".join(lines) + "\n")  # never a half-written summary (nor two renders' mix)
     return summary
 
 

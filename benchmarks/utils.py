@@ -322,9 +322,31 @@ def upsert_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> int:
         if list(row) != CSV_COLUMNS:
             raise ValueError(f"row columns {list(row)} differ from {CSV_COLUMNS}")
     new_keys = {tuple(r[c] for c in KEY_COLUMNS) for r in rows}
-    kept = [r for r in read_csv(path) if tuple(r[c] for c in KEY_COLUMNS) not in new_keys]
-    _write_csv(path, kept + rows)
+    with _csv_lock(path):
+        kept = [r for r in read_csv(path) if tuple(r[c] for c in KEY_COLUMNS) not in new_keys]
+        _write_csv(path, kept + rows)
     return len(kept) + len(rows)
+
+
+@contextlib.contextmanager
+def _csv_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the CSV's directory across a read-modify-write: two benchmarks writing the same
+    CSV at once (bench_layer and bench_gpt2 in two shells) would otherwise each write back what it read, dropping
+    the other's rows. ``flock`` on the directory needs no lock file; where there is no ``fcntl`` (Windows), no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    directory = Path(path).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def drop_failed(path: str | os.PathLike, bench: str, device: str, config: dict, provider: str) -> list[dict]:
@@ -332,10 +354,11 @@ def drop_failed(path: str | os.PathLike, bench: str, device: str, config: dict, 
     measurement failed, so that figures of an earlier run (another commit) do not stand in the summary for code that
     no longer produces them. Returns the rows removed (the file is untouched when there are none)."""
     ident = (bench, device, config_json(config), provider)
-    rows = read_csv(path)
-    gone = [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) == ident]
-    if gone:
-        _write_csv(path, [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) != ident])
+    with _csv_lock(path):
+        rows = read_csv(path)
+        gone = [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) == ident]
+        if gone:
+            _write_csv(path, [r for r in rows if (r["bench"], r["device"], r["config"], r["provider"]) != ident])
     return gone
 
 

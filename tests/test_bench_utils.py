@@ -141,6 +141,30 @@ def test_upsert_replaces_only_rows_with_the_same_identity(tmp_path):
     assert sorted(map(str, got)) == sorted(map(str, [rerun, *others]))
 
 
+def _upsert_many(path, bench, n):
+    for i in range(n):
+        utils.upsert_csv(path, [row(bench=bench, config={"i": i})])
+        utils.drop_failed(path, bench, "cpu", {"i": -1}, "lora_fast")  # a read-modify-write that finds nothing
+
+
+def test_two_processes_writing_one_csv_keep_every_row(tmp_path):
+    """bench_layer and bench_gpt2 in two shells, one CSV: each upsert is a read-modify-write, and without a lock
+    one writer's rows were written over by the other's stale copy (a reviewer's run kept 299 of 400)."""
+    import multiprocessing
+
+    path = tmp_path / "results.csv"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_upsert_many, args=(path, bench, 60)) for bench in ("layer", "gpt2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = csv_rows(path)
+    assert sorted((r["bench"], r["config"]) for r in got) == sorted(
+        (b, utils.config_json({"i": i})) for b in ("layer", "gpt2") for i in range(60))
+
+
 def test_config_json_is_independent_of_key_order(tmp_path):
     """Configs built in another key order are the same configuration: a rerun replaces its rows."""
     a, b = {"M": 64, "r": 16, "dtype": "bf16"}, {"dtype": "bf16", "r": 16, "M": 64}

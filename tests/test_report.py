@@ -215,20 +215,18 @@ def figures(monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    saved, original = {}, report.save_figure
 
-    saved, original = {}, Figure.savefig
+    def save_figure(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        fig.text_boxes = [(getattr(a, "get_text", lambda: "legend")(), box.x0, box.x1, fig.bbox.width)
+                          for a in [fig._suptitle, *fig.texts, *fig.legends]
+                          if a is not None and (box := a.get_window_extent(renderer))]
+        saved[Path(path).name] = fig
+        return original(fig, path)
 
-    def savefig(self, fname, *args, **kwargs):
-        self.canvas.draw()
-        renderer = self.canvas.get_renderer()
-        self.text_boxes = [(getattr(a, "get_text", lambda: "legend")(), box.x0, box.x1, self.bbox.width)
-                           for a in [self._suptitle, *self.texts, *self.legends]
-                           if a is not None and (box := a.get_window_extent(renderer))]
-        saved[Path(fname).name] = self
-        return original(self, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr(report, "save_figure", save_figure)
     return saved
 
 
@@ -275,6 +273,34 @@ def test_a_one_layer_plot_is_wide_enough_for_its_title_and_legend(tmp_path, figu
         assert GPU in fig.get_suptitle()
         for text, x0, x1, width in fig.text_boxes:
             assert 0 <= x0 and x1 <= width, (name, text, x0, x1, width)
+
+
+def test_a_failed_render_keeps_the_previous_plots_and_summary(tmp_path, monkeypatch):
+    """PNGs and SUMMARY.md are written atomically: a render that fails while saving (a full disk) leaves the files
+    of the previous render whole, where savefig straight into the file left a truncated PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    csv_path = tmp_path / "results.csv"
+    utils.upsert_csv(csv_path, plot_rows())
+    report.render(csv_path, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert len([n for n in before if n.endswith(".png")]) == 2 and "SUMMARY.md" in before
+    original = Figure.savefig
+
+    def savefig_then_disk_full(self, fname, *args, **kwargs):
+        original(self, fname, *args, **kwargs)
+        if hasattr(fname, "truncate"):  # what a full disk leaves: the first bytes
+            fname.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_then_disk_full)
+    utils.upsert_csv(csv_path, [layer_row("base", "full", "time", [9.0], {**LAYER, "M": 4096})])
+    with pytest.raises(OSError, match="No space left"):
+        report.render(csv_path, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_plots_draw_a_layer_the_benchmark_does_not_list(tmp_path, figures):
