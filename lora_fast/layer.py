@@ -200,6 +200,13 @@ class LinearWithLoRA(nn.Module):
     """
 
     disabled = False  # a class default: modules pickled before the attribute existed still load
+    # transformers' save_pretrained (the Trainer's checkpoints) writes one name of each shared tensor and refuses a
+    # sharing group none of whose names its models' ``_tied_weights_keys`` declare — a wrapped tied lm_head is
+    # ``lm_head.linear.weight``, which GPT-2's "lm_head.weight" does not match. Declared here, the wrapped name is
+    # the one left out when the base weight is shared (the other, e.g. ``transformer.wte.weight``, is written, and
+    # loading it restores both); a base weight that is not shared is written as before. transformers reads only the
+    # keys of a non-PreTrainedModel's mapping (4: ``_get_tied_weight_keys``; 5: the same, as a dict).
+    _tied_weights_keys = {"linear.weight": "linear.weight"}
 
     def __init__(self, base_or_in_features=None, *args, **kwargs):
         super().__init__()

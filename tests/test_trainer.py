@@ -8,6 +8,8 @@ identically: gradients with checkpointing equal those without, at the same seed.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +68,39 @@ def test_trainer_trains_saves_and_reloads(tmp_path):
         logits_base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")(input_ids=ids).logits
     assert rel_err(logits, logits_base) > 1e-4  # the adapter changes the output...
     assert_rel_close(logits_loaded, logits, 1e-6, "logits after load")  # ...and comes back intact
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "lm_head"], ["c_attn"]])
+def test_trainer_checkpoints_a_model_whose_tied_lm_head_is_a_target_and_resumes(tmp_path, targets):
+    """The Trainer's checkpoints are model.save_pretrained, which refused the shared lm_head.linear.weight / wte
+    ("shared tensors ... mismatching the transformers base configuration") when the tied lm_head was a LoRA target:
+    every run with a LoRA lm_head died at its first save. The checkpoint holds the wte once, and resuming from it
+    ends where the uninterrupted run ends."""
+    GPT2LMHeadModel(_config()).save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # apply_lora's warning that lm_head is tied
+            apply_lora(model, target_modules=targets, rank=4, alpha=8.0)
+        args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
+                                 learning_rate=2e-2, use_cpu=True, report_to=[], save_steps=2, logging_strategy="no",
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return model
+
+    full = run(tmp_path / "full", 4)
+    assert full.lm_head.weight is full.transformer.wte.weight if "lm_head" not in targets else \
+        full.lm_head.linear.weight is full.transformer.wte.weight  # still tied, as transformers has it
+    resumed = run(tmp_path / "resumed", 4, resume=str(tmp_path / "full" / "checkpoint-2"))  # its own mid-run save
+    want = {n: p.detach() for n, p in full.named_parameters() if p.requires_grad}
+    assert len(want) == 2 * len(targets) * 2 - ("lm_head" in targets) * 2
+    for n, p in resumed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def _lora_grads(model, ids, seed):
