@@ -141,6 +141,9 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,  # no "lora_bias" (False, PEFT's default): PEFT < 0.14's LoraConfig refuses that key
+        # without a task type, PEFT's AutoPeftModel finds the base model's class here (PEFT writes it then too)
+        "auto_mapping": None if task_type else {"base_model_class": type(model).__name__,
+                                                "parent_library": type(model).__module__},
     }
 
 

@@ -50,6 +50,19 @@ def _saved_num_labels(adir: Path, cfg: dict) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _mapped_class(cfg: dict) -> str | None:
+    """``class:<Name>`` for the transformers class in the config's ``auto_mapping`` (PEFT's, and lora_fast's, for an
+    adapter without a task type); None when there is none or it is not a class transformers exports."""
+    import transformers
+
+    mapping = cfg.get("auto_mapping")
+    name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    library = str(mapping.get("parent_library", "")) if isinstance(mapping, dict) else ""
+    if isinstance(name, str) and library.split(".")[0] == "transformers" and hasattr(transformers, name):
+        return f"class:{name}"
+    return None
+
+
 def _saved_architecture(base: str) -> str | None:
     """``class:<Name>`` for the first ``architectures`` entry of the base model's config (local or cached), when
     transformers exports that class; None otherwise."""
@@ -131,8 +144,10 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     task_type = cfg.get("task_type") or "CAUSAL_LM"
     if task_type not in TASKS:
         raise ConfigError(f"{cfg_path}: task_type {task_type!r} is not one of PEFT's {sorted(TASKS)}")
-    # no task type (PEFT's generic adapter): the class the base model was saved as, else a causal LM
-    task = TASKS[task_type] if cfg.get("task_type") else (_saved_architecture(base) or "causal-lm")
+    # no task type (PEFT's generic adapter): the class the adapter names (auto_mapping, as AutoPeftModel reads it),
+    # else the class the base model was saved as, else a causal LM
+    task = TASKS[task_type] if cfg.get("task_type") else (_mapped_class(cfg) or _saved_architecture(base)
+                                                          or "causal-lm")
     if num_labels is not None and task not in LABELLED_TASKS:
         raise ConfigError(f"--num_labels is for classification (SEQ_CLS, TOKEN_CLS) adapters; {adapter!r} is "
                           f"{task_type}")

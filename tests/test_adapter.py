@@ -1128,6 +1128,42 @@ def _t5(seed=0):
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
+def test_an_adapter_without_a_task_type_names_its_class_for_auto_peft_model_and_merge(tmp_path):
+    """A ViT image classifier has no PEFT task type: the adapter records the base class in ``auto_mapping`` as PEFT
+    does, so ``AutoPeftModel`` can rebuild it (it raised "Cannot infer the auto class from the config"), and
+    ``lora-fast merge`` loads the base with that class even when the base's config lists no architecture."""
+    from peft import AutoPeftModel
+
+    from lora_fast.cli import main as cli_main
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_hidden_layers=2, hidden_size=32,
+                                 intermediate_size=48, num_attention_heads=2, num_labels=3)
+    base = transformers.ViTForImageClassification(cfg).eval()
+    base.config.architectures = None  # the merge must not need it
+    base.save_pretrained(tmp_path / "base")
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "base").eval()
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = ["query", "value"] if "query" in linear else ["q_proj", "v_proj"]  # transformers 4 / 5 names
+    apply_lora(model, targets, rank=4, alpha=8, modules_to_save=["classifier"])
+    _randomise_lora(model)
+    save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["task_type"] is None
+    assert saved["auto_mapping"] == {"base_model_class": "ViTForImageClassification",
+                                     "parent_library": type(model).__module__}
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).logits
+        pm = AutoPeftModel.from_pretrained(tmp_path / "a").eval()
+        assert_rel_close(pm(pixel_values=pixels).logits, ref, TOL, "AutoPeftModel, no task type")
+    assert cli_main(["merge", "--adapter", str(tmp_path / "a"), "--output", str(tmp_path / "m")]) == 0
+    merged = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()
+    assert type(merged).__name__ == "ViTForImageClassification"
+    with torch.no_grad():
+        assert_rel_close(merged(pixel_values=pixels).logits, ref, TOL, "merged, no task type")
+
+
 @pytest.mark.parametrize("task", ["TOKEN_CLS", "SEQ_2_SEQ_LM"])
 def test_task_types_travel_and_merge(task, tmp_path):
     """A token-classification (BERT) or seq2seq (T5) adapter is saved with PEFT's task type — the token head whole
