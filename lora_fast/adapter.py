@@ -39,6 +39,7 @@ other LoRA variants are refused with an error naming the field (PEFT serves thos
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -307,6 +308,20 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
 
 
+def _module_aliases(model: nn.Module, owners) -> list[tuple[str, list[str]]]:
+    """(owner, its other names) for each ``owners`` module that is also reachable under names outside it."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    out = []
+    for owner in owners:
+        others = [n for n in names.get(id(model.get_submodule(owner)), [])
+                  if n != owner and not n.startswith(f"{owner}.")]
+        if others:
+            out.append((owner, others))
+    return out
+
+
 def _shared_params(model: nn.Module, owners):
     """(owner's sub-module, leaf name, full name, the other names sharing that tensor) for each parameter of the
     ``owners`` modules that is shared with a parameter outside them."""
@@ -362,6 +377,11 @@ def _untie_extras(model: nn.Module, owners, who: str = "load_adapter") -> None:
     GPT-2 ``lm_head`` tied to ``wte``), as PEFT keeps a separate copy of such modules: loading the saved head must
     not overwrite the input embeddings. Warns once, naming what was untied."""
     untied = []
+    for owner, others in _module_aliases(model, owners):  # one module under several names (T5's shared on
+        # transformers 4 is encoder.embed_tokens and decoder.embed_tokens too): the owner's name gets a copy of its
+        # own, as PEFT's wrapper holds one, and the other names keep the original module
+        _set_submodule(model, owner, copy.deepcopy(model.get_submodule(owner)))
+        untied.append(f"{owner} (was the same module as {', '.join(others)})")
     for sub, leaf, full, others in list(_shared_params(model, owners)):
         p = getattr(sub, leaf)
         setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))

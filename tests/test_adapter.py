@@ -1128,6 +1128,40 @@ def _t5(seed=0):
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
+def test_a_modules_to_save_module_shared_under_other_names_gets_a_copy_as_in_peft(tmp_path):
+    """T5's ``shared`` in modules_to_save: on transformers 4 encoder/decoder.embed_tokens are the same module, and
+    lora_fast trained it in place — the embeddings the forward reads — while its warning (and PEFT, whose wrapper
+    holds a copy) said ``shared`` got weights of its own; the adapter then gave other logits in PEFT. Now the
+    name gets a copy on every transformers version: a training step leaves the encoder's embeddings alone, and the
+    saved adapter computes in PEFT what it computed here."""
+    _t5().save_pretrained(tmp_path / "base")
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match=r"modules_to_save shared.* now have their own weights"):
+        apply_lora(model, ["q", "v"], rank=4, alpha=8, modules_to_save=["shared"])
+    _randomise_lora(model)
+    assert model.shared is not model.encoder.embed_tokens
+    assert model.shared.weight is not model.encoder.embed_tokens.weight
+    encoder_embeddings = model.encoder.embed_tokens.weight.detach().clone()
+    ids = _ids()
+    kw = {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model.train()
+    model(input_ids=ids, labels=ids[:, :3].contiguous()).loss.backward()
+    opt.step()
+    assert torch.equal(model.encoder.embed_tokens.weight, encoder_embeddings)
+    model.eval()
+    save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        ref = model(**kw).logits
+        pm = PeftModel.from_pretrained(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "a").eval()
+        assert_rel_close(pm(**kw).logits, ref, TOL, "PEFT, modules_to_save shared")
+        fresh = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base")
+        with pytest.warns(UserWarning, match="modules_to_save shared"):
+            load_adapter(fresh, tmp_path / "a")
+        assert_rel_close(fresh.eval()(**kw).logits, ref, TOL, "load_adapter, modules_to_save shared")
+
+
 def test_an_adapter_without_a_task_type_names_its_class_for_auto_peft_model_and_merge(tmp_path):
     """A ViT image classifier has no PEFT task type: the adapter records the base class in ``auto_mapping`` as PEFT
     does, so ``AutoPeftModel`` can rebuild it (it raised "Cannot infer the auto class from the config"), and
