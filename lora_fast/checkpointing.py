@@ -158,12 +158,26 @@ def _add_input_grads(model: nn.Module) -> None:
     if getattr(model, ADDED, False):
         return
     setattr(model, ADDED, True)
-    if model.__dict__.get("_require_grads_hook") is not None or model.__dict__.get("_require_grads_hooks"):
-        return
-    handles = _input_grad_hooks(model)
-    if handles:  # where transformers keeps its own hooks: disable_input_require_grads() removes them
-        model._require_grads_hooks = handles
-        model._require_grads_hook = _AllHandles(handles)
+    for root in _outermost_transformers_models(model):  # the model itself, or each backbone in a user's wrapper
+        if root.__dict__.get("_require_grads_hook") is not None or root.__dict__.get("_require_grads_hooks"):
+            continue
+        handles = _input_grad_hooks(root)
+        if handles:  # where transformers keeps its own hooks: disable_input_require_grads() removes them
+            root._require_grads_hooks = handles
+            root._require_grads_hook = _AllHandles(handles)
+
+
+def _outermost_transformers_models(model: nn.Module) -> list[nn.Module]:
+    """``model`` if it is a transformers model, else the transformers models inside it that no other one holds."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return [model]
+    found: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and not any(any(x is m for x in o.modules()) for o in found):
+            found.append(m)
+    return found
 
 
 def _input_grads_when_checkpointing(model: nn.Module, args) -> None:
@@ -176,15 +190,19 @@ def _input_grads_when_checkpointing(model: nn.Module, args) -> None:
 
 
 def watch_checkpointing(model: nn.Module) -> None:
-    """Make the input embeddings' output require grad whenever ``model`` (a transformers model, after
-    ``unwrap_model``) trains with reentrant checkpointing on — now, or after checkpointing is switched on later.
+    """Make the input embeddings' output require grad whenever ``model`` (a transformers model, or a user's module
+    holding one — a backbone under its own head —, after ``unwrap_model``) trains with reentrant checkpointing on —
+    now, or after checkpointing is switched on later.
 
     Not for quantised models (PEFT leaves those to ``prepare_model_for_kbit_training``), nor for models without a
     checkpointing switch. Registered once per model; once the embeddings' hook was added (or found in place), the
     user's ``disable_input_require_grads()`` is respected: it is not added again."""
-    if not callable(getattr(model, "get_input_embeddings", None)):
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # no transformers: no transformers checkpointing switch to watch
         return
-    if any(getattr(model, a, False) for a in QUANTISED_FLAGS):
+    inner = [m for m in model.modules() if isinstance(m, PreTrainedModel)]  # itself, or inside a user's wrapper
+    if not inner or any(getattr(m, a, False) for m in inner for a in QUANTISED_FLAGS):
         return
     holder = _switch_holder(model)
     if holder is None:

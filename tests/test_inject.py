@@ -1,10 +1,12 @@
 """Model injection: PEFT's matching rules, parity with PEFT's LoRA on GPT-2, merge/unload, parameter counts."""
 
+import types
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -581,10 +583,30 @@ def _towers():
             "swin": (swin, {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([0, 2])}),
             "whisper": (whisper, {"input_features": torch.randn(2, 8, 16), "labels": torch.randint(3, 60, (2, 5))}),
             "clip": (clip, {"input_ids": torch.randint(0, 60, (2, 5)), "pixel_values": torch.randn(2, 3, 16, 16),
-                            "return_loss": True})}
+                            "return_loss": True}),
+            "custom-wrapper": (_BackboneWithHead(), {"input_ids": torch.randint(0, 60, (2, 5))})}
 
 
-@pytest.mark.parametrize("arch", ["whisper", "clip", "wav2vec2", "speech-encoder-decoder", "swin"])
+class _BackboneWithHead(nn.Module):
+    """A user's module around a transformers backbone (BERT) with its own head and loss: not a PreTrainedModel."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+        self.backbone, self.head = transformers.BertModel(cfg), nn.Linear(32, 3)
+
+    def forward(self, input_ids):
+        return types.SimpleNamespace(loss=self.head(self.backbone(input_ids=input_ids).last_hidden_state).square()
+                                     .mean())
+
+    def disable_input_require_grads(self):
+        self.backbone.disable_input_require_grads()
+
+
+@pytest.mark.parametrize("arch", ["whisper", "clip", "wav2vec2", "speech-encoder-decoder", "swin", "custom-wrapper"])
 def test_reentrant_checkpointing_after_the_adapter_trains_every_tower(arch):
     """Models of several transformers models (Whisper's encoder and decoder, CLIP's text and vision towers): the
     hook makes the input embeddings of each require grad, so every block's LoRA weights get a gradient (transformers
@@ -610,7 +632,7 @@ def test_reentrant_checkpointing_after_the_adapter_trains_every_tower(arch):
     plain = copy.deepcopy(model).train()
     torch.manual_seed(1)  # the same masks, if any dropout is left on (checkpointing replays them)
     plain(**inputs).loss.backward()
-    enable_checkpointing(model, use_reentrant=True)
+    enable_checkpointing(model.backbone if arch == "custom-wrapper" else model, use_reentrant=True)
     model.train()
     torch.manual_seed(1)
     model(**inputs).loss.backward()
