@@ -312,8 +312,9 @@ def apply_lora(
         wrapped are left as they are (applying twice never nests wrappers).
 
     Raises:
-        ValueError: bad hyper-parameters, targets matching nothing, a ``modules_to_save`` entry matching nothing
-            or naming a LoRA target (or a module holding one). The model is unchanged then.
+        ValueError: bad hyper-parameters, targets matching nothing, ``modules_to_save`` entries all matching
+            nothing (one matching nothing beside others is a warning, as for targets) or one naming a LoRA target
+            (or a module holding one). The model is unchanged then.
     """
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, str):
@@ -414,9 +415,12 @@ def _resolve_modules_to_save(model: nn.Module, lora_names: list[str], entries) -
 
     extras = _modules_to_save(model, lora_names, entries)
     dead = [e for e in entries if not any(n.endswith(e) for n in _candidate_names(model, lora_names))]
-    if dead:
+    if dead and len(dead) == len(entries):
         raise ValueError(f"modules_to_save {dead} matched no module of {type(model).__name__} (an entry selects "
                          "every module whose name ends with it)")
+    if dead:  # as target_modules: PEFT's SEQ_CLS list ["classifier", "score"] names one head per architecture
+        warnings.warn(f"apply_lora: modules_to_save {dead} matched no module of {type(model).__name__} (the other "
+                      f"entries matched {extras}, which are trained whole)", stacklevel=3)
     _check_no_clash(extras, lora_names)
     return extras
 

@@ -332,11 +332,22 @@ def test_modules_to_save_unties_a_tied_head():
     assert not torch.equal(model.lm_head.weight, wte)
 
 
+def test_a_modules_to_save_entry_matching_nothing_beside_others_is_a_warning():
+    """PEFT's SEQ_CLS list ["classifier", "score"] names the head of either family: on BERT "score" matches
+    nothing. As with target_modules, that is a warning naming it (a typo beside a good entry is not silent); the
+    entries that match are trained whole."""
+    model = tiny_gpt2()
+    with pytest.warns(UserWarning, match=r"modules_to_save \['scroe'\] matched no module of GPT2LMHeadModel \(the "
+                      r"other entries matched \['lm_head'\]"):
+        apply_lora(model, ["c_attn"], modules_to_save=["lm_head", "scroe"])
+    assert model.lm_head.weight.requires_grad and len(lora_layers(model)) == 2
+
+
 def test_modules_to_save_errors_leave_the_model_alone():
     model = tiny_gpt2()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"modules_to_save \['scroe'\] matched no module"):
-        apply_lora(model, ["c_attn"], modules_to_save=["lm_head", "scroe"])
+        apply_lora(model, ["c_attn"], modules_to_save=["scroe"])
     with pytest.raises(ValueError, match="cannot also hold a LoRA adapter"):
         apply_lora(model, ["transformer.h.0.attn.c_attn"], modules_to_save=["h.0.attn"])  # holds a target named in full
     with pytest.raises(ValueError, match=r"every match lies inside modules_to_save \(2 module"):
