@@ -343,7 +343,13 @@ def _csv_lock(path: str | os.PathLike) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # NFS (EBADF: it emulates flock with write locks), some FUSE/SMB mounts (ENOLCK)
+            import warnings
+
+            warnings.warn(f"{path}: cannot lock its directory ({e}); writing without a lock, so do not run two "
+                          "benchmarks into this CSV at once", stacklevel=4)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -381,7 +381,9 @@ def _untie_extras(model: nn.Module, owners, who: str = "load_adapter") -> None:
         # transformers 4 is encoder.embed_tokens and decoder.embed_tokens too): the owner's name gets a copy of its
         # own, as PEFT's wrapper holds one, and the other names keep the original module
         _set_submodule(model, owner, copy.deepcopy(model.get_submodule(owner)))
-        untied.append(f"{owner} (was the same module as {', '.join(others)})")
+        untied.append(f"{owner} (was the same module as {', '.join(others)}, which keep the original: a forward "
+                      "that reads the module under those names — T5's encoder and decoder read embed_tokens — does "
+                      "not use the trained copy; name those in modules_to_save to train what they read)")
     for sub, leaf, full, others in list(_shared_params(model, owners)):
         p = getattr(sub, leaf)
         setattr(sub, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))

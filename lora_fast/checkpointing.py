@@ -158,26 +158,26 @@ def _add_input_grads(model: nn.Module) -> None:
     if getattr(model, ADDED, False):
         return
     setattr(model, ADDED, True)
-    for root in _outermost_transformers_models(model):  # the model itself, or each backbone in a user's wrapper
-        if root.__dict__.get("_require_grads_hook") is not None or root.__dict__.get("_require_grads_hooks"):
-            continue
-        handles = _input_grad_hooks(root)
-        if handles:  # where transformers keeps its own hooks: disable_input_require_grads() removes them
-            root._require_grads_hooks = handles
-            root._require_grads_hook = _AllHandles(handles)
+    if model.__dict__.get("_require_grads_hook") is not None or model.__dict__.get("_require_grads_hooks"):
+        return
+    handles = _input_grad_hooks(model)
+    if handles:  # where transformers keeps its own hooks: disable_input_require_grads() removes them
+        model._require_grads_hooks = handles
+        model._require_grads_hook = _AllHandles(handles)
 
 
-def _outermost_transformers_models(model: nn.Module) -> list[nn.Module]:
-    """``model`` if it is a transformers model, else the transformers models inside it that no other one holds."""
+def _adapted_transformers_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers models inside ``model`` (not itself one) that hold a LoRA layer: the backbones of
+    a user's wrapper that train (a frozen teacher or conditioning encoder beside them is left alone)."""
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel):
-        return [model]
+    from lora_fast.layer import LinearWithLoRA
+
     found: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, PreTrainedModel) and not any(any(x is m for x in o.modules()) for o in found):
             found.append(m)
-    return found
+    return [m for m in found if any(isinstance(x, LinearWithLoRA) for x in m.modules())]
 
 
 def _input_grads_when_checkpointing(model: nn.Module, args) -> None:
@@ -201,8 +201,11 @@ def watch_checkpointing(model: nn.Module) -> None:
         from transformers import PreTrainedModel
     except ImportError:  # no transformers: no transformers checkpointing switch to watch
         return
-    inner = [m for m in model.modules() if isinstance(m, PreTrainedModel)]  # itself, or inside a user's wrapper
-    if not inner or any(getattr(m, a, False) for m in inner for a in QUANTISED_FLAGS):
+    if not isinstance(model, PreTrainedModel):  # a user's module: each adapted backbone inside, with its own switch
+        for backbone in _adapted_transformers_models(model):
+            watch_checkpointing(backbone)
+        return
+    if any(getattr(model, a, False) for a in QUANTISED_FLAGS):
         return
     holder = _switch_holder(model)
     if holder is None:

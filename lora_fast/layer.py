@@ -350,8 +350,10 @@ class LinearWithLoRA(nn.Module):
     def merged_weight(self, safe_merge: bool = False) -> torch.Tensor:
         """W₀ + ΔW as ``merge_weights`` would store it (a new tensor; W₀ is not touched). ``safe_merge``: raise
         ``ValueError`` if it has inf/NaN entries — what ``merge_lora(safe_merge=True)`` checks on every layer before
-        merging any."""
+        merging any. On a merged layer: a copy of the weight, which already holds ΔW."""
         w = self.linear.weight
+        if self.merged:
+            return w.detach().clone()
         delta = lora_delta_weight(self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.fan_in_fan_out,
                                   dtype=w.dtype)  # fp32, or fp64 for a fp64 base
         merged = (w.to(delta.dtype) + delta.to(w.device)).to(w.dtype)

@@ -23,7 +23,7 @@ import lora_fast
 from lora_fast import adapter_files
 from lora_fast.adapter import AdapterLoadResult, load_adapter, save_adapter
 from lora_fast.inject import apply_lora, lora_layers
-from tests.utils import assert_rel_close, MISSING
+from tests.utils import assert_rel_close, MISSING, transformers_major
 
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 transformers = pytest.importorskip("transformers", reason=MISSING["transformers"])
@@ -1136,8 +1136,10 @@ def test_a_modules_to_save_module_shared_under_other_names_gets_a_copy_as_in_pef
     saved adapter computes in PEFT what it computed here."""
     _t5().save_pretrained(tmp_path / "base")
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base")
-    with pytest.warns(UserWarning, match=r"modules_to_save shared.* now have their own weights"):
+    with pytest.warns(UserWarning, match=r"modules_to_save shared.* now have their own weights") as caught:
         apply_lora(model, ["q", "v"], rank=4, alpha=8, modules_to_save=["shared"])
+    if transformers_major() < 5:  # one module under three names: the warning says what the forward reads
+        assert any("T5's encoder and decoder read embed_tokens" in str(w.message) for w in caught)
     _randomise_lora(model)
     assert model.shared is not model.encoder.embed_tokens
     assert model.shared.weight is not model.encoder.embed_tokens.weight
@@ -1186,6 +1188,12 @@ def test_an_adapter_without_a_task_type_names_its_class_for_auto_peft_model_and_
     assert saved["task_type"] is None
     assert saved["auto_mapping"] == {"base_model_class": "ViTForImageClassification",
                                      "parent_library": type(model).__module__}
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_like = copy.copy(model)  # fully_shard swaps in a generated subclass FSDP<Name> (defined in torch)
+    sharded_like.__class__ = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)), {})
+    save_adapter(sharded_like, tmp_path / "fsdp")
+    assert json.loads((tmp_path / "fsdp" / "adapter_config.json").read_text())["auto_mapping"] == saved["auto_mapping"]
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         ref = model(pixel_values=pixels).logits

@@ -165,6 +165,22 @@ def test_two_processes_writing_one_csv_keep_every_row(tmp_path):
         (b, utils.config_json({"i": i})) for b in ("layer", "gpt2") for i in range(60))
 
 
+def test_a_directory_that_cannot_be_locked_still_gets_its_rows_with_a_warning(tmp_path, monkeypatch):
+    """NFS refuses flock on a directory opened read-only (EBADF), some mounts have no locks (ENOLCK): the CSV is
+    written anyway, with a warning that says two writers at once are not safe there."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / "results.csv"
+    with pytest.warns(UserWarning, match="cannot lock its directory .*No locks available"):
+        assert utils.upsert_csv(path, [row()]) == 1
+    assert csv_rows(path) == [row()]
+
+
 def test_config_json_is_independent_of_key_order(tmp_path):
     """Configs built in another key order are the same configuration: a rerun replaces its rows."""
     a, b = {"M": 64, "r": 16, "dtype": "bf16"}, {"dtype": "bf16", "r": 16, "M": 64}

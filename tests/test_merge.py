@@ -181,6 +181,8 @@ def test_safe_merge_refuses_non_finite_weights_untouched():
     with pytest.warns(UserWarning, match="lm_head .* is now a copy of its own"):
         merge_lora(model)  # without safe_merge the non-finite weight is merged, as PEFT does
     assert not torch.isfinite(lora_layers(model)[bad].linear.weight).all()
+    good = lora_layers(model)["transformer.h.0.attn.c_attn"]  # a merged layer's merged_weight: its weight, as is
+    torch.testing.assert_close(good.merged_weight(), good.linear.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
