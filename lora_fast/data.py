@@ -24,6 +24,7 @@ stops earlier, ~9k tokens for the default one), and ``<|endoftext|>`` is id 0, u
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -151,9 +152,14 @@ def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
     if ext in JSON_EXTS:
         docs = _json_docs(path, text_column)
     elif ext in CSV_EXTS:
-        rows = [r for _, r in read_csv(path)]
-        col = _pick_column(rows[0].keys(), text_column, str(path)) if rows else None
-        docs = [r[col] or "" for r in rows]
+        rows = read_csv(path)
+        col = _pick_column(rows[0][1].keys(), text_column, str(path)) if rows else None
+        short = [ln for ln, r in rows if r[col] is None]  # a broken line: fewer fields than the header
+        if short:
+            raise ConfigError(f"{path}: the row on line {short[0]} has no {col!r} field (fewer fields than the "
+                              f"header {', '.join(rows[0][1])})"
+                              + (f"; {len(short) - 1} more such row(s)" if len(short) > 1 else ""))
+        docs = [r[col] for _, r in rows]
     else:
         if text_column:  # a plain-text file has no columns: the option would be ignored silently
             raise ConfigError(f"--text_column {text_column!r} is for JSON lines and CSV files; {path} is plain text "
@@ -217,6 +223,22 @@ def _pick_validation(docs: list[str], val_fraction: float, seed: int) -> tuple[l
     return val, (j, *_cut(docs[j], (target - chars) / len(docs[j])))
 
 
+@contextlib.contextmanager
+def _datasets_offline(on: bool):
+    """datasets' and huggingface_hub's offline switches for a block (read at their import, so the environment
+    variable alone would come too late): ``load_dataset`` then takes the cached copy without asking the hub."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if on:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list[str] | None]:
     from lora_fast.train_model import hub_reachable
 
@@ -225,13 +247,16 @@ def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list
     except ImportError:
         raise ConfigError(f"dataset {name!r} is not a local file, and the `datasets` package is not installed") \
             from None
-    if not hub_reachable():
-        raise ConfigError(f"dataset {name!r} is not a local file and the Hugging Face hub is not reachable "
-                          "(offline); pass a local file with --dataset")
+    online = hub_reachable()
     path, _, config = name.partition(":")  # "wikitext:wikitext-2-raw-v1": a dataset and its configuration
     try:
-        ds = datasets.load_dataset(path, config or None)
+        with _datasets_offline(not online):  # offline: the copy in datasets' cache (downloaded on a login node)
+            ds = datasets.load_dataset(path, config or None)
     except Exception as e:  # noqa: BLE001  (datasets raises many types; the message says what went wrong)
+        if not online:
+            raise ConfigError(f"dataset {name!r} is not a local file, the Hugging Face hub is not reachable "
+                              f"(offline) and datasets' cache has no copy ({str(e).splitlines()[0]}); pass a local "
+                              "file with --dataset") from None
         raise ConfigError(f"could not load dataset {name!r}: {str(e).splitlines()[0]}") from None
     if "train" not in ds:
         raise ConfigError(f"dataset {name!r} has no 'train' split (splits: {list(ds)})")

@@ -151,6 +151,55 @@ def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path, ext, row):
         load_classification(str(root))
 
 
+def test_a_csv_row_short_of_the_text_field_is_an_error_naming_its_line(tmp_path):
+    """A broken line (fewer fields than the header) used to vanish from the data silently; a row whose text is
+    present but blank is an empty document, skipped as before."""
+    from lora_fast.data import read_text_file
+
+    path = tmp_path / "short.csv"
+    path.write_text('id,text\n1,hello there world\n2\n3,"  "\n4,second doc here\n')
+    with pytest.raises(ConfigError, match=r"short.csv: the row on line 3 has no 'text' field \(fewer fields than "
+                       r"the header id, text\)"):
+        read_text_file(path)
+    path.write_text('id,text\n1,hello there world\n3,"  "\n4,second doc here\n')
+    assert read_text_file(path) == ["hello there world", "second doc here"]
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_hub_dataset_is_taken_from_datasets_cache_when_the_hub_is_unreachable(monkeypatch, cached):
+    """Offline (HF_HUB_OFFLINE=1 on a compute node, say) a hub name was refused before datasets was asked: now
+    load_dataset runs in datasets' offline mode, which takes the cached copy; without one, the error says the hub
+    is unreachable and the cache has none. (load_dataset is a stand-in here: no hub, no cache on this machine.)"""
+    import datasets
+    from huggingface_hub import constants
+
+    from lora_fast import train_model
+    from lora_fast.data import load_texts
+
+    calls = []
+
+    def fake_load(path, config=None):
+        calls.append((path, config, datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        if not cached:
+            raise FileNotFoundError(f"Dataset {path} is not cached in /somewhere")
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+            {"text": [f"document {i} " * 5 for i in range(20)]})})
+
+    monkeypatch.setattr(train_model, "hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    offline_before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if cached:
+        train, val, _ = load_texts("someone/corpus:cfg", val_fraction=0.1, seed=0)
+        assert len(train) + len(val) == 20
+    else:
+        with pytest.raises(ConfigError, match=r"'someone/corpus:cfg' is not a local file, the Hugging Face hub is "
+                           r"not reachable \(offline\) and datasets' cache has no copy \(Dataset someone/corpus is "
+                           r"not cached"):
+            load_texts("someone/corpus:cfg")
+    assert calls == [("someone/corpus", "cfg", True, True)]  # asked in offline mode
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == offline_before  # and put back
+
+
 def test_hub_validation_split_without_the_text_column_falls_back_to_a_split_of_train(monkeypatch):
     """A hub dataset whose validation split lacks the text column (other columns there) raised datasets' own
     ValueError, a traceback: now a warning names the split and validation is split off train."""
