@@ -23,7 +23,6 @@ exit 2), naming its line in the CSV.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import re
@@ -35,6 +34,7 @@ from benchmarks import utils
 from benchmarks.bench_layer import ALL_PROVIDERS as PROVIDERS
 from benchmarks.bench_layer import LAYERS
 from benchmarks.bench_layer import MODES as LAYER_MODES
+from lora_fast.plots import save_png
 from lora_fast.train_io import write_atomic
 
 GPT2_PROVIDERS = ("lora_fast", *utils.VARIANT_PROVIDERS, "peft", *utils.PATCHED_PROVIDERS, "reference")
@@ -303,10 +303,8 @@ def fit_width(fig, texts) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
-    """PNG bytes rendered in memory, then written atomically: a failed render (a full disk) keeps the old plot."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(path, buf.getvalue())
+    """The plot as PNG, atomically (``lora_fast.plots.save_png``); the layout is fitted already (``fit_width``)."""
+    save_png(fig, path, dpi=110, tight=False)
 
 
 def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[str]:

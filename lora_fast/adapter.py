@@ -75,6 +75,7 @@ from lora_fast.inject import (
     _set_submodule,
     lora_layers,
     multihead_out_projs,
+    names_by_id,
     parameter_names,
     prepare_for_checkpointing,
     untie_embeddings_in_config,
@@ -310,9 +311,7 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
 
 def _module_aliases(model: nn.Module, owners) -> list[tuple[str, list[str]]]:
     """(owner, its other names) for each ``owners`` module that is also reachable under names outside it."""
-    names: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(name)
+    names = names_by_id(model.named_modules(remove_duplicate=False))
     out = []
     for owner in owners:
         others = [n for n in names.get(id(model.get_submodule(owner)), [])

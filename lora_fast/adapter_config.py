@@ -106,14 +106,17 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _model_class(model: nn.Module) -> type:
-    """The model's own class: FSDP2's ``fully_shard`` swaps in a generated subclass (``FSDP<Name>``, defined in
-    torch), which no loader can import."""
+def _auto_mapping(model: nn.Module) -> dict:
+    """PEFT's ``auto_mapping``: the model's own class and its module. FSDP2's ``fully_shard`` swaps in a generated
+    subclass (``FSDP<Name>``, defined in torch), which no loader can import: the class under it is named."""
+    cls = type(model)
     try:
         from torch.distributed.fsdp import FSDPModule
+
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
     except ImportError:  # pragma: no cover  (torch without distributed)
-        return type(model)
-    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        pass
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
 def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, task_type) -> dict:
@@ -152,8 +155,7 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
         "inference_mode": True,
         "use_dora": False,  # no "lora_bias" (False, PEFT's default): PEFT < 0.14's LoraConfig refuses that key
         # without a task type, PEFT's AutoPeftModel finds the base model's class here (PEFT writes it then too)
-        "auto_mapping": None if task_type else {"base_model_class": _model_class(model).__name__,
-                                                "parent_library": _model_class(model).__module__},
+        "auto_mapping": None if task_type else _auto_mapping(model),
     }
 
 

@@ -173,11 +173,11 @@ def _adapted_transformers_models(model: nn.Module) -> list[nn.Module]:
 
     from lora_fast.layer import LinearWithLoRA
 
-    found: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, PreTrainedModel) and not any(any(x is m for x in o.modules()) for o in found):
-            found.append(m)
-    return [m for m in found if any(isinstance(x, LinearWithLoRA) for x in m.modules())]
+    found: dict[str, nn.Module] = {}  # pre-order: an outer model comes before the ones inside it
+    for name, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(name.startswith(f"{o}.") for o in found):
+            found[name] = m
+    return [m for m in found.values() if any(isinstance(x, LinearWithLoRA) for x in m.modules())]
 
 
 def _input_grads_when_checkpointing(model: nn.Module, args) -> None:

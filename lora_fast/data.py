@@ -225,18 +225,20 @@ def _pick_validation(docs: list[str], val_fraction: float, seed: int) -> tuple[l
 
 @contextlib.contextmanager
 def _datasets_offline(on: bool):
-    """datasets' and huggingface_hub's offline switches for a block (read at their import, so the environment
-    variable alone would come too late): ``load_dataset`` then takes the cached copy without asking the hub."""
+    """datasets' offline switch for a block (read at its import, so the environment variable alone would come too
+    late), with huggingface_hub's (``train_model._offline``): ``load_dataset`` then takes the cached copy without
+    asking the hub."""
     import datasets
-    from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    if on:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    from lora_fast.train_model import _offline
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or on
     try:
-        yield
+        with _offline(on):
+            yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list[str] | None]:

@@ -434,12 +434,17 @@ def _check_no_clash(extras: list[str], lora_names: list[str], whose: str = "") -
                          "adapter (PEFT could not load it); leave it out of target_modules or of modules_to_save")
 
 
+def names_by_id(named) -> dict[int, list[str]]:
+    """{id(object): every name it has} from ``(name, object)`` pairs, e.g. ``named_modules(remove_duplicate=False)``."""
+    names_of: dict[int, list[str]] = {}
+    for name, obj in named:
+        names_of.setdefault(id(obj), []).append(name)
+    return names_of
+
+
 def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     """{id(parameter): every name it has in ``model``}: tied parameters have several."""
-    names_of: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(pname)
-    return names_of
+    return names_by_id(model.named_parameters(remove_duplicate=False))
 
 
 def untied_embeddings(model: nn.Module):

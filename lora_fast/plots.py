@@ -17,9 +17,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
+    """The figure as PNG bytes rendered in memory, then written atomically: a failed render (a full disk) keeps the
+    previous file whole. ``tight``: crop to the drawn content (``bbox_inches="tight"``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     write_atomic(path, buf.getvalue())
 
 
@@ -38,7 +40,7 @@ def loss_curve(path: Path, train_loss: list[float], eval_steps: list[int], eval_
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -56,5 +58,5 @@ def sweep_plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("final eval loss")
     ax.set_title("LoRA sweep (o: named target modules, s: all-linear)")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)

@@ -225,7 +225,7 @@ def test_a_one_step_loss_curve_draws_its_point(tmp_path, monkeypatch):
     from lora_fast import plots
 
     figs = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figs.append(fig))
     plots.loss_curve(tmp_path / "a.png", [3.2], [], [])
     plots.loss_curve(tmp_path / "b.png", [3.2, 3.1, 3.0], [2], [3.05])
     one, many = (fig.axes[0].lines[0] for fig in figs)
