@@ -177,8 +177,10 @@ def _fwd_tile(
     # and 520–560 B of spill per thread at 8 warps; benchmarks/compile_check.py --autotune). s < 1 goes on xa, s ≥ 1
     # on B, so that neither rounding leaves the range the old code's (xa and B rounded, s applied in fp32) used: a
     # young adapter's s·B with s < 1 falls into fp16's subnormals (4× torch's error, a review measured), and s·xa
-    # with s > 1 overflows fp16 for outlier activations where xa itself does not (inf where torch is finite)
-    xa_scale, b_scale = tl.minimum(scaling, 1.0), tl.maximum(scaling, 1.0)  # product s, for any s (0 included)
+    # with s > 1 overflows fp16 for outlier activations where xa itself does not (inf where torch is finite).
+    # Negative s likewise: |s| ≤ 1 all on xa, else its sign on xa and |s| on B (s/|s| = ±1 exactly); product s
+    b_scale = tl.maximum(tl.abs(scaling), 1.0)
+    xa_scale = scaling / b_scale  # s itself for |s| ≤ 1 (0 included), ±1 otherwise
     b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (R, BN) = Bᵀ tile
     acc = lora_dot((xa_acc * xa_scale).to(dtype), (b * b_scale).to(dtype), acc, INPUT_PRECISION)
     if HAS_BIAS:

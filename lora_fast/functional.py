@@ -303,7 +303,7 @@ def lora_linear(
             if backend == "triton":  # as eager: "triton" never falls back without a word
                 raise RuntimeError("backend='triton' cannot run this case: a torch.func transform or forward-mode AD"
                                    " is active (the fused kernels support neither)")
-            _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
+            _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
             return _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training,
                                    fan_in_fan_out, "reference")
         from lora_fast.ops import lora_linear_op
@@ -311,7 +311,7 @@ def lora_linear(
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out,
                               backend=backend)
     backend = resolve_backend(backend)
-    _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out)
+    _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
 
     if backend != "reference":
         reason = triton_unsupported_reason(x, weight, lora_A, bias, lora_B, dropout_p if training else 0.0)
@@ -346,16 +346,27 @@ def check_dropout_p(dropout_p) -> None:
 
 def check_float_scaling(scaling) -> None:
     """Where ``scaling`` is taken as a float (the fused path, the torch.library op), a tensor requiring grad would
-    lose its gradient without a word: refused."""
-    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
-        raise ValueError("scaling is a tensor that requires grad: the fused path and the compiled op take it as a "
-                         "float and would drop its gradient; pass a float, or call lora_linear with "
-                         "backend='reference' (eager) to train the scaling")
+    lose its gradient without a word: refused. A NaN or infinite scaling is refused too: the kernels split s into
+    two finite factors (``lora_fwd._fwd_tile``), which a NaN would silently turn into s = 1 in the forward and an
+    inf into NaN where the padded rank columns meet it (0·inf). A tensor is read only in eager mode (one host
+    sync, the same ``float(scaling)`` the fused path then takes), not under torch.compile."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.requires_grad:
+            raise ValueError("scaling is a tensor that requires grad: the fused path and the compiled op take it as "
+                             "a float and would drop its gradient; pass a float, or call lora_linear with "
+                             "backend='reference' (eager) to train the scaling")
+        if torch.compiler.is_compiling():
+            return
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be a finite number, got {float(scaling)}")
 
 
-def _check_call(x, weight, bias, lora_A, lora_B, dropout_p, seed, fan_in_fan_out) -> None:
+def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out) -> None:
     """Refuse what no path computes right: ``dropout_p`` not a number in [0, 1), a seed out of range, shapes that
-    do not fit. (A ``scaling`` tensor requiring grad is refused where the fused path is taken: ``lora_linear``.)"""
+    do not fit, a NaN or infinite ``scaling`` number (every path alike; a tensor is read where the fused path takes
+    it as a float, ``check_float_scaling``, as a tensor requiring grad is refused there: ``lora_linear``)."""
+    if not isinstance(scaling, torch.Tensor) and not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling}")
     check_dropout_p(dropout_p)
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)

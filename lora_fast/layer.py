@@ -49,6 +49,13 @@ def calls_more_than_forward(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
 
 
+def plain_dropout(module: nn.Module) -> bool:
+    """Whether calling the adapter's dropout module is ``F.dropout(x, p, training)``: an ``nn.Dropout`` (its class's
+    forward) with no hooks — what the fused path's regenerated mask computes. A user's hook on it, or another
+    module put in its place, makes the layer call the module itself (``LoRALayer.forward``), as PEFT does."""
+    return type(module).forward is nn.Dropout.forward and not calls_more_than_forward(module)
+
+
 def fusable_base(base: nn.Module) -> bool:
     """Whether the fused ``lora_linear`` computes exactly what calling ``base`` computes: a plain nn.Linear /
     Conv1D forward (a subclass that overrides it, e.g. a QAT Linear that fake-quantises its weight, does not
@@ -165,8 +172,12 @@ class LoRALayer(nn.Module):
         if not x.is_floating_point():  # A and B cast to an integer dtype would truncate to a wrong answer
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
         x_l, a, b = lora_operands(x, self.lora_A, self.lora_B)  # the reference's dtype rule (fp32 for fp16 x)
-        p, active = self.dropout_args()
-        out = self.scaling * F.linear(F.linear(F.dropout(x_l, p, active), a), b)  # (..., N)
+        if plain_dropout(self.lora_dropout):
+            p, active = self.dropout_args()
+            dropped = F.dropout(x_l, p, active)  # not the module: its inplace flag would overwrite x_l, maybe x
+        else:  # hooks, or a module put in its place: called, as PEFT calls it
+            dropped = self.lora_dropout(x_l)
+        out = self.scaling * F.linear(F.linear(dropped, a), b)  # (..., N)
         return out if x_l.dtype == x.dtype or not cast_back else out.to(x.dtype)  # fp32 term for fp16 x: back
 
     def delta_weight(self) -> torch.Tensor:
@@ -328,8 +339,10 @@ class LinearWithLoRA(nn.Module):
 
     def fusable(self) -> bool:
         """Whether ``lora_linear`` on the base's tensors computes what calling the base and the adapter computes
-        (``fusable_base``, and no hooks on the adapter); otherwise forward runs ``linear(x) + lora(x)``."""
-        return fusable_base(self.linear) and not calls_more_than_forward(self.lora)
+        (``fusable_base``, and no hooks on the adapter nor on its dropout module, ``plain_dropout``); otherwise
+        forward runs ``linear(x) + lora(x)``."""
+        return (fusable_base(self.linear) and not calls_more_than_forward(self.lora)
+                and plain_dropout(self.lora.lora_dropout))
 
     @torch.no_grad()
     def merge_weights(self, safe_merge: bool = False) -> None:

@@ -191,12 +191,14 @@ def test_fp16_backward_scales_before_rounding(bwd_variant):
         assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
 
 
-@pytest.mark.parametrize("s, b_scale, x_scale", [(0.125, 1e-4, 1.0), (1 / 32, 1e-5, 1.0), (16.0, 1e-3, 3000.0)])
+@pytest.mark.parametrize("s, b_scale, x_scale", [(0.125, 1e-4, 1.0), (1 / 32, 1e-5, 1.0), (16.0, 1e-3, 3000.0),
+                                                  (-0.125, 1e-4, 1.0), (-16.0, 1e-3, 3000.0)])
 def test_fp16_forward_scaling_rounds_in_range(s, b_scale, x_scale):
-    """fp16, where folding s into one operand of the up-projection before its rounding leaves fp16's range: s < 1
-    with a young adapter (|B| ~ 1e-4 to 1e-5: s·B in the subnormals) and s = 16 with outlier activations (|xa| ~ 1e4:
-    s·xa over 65504, though y is ~1e3). The kernels put s < 1 on xa and s ≥ 1 on B. W₀ = 0, so y is the LoRA term
-    alone; every forward variant is finite and within twice the error of torch's own fp16 LoRA term."""
+    """fp16, where folding s into one operand of the up-projection before its rounding leaves fp16's range: |s| < 1
+    with a young adapter (|B| ~ 1e-4 to 1e-5: s·B in the subnormals) and |s| = 16 with outlier activations (|xa| ~
+    1e4: s·xa over 65504, though y is ~1e3). The kernels put |s| ≤ 1 on xa and |s| > 1 on B, the sign on xa (a
+    negative s, e.g. an adapter subtracted, once went whole onto xa). W₀ = 0, so y is the LoRA term alone; every
+    forward variant is finite and within twice the error of torch's own fp16 LoRA term."""
     M, K, N, r = 64, 48, 40, 16
     x = (torch.randn(M, K, device=DEVICE) * x_scale).half()
     w = torch.zeros(N, K, device=DEVICE).half()

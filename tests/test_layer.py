@@ -456,6 +456,33 @@ def _dropout_modules_off(model):  # TRL's disable_dropout_in_model (trl.trainer.
             module.p = 0
 
 
+def test_hooks_on_the_dropout_module_run_and_a_replaced_module_is_called():
+    """A hook on ``lora.lora_dropout`` (or another module put in its place) runs, as PEFT calls its dropout module:
+    the layer leaves the fused path for base(x) + the term with the module called. It used to be skipped on every
+    path (the fused path regenerates the mask; the adapter's own forward called F.dropout)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12)
+    layer = LinearWithLoRA(nn.Linear(12, 6), rank=3, dropout=0.25)
+    nn.init.normal_(layer.lora.lora_B)
+    base = layer.linear(x)
+    calls = []
+    handle = layer.lora.lora_dropout.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0)
+    assert layer.fusable() is False
+    assert torch.equal(layer(x), base)  # the hook zeroed the adapter's input: the term is 0
+    assert calls == [1]
+    handle.remove()
+    assert layer.fusable() is True
+
+    class Halve(nn.Dropout):  # a user's dropout variant with its own forward
+        def forward(self, inp):
+            return inp * 0.5
+
+    layer.lora.lora_dropout = Halve(0.25)
+    expected = base + 0.5 * layer.lora.scaling * x @ layer.lora.lora_A.t() @ layer.lora.lora_B.t()
+    assert layer.fusable() is False
+    assert_rel_close(layer(x), expected.double(), 1e-6, "replaced dropout module")
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 def test_lora_dropout_is_a_module_that_decides(hooked):
     """The LoRA dropout is an ``nn.Dropout`` (``lora.lora_dropout``, as PEFT's), so what finds dropout by module

@@ -394,6 +394,25 @@ def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
         lora_linear(x, w, b.double(), a, bb, 1.0, backend="auto")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scaling_is_refused_on_every_path(bad):
+    """A NaN or infinite scaling: the kernels split s into two finite factors, so a NaN forward silently computed
+    s = 1 (and NaN gradients) and an inf gave NaN everywhere (0·inf in the padded rank) where the reference gives
+    NaN/inf — a ValueError by name on every path instead, for a number and (where taken as a float) a tensor."""
+    from lora_fast.ops import lora_linear_op
+
+    w, _, a, bb = _params(16, 12, 2)
+    x = torch.randn(5, 16, device=DEVICE)
+    calls = [lambda s, b=b: lora_linear(x, w, None, a, bb, s, backend=b) for b in ("reference", "auto", "triton")]
+    calls.append(lambda s: lora_linear_op(x, w, None, a, bb, s))
+    for call in calls:
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            call(bad)
+    for call in calls[2:]:  # a tensor: read where the fused path and the op take it as a float
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            call(torch.tensor(bad, device=DEVICE))
+
+
 def test_arguments_no_path_computes_right_are_refused_by_name():
     """A ``scaling`` tensor requiring grad: the reference differentiates it, the fused path and the compiled op
     take it as a float and used to drop its gradient without a word — refused there, by name. A tensor
