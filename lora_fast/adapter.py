@@ -73,6 +73,8 @@ from lora_fast.inject import (
     SEQ_CLS_HEAD_NAMES,  # noqa: F401 (re-exported)
     TASK_HEAD_NAMES,
     _set_submodule,
+    check_trainable_before_wrap,
+    distributed_wrapper,
     lora_layers,
     multihead_out_projs,
     names_by_id,
@@ -429,6 +431,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
             "(huggingface_hub.snapshot_download(repo_id) returns the directory)" if hub else ""))
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: expected an nn.Module, got {type(model).__name__}")
+    wrapper = distributed_wrapper(model) if is_trainable else None  # DDP is outside the unwrapped model
     model = unwrap_model(model)  # torch.compile / DDP wrappers: loaded into the model they wrap
     if hasattr(model, "peft_config"):
         raise TypeError("load_adapter: this model carries PEFT's adapter (peft_config: a PeftModel, or the model "
@@ -436,7 +439,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
                         "model without them (a fresh base model, or PEFT's unload())")
     check_no_fsdp1(model, "load_adapter")
     with plain_module_names(model) as compiled:  # the file's keys are the plain model's names
-        result = _load_adapter(model, directory, strict, backend, is_trainable, compiled)
+        result = _load_adapter(model, directory, strict, backend, is_trainable, compiled, wrapper)
     if not is_trainable:
         model.eval()  # again, now with the wrappers back in the tree (they were out when _load_adapter set it)
     return result
@@ -474,7 +477,7 @@ def _diff(a, b) -> list[str]:
 
 
 def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
-                  compiled: set[int]) -> AdapterLoadResult:
+                  compiled: set[int], wrapper: str | None) -> AdapterLoadResult:
     cfg, state, source, second = _read_adapter(directory)
     _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
     cfg = _with_task_heads(cfg)
@@ -579,6 +582,11 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
             except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
                 raise type(e)(f"load_adapter: {name}: {e}") from e
             new_layers[name] = layer.train(base.training)  # an eval model stays in eval mode
+    if is_trainable:
+        to_train = [p for n in lora_names if n in existing for p in existing[n].lora.parameters()]
+        to_train += [p for e in extras for p in model.get_submodule(e).parameters()]
+        check_trainable_before_wrap(wrapper, "load_adapter", len(new_layers),
+                                    sum(not p.requires_grad for p in to_train))
     for name, (_, _, _r, alpha) in plan.items():
         if name in existing:
             if not any(f"{PREFIX}{name}.lora_{ab}.weight" in state for ab in "AB"):

@@ -319,6 +319,8 @@ def apply_lora(
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, str):
         modules_to_save = list(modules_to_save)  # read twice below (a generator would be empty the second time)
+    if isinstance(target_modules, Iterable) and not isinstance(target_modules, str):
+        target_modules = list(target_modules)  # matched, then recorded in lora_fast_config: an iterator is read once
     names = find_target_modules(model, target_modules, modules_to_save)
     existing = [n for n in lora_layers(model) if n not in names]  # wrapped by an earlier call, not targeted now
     extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
@@ -348,6 +350,10 @@ def apply_lora(
         except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
             raise type(e)(f"apply_lora: {name}: {e}") from e
         new[name] = wrapped.train(module.training)  # an eval model stays in eval (no dropout)
+    to_train = [p for m in lora_layers(model).values() for p in m.lora.parameters()]
+    to_train += [p for e in extras for p in model.get_submodule(e).parameters()]
+    check_trainable_before_wrap(distributed_wrapper(model), "apply_lora", len(new),
+                                sum(not p.requires_grad for p in to_train))
     _warn_tied(model, new)
     for name, wrapped in new.items():
         _set_submodule(model, name, wrapped)
@@ -583,6 +589,35 @@ def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, tar
 def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     """Every ``LinearWithLoRA`` in the model, by full name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def distributed_wrapper(model: nn.Module) -> str | None:
+    """The kind of data-parallel wrapper around or inside ``model`` whose set of synchronised parameters was fixed
+    when it was built (``DistributedDataParallel``'s reducer, ``fully_shard``'s parameter groups), None without
+    one. LoRA parameters added or unfrozen after that would train on each rank apart, without a word."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        FSDPModule = ()  # noqa: N806  (isinstance against an empty tuple: never)
+    for module in model.modules():
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            return "DistributedDataParallel"
+        if isinstance(module, FSDPModule):
+            return "FSDP2 (fully_shard)"
+    return None
+
+
+def check_trainable_before_wrap(wrapper: str | None, who: str, new: int, frozen: int) -> None:
+    """Refuse to add ``new`` LoRA layers or make ``frozen`` parameters trainable under ``wrapper``
+    (``distributed_wrapper``): DDP would never all-reduce their gradients (each rank would train its own adapter)
+    and fully_shard would not shard them."""
+    if wrapper is None or not (new or frozen):
+        return
+    what = " and ".join(part for part in (f"{new} new LoRA layer(s)" if new else "",
+                                          f"{frozen} frozen parameter(s) made trainable" if frozen else "") if part)
+    raise ValueError(f"{who}: the model is already wrapped in {wrapper}, which fixed the parameters it synchronises "
+                     f"when it was built; {what} would train separately on each rank. Add the adapter first, then "
+                     "wrap the model (DistributedDataParallel(model) / fully_shard), as lora_fast.train does")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

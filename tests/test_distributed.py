@@ -367,6 +367,44 @@ def test_save_adapter_gathers_dtensor_params(one_rank_group, tmp_path):
     assert cfg(tmp_path / "sharded") == cfg(tmp_path / "plain")
 
 
+def test_adapter_added_under_ddp_or_fully_shard_is_refused(one_rank_group, tmp_path):
+    """DDP fixes the parameters it all-reduces, and fully_shard those it shards, when they are built: LoRA layers
+    added afterwards (apply_lora, or a trainable load_adapter, on the wrapped model) trained on each rank apart
+    without a word (a reviewer saw the ranks' adapters drift apart with 2 gloo ranks). Refused by name, the model
+    untouched; what adds nothing trainable (re-applying the same adapter, an inference load) still works."""
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_fast import apply_lora, load_adapter, lora_layers
+    from lora_fast.adapter import save_adapter
+
+    def base():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32))
+
+    save_adapter(_tiny_lora_model(), tmp_path / "ad")
+    ddp = DistributedDataParallel(base())
+    with pytest.raises(ValueError, match=r"already wrapped in DistributedDataParallel.*2 new LoRA layer"):
+        apply_lora(ddp, ["c_attn"], rank=4, alpha=8)
+    with pytest.raises(ValueError, match=r"load_adapter: the model is already wrapped in DistributedDataParallel"):
+        load_adapter(ddp, tmp_path / "ad")
+    assert not lora_layers(ddp.module)  # untouched by either
+    load_adapter(ddp, tmp_path / "ad", is_trainable=False)  # inference: nothing to synchronise
+    assert len(lora_layers(ddp.module)) == 2
+    with pytest.raises(ValueError, match=r"4 frozen parameter\(s\) made trainable"):
+        load_adapter(ddp, tmp_path / "ad")  # the frozen layers made trainable: DDP never saw them trainable
+
+    ddp = DistributedDataParallel(_tiny_lora_model())  # the right order: the adapter first, then DDP
+    apply_lora(ddp, ["c_attn"], rank=4, alpha=8)  # nothing new
+    load_adapter(ddp, tmp_path / "ad")  # into the layers DDP synchronises
+    ddp(torch.randint(0, 128, (2, 8)))[0].sum().backward()
+
+    sharded = base()
+    D.wrap_model(sharded, D.DistContext("fsdp", 0, 1, 0, "gloo"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"already wrapped in FSDP2 \(fully_shard\)"):
+        apply_lora(sharded, ["c_attn"], rank=4, alpha=8)
+
+
 def test_save_adapter_failure_leaves_no_directory(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -784,3 +784,17 @@ def test_all_linear_and_a_tuple_of_modules_to_save_leave_out_what_peft_does():
     with pytest.warns(UserWarning, match=r"left out 1 module.*bert.pooler.dense \(as PEFT does\)"):
         ours = apply_lora(bert(), "all-linear", rank=2, modules_to_save=saved)
     assert set(lora_layers(ours)) == peft_names
+
+
+def test_target_modules_given_as_an_iterator_are_recorded():
+    """An iterator (or generator, ``map``) of names is read once: the matching used to consume it, so the model's
+    ``lora_fast_config`` recorded ``[]`` and a .bin written from it (the tutorials' format) failed to load."""
+    from lora_fast import apply_lora, lora_layers
+
+    model = tiny_gpt2()
+    apply_lora(model, iter(["c_attn", "c_fc"]), rank=2)
+    assert model.lora_fast_config["target_modules"] == ["c_attn", "c_fc"]
+    assert len(lora_layers(model)) == 4
+    model = tiny_gpt2()
+    apply_lora(model, (n for n in ["c_proj"]), rank=2)
+    assert model.lora_fast_config["target_modules"] == ["c_proj"]
