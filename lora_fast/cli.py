@@ -173,6 +173,16 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(Path(base).expanduser())
+    emb = base_model.get_input_embeddings()
+    if tokenizer is not None and emb is not None and len(tokenizer) > emb.num_embeddings:
+        # the merged model would be saved with a tokenizer producing ids its embedding table lacks (an IndexError
+        # at the first such token): a --model other than the base the adapter was trained on
+        recorded = args.get("base_model") or cfg.get("base_model_name_or_path")
+        owner = "the adapter" if (adir / "tokenizer_config.json").is_file() else base
+        raise ConfigError(f"the tokenizer saved with the merged model ({owner}'s) has {len(tokenizer)} tokens but "
+                          f"{base}'s input embeddings have {emb.num_embeddings} rows, so ids from "
+                          f"{emb.num_embeddings} on would fail in the merged model; merge into the base the adapter "
+                          "was trained on" + (f" ({recorded})" if recorded and recorded != base else ""))
     try:
         load_adapter(base_model, adir)
     except (ValueError, FileNotFoundError) as e:

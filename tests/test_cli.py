@@ -902,3 +902,27 @@ def test_merge_label_count_contradicting_the_saved_head_names_both(seq_cls_adapt
     err = capsys.readouterr().err
     assert f"training_args.json gives 2 labels but the classification head saved in {named} has 3" in err, err
     assert not out.exists()
+
+
+def test_merge_into_a_base_with_fewer_embeddings_than_the_tokenizer_is_refused(tmp_path, tiny_gpt2, capsys):
+    """``--model`` another base than the adapter's, whose embedding table is smaller than the adapter's tokenizer:
+    the merge wrote a model that raised IndexError on the tokenizer's higher ids, with exit 0. Refused, naming
+    both sizes and the recorded base, nothing written; into its own base the same adapter merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from lora_fast import apply_lora, save_adapter
+
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(tiny_gpt2), ["c_attn"], rank=2)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_model_name_or_path=str(tiny_gpt2))
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "c": 3, "d": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(adapter)  # 5 tokens
+    small = tmp_path / "small-vocab"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=3, n_positions=64)).save_pretrained(small)
+    assert cli_main(["merge", "--adapter", str(adapter), "--model", str(small), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "has 5 tokens" in err and "have 3 rows" in err and str(tiny_gpt2) in err, err
+    assert not (tmp_path / "m").exists()
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "ok")]) == 0
