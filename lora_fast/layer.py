@@ -291,6 +291,33 @@ class LinearWithLoRA(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "linear" in self.__dict__.get("_modules", {}):
+            self._set_base_tensor(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _set_base_tensor(self, name: str, value) -> None:
+        """``layer.weight = p`` (transformers' ``tie_weights`` ties a LoRA-wrapped ``lm_head`` so) sets the base's
+        tensor — what the wrapper reads through — where the adapter still fits: same shape, layer not merged. It was
+        a bare ``KeyError: "attribute 'weight' already exists"`` (PEFT's layers fail alike)."""
+        old = getattr(self.linear, name)
+        k, n = self.in_features, self.out_features
+        fits = {"weight": (k, n) if self.fan_in_fan_out else (n, k), "bias": (n,)}[name]
+        shape = None if value is None else tuple(value.shape)
+        if shape != (None if old is None else fits):  # also the same tensor resized in place (transformers 5)
+            raise ValueError(
+                f"LinearWithLoRA: the base {name} set has shape {shape}, the layer was built for "
+                f"{None if old is None else fits}: its adapter (lora_A {tuple(self.lora.lora_A.shape)}, lora_B "
+                f"{tuple(self.lora.lora_B.shape)}) does not fit it. resize_token_embeddings() with a LoRA-wrapped "
+                "lm_head: resize before apply_lora/load_adapter (or leave lm_head out of target_modules)")
+        if value is old:
+            return
+        if self.merged:
+            raise RuntimeError(f"LinearWithLoRA: cannot replace the base {name} of a merged layer (it holds W₀ + ΔW "
+                               "and unmerging subtracts ΔW from it); unmerge first (lora_fast.unmerge_lora)")
+        setattr(self.linear, name, value)
+
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias

@@ -798,3 +798,36 @@ def test_target_modules_given_as_an_iterator_are_recorded():
     model = tiny_gpt2()
     apply_lora(model, (n for n in ["c_proj"]), rank=2)
     assert model.lora_fast_config["target_modules"] == ["c_proj"]
+
+
+def test_tie_weights_reties_a_lora_wrapped_lm_head_and_a_misfit_is_named():
+    """transformers' ``tie_weights()`` sets ``lm_head.weight = wte.weight``; on a LoRA-wrapped lm_head that was a bare
+    ``KeyError: "attribute 'weight' already exists"`` (PEFT's layers too). It now sets the base's weight (the
+    adapter untouched, the logits unchanged); a weight the adapter was not built for (``resize_token_embeddings``
+    after apply_lora) and replacing a merged layer's weight are errors that say so."""
+    import warnings
+
+    from lora_fast import apply_lora
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-target warning
+        apply_lora(model, ["c_attn", "lm_head"], rank=2)
+    nn.init.normal_(model.lm_head.lora.lora_B)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.tie_weights()
+        assert model.lm_head.linear.weight is model.transformer.wte.weight
+        assert torch.equal(model(ids).logits, before)
+    head = model.lm_head
+    with pytest.raises(ValueError, match=r"shape \(120, 32\), the layer was built for \(100, 32\).*resize"):
+        head.weight = nn.Parameter(torch.zeros(120, 32))
+    with pytest.raises(ValueError, match=r"base bias set has shape \(100,\), the layer was built for None"):
+        head.bias = nn.Parameter(torch.zeros(100))
+    assert head.linear.weight is model.transformer.wte.weight and head.linear.bias is None  # untouched
+    layer = LinearWithLoRA(nn.Linear(8, 4), rank=2)
+    layer.merge_weights()
+    with pytest.raises(RuntimeError, match="merged layer"):
+        layer.weight = nn.Parameter(torch.zeros(4, 8))
