@@ -45,7 +45,8 @@ SEED_HIGH = 2**62  # drawn seeds lie in [0, 2**62); any int in [0, 2**63) is a v
 
 
 def check_seed(seed) -> None:
-    """A seed is None, an int in [0, 2**63), or a 1-element int64 tensor."""
+    """A seed is None, an int in [0, 2**63), or a 1-element int64 tensor. A tensor's value is not read (that would
+    sync its device on every call): its 64 bits are the Philox key as they are, a negative value included."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} with {seed.numel()} elements")
