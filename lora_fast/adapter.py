@@ -200,7 +200,8 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
     if tied:  # trained as one tensor: loading must keep them one (load_adapter unties unless told otherwise)
         config["ensure_weight_tying"] = True
         warnings.warn(f"save_adapter: {', '.join(tied)} are tied to parameters outside the saved modules; the "
-                      "adapter says ensure_weight_tying: true so that loading keeps the tie", stacklevel=2)
+                      "adapter says ensure_weight_tying: true and holds the partners' keys too, so that loading "
+                      "restores both", stacklevel=2)
 
     tensors = {}
     for name, layer in layers.items():
@@ -369,6 +370,19 @@ def _base_weight_keys(model: nn.Module, lora_names, owners) -> dict[str, tuple[n
     return out
 
 
+# PEFT 0.21 keeps a modules_to_save module tied (``ensure_weight_tying``) only if an entry's last segment is one of
+# these (peft.utils.constants.EMBEDDING_LAYER_NAMES, read in BaseTuner._check_tied_modules); for others (GPT-2's
+# ``wte``) it warns and leaves the partner (``lm_head``) with the base's weight
+PEFT_TIEABLE_NAMES = ("embed_tokens", "lm_head")
+
+
+def peft_keeps_tie(cfg: dict) -> bool:
+    """Whether PEFT loads ``cfg``'s modules_to_save tied to their partners: ``ensure_weight_tying`` and an entry
+    named as PEFT's embedding layers."""
+    return bool(cfg.get("ensure_weight_tying")) and any(
+        str(e).split(".")[-1] in PEFT_TIEABLE_NAMES for e in cfg.get("modules_to_save") or [])
+
+
 def _tied_outside(model: nn.Module, owners) -> list[str]:
     return [f"{full} (~ {', '.join(others)})" for _, _, full, others in _shared_params(model, owners)]
 
@@ -520,7 +534,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     expected = _lora_shapes({n: (r, in_f, out_f) for n, (in_f, out_f, r, _) in plan.items()})
     extras = ours["modules_to_save"]
     destination = {}  # key -> the tensor it is copied into (extras untied below get their own copies)
-    untie = not cfg.get("ensure_weight_tying")  # PEFT keeps tied modules_to_save tied only when asked to
+    untie = not peft_keeps_tie(cfg)  # PEFT keeps tied modules_to_save tied only when asked to, for some names
     untied = {id(getattr(sub, leaf)) for sub, leaf, _, _ in _shared_params(model, extras)} if untie else set()
     for owner in extras:
         for k, v in model.get_submodule(owner).state_dict(keep_vars=True).items():

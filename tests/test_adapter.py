@@ -883,7 +883,9 @@ def test_trained_tied_embeddings_match_peft_both_ways(arch, tmp_path):
     pm.eval().save_pretrained(tmp_path / "peft")
     fresh = copy.deepcopy(base)
     assert load_adapter(fresh, tmp_path / "peft") == AdapterLoadResult([], [])
-    assert fresh.lm_head.weight is fresh.get_submodule(emb).weight  # the tie is kept
+    # the tie is kept where PEFT keeps it: PEFT rewrote modules_to_save to the embedding, and it re-ties only an
+    # entry named embed_tokens/lm_head (Llama), not GPT-2's wte — lm_head loads its own key there, the same values
+    assert (fresh.lm_head.weight is fresh.get_submodule(emb).weight) == (arch == "tied_llama")
     assert_rel_close(_logits(fresh, ids), _logits(pm, ids), TOL, f"{arch}: lora_fast loading PEFT's tied adapter")
     # the same files: keys, and the config fields that say how the tie is handled
     assert set(_non_lora(tmp_path / "ours")) == set(_non_lora(tmp_path / "peft")) == {
@@ -893,16 +895,46 @@ def test_trained_tied_embeddings_match_peft_both_ways(arch, tmp_path):
                 == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[field]), field
 
 
+def test_ensure_weight_tying_on_a_module_peft_does_not_tie_loads_untied_as_peft(tmp_path):
+    """PEFT 0.21 honours ``ensure_weight_tying`` for a modules_to_save entry named ``embed_tokens``/``lm_head`` only;
+    for GPT-2's ``wte`` it warns and ``lm_head`` keeps the base's weight. load_adapter kept the tie for any name, so
+    the trained ``wte`` became the output head too: logits 7.3 (relative) away from PEFT's. Now as PEFT, both ways."""
+    torch.manual_seed(0)
+    base = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                            modules_to_save=["wte"], ensure_weight_tying=True,
+                                                            fan_in_fan_out=True))
+    _randomise_lora(pm)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        ours = copy.deepcopy(base)
+        load_adapter(ours, tmp_path / "peft", is_trainable=False)
+    ids = _ids()
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    assert torch.equal(ours.lm_head.weight, base.lm_head.weight)  # the head keeps the base's embeddings, as PEFT's
+    assert_rel_close(_logits(ours, ids), _logits(theirs, ids), TOL, "lora_fast loading PEFT's wte adapter")
+
+
 def test_tied_partner_key_must_agree_with_the_embedding(tmp_path):
-    """Two keys that load into one tied tensor must hold the same values: refused by name, model untouched."""
-    model = apply_lora(_gpt2(), ["c_attn"], rank=4)
-    model.transformer.wte.requires_grad_(True)
+    """Two keys that load into one tied tensor (embed_tokens with ensure_weight_tying: PEFT keeps that tie) must
+    hold the same values: refused by name, model untouched."""
+    torch.manual_seed(0)
+    model = apply_lora(_tied_llama(), ["q_proj"], rank=4)
+    model.model.embed_tokens.requires_grad_(True)
     with pytest.warns(UserWarning, match="ensure_weight_tying"):
         save_adapter(model, tmp_path)
     _edit_weights(tmp_path, lambda sd: sd["base_model.model.lm_head.weight"].add_(1.0))
-    fresh = _gpt2()
-    with pytest.raises(ValueError, match=r"lm_head\.weight and base_model\.model\.transformer\.wte\.weight load "
-                                         r"into one tied tensor"):
+    fresh = _tied_llama()
+    with pytest.raises(ValueError, match=r"lm_head\.weight and base_model\.model\.model\.embed_tokens\.weight "
+                                         r"load into one tied tensor"):
         load_adapter(fresh, tmp_path)
     assert not lora_layers(fresh)
 
