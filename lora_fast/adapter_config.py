@@ -27,6 +27,17 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "tar
 # would be added to the unmodified base. (PEFT's converted adapters, saved with path_initial_model_for_weight_
 # conversion, say init_lora_weights: true and load fine.) MiCA changes the computation itself.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+# PEFT 0.21.2's LoraConfig fields (dataclasses.fields). A field outside them that is set (not null/false/empty) is
+# one lora_fast cannot know the meaning of — a newer PEFT's variant flag, say — and is warned about, as PEFT warns
+# of keyword arguments its LoraConfig lacks
+_KNOWN_FIELDS = frozenset((
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+    "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+    "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config",
+    "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r",
+    "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters", "task_type",
+    "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config"))
 _MAX_NAMED = 20  # keys listed in an error message before "... and N more"
 
 
@@ -171,6 +182,13 @@ def _check_config(cfg: dict, where) -> None:
     if bad:
         raise ValueError(f"load_adapter: {where} uses {bad}, which lora_fast does not implement; load it with "
                          "PEFT's PeftModel.from_pretrained instead")
+    unknown = {k: v for k, v in cfg.items() if k not in _KNOWN_FIELDS and v not in (None, False, 0, "", [], {})}
+    if unknown:
+        version = f" (written by PEFT {cfg['peft_version']})" if cfg.get("peft_version") else ""
+        warnings.warn(f"load_adapter: {where}{version} sets fields lora_fast does not know, ignored: "
+                      f"{_names(f'{k}={v!r}' for k, v in unknown.items())}. If one changes what the adapter "
+                      "computes, the outputs differ from PEFT's; load it with PEFT's PeftModel.from_pretrained to "
+                      "be sure", stacklevel=4)
     _check_field_types(cfg, where)
     # PEFT's LoraConfig refuses these (a regex names its modules whole; a layer pattern needs the indices): taking
     # them would mean ignoring a field that says which modules to adapt, i.e. wrapping other modules than PEFT

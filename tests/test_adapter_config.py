@@ -122,6 +122,28 @@ def test_configs_lora_fast_cannot_honour_are_refused_before_the_model_changes(ti
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_fields_of_a_newer_peft_are_named_in_a_warning(tiny_adapter, tmp_path):
+    """A config field lora_fast does not know (a newer PEFT's variant flag) was ignored without a word; PEFT warns of
+    keyword arguments its LoraConfig lacks. Now a warning names each set one with its value and the PEFT version
+    (unset ones, null or false — a newer PEFT's defaults — say nothing); the adapter still loads."""
+    directory = tmp_path / "newer"
+    directory.mkdir()
+    for f in tiny_adapter.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    cfg.update(use_future_variant=True, future_config=None, future_flag=False, peft_version="0.99.0")
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+    model = _Tiny()
+    with pytest.warns(UserWarning, match=r"\(written by PEFT 0\.99\.0\) sets fields lora_fast does not know, "
+                                         r"ignored: use_future_variant=True\. If one changes") as caught:
+        load_adapter(model, directory)
+    assert not any("future_config" in str(w.message) or "future_flag" in str(w.message) for w in caught)
+    assert lora_layers(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lora_fast's own file: every field known
+        load_adapter(_Tiny(), tiny_adapter)
+
+
 @pytest.mark.parametrize("edit, says", [
     ({"target_modules": r".*\.proj", "layers_to_transform": [0]}, "layers_to_transform cannot be used when"),
     ({"target_modules": "all-linear", "layers_to_transform": 1}, "layers_to_transform cannot be used when"),
