@@ -522,8 +522,12 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     for name in names:
         module = existing[name] if name in existing else model.get_submodule(name)
         if not isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
-            raise ValueError(f"load_adapter: target {name!r} is a {type(module).__name__}; lora_fast supports "
-                             "nn.Linear and transformers' Conv1D (load this adapter with PEFT)")
+            cls = f"{type(module).__module__}.{type(module).__qualname__}"  # PEFT's layer is a "Linear" too
+            peft_left = type(module).__module__.startswith("peft.")
+            raise ValueError(f"load_adapter: target {name!r} is a {cls}; lora_fast supports nn.Linear and "
+                             "transformers' Conv1D" + (" — a PEFT layer left in the model (take PEFT's layers off "
+                                                      "first: PeftModel.unload())" if peft_left else
+                                                      " (load this adapter with PEFT)"))
         if name not in existing and id(module) in compiled:
             raise ValueError(f"load_adapter: target {name!r} is compiled on its own (torch.compile of that "
                              "projection), and its compiled code would keep calling the module without LoRA; load "

@@ -227,3 +227,13 @@ def test_error_messages_name_every_key_or_count_the_rest(n):
     listed, _, more = _names(keys).partition(" ... and ")
     assert listed.split(", ") == keys[:_MAX_NAMED]
     assert more == ("" if n <= _MAX_NAMED else f"{n - _MAX_NAMED} more")
+
+
+def test_a_peft_layer_left_in_the_model_is_named_as_such(tiny_adapter):
+    """PEFT's LoRA layers left in a model without its peft_config (transformers' delete_adapter leaves them): the
+    refusal said "target is a Linear; lora_fast supports nn.Linear" — now the class's full name, and what to do."""
+    model = get_peft_model(_Tiny(), LoraConfig(r=2, target_modules=["proj"])).base_model.model
+    for holder in (model, *model.modules()):
+        holder.__dict__.pop("peft_config", None)
+    with pytest.raises(ValueError, match=r"is a peft\.tuners\.lora\.layer\.Linear; .*a PEFT layer left in the model"):
+        load_adapter(model, tiny_adapter)
