@@ -847,6 +847,22 @@ def _non_lora(directory):
     return {k: v for k, v in load_file(directory / "adapter_model.safetensors").items() if "lora_" not in k}
 
 
+def _peft_trained_tied(base, directory, targets, to_save, fan_in_fan_out):
+    """A PEFT adapter with ``ensure_weight_tying``, its LoRA and whole modules "trained" (perturbed), saved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            modules_to_save=to_save, ensure_weight_tying=True,
+                                                            fan_in_fan_out=fan_in_fan_out))
+    _randomise_lora(pm)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    pm.eval().save_pretrained(directory)
+    return pm
+
+
 @pytest.mark.parametrize("arch", list(TIED))
 def test_trained_tied_embeddings_match_peft_both_ways(arch, tmp_path):
     """Input embeddings tied to lm_head and trained (modules_to_save + ensure_weight_tying): lora_fast writes the
@@ -870,17 +886,7 @@ def test_trained_tied_embeddings_match_peft_both_ways(arch, tmp_path):
         theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     assert_rel_close(_logits(theirs, ids), _logits(ours, ids), TOL, f"{arch}: PEFT loading lora_fast's tied adapter")
     # PEFT trains with its tied recipe, lora_fast loads
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                            modules_to_save=["lm_head"], ensure_weight_tying=True,
-                                                            fan_in_fan_out=arch == "gpt2"))
-    _randomise_lora(pm)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if p.requires_grad and "lora_" not in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    pm.eval().save_pretrained(tmp_path / "peft")
+    pm = _peft_trained_tied(base, tmp_path / "peft", targets, ["lm_head"], arch == "gpt2")
     fresh = copy.deepcopy(base)
     assert load_adapter(fresh, tmp_path / "peft") == AdapterLoadResult([], [])
     # the tie is kept where PEFT keeps it: PEFT rewrote modules_to_save to the embedding, and it re-ties only an
@@ -901,17 +907,7 @@ def test_ensure_weight_tying_on_a_module_peft_does_not_tie_loads_untied_as_peft(
     the trained ``wte`` became the output head too: logits 7.3 (relative) away from PEFT's. Now as PEFT, both ways."""
     torch.manual_seed(0)
     base = _gpt2()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                            modules_to_save=["wte"], ensure_weight_tying=True,
-                                                            fan_in_fan_out=True))
-    _randomise_lora(pm)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if p.requires_grad and "lora_" not in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    pm.eval().save_pretrained(tmp_path / "peft")
+    _peft_trained_tied(base, tmp_path / "peft", ["c_attn"], ["wte"], True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
