@@ -40,6 +40,7 @@ other LoRA variants are refused with an error naming the field (PEFT serves thos
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import warnings
@@ -600,11 +601,9 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
             except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
                 raise type(e)(f"load_adapter: {name}: {e}") from e
             new_layers[name] = layer.train(base.training)  # an eval model stays in eval mode
-    if is_trainable:
-        to_train = [p for n in lora_names if n in existing for p in existing[n].lora.parameters()]
-        to_train += [p for e in extras for p in model.get_submodule(e).parameters()]
-        check_trainable_before_wrap(wrapper, "load_adapter", len(new_layers),
-                                    sum(not p.requires_grad for p in to_train))
+    check_trainable_before_wrap(wrapper, "load_adapter", len(new_layers), itertools.chain(  # wrapper: trainable only
+        (p for n in lora_names if n in existing for p in existing[n].lora.parameters()),
+        (p for e in extras for p in model.get_submodule(e).parameters())))
     for name, (_, _, _r, alpha) in plan.items():
         if name in existing:
             if not any(f"{PREFIX}{name}.lora_{ab}.weight" in state for ab in "AB"):

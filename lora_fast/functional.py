@@ -347,7 +347,8 @@ def check_dropout_p(dropout_p) -> None:
 
 def check_float_scaling(scaling) -> None:
     """Where ``scaling`` is taken as a float (the fused path, the torch.library op), a tensor requiring grad would
-    lose its gradient without a word: refused. A NaN or infinite scaling is refused too: the kernels split s into
+    lose its gradient without a word: refused. A NaN or infinite tensor is refused too (a number: ``check_scaling``,
+    on every path): the kernels split s into
     two finite factors (``lora_fwd._fwd_tile``), which a NaN would silently turn into s = 1 in the forward and an
     inf into NaN where the padded rank columns meet it (0·inf). A tensor is read only in eager mode (one host
     sync, the same ``float(scaling)`` the fused path then takes), not under torch.compile."""
@@ -356,18 +357,21 @@ def check_float_scaling(scaling) -> None:
             raise ValueError("scaling is a tensor that requires grad: the fused path and the compiled op take it as "
                              "a float and would drop its gradient; pass a float, or call lora_linear with "
                              "backend='reference' (eager) to train the scaling")
-        if torch.compiler.is_compiling():
-            return
-    if not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be a finite number, got {float(scaling)}")
+        if not torch.compiler.is_compiling():
+            check_scaling(float(scaling))
+
+
+def check_scaling(scaling) -> None:
+    """A ``scaling`` number is finite (a tensor is checked where it is read as a float: ``check_float_scaling``)."""
+    if not isinstance(scaling, torch.Tensor) and not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling}")
 
 
 def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out) -> None:
     """Refuse what no path computes right: ``dropout_p`` not a number in [0, 1), a seed out of range, shapes that
     do not fit, a NaN or infinite ``scaling`` number (every path alike; a tensor is read where the fused path takes
     it as a float, ``check_float_scaling``, as a tensor requiring grad is refused there: ``lora_linear``)."""
-    if not isinstance(scaling, torch.Tensor) and not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling}")
+    check_scaling(scaling)
     check_dropout_p(dropout_p)
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import re
 import warnings
 from collections.abc import Iterable
@@ -350,10 +351,9 @@ def apply_lora(
         except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
             raise type(e)(f"apply_lora: {name}: {e}") from e
         new[name] = wrapped.train(module.training)  # an eval model stays in eval (no dropout)
-    to_train = [p for m in lora_layers(model).values() for p in m.lora.parameters()]
-    to_train += [p for e in extras for p in model.get_submodule(e).parameters()]
-    check_trainable_before_wrap(distributed_wrapper(model), "apply_lora", len(new),
-                                sum(not p.requires_grad for p in to_train))
+    check_trainable_before_wrap(distributed_wrapper(model), "apply_lora", len(new), itertools.chain(
+        (p for m in lora_layers(model).values() for p in m.lora.parameters()),
+        (p for e in extras for p in model.get_submodule(e).parameters())))
     _warn_tied(model, new)
     for name, wrapped in new.items():
         _set_submodule(model, name, wrapped)
@@ -607,11 +607,14 @@ def distributed_wrapper(model: nn.Module) -> str | None:
     return None
 
 
-def check_trainable_before_wrap(wrapper: str | None, who: str, new: int, frozen: int) -> None:
-    """Refuse to add ``new`` LoRA layers or make ``frozen`` parameters trainable under ``wrapper``
+def check_trainable_before_wrap(wrapper: str | None, who: str, new: int, to_train: Iterable) -> None:
+    """Refuse to add ``new`` LoRA layers, or to make frozen parameters of ``to_train`` trainable, under ``wrapper``
     (``distributed_wrapper``): DDP would never all-reduce their gradients (each rank would train its own adapter)
-    and fully_shard would not shard them."""
-    if wrapper is None or not (new or frozen):
+    and fully_shard would not shard them. ``to_train`` is read only under a wrapper."""
+    if wrapper is None:
+        return
+    frozen = sum(not p.requires_grad for p in to_train)
+    if not (new or frozen):
         return
     what = " and ".join(part for part in (f"{new} new LoRA layer(s)" if new else "",
                                           f"{frozen} frozen parameter(s) made trainable" if frozen else "") if part)

@@ -68,6 +68,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     autocast_inputs,
     check_dropout_p,
     check_float_scaling,
+    check_scaling,
     check_seed,
     check_shapes,
     forward_ad_active,
@@ -309,6 +310,7 @@ def lora_linear_op(
     """
     backend = resolve_backend(backend)  # dynamo traces its os.environ read without a graph break
     check_dropout_p(dropout_p)
+    check_scaling(scaling)  # a number; a tensor is read below, as a float
     check_float_scaling(scaling)
     check_seed(seed)  # also when dropout is off, as eager lora_linear checks it
     if functorch_active() or (forward_ad_active() if torch.compiler.is_compiling()
