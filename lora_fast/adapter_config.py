@@ -172,8 +172,12 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
 
 # ----------------------------------------------------------------------------------------------------------- load
 def _check_config(cfg: dict, where) -> None:
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_adapter: {where} is a {cfg['peft_type']} adapter; lora_fast loads LoRA adapters")
+    kind = cfg.get("peft_type", "LORA")
+    if kind != "LORA":
+        spelled = (f"peft_type {kind!r} is not PEFT's spelling 'LORA' (PEFT's loader refuses it too); fix the file"
+                   if isinstance(kind, str) and kind.upper() == "LORA" else
+                   f"peft_type {kind!r}: not a LoRA adapter; lora_fast loads LoRA adapters (peft_type 'LORA')")
+        raise ValueError(f"load_adapter: {where}: {spelled}")
     bad = {f: cfg[f] for f in _UNSUPPORTED if cfg.get(f)}
     if str(cfg.get("init_lora_weights", "")).lower().startswith(_BASE_MODIFYING_INITS):
         bad["init_lora_weights"] = cfg["init_lora_weights"]
@@ -247,6 +251,9 @@ def _check_field_types(cfg: dict, where) -> None:
     v = cfg.get("layers_pattern")
     if v is not None and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)):
         bad("layers_pattern", "a string or a list of strings")
+    v = cfg.get("use_rslora")  # JSON "false" is a true string: α/√r in place of α/r, silently
+    if v is not None and not isinstance(v, bool):
+        bad("use_rslora", "true or false")
     for field in ("rank_pattern", "alpha_pattern"):
         v = cfg.get(field)
         if v is not None and not isinstance(v, dict):

@@ -148,12 +148,15 @@ class StagedDir:
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file via a temporary in the same directory and ``os.replace``."""
+    """Write a file via a temporary in the same directory, fsync'ed, and ``os.replace``: after a crash the file is
+    the old one or the new one whole (without the fsync a filesystem may commit the rename before the data)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:

@@ -105,6 +105,9 @@ def tiny_adapter(tmp_path_factory):
     ("lora_dropout", 1.0),
     ("init_lora_weights", "PiSSA"),  # base-modifying initialisations whatever their case
     ("init_lora_weights", "OLoRA"),
+    ("use_rslora", "false"),  # a true string: α/√r in place of α/r
+    ("peft_type", "lora"),  # PEFT's loader knows 'LORA' only
+    ("peft_type", "IA3"),
 ])
 def test_configs_lora_fast_cannot_honour_are_refused_before_the_model_changes(tiny_adapter, tmp_path, field, value):
     directory = tmp_path / "edited"
