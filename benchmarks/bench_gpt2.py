@@ -78,6 +78,9 @@ def build_model(shape: dict, device: torch.device, model_path: str | None) -> nn
     got = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "vocab": c.vocab_size}
     if any(got[k] != shape[k] for k in got):
         raise ValueError(f"the checkpoint's architecture {got} differs from the benchmark's {shape}")
+    if shape["seq"] > c.n_positions:  # past it, CUDA's embedding lookup is a device-side assert that ends the run
+        raise ValueError(f"--seq {shape['seq']} exceeds the model's {c.n_positions} positions "
+                         f"({'pretrained ' + source if source else 'GPT2Config'})")
     model.config.use_cache = False
     return model.to(device)
 

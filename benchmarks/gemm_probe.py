@@ -171,7 +171,9 @@ def probe(M: int, layers) -> dict:
 
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "M": M, "cases": []}
+    from benchmarks.utils import env_info
+
+    out = {**env_info(device), "M": M, "cases": []}
     r, s = 16, 2.0
     for layer in layers:
         K, N = LAYERS[layer]
@@ -226,7 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     import torch
+    from lora_fast.kernels.launch import interpreting
 
+    if torch.cuda.is_available() and interpreting():
+        p.error("TRITON_INTERPRET is set on a GPU machine: the probe would time (and check, in bf16, which the "
+                "interpreter computes wrongly) Triton's numpy interpreter; unset it")
     if not torch.cuda.is_available():
         if not args.check:
             p.error("timing needs a CUDA GPU; on a CPU use --check (with TRITON_INTERPRET=1)")

@@ -246,11 +246,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (no CUDA device is visible to torch): it times kernels with triton.testing")
+    from lora_fast.kernels.launch import interpreting
+
+    from benchmarks.utils import env_info, provider_env
+    if interpreting():
+        ap.error("TRITON_INTERPRET is set: the kernels would run in Triton's numpy interpreter, and its timings are "
+                 "never kernel timings; unset it")
     device = torch.device("cuda")
     torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings(device),
-           "cases": []}
+    res = {**env_info(device), "ceilings": ceilings(device), "cases": []}
     print(f"ceilings: {res['ceilings']}", flush=True)
+    with provider_env("lora_fast"):  # the default route: an exported LORA_FAST_*_VARIANT would relabel it
+        run_cases(args, device, res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print_summary(res)
+    return 1 if any("error" in c for c in res["cases"]) else 0
+
+
+def run_cases(args, device, res: dict) -> None:
     for layer in args.layers:
         for r in args.r:
             for p in args.p:
@@ -263,11 +278,6 @@ def main(argv=None) -> int:
                     c = {"layer": layer, "r": r, "p": p, "error": repr(e)}
                 res["cases"].append(c)
                 print(json.dumps(c), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print_summary(res)
-    return 1 if any("error" in c for c in res["cases"]) else 0
 
 
 if __name__ == "__main__":

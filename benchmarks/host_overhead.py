@@ -136,8 +136,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # never on a GPU: the interpreter's timings would pass for real launches
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before lora_fast imports the kernels
-    from benchmarks.utils import provider_env
+    from benchmarks.utils import env_info, provider_env
     on_gpu = device.type == "cuda"
+    if on_gpu and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+        p.error("TRITON_INTERPRET is set: on a GPU the figures would be the numpy interpreter's, not real launches; "
+                "unset it")
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("CPU mode needs TRITON_INTERPRET=1 (unset, or set to 1, in the environment)")
     M = args.M or (256 if on_gpu else 1)
@@ -179,8 +182,8 @@ def main(argv=None) -> int:
             print(f"  {name:<40} {us:8.1f} µs", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "M": M, "K": K, "N": N, "r": args.r, "dropout": args.dropout,
-                       "stubbed": not on_gpu, "torch": torch.__version__, "us_per_call": results}, fh, indent=1)
+            json.dump({**env_info(device), "M": M, "K": K, "N": N, "r": args.r, "dropout": args.dropout,
+                       "stubbed": not on_gpu, "us_per_call": results}, fh, indent=1)
     return 0
 
 

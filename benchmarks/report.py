@@ -45,8 +45,12 @@ CONFIG_KEYS = {"layer": ("layer", "M", "K", "N", "r", "dropout", "dtype"),
 MODES_OF = {"layer": LAYER_MODES, "gpt2": GPT2_MODES}
 PROVENANCE = ("commit", "torch", "triton", "transformers")  # what a figure was measured with, besides the device
 VERSION_OF = {"commit": "commit", "torch": "torch version", "triton": "triton version",
-              "transformers": "transformers version"}
+              "transformers": "transformers/peft version"}  # the column holds both (utils.env_info)
 TARGET_CFG = {"M": 8192, "r": 16, "dropout": 0.1, "dtype": "bf16"}
+# the GPT-2 target's run: 124M, batch 8 × 1024 (M = 8192), r=16, dropout 0.1, plain eager (a config with any other
+# key — checkpointing, compile_backend — is another experiment, shown in its table but not judged)
+GPT2_TARGET_CFG = {"model": "gpt2-124M", "batch": 8, "seq": 1024, "r": 16, "dropout": 0.1, "dtype": "bf16-autocast"}
+GPT2_TITLE_KEYS = (*CONFIG_KEYS["gpt2"], "n_head", "vocab", "targets", "threads")  # what the table title shows
 TARGETS = {"vs_base": 1.10, "vs_peft": 1.5, "gpt2_tokens": 1.25}  # from issue 4
 
 
@@ -224,6 +228,7 @@ def gpt2_section(dev: str, rows: list[dict], idx: dict) -> list[str]:
     for c in sorted({r["config"] for r in rows}):
         cfg = json.loads(c)
         extra = f", CPU threads: {cfg['threads']}" if "threads" in cfg else ""
+        extra += "".join(f", {k}={cfg[k]}" for k in sorted(cfg) if k not in GPT2_TITLE_KEYS)  # checkpointing, ...
         out += [f"**{cfg['model']}** ({cfg['n_layer']} layers, {cfg['n_embd']} wide), batch {cfg['batch']} × "
                 f"{cfg['seq']}, r={cfg['r']} α={cfg['alpha']} dropout={cfg['dropout']}, {cfg['dtype']}{extra}", "",
                 "| provider | mode | ms [p20–p80] | tokens/s | vs peft (compiled alike) | peak MB |",
@@ -283,7 +288,8 @@ def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[
         line(f"{cfg['layer']}: peft / lora_fast time ≥ {TARGETS['vs_peft']}", (peft, lf),
              lambda v: v >= TARGETS["vs_peft"])
     for c in sorted({r["config"] for r in gpt2_rows}):
-        if json.loads(c).get("model") != "gpt2-124M":
+        cfg = json.loads(c)
+        if any(cfg.get(k) != v for k, v in GPT2_TARGET_CFG.items()) or set(cfg) - set(GPT2_TITLE_KEYS):
             continue
         lf, peft = (("gpt2", dev, c, prov, "train") for prov in ("lora_fast", "peft"))
         line(f"GPT-2 train: lora_fast / peft tokens/s ≥ {TARGETS['gpt2_tokens']}",
@@ -291,6 +297,15 @@ def target_section(dev: str, idx: dict, layer_rows: list[dict], gpt2_rows: list[
         line("GPT-2 train: lora_fast / peft peak memory < 1", (lf + ("peak_mem",), peft + ("peak_mem",)),
              lambda v: v < 1.0)
     return out + [""]
+
+
+def provider_color(prov: str):
+    """One colour per provider, the same in every plot: tab20's ten dark hues, then its light ones (matplotlib's
+    ``C0``–``C9`` cycle has ten, and there are more providers: ``C10`` is ``C0`` again)."""
+    import matplotlib
+
+    i = PROVIDERS.index(prov)
+    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2)
 
 
 def fit_width(fig, texts) -> None:
@@ -335,7 +350,7 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
                     lo = [float(row["p50"]) - float(row["p20"]) for _, row in pts]
                     hi = [float(row["p80"]) - float(row["p50"]) for _, row in pts]
                     ax.errorbar([m for m, _ in pts], ms, yerr=[lo, hi], marker="o", capsize=3, label=prov,
-                                color=f"C{PROVIDERS.index(prov)}")
+                                color=provider_color(prov))
             ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="ms (p50, full)", title=name)
             m_values = sorted({cfg["M"] for cfg, _ in cfgs})
             ax.set_xticks(m_values, [str(m) for m in m_values])
@@ -368,12 +383,15 @@ def plots(dev: str, layer_rows: list[dict], idx: dict, out_dir: Path) -> list[st
         drawn = [idx[k] for n in layers if n in at_max for prov in saved
                  if (k := ("layer", dev, at_max[n], prov, "fwd", "saved_bytes")) in idx]
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        width = 0.8 / len(PROVIDERS)
-        for prov, vals in saved.items():
-            i = PROVIDERS.index(prov)
-            ax.bar([j + i * width for j in range(len(layers))], [(v or 0) / 2**20 for v in vals], width, label=prov,
-                   color=f"C{i}")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+        width = 0.8 / len(saved)  # the drawn providers side by side, the layer's tick under their middle
+        for i, (prov, vals) in enumerate(saved.items()):
+            xs = [j + i * width for j in range(len(layers))]
+            ax.bar([x for x, v in zip(xs, vals, strict=True) if v is not None],
+                   [v / 2**20 for v in vals if v is not None], width, label=prov, color=provider_color(prov))
+            for x, v in zip(xs, vals, strict=True):  # not measured (a stage cut short) is no bar of 0 MB
+                if v is None:
+                    ax.text(x, 0, "not measured", rotation=90, ha="center", va="bottom", fontsize=6)
+        ax.set_xticks([j + (len(saved) - 1) * width / 2 for j in range(len(layers))], layers)
         ax.set(ylabel="saved activations (MB)")
         title = fig.suptitle(f"{dev} · {dtype} · M={m_max} · r={r} · dropout={p}")
         footer = fig.text(0.5, 0.01, figure_stamp(drawn), ha="center", va="bottom", fontsize=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_gpt2
+from benchmarks import bench_gpt2, utils
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -33,5 +33,6 @@ def test_gpt2(benchmark, provider, mode):
         if CUDA:
             torch.cuda.synchronize()
 
-    benchmark.extra_info.update(SHAPE, device=DEVICE, tokens_per_step=SHAPE["batch"] * SHAPE["seq"])
+    # provenance as the CSV's (pytest-benchmark's own commit_info reads .git, stale on a lent machine's copy)
+    benchmark.extra_info.update(SHAPE, **utils.env_info(DEVICE), tokens_per_step=SHAPE["batch"] * SHAPE["seq"])
     benchmark.pedantic(timed, rounds=10 if CUDA else 3, warmup_rounds=2 if CUDA else 1)

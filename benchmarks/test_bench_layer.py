@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks import bench_layer
+from benchmarks import bench_layer, utils
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -50,5 +50,6 @@ def test_layer(benchmark, layer, M, r, dropout, dtype, provider, mode):
             setup()
         _sync()
 
-    benchmark.extra_info.update(layer=layer, M=M, r=r, dropout=dropout, dtype=dtype, device=DEVICE)
+    # provenance as the CSV's (pytest-benchmark's own commit_info reads .git, stale on a lent machine's copy)
+    benchmark.extra_info.update(layer=layer, M=M, r=r, dropout=dropout, dtype=dtype, **utils.env_info(DEVICE))
     benchmark.pedantic(timed, setup=untimed, rounds=20 if CUDA else 5, warmup_rounds=3 if CUDA else 1)

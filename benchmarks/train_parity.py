@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     lt, lr = res["triton"]["train_loss"], res["reference"]["train_loss"]
     rel = [abs(a - b) / abs(b) for a, b in zip(lt, lr, strict=True)]
     ev = {b: m["final_eval_loss"] for b, m in res.items()}
-    summary = {"steps": args.steps, "dropout": args.dropout, "bf16": args.bf16, "train_loss_triton": lt,
+    from benchmarks.utils import env_info
+
+    summary = {**env_info(res["triton"].get("device", "cpu")), "steps": args.steps, "dropout": args.dropout,
+               "bf16": args.bf16, "train_loss_triton": lt,
                "train_loss_reference": lr, "max_rel_diff": max(rel), "final_rel_diff": rel[-1], "eval_loss": ev,
                "tokens_per_sec": {b: m.get("train_tokens_per_sec") for b, m in res.items()}}
     out.mkdir(parents=True, exist_ok=True)

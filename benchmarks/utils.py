@@ -119,7 +119,9 @@ def git_commit() -> str:
 
 
 def env_info(device: torch.device | str) -> dict[str, str]:
-    """The provenance columns of every row: device, library versions, commit, UTC timestamp."""
+    """The provenance columns of every row: device, library versions, commit, UTC timestamp. PEFT's version, which
+    every "vs peft" figure depends on, goes into the ``transformers`` column (``5.17.0 (peft 0.21.0)``): the issue
+    fixes the columns, and the report compares the column whole, so a PEFT upgrade shows as mixed provenance."""
     try:
         import triton
 
@@ -128,8 +130,14 @@ def env_info(device: torch.device | str) -> dict[str, str]:
         triton_version = "none"
     import transformers
 
+    try:
+        import peft
+
+        hf = f"{transformers.__version__} (peft {peft.__version__})"
+    except ImportError:
+        hf = f"{transformers.__version__} (no peft)"
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "commit": git_commit(),
+            "transformers": hf, "commit": git_commit(),
             "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
@@ -184,13 +192,14 @@ def measure_time(fn: Callable[[], object], setup: Callable[[], object] | None = 
     if device.type == "cuda":
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+        stream = torch.cuda.current_stream(device)  # --device cuda:1's stream, not the current device's
         for start, end in events:
             if setup is not None:
                 setup()
             flush.zero_()
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
     else:
@@ -245,18 +254,21 @@ def peak_memory_mb(fn: Callable[[], object], setup: Callable[[], object] | None 
                    device: torch.device | str = "cpu") -> float:
     """Peak bytes allocated during one ``fn()`` (after an untimed ``setup()``) above those live before it, in MB."""
     device = torch.device(device)
-    if setup is not None:
-        setup()
     if device.type == "cuda":
+        if setup is not None:
+            setup()
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with LiveBytes() as tracker:
+    with LiveBytes() as tracker:  # setup inside too: what fn frees of it (a forward's saved tensors) counts, as on CUDA
+        if setup is not None:
+            setup()
+        before = tracker.peak = tracker.current
         fn()
-    return tracker.peak / 2**20
+    return (tracker.peak - before) / 2**20
 
 
 def saved_activation_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:

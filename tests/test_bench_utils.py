@@ -60,6 +60,33 @@ def test_measure_time_reports_ms_of_fn_alone(monkeypatch):
     assert calls == ["setup", "fn"] * 7
 
 
+def test_measure_time_records_cuda_events_on_the_measured_devices_stream(monkeypatch):
+    """``--device cuda:1``: the events bracketed the current device's stream (cuda:0, idle), timing nothing but
+    the host gap. Fake CUDA: each event remembers the stream it was recorded on."""
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    class Flush:
+        def zero_(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: Flush())
+    assert utils.measure_time(lambda: None, warmup=0, rep=3, device="cuda:1") == (1.0, 1.0, 1.0)
+    assert recorded == ["stream of cuda:1"] * 6
+
+
 @pytest.mark.parametrize("rep, warmup", [(0, 1), (1, -1)])
 def test_measure_time_rejects_no_repetitions(rep, warmup):
     with pytest.raises(ValueError, match=f"rep >= 1 and warmup >= 0, got rep={rep}, warmup={warmup}"):
@@ -100,6 +127,22 @@ def test_peak_memory_cpu_excludes_setup_and_what_was_live_before():
         return b
 
     assert utils.peak_memory_mb(fn, setup) == pytest.approx(2.0)
+
+
+def test_peak_memory_cpu_counts_what_fn_frees_of_setups_tensors_as_cuda_does():
+    """A backward frees the forward's saved tensors (made by setup) and allocates as much: nothing above what was
+    live before, as the CUDA figure says. Setup ran outside the tracker, so its frees went uncounted (a review
+    measured the CPU bwd peak about 3× the CUDA semantics')."""
+    saved = []
+
+    def setup():
+        saved.append(torch.ones(2**18))  # 1 MB, live before the measured call
+
+    def fn():
+        saved.pop()  # freed by the measured call
+        return torch.ones(2**18)  # 1 MB
+
+    assert utils.peak_memory_mb(fn, setup) == pytest.approx(0.0)
 
 
 def test_peak_memory_cuda_is_the_peak_above_the_memory_allocated_before(monkeypatch):
@@ -309,6 +352,27 @@ def test_git_commit_is_head_with_dirty_for_changes_outside_results(tmp_path, mon
     assert utils.git_commit() == head + "-dirty"
     monkeypatch.setenv("LORA_FAST_BENCH_COMMIT", "1234567")
     assert utils.git_commit() == "1234567"
+
+
+def test_env_info_records_the_peft_version_beside_transformers():
+    """Every "vs peft" figure depends on PEFT's version; the issue fixes the CSV's columns, so it rides in the
+    transformers column."""
+    peft = pytest.importorskip("peft", reason="peft is not installed: the [dev] extra brings it")
+    import transformers
+
+    assert utils.env_info("cpu")["transformers"] == f"{transformers.__version__} (peft {peft.__version__})"
+
+
+def test_gpt2_bench_refuses_a_sequence_longer_than_the_models_positions(tmp_path):
+    """A loaded checkpoint (the cached pretrained gpt2 needs no --model-path) with fewer positions than --seq:
+    on CUDA the embedding lookup would be a device-side assert ending the whole run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shape = dict(bench_gpt2.QUICK_SET)
+    GPT2LMHeadModel(GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+                               vocab_size=shape["vocab"], n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="--seq 64 exceeds the model's 32 positions"):
+        bench_gpt2.build_model(shape, torch.device("cpu"), str(tmp_path))
 
 
 def test_rel_err_is_relative_to_the_reference():

@@ -82,6 +82,22 @@ def test_gpu_scripts_refuse_clearly_without_cuda(module, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module, argv", [("gpu_probe", []), ("gemm_probe", []),
+                                          ("host_overhead", ["--device", "cuda"])])
+def test_gpu_timing_scripts_refuse_the_interpreter_on_a_gpu(module, argv, monkeypatch, capsys):
+    """TRITON_INTERPRET inherited on a GPU machine: the scripts timed (host_overhead: as "real launches") the numpy
+    interpreter. A fake CUDA machine: the refusal comes before anything touches the GPU."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "TRITON_INTERPRET is set" in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures("interpret")
 def test_gpu_fp32_check_cases_agree_with_the_oracle(capsys):
     """Every fp32 case of the diagnostic (each forward variant, atomic and deterministic reductions, TF32 off and
@@ -127,6 +143,7 @@ def test_train_parity_compares_the_two_backends(tmp_path):
     rel = [abs(a - b) / abs(b) for a, b in zip(lt, lr, strict=True)]
     assert res["max_rel_diff"] == max(rel) <= (2e-3 if HAS_CUDA else 1e-5)  # as test_train's backend comparison
     assert res["final_rel_diff"] == rel[-1]
+    assert all(res[k] for k in ("device", "torch", "triton", "transformers", "commit", "timestamp"))  # provenance
     for backend in ("triton", "reference"):
         metrics = json.loads((tmp_path / "out" / backend / "training_metrics.json").read_text())
         assert metrics["backend_used"] == backend  # the fused run really took the kernels

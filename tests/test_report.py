@@ -132,11 +132,28 @@ def test_only_the_target_configuration_is_judged():
            [("M", 2048), ("r", 8), ("dropout", 0.0), ("dtype", "fp32")]]
     rows = [layer_row(prov, "full", "time", [ms], cfg) for cfg in [LAYER, *off]
             for prov, ms in [("base", 1.0), ("peft", 2.0), ("lora_fast", 1.05)]]
-    rows += [gpt2_row(prov, "train", "tokens_per_s", [100.0], {**GPT2, "model": "gpt2-tiny"})
-             for prov in ("peft", "lora_fast")]
+    # GPT-2: only 124M at batch 8 × 1024, r=16, dropout 0.1, eager, without checkpointing is the target's run
+    gpt2_off = [{**GPT2, k: v} for k, v in [("model", "gpt2-tiny"), ("batch", 4), ("seq", 512), ("r", 8),
+                                            ("dropout", 0.0), ("checkpointing", "non-reentrant"),
+                                            ("compile_backend", "aot_eager")]]
+    rows += [gpt2_row(prov, "train", metric, [100.0], cfg) for cfg in [GPT2, *gpt2_off]
+             for prov in ("peft", "lora_fast") for metric in ("tokens_per_s", "peak_mem")]
     lines = targets(rows)
     judged = [line for line in lines if line.startswith("| ") and not line.startswith("| target")]
-    assert len(judged) == 2 and all(line.startswith("| c_attn:") for line in judged), judged
+    assert len(judged) == 4, judged
+    assert all(line.startswith("| c_attn:") for line in judged[:2]), judged
+    assert all(line.startswith("| GPT-2 train:") for line in judged[2:]), judged
+
+
+def test_gpt2_configs_differing_in_a_key_off_the_title_get_titles_that_say_so():
+    """The gpt2 and gpt2-ckpt stages write configs that differ only in ``checkpointing``: their two tables had the
+    same title. Every key the title does not show is appended to it."""
+    rows = [gpt2_row(prov, "train", "time", [10.0], cfg) for prov in ("peft", "lora_fast")
+            for cfg in (GPT2, {**GPT2, "checkpointing": "non-reentrant"}, {**GPT2, "compile_backend": "aot_eager"})]
+    titles = [line for line in report.gpt2_section(GPU, rows, report.index(rows)) if line.startswith("**")]
+    assert len(titles) == len(set(titles)) == 3, titles
+    assert sum("checkpointing=non-reentrant" in t for t in titles) == 1
+    assert sum("compile_backend=aot_eager" in t for t in titles) == 1
 
 
 def test_provenance_spans_the_earliest_to_the_latest_timestamp():
@@ -309,6 +326,28 @@ def test_plots_draw_a_layer_the_benchmark_does_not_list(tmp_path, figures):
     rows = [{**r, "config": r["config"].replace('"c_attn"', '"q_proj"')} for r in plot_rows()]
     report.plots(GPU, rows, report.index(rows), tmp_path)
     assert [ax.get_title() for ax in figures[f"layer_time_{report.slug(GPU)}_bf16.png"].axes] == ["q_proj"]
+
+
+def test_every_provider_has_its_own_colour():
+    """Colours were ``C<index>``: with more than ten providers ``C10`` repeated ``C0`` (lora_fast_tma drawn as
+    base)."""
+    colours = [report.provider_color(p) for p in report.PROVIDERS]
+    assert len(report.PROVIDERS) > 10 and len(set(colours)) == len(colours)
+
+
+def test_a_layer_not_measured_at_the_largest_m_gets_no_zero_bar(tmp_path, figures):
+    """c_fc measured at M=2048 only (a stage cut short): its saved-activation bars at M=8192 were drawn as 0 MB,
+    the look of a provider that saves nothing. Now no bar, a "not measured" label, and the ticks centred."""
+    c_fc = {**LAYER, "layer": "c_fc", "N": 3072, "M": 2048}
+    rows = plot_rows() + [layer_row(prov, "fwd", "saved_bytes", [2**20], c_fc) for prov in ("base", "peft")]
+    report.plots(GPU, rows, report.index(rows), tmp_path)
+    ax = figures[f"layer_saved_{report.slug(GPU)}_bf16.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c_attn", "c_fc"]
+    bars = ax.patches
+    assert len(bars) == 3 and all(b.get_height() > 0 for b in bars)  # c_attn's three providers only
+    assert [t.get_text() for t in ax.texts] == ["not measured"] * 3
+    centre = sum(b.get_x() + b.get_width() / 2 for b in bars) / 3
+    assert ax.get_xticks()[0] == pytest.approx(centre)
 
 
 # --------------------------------------------------------------------------------------------------------------------
