@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 from lora_fast.data import load_classification
 from lora_fast.train_args import ConfigError
@@ -231,3 +232,58 @@ def test_a_one_step_loss_curve_draws_its_point(tmp_path, monkeypatch):
     one, many = (fig.axes[0].lines[0] for fig in figs)
     assert one.get_marker() not in (None, "None", "", " ") and len(one.get_xdata()) == 1
     assert many.get_marker() in (None, "None", "", " ")
+
+
+# ---------------------------------------------------------------------------------------------- LM blocks
+DOCS = ["the cat sat on the mat", "", "a dog ran", "the mat was red and the cat was not"] * 3
+
+
+def _word_tokenizer(template: str | None):
+    """A word-level fast tokenizer whose post-processor adds ``template``'s special tokens (None: none, as GPT-2)."""
+    pytest.importorskip("transformers", reason="transformers is not installed: the [train] extra brings it")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for d in DOCS for w in d.split()})
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "[CLS]", "[SEP]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+            (t, vocab[t]) for t in ("<s>", "</s>", "[CLS]", "[SEP]") if t in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"), vocab
+
+
+@pytest.mark.parametrize("template, opens, closes", [
+    (None, [], []),  # GPT-2: nothing added, EOS between documents
+    ("<s> $A", ["<s>"], []),  # Llama / Mistral / Gemma: BOS opens every document (it was dropped)
+    ("<s> $A </s>", ["<s>"], ["</s>"]),  # a tokenizer that closes with EOS itself: not doubled
+])
+def test_lm_blocks_encode_each_document_as_the_tokenizer_does(template, opens, closes):
+    """The blocks are the documents encoded as the tokenizer encodes a text (HF run_clm's way), each followed by
+    EOS unless it already ends with it, concatenated; in chunks of any size."""
+    from lora_fast.data import lm_blocks
+
+    tokenizer, vocab = _word_tokenizer(template)
+    want = []
+    for d in DOCS:  # the oracle: the vocabulary by hand
+        doc = [vocab[t] for t in opens] + [vocab[w] for w in d.split()] + [vocab[t] for t in closes]
+        want += doc + ([] if doc[-1:] == [vocab["</s>"]] else [vocab["</s>"]])
+    T = 5
+    n = len(want) // T
+    for chunk in (1, 3, 1000):
+        got = lm_blocks(tokenizer, DOCS, T, "train", chunk=chunk)
+        assert got.dtype == torch.long and got.shape == (n, T)
+        assert got.flatten().tolist() == want[: n * T]
+
+
+def test_lm_blocks_of_a_bert_tokenizer_separate_by_its_own_sep():
+    """No EOS: SEP separates; ``[CLS] … [SEP]`` already ends with it, so one SEP, not two."""
+    from lora_fast.data import lm_blocks
+
+    tokenizer, vocab = _word_tokenizer("[CLS] $A [SEP]")
+    tokenizer.eos_token = None
+    tokenizer.sep_token = "[SEP]"
+    got = lm_blocks(tokenizer, DOCS[:1], 4, "train").flatten().tolist()
+    assert got == [vocab[t] for t in ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "[SEP]"]]
+
