@@ -307,7 +307,15 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     # same global batch evaluate the same sequences; evaluate() takes per-device loader batches over all ranks
     eval_cap = opts.eval_batches * ctx.world_size * ga if opts.eval_batches else None
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
+    if ga > n_micro:  # a step never spans two passes (as the HF Trainer's): the whole pass is each step's batch
+        log(f"lora-fast: warning: --gradient_accumulation_steps {ga} exceeds the {n_micro} micro-batches of one "
+            f"pass over the training data: each optimizer step takes the whole pass, {n_rows * ctx.world_size} "
+            f"sequences, not the {bs * ctx.world_size * ga} asked; use a smaller --gradient_accumulation_steps or "
+            "more data")
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
+    if opts.save_steps and opts.save_steps > total:
+        log(f"lora-fast: warning: --save_steps {opts.save_steps} exceeds the run's {total} optimizer steps: no "
+            "checkpoint will be written (the output directory still gets the final adapter)")
     resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total, base) if resume_path else None
     if resumed:
         C.load_trainable(plain, resumed["trainable"], resume_path)  # DDP replicas: every rank loads the same
@@ -465,6 +473,9 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         except KeyboardInterrupt as e:
             interrupted = True
             together = isinstance(e, D.StopRequested)  # every rank is here, at the same boundary: collectives work
+            if step == start_step:  # nothing trained: committing would replace an --overwrite'd finished run by it
+                say(f"lora-fast: interrupted before the first optimizer step ({step}/{total}); nothing to save")
+                raise
             if ctx.mode == "fsdp" and not together:  # the ranks may be anywhere: no collective (gather) can be trusted
                 say(f"lora-fast: interrupted at step {step}/{total}; an FSDP run cannot gather its shards now, "
                     "nothing is saved")
@@ -506,8 +517,9 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                     "gradients; the gradient scaler lowered its scale and the schedule waited)")
         per_step = reduced[0] / max(step - start_step, 1) if ctx.mode == "ddp" else None  # this process's steps
         metrics.update(distributed=ctx.mode, world_size=ctx.world_size, dist_backend=ctx.backend,
-                       per_device_batch_size=opts.batch_size, global_batch_size=opts.batch_size * ctx.world_size
-                       * opts.gradient_accumulation_steps, grad_allreduce_numel_per_step=per_step,
+                       per_device_batch_size=opts.batch_size,  # what a step takes (a pass at most)
+                       global_batch_size=min(bs * opts.gradient_accumulation_steps, n_rows) * ctx.world_size,
+                       grad_allreduce_numel_per_step=per_step,
                        resumed_from=str(resume_path) if resume_path else None,
                        resumed_at_step=start_step if resume_path else None)
         if resumed and metrics["wall_time_s"] > 0:  # this process's tokens over this process's time

@@ -235,9 +235,16 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         staged.discard()
         raise
     if limit:
+        for leftover in root.glob(".checkpoint-*.deleting"):  # a removal cut short by an earlier crash
+            shutil.rmtree(leftover, ignore_errors=True)
         for _, path in list_checkpoints(root)[:-limit]:
             if path != final:
-                shutil.rmtree(path, ignore_errors=True)
+                # renamed first: a removal cut short (a kill mid-rmtree) must not leave a checkpoint-N that
+                # list_checkpoints (and --resume_from_checkpoint latest) takes for complete with files gone
+                doomed = path.with_name(f".{path.name}.deleting")
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -182,6 +182,15 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ConfigError(f"--model {name!r} is not a saved transformers model directory (no config.json)")
+        if task == "causal-lm":  # an encoder is refused on its config, before transformers' load report of a
+            from transformers import AutoConfig  # missing LM head buries the one line that says why
+
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except Exception:  # noqa: BLE001  (the load below names what is wrong)
+                config = None
+            if config is not None:
+                check_causal(config, name)
         try:
             return cls.from_pretrained(path, **kw), str(path.resolve())
         except Exception as e:  # noqa: BLE001  (broken weights raise OSError, ValueError, RuntimeError, ...)
@@ -228,8 +237,9 @@ PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl"
 
 def check_causal(model, name: str) -> None:
     """Refuse an encoder loaded as a causal LM without ``is_decoder``: each position would attend to the token it
-    is scored on, and the loss and perplexity would not be next-token prediction (transformers only warns)."""
-    cfg = model.config
+    is scored on, and the loss and perplexity would not be next-token prediction (transformers only warns).
+    ``model``: the model, or its config (checked before the weights load)."""
+    cfg = getattr(model, "config", model)
     kind = getattr(cfg, "model_type", None)
     bidirectional = (kind in ENCODER_TYPES and not getattr(cfg, "is_decoder", False)) or kind == "xlnet" or (
         kind == "xlm" and not getattr(cfg, "causal", False))  # XLNet permutes; XLM's own flag is `causal`

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +119,32 @@ def test_resume_from_a_periodic_checkpoint_and_pruning(setup):
                    str(root / "from6-checkpoints"))
     assert resumed["resumed_at_step"] == 6 and m["resumed_from"] is None
     _assert_same_run(root / "from6", ref, root / "ref")
+
+
+def test_a_pruning_cut_short_leaves_no_checkpoint_that_looks_complete(setup, monkeypatch):
+    """--save_total_limit removes the oldest checkpoint with rmtree; a kill midway (the adapter files gone,
+    training_state.pt not yet) left a checkpoint-N that 'latest' and the pruning counted as complete. Now it is
+    renamed out of the checkpoint names first, and the next pruning clears what was left."""
+    import lora_fast.train_ckpt as ckpt
+
+    root, _ = setup
+    real = shutil.rmtree
+    cut_short = []
+
+    def rmtree(path, ignore_errors=False):  # the first removal of a checkpoint stops after one file
+        path = Path(path)
+        if path.is_dir() and not cut_short and any(path.iterdir()):
+            cut_short.append(path)
+            next(p for p in path.iterdir() if p.name != ckpt.STATE_NAME).unlink()
+            return
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    _run(root, "pruned", "--save_steps", "2", "--save_total_limit", "2", "--overwrite")
+    ckpts = root / "pruned-checkpoints"
+    assert cut_short and cut_short[0].name == ".checkpoint-2.deleting"
+    assert [p.name for _, p in ckpt.list_checkpoints(ckpts)] == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-6", "checkpoint-8"]  # the leftover cleared
 
 
 def test_interrupt_mid_accumulation_checkpoints_the_last_whole_step(setup, monkeypatch):

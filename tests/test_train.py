@@ -179,6 +179,30 @@ def test_ctrl_c_saves_what_was_trained(tiny_gpt2, tmp_path, monkeypatch, capsys,
     assert not list(tmp_path.glob(".*staging*"))
 
 
+def test_ctrl_c_before_the_first_step_writes_nothing_and_keeps_the_previous_run(tiny_gpt2, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Ctrl-C during the first optimizer step of an --overwrite run committed an untrained adapter (lora_B all
+    zero, steps 0) over the finished run in --output_dir. Nothing was trained: nothing is written, the previous
+    run stays, exit status 130."""
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_gpt2), "--max_steps", "2", "--max_length", "32", "--batch_size", "4",
+            "--eval_batches", "1", "--output_dir", str(out), "--overwrite", "--no-progress"]
+    assert cli_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt)
+    capsys.readouterr()
+    assert cli_main(argv) == 130
+    printed = capsys.readouterr()
+    assert "before the first optimizer step (0/2); nothing to save" in printed.out
+    assert "nothing was written" in printed.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".*staging*"))
+
+
 def test_failure_with_dataloader_workers_exits(tiny_gpt2, tmp_path):
     """A run that fails mid-training (here an exception from the step callback, as a CUDA OOM would) with
     ``--num_workers 1`` exits with the error. It used to hang at interpreter exit: the traceback kept the loader's
@@ -522,6 +546,39 @@ def test_epochs_with_uneven_gradient_accumulation(tiny_gpt2, tmp_path):
             for g in (losses[0:4], losses[4:8], losses[8:10]):
                 expect.append(sum(loss * n for loss, n in g) / sum(n for _, n in g))
     assert_rel_close(torch.tensor(m["train_loss"]), torch.tensor(expect), 1e-4, "per-step mean losses")
+
+
+def test_accumulation_past_one_pass_is_said_and_the_batch_reported_as_taken(tiny_gpt2, tmp_path):
+    """--gradient_accumulation_steps larger than a pass's micro-batches: each step takes the whole pass (a step
+    never spans two). That shrank the batch without a word, and global_batch_size reported batch × accumulation."""
+    from lora_fast.train import prepare, train
+    from lora_fast.train_args import parse_train_args
+
+    opts = parse_train_args(["--model", str(tiny_gpt2), "--dataset", str(_small_corpus(tmp_path / "c.txt")),
+                             "--max_steps", "1", "--batch_size", "4", "--gradient_accumulation_steps", "1000",
+                             "--max_length", "16", "--eval_batches", "1", "--output_dir", str(tmp_path / "out"),
+                             "--no-progress"])
+    logged = []
+    prep = prepare(opts, log=logged.append)
+    n_rows = len(prep.data["train"])
+    m = train(opts, prep, log=logged.append)
+    assert any(f"--gradient_accumulation_steps 1000 exceeds the {-(-n_rows // 4)} micro-batches" in msg
+               and f"the whole pass, {n_rows} sequences, not the 4000 asked" in msg for msg in logged), logged
+    assert m["global_batch_size"] == n_rows == m["tokens_seen"] // 16
+
+
+def test_save_steps_past_the_last_step_is_said(tiny_gpt2, tmp_path):
+    """--save_steps 50 on a 2-step run writes no checkpoint: said, not left to be found out at the next preemption."""
+    from lora_fast.train import prepare, train
+    from lora_fast.train_args import parse_train_args
+
+    opts = parse_train_args(["--model", str(tiny_gpt2), "--dataset", str(_small_corpus(tmp_path / "c.txt")),
+                             "--max_steps", "2", "--save_steps", "50", "--batch_size", "2", "--max_length", "16",
+                             "--eval_batches", "1", "--output_dir", str(tmp_path / "out"), "--no-progress"])
+    logged = []
+    train(opts, prepare(opts, log=logged.append), log=logged.append)
+    assert any("--save_steps 50 exceeds the run's 2 optimizer steps: no checkpoint" in msg for msg in logged), logged
+    assert not list((tmp_path / "out-checkpoints").glob("checkpoint-*"))
 
 
 def test_logdir_writes_tensorboard_events_matching_the_metrics(trained):
@@ -1020,7 +1077,7 @@ def test_tokenizers_that_exist_are_never_replaced_by_a_trained_one(tiny_gpt2, tm
     assert "no tokenizer loads for" in capsys.readouterr().err
 
 
-def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training(tmp_path, capsys):
+def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training(tmp_path, capfd):
     """BERT loaded for --task causal-lm attends both ways (transformers only warns): the loss would not be
     next-token prediction, so it is refused. RoBERTa's positions start after its padding index: of 66 position
     embeddings 64 tokens fit (checked on the model itself), and --max_length 66 is refused before training (it
@@ -1033,10 +1090,26 @@ def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training
     bert = tmp_path / "bert"
     BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64)).save_pretrained(bert)
+    capfd.readouterr()  # save_pretrained's progress bar
     rc = cli_main(["train", "--model", str(bert), "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
                    "--no-progress"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert rc == 2 and "is an encoder (bert, not a causal decoder)" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    # refused on its config, before the weights load (transformers' load report of the missing LM head, ~20 lines,
+    # came first and buried the refusal)
+    import lora_fast.train_model as train_model
+
+    class NoLoad:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("the encoder's weights were loaded before the refusal")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_model, "_model_class", lambda task: NoLoad)
+        rc = cli_main(["train", "--model", str(bert), "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
+                       "--no-progress"])
+    assert rc == 2 and "is an encoder (bert, not a causal decoder)" in capfd.readouterr().err
     cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=66, pad_token_id=1)
     model = RobertaForSequenceClassification(cfg).eval()
@@ -1050,7 +1123,7 @@ def test_encoders_as_causal_lms_and_offset_positions_are_refused_before_training
     rc = cli_main(["train", "--task", "classification", "--model", str(tmp_path / "roberta"), "--dataset",
                    str(_spam_csvs(tmp_path)), "--max_length", "66", "--output_dir", str(tmp_path / "o"),
                    "--no-progress"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert rc == 2 and f"max_length=66 exceeds the model's {limit} positions" in err, err
     from transformers import MPNetConfig, MPNetModel
 
