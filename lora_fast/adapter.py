@@ -429,7 +429,9 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         is_trainable: ``True`` (default: load to go on training) leaves the loaded LoRA weights and
             ``modules_to_save`` trainable; ``False`` freezes them for inference and puts the model in eval mode
             (no dropout), as PEFT's ``from_pretrained`` / ``load_adapter`` do by default (no autograd graph, no
-            activations kept outside ``torch.no_grad``).
+            activations kept outside ``torch.no_grad``). With ``True`` the new layers take the model's mode (unlike
+            ``apply_lora``'s, which train as ``get_peft_model``'s do): this default is PEFT's ``False``'s place, so
+            a load for inference on an eval model must stay free of dropout.
 
     Returns:
         ``AdapterLoadResult(missing_keys, unexpected_keys)``, both empty after a strict load.
@@ -561,6 +563,11 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         resized = [k for k in base_weights if k in state and tuple(state[k].shape) != expected[k]]
         hint = (f" ({_names(resized)}: full embedding weights of another vocabulary size; resize the model's "
                 "embeddings (model.resize_token_embeddings) to the adapter's vocabulary first)" if resized else "")
+        if existing and any(".lora_A." in m or ".lora_B." in m for m in misshaped):
+            ranks = sorted({existing[n].rank for n in lora_names if n in existing})
+            hint += (f". The model already has LoRA layers of rank {', '.join(map(str, ranks))}: an adapter loads "
+                     "into those; to load one of another rank, take them off first (lora_fast.unload(model)) or "
+                     "load into a fresh base model")
         raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: {_names(misshaped)}{hint}")
     groups = {}  # keys going into one (tied) tensor must agree: which one would win is arbitrary
     for k in state:
@@ -584,6 +591,14 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
             + (f"Unexpected {len(unexpected)} key(s): {_names(unexpected)}." if unexpected else "")
             + layers
         )
+    recorded = getattr(model, "lora_fast_config", None)
+    left = [m for m in (recorded.get("modules_to_save") or [] if isinstance(recorded, dict) and existing else [])
+            if m not in extras]
+    if left:  # trained in place: the new adapter's outputs would carry them, and save_adapter would write them
+        raise ValueError(f"load_adapter: the model holds modules saved whole by its previous adapter "
+                         f"({_names(left)}), which {source}'s config does not list: their trained weights would stay "
+                         "in the model (its original weights are gone, trained in place), so the outputs would not "
+                         "be this adapter's; load it into a freshly loaded base model")
 
     # Checks done: from here on the model is modified.
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0) or 0.0)

@@ -310,7 +310,10 @@ def apply_lora(
 
     Returns:
         The same model. Only LoRA parameters (and ``modules_to_save``) require grad afterwards. Modules already
-        wrapped are left as they are (applying twice never nests wrappers).
+        wrapped are left as they are (applying twice never nests wrappers). The new layers are in training mode,
+        whatever the model's (``from_pretrained`` returns one in eval mode), as PEFT's ``get_peft_model`` leaves
+        its layers: a loop that never calls ``model.train()`` gets the LoRA dropout PEFT gives it, and
+        ``model.eval()`` / ``model.train()`` set every layer as usual.
 
     Raises:
         ValueError: bad hyper-parameters, targets matching nothing, ``modules_to_save`` entries all matching
@@ -350,7 +353,7 @@ def apply_lora(
                                      backend=backend)
         except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
             raise type(e)(f"apply_lora: {name}: {e}") from e
-        new[name] = wrapped.train(module.training)  # an eval model stays in eval (no dropout)
+        new[name] = wrapped.train()  # as PEFT's get_peft_model leaves its new layers, whatever the model's mode
     check_trainable_before_wrap(distributed_wrapper(model), "apply_lora", len(new), itertools.chain(
         (p for m in lora_layers(model).values() for p in m.lora.parameters()),
         (p for e in extras for p in model.get_submodule(e).parameters())))

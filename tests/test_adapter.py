@@ -419,13 +419,47 @@ def test_rank_mismatch_with_existing_layers_and_alpha_update(saved):
     directory, fresh, model = saved
     other = copy.deepcopy(fresh)
     apply_lora(fresh, target_modules=["c_attn"], rank=8, alpha=1)
-    with pytest.raises(ValueError, match=r"expected \(8, 32\), file has \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"expected \(8, 32\), file has \(4, 32\).*already has LoRA layers of rank "
+                                         r"8: .*lora_fast\.unload\(model\)"):
         load_adapter(fresh, directory)
     apply_lora(other, target_modules=["c_attn"], rank=4, alpha=1)  # same rank, wrong alpha: the file's alpha wins
     assert load_adapter(other, directory) == AdapterLoadResult([], [])
     assert all(m.scaling == 2.0 for m in lora_layers(other).values())
     ids = _ids()
     assert_rel_close(_logits(other, ids), _logits(model, ids), TOL, "existing layers reloaded")
+
+
+def test_swapping_to_an_adapter_without_the_previous_ones_modules_to_save_is_refused(tmp_path):
+    """Adapter E trains lm_head whole (modules_to_save), F does not. Loading F into a model holding E kept E's
+    trained head without a word: the outputs were not F's (1.75 off PEFT's loading of F), and a save_adapter wrote
+    the head into F's files. The head's original weights are gone (trained in place): refused, the model as it was."""
+    base = _gpt2()
+
+    def make(to_save, seed):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed)
+        apply_lora(model, target_modules=["c_attn"], rank=4, alpha=8, modules_to_save=to_save)
+        _randomise_lora(model)
+        if to_save:
+            with torch.no_grad():
+                model.lm_head.weight.add_(0.1)  # "trained"
+        save_adapter(model, tmp_path / str(seed))
+        return tmp_path / str(seed)
+
+    with_head, plain = make(["lm_head"], 1), make(None, 2)
+    model = copy.deepcopy(base)
+    load_adapter(model, with_head)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"holds modules saved whole by its previous adapter \(lm_head\), which "
+                                         r".* does not list"):
+        load_adapter(model, plain)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    load_adapter(model, with_head)  # the same adapter again (its head listed): still loads
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, plain)
+    peft_plain = PeftModel.from_pretrained(copy.deepcopy(base), plain).eval()
+    ids = _ids()
+    assert_rel_close(_logits(fresh, ids), _logits(peft_plain, ids), TOL, "F into a fresh base is F")
 
 
 def test_file_settings_reach_existing_layers_and_peft(tmp_path):
@@ -435,7 +469,7 @@ def test_file_settings_reach_existing_layers_and_peft(tmp_path):
     src = _gpt2()
     dst = copy.deepcopy(src)
     plain = copy.deepcopy(src)
-    apply_lora(src, ["c_attn"], rank=4, alpha=6.5, use_rslora=True, dropout=0.1)
+    apply_lora(src, ["c_attn"], rank=4, alpha=6.5, use_rslora=True, dropout=0.1).eval()
     _randomise_lora(src)
     save_adapter(src, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -567,7 +601,7 @@ def test_unsupported_config_and_models_are_refused(saved, tmp_path):
 def test_legacy_tutorial_bin_loads(tmp_path):
     model = _llama()
     fresh = copy.deepcopy(model)
-    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.1, use_rslora=True)
+    apply_lora(model, target_modules=["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.1, use_rslora=True).eval()
     _randomise_lora(model)
     lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}  # <module>.lora.lora_A/B
     torch.save({"lora_state_dict": lora_sd, "config": dict(model.lora_fast_config)}, tmp_path / "adapter_model.bin")

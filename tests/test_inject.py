@@ -1,5 +1,6 @@
 """Model injection: PEFT's matching rules, parity with PEFT's LoRA on GPT-2, merge/unload, parameter counts."""
 
+import copy
 import types
 import warnings
 
@@ -163,9 +164,21 @@ def test_freezes_everything_but_lora_and_never_nests():
         assert not isinstance(layer.linear, LinearWithLoRA)
 
 
-def test_injected_layers_follow_the_model_mode():
-    model = apply_lora(tiny_gpt2(), TARGETS, rank=2, dropout=0.5)  # tiny_gpt2() is in eval mode
-    assert all(not m.training for m in lora_layers(model).values())
+def test_injected_layers_train_as_pefts_do_whatever_the_model_mode():
+    """PEFT's get_peft_model leaves its new LoRA layers in training mode on a model from_pretrained returned in eval
+    mode: a loop that never calls model.train() trains with LoRA dropout. The layers followed the model's mode,
+    so the same loop trained without it. model.eval() / model.train() set them as usual."""
+    peft = pytest.importorskip("peft", reason="peft is not installed: the [dev] extra brings it")
+    base = tiny_gpt2()
+    assert not base.training  # as from_pretrained returns it
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.5))
+    peft_modes = {n.removeprefix("base_model.model."): m.training for n, m in pm.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    model = apply_lora(base, TARGETS, rank=2, dropout=0.5)
+    assert {n: m.training for n, m in lora_layers(model).items()} == peft_modes and all(peft_modes.values())
+    assert all(m.lora.lora_dropout.training for m in lora_layers(model).values())
+    assert not model.transformer.drop.training  # the model's own dropout stays as it was, as under PEFT
+    model.eval()
     ids = torch.randint(0, 101, (1, 8))
     assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout in eval
     model.train()

@@ -29,7 +29,7 @@ from tests.utils import assert_rel_close, transformers_major
 def _trained(dropout=0.0):
     """(base copy, LoRA model with nonzero B) — the base copy is the oracle for 'adapter off'."""
     base = tiny_gpt2()
-    model = apply_lora(copy.deepcopy(base), TARGETS, rank=4, alpha=8.0, dropout=dropout)
+    model = apply_lora(copy.deepcopy(base), TARGETS, rank=4, alpha=8.0, dropout=dropout).eval()  # new layers train
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora.lora_B.normal_(0, 0.1)
