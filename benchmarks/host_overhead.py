@@ -138,7 +138,9 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before lora_fast imports the kernels
     from benchmarks.utils import env_info, provider_env
     on_gpu = device.type == "cuda"
-    if on_gpu and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+    from lora_fast.kernels.launch import interpreting  # the kernels' own reading of the variable
+
+    if on_gpu and interpreting():
         p.error("TRITON_INTERPRET is set: on a GPU the figures would be the numpy interpreter's, not real launches; "
                 "unset it")
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":

@@ -553,6 +553,15 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         expected[k] = tuple(getattr(module, leaf).shape)
         destination[k] = id(getattr(module, leaf))
 
+    recorded = getattr(model, "lora_fast_config", None)
+    recorded_saved = (recorded.get("modules_to_save") or []) if isinstance(recorded, dict) and existing else []
+    left = [m for m in recorded_saved if m not in extras]  # (unload keeps them trained too: a fresh base only)
+    if left:  # trained in place: the new adapter's outputs would carry them, and save_adapter would write them
+        raise ValueError(f"load_adapter: the model holds modules saved whole by its previous adapter "
+                         f"({_names(left)}), which {source}'s config does not list: their trained weights would stay "
+                         "in the model (their original weights are gone, trained in place), so the outputs would not "
+                         "be this adapter's; load it into a freshly loaded base model")
+
     missing = sorted(k for k in expected if k not in state and k not in base_weights)
     unexpected = sorted(k for k in state if k not in expected)
     misshaped = [f"{k} (expected {expected[k]}, file has {tuple(v.shape)})"
@@ -566,8 +575,8 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         if existing and any(".lora_A." in m or ".lora_B." in m for m in misshaped):
             ranks = sorted({existing[n].rank for n in lora_names if n in existing})
             hint += (f". The model already has LoRA layers of rank {', '.join(map(str, ranks))}: an adapter loads "
-                     "into those; to load one of another rank, take them off first (lora_fast.unload(model)) or "
-                     "load into a fresh base model")
+                     "into those; to load one of another rank, load it into a fresh base model" + (
+                         "" if recorded_saved else " or take them off first (lora_fast.unload(model))"))
         raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: {_names(misshaped)}{hint}")
     groups = {}  # keys going into one (tied) tensor must agree: which one would win is arbitrary
     for k in state:
@@ -591,15 +600,6 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
             + (f"Unexpected {len(unexpected)} key(s): {_names(unexpected)}." if unexpected else "")
             + layers
         )
-    recorded = getattr(model, "lora_fast_config", None)
-    left = [m for m in (recorded.get("modules_to_save") or [] if isinstance(recorded, dict) and existing else [])
-            if m not in extras]
-    if left:  # trained in place: the new adapter's outputs would carry them, and save_adapter would write them
-        raise ValueError(f"load_adapter: the model holds modules saved whole by its previous adapter "
-                         f"({_names(left)}), which {source}'s config does not list: their trained weights would stay "
-                         "in the model (its original weights are gone, trained in place), so the outputs would not "
-                         "be this adapter's; load it into a freshly loaded base model")
-
     # Checks done: from here on the model is modified.
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0) or 0.0)
     if backend is not None:

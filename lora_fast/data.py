@@ -335,9 +335,10 @@ def separator_id(tokenizer) -> int | None:
 
 def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str, chunk: int = 1000) -> torch.Tensor:
     """Token ids of ``docs``, each encoded as the tokenizer encodes a text (its special tokens included, as HF's
-    ``run_clm`` tokenizes: a Llama/Mistral/Gemma tokenizer's BOS opens every document, GPT-2's adds nothing) and
-    followed by EOS (``separator_id``) unless the encoding already ends with it (BERT-style ``[CLS] … [SEP]``),
-    concatenated and cut into full blocks: (n_blocks, max_length) int64.
+    ``run_clm`` tokenizes: a Llama/Mistral/Gemma tokenizer's BOS opens every document, GPT-2's adds nothing),
+    concatenated with one EOS (``separator_id``) after each — none added where the encoding already ends with it
+    (BERT-style ``[CLS] … [SEP]``) or the next one opens with it (OPT's BOS is its EOS) — and cut into full
+    blocks: (n_blocks, max_length) int64.
 
     Tokenized ``chunk`` documents at a time into an int64 buffer: one call over the whole corpus kept every token
     as a Python int in lists (about 165 bytes per token, a review measured; wikitext-103's 120M tokens ~ 18 GiB).
@@ -354,11 +355,13 @@ def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str, chunk: in
         # blocks below are max_length tokens each
         enc = tokenizer(docs[i:i + chunk], verbose=False, return_attention_mask=False,
                         return_token_type_ids=False)["input_ids"]
-        for doc in enc:
-            ids.extend(doc)
-            if not doc or doc[-1] != eos:
+        for doc in enc:  # one separator between documents: none where one ends or the next opens with it
+            if ids and ids[-1] != eos and doc[:1] != [eos]:  # (OPT's, and GPT-2's with add_bos_token: BOS is EOS)
                 ids.append(eos)
+            ids.extend(doc)
         del enc
+    if ids and ids[-1] != eos:
+        ids.append(eos)  # the last document closed as the others
     n = len(ids) // max_length
     if n == 0:
         raise ConfigError(f"the {split} split has {len(ids)} tokens, fewer than max_length={max_length}; use more "

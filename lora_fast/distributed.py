@@ -12,6 +12,7 @@ What each rank does:
                 shards (``DistributedSampler``: rank k takes positions k, k+W, ...). Step t of the run consumes
                 positions [t·G, (t+1)·G) of the permutation, G = batch_size × world_size × grad_accum the global
                 batch, whatever the world size: N processes with batch B train like one process with batch N·B.
+                (A step never spans two passes: with G past a pass, each step takes the pass, with a warning.)
                 The single-process run uses the same sampler (W = 1), so this holds against a plain run too, up
                 to the end of each pass: the permutation's last (n mod W) examples are left out of that pass
                 (``drop_last``; the permutation changes each pass, so do they) — padding the shards instead

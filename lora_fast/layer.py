@@ -340,8 +340,9 @@ class LinearWithLoRA(nn.Module):
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
             if self.merged and self.training and torch.is_grad_enabled() and self.lora.lora_A.requires_grad:
                 warnings.warn("LinearWithLoRA: a training-mode forward of a merged layer: the adapter gets no "
-                              "gradient (its term is inside the frozen W₀); unmerge first (lora_fast.unmerge_lora)",
-                              stacklevel=2)
+                              "gradient (its term is inside the frozen W₀); unmerge first (lora_fast.unmerge_lora), "
+                              "or, for inference, call model.eval() (apply_lora's layers start in training mode, "
+                              "as PEFT's)", stacklevel=2)
             return self.linear(x)
         if not self.fusable():
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:

@@ -8,7 +8,8 @@ pass whose micro-batches do not divide evenly ends with one step on the leftover
 passes), fp16/bf16 autocast
 (a gradient scaler with fp16), periodic evaluation (loss over every target token or example, and perplexity, or
 accuracy), a tqdm bar with loss, learning rate and tokens/s. Ctrl-C stops the loop, and
-what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130);
+what has been trained so far is saved like a finished run (``interrupted: true`` in the metrics, exit status 130;
+before the first optimizer step nothing is written);
 so does SIGTERM (a scheduler's preemption). Under torchrun the ranks stop together at an optimizer-step boundary
 (``lora_fast.distributed``, "stopping"). ``--save_steps`` writes resumable checkpoints
 and ``--resume_from_checkpoint`` continues one, bit for bit (``lora_fast.train_ckpt``).
@@ -19,8 +20,9 @@ Outputs (``--output_dir``, written all at once, see ``lora_fast.train_io``): ``a
 base), ``training_loss_curve.png`` and ``model_comparison.txt``.
 
 Several processes: ``torchrun --nproc_per_node N -m lora_fast.train ...`` trains with DDP (``--distributed fsdp``
-for FSDP2); the global batch is batch_size × N × gradient_accumulation_steps, rank 0 alone writes and shows
-progress (see ``lora_fast.distributed``). One process and N processes see the same sequence of global batches.
+for FSDP2); the global batch is batch_size × N × gradient_accumulation_steps (a pass at most), rank 0 alone writes
+and shows progress (see ``lora_fast.distributed``). One process and N processes see the same sequence of global
+batches.
 """
 
 from __future__ import annotations
@@ -305,7 +307,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                          f"{ctx.world_size} processes: each needs at least one")
     # --eval_batches counts global batches (batch_size × processes × accumulation sequences), so that runs with the
     # same global batch evaluate the same sequences; evaluate() takes per-device loader batches over all ranks
-    eval_cap = opts.eval_batches * ctx.world_size * ga if opts.eval_batches else None
+    eval_cap = opts.eval_batches * ctx.world_size * min(ga, n_micro) if opts.eval_batches else None  # a step's
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     if ga > n_micro:  # a step never spans two passes (as the HF Trainer's): the whole pass is each step's batch
         log(f"lora-fast: warning: --gradient_accumulation_steps {ga} exceeds the {n_micro} micro-batches of one "
@@ -315,7 +317,8 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     total = total_steps(opts.max_steps, opts.epochs, steps_per_epoch)
     if opts.save_steps and opts.save_steps > total:
         log(f"lora-fast: warning: --save_steps {opts.save_steps} exceeds the run's {total} optimizer steps: no "
-            "checkpoint will be written (the output directory still gets the final adapter)")
+            "periodic checkpoint will be written (an interrupt still writes one; the output directory gets the "
+            "final adapter)")
     resumed = C.load_checkpoint(resume_path, opts, digest, ctx, total, base) if resume_path else None
     if resumed:
         C.load_trainable(plain, resumed["trainable"], resume_path)  # DDP replicas: every rank loads the same

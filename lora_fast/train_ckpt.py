@@ -48,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +244,11 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
                 # list_checkpoints (and --resume_from_checkpoint latest) takes for complete with files gone
                 doomed = path.with_name(f".{path.name}.deleting")
                 shutil.rmtree(doomed, ignore_errors=True)
-                os.replace(path, doomed)
+                try:
+                    os.replace(path, doomed)
+                except OSError as e:  # the checkpoint just written is in place: a failed pruning must not end the run
+                    warnings.warn(f"save_total_limit: could not remove {str(path)!r} ({e}); it is kept", stacklevel=2)
+                    continue
                 shutil.rmtree(doomed, ignore_errors=True)
     return final
 

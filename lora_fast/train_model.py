@@ -182,15 +182,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ConfigError(f"--model {name!r} is not a saved transformers model directory (no config.json)")
-        if task == "causal-lm":  # an encoder is refused on its config, before transformers' load report of a
-            from transformers import AutoConfig  # missing LM head buries the one line that says why
-
-            try:
-                config = AutoConfig.from_pretrained(path)
-            except Exception:  # noqa: BLE001  (the load below names what is wrong)
-                config = None
-            if config is not None:
-                check_causal(config, name)
+        _refuse_encoder(task, name, path)
         try:
             return cls.from_pretrained(path, **kw), str(path.resolve())
         except Exception as e:  # noqa: BLE001  (broken weights raise OSError, ValueError, RuntimeError, ...)
@@ -200,6 +192,8 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise ConfigError(f"model directory {name!r} does not exist")
     reachable = hub_reachable()
+    with _offline(not reachable):  # outside the try below: its refusal must not read as "not cached"
+        _refuse_encoder(task, name, name, local_files_only=True, cache_dir=cache_dir)
     try:  # the cache first
         with _offline(not reachable):
             return cls.from_pretrained(name, local_files_only=True, cache_dir=cache_dir, **kw,
@@ -207,6 +201,7 @@ def load_base_model(name: str, task: str = "causal-lm", num_labels: int = 2, see
     except Exception:  # noqa: BLE001  (not cached; decided below)
         pass
     if reachable:
+        _refuse_encoder(task, name, name, cache_dir=cache_dir)
         try:
             return cls.from_pretrained(name, cache_dir=cache_dir, **kw), name
         except Exception as e:  # noqa: BLE001
@@ -233,6 +228,21 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "
 PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
                                       "roberta-prelayernorm", "data2vec-text", "ibert", "xmod", "luke", "esm",
                                       "markuplm", "layoutlmv3", "lilt"})
+
+
+def _refuse_encoder(task: str, name: str, source, **kw) -> None:
+    """``check_causal`` on the config alone, before the weights load: transformers' load report of an encoder's
+    missing LM head (~20 lines) buried the one line that says why it is refused. A config that does not load is
+    left to the model's loading, which names the problem."""
+    if task != "causal-lm":
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+    except Exception:  # noqa: BLE001
+        return
+    check_causal(config, name)
 
 
 def check_causal(model, name: str) -> None:

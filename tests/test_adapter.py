@@ -435,10 +435,10 @@ def test_swapping_to_an_adapter_without_the_previous_ones_modules_to_save_is_ref
     the head into F's files. The head's original weights are gone (trained in place): refused, the model as it was."""
     base = _gpt2()
 
-    def make(to_save, seed):
+    def make(to_save, seed, rank=4):
         model = copy.deepcopy(base)
         torch.manual_seed(seed)
-        apply_lora(model, target_modules=["c_attn"], rank=4, alpha=8, modules_to_save=to_save)
+        apply_lora(model, target_modules=["c_attn"], rank=rank, alpha=8, modules_to_save=to_save)
         _randomise_lora(model)
         if to_save:
             with torch.no_grad():
@@ -446,13 +446,17 @@ def test_swapping_to_an_adapter_without_the_previous_ones_modules_to_save_is_ref
         save_adapter(model, tmp_path / str(seed))
         return tmp_path / str(seed)
 
-    with_head, plain = make(["lm_head"], 1), make(None, 2)
+    with_head, plain, plain8, head8 = make(["lm_head"], 1), make(None, 2), make(None, 3, 8), make(["lm_head"], 4, 8)
     model = copy.deepcopy(base)
     load_adapter(model, with_head)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"holds modules saved whole by its previous adapter \(lm_head\), which "
-                                         r".* does not list"):
-        load_adapter(model, plain)
+    for other in (plain, plain8):  # of another rank too: this is said first (unload would keep the head as well)
+        with pytest.raises(ValueError, match=r"holds modules saved whole by its previous adapter \(lm_head\), "
+                                             r"which .* does not list"):
+            load_adapter(model, other)
+    with pytest.raises(ValueError, match=r"rank 4: .*load it into a fresh base model\)?$") as e:
+        load_adapter(model, head8)
+    assert "unload" not in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     load_adapter(model, with_head)  # the same adapter again (its head listed): still loads
     fresh = copy.deepcopy(base)

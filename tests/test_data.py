@@ -258,6 +258,7 @@ def _word_tokenizer(template: str | None):
     (None, [], []),  # GPT-2: nothing added, EOS between documents
     ("<s> $A", ["<s>"], []),  # Llama / Mistral / Gemma: BOS opens every document (it was dropped)
     ("<s> $A </s>", ["<s>"], ["</s>"]),  # a tokenizer that closes with EOS itself: not doubled
+    ("</s> $A", ["</s>"], []),  # OPT's (and GPT-2's with add_bos_token): the BOS is the EOS, not doubled
 ])
 def test_lm_blocks_encode_each_document_as_the_tokenizer_does(template, opens, closes):
     """The blocks are the documents encoded as the tokenizer encodes a text (HF run_clm's way), each followed by
@@ -265,16 +266,22 @@ def test_lm_blocks_encode_each_document_as_the_tokenizer_does(template, opens, c
     from lora_fast.data import lm_blocks
 
     tokenizer, vocab = _word_tokenizer(template)
-    want = []
-    for d in DOCS:  # the oracle: the vocabulary by hand
+    eos, want = vocab["</s>"], []
+    for d in DOCS:  # the oracle: the vocabulary by hand, one EOS between documents and at the end
         doc = [vocab[t] for t in opens] + [vocab[w] for w in d.split()] + [vocab[t] for t in closes]
-        want += doc + ([] if doc[-1:] == [vocab["</s>"]] else [vocab["</s>"]])
+        want += ([eos] if want and want[-1] != eos and doc[:1] != [eos] else []) + doc
+    want += [] if want[-1] == eos else [eos]
     T = 5
     n = len(want) // T
     for chunk in (1, 3, 1000):
         got = lm_blocks(tokenizer, DOCS, T, "train", chunk=chunk)
         assert got.dtype == torch.long and got.shape == (n, T)
         assert got.flatten().tolist() == want[: n * T]
+    # two documents (none empty, as load_texts gives them): one EOS between, never two
+    got = lm_blocks(tokenizer, ["the cat", "a dog"], 1, "train").flatten().tolist()
+    assert got == [vocab[t] for t in [*opens, "the", "cat", *closes]] + (
+        [] if (closes or opens) == ["</s>"] else [vocab["</s>"]]) + [vocab[t] for t in [*opens, "a", "dog"]] + [
+        vocab["</s>"]]
 
 
 def test_lm_blocks_of_a_bert_tokenizer_separate_by_its_own_sep():

@@ -16,7 +16,7 @@ ENV = {"device": GPU, "torch": "t", "triton": "t", "transformers": "t", "commit"
        "timestamp": "2026-01-01T00:00:00Z"}
 LAYER = {"layer": "c_attn", "M": 8192, "K": 768, "N": 2304, "r": 16, "dropout": 0.1, "dtype": "bf16"}  # the targets'
 GPT2 = {"model": "gpt2-124M", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257, "batch": 8, "seq": 1024,
-        "r": 16, "alpha": 32, "dropout": 0.1, "dtype": "bf16-autocast"}
+        "r": 16, "alpha": 32, "dropout": 0.1, "dtype": "bf16-autocast", "targets": ["c_attn", "c_proj", "c_fc"]}
 
 
 def layer_row(prov, mode, metric, values, cfg=LAYER, **env):
@@ -135,7 +135,8 @@ def test_only_the_target_configuration_is_judged():
     # GPT-2: only 124M at batch 8 × 1024, r=16, dropout 0.1, eager, without checkpointing is the target's run
     gpt2_off = [{**GPT2, k: v} for k, v in [("model", "gpt2-tiny"), ("batch", 4), ("seq", 512), ("r", 8),
                                             ("dropout", 0.0), ("checkpointing", "non-reentrant"),
-                                            ("compile_backend", "aot_eager")]]
+                                            ("compile_backend", "aot_eager"), ("alpha", 16), ("targets", ["c_attn"]),
+                                            ("n_head", 6)]]
     rows += [gpt2_row(prov, "train", metric, [100.0], cfg) for cfg in [GPT2, *gpt2_off]
              for prov in ("peft", "lora_fast") for metric in ("tokens_per_s", "peak_mem")]
     lines = targets(rows)
@@ -149,11 +150,15 @@ def test_gpt2_configs_differing_in_a_key_off_the_title_get_titles_that_say_so():
     """The gpt2 and gpt2-ckpt stages write configs that differ only in ``checkpointing``: their two tables had the
     same title. Every key the title does not show is appended to it."""
     rows = [gpt2_row(prov, "train", "time", [10.0], cfg) for prov in ("peft", "lora_fast")
-            for cfg in (GPT2, {**GPT2, "checkpointing": "non-reentrant"}, {**GPT2, "compile_backend": "aot_eager"})]
+            for cfg in (GPT2, {**GPT2, "checkpointing": "non-reentrant"}, {**GPT2, "compile_backend": "aot_eager"},
+                        {**GPT2, "targets": ["c_attn"]})]
     titles = [line for line in report.gpt2_section(GPU, rows, report.index(rows)) if line.startswith("**")]
-    assert len(titles) == len(set(titles)) == 3, titles
+    assert len(titles) == len(set(titles)) == 4, titles
     assert sum("checkpointing=non-reentrant" in t for t in titles) == 1
     assert sum("compile_backend=aot_eager" in t for t in titles) == 1
+    assert sum("targets=['c_attn']" in t for t in titles) == 1  # a key every config has: named where they differ
+    one = [gpt2_row("peft", "train", "time", [10.0])]
+    assert "targets" not in next(t for t in report.gpt2_section(GPU, one, report.index(one)) if t.startswith("**"))
 
 
 def test_provenance_spans_the_earliest_to_the_latest_timestamp():
@@ -394,7 +399,7 @@ def test_a_non_finite_figure_is_refused_naming_its_line(tmp_path, capsys, no_plo
 
 
 @pytest.mark.parametrize(("bench", "key"), [*(("layer", k) for k in LAYER),
-                                             *(("gpt2", k) for k in GPT2 if k not in ("n_head", "vocab"))])
+                                             *(("gpt2", k) for k in GPT2 if k not in report.GPT2_USUAL_KEYS)])
 def test_a_config_missing_a_key_the_report_reads_is_refused_naming_its_line(tmp_path, capsys, no_plots, bench, key):
     make, cfg = (layer_row, LAYER) if bench == "layer" else (gpt2_row, GPT2)
     path, line = bad_csv(tmp_path, make("lora_fast", "full" if bench == "layer" else "train", "time", [1.0],

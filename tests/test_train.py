@@ -203,6 +203,27 @@ def test_ctrl_c_before_the_first_step_writes_nothing_and_keeps_the_previous_run(
     assert not list(tmp_path.glob(".*staging*"))
 
 
+def test_a_cached_hub_encoder_is_refused_on_its_config(tmp_path, monkeypatch):
+    """--model bert-like hub name as a causal LM: refused from the cached config, before the weights (here not even
+    cached) are looked for; only local directories were checked first."""
+    import huggingface_hub.constants
+    from transformers import BertConfig
+
+    import lora_fast.train_model as train_model
+    from lora_fast.train_args import ConfigError
+
+    cache = tmp_path / "hub"
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(cache / "models--tiny--bert" / "snapshots" / "abc")
+    (cache / "models--tiny--bert" / "refs").mkdir()
+    (cache / "models--tiny--bert" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(cache), raising=False)  # 4.x's copy
+    monkeypatch.setattr(train_model, "hub_reachable", lambda: False)
+    with pytest.raises(ConfigError, match=r"--model 'tiny/bert' is an encoder \(bert, not a causal decoder\)"):
+        train_model.load_base_model("tiny/bert", "causal-lm")
+
+
 def test_failure_with_dataloader_workers_exits(tiny_gpt2, tmp_path):
     """A run that fails mid-training (here an exception from the step callback, as a CUDA OOM would) with
     ``--num_workers 1`` exits with the error. It used to hang at interpreter exit: the traceback kept the loader's
@@ -577,7 +598,8 @@ def test_save_steps_past_the_last_step_is_said(tiny_gpt2, tmp_path):
                              "--eval_batches", "1", "--output_dir", str(tmp_path / "out"), "--no-progress"])
     logged = []
     train(opts, prepare(opts, log=logged.append), log=logged.append)
-    assert any("--save_steps 50 exceeds the run's 2 optimizer steps: no checkpoint" in msg for msg in logged), logged
+    said = "--save_steps 50 exceeds the run's 2 optimizer steps: no periodic checkpoint"
+    assert any(said in msg for msg in logged), logged
     assert not list((tmp_path / "out-checkpoints").glob("checkpoint-*"))
 
 
