@@ -114,8 +114,8 @@ def classifier_head_name(model: nn.Module) -> str | None:
 
 
 def _resolve_targets(model: nn.Module, target_modules):
-    if target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if target_modules is None:  # the model's own type, through DDP / DataParallel / compile wrappers
+        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
             raise ValueError(
                 f"no default target_modules for model_type={model_type!r}; pass target_modules= (names, a regex, "

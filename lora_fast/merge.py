@@ -260,8 +260,14 @@ def unload(model: nn.Module) -> nn.Module:
         if m.merged:
             m.unmerge_weights()
         _set_submodule(model, name, m.linear)
+    cfg = getattr(model, "lora_fast_config", None)
+    trained = (cfg.get("modules_to_save") or []) if isinstance(cfg, dict) else []
     if hasattr(model, "lora_fast_config"):
         del model.lora_fast_config
+    if trained:
+        warnings.warn(f"unload: {', '.join(trained)} (modules_to_save) keep their trained weights, as PEFT's unload "
+                      "keeps its trained copy: the model is not the base model again; load another adapter into a "
+                      "freshly loaded base", stacklevel=2)
     copied = _copy_flag_ties(model)
     if copied:
         warnings.warn(f"unload: {', '.join(copied)} got a copy of the input embeddings of their own: the cleared "

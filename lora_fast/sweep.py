@@ -67,8 +67,9 @@ def _numbers(values, kind, name):
 
 def target_sets(ns, opts) -> list[str]:
     """The target sets to sweep: ``--target_sets``; else ``--target_modules`` (CLI or YAML) as one set; else the
-    defaults. Both given is an error (one of them would be ignored)."""
-    if ns.target_sets is not None and opts.target_modules is not None:
+    defaults. Both on the command line is an error (one of them would be ignored); ``--target_sets`` wins over a
+    config file's ``target_modules``, as the command line wins over the file everywhere."""
+    if ns.target_sets is not None and ns.target_modules is not None:
         raise ConfigError("give either --target_sets (the sets to compare) or --target_modules (one set for every "
                           "run), not both")
     if ns.target_sets is not None:
@@ -90,8 +91,10 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
             + [(base_rank, a, t0) for a in alphas] + [(base_rank, base_alpha, t) for t in target_sets]
     seen, runs, names = set(), [], set()
     for r, a, t in combos:
-        if (r, a, t) not in seen:
-            seen.add((r, a, t))
+        targets = normalize_targets([t])  # "c_attn,c_proj", "c_proj, c_attn," and "c_attn,c_proj," are one set
+        key = (r, a, tuple(sorted(targets)) if isinstance(targets, list) else targets)
+        if key not in seen:
+            seen.add(key)
             name = re.sub(r"[^A-Za-z0-9_.+-]", "_", t.replace(",", "+"))
             run, n = f"r{r}_a{a:g}_{name}", 2
             while run in names:  # two spellings that sanitise alike ("(0)" and "[0]") get distinct directories
@@ -103,7 +106,10 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
 
 def _table_md(rows) -> str:
     def fmt(v):
-        text = f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+        if v is None:
+            return "–"
+        text = (f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 1e4 else f"{v:.4g}" if isinstance(v, float)
+                else f"{v:,}" if isinstance(v, int) else str(v))
         return text.replace("|", "\\|")  # a target regex's alternation must not split the cell
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -117,6 +123,12 @@ def _table_csv(rows) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def best_run(rows) -> dict | None:
+    """The finished run with the lowest final eval loss (an interrupted, failed or diverged run is not a candidate)."""
+    done = [r for r in rows if r["status"] == "ok" and r["final_eval_loss"] is not None]
+    return min(done, key=lambda r: r["final_eval_loss"]) if done else None
 
 
 def _failed_row(spec: dict, error: Exception) -> dict:
@@ -145,14 +157,29 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     A run that raises (out of memory at the largest rank, say) is a table row with ``status`` "failed: ..." and no
     metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
     after the current run saves what it trained; the table then holds the runs so far."""
-    from lora_fast.distributed import held_signals
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from lora_fast.distributed import held_signals, torchrun_env
     from lora_fast.plots import sweep_plot
     from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
+    env = torchrun_env()
+    if getattr(opts, "distributed", "auto") not in ("auto", "none") or (env is not None and env["world_size"] > 1):
+        raise ConfigError("lora-fast sweep trains in one process (no --distributed, no torchrun with several "
+                          "processes); train one configuration across processes with lora-fast train")
     check_tf32(getattr(opts, "tf32", None), resolve_device(opts.device))
-    prep = prepare(opts, log)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not opts.progress:  # --no-progress also hides transformers' "Loading weights" bar, as in train
+        hf_logging.disable_progress_bar()
+    try:
+        torch.manual_seed(opts.seed)  # weights from_pretrained initialises follow --seed, as in lora-fast train
+        prep = prepare(opts, log)
+    finally:
+        if bars and not opts.progress:
+            hf_logging.enable_progress_bar()
     from lora_fast.train import check_rank
 
     for spec in runs:  # every target set must match, every rank fit, before minutes of training start
@@ -173,7 +200,7 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
         with held_signals() as held:  # the table of the finished runs: a signal now must not discard it
             write_atomic(staged.path / "sweep_results.md", _table_md(rows))
             write_atomic(staged.path / "sweep_results.csv", _table_csv(rows))
-            plotted = [r for r in rows if r["final_eval_loss"] is not None]
+            plotted = [r for r in rows if r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])]
             if plotted:
                 sweep_plot(staged.path / "sweep_plot.png", plotted)
             staged.commit()
@@ -199,6 +226,11 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
         ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
         try:
             m = train(ro, prep, log=log)
+        except ConfigError:
+            if not rows:  # the first run refused an option (the backend, say): every run would; exit 2, no output
+                raise
+            m = None
+            rows.append(_failed_row(spec, sys.exc_info()[1]))
         except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)
             log(f"lora-fast sweep: run {spec['run']} failed: {type(e).__name__}: {e}")
             rows.append(_failed_row(spec, e))
@@ -207,13 +239,16 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
             _free_memory()
             continue
         p = m["parameters"]
+        loss = m["final_eval_loss"]
+        status = ("interrupted" if m["interrupted"] else
+                  "diverged (eval loss not finite)" if loss is not None and not math.isfinite(loss) else "ok")
         rows.append({"run": spec["run"], "rank": spec["rank"], "alpha": spec["alpha"],
                      "target_modules": spec["targets"], "final_eval_loss": m["final_eval_loss"],
                      "final_eval_step": m["final_eval_step"],
                      "final_perplexity": m["final_perplexity"], "trainable_params": p["trainable"],
                      "trainable_pct": p["percentage"], "tokens_per_sec": m["train_tokens_per_sec"],
                      "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"],
-                     "steps": m["steps"], "status": "interrupted" if m["interrupted"] else "ok"})
+                     "steps": m["steps"], "status": status})
         if m["interrupted"]:
             log("lora-fast sweep: interrupted; writing the table of the runs so far")
             return True
@@ -225,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted)."""
     ns = build_parser().parse_args(argv)
     try:
-        if ns.output_dir is None and not (ns.config and "output_dir" in load_yaml(ns.config)):
+        if ns.output_dir is None and not (ns.config and load_yaml(ns.config).get("output_dir") is not None):
             ns.output_dir = DEFAULT_OUTPUT_DIR
         opts = resolve(ns)
         ranks = _numbers(ns.ranks, int, "ranks")
@@ -236,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             raise ConfigError(f"lora-fast sweep does not checkpoint ({', '.join(given)}); train the configuration "
                               "to resume with lora-fast train")
+        if ns.grid == "full" and (ns.rank is not None or ns.alpha is not None):
+            raise ConfigError("--grid full runs every combination of --ranks and --alphas; --rank/--alpha (the "
+                              "one-at-a-time baseline) would be ignored: put them into --ranks/--alphas")
         runs = plan_runs(ranks, alphas, target_sets(ns, opts), opts.rank, opts.alpha, ns.grid)
         from lora_fast.train import sigterm_as_interrupt
 
@@ -248,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         print("lora-fast sweep: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(_table_md(rows))
-    print(f"Sweep outputs in {opts.output_dir}: sweep_results.md, sweep_results.csv, sweep_plot.png, one directory "
-          "per run")
+    best = best_run(rows)
+    if best is not None:
+        print(f"Best: {best['run']} (eval loss {best['final_eval_loss']:.4g} at step {best['final_eval_step']})")
+    plot = ", sweep_plot.png" if any(r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])
+                                     for r in rows) else ""
+    print(f"Sweep outputs in {opts.output_dir}: sweep_results.md, sweep_results.csv{plot}, one directory per run")
     failed = [r["run"] for r in rows if r["status"].startswith("failed")]
     if failed:
         print(f"lora-fast sweep: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); see the status "

@@ -249,6 +249,9 @@ def resolve(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> argparse.Nam
         v = getattr(ns, name, None)
         if v is not None:
             merged[name] = v
+    for a, b in (("fp16", "bf16"), ("bf16", "fp16")):  # one chosen on the command line wins over the file's other
+        if getattr(ns, a, None) and getattr(ns, b, None) is None:
+            merged[b] = False
     merged["config"] = getattr(ns, "config", None)
     opts = validate(merged)
     for name in extra:

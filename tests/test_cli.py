@@ -42,6 +42,10 @@ def test_yaml_values_and_command_line_precedence(tmp_path):
     assert o.batch_size == 8 and o.dropout == 0.0  # untouched options keep their defaults
     o = parse_train_args(["--config", str(cfg), "--rank", "16", "--target_modules", "all-linear", "--no-bf16"])
     assert (o.rank, o.alpha, o.target_modules, o.bf16) == (16, 8.0, "all-linear", False)
+    o = parse_train_args(["--config", str(cfg), "--fp16"])  # one precision on the command line wins over the file's
+    assert (o.fp16, o.bf16) == (True, False)
+    with pytest.raises(ConfigError, match="choose one of fp16 and bf16"):
+        parse_train_args(["--fp16", "--bf16"])  # both on the command line: which one was meant is unknown
     assert parse_train_args(["--target_modules", r"h\.\d+\.attn\.c_attn"]).target_modules == r"h\.\d+\.attn\.c_attn"
 
 
@@ -549,7 +553,8 @@ def test_sweep_target_modules_used_or_refused(tmp_path, capsys):
     runs = plan_runs([], [], [".*(0).attn.c_attn", ".*[0].attn.c_attn"], 8, 16.0, "one-at-a-time")
     assert len({r["run"] for r in runs}) == 2  # both spellings sanitise alike: distinct directories anyway
     with pytest.raises(ConfigError, match="not both"):
-        sets(["--config", str(cfg), "--target_sets", "c_attn"])
+        sets(["--target_modules", "c_fc", "--target_sets", "c_attn"])
+    assert sets(["--config", str(cfg), "--target_sets", "c_attn"]) == ["c_attn"]  # the command line wins
     for bad in ("nan", "inf"):
         assert cli_main(["sweep", "--alphas", "16", bad, "--output_dir", str(tmp_path / "o")]) == 2
         assert f"--alphas: '{bad}' must be a positive finite number" in capsys.readouterr().err

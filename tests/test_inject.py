@@ -185,6 +185,13 @@ def test_injected_layers_train_as_pefts_do_whatever_the_model_mode():
     assert all(m.lora.training for m in lora_layers(model).values())
 
 
+def test_default_targets_are_the_wrapped_models_own():
+    """target_modules=None reads the model_type of the model inside DataParallel / DDP / compile wrappers (a
+    DataParallel-wrapped GPT-2 raised "no default target_modules for model_type=None")."""
+    plain = find_target_modules(tiny_gpt2(), None)
+    assert plain and find_target_modules(nn.DataParallel(tiny_gpt2()), None) == [f"module.{n}" for n in plain]
+
+
 def test_apply_lora_to_gpt2_default_is_c_attn():
     model = apply_lora_to_gpt2(tiny_gpt2(), rank=4, alpha=8.0)
     assert sorted(lora_layers(model)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]

@@ -113,6 +113,21 @@ def test_unload_restores_the_base_modules_and_drops_the_adapter():
     assert unload(layer) is layer.linear
 
 
+def test_unload_says_that_modules_trained_whole_stay_trained():
+    """unload keeps modules_to_save as trained (PEFT's too): the model is not the base again, and a later
+    load_adapter cannot tell (the record is gone). The README said "back to the plain base model"; a warning names
+    them now."""
+    model = apply_lora(tiny_gpt2(), ["c_attn"], rank=2, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # trained
+    with pytest.warns(UserWarning, match=r"unload: lm_head \(modules_to_save\) keep their trained weights.*freshly "
+                                         r"loaded base"):
+        unload(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unload(apply_lora(tiny_gpt2(), ["c_attn"], rank=2))  # nothing trained whole: nothing to say
+
+
 def test_nothing_to_do_warns_and_no_lora_layer_is_an_error():
     _, model = _trained()
     with warnings.catch_warnings():

@@ -274,7 +274,7 @@ def test_sweep_defaults_are_the_parsers():
     defaults = vars(sweep.build_parser().parse_args([]))
     (ranks,) = stated(r"`--ranks` \(default ([\d ]+)\)", text)
     (alphas,) = stated(r"`--alphas` \(([\d ]+)\)", text)
-    sets = stated(r"`--target_sets` \(`([^`]+)` vs `([^`]+)`\)", text)
+    sets = stated(r"`--target_sets` \(default `([^`]+)` vs `([^`]+)`;", text)
     (grid,) = stated(r"`--grid ([a-z|-]+)`", text)
     (out_dir,) = stated(r"into `([^`]+)`", text[text.index("`lora-fast sweep`") :])
     assert [int(v) for v in defaults["ranks"]] == [int(v) for v in ranks.split()]

@@ -163,3 +163,55 @@ def test_a_failing_run_is_a_row_and_the_finished_runs_are_kept(tiny_gpt2, corpus
         assert (out / rows[r]["run"] / "adapter_model.safetensors").is_file()
     assert (out / "sweep_plot.png").is_file() and "failed: OutOfMemoryError" in (out / "sweep_results.md").read_text()
     assert "1 of 3 runs failed" in capsys.readouterr().err
+
+
+def test_an_option_the_first_run_refuses_is_a_one_line_error_and_nothing_is_written(tiny_gpt2, corpus, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """An option only train() checks (--backend triton where Triton cannot run, say) made every run a "failed" row,
+    exit 1, with an output directory of failures. The first run's refusal is now the sweep's: exit 2, nothing
+    written. --distributed is refused before the model loads."""
+    import lora_fast.train as train_mod
+    from lora_fast.train_args import ConfigError
+
+    def refusing(opts, prep, log=None):
+        raise ConfigError("backend 'triton' needs ... (simulated)")
+
+    monkeypatch.setattr(train_mod, "train", refusing)
+    out = tmp_path / "sweep"
+    assert cli_main(_sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--ranks", "2", "4")) == 2
+    assert "lora-fast sweep: error: backend 'triton' needs ... (simulated)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*staging*"))
+    assert cli_main(_sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--distributed", "ddp")) == 2
+    assert "lora-fast sweep trains in one process" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_base_model_loads_under_the_seed_as_in_train(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    """Weights from_pretrained initialises itself (a checkpoint lacking some) followed torch's start-up seed in a
+    sweep, so two identical sweeps differed from each other and from lora-fast train; run() seeds first."""
+    import lora_fast.train as train_mod
+
+    real, drawn = train_mod.prepare, []
+
+    def prepare(opts, log=None):
+        drawn.append(torch.rand(3))  # what a newly initialised weight would draw first
+        return real(opts, log)
+
+    monkeypatch.setattr(train_mod, "prepare", prepare)
+    torch.manual_seed(12345)  # any state: the sweep must not depend on it
+    assert cli_main(_sweep(tiny_gpt2, corpus, tmp_path / "sweep", "--max_steps", "1", "--ranks", "2", "--rank", "2",
+                           "--alphas", "16", "--seed", "7")) == 0
+    torch.manual_seed(7)
+    assert torch.equal(drawn[0], torch.rand(3))
+
+
+def test_grid_plan_refuses_ignored_baselines_and_merges_spellings_of_one_set(tiny_gpt2, corpus, tmp_path, capsys):
+    """--grid full ignores --rank/--alpha (refused, not silent); one target set spelled several ways is one run."""
+    from lora_fast.sweep import best_run, plan_runs
+
+    assert cli_main(_sweep(tiny_gpt2, corpus, tmp_path / "s", "--grid", "full", "--rank", "16")) == 2
+    assert "--grid full runs every combination" in capsys.readouterr().err
+    runs = plan_runs([8], [16.0], ["c_attn,c_proj", "c_proj,c_attn", " c_attn,c_proj,", "c_fc"], 8, 16.0, "full")
+    assert [r["targets"] for r in runs] == ["c_attn,c_proj", "c_fc"]
+    rows = [{"run": n, "status": s, "final_eval_loss": v} for n, s, v in
+            [("a", "ok", 3.0), ("b", "interrupted", 1.0), ("c", "failed: X", None), ("d", "ok", 2.5)]]
+    assert best_run(rows)["run"] == "d" and best_run(rows[1:3]) is None
