@@ -236,8 +236,8 @@ def _merge_main(argv) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``lora-fast`` entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; no command (an error): stderr, 2
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":

@@ -23,11 +23,13 @@ import copy
 import csv
 import io
 import itertools
+import json
 import math
 import re
 import sys
+from pathlib import Path
 
-from lora_fast.train_args import ConfigError, add_train_options, load_yaml, normalize_targets, resolve
+from lora_fast.train_args import ConfigError, _convert, add_train_options, load_yaml, normalize_targets, resolve
 from lora_fast.train_model import log_stderr
 
 COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
@@ -56,8 +58,8 @@ def _numbers(values, kind, name):
     out = []
     for v in values:
         try:
-            x = kind(v)
-        except ValueError:
+            x = _convert(name, v, kind)  # as --rank / --alpha read theirs: "8.0" and "1e3" are integers
+        except ConfigError:
             raise ConfigError(f"--{name}: {v!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(x) or x <= 0:
             raise ConfigError(f"--{name}: {v!r} must be a positive finite number")
@@ -216,6 +218,7 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
     """Train each run into ``staged``, appending its table row to ``rows``; returns whether a run was
     interrupted (Ctrl-C / SIGTERM inside its training loop: it saved what it trained, and the sweep stops)."""
     from lora_fast.train import train
+    from lora_fast.train_io import write_json
 
     for i, spec in enumerate(runs, 1):
         log(f"lora-fast sweep: run {i}/{len(runs)}: {spec['run']}")
@@ -238,6 +241,11 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
         if m is None:  # outside the except block: the exception (and its frames' tensors) is released
             _free_memory()
             continue
+        recorded = staged.path / spec["run"] / "training_args.json"  # it names the staging directory: the final one
+        if recorded.is_file():
+            args = json.loads(recorded.read_text())
+            args["output_dir"] = str(Path(opts.output_dir).expanduser().resolve() / spec["run"])
+            write_json(recorded, args)
         p = m["parameters"]
         loss = m["final_eval_loss"]
         status = ("interrupted" if m["interrupted"] else

@@ -931,3 +931,22 @@ def test_merge_into_a_base_with_fewer_embeddings_than_the_tokenizer_is_refused(t
     assert "has 5 tokens" in err and "have 3 rows" in err and str(tiny_gpt2) in err, err
     assert not (tmp_path / "m").exists()
     assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "ok")]) == 0
+
+
+def test_no_command_is_an_error_on_stderr_and_help_is_output(capsys):
+    """`lora-fast` alone is a usage error (exit 2): its usage goes to stderr, as argparse's do; --help's to stdout."""
+    assert cli_main([]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("usage: lora-fast")
+    assert cli_main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: lora-fast") and not err
+
+
+def test_sweep_grids_read_numbers_as_the_single_options_do():
+    """--ranks 8.0 and 1e3 were refused while --rank took them."""
+    from lora_fast.sweep import _numbers
+
+    assert _numbers(["8.0", "1e3", "2"], int, "ranks") == [8, 1000, 2]
+    with pytest.raises(ConfigError, match=r"--ranks: '2\.5' is not an integer"):
+        _numbers(["2.5"], int, "ranks")

@@ -53,6 +53,7 @@ def test_each_run_trains_the_alpha_and_rank_of_its_row(tiny_gpt2, corpus, tmp_pa
         assert (cfg["r"], cfg["lora_alpha"]) == (int(r["rank"]), float(r["alpha"])), r["run"]
         args = json.loads((out / r["run"] / "training_args.json").read_text())
         assert (args["rank"], args["alpha"]) == (int(r["rank"]), float(r["alpha"]))
+        assert args["output_dir"] == str((out / r["run"]).resolve())  # not the staging directory it trained in
 
 
 def test_interrupted_sweep_keeps_the_runs_so_far_and_exits_130(tiny_gpt2, corpus, tmp_path, monkeypatch, capsys):
