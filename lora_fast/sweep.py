@@ -229,12 +229,9 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
         ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
         try:
             m = train(ro, prep, log=log)
-        except ConfigError:
-            if not rows:  # the first run refused an option (the backend, say): every run would; exit 2, no output
-                raise
-            m = None
-            rows.append(_failed_row(spec, sys.exc_info()[1]))
         except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)
+            if isinstance(e, ConfigError) and not rows:  # the first run refused an option (the backend, say):
+                raise  # every run would; exit 2, nothing written
             log(f"lora-fast sweep: run {spec['run']} failed: {type(e).__name__}: {e}")
             rows.append(_failed_row(spec, e))
             m = None

@@ -305,9 +305,10 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     if n_micro == 0:
         raise ConfigError(f"the training set has {len(loaders['train'].dataset)} examples, fewer than the "
                          f"{ctx.world_size} processes: each needs at least one")
-    # --eval_batches counts global batches (batch_size × processes × accumulation sequences), so that runs with the
-    # same global batch evaluate the same sequences; evaluate() takes per-device loader batches over all ranks
-    eval_cap = opts.eval_batches * ctx.world_size * min(ga, n_micro) if opts.eval_batches else None  # a step's
+    # --eval_batches counts global batches (batch_size × processes × accumulation sequences, a pass at most: what
+    # a step takes), so that runs with the same global batch evaluate the same sequences; evaluate() takes
+    # per-device loader batches over all ranks
+    eval_cap = opts.eval_batches * ctx.world_size * min(ga, n_micro) if opts.eval_batches else None
     steps_per_epoch = max(1, -(-n_micro // ga))  # ceil: a pass's leftover micro-batches make one more step
     if ga > n_micro:  # a step never spans two passes (as the HF Trainer's): the whole pass is each step's batch
         log(f"lora-fast: warning: --gradient_accumulation_steps {ga} exceeds the {n_micro} micro-batches of one "
