@@ -143,7 +143,7 @@ def test_report_checks_the_issue_targets_on_gpu_rows(tmp_path):
         for prov, ms in [("base", 1.0), ("peft", 2.0), ("lora_fast", lf)]:
             rows.append(utils.make_row("layer", prov, "full", "time", cfg, [ms], env))
     g = {"model": "gpt2-124M", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257, "batch": 8, "seq": 1024,
-         "r": 16, "alpha": 32, "dropout": 0.1, "dtype": "bf16-autocast"}
+         "r": 16, "alpha": 32, "dropout": 0.1, "dtype": "bf16-autocast", "targets": bench_gpt2.TARGETS}
     for prov, tps, mb in [("peft", 100.0, 1000.0), ("lora_fast", 130.0, 900.0)]:
         rows += [utils.make_row("gpt2", prov, "train", "tokens_per_s", g, [tps], env),
                  utils.make_row("gpt2", prov, "train", "peak_mem", g, [mb], env),
