@@ -41,7 +41,13 @@ CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resum
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-fast sweep", description="Sweep LoRA rank, alpha and target modules")
-    add_train_options(p, hidden=CHECKPOINT_OPTIONS, shown_defaults={"output_dir": DEFAULT_OUTPUT_DIR})
+    # still parsed, so that a sweep refuses them by name; out of --help: a sweep is one process and causal-lm
+    add_train_options(p, hidden=(*CHECKPOINT_OPTIONS, "task", "distributed"),
+                      shown_defaults={"output_dir": DEFAULT_OUTPUT_DIR})
+    for action in p._actions:  # train's text names train's default; a sweep's is the sets of --target_sets
+        if "--target_modules" in action.option_strings:
+            action.help = ("one target-module set for every run (names, one regex, or all-linear); default: the "
+                           f"sets of --target_sets ({' vs '.join(DEFAULT_TARGET_SETS)})")
     p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"],
                    help="ranks to try (default: 2 4 8 16 32)")
     p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try (default: 4 8 16 32)")

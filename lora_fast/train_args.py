@@ -130,7 +130,8 @@ def _convert(name: str, value, typ):
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        quoted = " (unquoted: a quoted YAML value is a string)" if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be true or false{quoted}, got {value!r}")
     if typ is list:
         vals = [value] if isinstance(value, str) else value
         if not isinstance(vals, (list, tuple)) or not vals or not all(isinstance(v, str) and v for v in vals):

@@ -46,6 +46,11 @@ def check_creatable_dir(path, what: str) -> Path:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {str(path)!r} cannot be written: {str(existing)!r} is not writable")
+    try:  # access() can say yes where nothing can be created (root on /proc, a read-only mount): try, now
+        os.rmdir(tempfile.mkdtemp(prefix=".lora-fast-write-test-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be written: nothing can be created in {str(existing)!r} "
+                          f"({e.strerror})") from None
     return out
 
 

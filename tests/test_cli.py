@@ -69,6 +69,7 @@ def test_backend_defaults_to_lora_fast_backend_as_the_library_does(monkeypatch):
     ("- rank\n", "must be a mapping"),
     ("rank: [\n", "not valid YAML"),
     ("fp16: yes please\n", "fp16 must be true or false"),
+    ('use_rslora: "true"\n', "use_rslora must be true or false (unquoted: a quoted YAML value is a string)"),
     ("rank: true\n", "rank must be an integer, got True"),
     ("rank: 4\nalpha: 8\nrank: 16\n", "gives ['rank'] more than once"),  # last-one-wins used to be silent
     ("max-steps: 4\nmax_steps: 5\n", "gives ['max_steps'] more than once"),
@@ -950,3 +951,21 @@ def test_sweep_grids_read_numbers_as_the_single_options_do():
     assert _numbers(["8.0", "1e3", "2"], int, "ranks") == [8, 1000, 2]
     with pytest.raises(ConfigError, match=r"--ranks: '2\.5' is not an integer"):
         _numbers(["2.5"], int, "ranks")
+
+
+def test_an_output_dir_where_nothing_can_be_created_is_refused_before_loading(tmp_path, monkeypatch):
+    """os.access said yes where nothing could be created (root on /proc, a read-only mount): the run loaded the model
+    and data, then ended in a FileNotFoundError traceback when it made its staging directory. Now a creation is
+    tried up front (simulated here: every mkdtemp fails as on a read-only filesystem)."""
+    import errno
+    import tempfile
+
+    from lora_fast.train_io import check_creatable_dir
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(ConfigError, match=r"output_dir '.*out' cannot be written: nothing can be created in "
+                                          r"'.*' \(Read-only file system\)"):
+        check_creatable_dir(tmp_path / "out", "output_dir")

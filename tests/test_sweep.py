@@ -216,3 +216,14 @@ def test_grid_plan_refuses_ignored_baselines_and_merges_spellings_of_one_set(tin
     rows = [{"run": n, "status": s, "final_eval_loss": v} for n, s, v in
             [("a", "ok", 3.0), ("b", "interrupted", 1.0), ("c", "failed: X", None), ("d", "ok", 2.5)]]
     assert best_run(rows)["run"] == "d" and best_run(rows[1:3]) is None
+
+
+def test_sweep_help_describes_the_sweep():
+    """sweep --help reused train's texts: --target_modules named train's default (c_attn), and --task / --distributed
+    were offered though a sweep refuses them (still parsed, so the refusal names them)."""
+    from lora_fast.sweep import build_parser
+
+    text = build_parser().format_help()
+    assert "default: the sets of --target_sets (c_attn vs all-linear)" in " ".join(text.split())
+    assert "--task {" not in text and "--task TASK" not in text and "--distributed" not in text
+    assert build_parser().parse_args(["--task", "classification"]).task == "classification"
