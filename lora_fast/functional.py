@@ -198,14 +198,24 @@ def seeded_keep_mask(seed: int | torch.Tensor, x: torch.Tensor, p: float, backen
     (a rank-256 adapter under ``torch.compile(mode="reduce-overhead")`` falls back to the reference there), and the
     mask the fused path would apply. Otherwise — ``backend="reference"`` (plain PyTorch, no Triton), no triton, CPU,
     p within ~1 % of 1 — ``torch.rand((M, K)) >= p`` from a ``torch.Generator`` seeded with the seed (a tensor seed
-    is read with ``.item()``: one host sync on CUDA)."""
+    is read with ``.item()``: one host sync on CUDA). The CPU generator (mt19937) keeps only a seed's low 32 bits,
+    so there a seed of 2**32 or more adds a second stream seeded with its high bits, u = frac(u_low + u_high) (still
+    uniform): seeds s and s + k·2**32 gave one mask, and of the 62-bit seeds drawn per layer call two in ~10**5
+    shared one (a review found such a pair in 200 000 draws)."""
     rows, cols = math.prod(x.shape[:-1]), x.shape[-1]
     if backend != "reference" and triton_mask_runs(x, p):
         keep = dropout_mask(seed, rows, cols, p, x.device)
     else:
         value = seed if isinstance(seed, int) else int(seed.item())
-        gen = torch.Generator(device=x.device).manual_seed(value)
-        keep = torch.rand((rows, cols), device=x.device, generator=gen) >= p  # (M, K)
+        if x.device.type == "cpu" and value >> 32:
+            low = torch.Generator().manual_seed(value & 0xFFFFFFFF)
+            high = torch.Generator().manual_seed(value >> 32)
+            u = torch.rand((rows, cols), generator=low, dtype=torch.float64)
+            u = (u + torch.rand((rows, cols), generator=high, dtype=torch.float64)) % 1.0
+        else:  # CUDA's generator (Philox) takes all 64 bits
+            gen = torch.Generator(device=x.device).manual_seed(value)
+            u = torch.rand((rows, cols), device=x.device, generator=gen)
+        keep = u >= p  # (M, K)
     return keep.reshape(x.shape)
 
 

@@ -91,6 +91,22 @@ def test_reference_seeded_mask_near_p_one_keeps_the_generator():
     torch.testing.assert_close(y, functional.lora_linear(x, w, b, a, bb, 2.0, p, seed=7), rtol=0, atol=1e-6)
 
 
+def test_cpu_reference_masks_of_seeds_equal_in_their_low_32_bits_differ():
+    """torch's CPU generator keeps a seed's low 32 bits: seeds s and s + k·2**32 gave one mask, so of the 62-bit
+    seeds drawn per layer call two in ~10**5 calls shared a mask (a review found the pair 1903782170126793033 and
+    2347067016057272649 in 200 000 draws). Each still gives one mask, and its keep rate is 1 − p."""
+    x = torch.zeros(256, 256)
+    pair = (1903782170126793033, 2347067016057272649)
+    assert pair[0] % 2**32 == pair[1] % 2**32  # the premise
+    for a, b in (pair, (5, 5 + 2**32), (7, 7 + 3 * 2**40)):
+        ka, kb = (functional.seeded_keep_mask(s, x, 0.5, "reference") for s in (a, b))
+        assert torch.equal(ka, functional.seeded_keep_mask(a, x, 0.5, "reference"))  # a seed is one mask
+        agree = (ka == kb).double().mean().item()
+        assert abs(agree - 0.5) < 0.01, (a, b, agree)  # independent masks agree on half the elements at p = 0.5
+    keep = functional.seeded_keep_mask(pair[1], torch.zeros(1024, 1024), 0.1, "reference").double().mean().item()
+    assert abs(keep - 0.9) < 5 * (0.9 * 0.1 / 2**20) ** 0.5  # 5 standard deviations
+
+
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("seed", [None, 7])
 def test_fake_tensors_with_dropout_trace_on_the_reference_fallback(seed):
