@@ -33,6 +33,31 @@ HEAD_KEYS = ("{m}.weight", "{m}.out_proj.weight")  # a saved head's output layer
 # RoBERTa-style classifier.out_proj; its first dimension is num_labels
 
 
+def _pad_for_batches(model, tokenizer, log) -> None:
+    """A classifier needs a padding id for batches of several texts (GPT-2 and Llama pool the last non-pad token;
+    transformers refuses a batch without one). A PEFT adapter of such a base carries no tokenizer and its base
+    none: the merged model had neither, and failed on any batch of two. As training does: the model's pad id for
+    the tokenizer where it has one, else EOS (or SEP) for both, said in one line."""
+    cfg_pad = model.config.pad_token_id
+    if tokenizer is not None and tokenizer.pad_token_id is None and cfg_pad is not None \
+            and 0 <= cfg_pad < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(cfg_pad)
+        log(f"lora-fast merge: the tokenizer pads with the model's pad_token_id {cfg_pad} ({tokenizer.pad_token!r})")
+    elif cfg_pad is None:
+        pad = None if tokenizer is None else tokenizer.pad_token_id
+        if pad is None and tokenizer is not None:
+            token = tokenizer.eos_token or tokenizer.sep_token
+            if token is not None:
+                tokenizer.pad_token = token
+                pad = tokenizer.pad_token_id
+        if pad is None:  # no tokenizer: the model's own EOS, as training pads a tokenizer-less run
+            pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
+        if pad is not None:
+            set_special_tokens(model, pad, ("pad_token_id",))
+            log(f"lora-fast merge: the classifier had no pad_token_id; it pads with {pad} (EOS, as in training), so "
+                "that batches of several texts run")
+
+
 def _saved_num_labels(adir: Path, cfg: dict) -> int | None:
     """num_labels of a SEQ_CLS adapter from the shape of the head it saved (``modules_to_save``), or None."""
     st = adir / "adapter_model.safetensors"
@@ -45,7 +70,9 @@ def _saved_num_labels(adir: Path, cfg: dict) -> int | None:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception:  # noqa: BLE001  (a corrupt file: load_adapter reports it below)
         return None
-    found = {shapes[k][0] for m in cfg.get("modules_to_save") or [] for pattern in HEAD_KEYS
+    saved = cfg.get("modules_to_save") or []
+    heads = [m for m in saved if m.rsplit(".", 1)[-1] in ("classifier", "score")]  # DistilBERT also saves
+    found = {shapes[k][0] for m in heads or saved for pattern in HEAD_KEYS  # pre_classifier, (dim, dim)
              if len(shapes.get(k := "base_model.model." + pattern.format(m=m), ())) == 2}
     return found.pop() if len(found) == 1 else None
 
@@ -173,6 +200,8 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(Path(base).expanduser())
+    if task in LABELLED_TASKS:
+        _pad_for_batches(base_model, tokenizer, log)
     emb = base_model.get_input_embeddings()
     if tokenizer is not None and emb is not None and len(tokenizer) > emb.num_embeddings:
         # the merged model would be saved with a tokenizer producing ids its embedding table lacks (an IndexError

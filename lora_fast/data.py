@@ -14,8 +14,9 @@ when there is one). Files must be UTF-8 (a byte-order mark is accepted); a file 
 plain text when it is UTF-8 text, and refused when it is binary (``data.parquet``). Classification reads CSV files
 with ``Label`` and ``Text`` columns: a directory holding ``train.csv``, ``validation.csv`` and optionally
 ``test.csv`` (the layout of the SMS-spam tutorial), or one CSV split (1 - val_fraction - 0.2) / val_fraction / 0.2
-— the tutorial's 70/10/20 at the default ``--val_fraction 0.1``. Every row needs a non-empty text and label; the
-label set is the training split's (a label seen only in validation/test is an error, not a new class).
+— the tutorial's 70/10/20 at the default ``--val_fraction 0.1``, every copy of a text on one side. Every row needs
+a non-empty text and label; the label set is the training split's (a label seen only in validation/test is an
+error, not a new class), in sorted order unless the model is already a classifier of these labels (its order).
 
 Tokenizer fallback: a byte-level BPE (GPT-2's scheme: bytes as the base alphabet, so no text is unknown) trained on
 the training split with ``tokenizers``; its vocabulary size is the model's ``vocab_size`` at most (a small corpus
@@ -63,7 +64,9 @@ def _pick_column(fields, text_column: str | None, where: str, wanted=("text", "T
     for n in names:
         if n in fields:
             return n
-    raise ConfigError(f"{where}: no {' or '.join(repr(n) for n in names)} column/field (found {sorted(fields)[:10]})")
+    hint = "; --text_column names another" if not text_column and "text" in wanted else ""
+    raise ConfigError(f"{where}: no {' or '.join(repr(n) for n in names)} column/field (found {sorted(fields)[:10]})"
+                      + hint)
 
 
 SUPPORTED = ".txt/.md/.rst (plain text), .jsonl/.json/.ndjson (JSON lines), .csv/.tsv"
@@ -427,14 +430,7 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
                               f"file {dataset!r} (test takes 20 %): use a value in (0, 0.8)")
         all_rows = read_csv(path)
         checks = {str(path): all_rows}
-        shuffled = list(all_rows)
-        random.Random(seed).shuffle(shuffled)
-        # Exact shares of the decimal given (0.1 is 1/10): in floats 0.7 * 90 is 62.99999999999999, truncated to 62
-        share = Fraction(str(val_fraction))
-        n_val = math.floor(share * len(all_rows))
-        n_train = math.floor((Fraction(4, 5) - share) * len(all_rows))
-        rows = {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
-                "test": shuffled[n_train + n_val:]}
+        rows = None  # split below, once the text column is known
     else:
         raise ConfigError(f"dataset {dataset!r} does not exist")
     for name, rs in checks.items():
@@ -445,6 +441,8 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
     text_col = _pick_column(first, text_column, f"{dataset} (train)")
     for name, rs in checks.items():
         _check_rows(rs, name, label_col, text_col)
+    if rows is None:
+        rows = _split_rows(all_rows, text_col, val_fraction, seed)
     for split, rs in rows.items():
         if not rs:
             raise ConfigError(f"classification dataset {dataset!r}: the {split} split is empty (val_fraction="
@@ -457,10 +455,33 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
     for split, rs in rows.items():
         unseen = _sort_labels({r[label_col].strip() for _, r in rs} - set(index))
         if unseen:
+            one = ("; one file's split is by text, not by label, so a rare label can miss train: try another --seed, "
+                   "or give train.csv/validation.csv/test.csv" if path.is_file() else "")
             raise ConfigError(f"classification dataset {dataset!r}: label(s) {unseen[:10]} of the {split} split do "
-                              f"not occur in the train split (labels: {names[:10]})")
+                              f"not occur in the train split (labels: {names[:10]}){one}")
     out = {s: ([r[text_col] for _, r in rs], [index[r[label_col].strip()] for _, r in rs]) for s, rs in rows.items()}
     return out, names
+
+
+def _split_rows(all_rows, text_col: str, val_fraction: float, seed: int) -> dict:
+    """One CSV's rows in a seeded order, cut (1 − val_fraction − 0.2) / val_fraction / 0.2, a text's every copy on
+    one side: copies in train and test made test accuracy a memory test (the SMS-spam file has ~400 repeated texts
+    in 5 572). Without copies the cut is exact (the shares of the decimal given: in floats 0.7 · 90 is
+    62.99999999999999); a repeated text moves the cut by its copies."""
+    shuffled = list(all_rows)
+    random.Random(seed).shuffle(shuffled)
+    groups: dict[str, list] = {}
+    for row in shuffled:  # in order of first appearance: without copies, the plain shuffled order
+        groups.setdefault(row[1][text_col].strip(), []).append(row)
+    share = Fraction(str(val_fraction))
+    n_val = math.floor(share * len(all_rows))
+    n_train = math.floor((Fraction(4, 5) - share) * len(all_rows))
+    rows = {"train": [], "validation": [], "test": []}
+    for group in groups.values():
+        split = ("train" if len(rows["train"]) < n_train else
+                 "validation" if len(rows["validation"]) < n_val else "test")
+        rows[split] += group
+    return rows
 
 
 class ClassificationCollator:

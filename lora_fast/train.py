@@ -70,6 +70,26 @@ class Prepared:
     label_names: list[str] | None = None
 
 
+def checkpoint_label_order(config, names: list[str], splits: dict, model_name: str, log) -> tuple[list, dict]:
+    """The label order of a checkpoint that is already a classifier of these labels (its ``label2id``), else the
+    data's sorted order. Sorting alone re-mapped a trained head: a spam/ham classifier saved as {0: spam, 1: ham}
+    was trained on ham=0, spam=1, every label on the other output, starting at 0 % accuracy. A checkpoint whose
+    labels are others than the data's (not transformers' default LABEL_i) is said to be re-labelled."""
+    given = {str(k): v for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if not given or set(given) == {f"LABEL_{i}" for i in range(len(given))}:
+        return names, splits
+    if set(given) == set(names) and sorted(given.values()) == list(range(len(names))):
+        order = sorted(names, key=given.get)
+        if order != names:
+            new = [order.index(n) for n in names]  # the data's (sorted) index -> the checkpoint's
+            splits = {s: (texts, [new[y] for y in ys]) for s, (texts, ys) in splits.items()}
+            log(f"lora-fast: the labels keep {model_name!r}'s own order, id2label {dict(enumerate(order))}")
+        return order, splits
+    log(f"lora-fast: warning: {model_name!r} is a classifier of labels {sorted(given)}, not the data's {names}: its "
+        "id2label is replaced by the data's, and its head's outputs take the new meanings")
+    return names, splits
+
+
 def prepare(opts, log=log_stderr) -> Prepared:
     """Load data, base model and tokenizer (training one when the model has none). Writes nothing."""
     from lora_fast import data as D
@@ -111,6 +131,7 @@ def prepare(opts, log=log_stderr) -> Prepared:
                           "set tokenizer.eos_token and save the tokenizer with the model")
     if opts.task == "classification":
         set_special_tokens(model, tokenizer.pad_token_id, ("pad_token_id",))  # GPT-2 pools the last non-pad token
+        label_names, splits = checkpoint_label_order(model.config, label_names, splits, opts.model, log)
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {n: i for i, n in enumerate(label_names)}
         data = splits

@@ -817,7 +817,7 @@ def test_merge_saves_the_bases_tokenizer_without_touching_the_models_pad_id(seq_
     sequences needs it), as without a tokenizer."""
     import shutil
 
-    from transformers import AutoConfig, GPT2TokenizerFast
+    from transformers import AutoConfig, AutoTokenizer, GPT2TokenizerFast
 
     base, adapter = seq_cls_adapter
     shutil.copytree(base, tmp_path / "base")
@@ -830,6 +830,45 @@ def test_merge_saves_the_bases_tokenizer_without_touching_the_models_pad_id(seq_
                      str(tmp_path / "merged")]) == 0
     assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == 0
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token_id == 0  # the model's pad id: batches pad
+
+
+def test_merge_gives_a_classifier_without_a_pad_token_one(tmp_path):
+    """A PEFT-style SEQ_CLS adapter of a GPT-2 classifier with no pad_token_id, whose base tokenizer has no pad
+    token either: the merged model failed on any batch of two ("Cannot handle batch sizes > 1 if no padding token
+    is defined"). Now it pads with EOS, as training does, and a padded batch gives each text's own logits."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+    )
+
+    from lora_fast import apply_lora, lora_layers, save_adapter
+    from lora_fast.data import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a cat sat on a mat", "the dog ran"] * 5, 300)  # EOS "<|endoftext|>" is id 0
+    tok.pad_token = None  # as GPT-2's own tokenizer: no pad token
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=16,
+                                                     num_labels=2, bos_token_id=0, eos_token_id=0))
+    assert model.config.pad_token_id is None and tok.pad_token_id is None
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    apply_lora(model, ["c_attn"], rank=2, modules_to_save=["score"])
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora.lora_B.normal_(0, 0.1)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    mtok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.config.pad_token_id == mtok.pad_token_id == 0
+    texts = ["a cat sat on the mat", "dog"]
+    with torch.no_grad():
+        batch = merged(**mtok(texts, return_tensors="pt", padding=True)).logits
+        alone = torch.cat([merged(**mtok([t], return_tensors="pt")).logits for t in texts])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_merge_refuses_a_head_trained_to_inf_or_nan(seq_cls_adapter, tmp_path, capsys):
@@ -969,3 +1008,42 @@ def test_an_output_dir_where_nothing_can_be_created_is_refused_before_loading(tm
     with pytest.raises(ConfigError, match=r"output_dir '.*out' cannot be written: nothing can be created in "
                                           r"'.*' \(Read-only file system\)"):
         check_creatable_dir(tmp_path / "out", "output_dir")
+
+
+def test_merge_reads_the_label_count_from_the_head_among_saved_modules(tmp_path):
+    """DistilBERT's modules_to_save ["classifier"] also saves pre_classifier (PEFT's suffix rule): two row counts
+    (32 and 3), and merge said "no saved head; pass --num_labels". The classifier/score entry decides."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lora_fast import apply_lora, save_adapter
+    from lora_fast.cli import _saved_num_labels
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2,
+                                                                 hidden_dim=64, num_labels=3))
+    apply_lora(model, ["q_lin"], rank=2, modules_to_save=["classifier"])
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(cfg["modules_to_save"]) == ["classifier", "pre_classifier"]
+    assert _saved_num_labels(tmp_path, cfg) == 3
+
+
+def test_classification_data_errors_say_what_to_do(tmp_path):
+    """A GLUE-style `sentence` column: the error names --text_column. A rare label that one file's split left out
+    of train: the error says the split is by text and what to try."""
+    from lora_fast.data import load_classification
+
+    glue = tmp_path / "glue.csv"
+    glue.write_text("label,sentence\n" + "".join(f"{i % 2},text {i}\n" for i in range(20)))
+    with pytest.raises(ConfigError, match="--text_column names another"):
+        load_classification(str(glue))
+    assert load_classification(str(glue), text_column="sentence")[1] == ["0", "1"]
+    rare = tmp_path / "rare.csv"
+    rare.write_text("Label,Text\n" + "".join(f"{i % 2},text {i}\n" for i in range(99)) + "2,the rare one\n")
+    refused = 0
+    for seed in range(10):
+        try:
+            load_classification(str(rare), seed=seed)
+        except ConfigError as e:
+            refused += 1
+            assert "try another --seed, or give train.csv/validation.csv/test.csv" in str(e)
+    assert refused  # the lone "2" lands outside train for most seeds

@@ -94,6 +94,21 @@ def test_single_csv_of_90_rows_splits_70_10_20(tmp_path):
         assert {s: len(texts) for s, (texts, _) in splits.items()} == {"train": 63, "validation": 9, "test": 18}
 
 
+def test_single_csv_keeps_every_copy_of_a_text_on_one_side(tmp_path):
+    """1000 distinct messages and 80 copies of some: copies landed in train and test alike (27 of 216 test rows
+    were verbatim training rows, a review measured), so test accuracy measured memory. Every text is now on one
+    side; the shares stay near their targets."""
+    rows = [("spam" if i % 2 else "ham", f"message {i}") for i in range(1000)]
+    rows += [rows[i * 7] for i in range(80)]
+    f = _write_csv(tmp_path / "rows.csv", rows)
+    splits, _ = load_classification(str(f), seed=0, val_fraction=0.1)
+    sides = {s: set(texts) for s, (texts, _) in splits.items()}
+    assert not (sides["train"] & sides["validation"] or sides["train"] & sides["test"]
+                or sides["validation"] & sides["test"])
+    assert sum(len(t) for t, _ in splits.values()) == 1080
+    assert abs(len(splits["test"][0]) - 216) <= 3 and abs(len(splits["validation"][0]) - 108) <= 3
+
+
 # ------------------------------------------------------------------------- causal-LM files: the split, CSV rows
 def test_validation_share_holds_for_text_with_few_spaces():
     """The cut that makes up validation's share lands near the share, at a nearby whitespace or at the point itself:

@@ -270,6 +270,38 @@ def _spam_csvs(root):
     return root
 
 
+def test_a_classifier_checkpoint_keeps_its_label_order(tiny_gpt2, tmp_path):
+    """A checkpoint already classifying these labels ({0: "1", 1: "0"}: the data's sorted order reversed) keeps its
+    order: the labels fed to training follow its label2id, and id2label is its own. Sorting re-mapped every label
+    onto the other output of the trained head (0 % accuracy at the start). Other labels than the data's: a warning."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_fast.train import prepare
+    from lora_fast.train_args import parse_train_args
+
+    data = _spam_csvs(tmp_path)  # labels "0" (ham) and "1" (spam)
+    for id2label, kept in (({0: "1", 1: "0"}, True), ({0: "ham", 1: "spam"}, False)):
+        ckpt = tmp_path / f"cls-{kept}"
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2, id2label=id2label,
+                                                                   label2id={v: k for k, v in id2label.items()})
+        model.save_pretrained(ckpt)
+        opts = parse_train_args(["--task", "classification", "--model", str(ckpt), "--dataset", str(data),
+                                 "--max_length", "32", "--output_dir", str(tmp_path / "o"), "--no-progress"])
+        logged = []
+        prep = prepare(opts, log=logged.append)
+        rows = list(csv.DictReader((data / "train.csv").read_text().splitlines()))
+        texts, labels = prep.data["train"]
+        want = {r["Text"]: r["Label"] for r in rows}
+        if kept:
+            assert prep.label_names == ["1", "0"] and prep.model.config.id2label == {0: "1", 1: "0"}
+            assert all(prep.label_names[y] == want[t] for t, y in zip(texts, labels, strict=True))
+            assert any("keep" in m and "own order" in m for m in logged), logged
+        else:
+            assert prep.label_names == ["0", "1"]
+            assert all(prep.label_names[y] == want[t] for t, y in zip(texts, labels, strict=True))
+            assert any("is a classifier of labels ['ham', 'spam'], not the data's" in m for m in logged), logged
+
+
 def test_classification_csv(tiny_gpt2, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
