@@ -30,7 +30,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import utils
+from benchmarks import bench_gpt2, utils
 from benchmarks.bench_layer import ALL_PROVIDERS as PROVIDERS
 from benchmarks.bench_layer import LAYERS
 from benchmarks.bench_layer import MODES as LAYER_MODES
@@ -49,9 +49,7 @@ VERSION_OF = {"commit": "commit", "torch": "torch version", "triton": "triton ve
 TARGET_CFG = {"M": 8192, "r": 16, "dropout": 0.1, "dtype": "bf16"}
 # the GPT-2 target's run: 124M, batch 8 × 1024 (M = 8192), r=16, dropout 0.1, plain eager (a config with any other
 # key — checkpointing, compile_backend — is another experiment, shown in its table but not judged)
-GPT2_TARGET_CFG = {"model": "gpt2-124M", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257, "batch": 8,
-                   "seq": 1024, "r": 16, "alpha": 32, "dropout": 0.1, "dtype": "bf16-autocast",
-                   "targets": ["c_attn", "c_proj", "c_fc"]}
+GPT2_TARGET_CFG = {**bench_gpt2.FULL_SET, **bench_gpt2.LORA, "dtype": "bf16-autocast", "targets": bench_gpt2.TARGETS}
 GPT2_TITLE_KEYS = (*CONFIG_KEYS["gpt2"], "threads")  # what the table title shows
 GPT2_USUAL_KEYS = ("n_head", "vocab", "targets")  # in every config: named in a title only where configs differ
 TARGETS = {"vs_base": 1.10, "vs_peft": 1.5, "gpt2_tokens": 1.25}  # from issue 4

@@ -77,6 +77,7 @@ from lora_fast.inject import (
     check_trainable_before_wrap,
     distributed_wrapper,
     lora_layers,
+    modules_saved_whole,
     multihead_out_projs,
     names_by_id,
     parameter_names,
@@ -251,10 +252,8 @@ def _lora_shapes(dims: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, 
 def _recorded_extras(model: nn.Module, layers) -> list[str]:
     """``modules_to_save`` recorded by ``apply_lora``/``load_adapter`` (still present): saved even when frozen
     (``is_trainable=False``), as PEFT keeps them."""
-    cfg = getattr(model, "lora_fast_config", None)
-    names = cfg.get("modules_to_save") or [] if isinstance(cfg, dict) else []
     have = {n for n, _ in model.named_modules()}
-    return [n for n in names if n in have and n not in layers]
+    return [n for n in modules_saved_whole(model) if n in have and n not in layers]
 
 
 def _recorded_task_type(model: nn.Module) -> str | None:
@@ -553,8 +552,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
         expected[k] = tuple(getattr(module, leaf).shape)
         destination[k] = id(getattr(module, leaf))
 
-    recorded = getattr(model, "lora_fast_config", None)
-    recorded_saved = (recorded.get("modules_to_save") or []) if isinstance(recorded, dict) and existing else []
+    recorded_saved = modules_saved_whole(model) if existing else []
     left = [m for m in recorded_saved if m not in extras]  # (unload keeps them trained too: a fresh base only)
     if left:  # trained in place: the new adapter's outputs would carry them, and save_adapter would write them
         raise ValueError(f"load_adapter: the model holds modules saved whole by its previous adapter "
@@ -638,7 +636,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     if isinstance(getattr(model, "lora_fast_config", None), dict):  # kept by a later save_adapter
         if cfg.get("task_type"):
             model.lora_fast_config["task_type"] = cfg["task_type"]
-        recorded = model.lora_fast_config.get("modules_to_save") or []
+        recorded = modules_saved_whole(model)
         model.lora_fast_config["modules_to_save"] = recorded + [e for e in extras if e not in recorded]
     if untie:
         _untie_extras(model, extras)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lora_fast.train_args import ConfigError
-from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, set_special_tokens
+from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, pad_with_eos, set_special_tokens
 
 USAGE = """usage: lora-fast {train,sweep,merge} ...
 
@@ -44,12 +44,10 @@ def _pad_for_batches(model, tokenizer, log) -> None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(cfg_pad)
         log(f"lora-fast merge: the tokenizer pads with the model's pad_token_id {cfg_pad} ({tokenizer.pad_token!r})")
     elif cfg_pad is None:
-        pad = None if tokenizer is None else tokenizer.pad_token_id
-        if pad is None and tokenizer is not None:
-            token = tokenizer.eos_token or tokenizer.sep_token
-            if token is not None:
-                tokenizer.pad_token = token
-                pad = tokenizer.pad_token_id
+        pad = None
+        if tokenizer is not None:
+            pad_with_eos(tokenizer)
+            pad = tokenizer.pad_token_id
         if pad is None:  # no tokenizer: the model's own EOS, as training pads a tokenizer-less run
             pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
         if pad is not None:
@@ -235,7 +233,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
 def _check_finite_heads(model) -> None:
     """Refuse an adapter whose modules trained whole (``modules_to_save``, as ``load_adapter`` recorded them) hold
     inf/NaN — a diverged run — naming the first; its LoRA weights are checked by the merge itself (``safe_merge``)."""
-    for head in (getattr(model, "lora_fast_config", None) or {}).get("modules_to_save") or []:
+    from lora_fast.inject import modules_saved_whole
+
+    for head in modules_saved_whole(model):
         for name, p in model.get_submodule(head).named_parameters():
             if p.is_floating_point() and not p.isfinite().all():
                 raise ConfigError(f"the adapter's {head}.{name} has inf/NaN entries (a diverged run?); nothing "

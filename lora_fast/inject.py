@@ -328,9 +328,8 @@ def apply_lora(
     names = find_target_modules(model, target_modules, modules_to_save)
     existing = [n for n in lora_layers(model) if n not in names]  # wrapped by an earlier call, not targeted now
     extras = _resolve_modules_to_save(model, names + existing, modules_to_save)
-    previous = getattr(model, "lora_fast_config", None) or {}
     raw = {plain_name(n): n for n, _ in model.named_modules()}  # recorded names are plain (module_names)
-    earlier = [raw[e] for e in previous.get("modules_to_save") or [] if e in raw and raw[e] not in extras]
+    earlier = [raw[e] for e in modules_saved_whole(model) if e in raw and raw[e] not in extras]
     _check_no_clash(earlier, names, " (of an earlier apply_lora/load_adapter call)")  # they stay: nothing inside
     extras += earlier
     new = {}  # every wrapper is built (and every base checked) before the model is touched
@@ -592,6 +591,13 @@ def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, tar
 def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     """Every ``LinearWithLoRA`` in the model, by full name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def modules_saved_whole(model: nn.Module) -> list[str]:
+    """The ``modules_to_save`` that ``apply_lora`` / ``load_adapter`` recorded in ``model.lora_fast_config`` (trained
+    in place), [] when none."""
+    cfg = getattr(model, "lora_fast_config", None)
+    return list(cfg.get("modules_to_save") or []) if isinstance(cfg, dict) else []
 
 
 def distributed_wrapper(model: nn.Module) -> str | None:

@@ -22,6 +22,7 @@ from lora_fast.inject import (
     _forward_reads_tie_flag,
     _set_submodule,
     lora_layers,
+    modules_saved_whole,
     parameter_names,
     tie_reading_classes,
     tied_names,
@@ -260,8 +261,7 @@ def unload(model: nn.Module) -> nn.Module:
         if m.merged:
             m.unmerge_weights()
         _set_submodule(model, name, m.linear)
-    cfg = getattr(model, "lora_fast_config", None)
-    trained = (cfg.get("modules_to_save") or []) if isinstance(cfg, dict) else []
+    trained = modules_saved_whole(model)
     if hasattr(model, "lora_fast_config"):
         del model.lora_fast_config
     if trained:
@@ -307,7 +307,7 @@ def disable_adapter(model: nn.Module):
     """
     inner = unwrap_model(model)
     layers = _layers_or_raise(inner, "disable_adapter")
-    whole = (getattr(inner, "lora_fast_config", None) or {}).get("modules_to_save") or []
+    whole = modules_saved_whole(inner)
     if whole:  # PEFT switches back to the original module it keeps beside the trained copy; lora_fast keeps none
         raise ValueError(f"disable_adapter: {_names(whole)} {'is' if len(whole) == 1 else 'are'} trained whole "
                          "(modules_to_save) in place, and lora_fast keeps no copy of the original weights (PEFT does), "

@@ -165,29 +165,16 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     A run that raises (out of memory at the largest rank, say) is a table row with ``status`` "failed: ..." and no
     metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
     after the current run saves what it trained; the table then holds the runs so far."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from lora_fast.distributed import held_signals, torchrun_env
+    from lora_fast.distributed import held_signals
     from lora_fast.plots import sweep_plot
-    from lora_fast.train import check_tf32, prepare, resolve_device, run_inputs
+    from lora_fast.train import check_one_process, check_tf32, prepare, resolve_device, run_inputs, transformers_bars
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
-    env = torchrun_env()
-    if getattr(opts, "distributed", "auto") not in ("auto", "none") or (env is not None and env["world_size"] > 1):
-        raise ConfigError("lora-fast sweep trains in one process (no --distributed, no torchrun with several "
-                          "processes); train one configuration across processes with lora-fast train")
+    check_one_process(opts, "lora-fast sweep")
     check_tf32(getattr(opts, "tf32", None), resolve_device(opts.device))
-    bars = hf_logging.is_progress_bar_enabled()
-    if not opts.progress:  # --no-progress also hides transformers' "Loading weights" bar, as in train
-        hf_logging.disable_progress_bar()
-    try:
-        torch.manual_seed(opts.seed)  # weights from_pretrained initialises follow --seed, as in lora-fast train
-        prep = prepare(opts, log)
-    finally:
-        if bars and not opts.progress:
-            hf_logging.enable_progress_bar()
+    with transformers_bars(opts.progress):
+        prep = prepare(opts, log)  # seeded with --seed, as in lora-fast train
     from lora_fast.train import check_rank
 
     for spec in runs:  # every target set must match, every rank fit, before minutes of training start

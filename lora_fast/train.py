@@ -70,6 +70,14 @@ class Prepared:
     label_names: list[str] | None = None
 
 
+def check_one_process(opts, command: str) -> None:
+    """Refuse ``--distributed ddp|fsdp`` or a torchrun of several processes for a command that trains in one
+    process (``train()`` without a context, ``lora-fast sweep``)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or getattr(opts, "distributed", "none") in ("ddp", "fsdp"):
+        raise ConfigError(f"{command} trains in one process; only `lora-fast train` (python -m lora_fast.train) "
+                          "runs under torchrun")
+
+
 def checkpoint_label_order(config, names: list[str], splits: dict, model_name: str, log) -> tuple[list, dict]:
     """The label order of a checkpoint that is already a classifier of these labels (its ``label2id``), else the
     data's sorted order. Sorting alone re-mapped a trained head: a spam/ham classifier saved as {0: spam, 1: ham}
@@ -91,9 +99,12 @@ def checkpoint_label_order(config, names: list[str], splits: dict, model_name: s
 
 
 def prepare(opts, log=log_stderr) -> Prepared:
-    """Load data, base model and tokenizer (training one when the model has none). Writes nothing."""
+    """Load data, base model and tokenizer (training one when the model has none). Writes nothing. Seeds torch with
+    ``--seed`` first: weights ``from_pretrained`` initialises itself (a new classification head, a checkpoint
+    lacking some) follow it, in ``train`` and ``sweep`` alike."""
     from lora_fast import data as D
 
+    torch.manual_seed(opts.seed)
     label_names = None
     if opts.task == "classification":
         splits, label_names = D.load_classification(opts.dataset, opts.text_column, opts.seed, opts.val_fraction)
@@ -275,7 +286,6 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
 
 def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: torch.device) -> dict:
     """``train``'s loop on ``device`` (resolved by ``train``), with torch's TF32 switch already set."""
-    import os
 
     from tqdm.auto import tqdm
 
@@ -285,9 +295,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     from lora_fast.train_io import StagedDir, check_output_dir, finish_metrics, reset_peak_memory, write_outputs
 
     if ctx is None:
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or getattr(opts, "distributed", "none") in ("ddp", "fsdp"):
-            raise ConfigError("this command trains in one process; only `lora-fast train` (python -m "
-                              "lora_fast.train) runs under torchrun")
+        check_one_process(opts, "this command")
         ctx = D.DistContext()
     out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir, opts.checkpoint_dir)
     checkpointing = opts.save_steps is not None or opts.resume_from_checkpoint is not None
@@ -601,25 +609,35 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     from transformers.utils import logging as hf_logging
 
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
-    bars = hf_logging.is_progress_bar_enabled()
     try:
-        check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
-        if not opts.progress:  # --no-progress also hides transformers' "Loading weights" bar
-            hf_logging.disable_progress_bar()
-        if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
-        torch.manual_seed(opts.seed)  # weights from_pretrained initialises (a new classification head) follow --seed
-        prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
-        metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
+        with transformers_bars(opts.progress):
+            check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
+            if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers
+                hf_logging.disable_progress_bar()
+                hf_logging.set_verbosity_error()
+            prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
+            metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
     except BaseException:
         D.shutdown(ctx, ok=False)
         raise
-    finally:
-        if bars and not opts.progress:
-            hf_logging.enable_progress_bar()
     D.shutdown(ctx)
     return metrics
+
+
+@contextlib.contextmanager
+def transformers_bars(on: bool):
+    """transformers' progress bars off for the block unless ``on`` (``--no-progress`` also hides its "Loading
+    weights" bar), then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not on:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -311,9 +311,15 @@ def load_tokenizer(name: str):
     if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):  # a config without its vocabulary file
         raise ConfigError(f"the tokenizer of {name!r} has no vocabulary beyond its special tokens "
                           f"({len(tok.get_vocab())} tokens): every text would encode to nothing")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token  # None: refused by prepare
+    pad_with_eos(tok)  # None when neither: refused by prepare
     return tok
+
+
+def pad_with_eos(tok) -> None:
+    """A tokenizer without a pad token pads with its EOS, else its SEP (GPT-2's and Llama's have none; training
+    and merge alike); unchanged when it has one, or neither."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token
 
 
 def log_stderr(msg: str) -> None:

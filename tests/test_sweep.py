@@ -191,13 +191,13 @@ def test_the_base_model_loads_under_the_seed_as_in_train(tiny_gpt2, corpus, tmp_
     sweep, so two identical sweeps differed from each other and from lora-fast train; run() seeds first."""
     import lora_fast.train as train_mod
 
-    real, drawn = train_mod.prepare, []
+    real, drawn = train_mod.load_base_model, []
 
-    def prepare(opts, log=None):
+    def load_base_model(*args, **kwargs):
         drawn.append(torch.rand(3))  # what a newly initialised weight would draw first
-        return real(opts, log)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "prepare", prepare)
+    monkeypatch.setattr(train_mod, "load_base_model", load_base_model)
     torch.manual_seed(12345)  # any state: the sweep must not depend on it
     assert cli_main(_sweep(tiny_gpt2, corpus, tmp_path / "sweep", "--max_steps", "1", "--ranks", "2", "--rank", "2",
                            "--alphas", "16", "--seed", "7")) == 0
