@@ -42,11 +42,19 @@ def _global_hooks() -> bool:
                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether the instance holds a ``forward`` of its own (accelerate's hooks set one). Its class's forward bound to
+    the module — what accelerate's ``remove_hook_from_module`` leaves behind — runs what the class's does: no."""
+    f = module.__dict__.get("forward")
+    return f is not None and not (getattr(f, "__func__", None) is type(module).forward
+                                  and getattr(f, "__self__", None) is module)
+
+
 def calls_more_than_forward(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's ``forward``: forward (pre-)hooks or full backward hooks
     on it, global module hooks, or a forward replaced on the instance (accelerate's offload hooks, ...)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__ or _global_hooks())
+                or module._backward_pre_hooks or forward_replaced(module) or _global_hooks())
 
 
 def plain_dropout(module: nn.Module) -> bool:
@@ -406,8 +414,9 @@ class LinearWithLoRA(nn.Module):
     @torch.no_grad()
     def unmerge_weights(self) -> None:
         """W₀ ← W₀ − ΔW, with the ΔW that was merged (A, B and scaling as they were then: an optimizer step while
-        merged does not leak into W₀). Unmerging an unmerged layer warns and does nothing. In fp16/bf16 the base
-        weight comes back up to one rounding of W₀+ΔW away from the original (as in PEFT)."""
+        merged does not leak into W₀). Unmerging an unmerged layer warns and does nothing. The base weight comes
+        back up to one rounding of W₀+ΔW away from the original, in any dtype (fp32 too: W₀+ΔW−ΔW is not W₀ bit
+        for bit), as in PEFT; an entry that overflowed in the merge (fp16 without ``safe_merge``) stays inf."""
         if not self.merged:
             warnings.warn("LinearWithLoRA.unmerge_weights: not merged, nothing done", stacklevel=2)
             return

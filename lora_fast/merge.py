@@ -248,7 +248,7 @@ def _cleared_flag_survives(config) -> bool:
 def unload(model: nn.Module) -> nn.Module:
     """Take every LoRA layer out *without* merging: the original modules back, the adapters dropped (PEFT's
     ``unload()``): how to go back to the base model, e.g. to load an adapter of another rank or other targets.
-    Merged layers are unmerged first (in fp16/bf16 the base weight comes back up to one rounding away, as in PEFT).
+    Merged layers are unmerged first (the base weight comes back up to one rounding away, in any dtype, as in PEFT).
     ``modules_to_save`` were trained in place and stay as trained (PEFT's ``unload`` also keeps the trained copy).
     A ``LinearWithLoRA`` given itself returns its base."""
     if isinstance(model, LinearWithLoRA):

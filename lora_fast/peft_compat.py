@@ -17,7 +17,9 @@ quantised bases: bitsandbytes, GPTQ, ...), over other bases, or whose ``forward`
 hooks) are never patched. A patched layer checks the rest on every call (cheaply) and defers to PEFT's own forward
 while it does not hold: DoRA and other LoRA variants, several or no active adapters, ``lora_bias``, custom dropout or
 adapter modules, hooks, weights that are not float Parameters (torchao), trainable base weights, a merged or
-disabled adapter, ``adapter_names`` (mixed batches) or other extra arguments. So a layer whose active adapter is
+disabled adapter, ``adapter_names`` (mixed batches) or other extra arguments, and, under ``torch.compile``, a
+scaling held as a 0-d tensor (PEFT's ``prepare_model_for_compiled_hotswap``: reading it as a float would break
+the graph and recompile at each hot swap). So a layer whose active adapter is
 unsupported when ``patch_peft`` runs takes the fused path once ``set_adapter`` picks a supported one. Both kinds
 are named in one warning.
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from lora_fast.functional import lora_linear, resolve_backend
-from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, fusable_base
+from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, forward_replaced, fusable_base
 
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
 _NO_MARK = object()  # a layer without _MARK (patch_peft restores that on an exception)
@@ -86,7 +88,7 @@ def _structural_reason(module: nn.Module) -> str | None:
     if type(module) not in (peft_linear, _fast_class()):
         kind = "embedding" if "Embedding" in type(module).__name__ else "not a plain lora.Linear (quantised, conv, ...)"
         return f"{type(module).__module__}.{type(module).__name__}: {kind}"
-    if "forward" in module.__dict__:
+    if forward_replaced(module):
         return "forward already replaced (e.g. an accelerate hook)"
     base = module.base_layer
     if isinstance(base, base_tuner):
@@ -114,6 +116,10 @@ def _state_reason(module: nn.Module) -> str | None:
     if len(active) != 1:
         return f"{len(active)} active adapters {active}" if active else "no active adapter in this layer"
     a = active[0]
+    if isinstance(module.scaling[a], torch.Tensor) and torch.compiler.is_compiling():
+        # PEFT's prepare_model_for_compiled_hotswap: a 0-d tensor, swapped in place; reading it as a float would
+        # break the graph (and bake one adapter's value into it)
+        return "scaling held as a tensor (prepare_model_for_compiled_hotswap), under torch.compile"
     if module.use_dora.get(a, False):
         return "DoRA"
     if a in getattr(module, "lora_variant", {}):
@@ -139,8 +145,9 @@ def _fused_now(module: nn.Module) -> bool:
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors."""
-    if args or kwargs or not _fused_now(self):
+    """The patched forward of a PEFT ``lora.Linear``: one ``lora_linear`` call on the layer's own tensors. A layer
+    unpatched since (whose hook kept this bound method, say) runs PEFT's own forward."""
+    if type(self) is not _fast_class() or args or kwargs or not _fused_now(self):
         return _lora_classes()[0].forward(self, x, *args, **kwargs)  # PEFT's own path
     a = next(a for a in self.active_adapters if a in self.lora_A)
     base, drop = self.base_layer, self.lora_dropout[a]
@@ -185,6 +192,10 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     before = []  # (layer, its class, its mark or _NO_MARK): an exception puts every layer back as it was
     try:
         for name, module in layers.items():
+            f = module.__dict__.get("forward")
+            if getattr(f, "__self__", None) is module and getattr(f, "__func__", None) in (type(module).forward,
+                                                                                           _fast_forward):
+                del module.__dict__["forward"]  # left by a removed hook: what the class (swapped) runs anyway
             # a patched layer (hooked since, say) is patched: patching again updates its backend
             reason = None if type(module) is _fast_class() else _structural_reason(module)
             if reason is not None:
@@ -221,13 +232,26 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
 
 
 def unpatch_peft(peft_model: nn.Module) -> nn.Module:
-    """Give every layer patched by ``patch_peft`` its PEFT class (and forward) back, in place; returns the model."""
+    """Give every layer patched by ``patch_peft`` its PEFT class (and forward) back, in place; returns the model.
+
+    Raises:
+        TypeError: not an nn.Module. ValueError: no PEFT LoRA layer in it (as ``patch_peft``). A model none of
+        whose layers is patched is returned unchanged, with a warning.
+    """
     peft_linear = _lora_classes()[0]
-    for module in _peft_lora_layers(peft_model).values():
+    layers = _peft_lora_layers(peft_model)
+    if not layers:
+        raise ValueError(f"unpatch_peft: {type(peft_model).__name__} has no PEFT LoRA layer")
+    patched = 0
+    for module in layers.values():
         if type(module) is _fast_class():
             module.__class__ = peft_linear
+            patched += 1
         if hasattr(module, _MARK):
             delattr(module, _MARK)
+    if not patched:
+        warnings.warn(f"unpatch_peft: none of the {len(layers)} LoRA layer(s) of {type(peft_model).__name__} was "
+                      "patched: nothing done", stacklevel=2)
     return peft_model
 
 

@@ -413,6 +413,10 @@ def test_bad_input():
         patch_peft(_gpt2())
     with pytest.raises(ValueError, match="backend must be None or one of"):  # at patch time, not first forward
         patch_peft(_peft("gpt2"), backend="fast")
+    with pytest.raises(ValueError, match="unpatch_peft: GPT2LMHeadModel has no PEFT LoRA layer"):
+        unpatch_peft(_gpt2())  # was a silent no-op
+    with pytest.warns(UserWarning, match="none of the 8 LoRA layer.* was patched: nothing done"):
+        unpatch_peft(_peft("gpt2"))
     assert lora_fast.patch_peft is patch_peft and lora_fast.unpatch_peft is unpatch_peft
 
 
@@ -717,3 +721,90 @@ def test_patch_peft_under_warnings_as_errors_patches_nothing():
         with pytest.raises(UserWarning, match="stay on PEFT's own path"):
             patch_peft(pm)
     assert not any(is_patched(m) for m in pm.modules())
+
+
+def test_a_removed_hook_leaves_the_fused_path_on(spy):
+    """accelerate's ``remove_hook_from_module`` sets ``module.forward`` back to the class's forward bound to the
+    module, in the instance's ``__dict__``. That runs what the class runs: the layer takes the fused path again, as
+    patch_peft's warning says (a base or LoRA layer once hooked stayed on PEFT's path for good), and a LoRA layer
+    unhooked so before patching is patched (it was "forward already replaced")."""
+    pm = _peft("gpt2").eval()
+    ref = copy.deepcopy(pm)
+    layers = [m for m in pm.modules() if isinstance(m, peft.tuners.lora.layer.Linear)]
+    layers[0].base_layer.forward = layers[0].base_layer.forward  # hooked and unhooked, before patching
+    layers[1].forward = layers[1].forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_peft(pm)
+    layers[2].base_layer.forward = layers[2].base_layer.forward  # and after
+    assert all(is_patched(m) for m in layers)
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "unhooked layers")
+    assert len(spy) == len(layers) == 8
+    lin = LinearWithLoRA(nn.Linear(8, 4), rank=2)
+    lin.linear.forward = lin.linear.forward
+    assert lin.fusable()
+    lin.linear.forward = functools.partial(_accelerate_style_forward, lin.linear)
+    lin.linear._old_forward = nn.Linear.forward.__get__(lin.linear)
+    assert not lin.fusable()  # a real replacement still counts
+
+
+def test_an_unpatched_layer_whose_hook_kept_the_fast_forward_runs_peft(spy):
+    """A hook added after patching captures the bound fast forward, and removing it puts that back on the
+    instance; after ``unpatch_peft`` the layer must run PEFT's forward (it raised AttributeError on the missing
+    backend mark, and patching again refused the layer as "forward already replaced")."""
+    pm = _peft("gpt2").eval()
+    ref = copy.deepcopy(pm)
+    patch_peft(pm)
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    layer.forward = layer.forward  # a bound FastLoraLinear.forward, as a removed accelerate hook leaves it
+    unpatch_peft(pm)
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "unpatched, fast forward kept")
+    assert spy == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_peft(pm)  # the leftover forward is what the patched class runs: patched, no warning
+    assert is_patched(layer) and "forward" not in layer.__dict__
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids).logits, ref(input_ids=ids).logits, TOL, "patched again")
+    assert len(spy) == 8
+
+
+def test_compiled_hotswap_with_patched_layers(tmp_path):
+    """PEFT's compiled-hotswap recipe (``prepare_model_for_compiled_hotswap``, ``torch.compile(fullgraph=True)``,
+    ``hotswap_adapter`` without recompiling) holds each scaling as a 0-d tensor. A patched layer read it with
+    ``float()`` (a data-dependent graph break: fullgraph failed, and without fullgraph the swap recompiled); under
+    compile it now defers to PEFT's forward, and the swapped adapter's outputs equal a fresh load's."""
+    hotswap = pytest.importorskip("peft.utils.hotswap", reason="peft without hotswap (< 0.15): none to test")
+    import torch._dynamo
+
+    dirs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        pm = _peft("gpt2", target_modules=["c_attn"])
+        pm.save_pretrained(tmp_path / str(seed))
+        dirs.append(tmp_path / str(seed))
+    torch.manual_seed(0)
+    base = _gpt2()
+    fresh = PeftModel.from_pretrained(copy.deepcopy(base), dirs[1]).eval()
+    pm = PeftModel.from_pretrained(base, dirs[0]).eval()
+    hotswap.prepare_model_for_compiled_hotswap(pm, target_rank=4)
+    patch_peft(pm)
+    ids = _ids()
+    torch._dynamo.reset()
+    compiled = torch.compile(pm, backend="eager", fullgraph=True)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(input_ids=ids)
+            hotswap.hotswap_adapter(pm, str(dirs[1]), adapter_name="default")
+            out = compiled(input_ids=ids).logits
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        assert_rel_close(out, fresh(input_ids=ids).logits, TOL, "hot-swapped adapter")
+    with torch.no_grad():  # eager: the fused path, reading the tensor's value
+        assert_rel_close(pm(input_ids=ids).logits, fresh(input_ids=ids).logits, TOL, "eager after the swap")
+    assert all(is_patched(m) for m in pm.modules() if isinstance(m, peft.tuners.lora.layer.Linear))
