@@ -132,7 +132,8 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
                  task_type: str | None = None) -> Path:
     """Save the model's LoRA adapter (and trainable non-LoRA modules) in PEFT's format, atomically.
 
-    On an FSDP2-sharded model call it on every rank: the full tensors are gathered there and rank 0 writes.
+    On an FSDP2-sharded model call it on every rank: the full tensors are gathered there and rank 0 writes;
+    the other ranks return at once (no barrier): one that reads the directory next waits for it (``dist.barrier()``).
 
     Args:
         model: a model with lora_fast LoRA layers (``apply_lora`` or ``load_adapter``); a ``torch.compile`` or

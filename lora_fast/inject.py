@@ -5,7 +5,8 @@ Matching follows PEFT's ``target_modules`` rules, so a PEFT config carries over 
     str             a regular expression matched (``re.fullmatch``) against the full module name;
     "all-linear"    every nn.Linear / Conv1D except the output embedding (``lm_head``) and, on a
                     ``*ForSequenceClassification`` model, its head (``score``/``classifier``) and anything
-                    inside it, as PEFT with ``task_type="SEQ_CLS"``;
+                    inside it, as PEFT with ``task_type="SEQ_CLS"``; MoE routers written as Linear subclasses
+                    (``_is_router``) are left out too, with a warning;
     None            a per-architecture default (``DEFAULT_TARGET_MODULES``, e.g. ``c_attn`` for GPT-2).
 Unlike the tutorials' ``isinstance(module, nn.Linear)`` loop (which silently changes nothing on GPT-2, whose
 projections are Conv1D), a target that matches nothing is an error listing the candidates.
@@ -184,7 +185,7 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
     saved = [modules_to_save] if isinstance(modules_to_save, str) else \
         list(modules_to_save) if isinstance(modules_to_save, Iterable) else []
     saved = [e for e in saved if isinstance(e, str) and e]  # bad entries: apply_lora's _resolve_modules_to_save
-    found, candidates, skipped, in_saved = [], [], [], []
+    found, candidates, skipped, in_saved, routers = [], [], [], [], []
     for name, module in model.named_modules():
         if not name or name in wrapped_inner:
             continue
@@ -192,6 +193,9 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
         if is_base:
             candidates.append(name)
         if all_linear:
+            if is_base and _is_router(module):
+                routers.append(name)
+                continue
             if is_base and name not in skip and not any(name.startswith(f"{h}.") for h in skip if h):
                 if saved and _inside_saved(name, saved):
                     in_saved.append(name)
@@ -235,7 +239,7 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
             f"could be targeted: {suffixes} (e.g. {candidates[:4]}){hint}"
         )
     if all_linear:
-        _warn_plain_projections(model, skip)
+        _warn_plain_projections(model, skip, routers)
     if isinstance(targets, list):  # PEFT drops a dead entry silently; a typo ("c_prj") deserves a word
         dead = [t for t in targets if not any(module_matches(n, [t]) for n in found)]
         if dead:
@@ -247,12 +251,28 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
 _MAX_LISTED = 8  # modules named in the all-linear warning before "... and N more"
 
 
-def _warn_plain_projections(model: nn.Module, skip: set) -> None:
+def _is_router(module: nn.Module) -> bool:
+    """A MoE router written as an nn.Linear subclass whose forward returns routing scores, not a projection's
+    output (transformers' ``Llama4Router``, ``PhimoeTopKRouter``: tuples). "all-linear" leaves it out, named in its
+    warning: PEFT's wraps it, and the model's first forward fails. Named in ``target_modules``, it is wrapped (and
+    ``LinearWithLoRA`` says at the first forward that its base returns a tuple)."""
+    return (isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+            and "router" in type(module).__name__.lower())
+
+
+def _warn_plain_projections(model: nn.Module, skip: set, routers: list[str]) -> None:
     """Say which modules "all-linear" cannot wrap although PEFT adapts them: modules other than Linear/Conv1D
     (and embeddings, convolutions) that hold a ≥2-D floating-point parameter named like a projection (``weight``,
     ``*_proj``). These are transformers v5's fused MoE experts (``gate_up_proj``/``down_proj`` of shape (experts,
     ..., ...)) and routers (a custom module with a ``weight``), which PEFT 0.21's "all-linear" adapts through
-    ``target_parameters``: without a word, a ported adapter would silently train fewer modules."""
+    ``target_parameters``: without a word, a ported adapter would silently train fewer modules. The routers that
+    are Linear subclasses (``_is_router``), left out as well, are named too."""
+    if routers:
+        listed = ", ".join(map(repr, routers[:_MAX_LISTED]))
+        more = f" ... and {len(routers) - _MAX_LISTED} more" if len(routers) > _MAX_LISTED else ""
+        warnings.warn(f"apply_lora: 'all-linear' leaves out the MoE router(s) {listed}{more}: nn.Linear subclasses "
+                      "whose forward returns routing scores (a tuple), not a projection, where PEFT's all-linear "
+                      "wraps them and the first forward fails", stacklevel=4)
     plain = (nn.Embedding, nn.modules.conv._ConvNd, LinearWithLoRA) + LORA_BASE_TYPES
     found = []
     for name, module in model.named_modules():
@@ -299,7 +319,8 @@ def apply_lora(
 
     Args:
         model: any nn.Module (a transformers model, typically).
-        target_modules: names, a regex, "all-linear", or None for the architecture's default (see module doc).
+        target_modules: names, a regex, "all-linear", or None for the architecture's default (see module doc;
+            PEFT's table, and DistilBERT's q_lin/v_lin, which PEFT lacks).
         rank, alpha, dropout, use_rslora: the adapter's hyper-parameters (see ``LoRALayer``).
         backend: forwarded to every layer (None reads ``LORA_FAST_BACKEND``).
         modules_to_save: names of modules trained whole beside the adapter (a classification head), matched as

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -284,6 +285,13 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         return _train(opts, prep, on_step, log, copy_model, ctx, device)
 
 
+def check_fsdp_checkpointing(opts, ctx) -> None:
+    """FSDP runs do not checkpoint: refused (by ``run`` before the model loads, and by ``train``)."""
+    if (opts.save_steps is not None or opts.resume_from_checkpoint is not None) and ctx.mode == "fsdp":
+        raise ConfigError("--save_steps / --resume_from_checkpoint: FSDP runs do not checkpoint (the optimizer "
+                          "state is sharded); use DDP (the default under torchrun)")
+
+
 def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: torch.device) -> dict:
     """``train``'s loop on ``device`` (resolved by ``train``), with torch's TF32 switch already set."""
 
@@ -298,10 +306,8 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         check_one_process(opts, "this command")
         ctx = D.DistContext()
     out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir, opts.checkpoint_dir)
+    check_fsdp_checkpointing(opts, ctx)
     checkpointing = opts.save_steps is not None or opts.resume_from_checkpoint is not None
-    if checkpointing and ctx.mode == "fsdp":
-        raise ConfigError("--save_steps / --resume_from_checkpoint: FSDP runs do not checkpoint (the optimizer "
-                          "state is sharded); use DDP (the default under torchrun)")
     ckpt_root, resume_path = C.check_options(opts)
     main = ctx.is_main
     log = log if main else (lambda msg: None)
@@ -610,11 +616,13 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
 
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
-        with transformers_bars(opts.progress):
+        with transformers_bars(opts.progress), warnings.catch_warnings():
+            check_fsdp_checkpointing(opts, ctx)  # before minutes of loading, on every rank
             check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
-            if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings from transformers
-                hf_logging.disable_progress_bar()
+            if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings (transformers',
+                hf_logging.disable_progress_bar()  # torch's, lora_fast's: one line each, not one per rank)
                 hf_logging.set_verbosity_error()
+                warnings.simplefilter("ignore")
             prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
             metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
     except BaseException:

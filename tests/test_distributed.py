@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -574,3 +575,37 @@ def test_errors_of_one_rank_are_printed_by_that_rank(monkeypatch, capsys):
     monkeypatch.setattr(T, "run", lambda opts: D.torchrun_env())
     assert T.main(["--output_dir", "/nonexistent/never-written"]) == 2
     assert "error: RANK=2 / WORLD_SIZE=2 are inconsistent" in capsys.readouterr().err
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_run_refuses_fsdp_checkpointing_before_loading_and_quiets_other_ranks(monkeypatch, tmp_path):
+    """``--distributed fsdp --save_steps`` is refused by ``run`` before the model loads (it was refused after the
+    load and the tokenizer's training, minutes on every rank); and ranks other than 0 show no Python warnings
+    (lora_fast's tied-lm_head warning appeared once per rank), while rank 0 shows them."""
+    from lora_fast import train as T
+    from lora_fast.train_args import parse_train_args
+
+    loaded = []
+
+    def fake_prepare(opts, log):
+        loaded.append(1)
+        warnings.warn("a warning from loading", UserWarning, stacklevel=1)
+        raise _Loaded  # the test ends the run once loading ran
+
+    monkeypatch.setattr(T, "prepare", fake_prepare)
+    opts = parse_train_args(["--output_dir", str(tmp_path / "out"), "--save_steps", "2"])
+    monkeypatch.setattr(D, "init", lambda *a, **k: D.DistContext("fsdp", 0, 2, 0, "gloo"))
+    with pytest.raises(ConfigError, match="FSDP runs do not checkpoint"):
+        T.run(opts)
+    assert not loaded
+    opts = parse_train_args(["--output_dir", str(tmp_path / "out")])
+    for rank, shown in ((1, False), (0, True)):
+        monkeypatch.setattr(D, "init", lambda *a, rank=rank, **k: D.DistContext("ddp", rank, 2, rank, "gloo"))
+        with warnings.catch_warnings(record=True) as record, pytest.raises(_Loaded):
+            warnings.simplefilter("always")
+            T.run(opts)
+        assert any("a warning from loading" in str(w.message) for w in record) == shown, rank
+    assert len(loaded) == 2

@@ -405,3 +405,29 @@ def test_a_later_call_cannot_wrap_inside_an_earlier_head(tmp_path):
     kw = _inputs("roberta", "cls")
     pm = _quiet(lambda: PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)).eval()
     assert_rel_close(_logits(pm, kw), _logits(ours, kw), TOL, "the first call's adapter in PEFT")
+
+
+def test_all_linear_leaves_out_routers_written_as_linear_subclasses():
+    """Llama4's router is an nn.Linear subclass whose forward returns (scores, logits). "all-linear" wrapped it and
+    the model's first forward failed (PEFT's all-linear fails there too); it is now left out and named in a warning,
+    and the adapted model runs. Named in target_modules, it is still wrapped."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Llama4 (4.51+; the main CI leg has it)")
+    cfg = transformers.Llama4TextConfig(hidden_size=HIDDEN, intermediate_size=64, intermediate_size_mlp=64,
+                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, vocab_size=VOCAB, num_local_experts=2, max_position_embeddings=32,
+                                        pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    routers = [n for n, m in model.named_modules() if type(m).__name__ == "Llama4Router"]
+    assert len(routers) == LAYERS and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in routers)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        apply_lora(model, "all-linear", rank=4, alpha=8)
+    message = " ".join(str(w.message) for w in record if "router" in str(w.message))
+    assert all(f"'{n}'" in message for n in routers), message
+    wrapped = lora_layers(model)
+    assert not set(routers) & set(wrapped) and any(n.endswith("q_proj") for n in wrapped)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    assert model(input_ids=ids).logits.shape == (2, 6, VOCAB)
+    assert find_target_modules(transformers.Llama4ForCausalLM(cfg), ["router"]) == routers  # named: still chosen
