@@ -247,6 +247,21 @@ def _import_reason(e: ImportError) -> str:
     return f"{_NOT_IMPORTABLE[0]} ({e})"
 
 
+def device_mismatch(x, weight, bias, lora_A, lora_B) -> str | None:
+    """Which tensors are not on x's device, said as "x is on D but ...", or None."""
+    off = {k: t.device for k, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
+           if t is not None and t.device != x.device}
+    return f"x is on {x.device} but {', '.join(f'{k} on {d}' for k, d in off.items())}" if off else None
+
+
+def check_devices(x, weight, bias, lora_A, lora_B) -> None:
+    """Every tensor on x's device, on every path: ``F.linear`` of a CPU input with a meta weight returns
+    uninitialised memory without an error (a layer built under ``torch.device("meta")`` and loaded in part)."""
+    reason = device_mismatch(x, weight, bias, lora_A, lora_B)
+    if reason is not None:
+        raise RuntimeError(f"lora_linear: {reason}; put them on one device (a meta tensor was never loaded)")
+
+
 def check_shapes(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -372,7 +387,12 @@ def check_float_scaling(scaling) -> None:
 
 
 def check_scaling(scaling) -> None:
-    """A ``scaling`` number is finite (a tensor is checked where it is read as a float: ``check_float_scaling``)."""
+    """A ``scaling`` number is finite (a tensor is checked where it is read as a float: ``check_float_scaling``).
+    Not while torch.compile traces: a scaling that changed between calls becomes a symbolic float there, which
+    ``math.isfinite`` cannot trace (``fullgraph=True`` failed on a second adapter's α); LinearWithLoRA's scaling
+    comes from a checked α and rank, and eager calls check it."""
+    if torch.compiler.is_compiling():
+        return
     if not isinstance(scaling, torch.Tensor) and not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling}")
 
@@ -385,6 +405,7 @@ def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_i
     check_dropout_p(dropout_p)
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
+    check_devices(x, weight, bias, lora_A, lora_B)
 
 
 def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):

@@ -346,7 +346,8 @@ class LinearWithLoRA(nn.Module):
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise ValueError(f"input feature size mismatch: the layer expects in_features={self.in_features} "
                                  f"but the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
-            if self.merged and self.training and torch.is_grad_enabled() and self.lora.lora_A.requires_grad:
+            if (self.merged and self.training and torch.is_grad_enabled() and self.lora.lora_A.requires_grad
+                    and not torch.compiler.is_compiling()):  # a warning inside a traced graph: fullgraph fails
                 warnings.warn("LinearWithLoRA: a training-mode forward of a merged layer: the adapter gets no "
                               "gradient (its term is inside the frozen W₀); unmerge first (lora_fast.unmerge_lora), "
                               "or, for inference, call model.eval() (apply_lora's layers start in training mode, "

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the range drawn seeds lie in)
     SEED_HIGH,
     autocast_inputs,
+    check_devices,
     check_dropout_p,
     check_float_scaling,
     check_scaling,
@@ -268,6 +269,7 @@ _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out) -> None:
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)  # the eager entry's checks and messages
+    check_devices(x, weight, bias, lora_A, lora_B)
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias "
                          f"({None if bias is None else bias.dtype}) must share a dtype (or run under autocast)")
@@ -325,9 +327,10 @@ def lora_linear_op(
     seed_t = seed_tensor(seed, x.device) if p > 0.0 else None
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
-    lead, k_in = x.shape[:-1], x.shape[-1]
+    lead = x.shape[:-1]
     n_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     y, _ = torch.ops.lora_fast.lora_linear(
-        x.reshape(-1, k_in), weight, bias, lora_A, lora_B, float(scaling), p, seed_t, bool(fan_in_fan_out), backend
+        x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0),  # (M, K): reshape(-1, K) cannot infer M when K = 0
+        weight, bias, lora_A, lora_B, float(scaling), p, seed_t, bool(fan_in_fan_out), backend
     )  # (M, N), (M, r)
     return y.reshape(*lead, n_out)

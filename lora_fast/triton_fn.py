@@ -25,7 +25,14 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here is how functional.py learns that triton is missing)
 
-from lora_fast.functional import TRITON_TOO_OLD, autocast_inputs, functorch_active, has_tangent, seed_tensor
+from lora_fast.functional import (
+    TRITON_TOO_OLD,
+    autocast_inputs,
+    device_mismatch,
+    functorch_active,
+    has_tangent,
+    seed_tensor,
+)
 from lora_fast.kernels import dropout as _drop
 from lora_fast.kernels import launch as _launch
 from lora_fast.kernels import lora_bwd as _bwd
@@ -105,10 +112,9 @@ def unsupported_reason(
             return "TRITON_INTERPRET=1 was set after lora_fast.kernels was imported (set it before)"
     elif dev.type != "cuda":
         return f"the Triton kernels run on CUDA tensors, got a {dev.type} tensor"
-    if any(t is not None and t.device != dev for t in (weight, lora_A, lora_B, bias)):
-        others = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
-        off = {k: t.device for k, t in others.items() if t is not None and t.device != dev}
-        return f"x is on {dev} but {', '.join(f'{k} on {d}' for k, d in off.items())}"
+    off = device_mismatch(x, weight, bias, lora_A, lora_B)
+    if off is not None:
+        return off
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
         return f"x ({x.dtype}) and weight ({weight.dtype}) must be fp32, fp16 or bf16"
     dtype = _compute_dtype(x)
@@ -155,7 +161,8 @@ class LoRALinearFn(torch.autograd.Function):
         needs_dx, needs_dA, needs_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if not (needs_dx or needs_dA or needs_dB):
             return (None,) * 9
-        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty, ...): differentiable aten ops
+        if torch.is_grad_enabled() or _batched(dy):  # create_graph=True (a gradient penalty, ...), or a batch of
+            # upstream gradients (is_grads_batched: the vectorized jacobian), which the kernels cannot read: aten ops
             return _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B)
         dx, dA, dB = _bwd.lora_linear_bwd(
             dy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, ctx.fan_in_fan_out,
@@ -164,12 +171,23 @@ class LoRALinearFn(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
+def _batched(dy: torch.Tensor) -> bool:
+    """Whether ``dy`` is a batch of upstream gradients (``autograd.grad(..., is_grads_batched=True)``, as
+    ``autograd.functional.jacobian(vectorize=True)`` calls it): a legacy vmap tensor, with no storage to launch
+    kernels on. torch.func's transforms are not active there, so ``functorch_active`` does not see it."""
+    probe = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return bool(probe is not None and probe(dy))
+
+
 def _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B):
     """Under ``create_graph=True`` (a gradient penalty, ...) the gradients must themselves be differentiable: they
     are taken through the reference forward (``lora_linear_ref``, the test oracle) on the saved inputs with the
     kernels' own keep-mask regenerated from the seed, so they equal the kernels' to rounding. The bias needs no
-    gradient (frozen); the forward is recomputed, only on this path."""
+    gradient (frozen); the forward is recomputed, only on this path. A batched ``dy`` (``_batched``) takes it too,
+    without a graph of the gradients unless one was asked for."""
     from lora_fast.reference import lora_linear_ref
+
+    create_graph = torch.is_grad_enabled()
 
     p = ctx.dropout_p
     keep = _drop.dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0.0 else None
@@ -177,7 +195,7 @@ def _differentiable_backward(ctx, dy, x, seed, weight, lora_A, lora_B):
     with torch.enable_grad():
         y = lora_linear_ref(x, weight, None, lora_A, lora_B, ctx.scaling, dropout_p=p, keep_mask=keep,
                             fan_in_fan_out=ctx.fan_in_fan_out)
-        grads = torch.autograd.grad(y, [t for _, t in wanted], dy, create_graph=True)
+        grads = torch.autograd.grad(y, [t for _, t in wanted], dy, create_graph=create_graph)
     out = [None] * 9
     for (i, _), g in zip(wanted, grads, strict=True):
         out[i] = g

@@ -582,3 +582,38 @@ def test_disable_adapter_costs_one_graph_per_state():
     y_again = compiled(x)
     assert counter.frame_count == 2
     assert torch.equal(y_again, y) and torch.allclose(y_off, m.linear(x))
+
+
+@pytest.mark.usefixtures("routed")
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_fullgraph_with_a_changing_scaling(dynamic):
+    """A scaling that changes between calls (adapters of other α loaded in turn, or ``dynamic=True``) is a symbolic
+    float under dynamo, which the finiteness check's ``math.isfinite`` could not trace: ``fullgraph=True`` raised
+    from the second value on (and without fullgraph every layer broke the graph). The outputs equal eager's."""
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 12), rank=4, alpha=8)
+    nn.init.normal_(layer.lora.lora_B)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    x = torch.randn(3, 16)
+    for s in (2.0, 1.0, 0.5):
+        layer.lora.scaling = s
+        assert_rel_close(compiled(x), layer(x).double(), FP32_TOL, f"scaling {s}")
+    with pytest.raises(ValueError, match="scaling must be a finite number"):  # eager still checks
+        functional.lora_linear(x, layer.linear.weight, None, layer.lora.lora_A, layer.lora.lora_B, float("nan"))
+
+
+@pytest.mark.usefixtures("routed")
+def test_compiled_edge_cases_run_as_eager():
+    """No input features (the op's ``x.reshape(-1, 0)`` failed: M cannot be inferred; eager returns the bias), and
+    a merged layer in training mode under fullgraph (its warning, a skipped function inside the graph, raised;
+    eager warns)."""
+    w, b, a, bb = torch.randn(12, 0), torch.randn(12), torch.randn(4, 0), torch.randn(12, 4)
+    x = torch.randn(3, 0)
+    compiled = torch.compile(lambda x: functional.lora_linear(x, w, b, a, bb, 0.5), backend="aot_eager")
+    assert torch.equal(compiled(x), b.expand(3, 12))
+    layer = LinearWithLoRA(nn.Linear(16, 12), rank=4)
+    layer.merge_weights()
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="training-mode forward of a merged layer"):
+        eager = layer(x)
+    assert torch.equal(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), eager)

@@ -125,6 +125,13 @@ def test_built_on_the_meta_device_as_nn_linear():
         assert not layer.lora.lora_B.any() and layer.lora.lora_A.abs().max() <= 1 / 16**0.5
     with pytest.raises(ValueError, match="offloaded or on the meta device"):
         LinearWithLoRA(nn.Linear(16, 12, device="meta"), rank=4)
+    # built on meta and only its base loaded (load_state_dict(assign=True)): F.linear of a CPU input with the meta
+    # adapter returned uninitialised memory, silently wrong numbers; every path now names the tensors left on meta
+    layer = _on_meta(lambda: LinearWithLoRA(16, 12, rank=4))
+    base = nn.Linear(16, 12)
+    layer.linear.load_state_dict(base.state_dict(), assign=True)
+    with pytest.raises(RuntimeError, match="x is on cpu but lora_A on meta, lora_B on meta"):
+        layer(torch.randn(3, 16))
 
 
 def _on_meta(build):

@@ -374,6 +374,25 @@ def test_double_backward_matches_reference(p, fifo):
         assert_rel_close(t, r.double(), 1e-5, name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_batched_upstream_gradients_match_reference(p):
+    """``autograd.grad(..., is_grads_batched=True)`` — ``autograd.functional.jacobian(vectorize=True)`` — hands the
+    backward a legacy vmap batch of gradients, which the kernels cannot read ("Cannot access storage of
+    BatchedTensorImpl" before): it takes the aten backward, and each batch entry equals the reference's gradient."""
+    torch.manual_seed(0)
+    w, b, a, bb = _params(16, 12, 3)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    mask = dropout_mask(7, 5, 16, p, DEVICE) if p else None
+    cotangents = torch.randn(4, 5, 12, device=DEVICE)
+    got = torch.autograd.grad(lora_linear(x, w, b, a, bb, 1.5, dropout_p=p, seed=7, backend="triton"), (x, a, bb),
+                              cotangents, is_grads_batched=True)
+    for i in range(cotangents.shape[0]):
+        ref = torch.autograd.grad(lora_linear_ref(x, w, b, a, bb, 1.5, dropout_p=p, keep_mask=mask), (x, a, bb),
+                                  cotangents[i])
+        for name, g, r in zip(("dx", "dA", "dB"), got, ref, strict=True):
+            assert_rel_close(g[i], r.double(), 1e-5, f"{name}[{i}]")
+
+
 def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
     w, b, a, bb = _params(16, 12, 2)
     x = torch.randn(5, 16, device=DEVICE)
