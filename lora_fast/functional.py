@@ -254,6 +254,14 @@ def device_mismatch(x, weight, bias, lora_A, lora_B) -> str | None:
     return f"x is on {x.device} but {', '.join(f'{k} on {d}' for k, d in off.items())}" if off else None
 
 
+def check_float_input(x: torch.Tensor) -> None:
+    """A floating-point input: an integer one would cast the adapters to integers (fp32 A, B of magnitude < 1
+    truncate to zeros) and return the base alone — the module's ``LoRALayer`` refuses it alike."""
+    if not x.is_floating_point():
+        raise TypeError(f"lora_linear expects a floating-point input, got {x.dtype} (the adapters would be cast to "
+                        "it and truncated)")
+
+
 def check_devices(x, weight, bias, lora_A, lora_B) -> None:
     """Every tensor on x's device, on every path: ``F.linear`` of a CPU input with a meta weight returns
     uninitialised memory without an error (a layer built under ``torch.device("meta")`` and loaded in part)."""
@@ -284,6 +292,8 @@ def check_shapes(
         raise ValueError(f"lora_A must be (rank, in_features={k_in}), got {tuple(lora_A.shape)}"
                          + (" (transposed?)" if flipped else ""))
     r = lora_A.shape[0]
+    if r < 1:  # a (0, K) lora_A and (N, 0) lora_B would give the base alone, silently
+        raise ValueError(f"rank must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
     if lora_B.shape != (n_out, r):
         raise ValueError(f"lora_B must be (out_features, rank)=({n_out}, {r}), got {tuple(lora_B.shape)}")
     if bias is not None and bias.shape != (n_out,):
@@ -406,6 +416,7 @@ def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_i
     check_seed(seed)
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
     check_devices(x, weight, bias, lora_A, lora_B)
+    check_float_input(x)
 
 
 def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):

@@ -68,6 +68,7 @@ from lora_fast.functional import (  # noqa: F401  (SEED_HIGH re-exported: the ra
     autocast_inputs,
     check_devices,
     check_dropout_p,
+    check_float_input,
     check_float_scaling,
     check_scaling,
     check_seed,
@@ -270,6 +271,7 @@ _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 def _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out) -> None:
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)  # the eager entry's checks and messages
     check_devices(x, weight, bias, lora_A, lora_B)
+    check_float_input(x)
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x ({x.dtype}), weight ({weight.dtype}) and bias "
                          f"({None if bias is None else bias.dtype}) must share a dtype (or run under autocast)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench_gpt2, bench_layer, utils
+from tests.utils import MISSING
 
 ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "t", "triton": "t", "transformers": "t", "commit": "abc1234",
        "timestamp": "2026-01-01T00:00:00Z"}
@@ -295,7 +296,7 @@ def test_provider_env_forces_the_variant_its_name_says_and_lora_fast_the_default
     would pick otherwise (fp32 with IEEE dots at r=64: cuBLAS both ways). ``lora_fast_one_pass`` and
     ``lora_fast_xa_first`` are the fused kernels with that forward; ``lora_fast`` runs the default rule even when
     a variable is inherited from the shell."""
-    pytest.importorskip("triton", reason="the variant rules live in lora_fast.kernels, which needs triton (in [dev])")
+    pytest.importorskip("triton", reason=MISSING["triton"])
     from lora_fast.kernels import lora_bwd, lora_fwd
 
     shape = (8192, 768, 768, 64)
@@ -357,7 +358,7 @@ def test_git_commit_is_head_with_dirty_for_changes_outside_results(tmp_path, mon
 def test_env_info_records_the_peft_version_beside_transformers():
     """Every "vs peft" figure depends on PEFT's version; the issue fixes the CSV's columns, so it rides in the
     transformers column."""
-    peft = pytest.importorskip("peft", reason="peft is not installed: the [dev] extra brings it")
+    peft = pytest.importorskip("peft", reason=MISSING["peft"])
     import transformers
 
     assert utils.env_info("cpu")["transformers"] == f"{transformers.__version__} (peft {peft.__version__})"

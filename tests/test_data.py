@@ -16,6 +16,7 @@ import torch
 
 from lora_fast.data import load_classification
 from lora_fast.train_args import ConfigError
+from tests.utils import MISSING
 
 
 def _write_csv(path, rows, header=("Label", "Text")):
@@ -255,7 +256,7 @@ DOCS = ["the cat sat on the mat", "", "a dog ran", "the mat was red and the cat 
 
 def _word_tokenizer(template: str | None):
     """A word-level fast tokenizer whose post-processor adds ``template``'s special tokens (None: none, as GPT-2)."""
-    pytest.importorskip("transformers", reason="transformers is not installed: the [train] extra brings it")
+    pytest.importorskip("transformers", reason=MISSING["transformers"])
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -15,7 +15,9 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed: the GPU scripts drive the Triton kernels")
+from tests.utils import MISSING
+
+pytest.importorskip("triton", reason=MISSING["triton"])
 from tests.triton_interpret import HAS_CUDA, TF32_TOL, interpret  # noqa: E402, F401  (fixture; before the kernels)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -168,7 +168,7 @@ def test_injected_layers_train_as_pefts_do_whatever_the_model_mode():
     """PEFT's get_peft_model leaves its new LoRA layers in training mode on a model from_pretrained returned in eval
     mode: a loop that never calls model.train() trains with LoRA dropout. The layers followed the model's mode,
     so the same loop trained without it. model.eval() / model.train() set them as usual."""
-    peft = pytest.importorskip("peft", reason="peft is not installed: the [dev] extra brings it")
+    peft = pytest.importorskip("peft", reason=MISSING["peft"])
     base = tiny_gpt2()
     assert not base.training  # as from_pretrained returns it
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.5))

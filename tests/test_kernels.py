@@ -15,7 +15,7 @@ import torch
 
 from lora_fast.reference import lora_linear_ref
 from tests.triton_interpret import DEVICE, HAS_CUDA, fp32_tol, interpret  # noqa: F401  (fixture)
-from tests.utils import assert_rel_close, ref_grads64, rel_err
+from tests.utils import assert_half_precision, assert_rel_close, ref_grads64, rel_err
 
 from lora_fast.kernels.dropout import dropout_keep_mask, seed_tensor, uniform
 from lora_fast.kernels.lora_bwd import lora_linear_bwd
@@ -126,10 +126,12 @@ def test_backward_skips_unneeded_gradients():
     assert_rel_close(db, ref[4], fp32_tol(), "dB")
 
 
-def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, None)):
+def _dtype_errors(dtype, device, M=48, K=80, N=72, r=16, p=0.2, variants=(None, None), half_adapters=False):
     """(kernel error, PyTorch's own error) against fp64 for y, dx, dA, dB in ``dtype``; ``variants``: (forward,
-    backward) variant, None for the default rule."""
+    backward) variant, None for the default rule; ``half_adapters``: A and B in ``dtype`` too (fp32 otherwise)."""
     x, w, b, a, bb = _make(M, K, N, r, False, True, dtype=dtype, device=device)
+    if half_adapters:
+        a, bb = a.to(dtype), bb.to(dtype)
     dy = torch.randn(M, N, device=device, dtype=dtype)
     mask = dropout_keep_mask(99, M, K, p, device)
     out = _run(x, w, b, a, bb, 0.5, p, 99, False, dy, variant=variants[0], bwd_variant=variants[1])
@@ -148,14 +150,18 @@ def _check_dtype(dtype, device):
     for variants, p in (((None, None), 0.2), (("cublas", "cublas"), 0.2), (("cublas", "cublas"), 0.0),
                         (("tma", "tma"), 0.2), (("tma_persistent", "gb_first_tma"), 0.2), ((None, "gb_first"), 0.0)):
         _check_dtype_variants(dtype, device, variants, p)
+    # odd sizes (no dimension a multiple of a tile or of 8, rank 5 padded) and adapters in the half dtype
+    for kw in ({"M": 37, "K": 97, "N": 75, "r": 5}, {"half_adapters": True}, {"M": 37, "K": 97, "N": 75, "r": 5,
+                                                                              "half_adapters": True, "p": 0.0}):
+        errors = _dtype_errors(dtype, device, **kw)
+        for name, (err, torch_err) in zip(("y", "dx", "dA", "dB"), errors, strict=True):
+            assert_half_precision(err, torch_err, f"{name} {kw} {dtype}")
 
 
 def _check_dtype_variants(dtype, device, variants, p):
     errors = _dtype_errors(dtype, device, p=p, variants=variants)
     for name, (err, torch_err) in zip(("y", "dx", "dA", "dB"), errors, strict=True):
-        assert err <= 1e-2, f"{name} {variants} p={p}: {dtype} error {err:.2e} > 1e-2"
-        assert err <= 2 * torch_err + 1e-4, (f"{name} {variants} p={p}: {dtype} error {err:.2e} > 2 x PyTorch's "
-                                             f"{torch_err:.2e}")
+        assert_half_precision(err, torch_err, f"{name} {variants} p={p} {dtype}")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter fp16 check; on a GPU test_fp16_bf16_gpu covers fp16")
@@ -186,9 +192,11 @@ def test_fp16_backward_scales_before_rounding(bwd_variant):
     assert (dy.double() @ bb.double()).abs().max() > 65504 > s * (dy.double() @ bb.double()).abs().max()
     out = _run(x, w, b, a, bb, s, 0.0, 0, False, dy, bwd_variant=bwd_variant)
     ref = ref_grads64(x, w, b, a, bb, s, 0.0, None, False, dy)
-    for name, o, rf in zip(("dx", "dA", "dB"), out[2:], ref[2:], strict=True):
+    xt, at, bt = (t.detach().clone().requires_grad_() for t in (x, a.half(), bb.half()))  # PyTorch's own fp16
+    lora_linear_ref(xt, w, b, at, bt, s).backward(dy)
+    for name, o, t, rf in zip(("dx", "dA", "dB"), out[2:], (xt.grad, at.grad, bt.grad), ref[2:], strict=True):
         assert torch.isfinite(o).all(), f"{bwd_variant}: {name} has inf/nan where fp64 is {rf.abs().max():.3g} at most"
-        assert_rel_close(o, rf, 1e-2, f"{bwd_variant}: {name}")
+        assert_half_precision(rel_err(o, rf), rel_err(t, rf), f"{bwd_variant}: {name}")
 
 
 @pytest.mark.parametrize("s, b_scale, x_scale", [(0.125, 1e-4, 1.0), (1 / 32, 1e-5, 1.0), (16.0, 1e-3, 3000.0),
@@ -212,7 +220,8 @@ def test_fp16_forward_scaling_rounds_in_range(s, b_scale, x_scale):
         y, _ = lora_linear_fwd(x, w, None, a, bb, s, variant=variant)
         assert torch.isfinite(y).all(), f"{variant}: inf/nan where torch's fp16 result is finite"
         err = rel_err(y, ref)
-        assert err <= 2 * torch_err + 1e-4, f"{variant}: fp16 error {err:.2e} > 2 x torch's {torch_err:.2e}"
+        # no 1e-2 bar here: these ranges are chosen where torch's own fp16 term loses digits (subnormal s·B)
+        assert err <= 2 * torch_err, f"{variant}: fp16 error {err:.2e} > 2 x torch's {torch_err:.2e}"
 
 
 def test_dropout_mask_properties():
@@ -247,7 +256,8 @@ def test_dropout_mask_equals_independent_numpy_philox(seed, rows, cols, p, philo
             pytest.skip(f"on a GPU only the Philox body triton picks ({active}) is compiled; the other one is "
                         "checked under the interpreter (the CPU suite)")
         if philox == "tl_mul":
-            pytest.skip(f"triton {dropout.triton.__version__} has no tl.mul (< 3.6): only the uint64 body runs")
+            pytest.skip(f"triton {dropout.triton.__version__} has no tl.mul (< 3.6): only the uint64 body runs "
+                        "here; the tl_mul case runs with triton >= 3.6 (CI's)")
         monkeypatch.setattr(dropout, "philox", dropout._philox_wide)
     m = dropout_keep_mask(seed, rows, cols, p, DEVICE).cpu().numpy()
     assert (m == keep_mask_numpy(seed, rows, cols, p)).all()

@@ -13,6 +13,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+HALF_TOL = 1e-2  # fp16/bf16 against float64
+HALF_FLOOR = 1e-5  # fp32's tolerance: below it "twice PyTorch's error" is rounding noise, not a bar
+
+
+def assert_half_precision(err: float, torch_err: float, name: str) -> None:
+    """The half-precision standard for an error already measured against float64: ≤ 1e-2, and never worse than
+    twice PyTorch's own error in that dtype (``torch_err``, the same computation in PyTorch at that precision).
+    Where PyTorch's error is below fp32's tolerance (a gradient both compute in fp32: fp32 adapters' dA under
+    autocast), the bound is that tolerance, ``HALF_FLOOR``."""
+    assert err <= HALF_TOL, f"{name}: half-precision error {err:.2e} > {HALF_TOL:.0e}"
+    assert err <= max(2 * torch_err, HALF_FLOOR), f"{name}: error {err:.2e} > 2 x PyTorch's own {torch_err:.2e}"
+
+
 def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "tensor") -> None:
     """Assert ‖out − ref‖/‖ref‖ ≤ tol; on failure report the error and the first mismatching indices."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
