@@ -108,6 +108,12 @@ def test_single_csv_keeps_every_copy_of_a_text_on_one_side(tmp_path):
                 or sides["validation"] & sides["test"])
     assert sum(len(t) for t, _ in splits.values()) == 1080
     assert abs(len(splits["test"][0]) - 216) <= 3 and abs(len(splits["validation"][0]) - 108) <= 3
+    # copies that differ only by surrounding whitespace (a trailing space in the file) are one text too
+    rows = [("spam" if i % 2 else "ham", f"message {i}{end}") for i in range(150) for end in ("", " ")]
+    splits, _ = load_classification(str(_write_csv(tmp_path / "spaced.csv", rows)), seed=1, val_fraction=0.1)
+    sides = {s: {t.strip() for t in texts} for s, (texts, _) in splits.items()}
+    assert not (sides["train"] & sides["validation"] or sides["train"] & sides["test"]
+                or sides["validation"] & sides["test"])
 
 
 # ------------------------------------------------------------------------- causal-LM files: the split, CSV rows

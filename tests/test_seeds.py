@@ -105,6 +105,9 @@ def test_cpu_reference_masks_of_seeds_equal_in_their_low_32_bits_differ():
         assert abs(agree - 0.5) < 0.01, (a, b, agree)  # independent masks agree on half the elements at p = 0.5
     keep = functional.seeded_keep_mask(pair[1], torch.zeros(1024, 1024), 0.1, "reference").double().mean().item()
     assert abs(keep - 0.9) < 5 * (0.9 * 0.1 / 2**20) ** 0.5  # 5 standard deviations
+    for seed in (0, 5, 2**31 + 5, 2**32 - 1):  # below 2**32: the documented mask of one generator, as before
+        expected = torch.rand((256, 256), generator=torch.Generator().manual_seed(seed)) >= 0.5
+        assert torch.equal(functional.seeded_keep_mask(seed, x, 0.5, "reference"), expected), seed
 
 
 @pytest.mark.usefixtures("interpret")

@@ -910,6 +910,38 @@ def test_classification_batches_are_right_padded_whatever_the_tokenizer_says(tmp
             torch.testing.assert_close(together[i], model(input_ids=alone["input_ids"],
                                                           attention_mask=alone["attention_mask"]).logits[0])
 
+def test_validation_split_keeps_its_share_with_documents_of_very_different_sizes():
+    """The share holds where documents differ in size: a large document that would overshoot it by more than a fifth
+    is passed over (one holding ~25 % of the text at a 0.2 share was taken: 34 %), and where whole documents cannot
+    reach half the share, the largest one's tail makes up the rest (3 small and 3 large documents gave 2.5 %)."""
+    from lora_fast.data import _split_docs
+
+    one_large = [f"short {i} " + "word " * 30 for i in range(30)] + ["large " + "word " * 1000]
+    few_large = [f"small doc {i} " + "x " * 20 for i in range(3)] + [f"big {i} " + "word " * 400 for i in range(3)]
+    for docs in (one_large, few_large):
+        total = sum(map(len, docs))
+        for seed in range(10):
+            train, val = _split_docs(docs, 0.2, seed)
+            share = sum(map(len, val)) / total
+            assert 0.15 <= share <= 1.2 * 0.2, (seed, share)
+            assert sorted("".join(train + val).replace(" ", "")) == sorted("".join(docs).replace(" ", ""))  # partition
+
+
+def test_checkpoint_label_order_maps_every_label_to_the_checkpoints_output():
+    """Three labels in a cyclic order (two labels cannot tell the map from its inverse): each example's id is its
+    label's id in the checkpoint's label2id."""
+    from types import SimpleNamespace
+
+    from lora_fast.train import checkpoint_label_order
+
+    config = SimpleNamespace(label2id={"a": 1, "b": 2, "c": 0})
+    splits = {"train": (["ta", "tb", "tc", "tb"], [0, 1, 2, 1])}  # ids in the data's sorted order a, b, c
+    order, remapped = checkpoint_label_order(config, ["a", "b", "c"], splits, "m", lambda msg: None)
+    assert order == ["c", "a", "b"]
+    assert remapped["train"][1] == [1, 2, 0, 2]
+    assert [order[y] for y in remapped["train"][1]] == ["a", "b", "c", "b"]
+
+
 def test_validation_split_follows_the_seed():
     """Whole documents go to validation in a seeded order: the same seed gives the same split, other seeds other
     splits (the seed is the user's way to vary it), each a partition of the documents with about the asked share."""
