@@ -5,7 +5,8 @@ name and transformers >= 5 imports any top-level ``kernels`` it finds).
 
 torch is required but not pinned, so that a GPU user keeps the CUDA build they already have. On a CPU-only
 machine install ``torch==2.13.0`` first (the local CPU wheel); an unpinned install there would pull CUDA wheels.
-Triton is optional at import time: without it everything runs on the plain-PyTorch reference path.
+Triton is optional at import time: without it everything runs on the plain-PyTorch reference path. It ships for
+Linux only, hence the marker: ``[dev]`` and ``[triton]`` install on macOS and Windows too, without it.
 
 Lower bounds are the versions the suite has run on, not guesses (README "Versions"): torch 2.4 failed at import and
 2.5 lacks the public FSDP2 API; triton < 3.4 cannot compile the kernels (they fall back to the reference path
@@ -33,10 +34,10 @@ setup(
         "packaging",
     ],
     extras_require={
-        "triton": ["triton>=3.4"],
-        "train": ["datasets", "tokenizers", "matplotlib", "pyyaml"],
+        "triton": ['triton>=3.4; platform_system == "Linux"'],
+        "train": ["datasets", "tokenizers", "matplotlib", "pyyaml", "tensorboard"],
         "dev": [
-            "triton>=3.4",
+            'triton>=3.4; platform_system == "Linux"',
             "pytest>=7",
             "pytest-benchmark",
             "peft>=0.21",

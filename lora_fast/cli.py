@@ -18,7 +18,7 @@ from pathlib import Path
 from lora_fast.train_args import ConfigError
 from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, pad_with_eos, set_special_tokens
 
-USAGE = """usage: lora-fast {train,sweep,merge} ...
+USAGE = """usage: lora-fast {train,sweep,merge} ... | --version
 
   train   LoRA fine-tuning of GPT-2 (causal LM or --task classification); lora-fast train --help
   sweep   rank / alpha / target-module experiments;                         lora-fast sweep --help
@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "--version":
+        from lora_fast import __version__
+
+        print(f"lora-fast {__version__}")
+        return 0
     if cmd == "train":
         from lora_fast.train import main as train_main
 

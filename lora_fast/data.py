@@ -251,8 +251,8 @@ def _load_hub_texts(name: str, text_column: str | None) -> tuple[list[str], list
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"dataset {name!r} is not a local file, and the `datasets` package is not installed") \
-            from None
+        raise ConfigError(f"dataset {name!r} is not a local file, and the `datasets` package is not installed "
+                          "(pip install 'lora-fast[train]')") from None
     online = hub_reachable()
     path, _, config = name.partition(":")  # "wikitext:wikitext-2-raw-v1": a dataset and its configuration
     try:

@@ -154,7 +154,7 @@ def dropout_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, devic
     try:
         from lora_fast.kernels.dropout import dropout_keep_mask
     except ImportError as e:
-        raise RuntimeError(f"dropout_mask needs triton ({e})") from e
+        raise RuntimeError(f"dropout_mask needs triton ({e}; pip install 'lora-fast[triton]')") from e
     return dropout_keep_mask(seed, rows, cols, p, device)
 
 
@@ -242,9 +242,10 @@ def _import_reason(e: ImportError) -> str:
     """Why the kernels cannot be imported: triton itself, or ``lora_fast.kernels`` (the repository's ``kernels/``,
     which only an install maps there: a source tree put on ``sys.path`` has no ``lora_fast.kernels``)."""
     if (e.name or "").startswith("lora_fast.kernels"):
-        return (f"{_NOT_IMPORTABLE[1]} ({e}): lora_fast was imported from a source tree that is not installed; "
-                "`pip install -e .` there maps kernels/ to lora_fast.kernels")
-    return f"{_NOT_IMPORTABLE[0]} ({e})"
+        return (f"{_NOT_IMPORTABLE[1]} ({e}): lora_fast was imported from a source tree that is not installed "
+                "editable (run from a clone's root, its lora_fast/ shadows an installed copy); `pip install -e .` "
+                "there maps kernels/ to lora_fast.kernels")
+    return f"{_NOT_IMPORTABLE[0]} ({e}; pip install 'lora-fast[triton]', or a torch that ships triton)"
 
 
 def device_mismatch(x, weight, bias, lora_A, lora_B) -> str | None:

@@ -55,7 +55,7 @@ def _lora_classes():
             from peft.tuners.lora.layer import Linear, LoraLayer
             from peft.tuners.tuners_utils import BaseTunerLayer
         except ImportError as e:  # pragma: no cover - peft is installed with the test extras
-            raise ImportError("patch_peft needs the `peft` package (pip install peft)") from e
+            raise ImportError("patch_peft needs the `peft` package (pip install 'peft>=0.21')") from e
         _CLASSES = (Linear, LoraLayer, BaseTunerLayer)
     return _CLASSES
 

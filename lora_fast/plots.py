@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 
 from lora_fast.train_io import write_atomic
 
+MISSING = ("matplotlib is not installed: lora-fast train and sweep draw their loss plots with it (pip install "
+           "'lora-fast[train]', or pip install matplotlib)")
+
+
+def check_plotting() -> None:
+    """Refuse a run that could not draw its plots, before anything is loaded: without matplotlib a run trained to
+    the end and lost every output at the plot (the base install has no matplotlib; ``[train]`` brings it)."""
+    from lora_fast.train_args import ConfigError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(MISSING)
+
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(MISSING) from e
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -166,12 +166,13 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
     after the current run saves what it trained; the table then holds the runs so far."""
     from lora_fast.distributed import held_signals
-    from lora_fast.plots import sweep_plot
+    from lora_fast.plots import check_plotting, sweep_plot
     from lora_fast.train import check_one_process, check_tf32, prepare, resolve_device, run_inputs, transformers_bars
     from lora_fast.train_io import StagedDir, check_output_dir, write_atomic
 
     out = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir)
     check_one_process(opts, "lora-fast sweep")
+    check_plotting()
     check_tf32(getattr(opts, "tf32", None), resolve_device(opts.device))
     with transformers_bars(opts.progress):
         prep = prepare(opts, log)  # seeded with --seed, as in lora-fast train

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_fast.plots import check_plotting
 from lora_fast.train_args import ConfigError, RankConfigError, parse_train_args
 from lora_fast.train_io import print_summary
 from lora_fast.train_model import (
@@ -260,7 +261,8 @@ def _tensorboard(logdir, log, purge_step=None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log("lora-fast: tensorboard is not installed, --logdir ignored (pip install tensorboard)")
+        log("lora-fast: tensorboard is not installed, --logdir ignored (pip install tensorboard, or "
+            "'lora-fast[train]')")
         return None
     return SummaryWriter(logdir, purge_step=purge_step)
 
@@ -307,6 +309,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         ctx = D.DistContext()
     out_dir = check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir, opts.checkpoint_dir)
     check_fsdp_checkpointing(opts, ctx)
+    check_plotting()  # train() called directly: before training, not at the end
     checkpointing = opts.save_steps is not None or opts.resume_from_checkpoint is not None
     ckpt_root, resume_path = C.check_options(opts)
     main = ctx.is_main
@@ -618,6 +621,7 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     try:
         with transformers_bars(opts.progress), warnings.catch_warnings():
             check_fsdp_checkpointing(opts, ctx)  # before minutes of loading, on every rank
+            check_plotting()
             check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
             if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings (transformers',
                 hf_logging.disable_progress_bar()  # torch's, lora_fast's: one line each, not one per rank)

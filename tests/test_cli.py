@@ -251,6 +251,9 @@ def test_output_dir_filled_during_the_run_is_not_replaced(tmp_path):
 def test_cli_dispatch(capsys):
     assert cli_main(["--help"]) == 0 and "train" in capsys.readouterr().out
     assert cli_main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    import lora_fast
+
+    assert cli_main(["--version"]) == 0 and capsys.readouterr().out == f"lora-fast {lora_fast.__version__}\n"
     with pytest.raises(SystemExit) as e:
         cli_main(["train", "--help"])
     assert e.value.code == 0 and "--gradient_accumulation_steps" in capsys.readouterr().out

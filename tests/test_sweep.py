@@ -227,3 +227,26 @@ def test_sweep_help_describes_the_sweep():
     assert "default: the sets of --target_sets (c_attn vs all-linear)" in " ".join(text.split())
     assert "--task {" not in text and "--task TASK" not in text and "--distributed" not in text
     assert build_parser().parse_args(["--task", "classification"]).task == "classification"
+
+
+def test_train_and_sweep_without_matplotlib_are_refused_before_loading(tiny_gpt2, corpus, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The base install has no matplotlib (``[train]`` brings it): a run trained to the end and then lost every
+    output at the loss plot (sweep: every run "failed"). Both now refuse before the model loads, naming the extra."""
+    import importlib.util
+
+    import lora_fast.train as train_mod
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    loaded = []
+    monkeypatch.setattr(train_mod, "load_base_model", lambda *a, **k: loaded.append(1))
+    out = tmp_path / "sweep"
+    assert cli_main(_sweep(tiny_gpt2, corpus, out, "--max_steps", "1", "--ranks", "2")) == 2
+    assert "lora-fast sweep: error: matplotlib is not installed" in capsys.readouterr().err
+    assert cli_main(["train", "--model", str(tiny_gpt2), "--dataset", str(corpus), "--max_steps", "1",
+                     "--output_dir", str(tmp_path / "train"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lora-fast train: error: matplotlib is not installed" in err and "pip install 'lora-fast[train]'" in err
+    assert not loaded and not out.exists() and not (tmp_path / "train").exists()
