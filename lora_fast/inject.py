@@ -495,11 +495,11 @@ def untie_embeddings_in_config(model: nn.Module) -> str:
     again — ``tie_weights()`` (``resize_token_embeddings`` calls it) and ``from_pretrained`` of the saved model
     would put one weight in place of the other.
 
-    Not where the model's ``forward`` reads the flag (``tie_reading_classes``: UMT5, SwitchTransformers, UDOP, and
-    T5 before transformers 5 scale the decoder output by d_model**-0.5 when it is set): clearing it there would
-    change the logits by a factor √d_model. The flag stays; ``save_pretrained`` still writes both weights (it drops
-    only tensors that share storage), and transformers ≥ 5's ``from_pretrained`` does not tie two saved weights
-    that differ; ``merge_and_unload`` moves the scale into the head where the config keeps a cleared flag
+    Not where the model's ``forward`` reads the flag (``tie_reading_classes``: SwitchTransformers, UDOP, UMT5 before
+    transformers 5.24 and T5 before 5 scale the decoder output by d_model**-0.5 when it is set): clearing it there would
+    change the logits by a factor √d_model. The flag stays; ``save_pretrained`` still writes both weights (it drops only
+    tensors that share storage), and transformers ≥ 5's ``from_pretrained`` does not tie two saved weights that differ;
+    ``merge_and_unload`` moves the scale into the head where the config keeps a cleared flag
     (``merge._fold_decoder_scale``: transformers 4). Returns what was done, for the caller's warning ("" when
     nothing)."""
     found = untied_embeddings(model)
@@ -533,7 +533,8 @@ def untie_embeddings_in_config(model: nn.Module) -> str:
 def ties_lost_with_flag(inner: nn.Module, configs, out: nn.Module) -> list[str]:
     """The tied parameters other than the output embeddings' that transformers would stop tying if
     ``tie_word_embeddings`` were cleared in ``configs`` (transformers 5's ``get_expanded_tied_weights_keys`` returns
-    nothing when the flag is off: BART's, and UMT5's up to 5.x, encoder/decoder ``embed_tokens`` -> ``shared``).
+    nothing when the flag is off: BART's, and UMT5's from 5.0 to 5.23, encoder/decoder ``embed_tokens`` ->
+    ``shared``).
     save_pretrained writes such a weight once, so with the flag cleared the reloaded model gets it at random."""
     get = getattr(inner, "get_expanded_tied_weights_keys", None)
     if get is None:  # transformers 4 has no such map: merge_and_unload copies those ties (merge._copy_flag_ties)

@@ -189,7 +189,7 @@ _DECODER_SCALE = re.compile(r"\*\s*\(?\s*self\.(?:model_dim|config\.d_model)\s*\
 def _fold_decoder_scale(model: nn.Module, who: str) -> str:
     """A merged model (``merge_and_unload``) whose output embeddings are no longer tied to the input embeddings,
     while ``tie_word_embeddings`` stays set because its forward reads the flag to scale the decoder output by
-    d_model**-0.5 (UMT5, SwitchTransformers, UDOP; T5 and LongT5 before transformers 5;
+    d_model**-0.5 (SwitchTransformers, UDOP; UMT5 before transformers 5.24; T5 and LongT5 before 5;
     ``untie_embeddings_in_config``). Saved like that, transformers 4's ``from_pretrained`` tied the head back to
     the embeddings (logits 5 % and 33 % off in a tiny T5 and UMT5), and ``tie_weights()`` does so in any version.
 

@@ -322,12 +322,15 @@ def test_the_tie_flag_stays_where_the_embeddings_stay_tied():
     assert untie_embeddings_in_config(nn.Linear(2, 2)) == ""  # no embeddings to speak of
 
 
-def _tiny_umt5():
-    from transformers import UMT5Config, UMT5ForConditionalGeneration
+def _tiny_flag_reader():
+    """A model whose forward reads ``config.tie_word_embeddings`` in every transformers version tested:
+    SwitchTransformers (UMT5's stopped in 5.24, which reads ``scale_decoder_outputs`` as T5's does since 5.0)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(0)
-    return UMT5ForConditionalGeneration(UMT5Config(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, d_ff=96,
-                                                   num_heads=4, vocab_size=256)).eval()
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+        num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, d_ff=96, num_heads=4, vocab_size=256, num_experts=2,
+        encoder_sparse_step=1, decoder_sparse_step=1)).eval()
 
 
 def _tiny_bart():
@@ -391,12 +394,13 @@ def test_unload_keeps_a_trained_bart_head_that_reloads(tmp_path):
 
 
 def test_unload_says_when_transformers_4_would_tie_a_trained_head_back():
-    """UMT5 keeps tie_word_embeddings set beside a head trained whole (its forward scales by the flag); unload does
-    not change that (adapters may be loaded again), but on transformers 4, whose from_pretrained ties a flagged
-    head back to the embeddings, it says so and points at merge_and_unload. transformers 5 keeps the saved head."""
+    """SwitchTransformers keeps tie_word_embeddings set beside a head trained whole (its forward scales by the flag);
+    unload does not change that (adapters may be loaded again), but on transformers 4, whose from_pretrained ties a
+    flagged head back to the embeddings, it says so and points at merge_and_unload. transformers 5 keeps the saved
+    head."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = apply_lora(_tiny_umt5(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
+        model = apply_lora(_tiny_flag_reader(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unload(model)
@@ -411,40 +415,42 @@ def _t5_logits(model, ids):
 
 
 def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
-    """UMT5 (like SwitchTransformers, UDOP, and T5 before transformers 5) scales its decoder output by d_model**-0.5
-    when ``tie_word_embeddings`` is set: clearing the flag after an untie changed the logits by √d_model = 8 (merging
-    an lm_head adapter; ``modules_to_save=["lm_head"]`` at B = 0; a PEFT adapter with that head loaded off PEFT's
-    numbers). The flag stays there and the logits stay. merge_and_unload moves the scale into the head and clears
-    the flag: saved and loaded again (transformers 4 tied a flagged head back), the model computes the adapter's
-    logits. GPT-2's forward does not read it (its flag is cleared: the tests above)."""
+    """SwitchTransformers (like UDOP, UMT5 before transformers 5.24, and T5 before 5) scales its decoder output by
+    d_model**-0.5 when ``tie_word_embeddings`` is set: clearing the flag after an untie changed the logits by
+    √d_model = 8 (merging an lm_head adapter; ``modules_to_save=["lm_head"]`` at B = 0; a PEFT adapter with that
+    head loaded off PEFT's numbers). The flag stays there and the logits stay. merge_and_unload moves the scale into
+    the head and clears the flag: saved and loaded again (transformers 4 tied a flagged head back), the model
+    computes the adapter's logits. GPT-2's forward does not read it (its flag is cleared: the tests above)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import UMT5ForConditionalGeneration
+    from transformers import SwitchTransformersForConditionalGeneration
 
     from lora_fast import load_adapter
     from lora_fast.inject import tie_reading_classes
 
     ids = torch.randint(0, 256, (2, 9))
-    assert tie_reading_classes(_tiny_umt5()) == ["UMT5ForConditionalGeneration.forward"]
+    cls = "SwitchTransformersForConditionalGeneration"
+    assert tie_reading_classes(_tiny_flag_reader()) == [f"{cls}.forward"]
     assert tie_reading_classes(tiny_gpt2()) == []
     # a head trained whole: nothing trained yet, nothing may change
-    model = _tiny_umt5()
+    model = _tiny_flag_reader()
     want = _t5_logits(model, ids)
-    with pytest.warns(UserWarning, match="tie_word_embeddings left True: UMT5ForConditionalGeneration.forward"):
+    with pytest.warns(UserWarning, match=f"tie_word_embeddings left True: {cls}.forward"):
         apply_lora(model, ["q", "v"], rank=4, modules_to_save=["lm_head"])
     assert model.lm_head.weight is not model.shared.weight and model.config.tie_word_embeddings is True
     torch.testing.assert_close(_t5_logits(model, ids), want, rtol=0, atol=0)
     # PEFT's adapter with that head: PEFT's numbers
-    peft_model = get_peft_model(_tiny_umt5(), LoraConfig(r=4, target_modules=["q", "v"], modules_to_save=["lm_head"],
-                                                         init_lora_weights=False)).eval()
+    peft_model = get_peft_model(_tiny_flag_reader(), LoraConfig(r=4, target_modules=["q", "v"],
+                                                                modules_to_save=["lm_head"],
+                                                                init_lora_weights=False)).eval()
     with torch.no_grad():
         peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     peft_model.save_pretrained(tmp_path / "peft")
-    model = _tiny_umt5()
+    model = _tiny_flag_reader()
     with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
         load_adapter(model, tmp_path / "peft", is_trainable=False)
-    assert_rel_close(_t5_logits(model, ids), _t5_logits(peft_model, ids), 1e-6, "UMT5 adapter with lm_head")
+    assert_rel_close(_t5_logits(model, ids), _t5_logits(peft_model, ids), 1e-6, "adapter with lm_head")
     # merge_lora keeps the layers (an adapter may be unmerged or loaded again): the flag stays, the logits stay
-    model = apply_lora(_tiny_umt5(), ["q", "v", "lm_head"], rank=4)
+    model = apply_lora(_tiny_flag_reader(), ["q", "v", "lm_head"], rank=4)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora.lora_B.normal_(0, 0.1)
@@ -452,19 +458,19 @@ def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
     with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
         merge_lora(model)
     assert model.config.tie_word_embeddings is True
-    assert_rel_close(_t5_logits(model, ids), want, 1e-5, "UMT5 merged in place")
+    assert_rel_close(_t5_logits(model, ids), want, 1e-5, "SwitchTransformers merged in place")
     # merge_and_unload of a LoRA head, and of a head trained whole: the saved model loads with its own head and the
     # adapter's logits. transformers 4 tied a flagged head back to the embeddings (logits 33 % off): there the
-    # decoder's scale moves into the head and the flag is cleared. transformers 5's UMT5Config forces the flag
-    # True, and its from_pretrained keeps a head that differs from the embeddings: there both stay as they are.
+    # decoder's scale moves into the head and the flag is cleared. transformers 5 keeps the flag True, and its
+    # from_pretrained keeps a head that differs from the embeddings: there both stay as they are.
     folds = transformers_major() < 5
-    done = r"UMT5ForConditionalGeneration now hold the decoder's d_model\*\*-0.5" if folds else "left True"
+    done = rf"{cls} now hold the decoder's d_model\*\*-0.5" if folds else "left True"
     for case in ("LoRA on lm_head", "modules_to_save"):
         if case == "LoRA on lm_head":
-            model = apply_lora(_tiny_umt5(), ["q", "v", "lm_head"], rank=4)
+            model = apply_lora(_tiny_flag_reader(), ["q", "v", "lm_head"], rank=4)
         else:
             with pytest.warns(UserWarning, match="tie_word_embeddings left True"):
-                model = apply_lora(_tiny_umt5(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
+                model = apply_lora(_tiny_flag_reader(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
         with torch.no_grad():
             for layer in lora_layers(model).values():
                 layer.lora.lora_B.normal_(0, 0.1)
@@ -476,8 +482,39 @@ def test_untying_keeps_the_tie_flag_where_forward_reads_it(tmp_path):
         said = " ".join(str(w.message) for w in caught)  # 5 with a head untied at apply_lora: nothing new to say
         assert (re.search(done, said) is not None) == (folds or case == "LoRA on lm_head"), said
         assert merged.config.tie_word_embeddings is not folds, case
-        assert_rel_close(_t5_logits(merged, ids), want, 1e-5, f"merged UMT5, {case}")
+        assert_rel_close(_t5_logits(merged, ids), want, 1e-5, f"merged SwitchTransformers, {case}")
         merged.save_pretrained(tmp_path / case)
-        again = UMT5ForConditionalGeneration.from_pretrained(tmp_path / case).eval()
+        again = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / case).eval()
         assert again.lm_head.weight is not again.shared.weight
-        assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged UMT5 after save/load, {case}")
+        assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged SwitchTransformers after save/load, {case}")
+
+
+@pytest.mark.parametrize("kind", ["T5", "UMT5"])
+def test_merged_t5_family_reloads_with_the_adapters_logits(tmp_path, kind):
+    """T5 and UMT5, whichever way the installed transformers scales their decoder output (the tie flag: transformers
+    4, UMT5 before 5.24; ``scale_decoder_outputs``, which transformers 5 derives from the flag when loading): a merged
+    LoRA head, or a head trained whole, saved and loaded again computes the adapter's logits."""
+    import transformers
+
+    ids = torch.randint(0, 256, (2, 9))
+    cfg = getattr(transformers, f"{kind}Config")(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, d_ff=96,
+                                                   num_heads=4, vocab_size=256)
+    cls = getattr(transformers, f"{kind}ForConditionalGeneration")
+    for case in ("LoRA on lm_head", "modules_to_save"):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tie warnings: the tests above
+            if case == "LoRA on lm_head":
+                model = apply_lora(cls(cfg).eval(), ["q", "v", "lm_head"], rank=4)
+            else:
+                model = apply_lora(cls(cfg).eval(), ["q", "v"], rank=4, modules_to_save=["lm_head"])
+            with torch.no_grad():
+                for layer in lora_layers(model).values():
+                    layer.lora.lora_B.normal_(0, 0.1)
+                model.get_output_embeddings().weight.mul_(1.5)  # a trained head
+            want = _t5_logits(model, ids)
+            merged = merge_and_unload(model)
+            assert_rel_close(_t5_logits(merged, ids), want, 1e-5, f"merged {kind}, {case}")
+            merged.save_pretrained(tmp_path / case)
+            again = cls.from_pretrained(tmp_path / case).eval()
+        assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged {kind} after save/load, {case}")
