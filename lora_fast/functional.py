@@ -399,12 +399,11 @@ def check_float_scaling(scaling) -> None:
 
 def check_scaling(scaling) -> None:
     """A ``scaling`` number is finite (a tensor is checked where it is read as a float: ``check_float_scaling``).
-    Not while torch.compile traces: a scaling that changed between calls becomes a symbolic float there, which
-    ``math.isfinite`` cannot trace (``fullgraph=True`` failed on a second adapter's α); LinearWithLoRA's scaling
-    comes from a checked α and rank, and eager calls check it."""
-    if torch.compiler.is_compiling():
-        return
-    if not isinstance(scaling, torch.Tensor) and not math.isfinite(scaling):
+    Written as ``abs(s) < inf`` (False for NaN too), which torch.compile traces on the symbolic float a scaling that
+    changed between calls becomes (``math.isfinite`` cannot: ``fullgraph=True`` failed on a second adapter's α);
+    traced, it is a guard, so a NaN or infinite scaling is refused in compiled calls too (fullgraph: as dynamo's
+    error around this one)."""
+    if not isinstance(scaling, torch.Tensor) and not abs(scaling) < math.inf:
         raise ValueError(f"scaling must be a finite number, got {scaling}")
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_fast.functional import lora_linear, resolve_backend
+from lora_fast.functional import device_mismatch, lora_linear, resolve_backend
 from lora_fast.reference import lora_delta_weight, lora_operands, lora_scaling
 
 try:  # transformers is a dependency, but keep the layer importable without it
@@ -179,6 +179,9 @@ class LoRALayer(nn.Module):
                              f"the input's last dimension is {x.shape[-1] if x.dim() else 'missing'}")
         if not x.is_floating_point():  # A and B cast to an integer dtype would truncate to a wrong answer
             raise TypeError(f"LoRALayer expects a floating-point input, got {x.dtype}")
+        off = device_mismatch(x, None, None, self.lora_A, self.lora_B)  # F.linear with meta A, B: garbage, no error
+        if off is not None:
+            raise RuntimeError(f"LoRALayer: {off}; put them on one device (a meta tensor was never loaded)")
         x_l, a, b = lora_operands(x, self.lora_A, self.lora_B)  # the reference's dtype rule (fp32 for fp16 x)
         if plain_dropout(self.lora_dropout):
             p, active = self.dropout_args()

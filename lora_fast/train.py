@@ -615,25 +615,48 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
                      opts.checkpoint_dir)
     check_options(opts)
-    from transformers.utils import logging as hf_logging
-
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
-        with transformers_bars(opts.progress), warnings.catch_warnings():
+        with transformers_bars(opts.progress):
             check_fsdp_checkpointing(opts, ctx)  # before minutes of loading, on every rank
             check_plotting()
             check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
-            if not ctx.is_main:  # rank 0 speaks for all: no per-rank loading bars and warnings (transformers',
-                hf_logging.disable_progress_bar()  # torch's, lora_fast's: one line each, not one per rank)
-                hf_logging.set_verbosity_error()
-                warnings.simplefilter("ignore")
-            prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
-            metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
+            with quiet_unless(ctx.is_main):
+                prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
+                metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
     except BaseException:
         D.shutdown(ctx, ok=False)
         raise
     D.shutdown(ctx)
     return metrics
+
+
+def _shown_nowhere(*args, **kwargs) -> None:
+    """``warnings.showwarning`` on ranks other than 0 (``quiet_unless``)."""
+
+
+@contextlib.contextmanager
+def quiet_unless(main: bool):
+    """Rank 0 speaks for all: on the other ranks no loading bars, transformers' logging at errors only, and no
+    Python warnings shown (transformers', torch's, lora_fast's: one line each, not one per rank) — by replacing
+    ``showwarning``, not by an "ignore" filter, so that a user's ``-W error`` raises on every rank as on rank 0.
+    Everything is put back as it was after the block."""
+    if main:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _shown_nowhere
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -623,7 +623,9 @@ def test_disable_adapter_costs_one_graph_per_state():
 def test_fullgraph_with_a_changing_scaling(dynamic):
     """A scaling that changes between calls (adapters of other α loaded in turn, or ``dynamic=True``) is a symbolic
     float under dynamo, which the finiteness check's ``math.isfinite`` could not trace: ``fullgraph=True`` raised
-    from the second value on (and without fullgraph every layer broke the graph). The outputs equal eager's."""
+    from the second value on (and without fullgraph every layer broke the graph). The outputs equal eager's. A NaN
+    or infinite scaling is still refused in compiled calls, after the changing values too (skipping the check while
+    compiling let both through: NaN outputs, or s = 1 on the fused path)."""
     torch.manual_seed(0)
     layer = LinearWithLoRA(nn.Linear(16, 12), rank=4, alpha=8)
     nn.init.normal_(layer.lora.lora_B)
@@ -634,6 +636,13 @@ def test_fullgraph_with_a_changing_scaling(dynamic):
         assert_rel_close(compiled(x), layer(x).double(), FP32_TOL, f"scaling {s}")
     with pytest.raises(ValueError, match="scaling must be a finite number"):  # eager still checks
         functional.lora_linear(x, layer.linear.weight, None, layer.lora.lora_A, layer.lora.lora_B, float("nan"))
+    for bad in (float("nan"), float("inf")):
+        layer.lora.scaling = bad
+        with pytest.raises(Exception, match="scaling must be a finite number"):  # fullgraph: dynamo's error around it
+            compiled(x)
+        partial = torch.compile(layer, backend="aot_eager", dynamic=dynamic)  # graph breaks allowed: the ValueError
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            partial(x)
 
 
 @pytest.mark.usefixtures("routed")

@@ -602,10 +602,17 @@ def test_run_refuses_fsdp_checkpointing_before_loading_and_quiets_other_ranks(mo
         T.run(opts)
     assert not loaded
     opts = parse_train_args(["--output_dir", str(tmp_path / "out")])
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     for rank, shown in ((1, False), (0, True)):
         monkeypatch.setattr(D, "init", lambda *a, rank=rank, **k: D.DistContext("ddp", rank, 2, rank, "gloo"))
         with warnings.catch_warnings(record=True) as record, pytest.raises(_Loaded):
             warnings.simplefilter("always")
             T.run(opts)
         assert any("a warning from loading" in str(w.message) for w in record) == shown, rank
-    assert len(loaded) == 2
+        with warnings.catch_warnings(), pytest.raises(UserWarning, match="a warning from loading"):
+            warnings.simplefilter("error")  # -W error: every rank raises, as rank 0 does (an ignore filter hid it)
+            T.run(opts)
+        assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars), rank
+    assert len(loaded) == 4

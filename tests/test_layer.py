@@ -132,6 +132,9 @@ def test_built_on_the_meta_device_as_nn_linear():
     layer.linear.load_state_dict(base.state_dict(), assign=True)
     with pytest.raises(RuntimeError, match="x is on cpu but lora_A on meta, lora_B on meta"):
         layer(torch.randn(3, 16))
+    layer.linear.register_forward_hook(lambda m, i, o: None)  # the unfused path (base + LoRALayer) too
+    with pytest.raises(RuntimeError, match="LoRALayer: x is on cpu but lora_A on meta, lora_B on meta"):
+        layer(torch.randn(3, 16))
 
 
 def _on_meta(build):
