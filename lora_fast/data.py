@@ -5,18 +5,20 @@ prose that ships with every CPython, so the first run needs no download. Its dis
 3.11) are documents; whole documents, in a seeded order, go to the validation split until it holds ``val_fraction``
 of the text by characters, so no document is in both (documents too large for that share: the largest one's tail is
 cut off, at a whitespace near the cut point). Other files are split the same way; a text repeated in a file stays on
-one side (all its copies in training, or once in validation).
+one side (all its copies in training, or once in validation); at least one document stays in training, whatever
+the share.
 
-``--dataset`` may also be a plain-text file (documents = blank-line separated paragraphs), JSON lines (one object
-per line, the ``text`` field, a string; a ``.json`` file may also hold one array of such objects), CSV/TSV (the
-``text``/``Text`` column), or a ``datasets`` hub name (its ``train`` split, and its ``validation``/``test`` split
-when there is one). Files must be UTF-8 (a byte-order mark is accepted); a file with another extension is read as
-plain text when it is UTF-8 text, and refused when it is binary (``data.parquet``). Classification reads CSV files
-with ``Label`` and ``Text`` columns: a directory holding ``train.csv``, ``validation.csv`` and optionally
-``test.csv`` (the layout of the SMS-spam tutorial), or one CSV split (1 - val_fraction - 0.2) / val_fraction / 0.2
-— the tutorial's 70/10/20 at the default ``--val_fraction 0.1``, every copy of a text on one side. Every row needs
-a non-empty text and label; the label set is the training split's (a label seen only in validation/test is an
-error, not a new class), in sorted order unless the model is already a classifier of these labels (its order).
+``--dataset`` may also be a plain-text file (documents = blank-line separated paragraphs; CRLF and CR line ends read
+as LF), JSON lines (one object per line, the ``text`` field, a string; a ``.json`` file may also hold one array of
+such objects), CSV/TSV (the ``text``/``Text`` column; a header naming a column twice is refused), or a ``datasets``
+hub name (its ``train`` split, and its ``validation``/``test`` split when there is one). Files must be UTF-8 (a
+byte-order mark is accepted); a file with another extension is read as plain text when it is UTF-8 text, and refused
+when it is binary (``data.parquet``). Classification reads CSV files with ``Label`` and ``Text`` columns: a
+directory holding ``train.csv``, ``validation.csv`` and optionally ``test.csv`` (the layout of the SMS-spam
+tutorial), or one CSV split (1 - val_fraction - 0.2) / val_fraction / 0.2 — the tutorial's 70/10/20 at the default
+``--val_fraction 0.1``, every copy of a text on one side. Every row needs a non-empty text and label; the label set
+is the training split's (a label seen only in validation/test is an error, not a new class), in sorted order unless
+the model is already a classifier of these labels (its order).
 
 Tokenizer fallback: a byte-level BPE (GPT-2's scheme: bytes as the base alphabet, so no text is unknown) trained on
 the training split with ``tokenizers``; its vocabulary size is the model's ``vocab_size`` at most (a small corpus
@@ -33,6 +35,7 @@ import random
 import re
 import warnings
 from array import array
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,6 +91,17 @@ def read_utf8(path: Path) -> str:
         raise ConfigError(f"{path} {what}; supported: {SUPPORTED}, UTF-8 encoded") from None
 
 
+def _check_header(path: Path, fieldnames: list[str]) -> None:
+    """Refuse a header that names a column twice (``text,title,text``): a row is a dict, so one of the two columns
+    would be dropped silently (``csv.DictReader`` keeps the last), training on whichever one that is. Empty names
+    (trailing delimiters of a spreadsheet export) may repeat: no column is ever read by an empty name."""
+    dups = [n for n, k in Counter(n for n in fieldnames if n).items() if k > 1]
+    if dups:
+        raise ConfigError(f"{path}: the header names the column(s) {', '.join(map(repr, dups))} more than once "
+                          f"({', '.join(fieldnames)}); rename or remove the extra column(s), so that each name is "
+                          "one column")
+
+
 def read_csv(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of every data row of a CSV/TSV file (the header is line 1)."""
     import io
@@ -95,6 +109,7 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is below a long document (C long on Windows)
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delim)
+    _check_header(path, reader.fieldnames or [])
     out, line = [], 1
     for row in reader:
         if None in row:  # DictReader's restkey: fields past the header's (an unquoted delimiter inside a text)
@@ -168,8 +183,17 @@ def read_text_file(path: Path, text_column: str | None = None) -> list[str]:
         if text_column:  # a plain-text file has no columns: the option would be ignored silently
             raise ConfigError(f"--text_column {text_column!r} is for JSON lines and CSV files; {path} is plain text "
                               "(documents are blank-line separated paragraphs)")
-        docs = re.split(r"\n\s*\n", read_utf8(path))
+        docs = _paragraphs(read_utf8(path))
     return [d.strip() for d in docs if d and d.strip()]
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The blank-line separated paragraphs of a plain-text file, its line ends made ``\\n`` first (universal
+    newlines, as ``open()`` reads text): the same corpus saved on Windows (CRLF) kept ``\\r`` in every document,
+    which the BPE tokenizer learned as text, and one saved with classic-Mac CR line ends was a single document.
+    Only here: CSV keeps its own line-end rules (a quoted field's line breaks are its text), and
+    ``_json_docs`` splits on every line end itself."""
+    return re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def _cut(text: str, fraction: float) -> tuple[str, str]:
@@ -200,15 +224,27 @@ def _split_docs(docs: list[str], val_fraction: float, seed: int) -> tuple[list[s
     heads = {distinct[cut[0]]: cut[1]} if cut else {}  # a cut document's training part, for each of its copies
     train = [heads.get(d, d) for d in docs if d not in in_val]
     val = [distinct[i] for i in sorted(val_idx)] + ([cut[2]] if cut else [])
-    return train, val
+    return SplitDocs(train, val_fraction), SplitDocs(val, val_fraction)
+
+
+class SplitDocs(list):
+    """Documents of one side of a split that ``_split_docs`` made, with the ``val_fraction`` it held out: a list,
+    so every caller reads it as before, which also lets ``lm_blocks`` tell a split too short for one block because
+    validation took its share of the text (the cure is --val_fraction) from text that is short itself (it said
+    "use more text" to a run that asked for 90 % validation)."""
+
+    def __init__(self, docs, val_fraction: float):
+        super().__init__(docs)
+        self.val_fraction = val_fraction
 
 
 def _pick_validation(docs: list[str], val_fraction: float, seed: int) -> tuple[list[int], tuple | None]:
     """Whole documents, in a seeded order, go to validation until they hold ``val_fraction`` of the text (by
     characters: one long document among short ones must not take most of the data). A document that would
     overshoot the share by a fifth is passed over; when no combination comes near (a few large documents, or one),
-    the largest training document's tail makes up the rest (``_cut``). Returns (validation indices, None or
-    (index of the cut document, its head, its tail))."""
+    the largest training document's tail makes up the rest (``_cut``). The last training document is never taken
+    whole: a high share of a few documents (0.9 of two) put them all in validation, leaving training empty. Returns
+    (validation indices, None or (index of the cut document, its head, its tail))."""
     if len(docs) == 1:
         return [], (0, *_cut(docs[0], val_fraction))
     target = val_fraction * sum(map(len, docs))
@@ -216,7 +252,7 @@ def _pick_validation(docs: list[str], val_fraction: float, seed: int) -> tuple[l
     random.Random(seed).shuffle(order)
     val, chars = [], 0
     for i in order:
-        if chars >= target:
+        if chars >= target or len(val) == len(docs) - 1:  # the share is met, or one training document is left
             break
         if chars + len(docs[i]) <= 1.2 * target:
             val.append(i)
@@ -368,8 +404,19 @@ def lm_blocks(tokenizer, docs: list[str], max_length: int, split: str, chunk: in
     n = len(ids) // max_length
     if n == 0:
         raise ConfigError(f"the {split} split has {len(ids)} tokens, fewer than max_length={max_length}; use more "
-                          "text or a smaller --max_length")
+                          f"text{_val_fraction_hint(docs, split)} or a smaller --max_length")
     return torch.frombuffer(ids, dtype=torch.long)[: n * max_length].clone().view(n, max_length)  # (n_blocks, T)
+
+
+def _val_fraction_hint(docs: list[str], split: str) -> str:
+    """", a smaller --val_fraction (...)" when ``docs`` is one side of a split of the training text (``SplitDocs``;
+    "a larger" for validation): a split short of one block there may be short because of the share, not the data.
+    Nothing for lists given otherwise (a hub dataset's own validation split: --val_fraction plays no part)."""
+    share = getattr(docs, "val_fraction", None)
+    if share is None:
+        return ""
+    return f", {'a larger' if split == 'validation' else 'a smaller'} --val_fraction (validation took {share:g} of " \
+        "the text)"
 
 
 # ---------------------------------------------------------------------------------------------- classification

@@ -188,6 +188,76 @@ def test_a_csv_row_short_of_the_text_field_is_an_error_naming_its_line(tmp_path)
     assert read_text_file(path) == ["hello there world", "second doc here"]
 
 
+PARAGRAPHS = ["first paragraph,\nits second line", "second paragraph", "third one,\n  indented line\nand a last"]
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"])
+def test_plain_text_with_windows_or_classic_mac_line_ends_reads_as_with_lf(tmp_path, eol):
+    """The same corpus saved with CRLF (Windows) or CR (classic Mac) line ends gives the documents of its LF copy:
+    CRLF kept a '\\r' in every document (the BPE tokenizer learned it), CR-only was one document, not three."""
+    from lora_fast.data import load_texts, read_text_file
+
+    lf = tmp_path / "lf.txt"
+    lf.write_bytes(("\n\n".join(PARAGRAPHS) + "\n").encode())
+    other = tmp_path / "other.txt"
+    other.write_bytes(("\n\n".join(PARAGRAPHS) + "\n").replace("\n", eol).encode())
+    docs = read_text_file(other)
+    assert docs == read_text_file(lf) and len(docs) == len(PARAGRAPHS)
+    assert not any("\r" in d for d in docs)
+    assert load_texts(str(other), val_fraction=0.3, seed=1)[:2] == load_texts(str(lf), val_fraction=0.3, seed=1)[:2]
+
+
+def test_a_csv_field_keeps_its_quoted_line_breaks(tmp_path):
+    """CSV keeps its own line-end rules (read with newline=""): a quoted field's CRLF is part of its text, and rows
+    written with csv.writer's CRLF terminator read as rows."""
+    from lora_fast.data import read_text_file
+
+    texts = ["one line", "two\r\nlines", "a lone\rcarriage return"]
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("id", "text"), *((str(i), t) for i, t in enumerate(texts))])
+    assert read_text_file(path) == texts
+
+
+@pytest.mark.parametrize("n_docs", [2, 3])
+def test_a_high_val_fraction_leaves_training_text(tmp_path, n_docs):
+    """A high --val_fraction with few documents of similar size put every document in validation (the overshoot
+    rule allows a fifth more than the share), leaving training empty and an error that advised more text. At least
+    one document now stays in training, and the split is still a partition of the file's words."""
+    from lora_fast.data import load_texts
+
+    docs = [" ".join(f"d{k}w{i}" for i in range(40 + 3 * k)) for k in range(n_docs)]
+    f = tmp_path / "few.txt"
+    f.write_text("\n\n".join(docs) + "\n")
+    for val_fraction in (0.5, 0.75, 0.9, 0.99):
+        for seed in range(10):
+            train, val, _ = load_texts(str(f), val_fraction=val_fraction, seed=seed)
+            assert train and val, (val_fraction, seed)
+            assert sorted(" ".join(train + val).split()) == sorted(" ".join(docs).split())
+
+
+@pytest.mark.parametrize("ext, sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_header_naming_a_column_twice_is_refused(tmp_path, ext, sep):
+    """``text,title,text``: csv.DictReader kept the last 'text' column silently (a stale copy trained, not the
+    body); the file is refused, naming the column and the file, by the LM reader and the classification reader.
+    Repeated empty names (a spreadsheet's trailing delimiters) name no column and still read."""
+    from lora_fast.data import load_texts, read_text_file
+
+    f = tmp_path / f"dup{ext}"
+    f.write_text(sep.join(["text", "title", "text"]) + "\n" + sep.join(["the body", "T1", "stale copy"]) + "\n")
+    with pytest.raises(ConfigError, match=rf"dup{ext}: the header names the column\(s\) 'text' more than once"):
+        load_texts(str(f))
+    one = _write_csv(tmp_path / "one.csv", [("spam", "win", "x"), ("ham", "hi", "y")] * 5, ("Label", "Text", "Label"))
+    with pytest.raises(ConfigError, match=r"one.csv: the header names the column\(s\) 'Label' more than once"):
+        load_classification(str(one))
+    root = _dir(tmp_path / "d", [("spam", "win"), ("ham", "hi")], [("ham", "ok")])
+    _write_csv(root / "validation.csv", [("ham", "ok", "again")], ("Label", "Text", "Text"))
+    with pytest.raises(ConfigError, match=r"validation.csv: the header names the column\(s\) 'Text' more than once"):
+        load_classification(str(root))
+    f.write_text(sep.join(["id", "text", "", ""]) + "\n" + sep.join(["1", "the body", "", ""]) + "\n")
+    assert read_text_file(f) == ["the body"]
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_hub_dataset_is_taken_from_datasets_cache_when_the_hub_is_unreachable(monkeypatch, cached):
     """Offline (HF_HUB_OFFLINE=1 on a compute node, say) a hub name was refused before datasets was asked: now
@@ -304,6 +374,27 @@ def test_lm_blocks_encode_each_document_as_the_tokenizer_does(template, opens, c
     assert got == [vocab[t] for t in [*opens, "the", "cat", *closes]] + (
         [] if (closes or opens) == ["</s>"] else [vocab["</s>"]]) + [vocab[t] for t in [*opens, "a", "dog"]] + [
         vocab["</s>"]]
+
+
+def test_a_split_too_short_for_one_block_names_val_fraction_when_validation_was_split_off(tmp_path):
+    """The train split of a file read with --val_fraction 0.9 is short because validation took most of it: the error
+    says so (it advised only more text or a smaller --max_length); a validation split too short is told to take a
+    larger share. Lists not split from the training text (a hub dataset's own validation) get no such advice."""
+    from lora_fast.data import lm_blocks, load_texts
+
+    tokenizer, _ = _word_tokenizer(None)
+    f = tmp_path / "d.txt"
+    f.write_text("\n\n".join(" ".join(f"p{k}w{i}" for i in range(30)) for k in range(10)) + "\n")
+    train, val, _ = load_texts(str(f), val_fraction=0.9, seed=0)
+    too_long = 10 * 31 + 1  # more than the whole file's tokens (30 words and one EOS a paragraph)
+    with pytest.raises(ConfigError, match=r"the train split has \d+ tokens, fewer than max_length=311; .*a smaller "
+                       r"--val_fraction \(validation took 0.9 of the text\)"):
+        lm_blocks(tokenizer, train, too_long, "train")
+    with pytest.raises(ConfigError, match=r"the validation split .*a larger --val_fraction"):
+        lm_blocks(tokenizer, val, too_long, "validation")
+    with pytest.raises(ConfigError, match="fewer than max_length") as e:
+        lm_blocks(tokenizer, list(val), too_long, "validation")
+    assert "--val_fraction" not in str(e.value)
 
 
 def test_lm_blocks_of_a_bert_tokenizer_separate_by_its_own_sep():
