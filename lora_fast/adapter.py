@@ -157,7 +157,9 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: str | 
         TypeError: ``model`` is a PEFT model (use its ``save_pretrained``).
         ValueError: no LoRA layer, or state PEFT's format cannot express (mixed rsLoRA, trainable base weights),
             or DTensor parameters without an initialized process group to gather them, or an FSDP1-wrapped model,
-            or LoRA tensors not of their layer's shape (partitioned by DeepSpeed ZeRO-3 outside its gather).
+            or LoRA tensors not of their layer's shape (partitioned by DeepSpeed ZeRO-3 outside its gather), or a
+            task type PEFT refuses (given, or recorded from the loaded adapter).
+        IsADirectoryError: a directory sits where one of the adapter's files goes (nothing is written then).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: expected an nn.Module, got {type(model).__name__}")
@@ -183,7 +185,12 @@ def _save_adapter(model: nn.Module, directory, base_model_name_or_path: str | No
         raise ValueError(f"save_adapter: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"save_adapter: task_type {task_type!r} is not one of PEFT's {list(TASK_TYPES)} (or None)")
-    given = task_type or _recorded_task_type(model)
+    recorded = None if task_type else _recorded_task_type(model)
+    if recorded and recorded not in TASK_TYPES:  # set by hand, or by a lora_fast that did not check it
+        raise ValueError(f"save_adapter: the model's recorded task_type {recorded!r} (model.lora_fast_config, kept "
+                         f"from the adapter it was loaded from) is not one of PEFT's {list(TASK_TYPES)} (or None), "
+                         "and PEFT would refuse the saved adapter; pass task_type= to save_adapter")
+    given = task_type or recorded
     task_type = given or _default_task_type(model)
     heads = _modules_to_save(model, list(layers), TASK_HEAD_NAMES.get(task_type, ()))  # PEFT wraps these whole
     if not given and task_type in ("TOKEN_CLS", "QUESTION_ANS") and any(
@@ -293,7 +300,7 @@ def _base_vocab(name: str) -> int | None:
     path = Path(name) / "config.json"
     if path.is_file():
         try:
-            vocab = json.loads(path.read_text()).get("vocab_size")
+            vocab = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")  # JSON is UTF-8, any locale
         except (OSError, ValueError, AttributeError):
             return None
         return vocab if isinstance(vocab, int) else None
@@ -437,8 +444,10 @@ def load_adapter(model: nn.Module, directory, strict: bool = True, backend: str 
         ``AdapterLoadResult(missing_keys, unexpected_keys)``, both empty after a strict load.
 
     Raises:
-        FileNotFoundError: the directory lacks the files. ValueError: bad keys (named), unsupported config
-        fields, a pickle with non-tensor objects, or merged LoRA layers (unmerge first). Nothing is modified then.
+        FileNotFoundError: the directory lacks the files. ValueError: bad keys (named; or one tensor under two
+        spellings), unsupported or invalid config fields (named, with the config holding them: the JSON file or the
+        legacy .bin's own), a pickle with non-tensor objects, or merged LoRA layers (unmerge first). Nothing is
+        modified then.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -495,8 +504,8 @@ def _diff(a, b) -> list[str]:
 
 def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
                   compiled: set[int], wrapper: str | None) -> AdapterLoadResult:
-    cfg, state, source, second = _read_adapter(directory)
-    _check_config(cfg, directory / CONFIG_NAME)  # config problems name the config file, not the weights
+    cfg, state, source, second, where = _read_adapter(directory)
+    _check_config(cfg, where)  # config problems name the config (the JSON file or the .bin's own), not the weights
     cfg = _with_task_heads(cfg)
     existing = lora_layers(model)
     merged = [n for n, m in existing.items() if m.merged]
@@ -515,7 +524,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     plan = {}  # module name -> (in, out, r, alpha)
     names = list(ours["targets"])
     if not names:
-        raise ValueError(f"load_adapter: target_modules {cfg.get('target_modules')!r} of {source} match no module "
+        raise ValueError(f"load_adapter: target_modules {cfg.get('target_modules')!r} of {where} match no module "
                          f"of {type(model).__name__}")
     mha_out = sorted(multihead_out_projs(model).intersection(names))
     if mha_out:  # apply_lora refuses or leaves these out; an adapter file may name them (PEFT wraps them too)

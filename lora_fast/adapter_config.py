@@ -178,6 +178,12 @@ def _check_config(cfg: dict, where) -> None:
                    if isinstance(kind, str) and kind.upper() == "LORA" else
                    f"peft_type {kind!r}: not a LoRA adapter; lora_fast loads LoRA adapters (peft_type 'LORA')")
         raise ValueError(f"load_adapter: {where}: {spelled}")
+    task = cfg.get("task_type")  # kept by load_adapter and written again by save_adapter: must be one PEFT reads
+    if task is not None and task not in TASK_TYPES:
+        hint = (f" (PEFT's spelling is {task.upper()!r})" if isinstance(task, str) and task.upper() in TASK_TYPES
+                else "")
+        raise ValueError(f"load_adapter: {where}: task_type {task!r} is not one of PEFT's {list(TASK_TYPES)} (or "
+                         f"null){hint}; PEFT's loader refuses it too (\"Invalid task type\"); fix the file")
     bad = {f: cfg[f] for f in _UNSUPPORTED if cfg.get(f)}
     if str(cfg.get("init_lora_weights", "")).lower().startswith(_BASE_MODIFYING_INITS):
         bad["init_lora_weights"] = cfg["init_lora_weights"]

@@ -7,16 +7,20 @@ the two renames' window (microseconds) leaves either the previous adapter whole 
 ``adapter_config.json`` (refused on load, naming the file) — never new weights beside an old config, which would
 load with the old alpha (a silently wrong model). A save whose config is unchanged (a rewrite of the same adapter's
 weights: checkpoints of one run) renames the weights alone: one atomic step. Directories the save created are
-removed again when it fails.
+removed again when it fails. A target path that is a directory (a rename onto it would fail after the old config
+is gone) is refused before anything is written.
 
 Besides the safetensors file, ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary
 unpickling) in two forms: PEFT's plain state dict (keys ``base_model.model.<module>.lora_A.weight``, ...), or the
 tutorials' ``{'lora_state_dict': {...}, 'config': {...}}`` whose keys are lora_fast state-dict keys
 ``<module>.lora.lora_A`` / ``<module>.lora.lora_B`` and whose config is ``model.lora_fast_config``
 (``rank``/``alpha``/``dropout``/``use_rslora``/``target_modules``) or PEFT's field names. Both are normalised to
-PEFT's keys and field names. A legacy file's own config and an ``adapter_config.json`` beside it must make the same
-adapter of the model (``load_adapter`` compares what each resolves to), or loading is refused: neither is silently
-preferred.
+PEFT's keys and field names; a file spelling one tensor both ways is refused (which one was meant is unknown). The
+``rank``/``alpha``/``dropout`` names are read in that embedded config only: in ``adapter_config.json`` PEFT ignores
+them (taking its own defaults), so a JSON config using them is refused rather than read otherwise than PEFT reads
+it. A legacy file's own config and an ``adapter_config.json`` beside it must make the same adapter of the model
+(``load_adapter`` compares what each resolves to), or loading is refused: neither is silently preferred. Errors name
+the config they come from (the JSON file, or ``<bin> ['config']``).
 
 Sharded (FSDP2) parameters are DTensors: ``_gather_full`` gathers each one (``DTensor.full_tensor()``, a collective,
 so every rank must call it in the same order) into a plain CPU tensor.
@@ -29,6 +33,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +45,8 @@ PREFIX = "base_model.model."
 # lora_dropout 0.0, use_rslora False, bias "none", rank_pattern/alpha_pattern {}, modules_to_save None, ... -- are
 # read with their PEFT default already).
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+# model.lora_fast_config's names of PEFT's fields, read in a legacy .bin's embedded config (never in the JSON file)
+LEGACY_ALIASES = (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"))
 
 
 # ---------------------------------------------------------------------------------------------------------- write
@@ -75,6 +82,13 @@ def _atomic_write_all(directory: Path, files: dict[str, bytes]) -> None:
     umask = os.umask(0o022)  # mkstemp creates 0600 files; give them the mode a plain open() would
     os.umask(umask)
     marker = list(files)[-1]
+    # Before anything is written or removed: a rename onto a directory fails (IsADirectoryError), and failing after
+    # the old marker is unlinked would leave the previous adapter without its config.
+    blocked = [str(directory / n) for n in files if (directory / n).is_dir() and not (directory / n).is_symlink()]
+    if blocked:
+        raise IsADirectoryError(f"save_adapter: {', '.join(blocked)}: a directory where the adapter's file of that "
+                                "name goes; move or remove it and save again (nothing was written: what the directory "
+                                "held is left as it was)")
     try:
         for name, data in files.items():
             if name == marker and _same_bytes(directory / name, data):
@@ -151,13 +165,41 @@ def _normalise_key(key: str) -> str:
     return key
 
 
-def _normalise_config(cfg: dict) -> dict:
-    """Accept ``lora_fast_config`` names (rank/alpha/dropout) beside PEFT's (r/lora_alpha/lora_dropout); an omitted
-    ``r``/``lora_alpha`` takes PEFT's default (8), as ``LoraConfig`` does."""
+def _normalise_keys(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """``state`` with PEFT's keys (``_normalise_key``). Two keys naming one tensor (``<m>.lora.lora_B`` and
+    ``base_model.model.<m>.lora_B.weight``) are refused: keeping either would be a guess at what the file means."""
+    out, spelled = {}, {}
+    for key, value in state.items():
+        peft_key = _normalise_key(key)
+        if peft_key in out:
+            raise ValueError(f"load_adapter: {source} holds {spelled[peft_key]!r} and {key!r}, two spellings of one "
+                             f"tensor ({peft_key}); which of them belongs to the adapter is unknown: rewrite the file "
+                             "with one of them")
+        out[peft_key], spelled[peft_key] = value, key
+    return out
+
+
+def _normalise_config(cfg: dict, where, legacy: bool) -> dict:
+    """PEFT's field names, and PEFT's defaults (8) for an omitted ``r``/``lora_alpha``, as ``LoraConfig`` gives.
+
+    A ``legacy`` config (a .bin's embedded ``model.lora_fast_config``) may use lora_fast's names rank/alpha/dropout
+    for r/lora_alpha/lora_dropout. An ``adapter_config.json`` may not: PEFT ignores those names there (with a
+    warning) and takes its defaults, so reading them would load another adapter than PEFT loads from the same
+    directory; the config (``where``) is refused, naming the fields to rename. Where both names are given, PEFT's is
+    read (the other is warned about as an unknown field), as in PEFT."""
     cfg = dict(cfg)
-    for ours, peft in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
-        if ours in cfg and peft not in cfg:
-            cfg[peft] = cfg.pop(ours)
+    aliased = [(ours, peft) for ours, peft in LEGACY_ALIASES if ours in cfg and peft not in cfg]
+    if aliased and not legacy:
+        defaults = {**PEFT_DEFAULTS, "lora_dropout": 0.0}
+        given = ", ".join(f"{o}={cfg[o]!r}" for o, _ in aliased)
+        renames = ", ".join(f"{o!r} to {p!r}" for o, p in aliased)
+        raise ValueError(f"load_adapter: {where} sets {given}, lora_fast's name(s) for "
+                         f"{', '.join(p for _, p in aliased)}; PEFT reads r / lora_alpha / lora_dropout in "
+                         f"{CONFIG_NAME}, ignores these and takes its defaults "
+                         f"({', '.join(f'{p}={defaults[p]}' for _, p in aliased)}), so PEFT and lora_fast would load "
+                         f"different adapters from this directory; rename {renames}")
+    for ours, peft in aliased:
+        cfg[peft] = cfg.pop(ours)
     cfg.setdefault("peft_type", "LORA")
     for field, default in PEFT_DEFAULTS.items():  # fields PEFT's LoraConfig fills in when a config omits them
         cfg.setdefault(field, default)
@@ -166,7 +208,7 @@ def _normalise_config(cfg: dict) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 (RFC 8259), whatever the locale
     except (OSError, ValueError) as e:
         raise ValueError(f"load_adapter: cannot read {path}: {e}") from e
     if not isinstance(cfg, dict):
@@ -174,13 +216,24 @@ def _read_json(path: Path) -> dict:
     return cfg
 
 
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path, dict | None]:
-    """(config, {PEFT key: tensor}, weights file, second config) from a directory in any of the accepted layouts.
-    The second config is the ``adapter_config.json`` beside a legacy .bin that carries its own config (the one
-    returned first); ``load_adapter`` checks that both make the same adapter of the model."""
+class AdapterRead(NamedTuple):
+    """What ``_read_adapter`` found. ``where`` names the config's origin for error messages: the JSON file, or
+    ``<bin> ['config']`` for a legacy .bin's embedded config. ``second`` is the ``adapter_config.json`` beside a
+    legacy .bin carrying its own config; ``load_adapter`` checks that both make the same adapter of the model."""
+
+    config: dict
+    state: dict[str, torch.Tensor]
+    source: Path
+    second: dict | None
+    where: str
+
+
+def _read_adapter(directory: Path) -> AdapterRead:
+    """(config, {PEFT key: tensor}, weights file, second config, where the config comes from) from a directory in
+    any of the accepted layouts (``AdapterRead``)."""
     cfg_path, st_path, bin_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME, directory / BIN_NAME
     config = _read_json(cfg_path) if cfg_path.is_file() else None
-    second = None
+    where, legacy, second = str(cfg_path), False, None
     if st_path.is_file():
         from safetensors.torch import load_file
 
@@ -199,9 +252,14 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path,
             raise ValueError(f"load_adapter: cannot read {bin_path}: {e}") from e
         if isinstance(obj, dict) and "lora_state_dict" in obj:  # the tutorials' legacy layout
             state, embedded = obj["lora_state_dict"], obj.get("config")
-            if embedded and config is not None:  # two configs for one set of weights: they must agree
-                second = _normalise_config(config)
-            config = embedded or config
+            if embedded is not None and not isinstance(embedded, dict):  # dict() would read a list of pairs
+                raise ValueError(f"load_adapter: {bin_path}: its 'config' is a {type(embedded).__name__}, not a dict "
+                                 "of LoRA settings (model.lora_fast_config, or PEFT's field names); save it as a "
+                                 f"dict, or leave 'config' out and put an {CONFIG_NAME} beside the file")
+            if embedded:
+                if config is not None:  # two configs for one set of weights: they must agree
+                    second = _normalise_config(config, cfg_path, legacy=False)
+                config, where, legacy = embedded, f"{bin_path} ['config']", True
         else:
             state = obj
     else:
@@ -217,4 +275,5 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], Path,
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory} (and no 'config' in {source.name})")
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"load_adapter: {source} must hold a dict of tensors keyed by name")
-    return _normalise_config(config), {_normalise_key(k): v for k, v in state.items()}, source, second
+    return AdapterRead(_normalise_config(config, where, legacy), _normalise_keys(state, source), source, second,
+                       where)

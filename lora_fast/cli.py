@@ -152,9 +152,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
             raise ConfigError(str(e)) from None
     try:
         if not legacy:
-            cfg = json.loads(cfg_path.read_text())
-        args = json.loads((adir / "training_args.json").read_text()) if (adir / "training_args.json").is_file() \
-            else {}
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        recorded = adir / "training_args.json"
+        args = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else {}
     except ValueError as e:
         raise ConfigError(f"--adapter {adapter!r}: unreadable JSON ({e})") from None
     base = model or cfg.get("base_model_name_or_path")

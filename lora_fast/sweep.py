@@ -234,7 +234,7 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
             continue
         recorded = staged.path / spec["run"] / "training_args.json"  # it names the staging directory: the final one
         if recorded.is_file():
-            args = json.loads(recorded.read_text())
+            args = json.loads(recorded.read_text(encoding="utf-8"))
             args["output_dir"] = str(Path(opts.output_dir).expanduser().resolve() / spec["run"])
             write_json(recorded, args)
         p = m["parameters"]

@@ -227,7 +227,7 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         info = {"step": pos.step, "planned_steps": total, "passes_started": pos.passes,
                 "micro_batches_done_in_pass": pos.micro_done, "world_size": ctx.world_size,
                 "versions": state["versions"], "options": state["options"]}
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -685,6 +685,157 @@ def test_bin_with_arbitrary_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_tensor_spelled_both_ways_in_one_file_is_refused(saved):
+    """lora_fast's state-dict spelling (``<m>.lora.lora_B``) and PEFT's (``base_model.model.<m>.lora_B.weight``) both
+    load, as one tensor. A file holding both used to keep whichever came later and report a clean load (here: the
+    zeros, an adapter without that layer's update); which one is meant is unknown, so it is refused, naming both."""
+    directory, fresh, model = saved
+    peft_key, ours = ("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight",
+                      "transformer.h.0.attn.c_attn.lora.lora_B")
+    sd = load_file(directory / "adapter_model.safetensors")
+    save_file({k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora.lora_A")
+               .replace(".lora_B.weight", ".lora.lora_B"): v for k, v in sd.items()},
+              directory / "adapter_model.safetensors")  # every key in lora_fast's spelling: the same adapter
+    ids = _ids()
+    assert load_adapter(copy.deepcopy(fresh), directory) == AdapterLoadResult([], [])
+    both = {**sd, ours: torch.zeros_like(sd[peft_key])}
+    save_file(both, directory / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors holds '{re.escape(peft_key)}' and "
+                                         rf"'{re.escape(ours)}', two spellings of one tensor"):
+        load_adapter(fresh, directory)
+    assert not lora_layers(fresh)  # refused before the model changed
+    del both[peft_key]  # one spelling again: loads, and it is that tensor that is loaded
+    save_file(both, directory / "adapter_model.safetensors")
+    load_adapter(fresh, directory)
+    assert torch.equal(lora_layers(fresh)["transformer.h.0.attn.c_attn"].lora.lora_B, both[ours])
+    assert not torch.allclose(_logits(fresh, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("config", [[["rank", 4], ["alpha", 8]], "rank=4", [1, 2], ("r", 4)],
+                         ids=["list-of-pairs", "str", "list", "tuple"])
+def test_a_legacy_bin_config_that_is_no_dict_is_refused(tmp_path, config):
+    """The embedded config must be a dict: ``dict(config)`` used to read a list of pairs as one (and load it) and
+    fail on anything else with a bare ValueError/TypeError naming neither the file nor the field."""
+    model = apply_lora(_gpt2(), ["c_attn"], rank=4, alpha=8)
+    lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}
+    torch.save({"lora_state_dict": lora_sd, "config": config}, tmp_path / "adapter_model.bin")
+    fresh = _gpt2()
+    with pytest.raises(ValueError, match=rf"load_adapter: {re.escape(str(tmp_path / 'adapter_model.bin'))}: its "
+                                         rf"'config' is a {type(config).__name__}, not a dict"):
+        load_adapter(fresh, tmp_path)
+    assert not lora_layers(fresh)
+    torch.save({"lora_state_dict": lora_sd, "config": None}, tmp_path / "adapter_model.bin")  # no config: the json's
+    save_adapter(model, tmp_path / "saved")
+    (tmp_path / "adapter_config.json").write_bytes((tmp_path / "saved" / "adapter_config.json").read_bytes())
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+
+
+def test_errors_in_a_legacy_bins_own_config_name_that_config(tmp_path):
+    """A bad value in the .bin's embedded config was reported against adapter_config.json, a file that need not
+    exist (or exists and is fine). Each config's errors name where it came from: ``<bin> ['config']`` or the json."""
+    model = apply_lora(_gpt2(), ["c_attn"], rank=4, alpha=8)
+    lora_sd = {k: v for k, v in model.state_dict().items() if ".lora.lora_" in k}
+    bin_path = tmp_path / "adapter_model.bin"
+    save_adapter(model, tmp_path / "saved")
+    json_text = (tmp_path / "saved" / "adapter_config.json").read_text()
+    bad_configs = (({"rank": "4"}, "r must be a positive int, got '4'"),
+                   ({"use_dora": True}, "uses {'use_dora': True}"),
+                   ({"task_type": "causal_lm"}, "task_type 'causal_lm' is not one of PEFT's"),
+                   ({"target_modules": ["nope"]}, "match no module"))
+    for beside in (False, True):  # no json, then a valid json beside it (which a differing config would also fail)
+        if beside:
+            (tmp_path / "adapter_config.json").write_text(json_text)
+        for bad, says in bad_configs[:3] if beside else bad_configs:
+            torch.save({"lora_state_dict": lora_sd, "config": {**model.lora_fast_config, **bad}}, bin_path)
+            fresh = _gpt2()
+            with pytest.raises(ValueError, match=r"load_adapter: ") as caught:
+                load_adapter(fresh, tmp_path)
+            assert f"{bin_path} ['config']" in str(caught.value) and says in str(caught.value), str(caught.value)
+            assert "adapter_config.json" not in str(caught.value), str(caught.value)
+            assert not lora_layers(fresh)
+    # and the other way round: a bad json beside a good embedded config names the json
+    torch.save({"lora_state_dict": lora_sd, "config": dict(model.lora_fast_config)}, bin_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**json.loads(json_text), "r": 0}))
+    with pytest.raises(ValueError, match=rf"load_adapter: {re.escape(str(tmp_path / 'adapter_config.json'))}: r "
+                                         "must be a positive int, got 0"):
+        load_adapter(_gpt2(), tmp_path)
+
+
+def test_a_directory_where_a_file_goes_fails_the_save_before_touching_the_previous_adapter(tmp_path):
+    """A previous adapter (PEFT's .bin form) beside a directory named adapter_model.safetensors: the save used to
+    unlink the old adapter_config.json, then fail renaming the weights onto the directory (IsADirectoryError), and
+    the previous adapter no longer loaded. The targets are checked first: the save fails naming the path, and
+    nothing in the directory changes."""
+    base = _gpt2()
+    pm = _peft_model(copy.deepcopy(base), ["c_attn"])
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    (tmp_path / "adapter_model.safetensors").mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    ids = _ids()
+    ref = _logits(pm, ids)
+    other = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, alpha=32)  # another alpha: another config
+    _randomise_lora(other)
+    with pytest.raises(IsADirectoryError, match=rf"save_adapter: {re.escape(str(tmp_path))}.adapter_model."
+                                                r"safetensors: a directory where the adapter's file"):
+        save_adapter(other, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no temp files either
+    assert (tmp_path / "adapter_model.safetensors").is_dir()
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) == AdapterLoadResult([], [])
+    assert_rel_close(_logits(fresh, ids), ref, TOL, "the previous adapter after the refused save")
+
+
+def test_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON files are UTF-8 (RFC 8259): adapter_config.json and the base model's config.json were read in the
+    locale's encoding, so under a non-UTF-8 locale (C/POSIX without UTF-8 mode, Windows code pages) a config with
+    a non-ASCII character failed to load, and the base's vocabulary size was not read (the resized embeddings were
+    left out of the save). Runs in a subprocess: the locale encoding is fixed at interpreter start."""
+    import subprocess
+    import sys
+
+    script = r"""
+import json, locale, sys, warnings
+from pathlib import Path
+import transformers
+from lora_fast import apply_lora, load_adapter, save_adapter
+from safetensors.torch import load_file
+out, enc = Path(sys.argv[1]), locale.getencoding()
+base_dir = out / "base"
+base_dir.mkdir()
+cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=8)
+base_cfg = {**cfg.to_dict(), "_name_or_path": "mod\u00e8le-\u00fc"}  # vocab 50: the model below resized it to 60
+(base_dir / "config.json").write_bytes(json.dumps(base_cfg, ensure_ascii=False).encode("utf-8"))
+cfg.vocab_size = 60
+model = apply_lora(transformers.GPT2LMHeadModel(cfg), ["c_attn"], rank=2)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    save_adapter(model, out / "a", base_model_name_or_path=str(base_dir))
+keys = sorted(load_file(out / "a" / "adapter_model.safetensors"))
+path = out / "a" / "adapter_config.json"
+edited = {**json.loads(path.read_bytes()), "base_model_name_or_path": "mod\u00e8le-\u00fc"}
+path.write_bytes(json.dumps(edited, ensure_ascii=False).encode("utf-8"))
+try:
+    load_adapter(transformers.GPT2LMHeadModel(cfg), out / "a")
+    loaded = "ok"
+except ValueError as e:
+    loaded = str(e)
+print(json.dumps({"encoding": enc, "keys": keys, "loaded": loaded,
+                  "warnings": [str(w.message) for w in caught if "could not read" in str(w.message)]}))
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, encoding="utf-8", env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if got["encoding"].lower().replace("-", "") in ("utf8", "cp65001"):
+        pytest.skip(f"no non-UTF-8 locale here (the C locale's encoding is {got['encoding']})")
+    assert got["loaded"] == "ok", got["loaded"]
+    assert not got["warnings"], got["warnings"]
+    assert {"base_model.model.transformer.wte.weight", "base_model.model.lm_head.weight"} <= set(got["keys"]), (
+        "the base's vocabulary (50) differs from the model's (60): its embeddings belong in the adapter")
+
+
 @pytest.mark.parametrize("fail_at", [0, 1])
 def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, fail_at):
     directory, _, model = saved
@@ -1320,6 +1471,50 @@ def test_save_refuses_an_unknown_task_type(tmp_path):
         with pytest.raises(ValueError, match=f"task_type '{bad}' is not one of PEFT's"):
             save_adapter(model, tmp_path / "a", task_type=bad)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("bad", ["causal_lm", 5, "", "CAUSAL-LM"])
+def test_a_task_type_peft_refuses_is_refused_on_load_and_never_saved_again(saved, tmp_path, bad):
+    """adapter_config.json's task_type is kept by load_adapter and written back by save_adapter. A value PEFT refuses
+    ("Invalid task type") was accepted on load and saved again, skipping the check an explicit save_adapter(task_type=)
+    gets, into a directory PEFT cannot load. It is refused on load, naming the field and the file, as PEFT refuses
+    it; PEFT's own task types (and null) load."""
+    from peft import TaskType
+    from lora_fast.adapter_config import TASK_TYPES
+
+    assert set(TASK_TYPES) == {t.value for t in TaskType}  # the list checked is PEFT's
+    directory, fresh, model = saved
+    cfg_path = directory / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "task_type": bad}))
+    with pytest.raises(ValueError, match="Invalid task type"):
+        PeftModel.from_pretrained(copy.deepcopy(fresh), directory)
+    with pytest.raises(ValueError, match=rf"load_adapter: {re.escape(str(cfg_path))}: task_type {re.escape(repr(bad))} "
+                                         "is not one of PEFT's"):
+        load_adapter(fresh, directory)
+    assert not lora_layers(fresh)
+    ids = _ids()
+    for good in (None, "CAUSAL_LM"):
+        cfg_path.write_text(json.dumps({**cfg, "task_type": good}))
+        loaded = copy.deepcopy(fresh)
+        assert load_adapter(loaded, directory) == AdapterLoadResult([], [])
+        save_adapter(loaded, tmp_path / str(good))
+        theirs = PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / str(good)).eval()
+        assert theirs.peft_config["default"].task_type == "CAUSAL_LM"  # None: inferred from the class on save
+        assert_rel_close(_logits(theirs, ids), _logits(model, ids), TOL, f"task_type {good} saved again, in PEFT")
+
+
+def test_save_refuses_an_invalid_recorded_task_type(tmp_path):
+    """The task type recorded in model.lora_fast_config (kept from the loaded adapter; here set as an earlier
+    lora_fast, which did not check it on load, left it) is checked like an explicit one before anything is written."""
+    model = apply_lora(_gpt2(), ["c_attn"], rank=2)
+    model.lora_fast_config["task_type"] = "causal_lm"
+    with pytest.raises(ValueError, match=r"save_adapter: the model's recorded task_type 'causal_lm' "
+                                         r"\(model.lora_fast_config.*pass task_type="):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    save_adapter(model, tmp_path / "a", task_type="CAUSAL_LM")  # an explicit valid one is taken instead
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 
 def test_task_type_is_inferred_only_where_peft_can_run_it(tmp_path):

@@ -25,7 +25,7 @@ from tests.utils import MISSING
 peft = pytest.importorskip("peft", reason=MISSING["peft"])
 pytest.importorskip("transformers", reason=MISSING["transformers"])
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from tests.test_adapter import _llama, _peft_model, _roberta_cls  # noqa: E402
+from tests.test_adapter import _gpt2, _ids, _llama, _logits, _peft_model, _randomise_lora, _roberta_cls  # noqa: E402
 
 
 class _Block(nn.Module):
@@ -240,3 +240,49 @@ def test_a_peft_layer_left_in_the_model_is_named_as_such(tiny_adapter):
         holder.__dict__.pop("peft_config", None)
     with pytest.raises(ValueError, match=r"is a peft\.tuners\.lora\.layer\.Linear; .*a PEFT layer left in the model"):
         load_adapter(model, tiny_adapter)
+
+
+@pytest.mark.parametrize("ours, peft_name", [("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")])
+def test_lora_fast_names_in_adapter_config_json_are_refused(tmp_path, ours, peft_name):
+    """rank/alpha/dropout (model.lora_fast_config's names) are read in a legacy .bin's embedded config only. In
+    adapter_config.json PEFT ignores them and takes its defaults (r 8, lora_alpha 8, lora_dropout 0.0): reading them
+    there made lora_fast and PEFT load different adapters from one directory (alpha 16 here, 8 in PEFT). Refused,
+    naming the field, the file and PEFT's name for it; no lora_fast release wrote these names into the JSON."""
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, alpha=16, dropout=0.1)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    value = cfg[ours] = cfg.pop(peft_name)
+    cfg_path.write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Unexpected keyword arguments [...] these are ignored"
+        assert getattr(LoraConfig.from_pretrained(tmp_path), peft_name) != value  # PEFT reads another adapter
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"load_adapter: .*adapter_config.json sets {ours}={value!r}, lora_fast's "
+                                         rf"name\(s\) for {peft_name}; PEFT reads r / lora_alpha / lora_dropout"):
+        load_adapter(fresh, tmp_path)
+    assert not lora_layers(fresh)
+
+
+def test_with_both_names_in_the_json_peft_s_is_read_as_peft_reads_it(tmp_path):
+    """A JSON config holding PEFT's lora_alpha and also lora_fast's alpha is read as PEFT reads it (lora_alpha; the
+    other is named in the unknown-field warning, as PEFT warns of it): both load the same adapter, so it loads."""
+    from peft import PeftModel
+
+    base = _gpt2()
+    model = apply_lora(copy.deepcopy(base), ["c_attn"], rank=4, alpha=16)
+    _randomise_lora(model)
+    save_adapter(model, tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "alpha": 64}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    fresh = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="sets fields lora_fast does not know, ignored: alpha=64"):
+        load_adapter(fresh, tmp_path)
+    ids = _ids()
+    torch.testing.assert_close(_logits(fresh, ids), _logits(theirs, ids))
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids))
