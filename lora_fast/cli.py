@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from lora_fast.train_args import ConfigError
+from lora_fast.train_io import check_path_encoding
 from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, pad_with_eos, set_special_tokens
 
 USAGE = """usage: lora-fast {train,sweep,merge} ... | --version
@@ -254,6 +256,7 @@ def _merge_main(argv) -> int:
     try:
         if a.num_labels is not None and a.num_labels < 2:
             raise ConfigError(f"--num_labels must be at least 2, got {a.num_labels}")
+        check_path_encoding({"--adapter": a.adapter, "--output": a.output, "--model": a.model})
         out = merge(a.adapter, a.output, a.model, a.overwrite, num_labels=a.num_labels)
     except ConfigError as e:
         print(f"lora-fast merge: error: {e}", file=sys.stderr)
@@ -263,8 +266,18 @@ def _merge_main(argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lora-fast`` entry point; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``lora-fast`` entry point; returns the exit status. stdout closed by its reader (``lora-fast sweep ... |
+    head -1``; training's messages go to stderr) ends the command quietly, with the shell's status for SIGPIPE (141),
+    not a BrokenPipeError traceback; what was written stays written."""
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own flush of stdout at exit must not raise again
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; no command (an error): stderr, 2
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

@@ -115,7 +115,7 @@ def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[d
 def _table_md(rows) -> str:
     def fmt(v):
         if v is None:
-            return "–"
+            return "-"  # ASCII: the table is printed, and stdout may be ASCII (LC_ALL=C, PYTHONUTF8=0)
         text = (f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 1e4 else f"{v:.4g}" if isinstance(v, float)
                 else f"{v:,}" if isinstance(v, int) else str(v))
         return text.replace("|", "\\|")  # a target regex's alternation must not split the cell
@@ -220,7 +220,7 @@ def _train_runs(opts, prep, runs: list[dict], staged, rows: list[dict], log) -> 
         ro.rank, ro.alpha, ro.overwrite = spec["rank"], spec["alpha"], False
         ro.target_modules = normalize_targets([spec["targets"]])
         ro.output_dir = str(staged.path / spec["run"])
-        ro.logdir = f"{opts.logdir}/{spec['run']}" if opts.logdir else None
+        ro.logdir = str(Path(opts.logdir).expanduser() / spec["run"]) if opts.logdir else None
         try:
             m = train(ro, prep, log=log)
         except Exception as e:  # noqa: BLE001  (any failure of one run: recorded, the sweep goes on)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import signal
@@ -37,6 +38,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -264,7 +266,7 @@ def _tensorboard(logdir, log, purge_step=None):
         log("lora-fast: tensorboard is not installed, --logdir ignored (pip install tensorboard, or "
             "'lora-fast[train]')")
         return None
-    return SummaryWriter(logdir, purge_step=purge_step)
+    return SummaryWriter(str(Path(logdir).expanduser()), purge_step=purge_step)  # --logdir=~/tb: no ./~ directory
 
 
 def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None) -> dict:
@@ -281,10 +283,11 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
             ignores SIGINT and SIGTERM (``distributed.ignore_stop_signals``: it is leaving).
     """
     from lora_fast import distributed as D
+    from lora_fast.train_ckpt import root_held
 
     device = D.device(ctx) if ctx is not None and ctx.enabled else resolve_device(opts.device)
-    with tf32_matmuls(getattr(opts, "tf32", None), device):
-        return _train(opts, prep, on_step, log, copy_model, ctx, device)
+    with tf32_matmuls(getattr(opts, "tf32", None), device), root_held(opts, ctx is None or ctx.is_main):
+        return _train(opts, prep, on_step, log, copy_model, ctx, device)  # checks the held root's checkpoints
 
 
 def check_fsdp_checkpointing(opts, ctx) -> None:
@@ -391,7 +394,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     t_start = time.perf_counter()
     bar = tqdm(total=total, initial=step, disable=not (opts.progress and main), dynamic_ncols=True, desc="train",
                file=sys.stderr)
-    say = bar.write if main else (lambda msg: None)  # tqdm.write prints even when the bar is disabled
+    say = functools.partial(_say, bar) if main else (lambda msg: None)
 
     def do_eval():
         r = evaluate(eval_model, loaders["validation"], device, amp, eval_cap, ctx)
@@ -484,7 +487,8 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                             if writer:
                                 writer.add_scalar("train/loss", acc_loss, step)
                                 writer.add_scalar("train/lr", lr, step)
-                            bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                            bar.set_postfix(loss=f"{acc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                            refresh=False)  # update() redraws at tqdm's pace, not every step
                             bar.update(1)
                             acc_loss, acc_tokens = 0.0, 0
                             if checkpointing:
@@ -629,6 +633,16 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
         raise
     D.shutdown(ctx)
     return metrics
+
+
+def _say(bar, msg: str) -> None:
+    """A line above the progress bar, on stderr with the bar and the other messages (tqdm.write's default is
+    stdout: ``lora-fast train | head -1`` then ended the run with BrokenPipeError). A line that cannot be written is
+    dropped (``log_stderr``): a message must never end a training run."""
+    try:
+        bar.write(msg, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 def _shown_nowhere(*args, **kwargs) -> None:

@@ -210,7 +210,9 @@ def load_yaml(path: str) -> dict:
     """Read a YAML mapping of option names to values; unknown keys and non-mappings are errors."""
     import yaml
 
-    p = Path(path)
+    p = Path(path).expanduser()  # --config=~/c.yaml: the shell leaves that ~ alone
+    if p.is_dir():
+        raise ConfigError(f"config file {path!r} is a directory; --config takes a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     class Loader(yaml.SafeLoader):  # a key given twice is an error, not "the last one wins" silently

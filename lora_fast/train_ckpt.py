@@ -43,6 +43,7 @@ filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -85,6 +86,53 @@ class Position:
 
 def checkpoint_root(opts) -> Path:
     return Path(opts.checkpoint_dir or f"{Path(opts.output_dir).expanduser()}-checkpoints").expanduser()
+
+
+LOCK_NAME = ".lora-fast.lock"  # in the checkpoint root, held by the run writing checkpoints there
+
+
+@contextlib.contextmanager
+def root_held(opts, main: bool = True):
+    """Hold the checkpoint root of a run that checkpoints (``--save_steps``) for the whole run: an exclusive
+    ``flock`` on ``LOCK_NAME`` there (rank 0 only: the others write no checkpoint). A second run into the same root
+    is refused while the first runs: two runs started together both passed ``check_options`` (no checkpoints
+    yet) and then replaced each other's ``checkpoint-N`` — one run's output directory beside the other's
+    checkpoints, which its resume then refused (options differ). ``train`` calls ``check_options`` again once this
+    is held, which refuses a root that another (finished) run filled meanwhile. Released when the run ends, the lock
+    file removed (and the root, when the run created it and wrote nothing there: an interrupt before the first
+    save). Without ``fcntl`` (Windows) only that second check applies."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if opts.save_steps is None or not main or fcntl is None:
+        yield
+        return
+    root = checkpoint_root(opts)
+    check_creatable_dir(root, "--checkpoint_dir")
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"--checkpoint_dir {str(root)!r} is in use by another lora-fast run (pid {holder}) "
+                              "writing its checkpoints there; the two would replace each other's: choose another "
+                              "--output_dir or --checkpoint_dir, or wait for that run to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # unlinked while held: the root is left as the run's checkpoints
+                lock.unlink()
+                if created and not any(root.iterdir()):
+                    root.rmdir()
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_options(opts) -> tuple[Path, Path | None]:

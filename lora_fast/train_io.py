@@ -66,6 +66,21 @@ OUTPUT_RECORD = ".lora-fast-output"
 DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # what a file browser leaves in any directory
 
 
+def check_path_encoding(paths: dict) -> None:
+    """Under a filesystem encoding other than UTF-8 (a non-UTF-8 locale with UTF-8 mode off: ``LC_ALL=C
+    PYTHONUTF8=0``), refuse non-ASCII paths ({flag: path}) before anything loads: Python holds them as undecodable
+    bytes there, which tokenizers (Rust) and matplotlib reject — a run trained to the end and lost its outputs at the
+    tokenizer's save or the loss plot — and a YAML file's UTF-8 path could not even be looked up."""
+    encoding = sys.getfilesystemencoding()
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        return
+    bad = [f"{flag} {str(p)!r}" for flag, p in paths.items() if p and not str(p).isascii()]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not ASCII, and Python's filesystem encoding is {encoding!r} (a non-UTF-8 "
+                          "locale with UTF-8 mode off), where tokenizers and matplotlib cannot take such paths; run "
+                          "with PYTHONUTF8=1 or a UTF-8 locale (LANG=C.UTF-8), or use ASCII paths")
+
+
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = None, logdir: str | None = None,
                      checkpoint_dir: str | None = None, flag: str = "output_dir") -> Path:
     """Refuse an output directory the run could not replace safely; returns the resolved path.
@@ -79,6 +94,7 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
     ``StagedDir`` writes: any other non-empty directory (a project folder given by mistake, a PEFT or Trainer output,
     a downloaded model) is refused, never deleted.
     """
+    check_path_encoding({flag: output_dir, "--logdir": logdir, "--checkpoint_dir": checkpoint_dir, **(inputs or {})})
     out = check_creatable_dir(output_dir, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {output_dir!r} exists and is not empty; choose another directory or pass "

@@ -323,7 +323,12 @@ def pad_with_eos(tok) -> None:
 
 
 def log_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress or warning line on stderr. One that cannot be written (stderr a closed pipe, a full disk) is
+    dropped: a message must never end a training run."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError, ENOSPC; ValueError: stderr closed
+        pass
 
 
 def set_special_tokens(model, token_id: int, keys=("eos_token_id", "bos_token_id", "pad_token_id")) -> None:

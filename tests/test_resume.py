@@ -185,7 +185,7 @@ def test_interrupt_inside_the_optimizer_update_writes_no_checkpoint(setup, monke
     first = _run(root, "inupdate", "--save_steps", "2")
     assert first["interrupted"] and first["steps"] == 3
     assert sorted(p.name for p in (root / "inupdate-checkpoints").iterdir()) == ["checkpoint-2"]
-    assert "during an optimizer update: no checkpoint" in capsys.readouterr().out
+    assert "during an optimizer update: no checkpoint" in capsys.readouterr().err
 
 
 def test_interrupt_during_evaluation_resumes_with_that_evaluation(setup, monkeypatch):
@@ -446,7 +446,7 @@ def test_a_signal_while_the_outputs_are_written_keeps_the_finished_run(setup, mo
         m = _run(root, "finalsig")
     assert not m["interrupted"]
     _assert_same_run(root / "finalsig", ref, root / "ref")
-    assert "while the outputs were written; they are complete" in capsys.readouterr().out
+    assert "while the outputs were written; they are complete" in capsys.readouterr().err
 
 
 def test_a_resumed_run_refuses_another_runs_checkpoint_dir(setup, tmp_path, capsys):
@@ -562,3 +562,49 @@ def test_held_signals_leave_an_ignored_signal_ignored():
             os.kill(os.getpid(), signal.SIGINT)
             reached.append(True)  # held: the block runs to its end
     assert reached == [True]
+
+
+def test_two_runs_started_together_cannot_share_a_checkpoint_dir(setup, capsys):
+    """Two runs into one output directory started together both passed the start-time check (no checkpoints yet),
+    then replaced each other's checkpoint-N: the run that kept the output directory found the other's checkpoints
+    under its name (its resume refused them: options differ). The run writing checkpoints holds the root; the
+    second is refused, naming the first's pid, and the first's checkpoints are its own."""
+    import os
+
+    root, _ = setup
+    second = {}
+
+    def on_step(step, metrics):
+        if step == 1:  # the first run holds the root, no checkpoint written yet: the second starts now
+            second["rc"] = cli_main(["train", *_args(root, "together", "--save_steps", "2", "--seed", "7")])
+            second["err"] = capsys.readouterr().err
+
+    _run(root, "together", "--save_steps", "2", on_step=on_step)
+    assert second["rc"] == 2, second["err"]
+    assert f"is in use by another lora-fast run (pid {os.getpid()})" in second["err"]
+    found = sorted((root / "together-checkpoints").glob("checkpoint-*"))
+    assert found and all(json.loads((c / "trainer_state.json").read_text())["options"]["seed"] != 7 for c in found)
+    assert cli_main(["train", *_args(root, "together-2", "--save_steps", "2", "--seed", "7")]) == 0  # released
+
+
+def test_the_checkpoint_root_is_held_and_left_as_found(tmp_path):
+    """``root_held``: a second holder of one root is refused while the first holds it; the lock file goes when the
+    run ends, and a root the run created and never wrote a checkpoint into (an interrupt before the first save)
+    with it."""
+    from lora_fast.train_args import ConfigError
+    from lora_fast.train_ckpt import LOCK_NAME, checkpoint_root, root_held
+
+    opts = parse_train_args(["--output_dir", str(tmp_path / "out"), "--save_steps", "2"])
+    root = checkpoint_root(opts)
+    with root_held(opts):
+        assert (root / LOCK_NAME).is_file()
+        with pytest.raises(ConfigError, match="is in use by another lora-fast run"), root_held(opts):
+            pass
+        with root_held(opts, main=False):  # ranks other than 0 write no checkpoint: they hold nothing
+            pass
+    assert not root.exists()
+    root.mkdir()
+    (root / "checkpoint-2").mkdir()
+    with root_held(opts):
+        pass
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"]

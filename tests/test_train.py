@@ -197,7 +197,7 @@ def test_ctrl_c_before_the_first_step_writes_nothing_and_keeps_the_previous_run(
     capsys.readouterr()
     assert cli_main(argv) == 130
     printed = capsys.readouterr()
-    assert "before the first optimizer step (0/2); nothing to save" in printed.out
+    assert "before the first optimizer step (0/2); nothing to save" in printed.err
     assert "nothing was written" in printed.err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".*staging*"))
@@ -376,7 +376,7 @@ def test_interrupt_during_test_evaluation_keeps_the_trained_adapter(tiny_gpt2, t
     rc = cli_main(["train", "--task", "classification", "--model", str(tiny_gpt2), "--dataset", str(data),
                    "--epochs", "1", "--batch_size", "16", "--max_length", "32", "--eval_steps", "100",
                    "--output_dir", str(out), "--no-progress"])
-    assert rc == 130 and "interrupted during the test-set evaluation" in capsys.readouterr().out
+    assert rc == 130 and "interrupted during the test-set evaluation" in capsys.readouterr().err
     m = json.loads((out / "training_metrics.json").read_text())
     assert m["interrupted"] and m["steps"] == m["planned_steps"] == 4 and "test_accuracy" not in m
     assert len(m["epochs"]) == 1
