@@ -739,7 +739,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if metrics.get("world_size", 1) == 1 or _rank_for_messages() == 0:
         print_summary(metrics)
-    return 130 if metrics["interrupted"] else 0
+    status = 130 if metrics["interrupted"] else 0
+    if metrics.get("world_size", 1) > 1:
+        _leave_rank(status)
+    return status
+
+
+def _leave_rank(status: int) -> None:
+    """End a torchrun rank whose run is complete (outputs written and synced, process group destroyed) without the
+    interpreter's teardown: there, objects still holding the gloo process group (FSDP's device mesh, DTensors) were
+    destroyed after the C++ state their threads use, and the rank aborted ("terminate called without an active
+    exception", exit -6) now and then on a loaded CPU machine, so torchrun reported a finished run as failed. The
+    streams are flushed first; nothing else is left to run."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
