@@ -1700,3 +1700,35 @@ def test_adapter_paths_that_are_no_directory_are_named(tmp_path):
         load_adapter(_llama(), "org/adapter")
     with pytest.raises(FileNotFoundError, match=r"is not a directory$"):
         load_adapter(_llama(), tmp_path / "file")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_generate_with_a_loaded_adapter_is_pefts(tmp_path, backend, monkeypatch):
+    """The usual use after training: ``generate`` (KV cache, a few tokens per step, eval mode, no grad: the fused
+    forward without autograd) with a PEFT adapter loaded into lora_fast layers gives PEFT's tokens, greedy and
+    sampled under one seed, and so does the merged model; the logits of the generated sequence agree."""
+    device = "cpu"
+    if backend == "triton":
+        interpreted = pytest.importorskip("tests.triton_interpret", reason="triton missing: the fused path is tested "
+                                          "where triton is installed (CI, GPU)")
+        device = interpreted.DEVICE
+        if device == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")  # for this test: the kernels run in triton's interpreter
+    base = _gpt2().to(device)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                        init_lora_weights=False, fan_in_fan_out=True)).eval()
+    pm.save_pretrained(tmp_path / "a")
+    ids = torch.randint(1, VOCAB, (2, 5), device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=0)
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path / "a", backend=backend, is_trainable=False)
+    want = pm.generate(input_ids=ids, do_sample=False, **kw)
+    assert torch.equal(model.generate(input_ids=ids, do_sample=False, **kw), want)
+    torch.manual_seed(1)
+    sampled = pm.generate(input_ids=ids, do_sample=True, **kw)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(input_ids=ids, do_sample=True, **kw), sampled)
+    with torch.no_grad():
+        assert_rel_close(model(input_ids=want).logits, pm(input_ids=want).logits.double(), TOL, "logits")
+    merged = lora_fast.merge_and_unload(model)
+    assert torch.equal(merged.generate(input_ids=ids, do_sample=False, **kw), want)
