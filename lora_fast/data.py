@@ -340,6 +340,8 @@ def load_texts(dataset: str | None, text_column: str | None = None, val_fraction
             raise ConfigError(f"dataset file {dataset!r} is empty (no text found)")
         train, val = _split_docs(docs, val_fraction, seed)
         return train, val, str(path)
+    if path.exists():  # a pipe or a device: /dev/stdin, <(cat f)
+        raise ConfigError(_not_a_file(dataset))
     if _looks_like_path(dataset):
         raise ConfigError(f"dataset file {dataset!r} does not exist")
     train, val = _load_hub_texts(dataset, text_column)
@@ -348,6 +350,12 @@ def load_texts(dataset: str | None, text_column: str | None = None, val_fraction
     if val is None:
         train, val = _split_docs(train, val_fraction, seed)
     return train, val, f"datasets:{dataset}"
+
+
+def _not_a_file(dataset: str) -> str:
+    """The error for a --dataset that exists but is neither a file nor a directory (it was "does not exist")."""
+    return (f"dataset {dataset!r} is not a regular file (a pipe or a device, such as /dev/stdin or a shell's "
+            "<(...)); save the data to a file and give that")
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -479,7 +487,7 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         checks = {str(path): all_rows}
         rows = None  # split below, once the text column is known
     else:
-        raise ConfigError(f"dataset {dataset!r} does not exist")
+        raise ConfigError(_not_a_file(dataset) if path.exists() else f"dataset {dataset!r} does not exist")
     for name, rs in checks.items():
         if not rs:
             raise ConfigError(f"classification dataset {name} has no rows")

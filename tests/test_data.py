@@ -407,3 +407,18 @@ def test_lm_blocks_of_a_bert_tokenizer_separate_by_its_own_sep():
     got = lm_blocks(tokenizer, DOCS[:1], 4, "train").flatten().tolist()
     assert got == [vocab[t] for t in ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "[SEP]"]]
 
+
+
+def test_a_dataset_that_is_a_pipe_is_named_as_such(tmp_path):
+    """``--dataset /dev/stdin`` or a shell's ``<(cat f)``: it exists but is no regular file, and was reported as
+    'does not exist'; both readers (language modelling, classification) name what it is."""
+    import os
+
+    from lora_fast.data import load_texts
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file .a pipe or a device"):
+        load_texts(str(fifo))
+    with pytest.raises(ConfigError, match="is not a regular file .a pipe or a device"):
+        load_classification(str(fifo))
