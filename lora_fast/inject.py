@@ -600,7 +600,8 @@ def _warn_tied(model: nn.Module, new: dict) -> None:
         if tied:
             warnings.warn(f"apply_lora: {name}.weight is tied to {tied}; merging this adapter (merge_lora, "
                           "merge_and_unload) will first give it a copy of its own (the tie is cut), so that ΔW "
-                          "leaves those unchanged", stacklevel=3)
+                          "leaves those unchanged (the layer's own merge_weights() does not: like PEFT's layer "
+                          "merge, it writes ΔW into the shared weight)", stacklevel=3)
 
 
 def apply_lora_to_gpt2(model: nn.Module, rank: int = 8, alpha: float = 16.0, target_modules=None,
