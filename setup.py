@@ -51,5 +51,5 @@ setup(
             "wheel",
         ],
     },
-    entry_points={"console_scripts": ["lora-fast=lora_fast.cli:main"]},
+    entry_points={"console_scripts": ["lora-fast=lora_fast.cli:console_main"]},
 )

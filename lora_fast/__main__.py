@@ -1,7 +1,5 @@
 """``python -m lora_fast``: the ``lora-fast`` command (``lora_fast.cli``), for environments without its script."""
 
-import sys
+from lora_fast.cli import console_main
 
-from lora_fast.cli import main
-
-sys.exit(main())
+console_main()

@@ -11,6 +11,8 @@ Exit status: 0 done, 2 bad input (one line on stderr, nothing written), 130 inte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -265,19 +267,63 @@ def _merge_main(argv) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``lora-fast`` entry point; returns the exit status. stdout closed by its reader (``lora-fast sweep ... |
-    head -1``; training's messages go to stderr) ends the command quietly, with the shell's status for SIGPIPE (141),
-    not a BrokenPipeError traceback; what was written stays written."""
+def console_main() -> None:
+    """The ``lora-fast`` script and ``python -m lora_fast``: ``main`` as a process (``run_console``)."""
+    sys.exit(run_console(main))
+
+
+def run_console(entry, argv: list[str] | None = None) -> int:
+    """Run a command's ``entry(argv)`` as the whole process; returns its exit status.
+
+    - stdout closed by its reader (``lora-fast sweep ... | head -1``; training's messages go to stderr) ends the
+      command quietly with the shell's status for SIGPIPE (141), not a BrokenPipeError traceback; what was written
+      stays written. A BrokenPipeError from anything else (stdout still flushes) is raised as it is.
+    - A torchrun rank (``WORLD_SIZE`` > 1) leaves by ``os._exit`` once the command is done (``leave_rank``).
+    Library callers use ``main`` (or ``lora_fast.train.main``), which return."""
     try:
-        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        status = entry(argv)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own flush of stdout at exit must not raise again
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # stdout itself is gone
+        else:
+            raise
+        with contextlib.suppress(OSError, AttributeError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own flush of stdout at exit must not raise again
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return 141
+    if _torchrun_world_size() > 1:
+        leave_rank(status)
+    return status
 
 
-def _dispatch(argv: list[str]) -> int:
+def _torchrun_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
+    except ValueError:
+        return 1
+
+
+def leave_rank(status: int) -> None:
+    """End a torchrun rank whose command is done (a training run: outputs written and synced, process group
+    destroyed) without the interpreter's teardown: there, objects still holding the gloo process group (FSDP's
+    device mesh, DTensors) were destroyed after the C++ state their threads use, and the rank aborted ("terminate
+    called without an active exception", exit -6) now and then on a loaded CPU machine, so torchrun reported a
+    finished run as failed. Logging and the streams are flushed first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lora-fast`` dispatch (train, sweep, merge, --version, --help); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; no command (an error): stderr, 2
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
@@ -302,4 +348,4 @@ def _dispatch(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

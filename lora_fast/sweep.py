@@ -299,4 +299,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lora_fast.cli import run_console
+
+    sys.exit(run_console(main))

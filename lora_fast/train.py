@@ -393,7 +393,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     signal_hook = D.signal_hook(ctx)
     t_start = time.perf_counter()
     bar = tqdm(total=total, initial=step, disable=not (opts.progress and main), dynamic_ncols=True, desc="train",
-               file=sys.stderr)
+               file=_Unfailing(sys.stderr))
     say = functools.partial(_say, bar) if main else (lambda msg: None)
 
     def do_eval():
@@ -540,8 +540,8 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
                 say("lora-fast: no resumable checkpoint is written (--save_steps not given): the output holds the "
                     "adapter trained so far")
         if not interrupted and stop.signum:  # it came after the last step's boundary: every step is done
-            print(f"lora-fast: rank {ctx.rank}: signal {stop.signum} after the last optimizer step; the run "
-                  "completes", file=sys.stderr)
+            log_stderr(f"lora-fast: rank {ctx.rank}: signal {stop.signum} after the last optimizer step; the run "
+                       "completes")
         bar.close()
         model.eval()
         if is_cls and "test" in loaders and not interrupted:
@@ -633,6 +633,27 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
         raise
     D.shutdown(ctx)
     return metrics
+
+
+class _Unfailing:
+    """The progress bar's stream: stderr, whose write errors (a closed pipe, a full disk) are dropped — tqdm
+    swallows only EIO, so a BrokenPipeError from a redraw ended the run."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self):
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: tqdm sizes and formats the bar with them
+        return getattr(self._stream, name)
 
 
 def _say(bar, msg: str) -> None:
@@ -739,26 +760,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if metrics.get("world_size", 1) == 1 or _rank_for_messages() == 0:
         print_summary(metrics)
-    status = 130 if metrics["interrupted"] else 0
-    if metrics.get("world_size", 1) > 1:
-        _leave_rank(status)
-    return status
+    return 130 if metrics["interrupted"] else 0
 
 
-def _leave_rank(status: int) -> None:
-    """End a torchrun rank whose run is complete (outputs written and synced, process group destroyed) without the
-    interpreter's teardown: there, objects still holding the gloo process group (FSDP's device mesh, DTensors) were
-    destroyed after the C++ state their threads use, and the rank aborted ("terminate called without an active
-    exception", exit -6) now and then on a loaded CPU machine, so torchrun reported a finished run as failed. The
-    streams are flushed first; nothing else is left to run."""
-    import logging
+if __name__ == "__main__":  # python -m lora_fast.train (torchrun's usual form)
+    from lora_fast.cli import run_console
 
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_console(main))

@@ -100,7 +100,9 @@ def root_held(opts, main: bool = True):
     checkpoints, which its resume then refused (options differ). ``train`` calls ``check_options`` again once this
     is held, which refuses a root that another (finished) run filled meanwhile. Released when the run ends, the lock
     file removed (and the root, when the run created it and wrote nothing there: an interrupt before the first
-    save). Without ``fcntl`` (Windows) only that second check applies."""
+    save); a lock taken on a file another run removed meanwhile is taken again on the new one (an inode check).
+    Without ``fcntl`` (Windows), or on a filesystem without flock (NFS without lockd, Lustre without -o flock: a
+    warning), only that second check applies."""
     try:
         import fcntl
     except ImportError:
@@ -113,26 +115,47 @@ def root_held(opts, main: bool = True):
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = root / LOCK_NAME
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_file(fcntl, lock, root)
     try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while held: the root is left as the run's checkpoints
+            if fd is not None:
+                lock.unlink()
+            if created and not any(root.iterdir()):
+                root.rmdir()
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _lock_file(fcntl, lock: Path, root: Path) -> int | None:
+    """An open descriptor of ``lock`` holding its exclusive flock, or None where the filesystem has no flock."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise ConfigError(f"--checkpoint_dir {str(root)!r} is in use by another lora-fast run (pid {holder}) "
                               "writing its checkpoints there; the two would replace each other's: choose another "
                               "--output_dir or --checkpoint_dir, or wait for that run to end") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):  # unlinked while held: the root is left as the run's checkpoints
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: no flock on this filesystem
+            os.close(fd)
+            with contextlib.suppress(OSError):
                 lock.unlink()
-                if created and not any(root.iterdir()):
-                    root.rmdir()
-    finally:
-        os.close(fd)  # releases the lock
+            warnings.warn(f"--checkpoint_dir {str(root)!r}: the filesystem takes no lock ({e}); a second run "
+                          "started into it at the same time would not be refused", stacklevel=3)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else: the file was removed by the run that held it, between our open and our flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
 
 
 def check_options(opts) -> tuple[Path, Path | None]:

@@ -70,7 +70,8 @@ def check_path_encoding(paths: dict) -> None:
     """Under a filesystem encoding other than UTF-8 (a non-UTF-8 locale with UTF-8 mode off: ``LC_ALL=C
     PYTHONUTF8=0``), refuse non-ASCII paths ({flag: path}) before anything loads: Python holds them as undecodable
     bytes there, which tokenizers (Rust) and matplotlib reject — a run trained to the end and lost its outputs at the
-    tokenizer's save or the loss plot — and a YAML file's UTF-8 path could not even be looked up."""
+    tokenizer's save or the loss plot. Given the paths those open (outputs, the model, a checkpoint); a dataset or
+    config only Python reads is not refused."""
     encoding = sys.getfilesystemencoding()
     if encoding.lower().replace("-", "").replace("_", "") == "utf8":
         return
@@ -94,7 +95,8 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
     ``StagedDir`` writes: any other non-empty directory (a project folder given by mistake, a PEFT or Trainer output,
     a downloaded model) is refused, never deleted.
     """
-    check_path_encoding({flag: output_dir, "--logdir": logdir, "--checkpoint_dir": checkpoint_dir, **(inputs or {})})
+    check_path_encoding({flag: output_dir, "--checkpoint_dir": checkpoint_dir,  # what tokenizers/matplotlib open
+                         **{k: v for k, v in (inputs or {}).items() if k in ("--model", "--resume_from_checkpoint")}})
     out = check_creatable_dir(output_dir, flag)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {output_dir!r} exists and is not empty; choose another directory or pass "

@@ -1086,6 +1086,11 @@ def test_unwritable_messages_never_end_a_run(monkeypatch):
             file.write(msg)
 
     _say(Bar(), "a line")
+    from lora_fast.train import _Unfailing
+
+    bar_stream = _Unfailing(Broken())  # the progress bar's own redraws (tqdm swallows only EIO)
+    assert bar_stream.write("frame") == 0
+    bar_stream.flush()
 
 
 def test_a_stdout_closed_by_its_reader_ends_the_command_quietly(monkeypatch, tmp_path):
@@ -1097,15 +1102,25 @@ def test_a_stdout_closed_by_its_reader_ends_the_command_quietly(monkeypatch, tmp
         def write(self, s):
             raise BrokenPipeError(32, "Broken pipe")
 
-        def flush(self):
-            pass
+        def flush(self):  # what print left in the buffer cannot go either
+            raise BrokenPipeError(32, "Broken pipe")
 
         def fileno(self):
             return sink.fileno()
 
+    from lora_fast.cli import run_console
+
     monkeypatch.setattr("sys.stdout", Closed())
-    assert cli_main(["--version"]) == 141
+    assert run_console(cli_main, ["--version"]) == 141
     sink.close()
+    monkeypatch.undo()
+
+    def elsewhere(argv):  # a broken pipe that is not stdout's (a worker's queue, a socket): raised as it is
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_console(elsewhere)
+    assert run_console(lambda argv: 0) == 0  # one process: returns (a torchrun rank leaves: test_distributed)
 
 
 def test_python_dash_m_lora_fast_is_the_command():
@@ -1138,7 +1153,7 @@ def test_non_ascii_paths_under_a_non_utf8_filesystem_encoding_are_refused_before
     assert list(tmp_path.iterdir()) == []
 
 
-def test_path_encoding_rule(monkeypatch):
+def test_path_encoding_rule(monkeypatch, tmp_path):
     from lora_fast.train_io import check_path_encoding
 
     paths = {"--output_dir": "out/résumé", "--model": "gpt2", "--logdir": None}
@@ -1147,6 +1162,10 @@ def test_path_encoding_rule(monkeypatch):
     with pytest.raises(ConfigError, match=r"--output_dir 'out/résumé': not ASCII, and Python's filesystem encoding"):
         check_path_encoding(paths)
     check_path_encoding({"--output_dir": "out/resume", "--model": "gpt2"})
+    from lora_fast.train_io import check_output_dir
+
+    out = tmp_path / "out"  # a dataset only Python reads is not refused
+    assert check_output_dir(str(out), False, {"--dataset": "données.txt", "--model": "gpt2"}) == out.resolve()
 
 
 def test_tilde_in_logdir_and_config_is_home(tmp_path, monkeypatch):

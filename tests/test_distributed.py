@@ -619,11 +619,13 @@ def test_run_refuses_fsdp_checkpointing_before_loading_and_quiets_other_ranks(mo
 
 
 def test_a_finished_rank_leaves_without_the_interpreters_teardown(monkeypatch, capsys):
-    """A torchrun rank whose run is complete ends by ``os._exit`` with its status, streams flushed: the
+    """A torchrun rank (``WORLD_SIZE`` > 1) run as a process (the ``lora-fast`` script, ``python -m lora_fast`` or
+    ``lora_fast.train``: ``cli.run_console``) ends by ``os._exit`` with its status, streams flushed: the
     interpreter's teardown destroyed objects holding the gloo process group after the C++ state their threads use,
     and a rank aborted now and then (exit -6, "terminate called without an active exception"), so torchrun reported
-    a finished run as failed. One process returns as before. (The abort was never reproduced on demand: this pins
-    the path, the two-rank tests above its exit statuses.)"""
+    a finished run as failed. One process, and ``train.main`` called as a function, return as before. (The abort
+    was never reproduced on demand: this pins the path, the two-rank tests above its exit statuses.)"""
+    from lora_fast import cli
     from lora_fast import train as T
 
     left = []
@@ -635,14 +637,18 @@ def test_a_finished_rank_leaves_without_the_interpreters_teardown(monkeypatch, c
         left.append(status)
         raise Left
 
-    monkeypatch.setattr(T.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setattr(T, "print_summary", lambda m: print("summary"))
+    argv = ["--output_dir", "/nonexistent/never-written"]
     for world, interrupted, status in ((2, False, 0), (2, True, 130), (1, True, 130)):
         monkeypatch.setattr(T, "run", lambda opts, w=world, i=interrupted: {"world_size": w, "interrupted": i})
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        assert T.main(argv) == status  # a function returns
         if world > 1:
             with pytest.raises(Left):
-                T.main(["--output_dir", "/nonexistent/never-written"])
+                cli.run_console(T.main, argv)
             assert left.pop() == status
         else:
-            assert T.main(["--output_dir", "/nonexistent/never-written"]) == status and not left
-    assert capsys.readouterr().out.count("summary") == 3
+            assert cli.run_console(T.main, argv) == status and not left
+    assert capsys.readouterr().out.count("summary") == 6

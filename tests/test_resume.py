@@ -608,3 +608,22 @@ def test_the_checkpoint_root_is_held_and_left_as_found(tmp_path):
     with root_held(opts):
         pass
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_filesystem_without_flock_checkpoints_with_a_warning(tmp_path, monkeypatch):
+    """NFS without lockd (ENOLCK) or Lustre without -o flock (ENOSYS): flock raising there ended every
+    checkpointing run after its loading; the run goes on without the lock, warned, and leaves no lock file."""
+    import errno
+    import fcntl
+
+    from lora_fast.train_ckpt import checkpoint_root, root_held
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    opts = parse_train_args(["--output_dir", str(tmp_path / "out"), "--save_steps", "2"])
+    root = checkpoint_root(opts)
+    with pytest.warns(UserWarning, match="the filesystem takes no lock"), root_held(opts):
+        (root / "checkpoint-2").mkdir()
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"]
