@@ -294,16 +294,12 @@ def run_console(entry, argv: list[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
         return 141
-    if _torchrun_world_size() > 1:
-        leave_rank(status)
+    from lora_fast.distributed import torchrun_env
+
+    with contextlib.suppress(ConfigError):  # bad torchrun variables: the command has said so already
+        if (torchrun_env() or {}).get("world_size", 1) > 1:
+            leave_rank(status)
     return status
-
-
-def _torchrun_world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
-    except ValueError:
-        return 1
 
 
 def leave_rank(status: int) -> None:

@@ -42,12 +42,17 @@ def _global_hooks() -> bool:
                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
+def bound_own_forward(module: nn.Module, funcs: tuple = ()) -> bool:
+    """Whether the instance's ``forward`` is one of ``funcs`` (default: its class's forward) bound to the module
+    itself — what accelerate's ``remove_hook_from_module`` leaves behind."""
+    f = module.__dict__.get("forward")
+    return getattr(f, "__self__", None) is module and getattr(f, "__func__", None) in (funcs or (type(module).forward,))
+
+
 def forward_replaced(module: nn.Module) -> bool:
     """Whether the instance holds a ``forward`` of its own (accelerate's hooks set one). Its class's forward bound to
-    the module — what accelerate's ``remove_hook_from_module`` leaves behind — runs what the class's does: no."""
-    f = module.__dict__.get("forward")
-    return f is not None and not (getattr(f, "__func__", None) is type(module).forward
-                                  and getattr(f, "__self__", None) is module)
+    the module (``bound_own_forward``) runs what the class's does: no."""
+    return "forward" in module.__dict__ and not bound_own_forward(module)
 
 
 def calls_more_than_forward(module: nn.Module) -> bool:

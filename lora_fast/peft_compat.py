@@ -38,7 +38,13 @@ import torch
 import torch.nn as nn
 
 from lora_fast.functional import lora_linear, resolve_backend
-from lora_fast.layer import LORA_BASE_TYPES, calls_more_than_forward, forward_replaced, fusable_base
+from lora_fast.layer import (
+    LORA_BASE_TYPES,
+    bound_own_forward,
+    calls_more_than_forward,
+    forward_replaced,
+    fusable_base,
+)
 
 _MARK = "_lora_fast_backend"  # present on patched layers: the backend their fast forward uses
 _NO_MARK = object()  # a layer without _MARK (patch_peft restores that on an exception)
@@ -192,9 +198,7 @@ def patch_peft(peft_model: nn.Module, backend: str | None = None) -> nn.Module:
     before = []  # (layer, its class, its mark or _NO_MARK): an exception puts every layer back as it was
     try:
         for name, module in layers.items():
-            f = module.__dict__.get("forward")
-            if getattr(f, "__self__", None) is module and getattr(f, "__func__", None) in (type(module).forward,
-                                                                                           _fast_forward):
+            if bound_own_forward(module, (type(module).forward, _fast_forward)):
                 del module.__dict__["forward"]  # left by a removed hook: what the class (swapped) runs anyway
             # a patched layer (hooked since, say) is patched: patching again updates its backend
             reason = None if type(module) is _fast_class() else _structural_reason(module)

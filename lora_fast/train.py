@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import signal
@@ -47,6 +46,7 @@ from lora_fast.train_args import ConfigError, RankConfigError, parse_train_args
 from lora_fast.train_io import print_summary
 from lora_fast.train_model import (
     RANDOM_GPT2,
+    Unfailing,
     backend_used,
     check_causal,
     check_tf32,
@@ -392,9 +392,11 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     start_step, boundary, in_update, last_saved, together = step, None, False, step, False
     signal_hook = D.signal_hook(ctx)
     t_start = time.perf_counter()
+    err = Unfailing(sys.stderr)  # the bar and the lines above it: stderr (tqdm.write's default is stdout, where
+    # ``lora-fast train | head -1`` ended the run with BrokenPipeError), never ending the run
     bar = tqdm(total=total, initial=step, disable=not (opts.progress and main), dynamic_ncols=True, desc="train",
-               file=_Unfailing(sys.stderr))
-    say = functools.partial(_say, bar) if main else (lambda msg: None)
+               file=err)
+    say = (lambda msg: bar.write(msg, file=err)) if main else (lambda msg: None)
 
     def do_eval():
         r = evaluate(eval_model, loaders["validation"], device, amp, eval_cap, ctx)
@@ -633,37 +635,6 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
         raise
     D.shutdown(ctx)
     return metrics
-
-
-class _Unfailing:
-    """The progress bar's stream: stderr, whose write errors (a closed pipe, a full disk) are dropped — tqdm
-    swallows only EIO, so a BrokenPipeError from a redraw ended the run."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except (OSError, ValueError):
-            return 0
-
-    def flush(self):
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def __getattr__(self, name):  # isatty, fileno, encoding: tqdm sizes and formats the bar with them
-        return getattr(self._stream, name)
-
-
-def _say(bar, msg: str) -> None:
-    """A line above the progress bar, on stderr with the bar and the other messages (tqdm.write's default is
-    stdout: ``lora-fast train | head -1`` then ended the run with BrokenPipeError). A line that cannot be written is
-    dropped (``log_stderr``): a message must never end a training run."""
-    try:
-        bar.write(msg, file=sys.stderr)
-    except (OSError, ValueError):
-        pass
 
 
 def _shown_nowhere(*args, **kwargs) -> None:

@@ -322,13 +322,31 @@ def pad_with_eos(tok) -> None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token
 
 
+class Unfailing:
+    """A stream (stderr) whose write errors are dropped: a progress or warning line that cannot be written (stderr
+    a closed pipe, a full disk; ValueError: closed) must never end a training run. Also the progress bar's stream:
+    tqdm swallows only EIO, so a BrokenPipeError from a redraw ended the run."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self):
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: tqdm sizes and formats the bar with them
+        return getattr(self._stream, name)
+
+
 def log_stderr(msg: str) -> None:
-    """A progress or warning line on stderr. One that cannot be written (stderr a closed pipe, a full disk) is
-    dropped: a message must never end a training run."""
-    try:
-        print(msg, file=sys.stderr, flush=True)
-    except (OSError, ValueError):  # BrokenPipeError, ENOSPC; ValueError: stderr closed
-        pass
+    """A progress or warning line on stderr (``Unfailing``)."""
+    print(msg, file=Unfailing(sys.stderr), flush=True)
 
 
 def set_special_tokens(model, token_id: int, keys=("eos_token_id", "bos_token_id", "pad_token_id")) -> None:

@@ -642,7 +642,7 @@ def test_a_finished_rank_leaves_without_the_interpreters_teardown(monkeypatch, c
     argv = ["--output_dir", "/nonexistent/never-written"]
     for world, interrupted, status in ((2, False, 0), (2, True, 130), (1, True, 130)):
         monkeypatch.setattr(T, "run", lambda opts, w=world, i=interrupted: {"world_size": w, "interrupted": i})
-        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
         assert T.main(argv) == status  # a function returns
         if world > 1:
