@@ -269,7 +269,8 @@ def _tensorboard(logdir, log, purge_step=None):
     return SummaryWriter(str(Path(logdir).expanduser()), purge_step=purge_step)  # --logdir=~/tb: no ./~ directory
 
 
-def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None) -> dict:
+def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool = True, ctx=None,
+          root_is_held: bool = False) -> dict:
     """Run the loop on ``prep.model`` (a copy of it by default) and write the outputs; returns the metrics dict.
     fp32 matmuls run as ``--tf32`` asks (``tf32_matmuls``; torch's setting restored after).
 
@@ -281,12 +282,15 @@ def train(opts, prep: Prepared, on_step=None, log=log_stderr, copy_model: bool =
         ctx: ``lora_fast.distributed.DistContext`` from ``distributed.init`` (``run`` does that); None: one process.
             Under torchrun a stop signal ends the loop on every rank at one step boundary; after that stop the rank
             ignores SIGINT and SIGTERM (``distributed.ignore_stop_signals``: it is leaving).
+        root_is_held: the caller holds the checkpoint root already (``train_ckpt.root_held``: ``run`` takes it
+            before loading, so that a second run into the same root is refused before minutes of loading).
     """
     from lora_fast import distributed as D
     from lora_fast.train_ckpt import root_held
 
     device = D.device(ctx) if ctx is not None and ctx.enabled else resolve_device(opts.device)
-    with tf32_matmuls(getattr(opts, "tf32", None), device), root_held(opts, ctx is None or ctx.is_main):
+    hold = not root_is_held and (ctx is None or ctx.is_main)
+    with tf32_matmuls(getattr(opts, "tf32", None), device), root_held(opts, hold):
         return _train(opts, prep, on_step, log, copy_model, ctx, device)  # checks the held root's checkpoints
 
 
@@ -615,7 +619,7 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     """``prepare`` then ``train``: one complete ``lora-fast train`` (one process, or one rank under torchrun).
     Returns the metrics (with ``output_dir``)."""
     from lora_fast import distributed as D
-    from lora_fast.train_ckpt import check_options
+    from lora_fast.train_ckpt import check_options, root_held
     from lora_fast.train_io import check_output_dir
 
     check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
@@ -627,9 +631,9 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
             check_fsdp_checkpointing(opts, ctx)  # before minutes of loading, on every rank
             check_plotting()
             check_tf32(getattr(opts, "tf32", None), D.device(ctx) if ctx.enabled else resolve_device(opts.device))
-            with quiet_unless(ctx.is_main):
+            with quiet_unless(ctx.is_main), root_held(opts, ctx.is_main):  # a second run refused before loading
                 prep = prepare(opts, log if ctx.is_main else (lambda msg: None))
-                metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx)
+                metrics = train(opts, prep, on_step, log, copy_model=False, ctx=ctx, root_is_held=True)
     except BaseException:
         D.shutdown(ctx, ok=False)
         raise

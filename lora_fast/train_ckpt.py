@@ -95,14 +95,15 @@ LOCK_NAME = ".lora-fast.lock"  # in the checkpoint root, held by the run writing
 def root_held(opts, main: bool = True):
     """Hold the checkpoint root of a run that checkpoints (``--save_steps``) for the whole run: an exclusive
     ``flock`` on ``LOCK_NAME`` there (rank 0 only: the others write no checkpoint). A second run into the same root
-    is refused while the first runs: two runs started together both passed ``check_options`` (no checkpoints
-    yet) and then replaced each other's ``checkpoint-N`` — one run's output directory beside the other's
-    checkpoints, which its resume then refused (options differ). ``train`` calls ``check_options`` again once this
-    is held, which refuses a root that another (finished) run filled meanwhile. Released when the run ends, the lock
-    file removed (and the root, when the run created it and wrote nothing there: an interrupt before the first
-    save); a lock taken on a file another run removed meanwhile is taken again on the new one (an inode check).
-    Without ``fcntl`` (Windows), or on a filesystem without flock (NFS without lockd, Lustre without -o flock: a
-    warning), only that second check applies."""
+    is refused while the first runs: two runs started together both passed ``check_options`` (no checkpoints yet) and
+    then replaced each other's ``checkpoint-N`` — one run's output directory beside the other's checkpoints, which
+    its resume then refused (options differ). ``train`` calls ``check_options`` again once this is held, which
+    refuses a root that another (finished) run filled meanwhile. ``run`` takes it before loading the model (a second
+    run is refused at once, not after minutes of loading); ``train`` when called directly. Released when the run
+    ends, the lock file removed (and the root, when the run created it and wrote nothing there: an interrupt before
+    the first save); a lock taken on a file another run removed meanwhile is taken again on the new one (an inode
+    check). Without ``fcntl`` (Windows), or on a filesystem without flock (NFS without lockd, Lustre without -o
+    flock: a warning), only that second check applies."""
     try:
         import fcntl
     except ImportError:

@@ -627,3 +627,25 @@ def test_a_filesystem_without_flock_checkpoints_with_a_warning(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="the filesystem takes no lock"), root_held(opts):
         (root / "checkpoint-2").mkdir()
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_held_checkpoint_root_is_refused_before_the_model_loads(setup, capsys, monkeypatch):
+    """The second run into a held root was refused only in ``train``, after ``prepare`` had loaded the model and
+    tokenized the data (minutes for a real model): ``run`` now takes the root before loading."""
+    import os
+
+    import lora_fast.train as T
+    from lora_fast.train_ckpt import root_held
+
+    root, _ = setup
+
+    def loads(*args, **kwargs):
+        raise AssertionError("prepare ran: the model was loaded before the held root was refused")
+
+    opts = parse_train_args(_args(root, "held-before-loading", "--save_steps", "2"))
+    with root_held(opts):
+        monkeypatch.setattr(T, "prepare", loads)
+        rc = cli_main(["train", *_args(root, "held-before-loading", "--save_steps", "2")])
+        err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"is in use by another lora-fast run (pid {os.getpid()})" in err
