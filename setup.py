@@ -10,17 +10,26 @@ Linux only, hence the marker: ``[dev]`` and ``[triton]`` install on macOS and Wi
 
 Lower bounds are the versions the suite has run on, not guesses (README "Versions"): torch 2.4 failed at import and
 2.5 lacks the public FSDP2 API; triton < 3.4 cannot compile the kernels (they fall back to the reference path
-there); transformers 4.46, 4.51, 4.57, 5.0, 5.8, 5.17 and 5.23 passed (CI runs 5.23, and 4.57 for the tests that
-touch transformers).
+there); transformers 4.46, 4.51, 4.57, 5.0, 5.8, 5.17, 5.23 and 5.24 passed (CI runs the newest, 5.24 now, and 4.57
+for the tests that touch transformers).
+
+The version lives in ``lora_fast/__init__.py`` alone (read here without importing the package, which needs torch).
 """
+
+import re
+from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).resolve().parent
+_INIT = (HERE / "lora_fast" / "__init__.py").read_text(encoding="utf-8")
+VERSION = re.search(r'^__version__ = "([^"]+)"$', _INIT, re.M).group(1)
+
 setup(
     name="lora-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Drop-in LoRA layers for PyTorch with fused Triton kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["lora_fast", "lora_fast.kernels"],

@@ -65,6 +65,7 @@ def test_wheel_ships_kernels_only_under_lora_fast(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("lora_fast-*.whl")
+    assert wheel.name.startswith(f"lora_fast-{lora_fast.__version__}-"), wheel.name  # one version: __init__.py's
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names}
     assert "kernels" not in top, sorted(top)
