@@ -461,6 +461,8 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
     Raises:
         ConfigError: a missing file or split, a row without text or label (file and line named), fewer than two
         labels in train, or labels in validation/test that the training split lacks.
+
+    A directory's validation/test rows whose text the train split also holds are counted in a warning.
     """
     if dataset is None:
         raise ConfigError("--task classification needs --dataset: a directory with train.csv/validation.csv[/test.csv]"
@@ -496,6 +498,7 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
     text_col = _pick_column(first, text_column, f"{dataset} (train)")
     for name, rs in checks.items():
         _check_rows(rs, name, label_col, text_col)
+    given = rows is not None
     if rows is None:
         rows = _split_rows(all_rows, text_col, val_fraction, seed)
     for split, rs in rows.items():
@@ -514,8 +517,23 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
                    "or give train.csv/validation.csv/test.csv" if path.is_file() else "")
             raise ConfigError(f"classification dataset {dataset!r}: label(s) {unseen[:10]} of the {split} split do "
                               f"not occur in the train split (labels: {names[:10]}){one}")
+    if given:
+        _warn_shared_texts(rows, files, text_col)
     out = {s: ([r[text_col] for _, r in rs], [index[r[label_col].strip()] for _, r in rs]) for s, rs in rows.items()}
     return out, names
+
+
+def _warn_shared_texts(rows: dict, files: dict, text_col: str) -> None:
+    """A directory's splits are the user's: kept as given, but a validation/test text that is also a training text
+    (stripped, compared exactly) is named in a warning — accuracy on it measures memory, not generalisation (one
+    file's split keeps every copy of a text on one side, ``_split_rows``)."""
+    seen = {r[text_col].strip() for _, r in rows["train"]}
+    for split in ("validation", "test"):
+        shared = [line for line, r in rows.get(split, ()) if r[text_col].strip() in seen]
+        if shared:
+            warnings.warn(f"{len(shared)} of the {len(rows[split])} rows of {files[split]} ({split} split) have a "
+                          f"text that {files['train'].name} also holds (first at line {shared[0]}): their accuracy "
+                          "measures memory, not generalisation", stacklevel=3)
 
 
 def _split_rows(all_rows, text_col: str, val_fraction: float, seed: int) -> dict:

@@ -422,3 +422,26 @@ def test_a_dataset_that_is_a_pipe_is_named_as_such(tmp_path):
         load_texts(str(fifo))
     with pytest.raises(ConfigError, match="is not a regular file .a pipe or a device"):
         load_classification(str(fifo))
+
+
+def test_a_directorys_validation_text_also_in_train_is_warned_about(tmp_path):
+    """A directory's splits are kept as given (they are the user's), but a validation/test row whose text is a
+    training text made its accuracy a memory test without a word; each split's shared rows are counted and the first
+    named by line. Texts compare stripped; distinct splits warn nothing."""
+    import warnings
+
+    train = [("ham", "see you at noon"), ("spam", "win a prize now"), ("ham", "call me later")]
+    root = _dir(tmp_path / "d", train, [("ham", "a new text"), ("spam", " win a prize now "), ("ham", "another")])
+    _write_csv(root / "test.csv", [("ham", "call me later"), ("ham", "see you at noon"), ("spam", "unseen")])
+    with pytest.warns(UserWarning) as seen:
+        splits, _ = load_classification(str(root))
+    test, val = sorted((str(w.message) for w in seen), key=lambda m: "validation split" in m)
+    assert "2 of the 3 rows of" in test and "test.csv (test split)" in test and "first at line 2" in test
+    assert "1 of the 3 rows of" in val and "validation.csv (validation split)" in val
+    assert "first at line 3" in val and "memory" in val
+    assert len(seen) == 2
+    assert len(splits["validation"][0]) == 3 and len(splits["test"][0]) == 3  # kept as given
+    distinct = _dir(tmp_path / "e", train, [("ham", "a new text"), ("spam", "free cash")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_classification(str(distinct))
