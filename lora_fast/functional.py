@@ -417,6 +417,20 @@ def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_i
     check_shapes(x, weight, bias, lora_A, lora_B, fan_in_fan_out)
     check_devices(x, weight, bias, lora_A, lora_B)
     check_float_input(x)
+    check_base_dtypes(x, weight, bias)
+
+
+def check_base_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Outside autocast the frozen base runs in x's dtype, as ``nn.Linear`` does: a weight or bias of another dtype
+    is refused on every path with an error naming both (a RuntimeError, as torch's own, which reads "mat1 and mat2
+    must have the same dtype", naming neither the input nor the weight). The adapters may differ (fp32 adapters on
+    a 16-bit base)."""
+    if autocast_enabled(x.device.type):
+        return
+    for name, t in (("base weight", weight), ("base bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"lora_linear: the input is {x.dtype} but the {name} is {t.dtype}; cast the input "
+                               "to the model's dtype (or the model to the input's), or run under torch.autocast")
 
 
 def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):

@@ -441,11 +441,13 @@ def test_inputs_the_kernels_cannot_take_fall_back_or_raise():
         lora_linear(x, w8, None, a, bb, 1.0, backend="triton")  # integer codes are never used as values
     with pytest.raises(RuntimeError, match="lora_B dtype"):
         lora_linear(x, w, None, a, bb.detach().to(torch.int32), 1.0, backend="triton")
-    # a bias in another dtype: F.linear refuses it, so the kernels must not quietly cast it
-    with pytest.raises(RuntimeError, match=r"bias \(torch.float64\) have different dtypes"):
-        lora_linear(x, w, b.double(), a, bb, 1.0, backend="triton")
-    with pytest.raises(RuntimeError):  # auto: the reference path, which raises as F.linear does
-        lora_linear(x, w, b.double(), a, bb, 1.0, backend="auto")
+    # a base weight or bias in another dtype outside autocast: F.linear refuses it (naming neither tensor), so the
+    # kernels must not quietly cast it; every path names both
+    for backend in ("triton", "auto", "reference"):
+        with pytest.raises(RuntimeError, match=r"the input is torch.float32 but the base bias is torch.float64"):
+            lora_linear(x, w, b.double(), a, bb, 1.0, backend=backend)
+        with pytest.raises(RuntimeError, match=r"the input is torch.float16 but the base weight is torch.float32"):
+            lora_linear(x.half(), w, None, a, bb, 1.0, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
