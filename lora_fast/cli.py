@@ -20,7 +20,14 @@ from pathlib import Path
 
 from lora_fast.train_args import ConfigError
 from lora_fast.train_io import check_path_encoding
-from lora_fast.train_model import LABELLED_TASKS, load_base_model, log_stderr, pad_with_eos, set_special_tokens
+from lora_fast.train_model import (
+    LABELLED_TASKS,
+    RANDOM_GPT2,
+    load_base_model,
+    log_stderr,
+    pad_with_eos,
+    set_special_tokens,
+)
 
 USAGE = """usage: lora-fast {train,sweep,merge} ... | --version
 
@@ -124,7 +131,7 @@ def _num_labels(adir: Path, cfg: dict, args: dict, num_labels: int | None) -> li
 
 
 def merge(adapter: str, output: str, model: str | None = None, overwrite: bool = False, log=log_stderr,
-          num_labels: int | None = None) -> Path:
+          num_labels: int | None = None, seed: int | None = None) -> Path:
     """Load base + adapter, merge ΔW into the base weights, save a plain transformers model (and tokenizer).
 
     Args:
@@ -135,6 +142,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         overwrite: replace a non-empty ``output``. Never allowed when ``output`` is the adapter directory, inside
             it, or contains it (the adapter would be deleted).
         num_labels: classes of a SEQ_CLS adapter without ``training_args.json`` (default: the saved head's rows).
+        seed: the training seed a ``gpt2-random`` base is rebuilt from, for an adapter without ``training_args.json``
+            (the adapter files alone, copied or uploaded): without either the merge is refused — any other seed gives
+            other random weights, and a merged model that computes something else than the adapter did.
 
     Returns:
         The output directory.
@@ -183,7 +193,8 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     labels = _num_labels(adir, cfg, args, num_labels) if task in LABELLED_TASKS else ["0", "1"]
     # no random stand-in: an adapter recording `gpt2` was trained on its pretrained weights (offline training
     # records gpt2-random), and merging it into random ones would write a wrong model
-    base_model, _ = load_base_model(base, task, len(labels), int(args.get("seed", 0)), log=log, random_fallback=False)
+    base_model, _ = load_base_model(base, task, len(labels), _random_base_seed(base, args, seed, adir), log=log,
+                                    random_fallback=False)
     tokenizer = None
     if (adir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -234,6 +245,25 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         raise
 
 
+def _random_base_seed(base: str, args: dict, seed: int | None, adir: Path) -> int:
+    """The seed a ``gpt2-random`` base was initialised from: ``--seed``, else training_args.json's; neither (the
+    adapter files copied without it) is refused, and so is a ``--seed`` that contradicts the record or that no
+    random base reads (both would otherwise merge without a word into other weights, or change nothing)."""
+    recorded = args.get("seed")
+    if base != RANDOM_GPT2:
+        if seed is not None:
+            raise ConfigError(f"--seed rebuilds a {RANDOM_GPT2} base; the base here is {base!r}, loaded as saved")
+        return 0
+    if seed is None and recorded is None:
+        raise ConfigError(f"the adapter's base is {RANDOM_GPT2}, GPT-2 randomly initialised from the training seed, "
+                          f"which {adir} does not record (no training_args.json): pass that run's --seed, or copy "
+                          "its training_args.json beside the adapter")
+    if seed is not None and recorded is not None and seed != recorded:
+        raise ConfigError(f"--seed {seed} but training_args.json records seed {recorded}, from which the "
+                          f"{RANDOM_GPT2} base was initialised")
+    return int(recorded if seed is None else seed)
+
+
 def _check_finite_heads(model) -> None:
     """Refuse an adapter whose modules trained whole (``modules_to_save``, as ``load_adapter`` recorded them) hold
     inf/NaN — a diverged run — naming the first; its LoRA weights are checked by the merge itself (``safe_merge``)."""
@@ -254,12 +284,14 @@ def _merge_main(argv) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--num_labels", type=int, help="classes of a classification adapter without training_args.json "
                    "(default: read from the saved head)")
+    p.add_argument("--seed", type=int, help=f"the training seed of a {RANDOM_GPT2} base, for an adapter without "
+                   "training_args.json (default: read from it)")
     a = p.parse_args(argv)
     try:
         if a.num_labels is not None and a.num_labels < 2:
             raise ConfigError(f"--num_labels must be at least 2, got {a.num_labels}")
         check_path_encoding({"--adapter": a.adapter, "--output": a.output, "--model": a.model})
-        out = merge(a.adapter, a.output, a.model, a.overwrite, num_labels=a.num_labels)
+        out = merge(a.adapter, a.output, a.model, a.overwrite, num_labels=a.num_labels, seed=a.seed)
     except ConfigError as e:
         print(f"lora-fast merge: error: {e}", file=sys.stderr)
         return 2

@@ -794,6 +794,44 @@ def test_merge_rebuilds_gpt2_random_from_the_training_seed(tmp_path):
         assert_rel_close(merged(input_ids=ids).logits, ref(input_ids=ids).logits, 1e-5, "merged vs seed-7 base")
 
 
+def test_merge_of_a_gpt2_random_adapter_needs_its_seed(tmp_path, capsys):
+    """The adapter files of a ``gpt2-random`` run copied without training_args.json were merged into the base of
+    seed 0 (exit 0, a model computing something else: loss at untrained level in a user trial): refused, naming
+    the way out; ``--seed`` gives the run's seed (the same model as a merge reading it from training_args.json),
+    and a ``--seed`` that contradicts the record, or that no random base reads, is refused as well."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from lora_fast import apply_lora, lora_layers, save_adapter
+
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=768, n_head=12, n_positions=16))
+    apply_lora(small, r".*\.h\.0\.attn\.c_attn", rank=2, alpha=4)
+    for layer in lora_layers(small).values():
+        with torch.no_grad():
+            layer.lora.lora_B.normal_(0, 0.05)
+    copied = save_adapter(small, tmp_path / "copied", base_model_name_or_path="gpt2-random")  # no training_args
+    assert cli_main(["merge", "--adapter", str(copied), "--output", str(tmp_path / "m0")]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2-random" in err and "no training_args.json" in err and "--seed" in err, err
+    assert not (tmp_path / "m0").exists()
+    assert cli_main(["merge", "--adapter", str(copied), "--output", str(tmp_path / "m7"), "--seed", "7"]) == 0
+    recorded = save_adapter(small, tmp_path / "recorded", base_model_name_or_path="gpt2-random")
+    (recorded / "training_args.json").write_text(json.dumps({"seed": 7}))
+    assert cli_main(["merge", "--adapter", str(recorded), "--output", str(tmp_path / "r7")]) == 0
+    ids = torch.randint(0, 50257, (1, 8))
+    with torch.no_grad():
+        by_flag, by_record = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(input_ids=ids).logits
+                              for d in ("m7", "r7"))
+    assert torch.equal(by_flag, by_record)
+    capsys.readouterr()
+    assert cli_main(["merge", "--adapter", str(recorded), "--output", str(tmp_path / "r8"), "--seed", "8"]) == 2
+    assert "--seed 8 but training_args.json records seed 7" in capsys.readouterr().err
+    small.save_pretrained(tmp_path / "saved-base")  # (the adapter in place: only its config matters here)
+    on_saved = save_adapter(small, tmp_path / "on-saved", base_model_name_or_path=str(tmp_path / "saved-base"))
+    assert cli_main(["merge", "--adapter", str(on_saved), "--output", str(tmp_path / "s"), "--seed", "3"]) == 2
+    assert "--seed rebuilds a gpt2-random base" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("r8", "s"))
+
+
 @pytest.fixture(scope="module")
 def seq_cls_adapter(tmp_path_factory):
     """A tiny GPT2ForSequenceClassification (3 labels) saved with save_pretrained, and a SEQ_CLS adapter of it
