@@ -180,7 +180,7 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
 
     for spec in runs:  # every target set must match, every rank fit, before minutes of training start
         try:
-            check_rank(prep.model, normalize_targets([spec["targets"]]), spec["rank"])
+            check_rank(prep.model, normalize_targets([spec["targets"]]), spec["rank"], resolve_device(opts.device))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     staged = StagedDir(out, opts.overwrite, command="sweep")

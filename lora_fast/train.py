@@ -214,26 +214,38 @@ def lr_schedule(optimizer, warmup_ratio: float, total: int):
     return get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
 
 
-def check_rank(model, target_modules, rank: int) -> None:
-    """Refuse a rank whose LoRA weights (fp32, r·(in + out) per targeted layer) would not fit in this machine's
-    memory: an absurd rank (10¹²) ended in the allocator's traceback. Any rank that fits is accepted, as PEFT does
-    (above a layer's min(in, out) it adds parameters and no capacity, but a ported config may hold one)."""
+def check_rank(model, target_modules, rank: int, device: torch.device | None = None) -> None:
+    """Refuse a rank whose LoRA training state would not fit in memory: an absurd rank (10¹²) ended in the
+    allocator's traceback, and one whose weights fit but whose training state did not (fp32 weights, gradients and
+    AdamW's two moments: 16 bytes a parameter) was killed by the kernel's OOM killer without a word, the whole sweep
+    with it. Compared with the total memory (never refusing a run that could fit): the host's for the weights,
+    built there, and the training ``device``'s (the host's for a CPU or None; a CUDA GPU's own) for the state. Any
+    rank that fits is accepted, as PEFT does (above a layer's min(in, out) it adds parameters and no capacity, but
+    a ported config may hold one)."""
     from lora_fast.inject import find_target_modules, unwrap_model
 
     inner = unwrap_model(model)
     names = find_target_modules(inner, target_modules)
-    need = sum(4 * rank * sum(w.shape) for n in names
-               if (w := getattr(inner.get_submodule(n), "weight", None)) is not None and w.dim() == 2)
+    params = sum(rank * sum(w.shape) for n in names
+                 if (w := getattr(inner.get_submodule(n), "weight", None)) is not None and w.dim() == 2)
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the allocator decides
-        return
-    if need > have:
-        raise ConfigError(f"rank={rank}: the LoRA weights of the {len(names)} targeted layers would take "
-                          f"{need / 2**30:.3g} GiB, more than this machine's {have / 2**30:.3g} GiB of memory")
+        host = None
+    head = f"rank={rank}: the LoRA weights of the {len(names)} targeted layers would take {4 * params / 2**30:.3g} GiB"
+    if host is not None and 4 * params > host:
+        raise ConfigError(f"{head}, more than this machine's {host / 2**30:.3g} GiB of memory")
+    where, have = "this machine's", host
+    if device is not None and device.type == "cuda":
+        where, have = f"{device}'s", torch.cuda.get_device_properties(device).total_memory
+    elif device is not None and device.type != "cpu":
+        have = None  # mps and others: the allocator decides
+    if have is not None and 16 * params > have:
+        raise ConfigError(f"{head}, and training them {16 * params / 2**30:.3g} GiB (fp32 weights, gradients and "
+                          f"AdamW's two moments), more than {where} {have / 2**30:.3g} GiB of memory")
 
 
-def _inject(opts, model):
+def _inject(opts, model, device: torch.device | None = None):
     from lora_fast import apply_lora
     from lora_fast.checkpointing import enable_checkpointing
     from lora_fast.inject import SEQ_CLS_HEAD_NAMES, _head_of
@@ -246,7 +258,7 @@ def _inject(opts, model):
         names = [n for n, _ in model.named_modules()]
         heads = [h for h in SEQ_CLS_HEAD_NAMES if any(n.endswith(h) for n in names)]
     try:
-        check_rank(model, opts.target_modules, opts.rank)
+        check_rank(model, opts.target_modules, opts.rank, device)
         apply_lora(model, opts.target_modules, opts.rank, opts.alpha, opts.dropout, use_rslora=opts.use_rslora,
                    backend=opts.backend, modules_to_save=heads)
         if getattr(opts, "gradient_checkpointing", False):
@@ -323,7 +335,7 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
     log = log if main else (lambda msg: None)
     torch.manual_seed(opts.seed)  # the same LoRA init on every rank
     model = copy.deepcopy(prep.model) if copy_model else prep.model
-    _inject(opts, model)
+    _inject(opts, model, device)
     model.to(device).train()
     amp_dtype = torch.float16 if opts.fp16 else torch.bfloat16 if opts.bf16 else None
     used = backend_used(opts.backend, model, device, amp_dtype)

@@ -410,6 +410,38 @@ def test_sweep_table(tiny_gpt2, tmp_path):
         assert (out / r["run"] / "adapter_model.safetensors").is_file()
 
 
+def test_a_rank_whose_training_state_cannot_fit_is_refused(tiny_gpt2, monkeypatch):
+    """A rank whose fp32 LoRA weights fit in memory but whose training state (weights, gradients, AdamW's two
+    moments: 16 bytes a parameter) does not was let through, and the kernel's OOM killer ended the run (a sweep
+    with it) without a word. Checked against the training device's memory: the host's on a CPU, a CUDA GPU's own
+    there (simulated: the memory sizes are patched)."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2LMHeadModel
+
+    import lora_fast.train as T
+    from lora_fast.train_args import ConfigError
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    params = lambda r: r * 2 * (64 + 192)  # two c_attn layers, (in + out) = 64 + 192 each
+    gib = 2**30
+    monkeypatch.setattr(T.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": gib // 4096}[name])
+    fits, weights_only = gib // 16 // params(1), gib // 4 // params(1)  # 16·P ≤ 1 GiB; 4·P ≤ 1 GiB < 16·P
+    T.check_rank(model, ["c_attn"], fits)
+    T.check_rank(model, ["c_attn"], fits, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"and training them 4 GiB \(fp32 weights, gradients and AdamW's two "
+                                          r"moments\), more than this machine's 1 GiB of memory"):
+        T.check_rank(model, ["c_attn"], weights_only)
+    with pytest.raises(ConfigError, match=r"would take 1 GiB, more than this machine's 0.5 GiB"):
+        monkeypatch.setattr(T.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": gib // 8192}[name])
+        T.check_rank(model, ["c_attn"], weights_only, torch.device("cuda", 0))  # built on the host first
+    monkeypatch.setattr(T.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * gib // 4096}[name])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=2 * gib))
+    T.check_rank(model, ["c_attn"], weights_only)  # the host holds 64 GiB
+    with pytest.raises(ConfigError, match=r"more than cuda:0's 2 GiB of memory"):
+        T.check_rank(model, ["c_attn"], weights_only, torch.device("cuda", 0))
+
+
 def test_sweep_refuses_a_rank_whose_weights_cannot_fit_before_training(tiny_gpt2, tmp_path, capsys):
     """A rank whose LoRA weights would not fit in memory is refused, for every run of a sweep, before the first one
     trains: nothing is written. (A rank above a layer's min(in, out) that fits is accepted, as PEFT accepts it.)"""
