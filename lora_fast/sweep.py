@@ -1,9 +1,10 @@
 """``lora-fast sweep``: the LoRA tutorials' experiments — rank, alpha and target modules — in one command.
 
 Default grid ``one-at-a-time`` (as the tutorials vary one knob with the others at the baseline ``--rank`` /
-``--alpha`` / first target set): ranks 2 4 8 16 32, alphas 4 8 16 32, targets ``c_attn`` vs ``all-linear`` —
-9 distinct runs. ``--grid full`` runs the whole product (40 runs by default). Data, tokenizer and base model are
-prepared once and every run starts from a fresh copy of the base model, so runs differ only in the LoRA setting.
+``--alpha`` / first target set): ranks 2 4 8 16 32, alphas 4 8 16 32, targets the architecture's default (``c_attn``
+on GPT-2) vs ``all-linear`` — 9 distinct runs. ``--grid full`` runs the whole product (40 runs by default). Data,
+tokenizer and base model are prepared once and every run starts from a fresh copy of the base model, so runs differ
+only in the LoRA setting.
 
 Outputs in ``--output_dir`` (default ``outputs/lora-sweep``, written all at once like ``train``): one directory
 per run (the full ``train`` outputs), ``sweep_results.md`` and ``sweep_results.csv`` (final eval loss and the step it
@@ -12,8 +13,13 @@ was taken at, perplexity, trainable parameters, training tokens/s — step 1 and
 interrupted, or "failed: <error>" for a run that raised, which does not stop the sweep) and ``sweep_plot.png``.
 
 Target modules: ``--target_sets`` lists the sets to compare. Without it, ``--target_modules`` (command line or
-YAML) is the one set every run uses, so the sweep varies rank and alpha on the modules asked for; giving both is
-an error. With neither, the sets are ``c_attn`` and ``all-linear``.
+YAML) is the one set every run uses, so the sweep varies rank and alpha on the modules asked for; giving both in
+one place is an error (the command line wins over the file). With neither, the sets are the architecture's default
+targets (``c_attn`` on GPT-2, ``q_proj,v_proj`` on Llama: ``inject.DEFAULT_TARGET_MODULES``, as ``lora-fast train``
+without ``--target_modules``) and ``all-linear``.
+
+The grid options (``ranks``, ``alphas``, ``target_sets``, ``grid``) may come from ``--config`` too, as lists (a
+set: comma-separated names, a list of names, or one regex); the command line wins.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from lora_fast.train_model import log_stderr
 
 COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
            "trainable_params", "trainable_pct", "tokens_per_sec", "peak_memory_mb", "wall_time_s", "steps", "status")
-DEFAULT_TARGET_SETS = ["c_attn", "all-linear"]
+DEFAULT_TARGET_SETS = [None, "all-linear"]  # None: the architecture's default targets (c_attn on GPT-2)
+DEFAULT_RANKS = [2, 4, 8, 16, 32]
+DEFAULT_ALPHAS = [4, 8, 16, 32]
+GRID_OPTIONS = ("ranks", "alphas", "target_sets", "grid")  # the sweep's own options, from a config file too
 DEFAULT_OUTPUT_DIR = "outputs/lora-sweep"
 CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")  # refused here
 
@@ -47,17 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:  # train's text names train's default; a sweep's is the sets of --target_sets
         if "--target_modules" in action.option_strings:
             action.help = ("one target-module set for every run (names, one regex, or all-linear); default: the "
-                           f"sets of --target_sets ({' vs '.join(DEFAULT_TARGET_SETS)})")
-    p.add_argument("--ranks", nargs="+", default=["2", "4", "8", "16", "32"],
-                   help="ranks to try (default: 2 4 8 16 32)")
-    p.add_argument("--alphas", nargs="+", default=["4", "8", "16", "32"], help="alphas to try (default: 4 8 16 32)")
+                           "sets of --target_sets (the architecture's default targets vs all-linear)")
+    p.add_argument("--ranks", nargs="+", default=None,
+                   help=f"ranks to try (default: {' '.join(map(str, DEFAULT_RANKS))})")
+    p.add_argument("--alphas", nargs="+", default=None,
+                   help=f"alphas to try (default: {' '.join(map(str, DEFAULT_ALPHAS))})")
     p.add_argument("--target_sets", nargs="+", default=None,
                    help="target-module sets to try; names within a set are comma-separated (c_attn,c_proj) "
-                   f"(default: --target_modules as the only set, else {' '.join(DEFAULT_TARGET_SETS)})")
-    p.add_argument("--grid", choices=("one-at-a-time", "full"), default="one-at-a-time",
+                   "(default: --target_modules as the only set, else the architecture's default targets — c_attn "
+                   "on GPT-2 — vs all-linear)")
+    p.add_argument("--grid", choices=GRIDS, default=None,
                    help="one-at-a-time: vary one of rank, alpha, target set with the others at --rank/--alpha and "
                    "the first set; full: every combination (default: one-at-a-time)")
     return p
+
+
+GRIDS = ("one-at-a-time", "full")
+
+
+def _listed(value, name: str) -> list:
+    """A grid option from a config file as a list (a lone number or set: a list of one); the command line's are
+    lists of strings already."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"{name}: an empty list (give at least one value)")
+        return list(value)
+    return [value]
+
+
+def _target_set(value) -> str:
+    """A config file's target set: a string (comma-separated names, or one regex) or a list of names."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return ",".join(v.strip() for v in value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"target_sets: {value!r} is not a target-module set (comma-separated names, a list of names, "
+                      "or one regex)")
 
 
 def _numbers(values, kind, name):
@@ -73,19 +107,36 @@ def _numbers(values, kind, name):
     return out
 
 
-def target_sets(ns, opts) -> list[str]:
-    """The target sets to sweep: ``--target_sets``; else ``--target_modules`` (CLI or YAML) as one set; else the
-    defaults. Both on the command line is an error (one of them would be ignored); ``--target_sets`` wins over a
-    config file's ``target_modules``, as the command line wins over the file everywhere."""
+def target_sets(ns, opts, file: dict | None = None) -> list[str | None]:
+    """The target sets to sweep (None: the architecture's default targets): ``target_sets``; else
+    ``target_modules`` as one set; else the defaults. Both in one place (the command line, or the config file
+    ``file``) is an error — one of them would be ignored; across the two the command line wins, as everywhere."""
+    file = file or {}
     if ns.target_sets is not None and ns.target_modules is not None:
         raise ConfigError("give either --target_sets (the sets to compare) or --target_modules (one set for every "
                           "run), not both")
+    if ns.target_sets is None and ns.target_modules is None and "target_sets" in file and "target_modules" in file:
+        raise ConfigError("the config file gives both target_sets (the sets to compare) and target_modules (one set "
+                          "for every run); keep one")
     if ns.target_sets is not None:
         return list(ns.target_sets)
+    if ns.target_modules is None and getattr(opts, "target_sets", None) is not None:
+        return [_target_set(v) for v in _listed(opts.target_sets, "target_sets")]
     if opts.target_modules is None:
         return list(DEFAULT_TARGET_SETS)
     t = opts.target_modules
     return [t if isinstance(t, str) else ",".join(t)]  # normalize_targets splits names, keeps a regex whole
+
+
+def default_targets(model) -> str:
+    """The architecture's default target set of ``model`` as a set's spelling (names comma-joined, or a regex)."""
+    from lora_fast.inject import _resolve_targets
+
+    try:
+        t = _resolve_targets(model, None)
+    except ValueError as e:
+        raise ConfigError(f"{e} (lora-fast sweep: --target_sets or --target_modules)") from None
+    return t if isinstance(t, str) else ",".join(t)
 
 
 def plan_runs(ranks, alphas, target_sets, base_rank, base_alpha, grid) -> list[dict]:
@@ -159,8 +210,10 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]:
-    """Train every run in ``runs`` into a staged ``opts.output_dir``; returns (table rows, interrupted).
+def run_sweep(opts, runs, log=log_stderr) -> tuple[list[dict], bool]:
+    """Train every run in ``runs`` (``plan_runs``' list, or a function of the loaded base model returning it: the
+    default target set depends on the architecture) into a staged ``opts.output_dir``; returns (table rows,
+    interrupted).
 
     A run that raises (out of memory at the largest rank, say) is a table row with ``status`` "failed: ..." and no
     metrics, and the sweep goes on: one failure does not cost the finished runs. Ctrl-C / SIGTERM stops the sweep
@@ -177,6 +230,9 @@ def run_sweep(opts, runs: list[dict], log=log_stderr) -> tuple[list[dict], bool]
     with transformers_bars(opts.progress):
         prep = prepare(opts, log)  # seeded with --seed, as in lora-fast train
     from lora_fast.train import check_rank
+
+    if callable(runs):
+        runs = runs(prep.model)
 
     for spec in runs:  # every target set must match, every rank fit, before minutes of training start
         try:
@@ -259,21 +315,35 @@ def main(argv: list[str] | None = None) -> int:
     interrupted)."""
     ns = build_parser().parse_args(argv)
     try:
-        if ns.output_dir is None and not (ns.config and load_yaml(ns.config).get("output_dir") is not None):
+        file = load_yaml(ns.config, GRID_OPTIONS) if ns.config else {}
+        if ns.output_dir is None and file.get("output_dir") is None:
             ns.output_dir = DEFAULT_OUTPUT_DIR
-        opts = resolve(ns)
-        ranks = _numbers(ns.ranks, int, "ranks")
-        alphas = _numbers(ns.alphas, float, "alphas")
+        opts = resolve(ns, GRID_OPTIONS)
+        ranks = _numbers(_listed(opts.ranks if opts.ranks is not None else DEFAULT_RANKS, "ranks"), int, "ranks")
+        alphas = _numbers(_listed(opts.alphas if opts.alphas is not None else DEFAULT_ALPHAS, "alphas"), float,
+                          "alphas")
+        grid = opts.grid if opts.grid is not None else GRIDS[0]
+        if grid not in GRIDS:
+            raise ConfigError(f"grid must be one of {list(GRIDS)}, got {grid!r}")
         if opts.task != "causal-lm":
             raise ConfigError("lora-fast sweep runs --task causal-lm only")
         given = [f"--{k}" for k in CHECKPOINT_OPTIONS if getattr(opts, k) is not None]
         if given:
             raise ConfigError(f"lora-fast sweep does not checkpoint ({', '.join(given)}); train the configuration "
                               "to resume with lora-fast train")
-        if ns.grid == "full" and (ns.rank is not None or ns.alpha is not None):
-            raise ConfigError("--grid full runs every combination of --ranks and --alphas; --rank/--alpha (the "
+        fixed = [k for k in ("rank", "alpha") if getattr(ns, k) is not None or file.get(k) is not None]
+        if grid == "full" and fixed:
+            where = " and ".join(f"--{k}" if getattr(ns, k) is not None else f"{k} (config file)" for k in fixed)
+            raise ConfigError(f"--grid full runs every combination of --ranks and --alphas; {where} (the "
                               "one-at-a-time baseline) would be ignored: put them into --ranks/--alphas")
-        runs = plan_runs(ranks, alphas, target_sets(ns, opts), opts.rank, opts.alpha, ns.grid)
+        sets = target_sets(ns, opts, file)
+        for t in sets:  # a malformed set is refused now, not after loading (the default one is the model's)
+            if t is not None:
+                normalize_targets([t])
+
+        def runs(model):  # the default set is the loaded architecture's
+            named = [default_targets(model) if t is None else t for t in sets]
+            return plan_runs(ranks, alphas, named, opts.rank, opts.alpha, grid)
         from lora_fast.train import sigterm_as_interrupt
 
         with sigterm_as_interrupt():  # SIGTERM stops the current run like Ctrl-C: the runs so far are kept

@@ -206,8 +206,9 @@ def normalize_targets(values: list[str] | None):
     return list(values)
 
 
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping of option names to values; unknown keys and non-mappings are errors."""
+def load_yaml(path: str, extra: tuple[str, ...] = ()) -> dict:
+    """Read a YAML mapping of option names to values; unknown keys and non-mappings are errors. ``extra``: a
+    command's own options beyond train's (the sweep's grid), known too."""
     import yaml
 
     p = Path(path).expanduser()  # --config=~/c.yaml: the shell leaves that ~ alone
@@ -238,16 +239,20 @@ def load_yaml(path: str) -> dict:
     if twice:
         raise ConfigError(f"config file {path!r} gives {twice} more than once")
     data = dict(zip(names, data.values(), strict=True))
-    unknown = sorted(set(data) - set(OPTIONS))
+    unknown = sorted(set(data) - set(OPTIONS) - set(extra))
     if unknown:
         nested = " (config files do not include others)" if "config" in unknown else ""
-        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}{nested}; known: {sorted(OPTIONS)}")
+        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}{nested}; known: "
+                          f"{sorted({*OPTIONS, *extra})}")
     return data
 
 
 def resolve(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> argparse.Namespace:
-    """Merge defaults < YAML (``ns.config``) < command line, then validate. ``extra`` names pass through as-is."""
-    merged = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    """Merge defaults < YAML (``ns.config``) < command line, then validate. ``extra``: a command's own options
+    (the sweep's grid), each the command line's when given there (not None), else the file's, else None — set on
+    the result unconverted (the command checks them)."""
+    merged = load_yaml(ns.config, extra) if getattr(ns, "config", None) else {}
+    own = {name: merged.pop(name, None) for name in extra}
     for name in OPTIONS:
         v = getattr(ns, name, None)
         if v is not None:
@@ -258,7 +263,8 @@ def resolve(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> argparse.Nam
     merged["config"] = getattr(ns, "config", None)
     opts = validate(merged)
     for name in extra:
-        setattr(opts, name, getattr(ns, name))
+        given = getattr(ns, name, None)
+        setattr(opts, name, given if given is not None else own[name])
     return opts
 
 

@@ -274,12 +274,16 @@ def test_sweep_defaults_are_the_parsers():
     defaults = vars(sweep.build_parser().parse_args([]))
     (ranks,) = stated(r"`--ranks` \(default ([\d ]+)\)", text)
     (alphas,) = stated(r"`--alphas` \(([\d ]+)\)", text)
-    sets = stated(r"`--target_sets` \(default `([^`]+)` vs `([^`]+)`;", text)
+    sets = stated(r"`--target_sets` \(default: the architecture's default targets vs `([^`]+)` — `([^`]+)` vs "
+                  r"`([^`]+)` on GPT-2,", text)
     (grid,) = stated(r"`--grid ([a-z|-]+)`", text)
     (out_dir,) = stated(r"into `([^`]+)`", text[text.index("`lora-fast sweep`") :])
-    assert [int(v) for v in defaults["ranks"]] == [int(v) for v in ranks.split()]
-    assert [float(v) for v in defaults["alphas"]] == [float(v) for v in alphas.split()]
-    assert list(sets) == sweep.DEFAULT_TARGET_SETS
+    assert defaults["ranks"] is None and sweep.DEFAULT_RANKS == [int(v) for v in ranks.split()]
+    assert defaults["alphas"] is None and sweep.DEFAULT_ALPHAS == [float(v) for v in alphas.split()]
+    from lora_fast.inject import DEFAULT_TARGET_MODULES
+
+    assert sweep.DEFAULT_TARGET_SETS == [None, sets[0]] and list(sets[1:]) == [
+        ",".join(DEFAULT_TARGET_MODULES["gpt2"]), sets[0]]
     grid_action = next(a for a in sweep.build_parser()._actions if a.dest == "grid")
     assert grid.split("|") == list(grid_action.choices)
     assert out_dir == sweep.DEFAULT_OUTPUT_DIR

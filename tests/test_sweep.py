@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -224,7 +225,8 @@ def test_sweep_help_describes_the_sweep():
     from lora_fast.sweep import build_parser
 
     text = build_parser().format_help()
-    assert "default: the sets of --target_sets (c_attn vs all-linear)" in " ".join(text.split())
+    assert "default: the sets of --target_sets (the architecture's default targets vs all-linear)" in \
+        " ".join(text.split())
     assert "--task {" not in text and "--task TASK" not in text and "--distributed" not in text
     assert build_parser().parse_args(["--task", "classification"]).task == "classification"
 
@@ -250,3 +252,72 @@ def test_train_and_sweep_without_matplotlib_are_refused_before_loading(tiny_gpt2
     err = capsys.readouterr().err
     assert "lora-fast train: error: matplotlib is not installed" in err and "pip install 'lora-fast[train]'" in err
     assert not loaded and not out.exists() and not (tmp_path / "train").exists()
+
+
+def test_the_grid_can_come_from_the_config_file(tiny_gpt2, corpus, tmp_path, capsys):
+    """``--config`` takes the sweep's own options (``ranks``, ``alphas``, ``target_sets``, ``grid``): they were
+    refused as unknown keys though ``--help`` promises a file of these options. A lone value is a list of one, a
+    set may be a list of names; the command line wins; ``rank``/``alpha`` in the file with ``grid: full`` are
+    refused as on the command line (they were ignored without a word), and so are both target options in the
+    file."""
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text("ranks: [2, 4]\nalphas: 8\ntarget_sets: [[c_attn, c_proj]]\ngrid: full\nmax_steps: 1\n")
+    base = ["sweep", "--config", str(cfg), "--model", str(tiny_gpt2), "--dataset", str(corpus), "--max_length",
+            "16", "--batch_size", "2", "--eval_batches", "1", "--no-progress"]
+    assert cli_main([*base, "--output_dir", str(tmp_path / "a")]) == 0
+    rows = _rows(tmp_path / "a")
+    assert [(r["run"], int(r["rank"]), float(r["alpha"])) for r in rows] == [
+        ("r2_a8_c_attn+c_proj", 2, 8.0), ("r4_a8_c_attn+c_proj", 4, 8.0)]
+    assert cli_main([*base, "--ranks", "4", "--output_dir", str(tmp_path / "b")]) == 0  # the command line wins
+    assert [r["run"] for r in _rows(tmp_path / "b")] == ["r4_a8_c_attn+c_proj"]
+    capsys.readouterr()
+    for extra, message in (("rank: 4\n", r"rank \(config file\) \(the one-at-a-time baseline\) would be ignored"),
+                           ("target_modules: [c_fc]\n", "the config file gives both target_sets"),
+                           ("grid: diagonal\n", None)):
+        bad = tmp_path / "bad.yaml"
+        text = cfg.read_text() + extra if message else cfg.read_text().replace("grid: full\n", extra)
+        bad.write_text(text)
+        assert cli_main([*base[:1], "--config", str(bad), *base[3:], "--output_dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message or r"grid must be one of \['one-at-a-time', 'full'\], got 'diagonal'", err), err
+        assert not (tmp_path / "c").exists()
+
+
+def test_the_default_target_sets_are_the_architectures(tmp_path):
+    """Without --target_sets/--target_modules a sweep compared ``c_attn`` with all-linear on every model: a
+    Llama's sweep failed ("matched no module") where ``lora-fast train`` takes its default q_proj/v_proj. The first
+    default set is the architecture's default targets (GPT-2: c_attn), named after the model loads."""
+    import transformers
+
+    from lora_fast.sweep import default_targets
+    from lora_fast.train_args import ConfigError
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert default_targets(llama) == "q_proj,v_proj" and default_targets(gpt2) == "c_attn"
+    toy = torch.nn.Module()
+    toy.config = type("ToyConfig", (), {"model_type": "toy"})()
+    with pytest.raises(ConfigError, match=r"no default target_modules for model_type='toy'.*--target_sets"):
+        default_targets(toy)
+
+
+def test_a_llama_sweep_compares_its_default_targets_with_all_linear(corpus, tmp_path):
+    """End to end on a tiny Llama (no tokenizer saved: a BPE is trained on the corpus): the default sets are
+    q_proj,v_proj and all-linear, each run's adapter targeting what its row names."""
+    import transformers
+
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=64)).save_pretrained(tmp_path / "llama")
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--model", str(tmp_path / "llama"), "--dataset", str(corpus), "--max_length", "16",
+                     "--batch_size", "2", "--eval_batches", "1", "--max_steps", "1", "--rank", "2", "--alpha", "8",
+                     "--ranks", "2", "--alphas", "8", "--output_dir", str(out), "--no-progress"]) == 0
+    rows = _rows(out)
+    assert [(r["run"], r["target_modules"]) for r in rows] == [("r2_a8_q_proj+v_proj", "q_proj,v_proj"),
+                                                               ("r2_a8_all-linear", "all-linear")]
+    targets = [json.loads((out / r["run"] / "adapter_config.json").read_text())["target_modules"] for r in rows]
+    assert sorted(targets[0]) == ["q_proj", "v_proj"]
+    assert sorted(targets[1]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
