@@ -153,6 +153,9 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     from lora_fast.train_io import StagedDir, check_output_dir
 
     adir = Path(adapter).expanduser()
+    if not adir.is_dir():
+        raise ConfigError(f"--adapter {adapter!r} " + ("is a file; give the directory holding the adapter's files"
+                                                        if adir.exists() else "does not exist"))
     cfg_path = adir / "adapter_config.json"
     legacy = not cfg_path.is_file() and (adir / "adapter_model.bin").is_file()
     if not cfg_path.is_file() and not legacy:

@@ -264,7 +264,9 @@ def _inject(opts, model, device: torch.device | None = None):
         if getattr(opts, "gradient_checkpointing", False):
             enable_checkpointing(model)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        cli = (f"; lora-fast train --task classification trains its head ({', '.join(heads)}) whole: leave it out "
+               "of --target_modules") if heads and "modules_to_save" in str(e) else ""
+        raise ConfigError(f"{e}{cli}") from None
 
 
 def _tensorboard(logdir, log, purge_step=None):

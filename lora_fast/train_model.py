@@ -255,8 +255,9 @@ def check_causal(model, name: str) -> None:
         kind == "xlm" and not getattr(cfg, "causal", False))  # XLNet permutes; XLM's own flag is `causal`
     if bidirectional:
         raise ConfigError(f"--model {name!r} is an encoder ({kind}, not a causal decoder): as a causal LM every "
-                          "position would see the token it predicts. Use a decoder model (GPT-2, Llama, ...), "
-                          "--task classification, or a checkpoint saved with is_decoder true")
+                          "position would see the token it predicts. Use a decoder model (GPT-2, Llama, ...) or a "
+                          "checkpoint saved with is_decoder true (to classify with it: lora-fast train --task "
+                          "classification)")
 
 
 def position_limit(cfg) -> int | None:

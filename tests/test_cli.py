@@ -124,6 +124,9 @@ def _bad(tmp_path, tiny, extra):
     # review round 4: a text file for classification was read as CSV (a quoting error)
     (["--task", "classification", "--dataset", "{tmp}/latin1.txt"], "reads CSV/TSV files with Label and Text "
      "columns"),
+    # the head is trained whole by the CLI itself: the way out is --target_modules (the CLI has no modules_to_save)
+    (["--task", "classification", "--dataset", "{tmp}/cls", "--target_modules", "c_attn", "score"],
+     "lora-fast train --task classification trains its head (score) whole: leave it out of --target_modules"),
 ])
 def test_bad_input_one_line_and_nothing_written(tmp_path, tiny_gpt2, capsys, extra, phrase):
     (tmp_path / "empty.txt").write_text("  \n\n \n")
@@ -1229,3 +1232,28 @@ def test_sweep_table_is_ascii_for_an_ascii_stdout():
     row = {c: None for c in COLUMNS} | {"run": "r4_a8", "status": "interrupted"}
     table = _table_md([row])
     assert table.isascii() and table.encode("ascii")
+
+
+def test_merge_names_an_adapter_path_that_is_no_directory_and_a_causal_adapter_on_an_encoder(tmp_path, tiny_gpt2,
+                                                                                              capsys):
+    """``--adapter`` naming the config file itself read "has no adapter_config.json"; a missing path likewise. A
+    causal-LM adapter merged onto an encoder was told to use "--task classification", an option merge lacks."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2LMHeadModel
+
+    from lora_fast import apply_lora, save_adapter
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    apply_lora(model, ["c_attn"], rank=2)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_gpt2))
+    for given, phrase in ((adapter / "adapter_config.json", "is a file; give the directory holding the adapter's"),
+                          (tmp_path / "nowhere", "does not exist")):
+        assert cli_main(["merge", "--adapter", str(given), "--output", str(tmp_path / "m")]) == 2
+        assert f"--adapter {str(given)!r} {phrase}" in capsys.readouterr().err
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--model",
+                     str(tmp_path / "bert")]) == 2
+    err = capsys.readouterr().err
+    assert "is an encoder (bert, not a causal decoder)" in err and "--task classification," not in err, err
+    assert not (tmp_path / "m").exists()
