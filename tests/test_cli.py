@@ -402,6 +402,8 @@ def test_misspelt_hub_name_is_an_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_model, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    # the encoder check reads the config first: the same answer (it went to the network, ~20 s of retries here)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
     with pytest.raises(ConfigError, match="misspelt"):
         load_base_model("gtp2", cache_dir=str(tmp_path), log=pytest.fail)
 
