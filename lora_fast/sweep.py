@@ -44,6 +44,7 @@ DEFAULT_TARGET_SETS = [None, "all-linear"]  # None: the architecture's default t
 DEFAULT_RANKS = [2, 4, 8, 16, 32]
 DEFAULT_ALPHAS = [4, 8, 16, 32]
 GRID_OPTIONS = ("ranks", "alphas", "target_sets", "grid")  # the sweep's own options, from a config file too
+GRIDS = ("one-at-a-time", "full")
 DEFAULT_OUTPUT_DIR = "outputs/lora-sweep"
 CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")  # refused here
 
@@ -69,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-at-a-time: vary one of rank, alpha, target set with the others at --rank/--alpha and "
                    "the first set; full: every combination (default: one-at-a-time)")
     return p
-
-
-GRIDS = ("one-at-a-time", "full")
 
 
 def _listed(value, name: str) -> list:
