@@ -177,6 +177,10 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     base = model or cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{cfg_path} names no base model; pass --model")
+    recorded_base = cfg.get("base_model_name_or_path")
+    if model and recorded_base and not _same_model(model, recorded_base):
+        log(f"lora-fast merge: --model {model!r} is not the base this adapter records ({recorded_base!r}); merging "
+            "into it as if it held the same weights (a copy of that base, say)")
     a_res, o_res = adir.resolve(), Path(output).expanduser().resolve()
     if o_res == a_res or a_res in o_res.parents or o_res in a_res.parents:
         raise ConfigError(f"--output {output!r} and --adapter {adapter!r} overlap (the same directory, or one inside "
@@ -246,6 +250,14 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     except BaseException:
         staged.discard()
         raise
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two ``--model`` spellings name one model: the same string, or paths to one directory."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _random_base_seed(base: str, args: dict, seed: int | None, adir: Path) -> int:

@@ -1259,3 +1259,27 @@ def test_merge_names_an_adapter_path_that_is_no_directory_and_a_causal_adapter_o
     err = capsys.readouterr().err
     assert "is an encoder (bert, not a causal decoder)" in err and "--task classification," not in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_another_base_than_the_adapters_says_so(tmp_path, tiny_gpt2, capsys):
+    """``--model`` naming another model than the base the adapter records (same shapes: it loads) merged without a
+    word; a note now names both. The recorded base itself, spelt as another path to it, gets none."""
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import apply_lora, save_adapter
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    apply_lora(model, ["c_attn"], rank=2)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_gpt2))
+    other = shutil.copytree(tiny_gpt2, tmp_path / "other")
+    capsys.readouterr()
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m1"), "--model", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"--model {str(other)!r} is not the base this adapter records ({str(tiny_gpt2)!r})" in err, err
+    (tmp_path / "link").symlink_to(tiny_gpt2)
+    for given in (str(tiny_gpt2), str(tmp_path / "link")):
+        out = tmp_path / f"m-{len(given)}"
+        assert cli_main(["merge", "--adapter", str(adapter), "--output", str(out), "--model", given]) == 0
+        assert "is not the base this adapter records" not in capsys.readouterr().err
