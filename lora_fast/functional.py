@@ -420,17 +420,25 @@ def _check_call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_i
     check_base_dtypes(x, weight, bias)
 
 
-def check_base_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Outside autocast the frozen base runs in x's dtype, as ``nn.Linear`` does: a weight or bias of another dtype
-    is refused on every path with an error naming both (a RuntimeError, as torch's own, which reads "mat1 and mat2
-    must have the same dtype", naming neither the input nor the weight). The adapters may differ (fp32 adapters on
-    a 16-bit base)."""
+def base_dtype_mismatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Outside autocast the frozen base runs in x's dtype, as ``nn.Linear`` does: which of the base weight and
+    bias has another dtype, said as "the input is D but ...", or None. The adapters may differ (fp32 adapters on a
+    16-bit base)."""
     if autocast_enabled(x.device.type):
-        return
+        return None
     for name, t in (("base weight", weight), ("base bias", bias)):
         if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"lora_linear: the input is {x.dtype} but the {name} is {t.dtype}; cast the input "
-                               "to the model's dtype (or the model to the input's), or run under torch.autocast")
+            return f"the input is {x.dtype} but the {name} is {t.dtype}"
+    return None
+
+
+def check_base_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``base_dtype_mismatch`` refused on every path with an error naming both dtypes (a RuntimeError, as torch's
+    own, which reads "mat1 and mat2 must have the same dtype", naming neither the input nor the weight)."""
+    reason = base_dtype_mismatch(x, weight, bias)
+    if reason is not None:
+        raise RuntimeError(f"lora_linear: {reason}; cast the input to the model's dtype (or the model to the "
+                           "input's), or run under torch.autocast")
 
 
 def _reference_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, training, fan_in_fan_out, backend):

@@ -28,6 +28,7 @@ import triton  # noqa: F401  (ImportError here is how functional.py learns that 
 from lora_fast.functional import (
     TRITON_TOO_OLD,
     autocast_inputs,
+    base_dtype_mismatch,
     device_mismatch,
     functorch_active,
     has_tangent,
@@ -120,10 +121,9 @@ def unsupported_reason(
     dtype = _compute_dtype(x)
     if dtype not in SUPPORTED_DTYPES:
         return f"compute dtype {dtype} is not one of {SUPPORTED_DTYPES}"
-    if not autocast_enabled(dev.type) and weight.dtype != x.dtype:
-        return f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
-    if not autocast_enabled(dev.type) and bias is not None and bias.dtype != x.dtype:
-        return f"x ({x.dtype}) and bias ({bias.dtype}) have different dtypes"
+    mismatch = base_dtype_mismatch(x, weight, bias)
+    if mismatch is not None:
+        return mismatch
     if dropout_p > 0.0 and (bias_p := dropout_bias(dropout_p)) > MAX_DROPOUT_BIAS:
         return (f"dropout p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (E[dropout(x)] "
                 f"off by {bias_p:.1e})")
