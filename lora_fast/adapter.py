@@ -502,6 +502,30 @@ def _diff(a, b) -> list[str]:
     return [f"{a} vs {b}"]
 
 
+_MAX_MISSHAPED = 4  # mis-shaped keys named in full (each with both shapes) before "... and N more"
+
+
+def _other_model_hint(plan: dict, state: dict, base: str | None, model_cls: str) -> str:
+    """The LoRA layers' feature sizes that the file's A (r, in) and B (out, r) give, against the model's: when they
+    differ the adapter was made for another model (another width; a rank alone differing is said apart).
+
+    plan: {module name: (in, out, r, alpha)}; state: the file's tensors, PEFT-keyed."""
+    other = []  # (name, file's in -> out, model's in -> out)
+    for name, (in_f, out_f, _, _) in plan.items():
+        a, b = state.get(f"{PREFIX}{name}.lora_A.weight"), state.get(f"{PREFIX}{name}.lora_B.weight")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            continue
+        if (a.shape[1], b.shape[0]) != (in_f, out_f):
+            other.append((name, f"{a.shape[1]} -> {b.shape[0]}", f"{in_f} -> {out_f}"))
+    if not other:
+        return ""
+    name, theirs, ours = other[0]
+    made_for = f" (its config names {base!r})" if base else ""
+    return (f". {len(other)} of the {len(plan)} LoRA layers have other feature sizes in the file (e.g. {name}: "
+            f"{theirs} in the file, {ours} in this {model_cls}): the adapter was made for another model{made_for}; "
+            "load it into the base model it was trained on")
+
+
 def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
                   compiled: set[int], wrapper: str | None) -> AdapterLoadResult:
     cfg, state, source, second, where = _read_adapter(directory)
@@ -577,15 +601,19 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     misshaped += [f"{k} (dtype {v.dtype} is not floating point)"
                   for k, v in state.items() if k in expected and not v.is_floating_point()]
     if misshaped:
-        resized = [k for k in base_weights if k in state and tuple(state[k].shape) != expected[k]]
+        resized = [k for k in base_weights if k in state and tuple(state[k].shape) != expected[k]  # rows only
+                   and tuple(state[k].shape[1:]) == expected[k][1:]]
         hint = (f" ({_names(resized)}: full embedding weights of another vocabulary size; resize the model's "
                 "embeddings (model.resize_token_embeddings) to the adapter's vocabulary first)" if resized else "")
-        if existing and any(".lora_A." in m or ".lora_B." in m for m in misshaped):
+        other_model = _other_model_hint(plan, state, cfg.get("base_model_name_or_path"), type(model).__name__)
+        hint += other_model
+        if existing and not other_model and any(".lora_A." in m or ".lora_B." in m for m in misshaped):
             ranks = sorted({existing[n].rank for n in lora_names if n in existing})
             hint += (f". The model already has LoRA layers of rank {', '.join(map(str, ranks))}: an adapter loads "
                      "into those; to load one of another rank, load it into a fresh base model" + (
                          "" if recorded_saved else " or take them off first (lora_fast.unload(model))"))
-        raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: {_names(misshaped)}{hint}")
+        raise ValueError(f"load_adapter: {len(misshaped)} mis-shaped key(s) in {source}: "
+                         f"{_names(misshaped, _MAX_MISSHAPED)}{hint}")
     groups = {}  # keys going into one (tied) tensor must agree: which one would win is arbitrary
     for k in state:
         if k in destination:

@@ -41,10 +41,10 @@ _KNOWN_FIELDS = frozenset((
 _MAX_NAMED = 20  # keys listed in an error message before "... and N more"
 
 
-def _names(keys) -> str:
+def _names(keys, limit: int = _MAX_NAMED) -> str:
     keys = list(keys)
-    more = f" ... and {len(keys) - _MAX_NAMED} more" if len(keys) > _MAX_NAMED else ""
-    return ", ".join(map(str, keys[:_MAX_NAMED])) + more
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(map(str, keys[:limit])) + more
 
 
 def pattern_value(patterns: dict, name: str, default):

@@ -429,6 +429,37 @@ def test_rank_mismatch_with_existing_layers_and_alpha_update(saved):
     assert_rel_close(_logits(other, ids), _logits(model, ids), TOL, "existing layers reloaded")
 
 
+def test_an_adapter_of_a_wider_model_is_refused_in_a_few_lines(tmp_path):
+    """An adapter saved from another size of the model (n_embd 64, here loaded into 32) mismatches every LoRA key:
+    the error listed all of them, each with both shapes (2 KB on one line for 4 layers), and, into a model that
+    already had LoRA layers, blamed their rank. It names a few keys, says the feature sizes differ (the file's
+    in -> out against the model's, and the base model the config names) and never points at the rank or the
+    vocabulary; nothing is loaded."""
+    wide = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0))
+    apply_lora(wide, target_modules="all-linear", rank=4, alpha=8)
+    with pytest.warns(UserWarning, match="could not read the config of the base model 'tiny-gpt2-64'"):
+        save_adapter(wide, tmp_path / "wide", base_model_name_or_path="tiny-gpt2-64")
+    narrow = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0))
+    injected = copy.deepcopy(narrow)
+    apply_lora(injected, target_modules="all-linear", rank=4, alpha=8)
+    for model in (narrow, injected):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError) as err:
+            load_adapter(model, tmp_path / "wide")
+        msg = str(err.value)
+        assert msg.startswith(f"load_adapter: 32 mis-shaped key(s) in {tmp_path / 'wide'}")
+        assert "16 of the 16 LoRA layers have other feature sizes" in msg
+        assert "transformer.h.0.attn.c_attn: 64 -> 192 in the file, 32 -> 96 in this GPT2LMHeadModel" in msg
+        assert "'tiny-gpt2-64'" in msg and "... and 28 more" in msg
+        assert "rank" not in msg and "vocabulary" not in msg
+        assert len(msg) < 1000, len(msg)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not lora_layers(narrow)
+
+
 def test_swapping_to_an_adapter_without_the_previous_ones_modules_to_save_is_refused(tmp_path):
     """Adapter E trains lm_head whole (modules_to_save), F does not. Loading F into a model holding E kept E's
     trained head without a word: the outputs were not F's (1.75 off PEFT's loading of F), and a save_adapter wrote
