@@ -291,7 +291,8 @@ def save_checkpoint(root: Path, pos: Position, *, model, optimizer, scheduler, s
         "metrics": copy.deepcopy(metrics), "base_digest": base, "versions": _versions(),
     }
     final = root / f"checkpoint-{pos.step}"
-    staged = StagedDir(final, overwrite=True)  # one already there (a resumed run passing it again) is replaced
+    # one already there (a resumed run passing it again) is replaced; a killed run's staged checkpoints are removed
+    staged = StagedDir(final, overwrite=True, stale=".checkpoint-*.staging-*")
     tmp = staged.path
     try:
         save_adapter(model, tmp, base_model_name_or_path=prep.base_name, task_type=peft_task_type(opts))

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -127,6 +128,57 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict | None = Non
     return out
 
 
+STAGING_LOCK = ".staging.lock"  # in a staging directory: flock'ed by the process staging it, for as long as it lives
+
+
+def _hold_staging(path: Path) -> int | None:
+    """An open descriptor holding the flock of ``path / STAGING_LOCK``; None without flock (Windows, some network
+    filesystems). The file is locked under a temporary name and then renamed, so nobody sees it unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{STAGING_LOCK}.")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(tmp, path / STAGING_LOCK)
+        return fd
+    except OSError:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        return None
+
+
+def remove_dead_staging(parent: Path, pattern: str) -> list[Path]:
+    """Remove the staging directories matching ``pattern`` in ``parent`` whose process is gone (killed: SIGKILL,
+    the OOM killer, a lost node — nothing ran its cleanup). One is dead when its ``STAGING_LOCK`` can be locked:
+    the kernel drops a flock when its holder dies, whatever the pid became since. One without the lock file (a
+    version before it, no flock there, or a commit under way, which takes the file out before its rename) is left
+    alone. Returns the removed directories."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed = []
+    for path in sorted(parent.glob(pattern)):
+        lock = path / STAGING_LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # taken out and committed meanwhile
+                continue
+        except OSError:  # held: its run is alive (or the file went: committed)
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class StagedDir:
     """A temporary directory that becomes ``final`` on ``commit()`` and vanishes on ``discard()``.
 
@@ -134,18 +186,41 @@ class StagedDir:
     that became non-empty during the run (another run, a user's file) is left alone: ``commit`` keeps this run's
     outputs under a new sibling name and raises, saying where — nobody's files are deleted. ``command`` (``train``,
     ``sweep``, ``merge``): write ``OUTPUT_RECORD`` into the directory, for ``check_output_dir``.
+
+    The staging directory is flock'ed (``STAGING_LOCK``) while its process lives; staging directories of killed
+    processes matching ``stale`` (default: ``final``'s own) are removed, with a warning, when the next is made.
     """
 
-    def __init__(self, final: Path, overwrite: bool = False, command: str | None = None):
+    def __init__(self, final: Path, overwrite: bool = False, command: str | None = None, stale: str | None = None):
         self.final, self.overwrite, self.command = Path(final), overwrite, command
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
+        prefix = f".{self.final.name}.staging-"
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.final.parent))
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like a mkdir's
+        self._fd = _hold_staging(self.path)
+        removed = [p.name for p in remove_dead_staging(self.final.parent, stale or f"{prefix}*")]
+        if removed:
+            warnings.warn(f"removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} that "
+                          f"killed runs left in {str(self.final.parent)!r} ({', '.join(removed[:4])}"
+                          f"{', ...' if len(removed) > 4 else ''}): partial outputs, never committed", stacklevel=2)
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def commit(self) -> Path:
         if self.command is not None:  # marks the directory as one a later --overwrite may replace
             write_json(self.path / OUTPUT_RECORD, {"written_by": f"lora-fast {self.command}",
                                                    "lora_fast": lora_fast.__version__})
+        if self._fd is not None:  # out before the rename, still held through it: no cleaner takes this one
+            (self.path / STAGING_LOCK).unlink()
+        try:
+            return self._commit()
+        finally:
+            self._release()
+
+    def _commit(self) -> Path:
         for p in self.path.rglob("*"):  # temp-file writers (mkstemp) leave 0600; use the umask's modes
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         old = None
@@ -168,6 +243,7 @@ class StagedDir:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

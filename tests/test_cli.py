@@ -8,6 +8,10 @@ closed local port and the cache is an empty temporary directory.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,6 +254,49 @@ def test_output_dir_filled_during_the_run_is_not_replaced(tmp_path):
     (staged.path / "new.txt").write_text("new")
     staged.commit()
     assert [p.name for p in final.iterdir()] == ["new.txt"]
+
+
+def _killed_staging(*finals: Path) -> list[Path]:
+    """The staging directories, one for each of ``finals``, that a process SIGKILLed while staging them left
+    (nothing ran their cleanup)."""
+    code = ("import os, signal, sys; from lora_fast.train_io import StagedDir\n"
+            "for final in sys.argv[1:]:\n"
+            "    s = StagedDir(final); (s.path / 'adapter_model.safetensors').write_text('partial')\n"
+            "    print(s.path, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    p = subprocess.run([sys.executable, "-c", code, *map(str, finals)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    return [Path(line) for line in p.stdout.split()]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX: without it staging directories are never removed")
+def test_staging_directories_of_killed_runs_are_removed(tmp_path):
+    """A run killed outright (SIGKILL, the OOM killer) leaves its hidden staging directory (a merge's: a whole
+    model) beside --output_dir, and they piled up. The next staging of that output removes those whose process is
+    dead (their flock is free), with a warning naming them — never a live run's, nor one without the lock file (an
+    older version's), nor another output's; a committed output holds no lock file."""
+    from lora_fast.train_io import StagedDir
+
+    final = tmp_path / "out"
+    live = StagedDir(final)  # this process: alive
+    ckpt = tmp_path / "ckpt"  # checkpoints: any step's is removed (a resumed run saves other steps)
+    *dead, other, dead_ckpt = _killed_staging(final, final, tmp_path / "other", ckpt / "checkpoint-7")
+    dead.sort()
+    assert all((d / "adapter_model.safetensors").is_file() for d in dead)
+    older = tmp_path / ".out.staging-older"
+    older.mkdir()
+    with pytest.warns(UserWarning, match=rf"removed 2 staging directories that killed runs left in .*"
+                                         rf"\({re.escape(dead[0].name)}, {re.escape(dead[1].name)}\)"):
+        staged = StagedDir(final)
+    assert not any(d.exists() for d in dead)
+    assert live.path.is_dir() and older.is_dir() and other.is_dir()
+    (staged.path / "new.txt").write_text("new")
+    staged.commit()
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    live.discard()
+    with pytest.warns(UserWarning, match=f"removed 1 staging directory .*{re.escape(dead_ckpt.name)}"):
+        StagedDir(ckpt / "checkpoint-9", overwrite=True, stale=".checkpoint-*.staging-*").discard()
+    assert not list(ckpt.iterdir())
 
 
 def test_cli_dispatch(capsys):
