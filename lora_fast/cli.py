@@ -10,7 +10,6 @@ Exit status: 0 done, 2 bad input (one line on stderr, nothing written), 130 inte
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -18,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_fast.train_args import ConfigError
+from lora_fast.train_args import ConfigError, OptionParser
 from lora_fast.train_io import check_path_encoding
 from lora_fast.train_model import (
     LABELLED_TASKS,
@@ -292,7 +291,7 @@ def _check_finite_heads(model) -> None:
 
 
 def _merge_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="lora-fast merge", description="Merge a LoRA adapter into its base model")
+    p = OptionParser(prog="lora-fast merge", description="Merge a LoRA adapter into its base model")
     p.add_argument("--adapter", required=True, help="adapter directory (a lora-fast train output, or PEFT's)")
     p.add_argument("--output", required=True, help="directory for the merged model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")

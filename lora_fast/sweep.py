@@ -35,7 +35,15 @@ import re
 import sys
 from pathlib import Path
 
-from lora_fast.train_args import ConfigError, _convert, add_train_options, load_yaml, normalize_targets, resolve
+from lora_fast.train_args import (
+    ConfigError,
+    OptionParser,
+    _convert,
+    add_train_options,
+    load_yaml,
+    normalize_targets,
+    resolve,
+)
 from lora_fast.train_model import log_stderr
 
 COLUMNS = ("run", "rank", "alpha", "target_modules", "final_eval_loss", "final_eval_step", "final_perplexity",
@@ -50,7 +58,7 @@ CHECKPOINT_OPTIONS = ("save_steps", "save_total_limit", "checkpoint_dir", "resum
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-fast sweep", description="Sweep LoRA rank, alpha and target modules")
+    p = OptionParser(prog="lora-fast sweep", description="Sweep LoRA rank, alpha and target modules")
     # still parsed, so that a sweep refuses them by name; out of --help: a sweep is one process and causal-lm
     add_train_options(p, hidden=(*CHECKPOINT_OPTIONS, "task", "distributed"),
                       shown_defaults={"output_dir": DEFAULT_OUTPUT_DIR})

@@ -9,6 +9,7 @@ an error, never ignored. Every value — from either source — goes through the
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from pathlib import Path
 
@@ -99,6 +100,42 @@ OPTIONS: dict[str, tuple] = {
                     "under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard); auto is ddp when "
                     "WORLD_SIZE > 1, none otherwise. Global batch = batch_size x world size x accumulation"),
 }
+
+
+# Option names of HF's TrainingArguments / PEFT's LoraConfig / HF's example scripts that users bring along: the
+# option of lora-fast's (the one doing that job) suggested for them.
+ALIASES = {
+    "learning_rate": "lr", "lora_alpha": "alpha", "r": "rank", "lora_r": "rank", "lora_rank": "rank",
+    "lora_dropout": "dropout", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "model_name_or_path": "model", "base_model_name_or_path": "model",
+    "dataset_name": "dataset", "train_file": "dataset", "max_seq_length": "max_length", "block_size": "max_length",
+    "logging_dir": "logdir", "warmup_steps": "warmup_ratio", "dataloader_num_workers": "num_workers",
+    "eval_strategy": "eval_steps", "evaluation_strategy": "eval_steps", "save_strategy": "save_steps",
+    "gradient_accumulation": "gradient_accumulation_steps", "resume": "resume_from_checkpoint",
+}
+
+
+def suggestion(name: str, known) -> str | None:
+    """The known option meant by an unknown ``name``: its HF/PEFT alias's counterpart, else a close spelling."""
+    name = name.replace("-", "_")
+    known = list(known)
+    if ALIASES.get(name) in known:
+        return ALIASES[name]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+class OptionParser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" error suggests the option meant (``suggestion``): HF's
+    ``--learning_rate`` is lora-fast's ``--lr``, ``--rnak`` its ``--rank``."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = [s[2:] for s in self._option_string_actions if s.startswith("--")]
+            flags = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+            hints = [f"{f}: did you mean --{m}?" for f in flags if (m := suggestion(f[2:], known))]
+            message += f" ({'; '.join(hints)})" if hints else ""
+        super().error(message)
 
 
 def add_train_options(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = (),
@@ -239,11 +276,13 @@ def load_yaml(path: str, extra: tuple[str, ...] = ()) -> dict:
     if twice:
         raise ConfigError(f"config file {path!r} gives {twice} more than once")
     data = dict(zip(names, data.values(), strict=True))
-    unknown = sorted(set(data) - set(OPTIONS) - set(extra))
+    known = sorted({*OPTIONS, *extra})
+    unknown = sorted(set(data) - set(known))
     if unknown:
         nested = " (config files do not include others)" if "config" in unknown else ""
-        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}{nested}; known: "
-                          f"{sorted({*OPTIONS, *extra})}")
+        hints = [f"{u}: did you mean {m}?" for u in unknown if (m := suggestion(u, known))]
+        raise ConfigError(f"config file {path!r}: unknown option(s) {unknown}{nested}"
+                          f"{' (' + '; '.join(hints) + ')' if hints else ''}; known: {known}")
     return data
 
 
@@ -270,6 +309,6 @@ def resolve(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> argparse.Nam
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``lora-fast train`` arguments into a validated Namespace (raises ``ConfigError`` on bad values)."""
-    parser = argparse.ArgumentParser(prog="lora-fast train", description="LoRA fine-tuning of GPT-2 style models")
+    parser = OptionParser(prog="lora-fast train", description="LoRA fine-tuning of GPT-2 style models")
     add_train_options(parser)
     return resolve(parser.parse_args(argv))

@@ -70,7 +70,8 @@ def test_backend_defaults_to_lora_fast_backend_as_the_library_does(monkeypatch):
     ("rank: 0\n", "rank must be a positive integer"),
     ("rank: eight\n", "rank must be an integer"),
     ("dropout: 1.5\n", "dropout must be in [0, 1)"),
-    ("learning_rate: 0.1\n", "unknown option(s) ['learning_rate']"),
+    ("learning_rate: 0.1\n", "unknown option(s) ['learning_rate'] (learning_rate: did you mean lr?); known: ['a"),
+    ("rnak: 4\nfoo: 1\n", "unknown option(s) ['foo', 'rnak'] (rnak: did you mean rank?); known:"),
     ("- rank\n", "must be a mapping"),
     ("rank: [\n", "not valid YAML"),
     ("fp16: yes please\n", "fp16 must be true or false"),
@@ -86,6 +87,26 @@ def test_yaml_bad_values(tmp_path, yaml_text, phrase):
     with pytest.raises(ConfigError) as e:
         parse_train_args(["--config", str(cfg)])
     assert phrase in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "merge"])
+def test_an_unknown_flag_suggests_the_option_meant(capsys, command):
+    """HF's and PEFT's names (``--learning_rate``, ``--lora_alpha``, ``--num_train_epochs``) and misspellings were
+    "unrecognized arguments" and nothing more: the error now names lora-fast's option for each it can tell (the
+    command's own: merge has ``--model`` but no ``--lr``); a flag it cannot tell is named alone."""
+    argv = {"train": ["--learning_rate", "0.1", "--lora_alpha=3", "--num_train_epochs", "2", "--frobnicate"],
+            "sweep": ["--rnaks", "4", "--per_device_train_batch_size", "2", "--frobnicate"],
+            "merge": ["--adapter", "a", "--output", "o", "--modle", "gpt2", "--learning_rate", "1", "--frobnicate"]}
+    with pytest.raises(SystemExit) as e:
+        cli_main([command, *argv[command]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    want = {"train": "(--learning_rate: did you mean --lr?; --lora_alpha: did you mean --alpha?; "
+                     "--num_train_epochs: did you mean --epochs?)",
+            "sweep": "(--rnaks: did you mean --ranks?; --per_device_train_batch_size: did you mean --batch_size?)",
+            "merge": "(--modle: did you mean --model?)"}[command]
+    assert err.startswith(f"lora-fast {command}: error: unrecognized arguments: ") and err.endswith(want), err
+    assert "--frobnicate" in err and "--frobnicate:" not in err
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
