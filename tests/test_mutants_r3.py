@@ -229,6 +229,49 @@ def test_a_classification_row_whose_text_or_label_is_only_spaces_is_refused(tmp_
             load_classification(str(f))
 
 
+def test_default_corpus_has_no_blank_document(monkeypatch):
+    """``default_corpus``: its documents are the topics' texts, stripped; a topic whose text is blank is no document
+    (an empty text would be an empty training or validation document).
+    Kills ``default_corpus``: the ``if topics[k].strip()`` filter dropped."""
+    import pydoc_data.topics
+
+    from lora_fast.data import default_corpus
+
+    monkeypatch.setattr(pydoc_data.topics, "topics", {"b": "  \n", "a": " first text\n", "c": "second text", "d": ""})
+    assert default_corpus() == ["first text", "second text"]
+
+
+def test_validation_stops_taking_documents_once_it_holds_the_share():
+    """Whole documents go to validation "until they hold ``val_fraction`` of the text": a document that brings it
+    exactly to the share ends the picking (100 of 200 characters at 0.5), another one is not added after it. Of the
+    seeded orders, those that draw that document first leave it alone in validation.
+    Kills ``_pick_validation``: ``chars >= target`` -> ``chars > target``."""
+    from lora_fast.data import _split_docs
+
+    exact, small, rest = "a" * 99 + ".", "b" * 19 + ".", "c" * 79 + "."  # 100 + 20 + 80 characters
+    vals = {tuple(_split_docs([exact, small, rest], 0.5, seed=seed)[1]) for seed in range(10)}
+    assert (exact,) in vals
+    assert all(sum(map(len, v)) >= 100 for v in vals)
+
+
+def test_a_training_text_shared_with_validation_is_warned_of_whatever_its_spaces(tmp_path):
+    """A directory's validation text that is also a training text, "stripped, compared exactly", is named in a
+    warning: a training copy with surrounding spaces is the same text.
+    Kills ``_warn_shared_texts``: the training texts' ``strip()`` dropped."""
+    import csv
+
+    from lora_fast.data import load_classification
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for name, rows in (("train.csv", [("ham", "  a shared text "), ("spam", "other text")]),
+                       ("validation.csv", [("ham", "a shared text"), ("spam", "new text")])):
+        with open(d / name, "w", newline="") as f:
+            csv.writer(f).writerows([("Label", "Text"), *rows])
+    with pytest.warns(UserWarning, match=r"1 of the 2 rows of .*validation\.csv .*\(first at line 2\)"):
+        load_classification(str(d))
+
+
 # ----------------------------------------------------------------------------------------------------- train_ckpt
 def _checkpoint(tmp_path, opts, name="checkpoint-3", **fields):
     """A format-2 ``training_state.pt`` of a run with ``opts`` (what ``load_checkpoint`` reads), ``fields`` changed."""
@@ -392,6 +435,159 @@ def test_resuming_a_checkpoint_of_another_directory_sets_nothing_aside(tmp_path)
     assert (tmp_path / "root" / "checkpoint-4").is_dir()
 
 
+def test_the_base_digest_fingerprints_the_frozen_weights_only():
+    """``base_digest``: "a fingerprint of the frozen weights" — sha256 over each frozen tensor's name, shape, dtype
+    and up to 1024 of its values at evenly spaced positions. Training the trainable parameters leaves it as it is
+    (a resumed run compares it with the checkpoint's); other frozen values anywhere among the sampled ones change
+    it, and so do the same values in another shape or dtype.
+    Kills ``base_digest``: the ``requires_grad`` skip dropped; the sample 1024 -> 2 values; the name, shape and
+    dtype left out of the hash."""
+    from lora_fast.train_ckpt import base_digest
+
+    def model(shape=(32, 32), dtype=torch.float32):
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.base = torch.nn.Parameter(torch.arange(1024, dtype=torch.float32).reshape(shape).to(dtype),
+                                    requires_grad=False)
+        m.lora = torch.nn.Parameter(torch.randn(4, 4))
+        return m
+
+    m = model()
+    digest = base_digest(m)
+    with torch.no_grad():
+        m.lora.add_(1.0)
+    assert base_digest(m) == digest
+    with torch.no_grad():
+        m.base[16, 3] += 1.0  # a value in the middle of the tensor (sampled: 1024 values, all of them)
+    assert base_digest(m) != digest
+    assert base_digest(model((64, 16))) != digest
+    assert base_digest(model(dtype=torch.float64)) != digest
+
+
+def test_a_checkpoint_path_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """``--resume_from_checkpoint=~/ck/checkpoint-2`` (the shell expands no ``~`` after ``=``) is the checkpoint in
+    the home directory, not "is not a checkpoint".
+    Kills ``find_checkpoint``: ``expanduser()`` dropped."""
+    from lora_fast.train_ckpt import STATE_NAME, find_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "ck" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "home" / "ck" / "checkpoint-2" / STATE_NAME).write_bytes(b"state")
+    assert find_checkpoint("~/ck/checkpoint-2", tmp_path / "other") == tmp_path / "home" / "ck" / "checkpoint-2"
+
+
+def test_another_model_path_is_accepted_only_when_the_base_digests_match(tmp_path):
+    """``--model`` "may name another path when the content is the same": the same content is a recorded
+    ``base_digest`` equal to this run's. A checkpoint that predates ``base_digest`` (none recorded), or a check
+    without this run's digest, cannot show that: another ``--model`` there is an option that differs.
+    Kills ``load_checkpoint``: the ``model`` relocation taken as always the same content (``"model": True``); the
+    ``base is not None`` condition of ``same_base`` dropped (no digest on either side counted as equal)."""
+    from lora_fast.train_ckpt import load_checkpoint
+
+    path = _checkpoint(tmp_path, parse_train_args(["--model", "gpt2", "--save_steps", "2"]), base_digest=None)
+    moved = parse_train_args(["--model", "distilgpt2", "--save_steps", "2"])
+    for base in ("base", None):
+        with pytest.raises(ConfigError, match=r"options differ .*model \(checkpoint 'gpt2', now 'distilgpt2'\)"):
+            load_checkpoint(path, moved, "data", ONE, 8, base=base)
+
+
+def test_a_checkpoint_without_a_base_digest_resumes_with_the_same_model(tmp_path):
+    """``base_digest`` is newer than format 2 ("absent in older files"): such a checkpoint resumes with the same
+    ``--model`` (nothing to compare), it is not taken for one of another base.
+    Kills ``load_checkpoint``: ``base_digest not in (None, base)`` -> ``!= base``."""
+    from lora_fast.train_ckpt import load_checkpoint
+
+    opts = parse_train_args(["--model", "gpt2", "--save_steps", "2"])
+    path = _checkpoint(tmp_path, opts, base_digest=None)
+    assert load_checkpoint(path, opts, "data", ONE, 8, base="base")["step"] == 3
+
+
+def test_a_checkpoint_of_a_run_planned_for_other_steps_is_refused(tmp_path):
+    """Resuming continues the checkpointed run: one planned for another number of optimizer steps (its LR schedule
+    ends elsewhere) is refused, naming both numbers.
+    Kills ``load_checkpoint``: the ``planned_steps`` check dropped."""
+    from lora_fast.train_ckpt import load_checkpoint
+
+    opts = parse_train_args(["--save_steps", "2"])
+    path = _checkpoint(tmp_path, opts)
+    with pytest.raises(ConfigError, match="the run was planned for 8 steps, this one for 9"):
+        load_checkpoint(path, opts, "data", ONE, 9, base="base")
+
+
+def _save(root, ctx, step=2, shift=0.0):
+    """``save_checkpoint`` of a one-layer LoRA model at ``step`` (its LoRA weights shifted by ``shift``)."""
+    from lora_fast import apply_lora
+    from lora_fast.train_ckpt import Position, capture_rng, save_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(4, 4)
+    apply_lora(model, ["proj"], rank=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(shift)
+    optimizer = torch.optim.AdamW(params)
+    pos = Position(step=step, passes=1, micro_done=step, tokens_seen=32 * step, rng=capture_rng(torch.device("cpu")))
+    return save_checkpoint(root, pos, model=model, optimizer=optimizer,
+                           scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), metrics={"train_loss": [1.0]},
+                           opts=parse_train_args(["--save_steps", "2"]), prep=SimpleNamespace(base_name="tiny"),
+                           total=8, digest="data", ctx=ctx, limit=None, base="base")
+
+
+def test_a_checkpoint_of_a_step_already_saved_is_replaced(tmp_path):
+    """``save_checkpoint``: "one already there is replaced" — a resumed run interrupted before its first step saves
+    the step it resumed from again; that is this run's state, written in place of the old one (not refused as an
+    output directory that became non-empty, with the state kept aside).
+    Kills ``save_checkpoint``: ``StagedDir(final, overwrite=True)`` -> ``overwrite=False``."""
+    from lora_fast.train_ckpt import STATE_NAME, list_checkpoints
+
+    first = _save(tmp_path, ONE)
+    again = _save(tmp_path, ONE, shift=1.0)
+    assert again == first == tmp_path / "checkpoint-2"
+    assert list_checkpoints(tmp_path) == [(2, first)] and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    state = torch.load(first / STATE_NAME, weights_only=True)
+    assert all(torch.equal(t, torch.full_like(t, 1.0)) for n, t in state["trainable"].items() if "lora_B" in n)
+
+
+def test_only_the_main_rank_writes_a_checkpoint(tmp_path):
+    """Under torchrun every rank calls ``save_checkpoint``; "rank 0 writes and returns the path, the others return
+    None" — a second rank writing the same ``checkpoint-<step>`` would race the first.
+    Kills ``save_checkpoint``: the ``not ctx.is_main`` return dropped."""
+    root = tmp_path / "ck"
+    assert _save(root, SimpleNamespace(world_size=1, enabled=False, is_main=False)) is None
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_holding_a_checkpoint_root_that_is_a_file_is_a_one_line_error(tmp_path):
+    """``root_held`` checks the root as ``check_options`` does (``run`` takes it before the model loads): a
+    ``--checkpoint_dir`` that is a file is a ``ConfigError`` naming it, not a ``FileExistsError`` traceback.
+    Kills ``root_held``: its ``check_creatable_dir`` dropped."""
+    from lora_fast.train_ckpt import root_held
+
+    f = tmp_path / "ck"
+    f.write_text("a file")
+    with pytest.raises(ConfigError, match=r"--checkpoint_dir .*ck' exists and is not a directory"):
+        with root_held(parse_train_args(["--checkpoint_dir", str(f), "--save_steps", "2"])):
+            pass
+    assert f.read_text() == "a file"
+
+
+def test_a_newer_checkpoint_format_names_the_version_that_wrote_it(tmp_path):
+    """A checkpoint of a newer format is refused, "resume with that version": the error names the lora-fast version
+    the checkpoint records (its ``versions``), when it records one.
+    Kills ``_written_by``: the version left out."""
+    from lora_fast.train_ckpt import load_checkpoint
+
+    opts = parse_train_args(["--save_steps", "2"])
+    path = _checkpoint(tmp_path, opts, format=99, versions={"lora_fast": "9.8.7", "torch": "3.0"})
+    with pytest.raises(ConfigError, match=r"checkpoint format 99; this one reads format 2, written by lora-fast "
+                                          r"9\.8\.7\); resume with that version"):
+        load_checkpoint(path, opts, "data", ONE, 8, base="base")
+
+
 # ----------------------------------------------------------------------------------------------------- train_args
 @pytest.mark.parametrize("flags, phrase", [
     (["--lr", "inf"], "lr must be a positive number"),  # math.isfinite: inf > 0 would pass
@@ -446,3 +642,36 @@ def test_yaml_keys_may_be_spelt_with_dashes(tmp_path):
     cfg.write_text("max-steps: 4\nbatch-size: 2\n")
     o = parse_train_args(["--config", str(cfg)])
     assert (o.max_steps, o.batch_size) == (4, 2)
+
+
+def test_an_empty_target_modules_list_is_a_one_line_error(tmp_path):
+    """``target_modules`` is "module names (space- or comma-separated), one regex, or 'all-linear'": an empty YAML
+    list names none, and is refused when the options are read (it reached ``apply_lora`` after the model had
+    loaded), as an empty name is.
+    Kills ``_convert``: the ``not vals`` (empty list) check dropped."""
+    cfg = tmp_path / "c.yaml"
+    for value in ("[]", "['']"):
+        cfg.write_text(f"target_modules: {value}\n")
+        with pytest.raises(ConfigError, match="target_modules must be module names, a regex or 'all-linear'"):
+            parse_train_args(["--config", str(cfg)])
+
+
+# ------------------------------------------------------------------------------------------------------- train_io
+def test_run_metrics_take_the_last_evaluation_and_both_throughputs():
+    """``finish_metrics``: ``final_eval_loss`` is the last evaluation's, "taken at ``final_eval_step``" (the last
+    evaluation's step); ``train_tokens_per_sec`` is the timed optimizer steps' tokens over their time, and
+    ``mean_tokens_per_sec`` "all tokens over the whole wall time".
+    Kills ``finish_metrics``: ``final_eval_step`` the first evaluation's (``[-1]`` -> ``[0]``);
+    ``mean_tokens_per_sec`` over the timed tokens instead of all."""
+    import time
+
+    from lora_fast.train_io import finish_metrics
+
+    m = {"_timed": (300, 2.0), "eval": [{"step": 2, "eval_loss": 3.0}, {"step": 4, "eval_loss": 2.5}], "epochs": [],
+         "train_loss": [4.0, 3.5, 3.0, 2.8]}
+    out = finish_metrics(m, SimpleNamespace(backend="reference", task="causal-lm"),
+                         SimpleNamespace(base_name="tiny", source="corpus.txt"), 4, 8, 1000, time.perf_counter() - 5.0,
+                         torch.device("cpu"), "reference", False)
+    assert (out["final_eval_loss"], out["final_eval_step"], out["eval_steps"]) == (2.5, 4, [2, 4])
+    assert out["train_tokens_per_sec"] == 150.0
+    assert out["mean_tokens_per_sec"] == pytest.approx(1000 / out["wall_time_s"])
