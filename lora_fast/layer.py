@@ -173,8 +173,18 @@ class LoRALayer(nn.Module):
             self.lora_dropout = nn.Dropout(p).train(self.training)
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """A Kaiming-uniform(a=√5), B zeros, drawn as PEFT draws them, so that one seed gives PEFT's adapter:
+        ``update_layer`` builds ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` (each drawing nn.Linear's own
+        Kaiming-uniform init, on the default device in the default dtype), then draws A again; the result moves to
+        the layer's device and dtype. A meta layer draws nothing."""
         nn.init.zeros_(self.lora_B)
+        if self.lora_A.is_meta:
+            return
+        dtype = torch.get_default_dtype()
+        a = nn.init.kaiming_uniform_(torch.empty(self.rank, self.in_features, dtype=dtype), a=math.sqrt(5))
+        nn.init.kaiming_uniform_(torch.empty(self.out_features, self.rank, dtype=dtype), a=math.sqrt(5))
+        with torch.no_grad():
+            self.lora_A.copy_(nn.init.kaiming_uniform_(a, a=math.sqrt(5)))
 
     def forward(self, x: torch.Tensor, *, cast_back: bool = True) -> torch.Tensor:
         """The LoRA term s·B·A·dropout(x), in x's dtype; ``cast_back=False`` leaves it in the dtype it was computed
@@ -300,6 +310,7 @@ class LinearWithLoRA(nn.Module):
             p.requires_grad_(False)
         self.lora = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,
                               device=w.device, dtype=_adapter_dtype(w.dtype))
+        self._round_a_like_peft()
         self.merged = False
 
     # Read-through to the base, so code that inspects `module.weight` / `.bias` keeps working.
@@ -445,6 +456,15 @@ class LinearWithLoRA(nn.Module):
 
     def reset_parameters(self) -> None:
         self.lora.reset_parameters()
+        self._round_a_like_peft()
+
+    def _round_a_like_peft(self) -> None:
+        """PEFT's A of a fp16/bf16 base passes through the base's dtype (moved to the base's device and dtype, then
+        back to fp32 by ``autocast_adapter_dtype``): rounded alike, one seed gives PEFT's numbers there too."""
+        half = self.linear.weight.dtype
+        if half in (torch.float16, torch.bfloat16) and not self.lora.lora_A.is_meta:
+            with torch.no_grad():
+                self.lora.lora_A.copy_(self.lora.lora_A.to(half))
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -81,6 +81,34 @@ def test_equal_to_peft_logits_and_lora_grads(make, targets):
     assert count_parameters(ours)["trainable"] == theirs.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.parametrize("make, targets, dtype", [
+    (tiny_gpt2, "all-linear", torch.float32), (tiny_llama, "all-linear", torch.float32),
+    (tiny_gpt2, ["c_attn", "c_fc"], torch.bfloat16), (tiny_llama, ["q_proj", "down_proj"], torch.float16)])
+def test_one_seed_gives_peft_s_initial_adapter(make, targets, dtype):
+    """A PEFT user's seeded run starts from the same adapter: after one ``torch.manual_seed`` apply_lora and
+    get_peft_model draw every layer's A equal (PEFT draws nn.Linear(in, r)'s and nn.Linear(r, out)'s own inits
+    before A, on the CPU in fp32; of a half base its A passes through the base's dtype), B zeros, and the generator
+    is left in one state. lora_fast drew A first: another A at every layer, the runs apart from the first step."""
+    ours, base = make().to(dtype), make().to(dtype)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, fan_in_fan_out=make is tiny_gpt2)
+    torch.manual_seed(1234)
+    apply_lora(ours, target_modules=targets, rank=4, alpha=8.0)
+    after_ours = torch.rand(3)
+    torch.manual_seed(1234)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out on Conv1D
+        theirs = peft.get_peft_model(base, cfg)
+    assert torch.equal(torch.rand(3), after_ours), "the generator is left where PEFT leaves it"
+    pairs = _peft_pairs(ours, theirs)
+    assert len(pairs) == len(peft_layers := [n for n, m in theirs.named_modules() if hasattr(m, "lora_A")
+                                                and isinstance(m.lora_A, nn.ModuleDict)]) > 1, peft_layers
+    for name, mine, their in pairs:
+        assert mine.lora.lora_A.dtype == their.lora_A["default"].weight.dtype == torch.float32, name
+        assert torch.equal(mine.lora.lora_A, their.lora_A["default"].weight), name
+        assert torch.equal(mine.lora.lora_B, their.lora_B["default"].weight) and not mine.lora.lora_B.any(), name
+    assert len({mine.lora.lora_A[0, 0].item() for _, mine, _ in pairs}) == len(pairs)  # each layer its own draw
+
+
 def test_parameter_counts_equal_peft_on_gpt2_small():
     base = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M architecture, random init
     c_attn = count_parameters(apply_lora(base, ["c_attn"], rank=8))

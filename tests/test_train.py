@@ -315,7 +315,11 @@ def test_classification_csv(tiny_gpt2, tmp_path):
     epochs = m["epochs"]
     assert [e["epoch"] for e in epochs] == [1.0, 2.0, 3.0]
     assert all(0.0 <= e["train_accuracy"] <= 1.0 and 0.0 <= e["val_accuracy"] <= 1.0 for e in epochs)
-    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"] and epochs[-1]["train_accuracy"] >= 0.75
+    # It learns: the validation loss falls, and the last epoch's accuracy over the 64 training rows is above its
+    # first's and above chance by more than 3 standard deviations (0.5 ± 0.0625). (Seeds 1-5 and 42 gave 0.72-0.89,
+    # before and after the init took PEFT's draw order: a bound of 0.75 held for some streams only.)
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert epochs[-1]["train_accuracy"] > max(epochs[0]["train_accuracy"], 0.7)
     assert 0.0 <= m["test_accuracy"] <= 1.0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
