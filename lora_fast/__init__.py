@@ -40,6 +40,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lora_fast' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The lazy names too: ``dir(lora_fast)`` and tab completion list save_adapter, load_adapter, ..."""
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     *_LAZY,
     "LinearWithLoRA",

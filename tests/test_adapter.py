@@ -971,7 +971,11 @@ def test_failed_save_into_a_new_directory_leaves_no_directory(tmp_path, monkeypa
 
 
 def test_lazy_exports():
+    """The lazily imported names resolve, and ``dir(lora_fast)`` (tab completion) lists them: it listed neither
+    save_adapter nor load_adapter (Python-API trial)."""
     assert lora_fast.save_adapter is save_adapter and lora_fast.load_adapter is load_adapter
+    assert set(lora_fast.__all__) <= set(dir(lora_fast))
+    assert all(getattr(lora_fast, name) is not None for name in lora_fast.__all__)
 
 
 def test_seq_cls_adapter_always_carries_its_head_for_peft(tmp_path):
