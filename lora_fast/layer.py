@@ -329,21 +329,28 @@ class LinearWithLoRA(nn.Module):
         tensor — what the wrapper reads through — where the adapter still fits: same shape, layer not merged. It was
         a bare ``KeyError: "attribute 'weight' already exists"`` (PEFT's layers fail alike)."""
         old = getattr(self.linear, name)
-        k, n = self.in_features, self.out_features
-        fits = {"weight": (k, n) if self.fan_in_fan_out else (n, k), "bias": (n,)}[name]
         shape = None if value is None else tuple(value.shape)
-        if shape != (None if old is None else fits):  # also the same tensor resized in place (transformers 5)
-            raise ValueError(
-                f"LinearWithLoRA: the base {name} set has shape {shape}, the layer was built for "
-                f"{None if old is None else fits}: its adapter (lora_A {tuple(self.lora.lora_A.shape)}, lora_B "
-                f"{tuple(self.lora.lora_B.shape)}) does not fit it. resize_token_embeddings() with a LoRA-wrapped "
-                "lm_head: resize before apply_lora/load_adapter (or leave lm_head out of target_modules)")
+        fits = None if old is None else self._base_shape(name)
+        if shape != fits:  # also the same tensor resized in place (transformers 5)
+            raise ValueError(self._misfit(f"the base {name} set", shape, fits))
         if value is old:
             return
         if self.merged:
             raise RuntimeError(f"LinearWithLoRA: cannot replace the base {name} of a merged layer (it holds W₀ + ΔW "
                                "and unmerging subtracts ΔW from it); unmerge first (lora_fast.unmerge_lora)")
         setattr(self.linear, name, value)
+
+    def _base_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the base's ``weight``/``bias`` that the adapter was built for (the adapter's own sizes:
+        transformers' weight tying sets ``out_features`` on a resized output layer, on this wrapper too)."""
+        k, n = self.lora.in_features, self.lora.out_features
+        return {"weight": (k, n) if self.fan_in_fan_out else (n, k), "bias": (n,)}[name]
+
+    def _misfit(self, what: str, shape, fits) -> str:
+        return (f"LinearWithLoRA: {what} has shape {shape}, the layer was built for {fits}: its adapter (lora_A "
+                f"{tuple(self.lora.lora_A.shape)}, lora_B {tuple(self.lora.lora_B.shape)}) does not fit it. "
+                "resize_token_embeddings() with a LoRA-wrapped lm_head: resize before apply_lora/load_adapter (or "
+                "leave lm_head out of target_modules)")
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -372,6 +379,9 @@ class LinearWithLoRA(nn.Module):
                               "or, for inference, call model.eval() (apply_lora's layers start in training mode, "
                               "as PEFT's)", stacklevel=2)
             return self.linear(x)
+        if self.linear.weight.shape != self._base_shape("weight"):  # resized in place (transformers 5's tied lm_head)
+            raise ValueError(self._misfit("the base weight", tuple(self.linear.weight.shape),
+                                          self._base_shape("weight")))
         if not self.fusable():
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
             # base(x) + the adapter's term, computed as PEFT computes it

@@ -879,6 +879,38 @@ def test_target_modules_given_as_an_iterator_are_recorded():
     assert model.lora_fast_config["target_modules"] == ["c_proj"]
 
 
+def test_resizing_the_embeddings_under_a_lora_wrapped_lm_head_is_named():
+    """``resize_token_embeddings`` after apply_lora with lm_head targeted: transformers 5 resizes the tied weight in
+    place and sets ``out_features`` on the output layer (the wrapper), so the misfit check passed and the next
+    forward failed with "lora_B must be (out_features, rank)=(70, 4), got (64, 4)" (Python-API trial), naming
+    neither the layer's cause nor the way out. The resize (or, for a base weight resized behind the wrapper's back,
+    the next forward, on both paths) now says so."""
+    import warnings
+
+    from lora_fast import apply_lora
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-target warning
+        apply_lora(model, ["c_attn", "lm_head"], rank=4)
+    misfit = r"built for \(64, 32\): its adapter \(lora_A \(4, 32\), lora_B \(64, 4\)\) .*resize before apply_lora"
+    with pytest.raises(ValueError, match=misfit):
+        model.resize_token_embeddings(70, mean_resizing=False)
+        model(torch.randint(0, 64, (1, 5)))
+    head = LinearWithLoRA(nn.Linear(32, 64), rank=4)
+    with torch.no_grad():
+        head.linear.weight.data = torch.zeros(70, 32)  # resized under the wrapper, as tying does
+    head.out_features = 70
+    for fusable in (True, False):
+        if not fusable:
+            head.linear.register_forward_hook(lambda *a: None)  # the base(x) + term path
+        assert head.fusable() is fusable
+        with pytest.raises(ValueError, match=r"LinearWithLoRA: the base weight has shape \(70, 32\), the layer "
+                                             r"was " + misfit):
+            head(torch.randn(2, 32))
+
+
 def test_tie_weights_reties_a_lora_wrapped_lm_head_and_a_misfit_is_named():
     """transformers' ``tie_weights()`` sets ``lm_head.weight = wte.weight``; on a LoRA-wrapped lm_head that was a bare
     ``KeyError: "attribute 'weight' already exists"`` (PEFT's layers too). It now sets the base's weight (the
