@@ -66,6 +66,7 @@ from lora_fast.adapter_files import (
     PREFIX,
     WEIGHTS_NAME,
     _gather_full,
+    _normalise_config,
     _read_adapter,
     write_adapter_files,
 )
@@ -74,6 +75,7 @@ from lora_fast.inject import (
     SEQ_CLS_HEAD_NAMES,  # noqa: F401 (re-exported)
     TASK_HEAD_NAMES,
     _set_submodule,
+    apply_lora,
     check_trainable_before_wrap,
     distributed_wrapper,
     lora_layers,
@@ -491,6 +493,51 @@ def _resolved(model: nn.Module, cfg: dict, existing: dict) -> dict:
         "lora_dropout": float(cfg.get("lora_dropout") or 0.0),
         "modules_to_save": _modules_to_save(model, names, list(cfg.get("modules_to_save") or [])),
     }
+
+
+def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Module:
+    """``apply_lora(model, config=LoraConfig(...))``: the adapter a PEFT ``LoraConfig`` (or its ``to_dict()``)
+    describes, as ``get_peft_model`` builds it: its targets (``target_modules`` with PEFT's defaults,
+    ``exclude_modules``, ``layers_to_transform``/``layers_pattern``), per-module ``rank_pattern``/``alpha_pattern``,
+    ``use_rslora``, ``lora_dropout``, ``modules_to_save`` and the task's head; fields lora_fast does not implement
+    are refused by name, as by ``load_adapter``. The layers are made in module order, one ``apply_lora`` each, so
+    one seed draws PEFT's adapter; every target is checked before the model is touched."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"apply_lora: config must be a PEFT LoraConfig or a dict of its fields, got "
+                        f"{type(config).__name__}")
+    cfg = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}  # LoraConfig: sets
+    try:  # lora_fast's names (rank, alpha, dropout) are taken in a dict, as in a legacy .bin's config
+        cfg = _normalise_config(cfg, "the config", legacy=True)
+        _check_config(cfg, "the config")
+    except ValueError as e:  # the checks are load_adapter's: its words for where the adapter would come from
+        msg = str(e).removeprefix("load_adapter: ").replace("load it with PEFT's PeftModel.from_pretrained",
+                                                               "build it with PEFT's get_peft_model")
+        raise ValueError(f"apply_lora: {msg}") from None
+    cfg = _with_task_heads(cfg)
+    if lora_layers(model):
+        raise ValueError("apply_lora: the model already has LoRA layers; a config describes a whole adapter: "
+                         "apply it to a model without them (a fresh base model, or lora_fast.unload(model) first)")
+    ours = _resolved(model, cfg, {})
+    if not ours["targets"]:
+        raise ValueError(f"apply_lora: the config's target_modules {cfg.get('target_modules')!r} match no module of "
+                         f"{type(model).__name__}")
+    for name in ours["targets"]:
+        module = model.get_submodule(name)
+        if not isinstance(module, LORA_BASE_TYPES):
+            raise ValueError(f"apply_lora: the config's target {name!r} is a {type(module).__name__}; lora_fast "
+                             "supports nn.Linear and transformers' Conv1D (use PEFT for this adapter)")
+    to_save = ours["modules_to_save"] or None
+    for name, (r, alpha) in ours["targets"].items():  # module order, as PEFT's injection (its RNG draws)
+        apply_lora(model, re.escape(name), rank=r, alpha=alpha, dropout=ours["lora_dropout"],
+                   use_rslora=ours["use_rslora"], backend=backend, modules_to_save=to_save)
+        to_save = None  # kept by the later calls
+    model.lora_fast_config.update({"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
+                                   "alpha": float(cfg["lora_alpha"])})
+    if cfg.get("task_type"):
+        model.lora_fast_config["task_type"] = cfg["task_type"]
+    return model
 
 
 def _diff(a, b) -> list[str]:

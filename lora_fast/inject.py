@@ -314,6 +314,8 @@ def apply_lora(
     use_rslora: bool = False,
     backend: str | None = None,
     modules_to_save=None,
+    *,
+    config=None,
 ) -> nn.Module:
     """Wrap matching Linear/Conv1D modules of ``model`` in ``LinearWithLoRA`` (in place) and freeze the rest.
 
@@ -328,6 +330,10 @@ def apply_lora(
             ``save_adapter`` stores them with the adapter. A weight they share with the rest of the model (an
             ``lm_head`` tied to the input embeddings) is untied first, with a warning, as PEFT trains a copy.
             Those of an earlier ``apply_lora``/``load_adapter`` call stay part of the adapter.
+        config: a PEFT ``LoraConfig`` (or a dict of its fields), instead of the arguments above: the adapter
+            ``get_peft_model(model, config)`` builds, ``rank_pattern``/``alpha_pattern``, ``exclude_modules``,
+            ``layers_to_transform`` and ``task_type``'s head included (``adapter.apply_config``); the model must
+            have no LoRA layers yet.
 
     Returns:
         The same model. Only LoRA parameters (and ``modules_to_save``) require grad afterwards. Modules already
@@ -341,6 +347,16 @@ def apply_lora(
             nothing (one matching nothing beside others is a warning, as for targets) or one naming a LoRA target
             (or a module holding one). The model is unchanged then.
     """
+    if config is not None:
+        given = [k for k, v, d in (("target_modules", target_modules, None), ("rank", rank, 8), ("alpha", alpha, 16.0),
+                                   ("dropout", dropout, 0.0), ("use_rslora", use_rslora, False),
+                                   ("modules_to_save", modules_to_save, None)) if v != d]
+        if given:
+            raise TypeError(f"apply_lora: config describes the adapter; {', '.join(given)} given beside it would be "
+                            "ignored: set them in the config")
+        from lora_fast.adapter import apply_config  # adapter imports this module
+
+        return apply_config(model, config, backend)
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, str):
         modules_to_save = list(modules_to_save)  # read twice below (a generator would be empty the second time)

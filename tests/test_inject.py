@@ -109,6 +109,53 @@ def test_one_seed_gives_peft_s_initial_adapter(make, targets, dtype):
     assert len({mine.lora.lora_A[0, 0].item() for _, mine, _ in pairs}) == len(pairs)  # each layer its own draw
 
 
+def test_a_lora_config_builds_peft_s_adapter():
+    """``apply_lora(model, config=LoraConfig(...))`` builds what ``get_peft_model(model, config)`` builds: the same
+    layers (layers_to_transform, rank_pattern, alpha_pattern, rsLoRA, dropout), the same initial A after one seed,
+    the same outputs and gradients, and the task's head trained whole. apply_lora had no way to take a LoraConfig
+    or these fields, which load_adapter already honoured (Python-API trial). Arguments beside a config, a field
+    lora_fast does not implement and a model already holding LoRA layers are refused by name."""
+    base = tiny_gpt2()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], rank_pattern={"c_fc": 2},
+                          alpha_pattern={"attn.c_proj": 3}, layers_to_transform=[1], fan_in_fan_out=True,
+                          lora_dropout=0.1, use_rslora=True)
+    torch.manual_seed(5)
+    ours = apply_lora(copy.deepcopy(base), config=cfg, backend="reference")
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about fan_in_fan_out on Conv1D
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    pairs = _peft_pairs(ours, theirs)
+    assert [n for n, _, _ in pairs] == [f"transformer.h.1.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                         "mlp.c_proj")]
+    for name, mine, their in pairs:
+        assert mine.rank == their.r["default"] == (2 if "c_fc" in name else 4), name
+        assert mine.scaling == their.scaling["default"] and mine.lora.dropout == 0.1, name
+        assert torch.equal(mine.lora.lora_A, their.lora_A["default"].weight), name
+        with torch.no_grad():
+            their.lora_B["default"].weight.copy_(mine.lora.lora_B.normal_())
+    ours.eval(), theirs.eval()
+    ids = torch.randint(0, 101, (2, 9))
+    out, ref = ours(ids, labels=ids), theirs(ids, labels=ids)
+    assert_rel_close(out.logits, ref.logits, 1e-5, "logits")
+    out.loss.backward(), ref.loss.backward()
+    for name, mine, their in pairs:
+        assert_rel_close(mine.lora.lora_B.grad, their.lora_B["default"].weight.grad, 1e-5, f"{name} dB")
+    assert count_parameters(ours)["trainable"] == theirs.get_nb_trainable_parameters()[0]
+
+    cls = transformers.GPT2ForSequenceClassification(GPT2Config(**TINY, pad_token_id=0))
+    apply_lora(cls, config={"task_type": "SEQ_CLS", "target_modules": ["c_attn"], "rank": 2})  # a dict, our names
+    assert cls.score.weight.requires_grad and {m.rank for m in lora_layers(cls).values()} == {2}
+    with pytest.raises(TypeError, match="rank, modules_to_save given beside it would be ignored"):
+        apply_lora(tiny_gpt2(), rank=4, modules_to_save=["lm_head"], config=cfg)
+    with pytest.raises(ValueError, match=r"apply_lora: the config uses \{'use_dora': True\}.*get_peft_model"):
+        apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["c_attn"], use_dora=True))
+    with pytest.raises(ValueError, match="apply_lora: the model already has LoRA layers"):
+        apply_lora(ours, config=cfg)
+    with pytest.raises(ValueError, match=r"apply_lora: the config's target_modules \['q_proj'\] match no module"):
+        apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["q_proj"]))
+
+
 def test_parameter_counts_equal_peft_on_gpt2_small():
     base = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M architecture, random init
     c_attn = count_parameters(apply_lora(base, ["c_attn"], rank=8))
