@@ -233,8 +233,11 @@ def normalize_targets(values: list[str] | None):
     """CLI words → ``apply_lora``'s ``target_modules``: None, 'all-linear', one regex string, or a list of names."""
     if values is None:
         return None
+    given = values
     # "c_attn,c_proj" (sweep's --target_sets spelling): module names never hold a comma, a regex's {1,2} may
     values = [p.strip() for v in values for p in ([v] if _REGEX_CHARS & set(v) else v.split(",")) if p.strip()]
+    if not values:  # "--target_modules ," names none: refused now, not by apply_lora once the model has loaded
+        raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {given!r}")
     if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
         return values[0]
     if "all-linear" in values or any(_REGEX_CHARS & set(v) for v in values):

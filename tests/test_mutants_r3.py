@@ -654,6 +654,9 @@ def test_an_empty_target_modules_list_is_a_one_line_error(tmp_path):
         cfg.write_text(f"target_modules: {value}\n")
         with pytest.raises(ConfigError, match="target_modules must be module names, a regex or 'all-linear'"):
             parse_train_args(["--config", str(cfg)])
+    for value in (",", " ", ", ,"):  # the command line's separators alone: no name either (they gave [] too)
+        with pytest.raises(ConfigError, match="target_modules must be module names, a regex or 'all-linear'"):
+            parse_train_args(["--target_modules", value])
 
 
 # ------------------------------------------------------------------------------------------------------- train_io
