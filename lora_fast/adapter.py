@@ -87,7 +87,7 @@ from lora_fast.inject import (
     untie_embeddings_in_config,
     unwrap_model,
 )
-from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
+from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_base, _check_hparams
 from lora_fast.module_names import check_no_fsdp1, plain_module_names
 from lora_fast.reference import lora_scaling
 
@@ -523,11 +523,17 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
     if not ours["targets"]:
         raise ValueError(f"apply_lora: the config's target_modules {cfg.get('target_modules')!r} match no module of "
                          f"{type(model).__name__}")
-    for name in ours["targets"]:
+    # one apply_lora call a layer below: everything they could refuse is checked first, the model untouched then
+    for name, (r, alpha) in ours["targets"].items():
         module = model.get_submodule(name)
         if not isinstance(module, LORA_BASE_TYPES):
             raise ValueError(f"apply_lora: the config's target {name!r} is a {type(module).__name__}; lora_fast "
                              "supports nn.Linear and transformers' Conv1D (use PEFT for this adapter)")
+        try:
+            _check_base(module)
+            _check_hparams(r, alpha, ours["lora_dropout"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"apply_lora: the config's target {name!r}: {e}") from None
     to_save = ours["modules_to_save"] or None
     for name, (r, alpha) in ours["targets"].items():  # module order, as PEFT's injection (its RNG draws)
         apply_lora(model, re.escape(name), rank=r, alpha=alpha, dropout=ours["lora_dropout"],

@@ -154,6 +154,15 @@ def test_a_lora_config_builds_peft_s_adapter():
         apply_lora(ours, config=cfg)
     with pytest.raises(ValueError, match=r"apply_lora: the config's target_modules \['q_proj'\] match no module"):
         apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["q_proj"]))
+    model = tiny_gpt2()  # a refusal one of the per-layer calls would meet: before the first touches the model
+    proj = model.transformer.h[1].attn.c_attn  # a quantised base, the second target of the per-layer calls
+    proj.weight = nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"target 'transformer.h.1.attn.c_attn': .*quantised bases"):
+        apply_lora(model, config={"target_modules": ["c_attn"]})
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_parameter_counts_equal_peft_on_gpt2_small():
