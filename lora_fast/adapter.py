@@ -87,7 +87,7 @@ from lora_fast.inject import (
     untie_embeddings_in_config,
     unwrap_model,
 )
-from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA, _check_base, _check_hparams
+from lora_fast.layer import LORA_BASE_TYPES, LinearWithLoRA
 from lora_fast.module_names import check_no_fsdp1, plain_module_names
 from lora_fast.reference import lora_scaling
 
@@ -499,22 +499,32 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
     """``apply_lora(model, config=LoraConfig(...))``: the adapter a PEFT ``LoraConfig`` (or its ``to_dict()``)
     describes, as ``get_peft_model`` builds it: its targets (``target_modules`` with PEFT's defaults,
     ``exclude_modules``, ``layers_to_transform``/``layers_pattern``), per-module ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora``, ``lora_dropout``, ``modules_to_save`` and the task's head; fields lora_fast does not implement
-    are refused by name, as by ``load_adapter``. The layers are made in module order, one ``apply_lora`` each, so
-    one seed draws PEFT's adapter; every target is checked before the model is touched."""
+    ``use_rslora``, ``lora_dropout``, ``modules_to_save`` and the task's head, frozen under ``inference_mode``.
+    Fields lora_fast does not implement are refused by name, as by ``load_adapter``, and so are the ones that only
+    matter when building: ``init_lora_weights`` other than True (PEFT's default init is the only one) and
+    ``ensure_weight_tying``. One ``apply_lora`` call makes the layers in module order, as PEFT: one seed draws
+    PEFT's adapter."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, dict):
         raise TypeError(f"apply_lora: config must be a PEFT LoraConfig or a dict of its fields, got "
                         f"{type(config).__name__}")
     cfg = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}  # LoraConfig: sets
-    try:  # lora_fast's names (rank, alpha, dropout) are taken in a dict, as in a legacy .bin's config
-        cfg = _normalise_config(cfg, "the config", legacy=True)
-        _check_config(cfg, "the config")
-    except ValueError as e:  # the checks are load_adapter's: its words for where the adapter would come from
-        msg = str(e).removeprefix("load_adapter: ").replace("load it with PEFT's PeftModel.from_pretrained",
-                                                               "build it with PEFT's get_peft_model")
-        raise ValueError(f"apply_lora: {msg}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:  # lora_fast's names (rank, alpha, dropout) are taken in a dict, as in a legacy .bin's config
+            cfg = _normalise_config(cfg, "the config", legacy=True)
+            _check_config(cfg, "the config")
+        except ValueError as e:  # the checks are load_adapter's: in its words for where the adapter comes from
+            raise ValueError(_as_apply_lora(str(e))) from None
+    for w in caught:  # an unknown field (a newer PEFT's)
+        warnings.warn(_as_apply_lora(str(w.message)), w.category, stacklevel=3)
+    building = {f: cfg[f] for f, ok in (("init_lora_weights", True), ("ensure_weight_tying", False))
+                if cfg.get(f, ok) != ok}
+    if building:
+        raise ValueError(f"apply_lora: the config sets {building}, which lora_fast does not implement (it "
+                         "initialises as PEFT's default, init_lora_weights=True, and unties modules_to_save); "
+                         "build this adapter with PEFT's get_peft_model")
     cfg = _with_task_heads(cfg)
     if lora_layers(model):
         raise ValueError("apply_lora: the model already has LoRA layers; a config describes a whole adapter: "
@@ -523,27 +533,29 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
     if not ours["targets"]:
         raise ValueError(f"apply_lora: the config's target_modules {cfg.get('target_modules')!r} match no module of "
                          f"{type(model).__name__}")
-    # one apply_lora call a layer below: everything they could refuse is checked first, the model untouched then
-    for name, (r, alpha) in ours["targets"].items():
+    for name in ours["targets"]:
         module = model.get_submodule(name)
         if not isinstance(module, LORA_BASE_TYPES):
             raise ValueError(f"apply_lora: the config's target {name!r} is a {type(module).__name__}; lora_fast "
                              "supports nn.Linear and transformers' Conv1D (use PEFT for this adapter)")
-        try:
-            _check_base(module)
-            _check_hparams(r, alpha, ours["lora_dropout"])
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"apply_lora: the config's target {name!r}: {e}") from None
-    to_save = ours["modules_to_save"] or None
-    for name, (r, alpha) in ours["targets"].items():  # module order, as PEFT's injection (its RNG draws)
-        apply_lora(model, re.escape(name), rank=r, alpha=alpha, dropout=ours["lora_dropout"],
-                   use_rslora=ours["use_rslora"], backend=backend, modules_to_save=to_save)
-        to_save = None  # kept by the later calls
-    model.lora_fast_config.update({"target_modules": cfg.get("target_modules"), "rank": cfg["r"],
-                                   "alpha": float(cfg["lora_alpha"])})
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    apply_lora(model, "|".join(re.escape(n) for n in ours["targets"]), rank=r, alpha=alpha,
+               dropout=ours["lora_dropout"], use_rslora=ours["use_rslora"], backend=backend,
+               modules_to_save=ours["modules_to_save"] or None,
+               _plan={n: ra for n, ra in ours["targets"].items() if ra != (r, alpha)})
+    model.lora_fast_config["target_modules"] = cfg.get("target_modules")
     if cfg.get("task_type"):
         model.lora_fast_config["task_type"] = cfg["task_type"]
+    if cfg.get("inference_mode"):  # as get_peft_model: nothing trainable
+        model.requires_grad_(False)
     return model
+
+
+def _as_apply_lora(message: str) -> str:
+    """A load_adapter check's message, for ``apply_lora(config=...)``."""
+    return "apply_lora: " + message.removeprefix("load_adapter: ").replace(
+        "load it with PEFT's PeftModel.from_pretrained", "build it with PEFT's get_peft_model").replace(
+        "; fix the file", "")
 
 
 def _diff(a, b) -> list[str]:

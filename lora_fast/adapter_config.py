@@ -273,7 +273,7 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
     modules_to_save, target_modules as a full-match regex or names/suffixes, layers_to_transform/layers_pattern)."""
     targets = _resolve_targets(model, cfg.get("target_modules"))
     if targets == "all-linear":
-        targets = "|".join(re.escape(n) for n in _all_linear(model))
+        targets = "|".join(re.escape(n) for n in _all_linear(model, cfg.get("task_type")))
     exclude, to_save = cfg.get("exclude_modules"), cfg.get("modules_to_save") or []
     layers_idx, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     if isinstance(layers_idx, int):
@@ -298,8 +298,10 @@ def _peft_targets(model: nn.Module, cfg: dict) -> list[str]:
     return found
 
 
-def _all_linear(model: nn.Module) -> list[str]:
+def _all_linear(model: nn.Module, task_type: str | None) -> list[str]:
+    """PEFT's "all-linear": every Linear/Conv1D but the output embeddings, or, for a model without them and
+    ``task_type`` SEQ_CLS, but the classification head (and what is inside it, saved whole then)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = classifier_head_name(model)  # PEFT leaves a SEQ_CLS head (and what is inside it) out of "all-linear"
+    head = classifier_head_name(model) if out is None and task_type == "SEQ_CLS" else None
     return [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and m is not out
             and not (head and (n == head or n.startswith(f"{head}.")))]

@@ -316,6 +316,7 @@ def apply_lora(
     modules_to_save=None,
     *,
     config=None,
+    _plan: dict[str, tuple[int, float]] | None = None,
 ) -> nn.Module:
     """Wrap matching Linear/Conv1D modules of ``model`` in ``LinearWithLoRA`` (in place) and freeze the rest.
 
@@ -334,6 +335,8 @@ def apply_lora(
             ``get_peft_model(model, config)`` builds, ``rank_pattern``/``alpha_pattern``, ``exclude_modules``,
             ``layers_to_transform`` and ``task_type``'s head included (``adapter.apply_config``); the model must
             have no LoRA layers yet.
+        _plan: {module name: (rank, alpha)} for targets taking other values than ``rank``/``alpha`` (internal:
+            ``config``'s ``rank_pattern``/``alpha_pattern``).
 
     Returns:
         The same model. Only LoRA parameters (and ``modules_to_save``) require grad afterwards. Modules already
@@ -358,6 +361,7 @@ def apply_lora(
 
         return apply_config(model, config, backend)
     rank, alpha, dropout = _check_hparams(rank, alpha, dropout)
+    plan = {n: _check_hparams(r, a, dropout)[:2] for n, (r, a) in (_plan or {}).items()}
     if isinstance(modules_to_save, Iterable) and not isinstance(modules_to_save, str):
         modules_to_save = list(modules_to_save)  # read twice below (a generator would be empty the second time)
     if isinstance(target_modules, Iterable) and not isinstance(target_modules, str):
@@ -369,7 +373,7 @@ def apply_lora(
     earlier = [raw[e] for e in modules_saved_whole(model) if e in raw and raw[e] not in extras]
     _check_no_clash(earlier, names, " (of an earlier apply_lora/load_adapter call)")  # they stay: nothing inside
     extras += earlier
-    new = {}  # every wrapper is built (and every base checked) before the model is touched
+    new, grads = {}, {}  # every wrapper is built (and every base checked) before the model is touched
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
@@ -384,10 +388,14 @@ def apply_lora(
                     f"dropout={lora.dropout:g}); it is kept as is, not re-created with rank={rank}, alpha={alpha:g}, "
                     f"dropout={dropout:g}", stacklevel=2)
             continue
+        r, a = plan.get(name, (rank, alpha))
+        grads[name] = [(p, p.requires_grad) for p in module.parameters()]
         try:
-            wrapped = LinearWithLoRA(module, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+            wrapped = LinearWithLoRA(module, rank=r, alpha=a, dropout=dropout, use_rslora=use_rslora,
                                      backend=backend)
         except (TypeError, ValueError) as e:  # a quantised or offloaded base: which of the targets it is
+            for p, flag in itertools.chain.from_iterable(grads.values()):  # the bases wrapped so far were frozen
+                p.requires_grad_(flag)
             raise type(e)(f"apply_lora: {name}: {e}") from e
         new[name] = wrapped.train()  # as PEFT's get_peft_model leaves its new layers, whatever the model's mode
     check_trainable_before_wrap(distributed_wrapper(model), "apply_lora", len(new), itertools.chain(

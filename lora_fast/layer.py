@@ -180,9 +180,11 @@ class LoRALayer(nn.Module):
         nn.init.zeros_(self.lora_B)
         if self.lora_A.is_meta:
             return
-        dtype = torch.get_default_dtype()
-        a = nn.init.kaiming_uniform_(torch.empty(self.rank, self.in_features, dtype=dtype), a=math.sqrt(5))
-        nn.init.kaiming_uniform_(torch.empty(self.out_features, self.rank, dtype=dtype), a=math.sqrt(5))
+        kw = {"dtype": torch.get_default_dtype()}
+        if torch.empty(0).is_meta:  # a real layer built under `with torch.device("meta")`: nothing to draw there
+            kw["device"] = "cpu"
+        a = nn.init.kaiming_uniform_(torch.empty(self.rank, self.in_features, **kw), a=math.sqrt(5))
+        nn.init.kaiming_uniform_(torch.empty(self.out_features, self.rank, **kw), a=math.sqrt(5))
         with torch.no_grad():
             self.lora_A.copy_(nn.init.kaiming_uniform_(a, a=math.sqrt(5)))
 
@@ -311,6 +313,7 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,
                               device=w.device, dtype=_adapter_dtype(w.dtype))
         self._round_a_like_peft()
+        self._weight_shape_kept = torch.Size(self._base_shape("weight"))
         self.merged = False
 
     # Read-through to the base, so code that inspects `module.weight` / `.bias` keeps working.
@@ -346,8 +349,15 @@ class LinearWithLoRA(nn.Module):
         k, n = self.lora.in_features, self.lora.out_features
         return {"weight": (k, n) if self.fan_in_fan_out else (n, k), "bias": (n,)}[name]
 
+    @property
+    def _weight_shape(self) -> torch.Size:
+        """``_base_shape("weight")``, kept at construction (the fused forward compares it on every call); computed
+        for a layer pickled before it was kept."""
+        return self.__dict__.get("_weight_shape_kept") or torch.Size(self._base_shape("weight"))
+
     def _misfit(self, what: str, shape, fits) -> str:
-        return (f"LinearWithLoRA: {what} has shape {shape}, the layer was built for {fits}: its adapter (lora_A "
+        has = f" has shape {shape}" if shape is not None else ""
+        return (f"LinearWithLoRA: {what}{has}, the layer was built for {fits}: its adapter (lora_A "
                 f"{tuple(self.lora.lora_A.shape)}, lora_B {tuple(self.lora.lora_B.shape)}) does not fit it. "
                 "resize_token_embeddings() with a LoRA-wrapped lm_head: resize before apply_lora/load_adapter (or "
                 "leave lm_head out of target_modules)")
@@ -379,9 +389,6 @@ class LinearWithLoRA(nn.Module):
                               "or, for inference, call model.eval() (apply_lora's layers start in training mode, "
                               "as PEFT's)", stacklevel=2)
             return self.linear(x)
-        if self.linear.weight.shape != self._base_shape("weight"):  # resized in place (transformers 5's tied lm_head)
-            raise ValueError(self._misfit("the base weight", tuple(self.linear.weight.shape),
-                                          self._base_shape("weight")))
         if not self.fusable():
             # the base's own forward (a subclass's computation, hooks, accelerate's weight restoring) must run:
             # base(x) + the adapter's term, computed as PEFT computes it
@@ -394,8 +401,14 @@ class LinearWithLoRA(nn.Module):
                 raise TypeError(f"LinearWithLoRA: the wrapped {type(self.linear).__name__} returns "
                                 f"{type(y).__name__}, not a tensor, so no LoRA term can be added to it; leave this "
                                 "module out of target_modules")
+            if y.shape[-1] != self.lora.out_features:  # the base resized under the adapter
+                raise ValueError(self._misfit(f"the base's output ({y.shape[-1]} features)", None,
+                                              self._base_shape("weight")))
             term = self.lora(x, cast_back=False)  # an fp32 term (fp16 x) is added in fp32, rounded once, as PEFT
             return (y + term).to(y.dtype)  # .to: no copy when the dtypes already agree
+        w = self.linear.weight
+        if w.shape != self._weight_shape:  # resized in place under the adapter (transformers 5's tied lm_head)
+            raise ValueError(self._misfit("the base weight", tuple(w.shape), self._base_shape("weight")))
         p, active = self.lora.dropout_args()
         return lora_linear(
             x, self.linear.weight, self.linear.bias, self.lora.lora_A, self.lora.lora_B, self.lora.scaling,

@@ -245,7 +245,7 @@ def run_sweep(opts, runs, log=log_stderr) -> tuple[list[dict], bool]:
             check_rank(prep.model, normalize_targets([spec["targets"]]), spec["rank"], resolve_device(opts.device))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    staged = StagedDir(out, opts.overwrite, command="sweep")
+    staged = StagedDir(out, opts.overwrite, command="sweep", keep_stale=True)  # a killed sweep's: its finished runs
     rows, interrupted = [], False
     try:
         try:

@@ -131,7 +131,8 @@ class OptionParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
-            known = [s[2:] for s in self._option_string_actions if s.startswith("--")]
+            known = [s[2:] for s, a in self._option_string_actions.items()  # hidden ones: the command refuses them
+                     if s.startswith("--") and a.help is not argparse.SUPPRESS]
             flags = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
             hints = [f"{f}: did you mean --{m}?" for f in flags if (m := suggestion(f[2:], known))]
             message += f" ({'; '.join(hints)})" if hints else ""

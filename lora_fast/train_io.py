@@ -9,10 +9,12 @@ one is moved aside first and deleted only after the new one is in place).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -141,6 +143,7 @@ def _hold_staging(path: Path) -> int | None:
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{STAGING_LOCK}.")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, socket.gethostname().encode())  # where a flock counts (node-local on some filesystems)
         os.replace(tmp, path / STAGING_LOCK)
         return fd
     except OSError:
@@ -149,24 +152,26 @@ def _hold_staging(path: Path) -> int | None:
         return None
 
 
-def remove_dead_staging(parent: Path, pattern: str) -> list[Path]:
-    """Remove the staging directories matching ``pattern`` in ``parent`` whose process is gone (killed: SIGKILL,
-    the OOM killer, a lost node — nothing ran its cleanup). One is dead when its ``STAGING_LOCK`` can be locked:
-    the kernel drops a flock when its holder dies, whatever the pid became since. One without the lock file (a
-    version before it, no flock there, or a commit under way, which takes the file out before its rename) is left
-    alone. Returns the removed directories."""
+def dead_staging(parent: Path, pattern: str, remove: bool = True) -> list[Path]:
+    """The staging directories matching ``pattern`` in ``parent`` whose process is gone (killed: SIGKILL, the OOM
+    killer — nothing ran its cleanup), removed if ``remove``. One is dead when its ``STAGING_LOCK`` can be locked
+    from this host, the one that wrote it: the kernel drops a flock when its holder dies, whatever the pid became
+    since (another host's lock may be node-local: never judged). One without the lock file (a version before it,
+    no flock there, or a commit under way, which takes the file out before its rename) is left alone."""
     try:
         import fcntl
     except ImportError:
         return []
-    removed = []
+    dead = []
     for path in sorted(parent.glob(pattern)):
         lock = path / STAGING_LOCK
         try:
-            fd = os.open(lock, os.O_RDONLY)
+            fd = os.open(lock, os.O_RDWR)  # NFS grants an exclusive lock on a writable descriptor only
         except OSError:
             continue
         try:
+            if os.pread(fd, 256, 0).decode(errors="replace") != socket.gethostname():
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # taken out and committed meanwhile
                 continue
@@ -174,9 +179,10 @@ def remove_dead_staging(parent: Path, pattern: str) -> list[Path]:
             continue
         finally:
             os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+        if remove:
+            shutil.rmtree(path, ignore_errors=True)
+        dead.append(path)
+    return dead
 
 
 class StagedDir:
@@ -188,21 +194,25 @@ class StagedDir:
     ``sweep``, ``merge``): write ``OUTPUT_RECORD`` into the directory, for ``check_output_dir``.
 
     The staging directory is flock'ed (``STAGING_LOCK``) while its process lives; staging directories of killed
-    processes matching ``stale`` (default: ``final``'s own) are removed, with a warning, when the next is made.
+    processes matching ``stale`` (default: ``final``'s own) are removed, with a warning, when the next is made —
+    or, ``keep_stale`` (a sweep's: it holds the runs it finished), named in the warning and kept.
     """
 
-    def __init__(self, final: Path, overwrite: bool = False, command: str | None = None, stale: str | None = None):
+    def __init__(self, final: Path, overwrite: bool = False, command: str | None = None, stale: str | None = None,
+                 keep_stale: bool = False):
         self.final, self.overwrite, self.command = Path(final), overwrite, command
         self.final.parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{self.final.name}.staging-"
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.final.parent))
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like a mkdir's
         self._fd = _hold_staging(self.path)
-        removed = [p.name for p in remove_dead_staging(self.final.parent, stale or f"{prefix}*")]
-        if removed:
-            warnings.warn(f"removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} that "
-                          f"killed runs left in {str(self.final.parent)!r} ({', '.join(removed[:4])}"
-                          f"{', ...' if len(removed) > 4 else ''}): partial outputs, never committed", stacklevel=2)
+        dead = [p.name for p in dead_staging(self.final.parent, stale or f"{glob.escape(prefix)}*", not keep_stale)]
+        if dead:
+            n, names = len(dead), ", ".join(dead[:4]) + (", ..." if len(dead) > 4 else "")
+            what = f"staging director{'y' if n == 1 else 'ies'} that killed runs left in {str(self.final.parent)!r}"
+            warnings.warn(f"kept {n} {what} ({names}): they may hold the runs a killed sweep finished; move out what "
+                          "you need and delete them" if keep_stale else
+                          f"removed {n} {what} ({names}): partial outputs, never committed", stacklevel=2)
 
     def _release(self) -> None:
         if self._fd is not None:

@@ -95,7 +95,7 @@ def test_an_unknown_flag_suggests_the_option_meant(capsys, command):
     "unrecognized arguments" and nothing more: the error now names lora-fast's option for each it can tell (the
     command's own: merge has ``--model`` but no ``--lr``); a flag it cannot tell is named alone."""
     argv = {"train": ["--learning_rate", "0.1", "--lora_alpha=3", "--num_train_epochs", "2", "--frobnicate"],
-            "sweep": ["--rnaks", "4", "--per_device_train_batch_size", "2", "--frobnicate"],
+            "sweep": ["--rnaks", "4", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--frobnicate"],
             "merge": ["--adapter", "a", "--output", "o", "--modle", "gpt2", "--learning_rate", "1", "--frobnicate"]}
     with pytest.raises(SystemExit) as e:
         cli_main([command, *argv[command]])
@@ -107,6 +107,7 @@ def test_an_unknown_flag_suggests_the_option_meant(capsys, command):
             "merge": "(--modle: did you mean --model?)"}[command]
     assert err.startswith(f"lora-fast {command}: error: unrecognized arguments: ") and err.endswith(want), err
     assert "--frobnicate" in err and "--frobnicate:" not in err
+    assert command != "sweep" or "--save_strategy: " not in err  # not the --save_steps a sweep refuses
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -294,14 +295,18 @@ def _killed_staging(*finals: Path) -> list[Path]:
 def test_staging_directories_of_killed_runs_are_removed(tmp_path):
     """A run killed outright (SIGKILL, the OOM killer) leaves its hidden staging directory (a merge's: a whole
     model) beside --output_dir, and they piled up. The next staging of that output removes those whose process is
-    dead (their flock is free), with a warning naming them — never a live run's, nor one without the lock file (an
-    older version's), nor another output's; a committed output holds no lock file."""
-    from lora_fast.train_io import StagedDir
+    dead (their flock is free), with a warning naming them — never a live run's, one without the lock file (an
+    older version's), another host's, nor another output's; a committed output holds no lock file. A sweep's (the
+    runs it finished are inside, and a sweep does not resume) are named and kept."""
+    from lora_fast.train_io import STAGING_LOCK, StagedDir
 
     final = tmp_path / "out"
     live = StagedDir(final)  # this process: alive
     ckpt = tmp_path / "ckpt"  # checkpoints: any step's is removed (a resumed run saves other steps)
-    *dead, other, dead_ckpt = _killed_staging(final, final, tmp_path / "other", ckpt / "checkpoint-7")
+    globbed, sweep = tmp_path / "run[lr=1e-4]", tmp_path / "sweep"  # a name glob would misread; a sweep's
+    *dead, other, dead_ckpt, dead_globbed, dead_sweep, elsewhere = _killed_staging(
+        final, final, tmp_path / "other", ckpt / "checkpoint-7", globbed, sweep, final)
+    (elsewhere / STAGING_LOCK).write_text("another-host")  # its lock may be that host's alone: never judged here
     dead.sort()
     assert all((d / "adapter_model.safetensors").is_file() for d in dead)
     older = tmp_path / ".out.staging-older"
@@ -310,7 +315,13 @@ def test_staging_directories_of_killed_runs_are_removed(tmp_path):
                                          rf"\({re.escape(dead[0].name)}, {re.escape(dead[1].name)}\)"):
         staged = StagedDir(final)
     assert not any(d.exists() for d in dead)
-    assert live.path.is_dir() and older.is_dir() and other.is_dir()
+    assert live.path.is_dir() and older.is_dir() and other.is_dir() and elsewhere.is_dir()
+    with pytest.warns(UserWarning, match=f"removed 1 staging directory .*{re.escape(dead_globbed.name)}"):
+        StagedDir(globbed).discard()
+    assert not dead_globbed.exists()
+    with pytest.warns(UserWarning, match=rf"kept 1 staging directory .*{re.escape(dead_sweep.name)}.* a killed sweep"):
+        StagedDir(sweep, keep_stale=True).discard()
+    assert (dead_sweep / "adapter_model.safetensors").read_text() == "partial"  # a finished run's, maybe
     (staged.path / "new.txt").write_text("new")
     staged.commit()
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]

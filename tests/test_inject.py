@@ -1,6 +1,7 @@
 """Model injection: PEFT's matching rules, parity with PEFT's LoRA on GPT-2, merge/unload, parameter counts."""
 
 import copy
+import re
 import types
 import warnings
 
@@ -154,15 +155,40 @@ def test_a_lora_config_builds_peft_s_adapter():
         apply_lora(ours, config=cfg)
     with pytest.raises(ValueError, match=r"apply_lora: the config's target_modules \['q_proj'\] match no module"):
         apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["q_proj"]))
-    model = tiny_gpt2()  # a refusal one of the per-layer calls would meet: before the first touches the model
-    proj = model.transformer.h[1].attn.c_attn  # a quantised base, the second target of the per-layer calls
+    model = tiny_gpt2()  # a refusal at the second layer: before the first is wrapped
+    proj = model.transformer.h[1].attn.c_attn  # a quantised base
     proj.weight = nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=r"target 'transformer.h.1.attn.c_attn': .*quantised bases"):
+    with pytest.raises(TypeError, match=r"apply_lora: transformer.h.1.attn.c_attn: .*quantised bases"):
         apply_lora(model, config={"target_modules": ["c_attn"]})
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters() if p.is_floating_point())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # fields that only matter when building, which lora_fast does not implement: refused (they gave PEFT's
+    # default init, or untied what PEFT keeps tied, without a word)
+    for field in ({"init_lora_weights": False}, {"init_lora_weights": "gaussian"}, {"ensure_weight_tying": True}):
+        with pytest.raises(ValueError, match=rf"apply_lora: the config sets {re.escape(repr(field))}.*get_peft_model"):
+            apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["c_attn"], **field))
+    frozen = apply_lora(tiny_gpt2(), config=peft.LoraConfig(target_modules=["c_attn"], inference_mode=True))
+    assert lora_layers(frozen) and not any(p.requires_grad for p in frozen.parameters())  # as get_peft_model
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_a_config_s_all_linear_takes_the_classification_head_as_peft_does(task_type):
+    """PEFT's "all-linear" leaves a classifier's head out only with task_type SEQ_CLS (which trains it whole);
+    without a task type it adapts the head too. lora_fast left it out always: another adapter than PEFT's."""
+    base = transformers.GPT2ForSequenceClassification(GPT2Config(**TINY, pad_token_id=0, num_labels=3))
+    cfg = peft.LoraConfig(r=2, target_modules="all-linear", task_type=task_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without SEQ_CLS, both say the head is adapted, not trained whole
+        ours = apply_lora(copy.deepcopy(base), config=cfg)
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    assert sorted(lora_layers(ours)) == sorted(n for n, _, _ in _peft_pairs(ours, theirs))
+    theirs_wrapped = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict))
+    assert sorted(lora_layers(ours)) == theirs_wrapped
+    assert ("score" in lora_layers(ours)) is (task_type is None)
+    assert ours.score.weight.requires_grad is (task_type == "SEQ_CLS")
 
 
 def test_parameter_counts_equal_peft_on_gpt2_small():
@@ -954,7 +980,7 @@ def test_resizing_the_embeddings_under_a_lora_wrapped_lm_head_is_named():
     with pytest.raises(ValueError, match=misfit):
         model.resize_token_embeddings(70, mean_resizing=False)
         model(torch.randint(0, 64, (1, 5)))
-    head = LinearWithLoRA(nn.Linear(32, 64), rank=4)
+    head = LinearWithLoRA(nn.Linear(32, 64, bias=False), rank=4)
     with torch.no_grad():
         head.linear.weight.data = torch.zeros(70, 32)  # resized under the wrapper, as tying does
     head.out_features = 70
@@ -962,8 +988,8 @@ def test_resizing_the_embeddings_under_a_lora_wrapped_lm_head_is_named():
         if not fusable:
             head.linear.register_forward_hook(lambda *a: None)  # the base(x) + term path
         assert head.fusable() is fusable
-        with pytest.raises(ValueError, match=r"LinearWithLoRA: the base weight has shape \(70, 32\), the layer "
-                                             r"was " + misfit):
+        what = r"the base weight has shape \(70, 32\)" if fusable else r"the base's output \(70 features\)"
+        with pytest.raises(ValueError, match=rf"LinearWithLoRA: {what}, the layer was " + misfit):
             head(torch.randn(2, 32))
 
 

@@ -565,3 +565,44 @@ def test_a_layer_pickled_with_a_float_dropout_loads():
     assert_rel_close(again(x), _expected(again, x), 1e-5, "reloaded layer, eval")
     again.train()
     assert not torch.equal(again(x), again(x))
+
+
+def test_a_base_gathered_by_its_own_hooks_runs():
+    """A base whose weight is an empty placeholder outside its forward, filled by its own pre-forward hook and
+    freed after (DeepSpeed ZeRO-3's partitioning) takes the base(x) + term path: the base-weight shape check that
+    names a resized lm_head read the placeholder before that path and refused every forward. The result is the
+    gathered layer's, output and gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = LinearWithLoRA(base, rank=2)
+    nn.init.normal_(layer.lora.lora_B)
+    full = base.weight.data.clone()
+    x = torch.randn(3, 8, requires_grad=True)
+    want = layer(x)
+    want.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora.lora_A, layer.lora.lora_B)]
+    for t in (x, layer.lora.lora_A, layer.lora.lora_B):
+        t.grad = None
+    base.weight.data = torch.empty(0)  # partitioned
+    base.register_forward_pre_hook(lambda m, a: setattr(m.weight, "data", full))
+    base.register_forward_hook(lambda m, a, o: setattr(m.weight, "data", torch.empty(0)))
+    assert not layer.fusable()
+    got = layer(x)
+    assert base.weight.shape == (0,)
+    assert torch.equal(got, want)
+    got.square().sum().backward()
+    for t, g in zip((x, layer.lora.lora_A, layer.lora.lora_B), grads, strict=True):
+        assert torch.equal(t.grad, g)
+
+
+def test_a_real_base_wrapped_under_a_meta_device_context_draws_its_adapter():
+    """``with torch.device("meta")`` (the default device of code that builds models empty) around the wrapping of
+    a real base: the adapter lives on the base's device, and its draws were made on the default device, meta,
+    then copied: "Cannot copy out of meta tensor". They are drawn on the CPU there: the same A as outside."""
+    base = nn.Linear(8, 6)
+    torch.manual_seed(3)
+    want = LinearWithLoRA(base, rank=2).lora.lora_A
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        got = LinearWithLoRA(base, rank=2).lora.lora_A
+    assert got.device.type == "cpu" and torch.equal(got, want)

@@ -132,7 +132,7 @@ def _readme_params(args: str) -> list[tuple[str, bool, object]]:
 
 
 def _code_params(obj) -> list[tuple[str, bool, object]]:
-    params = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
+    params = [p for p in inspect.signature(obj).parameters.values() if p.name != "self" and p.name[0] != "_"]
     return [(p.name, p.kind == p.KEYWORD_ONLY, p.default) for p in params]
 
 
