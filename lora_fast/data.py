@@ -217,7 +217,8 @@ def _cut(text: str, fraction: float) -> tuple[str, str]:
 def _split_docs(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, validation) documents. Distinct texts are split (``_pick_validation``), so a text that repeats stays
     on one side: every copy goes to training, or validation holds it once (a record in both splits would make the
-    eval loss optimistic). Training keeps the input order."""
+    eval loss optimistic). Both sides keep the input order (validation: the documents picked, in the input's
+    order, then a cut document's tail): the blocks a capped ``--eval_batches`` reads follow the file."""
     distinct = list(dict.fromkeys(docs))
     val_idx, cut = _pick_validation(distinct, val_fraction, seed)
     in_val = {distinct[i] for i in val_idx}

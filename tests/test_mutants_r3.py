@@ -26,6 +26,21 @@ def test_default_corpus_has_each_text_once():
     assert default_corpus() == docs
 
 
+def test_validation_keeps_the_input_order():
+    """``_split_docs``: "both sides keep the input order" — the validation documents are those picked, in the
+    input's order (the seeded pick order would shuffle which blocks a capped ``--eval_batches`` reads), then a cut
+    document's tail.
+    Kills ``_split_docs``: ``sorted(val_idx)`` → ``val_idx`` (D37, pinned now that the order is documented)."""
+    from lora_fast.data import _split_docs
+
+    docs = [f"document {i:02d} " + "x" * (10 + 7 * (i % 5)) for i in range(40)]
+    for seed in range(5):
+        train, val = _split_docs(docs, 0.3, seed=seed)
+        whole = [d for d in val if d in docs]
+        assert len(whole) > 3 and whole == [d for d in docs if d in set(whole)], seed
+        assert train == [d for d in docs if d not in set(whole)] or len(val) > len(whole)
+
+
 def test_a_windows_path_that_does_not_exist_is_not_asked_of_the_hub(monkeypatch, tmp_path):
     """A ``--dataset`` with a backslash (a Windows path, ``data\\corpus``) is a local path: missing, it is "does not
     exist", not a hub lookup (which would say the hub has no such dataset, or wait for it).
