@@ -201,7 +201,8 @@ def _lock_free_staging(parent, name="out"):
     return path
 
 
-@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX: Windows stages without a lock (nothing to test there); runs on Linux/macOS")
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX: Windows stages without a lock (nothing to test "
+                                                "there); runs on Linux/macOS")
 def test_a_staging_directory_whose_lock_went_meanwhile_is_left_alone(tmp_path, monkeypatch):
     """``dead_staging``: a staging directory whose lock file was taken out between its opening and its locking (a
     commit under way: the file goes before the rename, and the lock is released after it) is not judged dead:
@@ -227,7 +228,8 @@ def test_a_staging_directory_whose_lock_went_meanwhile_is_left_alone(tmp_path, m
     assert (committing / "adapter_model.safetensors").read_text() == "partial"
 
 
-@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX: Windows stages without a lock (nothing to test there); runs on Linux/macOS")
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX: Windows stages without a lock (nothing to test "
+                                                "there); runs on Linux/macOS")
 def test_staging_without_flock_commits_exactly_the_outputs(tmp_path, monkeypatch):
     """Where flock is refused (some network filesystems), a staging directory holds no lock: no lock file is left
     in it, the commit works, and the output holds exactly what was written.
@@ -249,7 +251,8 @@ def test_staging_without_flock_commits_exactly_the_outputs(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["adapter_model.safetensors"]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the open descriptors in /proc/self/fd (Linux): runs on Linux CI")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
+                    reason="counts the open descriptors in /proc/self/fd (Linux): runs on Linux CI")
 def test_staging_releases_its_lock_descriptor(tmp_path):
     """The staging lock is held for as long as the staging lasts: committed or discarded, its descriptor is closed
     (a sweep or a long training stages many outputs: none is leaked).
