@@ -495,6 +495,19 @@ def _resolved(model: nn.Module, cfg: dict, existing: dict) -> dict:
     }
 
 
+def _check_target_type(name: str, module: nn.Module, who: str) -> None:
+    """Refuse a target of a config that lora_fast cannot wrap (not a Linear/Conv1D, nor a lora_fast layer)."""
+    if isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
+        return
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"  # PEFT's layer is a "Linear" too
+    if type(module).__module__.startswith("peft."):
+        hint = " — a PEFT layer left in the model (take PEFT's layers off first: PeftModel.unload())"
+    else:
+        hint = " (load this adapter with PEFT)" if who == "load_adapter" else " (build this adapter with PEFT)"
+    raise ValueError(f"{who}: target {name!r} is a {cls}; lora_fast supports nn.Linear and transformers' Conv1D"
+                     + hint)
+
+
 def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Module:
     """``apply_lora(model, config=LoraConfig(...))``: the adapter a PEFT ``LoraConfig`` (or its ``to_dict()``)
     describes, as ``get_peft_model`` builds it: its targets (``target_modules`` with PEFT's defaults,
@@ -510,15 +523,8 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
         raise TypeError(f"apply_lora: config must be a PEFT LoraConfig or a dict of its fields, got "
                         f"{type(config).__name__}")
     cfg = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}  # LoraConfig: sets
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:  # lora_fast's names (rank, alpha, dropout) are taken in a dict, as in a legacy .bin's config
-            cfg = _normalise_config(cfg, "the config", legacy=True)
-            _check_config(cfg, "the config")
-        except ValueError as e:  # the checks are load_adapter's: in its words for where the adapter comes from
-            raise ValueError(_as_apply_lora(str(e))) from None
-    for w in caught:  # an unknown field (a newer PEFT's)
-        warnings.warn(_as_apply_lora(str(w.message)), w.category, stacklevel=3)
+    cfg = _normalise_config(cfg, "the config", legacy=True)  # lora_fast's names (rank, alpha, ...) taken too
+    _check_config(cfg, "the config", who="apply_lora")
     building = {f: cfg[f] for f, ok in (("init_lora_weights", True), ("ensure_weight_tying", False))
                 if cfg.get(f, ok) != ok}
     if building:
@@ -534,10 +540,7 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
         raise ValueError(f"apply_lora: the config's target_modules {cfg.get('target_modules')!r} match no module of "
                          f"{type(model).__name__}")
     for name in ours["targets"]:
-        module = model.get_submodule(name)
-        if not isinstance(module, LORA_BASE_TYPES):
-            raise ValueError(f"apply_lora: the config's target {name!r} is a {type(module).__name__}; lora_fast "
-                             "supports nn.Linear and transformers' Conv1D (use PEFT for this adapter)")
+        _check_target_type(name, model.get_submodule(name), "apply_lora")
     r, alpha = cfg["r"], float(cfg["lora_alpha"])
     apply_lora(model, "|".join(re.escape(n) for n in ours["targets"]), rank=r, alpha=alpha,
                dropout=ours["lora_dropout"], use_rslora=ours["use_rslora"], backend=backend,
@@ -549,13 +552,6 @@ def apply_config(model: nn.Module, config, backend: str | None = None) -> nn.Mod
     if cfg.get("inference_mode"):  # as get_peft_model: nothing trainable
         model.requires_grad_(False)
     return model
-
-
-def _as_apply_lora(message: str) -> str:
-    """A load_adapter check's message, for ``apply_lora(config=...)``."""
-    return "apply_lora: " + message.removeprefix("load_adapter: ").replace(
-        "load it with PEFT's PeftModel.from_pretrained", "build it with PEFT's get_peft_model").replace(
-        "; fix the file", "")
 
 
 def _diff(a, b) -> list[str]:
@@ -622,13 +618,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
                       "PEFT either)", stacklevel=3)
     for name in names:
         module = existing[name] if name in existing else model.get_submodule(name)
-        if not isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
-            cls = f"{type(module).__module__}.{type(module).__qualname__}"  # PEFT's layer is a "Linear" too
-            peft_left = type(module).__module__.startswith("peft.")
-            raise ValueError(f"load_adapter: target {name!r} is a {cls}; lora_fast supports nn.Linear and "
-                             "transformers' Conv1D" + (" — a PEFT layer left in the model (take PEFT's layers off "
-                                                      "first: PeftModel.unload())" if peft_left else
-                                                      " (load this adapter with PEFT)"))
+        _check_target_type(name, module, "load_adapter")
         if name not in existing and id(module) in compiled:
             raise ValueError(f"load_adapter: target {name!r} is compiled on its own (torch.compile of that "
                              "projection), and its compiled code would keep calling the module without LoRA; load "

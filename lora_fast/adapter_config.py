@@ -171,76 +171,81 @@ def _adapter_config(model, layers, modules_to_save, base_model_name_or_path, tas
 
 
 # ----------------------------------------------------------------------------------------------------------- load
-def _check_config(cfg: dict, where) -> None:
+def _check_config(cfg: dict, where, who: str = "load_adapter") -> None:
+    """Refuse a config lora_fast cannot honour, naming the field. ``who``: the caller the messages name —
+    ``load_adapter`` (a file: the way out is PEFT's loader), or ``apply_lora`` (``config=``: PEFT's
+    ``get_peft_model``)."""
+    peft_way = ("load it with PEFT's PeftModel.from_pretrained" if who == "load_adapter"
+                else "build it with PEFT's get_peft_model")
+    fix = "; fix the file" if who == "load_adapter" else ""
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
-        spelled = (f"peft_type {kind!r} is not PEFT's spelling 'LORA' (PEFT's loader refuses it too); fix the file"
+        spelled = (f"peft_type {kind!r} is not PEFT's spelling 'LORA' (PEFT's loader refuses it too){fix}"
                    if isinstance(kind, str) and kind.upper() == "LORA" else
                    f"peft_type {kind!r}: not a LoRA adapter; lora_fast loads LoRA adapters (peft_type 'LORA')")
-        raise ValueError(f"load_adapter: {where}: {spelled}")
+        raise ValueError(f"{who}: {where}: {spelled}")
     task = cfg.get("task_type")  # kept by load_adapter and written again by save_adapter: must be one PEFT reads
     if task is not None and task not in TASK_TYPES:
         hint = (f" (PEFT's spelling is {task.upper()!r})" if isinstance(task, str) and task.upper() in TASK_TYPES
                 else "")
-        raise ValueError(f"load_adapter: {where}: task_type {task!r} is not one of PEFT's {list(TASK_TYPES)} (or "
-                         f"null){hint}; PEFT's loader refuses it too (\"Invalid task type\"); fix the file")
+        raise ValueError(f"{who}: {where}: task_type {task!r} is not one of PEFT's {list(TASK_TYPES)} (or "
+                         f"null){hint}; PEFT's loader refuses it too (\"Invalid task type\"){fix}")
     bad = {f: cfg[f] for f in _UNSUPPORTED if cfg.get(f)}
     if str(cfg.get("init_lora_weights", "")).lower().startswith(_BASE_MODIFYING_INITS):
         bad["init_lora_weights"] = cfg["init_lora_weights"]
     if cfg.get("bias", "none") != "none":
         bad["bias"] = cfg["bias"]
     if bad:
-        raise ValueError(f"load_adapter: {where} uses {bad}, which lora_fast does not implement; load it with "
-                         "PEFT's PeftModel.from_pretrained instead")
+        raise ValueError(f"{who}: {where} uses {bad}, which lora_fast does not implement; {peft_way} "
+                         "instead")
     unknown = {k: v for k, v in cfg.items() if k not in _KNOWN_FIELDS and v not in (None, False, 0, "", [], {})}
     if unknown:
         version = f" (written by PEFT {cfg['peft_version']})" if cfg.get("peft_version") else ""
-        warnings.warn(f"load_adapter: {where}{version} sets fields lora_fast does not know, ignored: "
+        warnings.warn(f"{who}: {where}{version} sets fields lora_fast does not know, ignored: "
                       f"{_names(f'{k}={v!r}' for k, v in unknown.items())}. If one changes what the adapter "
-                      "computes, the outputs differ from PEFT's; load it with PEFT's PeftModel.from_pretrained to "
-                      "be sure", stacklevel=4)
-    _check_field_types(cfg, where)
+                      f"computes, the outputs differ from PEFT's; {peft_way} to be sure", stacklevel=4)
+    _check_field_types(cfg, where, who)
     # PEFT's LoraConfig refuses these (a regex names its modules whole; a layer pattern needs the indices): taking
     # them would mean ignoring a field that says which modules to adapt, i.e. wrapping other modules than PEFT
     if isinstance(cfg.get("target_modules"), str):
         given = [f for f in ("layers_to_transform", "layers_pattern") if cfg.get(f) not in (None, [], "")]
         if given:
-            raise ValueError(f"load_adapter: {where}: {' and '.join(given)} cannot be used when target_modules is a "
+            raise ValueError(f"{who}: {where}: {' and '.join(given)} cannot be used when target_modules is a "
                              f"string ({cfg['target_modules']!r}: a regex or 'all-linear'), as in PEFT's LoraConfig; "
                              "give target_modules as a list of names")
     if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
-        raise ValueError(f"load_adapter: {where}: layers_pattern {cfg['layers_pattern']!r} needs layers_to_transform "
+        raise ValueError(f"{who}: {where}: layers_pattern {cfg['layers_pattern']!r} needs layers_to_transform "
                          "(the layer indices it selects), as in PEFT's LoraConfig")
     ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
     alphas = {"lora_alpha": cfg.get("lora_alpha"),
               **{f"alpha_pattern[{k!r}]": v for k, v in (cfg.get("alpha_pattern") or {}).items()}}
     for field, r in ranks.items():
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"load_adapter: {where}: {field} must be a positive int, got {r!r}")
+            raise ValueError(f"{who}: {where}: {field} must be a positive int, got {r!r}")
     for field, alpha in alphas.items():
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
-            raise ValueError(f"load_adapter: {where}: {field} must be a positive number, got {alpha!r}")
+            raise ValueError(f"{who}: {where}: {field} must be a positive number, got {alpha!r}")
     p = cfg.get("lora_dropout", 0.0) or 0.0
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"load_adapter: {where}: lora_dropout must be in [0, 1), got {p!r}")
+        raise ValueError(f"{who}: {where}: lora_dropout must be in [0, 1), got {p!r}")
 
 
 def _is_names(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
 
 
-def _check_field_types(cfg: dict, where) -> None:
+def _check_field_types(cfg: dict, where, who: str = "load_adapter") -> None:
     """The fields that select modules have the types PEFT's LoraConfig documents, and their regexes compile: a
     string where a list belongs would be read letter by letter (``modules_to_save: "lm_head"`` leaves out every
     module whose name holds an ``h``), and a bad regex would fail later without naming the field."""
     def bad(field, needs):
-        raise ValueError(f"load_adapter: {where}: {field} must be {needs}, got {cfg[field]!r}")
+        raise ValueError(f"{who}: {where}: {field} must be {needs}, got {cfg[field]!r}")
 
     def compiles(field, pattern, shown):
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"load_adapter: {where}: {shown} is not a valid regular expression ({e})") from None
+            raise ValueError(f"{who}: {where}: {shown} is not a valid regular expression ({e})") from None
 
     for field in ("target_modules", "exclude_modules"):
         v = cfg.get(field)
