@@ -65,6 +65,7 @@ from lora_fast.adapter_files import (
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    _dtensor_type,
     _gather_full,
     _normalise_config,
     _read_adapter,
@@ -587,6 +588,19 @@ def _other_model_hint(plan: dict, state: dict, base: str | None, model_cls: str)
             "load it into the base model it was trained on")
 
 
+def _copy_into(dest: torch.Tensor, value: torch.Tensor) -> None:
+    """``dest.copy_(value)``; into a sharded DTensor parameter (FSDP2's ``fully_shard``) each rank copies its own shard
+    of ``value``, which every rank read from the same file (``distribute_tensor(src_data_rank=None)``: no collective),
+    where a plain ``copy_`` fails on mixing a tensor and a DTensor."""
+    value = value.to(dest.device)
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(dest, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(dest.dtype), dest.device_mesh, dest.placements, src_data_rank=None)
+    dest.copy_(value)
+
+
 def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str | None, is_trainable: bool,
                   compiled: set[int], wrapper: str | None) -> AdapterLoadResult:
     cfg, state, source, second, where = _read_adapter(directory)
@@ -752,7 +766,7 @@ def _load_adapter(model: nn.Module, directory: Path, strict: bool, backend: str 
     with torch.no_grad():
         for k, v in state.items():
             if k in params:
-                params[k].copy_(v.to(params[k].device))
+                _copy_into(params[k], v)
     if is_trainable:
         prepare_for_checkpointing(model)
     return AdapterLoadResult(missing, unexpected)

@@ -657,3 +657,38 @@ def test_a_finished_rank_leaves_without_the_interpreters_teardown(monkeypatch, c
         else:
             assert cli.run_console(T.main, argv) == status and not left
     assert capsys.readouterr().out.count("summary") == 6
+
+
+def test_load_adapter_into_a_sharded_model_copies_into_its_dtensors(one_rank_group, tmp_path):
+    """load_adapter into an FSDP2-sharded model that already holds its LoRA layers (DTensor parameters: an inference
+    load, or a trainable one into the layers fully_shard manages) failed in the copy ("aten.copy_.default got mixed
+    torch.Tensor and DTensor"), after it had frozen the adapter and switched the model to eval mode: a training loop
+    caught the error and went on training nothing. Each rank now copies its own shard of the file's tensors (no
+    collective): the load gives the plain model's adapter and outputs."""
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    from lora_fast import load_adapter
+    from lora_fast.adapter import save_adapter
+
+    source = _tiny_lora_model()
+    save_adapter(source, tmp_path / "ad")
+    torch.manual_seed(1)
+    model = _tiny_lora_model()  # other LoRA values
+    plain = copy.deepcopy(model)
+    D.wrap_model(model, D.DistContext("fsdp", 0, 1, 0, "gloo"), torch.device("cpu"))
+    assert isinstance(model.transformer.h[0].attn.c_attn.lora.lora_A, DTensor)
+    want = {n: p for n, p in source.named_parameters() if p.requires_grad}
+    for trainable in (True, False):  # into the layers fully_shard manages, then for inference
+        load_adapter(model, tmp_path / "ad", is_trainable=trainable)
+        got = {n: p for n, p in model.named_parameters() if ".lora.lora_" in n}
+        assert got.keys() == want.keys() and all(isinstance(p, DTensor) for p in got.values())
+        for n, p in got.items():
+            assert torch.equal(p.full_tensor(), want[n]), n
+            assert p.requires_grad == trainable, n
+    load_adapter(plain, tmp_path / "ad")
+    x = torch.randint(0, 128, (2, 8))
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, plain(x).logits)
