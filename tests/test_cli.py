@@ -1362,3 +1362,28 @@ def test_merge_into_another_base_than_the_adapters_says_so(tmp_path, tiny_gpt2, 
         out = tmp_path / f"m-{len(given)}"
         assert cli_main(["merge", "--adapter", str(adapter), "--output", str(out), "--model", given]) == 0
         assert "is not the base this adapter records" not in capsys.readouterr().err
+
+
+def test_merge_under_torchrun_is_refused_before_anything_is_written(tmp_path, tiny_gpt2, capsys, monkeypatch):
+    """``torchrun --nproc_per_node 2 -m lora_fast merge ...`` ran the merge on every rank into the one output: one
+    rank wrote it, the other found it filled meanwhile, kept its own full copy of the merged model in a
+    ``<output>.kept-*`` directory and failed the job (exit 1). Refused now, as ``lora-fast sweep`` is, on every
+    rank, before the model loads: the merge runs in one process."""
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import apply_lora, save_adapter
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    apply_lora(model, ["c_attn"], rank=2)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_gpt2))
+    capsys.readouterr()
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 2
+        err = capsys.readouterr().err
+        assert "lora-fast merge: error: lora-fast merge runs in one process" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no output, no staging, no kept copy
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a 1-process torchrun merges as a plain process
+    monkeypatch.setenv("RANK", "0")
+    assert cli_main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
