@@ -142,6 +142,35 @@ def resolve_mode(requested: str) -> str:
     return requested
 
 
+def check_accelerate_env(requested: str, fp16: bool, bf16: bool) -> None:
+    """Refuse what ``accelerate launch`` asked for in the environment and ``lora-fast train`` would silently not do.
+
+    accelerate passes its choices as ``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED`` and
+    ``ACCELERATE_MIXED_PRECISION``; lora-fast takes its own options (``--distributed``, ``--bf16``/``--fp16``), so
+    ``accelerate launch --use_fsdp`` trained DDP and ``--mixed_precision bf16`` fp32. The same choice made by both
+    (``--use_fsdp`` with ``--distributed fsdp``, ``--mixed_precision bf16`` with ``--bf16``) is taken; accelerate's
+    other FSDP settings are not read (lora-fast's FSDP2 shards each transformer block).
+    """
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("accelerate launch --use_deepspeed: lora-fast train does not run DeepSpeed; launch with "
+                          "--multi_gpu (DDP) or pass --distributed fsdp")
+    if on("ACCELERATE_USE_FSDP") and requested != "fsdp":
+        raise ConfigError("accelerate launch --use_fsdp: lora-fast train does not read accelerate's FSDP settings "
+                          "and would train DDP replicas; pass --distributed fsdp (lora-fast's FSDP2, each "
+                          "transformer block sharded), or launch with --multi_gpu")
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    ours = "fp16" if fp16 else "bf16" if bf16 else "no"
+    if mixed not in ("", "no", ours):
+        fix = (f"pass --{mixed}" + (f" instead of --{ours}" if ours != "no" else "") if mixed in ("fp16", "bf16") else
+               f"lora-fast train has no {mixed}; launch with --mixed_precision no and pass --bf16 or --fp16")
+        raise ConfigError(f"accelerate launch --mixed_precision {mixed}: lora-fast train takes its precision from "
+                          f"its own options (now: {'--' + ours if ours != 'no' else 'fp32'}), not accelerate's; "
+                          f"{fix}")
+
+
 def init(requested: str, device_name: str, fp16: bool = False) -> DistContext:
     """Join the process group torchrun describes (or do nothing for one process); ``device(ctx)`` is its device.
 

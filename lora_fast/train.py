@@ -639,6 +639,7 @@ def run(opts, on_step=None, log=log_stderr) -> dict:
     check_output_dir(opts.output_dir, opts.overwrite, run_inputs(opts), opts.logdir,  # before minutes of loading
                      opts.checkpoint_dir)
     check_options(opts)
+    D.check_accelerate_env(getattr(opts, "distributed", "auto"), opts.fp16, opts.bf16)
     ctx = D.init(getattr(opts, "distributed", "auto"), opts.device, opts.fp16)
     try:
         with transformers_bars(opts.progress):

@@ -692,3 +692,39 @@ def test_load_adapter_into_a_sharded_model_copies_into_its_dtensors(one_rank_gro
     model.eval(), plain.eval()
     with torch.no_grad():
         assert torch.equal(model(x).logits, plain(x).logits)
+
+
+def test_accelerate_settings_lora_fast_would_ignore_are_refused(monkeypatch, tmp_path, capsys):
+    """``accelerate launch`` passes its FSDP, DeepSpeed and mixed-precision choices in the environment
+    (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, ACCELERATE_MIXED_PRECISION), which ``lora-fast train`` does not
+    read: ``accelerate launch --use_fsdp --num_processes 2 -m lora_fast.train`` trained plain DDP (full replicas,
+    metrics ``distributed: ddp``) and ``--mixed_precision bf16`` trained in fp32, without a word. Refused now before
+    the model loads, naming the lora-fast option that does it; the same choice made by both is accepted."""
+    from lora_fast.train import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+              "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(k, raising=False)
+    D.check_accelerate_env("auto", fp16=False, bf16=False)  # no accelerate: nothing to check
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    D.check_accelerate_env("auto", fp16=False, bf16=True)
+    for env, opts, message in (
+        ({"ACCELERATE_USE_FSDP": "true"}, ("auto", False, False), r"--use_fsdp.*pass --distributed fsdp"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, ("auto", False, False), r"--use_deepspeed.*does not run DeepSpeed"),
+        ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ("auto", False, False), r"--mixed_precision bf16.*pass --bf16"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp16"}, ("auto", False, True), r"--mixed_precision fp16.*pass --fp16"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8"}, ("auto", False, False), r"--mixed_precision fp8.*no fp8"),
+    ):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with pytest.raises(ConfigError, match=message):
+                D.check_accelerate_env(*opts[:1], fp16=opts[1], bf16=opts[2])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    D.check_accelerate_env("fsdp", fp16=False, bf16=True)  # asked of lora-fast too: taken
+    out = tmp_path / "never-written"
+    assert main(["--model", str(tmp_path / "no-model-needed"), "--output_dir", str(out), "--no-progress"]) == 2
+    assert "accelerate launch --use_fsdp" in capsys.readouterr().err  # refused before the model loads
+    assert not out.exists()

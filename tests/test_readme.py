@@ -249,7 +249,7 @@ def test_every_flag_the_cli_section_names_is_an_option_of_its_command(capsys):
     launcher = {
         f for cmd in re.findall(r"`(?:torchrun|accelerate launch) ([^`]*?) -m ", scaling) for f in FLAG.findall(cmd)
     }
-    launcher |= set(re.findall(r"torchrun's\s+`(--[\w-]+)`", scaling))
+    launcher |= set(re.findall(r"(?:torchrun|accelerate)'s\s+`(--[\w-]+)`", scaling))
     ours = set(FLAG.findall(scaling)) - launcher
     assert launcher and ours, (launcher, ours)
     assert not ours - opts["train"], f"README gives {sorted(ours - opts['train'])} to lora_fast.train under a launcher"
