@@ -723,6 +723,14 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+RANK_ERROR_GRACE_S = 10.0
+"""How long a rank other than 0 waits before printing an option error that every rank meets alike. Rank 0 prints
+it; the launcher (torchrun, accelerate launch) then ends the other ranks during their wait, so the message shows
+once. A rank that fails first must not leave at once: torchrun would end rank 0 before it printed (a slower
+import, a busy node), and the job would end with exit codes and no message. Still alive after the wait (rank 0
+did not fail, or a launcher that ends no one), a rank prints the error itself, naming its rank."""
+
+
 def _rank_for_messages() -> int:
     """This process's torchrun rank, which decides who prints; 0 outside torchrun or when its variables are bad
     (then every process prints that error)."""
@@ -741,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run(parse_train_args(argv))
     except ConfigError as e:
         rank = _rank_for_messages()
-        if rank == 0 or isinstance(e, RankConfigError):  # every rank fails alike on bad options: say it once
-            print(f"lora-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        if rank and not isinstance(e, RankConfigError):
+            time.sleep(RANK_ERROR_GRACE_S)  # rank 0 says it, the launcher ends this rank
+        print(f"lora-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-fast train: interrupted before training started (or while saving); nothing was written",

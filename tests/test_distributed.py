@@ -555,23 +555,34 @@ def test_accelerate_launch_runs_ddp(setup):
 
 
 def test_errors_of_one_rank_are_printed_by_that_rank(monkeypatch, capsys):
-    """Bad options fail on every rank alike, so rank 0 alone prints them; an error that can arise on some ranks only
-    (LOCAL_RANK past this node's GPUs, no CUDA on this node) is printed by the rank it arose on, which says so —
-    it used to be printed by nobody (torchrun showed an exit status 2 and nothing else)."""
+    """Bad options fail on every rank alike, so rank 0 prints them, and another rank waits RANK_ERROR_GRACE_S
+    before printing them itself: torchrun ends it during the wait once rank 0 has failed, so the message shows once;
+    leaving at once, it had torchrun end a slower rank 0 before rank 0 printed, and the job ended with exit codes
+    alone (seen under accelerate launch). An error that can arise on some ranks only (LOCAL_RANK past this node's
+    GPUs, no CUDA on this node) is printed at once by the rank it arose on, which says so — it used to be printed by
+    nobody (torchrun showed an exit status 2 and nothing else)."""
     from lora_fast import train as T
     from lora_fast.train_args import RankConfigError
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    for error, printed in ((ConfigError("bad option"), ""),
-                           (RankConfigError("LOCAL_RANK=1 but only 1 GPU(s) here"),
-                            "lora-fast train: error (rank 1): LOCAL_RANK=1 but only 1 GPU(s) here\n")):
+    slept = []
+    monkeypatch.setattr(T.time, "sleep", slept.append)
+    for error, printed, waits in ((ConfigError("bad option"), "lora-fast train: error (rank 1): bad option\n", 1),
+                                  (RankConfigError("LOCAL_RANK=1 but only 1 GPU(s) here"),
+                                   "lora-fast train: error (rank 1): LOCAL_RANK=1 but only 1 GPU(s) here\n", 0)):
         def failing(opts, error=error):
             raise error
         monkeypatch.setattr(T, "run", failing)
+        slept.clear()
         assert T.main(["--output_dir", "/nonexistent/never-written"]) == 2
-        assert capsys.readouterr().err == printed
+        assert capsys.readouterr().err == printed and len(slept) == waits
+        assert all(t >= 5 for t in slept)  # a slower import or a busy node delays rank 0 by seconds
+    monkeypatch.setenv("RANK", "0")  # rank 0 prints at once
+    assert T.main(["--output_dir", "/nonexistent/never-written"]) == 2
+    assert capsys.readouterr().err.startswith("lora-fast train: error: LOCAL_RANK=1") and slept == []
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(RankConfigError, match="LOCAL_RANK=1 but only 1 GPU"):  # what D.init raises there
