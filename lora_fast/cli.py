@@ -290,18 +290,6 @@ def _check_finite_heads(model) -> None:
                                   "written")
 
 
-def _check_one_process() -> None:
-    """``lora-fast merge`` under a launcher of several processes (torchrun, accelerate launch) is refused: every
-    rank would merge into the one output, and all but the first would fail and keep their copy beside it."""
-    from lora_fast.distributed import torchrun_env
-
-    world = (torchrun_env() or {}).get("world_size", 1)
-    if world > 1:
-        raise ConfigError(f"lora-fast merge runs in one process, not under a launcher of {world} (WORLD_SIZE="
-                          f"{world}: each would write the same --output); run it as a plain command (python -m "
-                          "lora_fast merge ...), e.g. after the torchrun of `lora-fast train`")
-
-
 def _merge_main(argv) -> int:
     p = OptionParser(prog="lora-fast merge", description="Merge a LoRA adapter into its base model")
     p.add_argument("--adapter", required=True, help="adapter directory (a lora-fast train output, or PEFT's)")
@@ -316,7 +304,9 @@ def _merge_main(argv) -> int:
     try:
         if a.num_labels is not None and a.num_labels < 2:
             raise ConfigError(f"--num_labels must be at least 2, got {a.num_labels}")
-        _check_one_process()
+        from lora_fast.train import check_one_process
+
+        check_one_process(a, "lora-fast merge", verb="runs")
         check_path_encoding({"--adapter": a.adapter, "--output": a.output, "--model": a.model})
         out = merge(a.adapter, a.output, a.model, a.overwrite, num_labels=a.num_labels, seed=a.seed)
     except ConfigError as e:

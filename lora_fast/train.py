@@ -74,12 +74,15 @@ class Prepared:
     label_names: list[str] | None = None
 
 
-def check_one_process(opts, command: str) -> None:
-    """Refuse ``--distributed ddp|fsdp`` or a torchrun of several processes for a command that trains in one
-    process (``train()`` without a context, ``lora-fast sweep``)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or getattr(opts, "distributed", "none") in ("ddp", "fsdp"):
-        raise ConfigError(f"{command} trains in one process; only `lora-fast train` (python -m lora_fast.train) "
-                          "runs under torchrun")
+def check_one_process(opts, command: str, verb: str = "trains") -> None:
+    """Refuse ``--distributed ddp|fsdp`` or a launcher of several processes (torchrun, accelerate launch) for a
+    command that runs in one process (``train()`` without a context, ``lora-fast sweep``, ``lora-fast merge``: every
+    rank would write the one output, all but the first failing and keeping their copy beside it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 or getattr(opts, "distributed", "none") in ("ddp", "fsdp"):
+        launched = f" (WORLD_SIZE={world})" if world > 1 else ""
+        raise ConfigError(f"{command} {verb} in one process{launched}; only `lora-fast train` (python -m "
+                          "lora_fast.train) runs under torchrun: run it as a plain command")
 
 
 def checkpoint_label_order(config, names: list[str], splits: dict, model_name: str, log) -> tuple[list, dict]:
