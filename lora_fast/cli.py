@@ -47,10 +47,13 @@ def _pad_for_batches(model, tokenizer, log) -> None:
     """A classifier needs a padding id for batches of several texts (GPT-2 and Llama pool the last non-pad token;
     transformers refuses a batch without one). A PEFT adapter of such a base carries no tokenizer and its base
     none: the merged model had neither, and failed on any batch of two. As training does: the model's pad id for
-    the tokenizer where it has one, else EOS (or SEP) for both, said in one line."""
+    the tokenizer where it has one, else EOS (or SEP) for both, said in one line. A negative pad id (Llama-1's
+    config holds -1) names no token: it is none (transformers would pool a padded batch's last pad token)."""
     cfg_pad = model.config.pad_token_id
+    if isinstance(cfg_pad, int) and cfg_pad < 0:
+        cfg_pad = None
     if tokenizer is not None and tokenizer.pad_token_id is None and cfg_pad is not None \
-            and 0 <= cfg_pad < len(tokenizer):
+            and cfg_pad < len(tokenizer):
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(cfg_pad)
         log(f"lora-fast merge: the tokenizer pads with the model's pad_token_id {cfg_pad} ({tokenizer.pad_token!r})")
     elif cfg_pad is None:
