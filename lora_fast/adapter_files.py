@@ -228,6 +228,18 @@ class AdapterRead(NamedTuple):
     where: str
 
 
+def _load_error(e: BaseException) -> str:
+    """torch.load's error in one line (``lora-fast merge`` prints an error as one line): a weights-only refusal's
+    reason ("Unsupported global: ..."), which a paragraph of torch's advice over several lines surrounds; another
+    error's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return reason or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(e).__name__
+
+
 def _read_adapter(directory: Path) -> AdapterRead:
     """(config, {PEFT key: tensor}, weights file, second config, where the config comes from) from a directory in
     any of the accepted layouts (``AdapterRead``)."""
@@ -247,9 +259,9 @@ def _read_adapter(directory: Path) -> AdapterRead:
             obj = torch.load(bin_path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise ValueError(f"load_adapter: {bin_path} holds objects other than tensors and plain containers; "
-                             f"refusing to unpickle them (torch.load weights_only=True): {e}") from e
+                             f"refusing to unpickle them (torch.load weights_only=True): {_load_error(e)}") from e
         except Exception as e:  # truncated or not a torch file
-            raise ValueError(f"load_adapter: cannot read {bin_path}: {e}") from e
+            raise ValueError(f"load_adapter: cannot read {bin_path}: {_load_error(e)}") from e
         if isinstance(obj, dict) and "lora_state_dict" in obj:  # the tutorials' legacy layout
             state, embedded = obj["lora_state_dict"], obj.get("config")
             if embedded is not None and not isinstance(embedded, dict):  # dict() would read a list of pairs

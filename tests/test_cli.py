@@ -438,6 +438,25 @@ def test_merge_takes_a_legacy_bin_with_its_own_config(tmp_path, tiny_gpt2, capsy
     with torch.no_grad():
         assert_rel_close(merged(ids).logits, model(ids).logits, 1e-5, "merged legacy adapter")
 
+def test_merge_of_an_unreadable_legacy_bin_is_a_one_line_error(tmp_path, capsys):
+    """An ``adapter_model.bin`` that torch.load refuses (not a torch file; a pickle of objects other than tensors)
+    is an error of one line, as the CLI promises: torch's weights-only refusal is a paragraph of advice over
+    several lines, which was printed whole; now its reason is."""
+    import argparse
+
+    adir = tmp_path / "adapter"
+    adir.mkdir()
+    for content in ("not a torch file", {"lora_state_dict": {}, "config": argparse.Namespace(r=2)}):
+        if isinstance(content, str):
+            (adir / "adapter_model.bin").write_text(content)
+        else:
+            torch.save(content, adir / "adapter_model.bin")
+        assert cli_main(["merge", "--adapter", str(adir), "--output", str(tmp_path / "merged")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{adir / 'adapter_model.bin'} holds objects" in err, err
+        assert not (tmp_path / "merged").exists()
+
+
 def test_merge_refuses_a_non_finite_merge_and_expands_the_adapter_path(tmp_path, tiny_gpt2, capsys, monkeypatch):
     """An adapter holding NaN (a diverged run) was merged and saved with exit 0: refused by name, nothing written.
     ``--adapter ~/...`` is expanded as ``--output`` and ``--model`` are; a PEFT adapter (no tokenizer of its own)
