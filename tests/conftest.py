@@ -6,6 +6,8 @@ the kernel modules are imported here first, under ``TRITON_INTERPRET=1`` on a CP
 CPU test stays on the reference path.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,23 @@ if torch.distributed.is_available():
     # peft >= 0.21 reads torch.distributed.tensor.DTensor without importing the submodule; transformers 5 imports it,
     # transformers 4 does not (AttributeError in get_peft_model on an nn.Linear target, depending on test order)
     import torch.distributed.tensor  # noqa: F401
+
+
+_PYTEST_PID = os.getpid()
+_real_os_exit = os._exit
+
+
+def _os_exit_outside_pytest(status):
+    """``os._exit`` in pytest's own process ends the session with that status and no summary: ``os._exit(0)``
+    would read as a passing suite to CI (mutation round 7a's C43: a torchrun rank's exit taken by every process).
+    There it fails the test that called it; a forked child (multiprocessing, DataLoader workers) still exits."""
+    if os.getpid() == _PYTEST_PID:
+        pytest.fail(f"os._exit({status}) called in the pytest process itself: the suite would end there, "
+                    f"unreported (lora_fast leaves by os._exit only as a rank of a multi-process launch)")
+    _real_os_exit(status)
+
+
+os._exit = _os_exit_outside_pytest
 
 
 @pytest.fixture(autouse=True)
