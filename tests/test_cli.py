@@ -978,10 +978,14 @@ def test_merge_saves_the_bases_tokenizer_without_touching_the_models_pad_id(seq_
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token_id == 0  # the model's pad id: batches pad
 
 
-def test_merge_gives_a_classifier_without_a_pad_token_one(tmp_path):
+@pytest.mark.parametrize("pad_id", [None, -1], ids=["no-pad-id", "negative-pad-id"])
+def test_merge_gives_a_classifier_without_a_pad_token_one(tmp_path, pad_id):
     """A PEFT-style SEQ_CLS adapter of a GPT-2 classifier with no pad_token_id, whose base tokenizer has no pad
     token either: the merged model failed on any batch of two ("Cannot handle batch sizes > 1 if no padding token
-    is defined"). Now it pads with EOS, as training does, and a padded batch gives each text's own logits."""
+    is defined"). Now it pads with EOS, as training does, and a padded batch gives each text's own logits.
+    pad_token_id -1 (Llama-1's configs hold it: no pad token) is the same case: -1 was kept as the pad id, so the
+    merged tokenizer could not pad a batch, and a tokenizer given a pad token by hand padded with ids the model never
+    took for padding (it pooled the last pad token: other logits than the text's alone)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -996,49 +1000,15 @@ def test_merge_gives_a_classifier_without_a_pad_token_one(tmp_path):
     tok.pad_token = None  # as GPT-2's own tokenizer: no pad token
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=16,
-                                                     num_labels=2, bos_token_id=0, eos_token_id=0))
-    assert model.config.pad_token_id is None and tok.pad_token_id is None
+                                                     num_labels=2, bos_token_id=0, eos_token_id=0,
+                                                     pad_token_id=pad_id))
+    assert model.config.pad_token_id == pad_id and tok.pad_token_id is None
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     apply_lora(model, ["c_attn"], rank=2, modules_to_save=["score"])
     for layer in lora_layers(model).values():
         with torch.no_grad():
             layer.lora.lora_B.normal_(0, 0.1)
-    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
-    assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    mtok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    assert merged.config.pad_token_id == mtok.pad_token_id == 0
-    texts = ["a cat sat on the mat", "dog"]
-    with torch.no_grad():
-        batch = merged(**mtok(texts, return_tensors="pt", padding=True)).logits
-        alone = torch.cat([merged(**mtok([t], return_tensors="pt")).logits for t in texts])
-    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
-
-
-def test_merge_gives_a_classifier_whose_pad_id_is_negative_the_eos(tmp_path):
-    """A classifier whose config holds pad_token_id -1 (Llama-1's configs do: no pad token) and whose base tokenizer
-    has no pad token: -1 was kept as the pad id, so the merged tokenizer could not pad a batch, and a tokenizer given
-    a pad token by hand padded with ids the model never took for padding (it pooled the last pad token: other
-    logits than the text's alone). It pads with EOS now, as training does and as a classifier without a pad id."""
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        GPT2Config,
-        GPT2ForSequenceClassification,
-    )
-
-    from lora_fast import apply_lora, save_adapter
-    from lora_fast.data import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(["a cat sat on a mat", "the dog ran"] * 5, 300)  # EOS "<|endoftext|>" is id 0
-    tok.pad_token = None
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=16,
-                                                     num_labels=2, bos_token_id=0, eos_token_id=0, pad_token_id=-1))
-    model.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    apply_lora(model, ["c_attn"], rank=2, modules_to_save=["score"])
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
