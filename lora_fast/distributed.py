@@ -83,7 +83,7 @@ import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 from lora_fast.inject import unwrap_model
-from lora_fast.train_args import ConfigError, RankConfigError
+from lora_fast.train_args import ConfigError, RankConfigError, env_true
 
 MODES = ("auto", "none", "ddp", "fsdp")
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank k's dropout seed is far from the seeds a user tries by hand (42, 43..)
@@ -151,13 +151,10 @@ def check_accelerate_env(requested: str, fp16: bool, bf16: bool) -> None:
     (``--use_fsdp`` with ``--distributed fsdp``, ``--mixed_precision bf16`` with ``--bf16``) is taken; accelerate's
     other FSDP settings are not read (lora-fast's FSDP2 shards each transformer block).
     """
-    def on(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-    if on("ACCELERATE_USE_DEEPSPEED"):
+    if env_true("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError("accelerate launch --use_deepspeed: lora-fast train does not run DeepSpeed; launch with "
                           "--multi_gpu (DDP) or pass --distributed fsdp")
-    if on("ACCELERATE_USE_FSDP") and requested != "fsdp":
+    if env_true("ACCELERATE_USE_FSDP") and requested != "fsdp":
         raise ConfigError("accelerate launch --use_fsdp: lora-fast train does not read accelerate's FSDP settings "
                           "and would train DDP replicas; pass --distributed fsdp (lora-fast's FSDP2, each "
                           "transformer block sharded), or launch with --multi_gpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 from pathlib import Path
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
@@ -27,6 +28,12 @@ class ConfigError(ValueError):
 
 class RankConfigError(ConfigError):
     """A ConfigError that may arise on some ranks only (their GPUs, their environment): every rank prints it."""
+
+
+def env_true(name: str) -> bool:
+    """An environment switch set on, spelt as users and launchers do (``1``, ``true``, ``yes``, ``on``, any case,
+    spaces around): ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, accelerate's ``ACCELERATE_USE_FSDP``."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _pos_int(v):

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from lora_fast.train_args import ConfigError
+from lora_fast.train_args import ConfigError, env_true
 
 RANDOM_GPT2 = "gpt2-random"
 FALLBACK_NAMES = ("gpt2", "openai-community/gpt2")  # names whose architecture GPT2Config() reproduces
@@ -37,8 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tok
 
 def hub_offline_flag() -> bool:
     """True when the user asked for offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    env = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    env = env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE")
     try:
         from huggingface_hub import constants
 

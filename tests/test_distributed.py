@@ -11,7 +11,6 @@ The launcher runs with ``--standalone`` (a free rendezvous port: parallel test r
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -321,20 +320,6 @@ def test_fsdp_classification_two_epochs_equal_one_process(setup):
 
 
 # ---------------------------------------------------------------------------------------- in-process, no launcher
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A 1-process gloo group (file store: no port), destroyed afterwards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    # what still holds the destroyed group (FSDP2 models, DTensors, device meshes in reference cycles) is freed now:
-    # left to a later garbage collection, that ran inside a process forked afterwards (a DataLoader worker of
-    # test_dataloader_workers_ignore_sigint_under_torchrun), which then died of a segmentation fault
-    gc.collect()
-
-
 def _tiny_lora_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 

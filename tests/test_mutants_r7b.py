@@ -29,19 +29,6 @@ def no_launcher(monkeypatch):
     return monkeypatch
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A 1-process gloo group (file store: no port), destroyed afterwards (as in test_distributed.py)."""
-    import gc
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    gc.collect()  # FSDP2 models and DTensors holding the group are freed here, not in a later forked process
-
-
 # ------------------------------------------------------------------------------------------- launcher environment
 def test_torchrun_env_needs_both_rank_and_world_size_and_says_what_is_wrong(no_launcher):
     """D01: a process is under a launcher only when RANK and WORLD_SIZE are both set (a WORLD_SIZE left in a shell
@@ -458,11 +445,11 @@ def test_fsdp_evaluation_keeps_every_rank_in_lockstep(monkeypatch):
 # ------------------------------------------------------------------------------------------- options and labels
 def test_accelerate_s_own_spellings_of_true_are_read(no_launcher):
     """``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` are read as accelerate writes them and as a user does
-    (``True``, `` 1``, ``yes``): D09 took only the exact lowercase strings, and ``ACCELERATE_USE_FSDP=True`` trained
-    DDP replicas without a word."""
+    (``True``, `` 1``, ``yes``, ``on``: accelerate's str_to_bool takes ``on``): D09 took only the exact lowercase
+    strings, and ``ACCELERATE_USE_FSDP=True`` trained DDP replicas without a word."""
     for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION"):
         no_launcher.delenv(k, raising=False)
-    for value in ("True", " 1", "YES", "true"):
+    for value in ("True", " 1", "YES", "true", "On"):
         no_launcher.setenv("ACCELERATE_USE_FSDP", value)
         with pytest.raises(ConfigError, match="--use_fsdp"):
             D.check_accelerate_env("auto", fp16=False, bf16=False)
