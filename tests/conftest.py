@@ -8,6 +8,7 @@ CPU test stays on the reference path.
 
 import gc
 import os
+import signal
 
 import pytest
 import torch
@@ -38,6 +39,12 @@ def _os_exit_outside_pytest(status):
 
 
 os._exit = _os_exit_outside_pytest
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # A shell without job control starts a background job (`pytest &`, `nohup pytest`) with SIGINT ignored, and
+    # Python then keeps it ignored, as do the processes the tests start. lora_fast rightly leaves an ignored stop
+    # signal ignored, so the tests of its Ctrl-C handling would fail there: they run under Python's usual handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
