@@ -658,15 +658,20 @@ def test_a_relative_path_of_several_directories_is_a_missing_directory_not_a_hub
 
 def test_an_encoder_saved_as_a_decoder_trains_as_a_causal_lm():
     """``check_causal`` refuses an encoder as a causal LM unless its config says ``is_decoder`` (its docstring; the
-    README's "a checkpoint saved with is_decoder true"): M10 refused every BERT-family model, decoder or not."""
+    README's "a checkpoint saved with is_decoder true"): M10 refused every BERT-family model, decoder or not. XLM's
+    own flag is ``causal`` (its comment): an XLM trained as a causal LM (``xlm-clm-*``) is a decoder (M11: every
+    XLM was refused)."""
     from types import SimpleNamespace
 
     from lora_fast.train_model import check_causal
 
     check_causal(SimpleNamespace(model_type="bert", is_decoder=True), "bert-as-decoder")
     check_causal(SimpleNamespace(model_type="gpt2"), "gpt2")
+    check_causal(SimpleNamespace(model_type="xlm", causal=True), "xlm-clm")
     with pytest.raises(ConfigError, match="is an encoder"):
         check_causal(SimpleNamespace(model_type="bert", is_decoder=False), "bert")
+    with pytest.raises(ConfigError, match="is an encoder"):
+        check_causal(SimpleNamespace(model_type="xlm", causal=False), "xlm-mlm")
 
 
 def test_a_tokenizer_without_pad_or_eos_pads_with_its_sep():
@@ -815,3 +820,112 @@ def test_a_coordinated_stop_is_an_interrupted_run_not_a_completed_one(lm, no_lau
     assert m["interrupted"] and m["steps"] == 2 and "all stopped at step 2/3" in err
     assert "the run completes" not in err
     assert (Path(opts.output_dir) / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------- train_model.py: hub probe, base, devices
+def test_the_hub_probe_connects_to_the_endpoint_s_port_or_to_the_proxy(monkeypatch):
+    """``hub_reachable`` opens a TCP connection to the endpoint (``HF_ENDPOINT`` overrides it) or, when one is set,
+    to the HTTPS proxy — ``HTTPS_PROXY`` or the usual lower-case ``https_proxy`` — at the URL's port, else the
+    scheme's (http 80, https 443). M01: an http endpoint without a port was probed at 443; M02: ``https_proxy``
+    was not read; M03: the proxy was never probed (behind one, the hub counted as unreachable and ``gpt2`` fell back
+    to random weights). The connection is a stand-in: what is checked is where it goes."""
+    from lora_fast import train_model as TM
+
+    asked = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout=None):
+        asked.append(address)
+        return Connection()
+
+    monkeypatch.setattr(TM.socket, "create_connection", connect)
+    monkeypatch.setattr(TM, "hub_offline_flag", lambda: False)
+    for var in ("HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert TM.hub_reachable() and asked[-1] == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
+    assert TM.hub_reachable() and asked[-1] == ("hub.example", 80)
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setenv("https_proxy", "proxy.example:3128")
+    assert TM.hub_reachable() and asked[-1] == ("proxy.example", 3128)
+    monkeypatch.setenv("HTTPS_PROXY", "http://upper.example")
+    assert TM.hub_reachable() and asked[-1] == ("upper.example", 80)
+
+
+def test_the_random_base_is_drawn_from_its_seed_without_moving_the_caller_s_stream(monkeypatch):
+    """``random_gpt2`` draws the weights from ``seed`` alone, in a forked random stream: the same seed gives the same
+    base whatever the caller's stream, and the caller's stream continues as if no model had been built (M05: the
+    draws moved it; lora_fast's own commands seed again before drawing, a library caller would not). GPT2Config's
+    defaults are shrunk to one tiny layer (what is checked is the random stream, not the 124M architecture; the
+    class itself is patched, as transformers' lazy module hands out its own binding of the name)."""
+    from transformers import GPT2Config
+
+    from lora_fast.train_model import random_gpt2
+
+    init = GPT2Config.__init__
+    monkeypatch.setattr(GPT2Config, "__init__", lambda self, **kw: init(
+        self, **{"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 8, "vocab_size": 16, **kw}))
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    a = random_gpt2(seed=3)
+    assert a.transformer.wte.weight.shape == (16, 8)
+    assert torch.equal(torch.rand(4), expected)
+    b = random_gpt2(seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_gpt2_random_is_refused_as_a_model_of_another_task():
+    """``gpt2-random`` is GPT-2 with a causal-LM or a sequence-classification head: a merge of a token-classification
+    (or QA, seq2seq) adapter into it is refused, naming why (M06: a GPT-2 LM, without the adapter's head, was built
+    and returned for every task)."""
+    from lora_fast.train_model import load_base_model
+
+    for task in ("token-classification", "question-answering", "seq2seq-lm", "feature-extraction"):
+        with pytest.raises(ConfigError, match=f"causal-LM or sequence-classification GPT-2, not a {task} model"):
+            load_base_model("gpt2-random", task)
+
+
+def test_a_token_classifier_gets_the_number_of_labels_asked(lm):
+    """``num_labels`` reaches both labelled heads (``LABELLED_TASKS``): a token-classification base (``lora-fast
+    merge`` of a TOKEN_CLS adapter) has as many outputs as the adapter's labels (M35: only sequence classification
+    got them; a 5-label token classifier was built with the config's 2)."""
+    from lora_fast.train_model import load_base_model
+
+    for task in ("token-classification", "classification"):
+        model, _ = load_base_model(str(lm.root / "tiny"), task, num_labels=5)
+        head = model.classifier if task == "token-classification" else model.score
+        assert model.config.num_labels == head.out_features == 5, task
+
+
+def test_a_stream_closed_under_a_message_drops_it():
+    """``Unfailing`` drops a write to a closed stream (its docstring: "ValueError: closed"), as it drops OSError's
+    (M17: the ValueError of a closed stderr ended the training run)."""
+    import io
+
+    from lora_fast.train_model import Unfailing
+
+    closed = io.StringIO()
+    closed.close()
+    stream = Unfailing(closed)
+    assert stream.write("a line") == 0
+    stream.flush()
+
+
+def test_tf32_is_taken_from_compute_capability_8_0(monkeypatch):
+    """``--tf32`` needs compute capability 8.0 or newer (``check_tf32``'s docstring: Ampere): an A100 (8.0) and an
+    RTX 3090 (8.6) take it, a T4 (7.5) does not (M20: 8.x was refused too). CUDA is a stand-in: what is checked is
+    the decision."""
+    from lora_fast.train_model import check_tf32
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    for capability, ok in (((8, 0), True), ((8, 6), True), ((9, 0), True), ((7, 5), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        if ok:
+            check_tf32(True, torch.device("cuda", 0))
+        else:
+            with pytest.raises(ConfigError, match="compute capability 8.0"):
+                check_tf32(True, torch.device("cuda", 0))
