@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,15 +48,19 @@ def hub_offline_flag() -> bool:
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face endpoint (or the HTTPS proxy, when one is set) accepts a TCP connection within
-    ``timeout`` seconds, name resolution included. ``HF_ENDPOINT`` overrides the endpoint, as in huggingface_hub."""
+    """Whether the Hugging Face endpoint (or its proxy, when one is set) accepts a TCP connection within
+    ``timeout`` seconds, name resolution included. ``HF_ENDPOINT`` overrides the endpoint, as in huggingface_hub.
+    The proxy is the one huggingface_hub's HTTP client (httpx; requests before it) would take: urllib's reading
+    of ``https_proxy``/``HTTPS_PROXY`` (lower case first), else ``all_proxy``, unless ``no_proxy`` names the host
+    (a local mirror reached directly while a proxy serves the rest)."""
     if hub_offline_flag():
         return False
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urlparse(endpoint)
-    proxy = os.environ.get(f"{url.scheme.upper()}_PROXY") or os.environ.get(f"{url.scheme}_proxy")
-    if proxy:  # behind a proxy the hub is reachable when the proxy is
-        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass_environment(url.hostname or "", proxies):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # the hub is reachable when the proxy is
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     result = []
 

@@ -823,12 +823,10 @@ def test_a_coordinated_stop_is_an_interrupted_run_not_a_completed_one(lm, no_lau
 
 
 # --------------------------------------------------------------------- train_model.py: hub probe, base, devices
-def test_the_hub_probe_connects_to_the_endpoint_s_port_or_to_the_proxy(monkeypatch):
-    """``hub_reachable`` opens a TCP connection to the endpoint (``HF_ENDPOINT`` overrides it) or, when one is set,
-    to the HTTPS proxy — ``HTTPS_PROXY`` or the usual lower-case ``https_proxy`` — at the URL's port, else the
-    scheme's (http 80, https 443). M01: an http endpoint without a port was probed at 443; M02: ``https_proxy``
-    was not read; M03: the proxy was never probed (behind one, the hub counted as unreachable and ``gpt2`` fell back
-    to random weights). The connection is a stand-in: what is checked is where it goes."""
+@pytest.fixture
+def hub_probes(monkeypatch):
+    """The addresses ``hub_reachable`` connects to (each connection a stand-in that succeeds), from an environment
+    without hub, proxy or offline variables."""
     from lora_fast import train_model as TM
 
     asked = []
@@ -843,16 +841,46 @@ def test_the_hub_probe_connects_to_the_endpoint_s_port_or_to_the_proxy(monkeypat
 
     monkeypatch.setattr(TM.socket, "create_connection", connect)
     monkeypatch.setattr(TM, "hub_offline_flag", lambda: False)
-    for var in ("HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+    for var in ("HF_ENDPOINT", "REQUEST_METHOD", *(f"{s}_proxy" for s in ("https", "http", "all", "no"))):
         monkeypatch.delenv(var, raising=False)
-    assert TM.hub_reachable() and asked[-1] == ("huggingface.co", 443)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+    def probe():
+        assert TM.hub_reachable()
+        return asked[-1]
+    return probe
+
+
+def test_the_hub_probe_connects_to_the_endpoint_s_port_or_to_the_proxy(hub_probes, monkeypatch):
+    """``hub_reachable`` opens a TCP connection to the endpoint (``HF_ENDPOINT`` overrides it) or, when one is set,
+    to the HTTPS proxy — ``HTTPS_PROXY`` or the usual lower-case ``https_proxy``, which wins as in urllib (and so
+    httpx and requests) — at the URL's port, else the scheme's (http 80, https 443). M01: an http endpoint without a
+    port was probed at 443; M02: ``https_proxy`` was not read; M03: the proxy was never probed (behind one, the hub
+    counted as unreachable and ``gpt2`` fell back to random weights)."""
+    assert hub_probes() == ("huggingface.co", 443)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
-    assert TM.hub_reachable() and asked[-1] == ("hub.example", 80)
+    assert hub_probes() == ("hub.example", 80)
     monkeypatch.delenv("HF_ENDPOINT")
-    monkeypatch.setenv("https_proxy", "proxy.example:3128")
-    assert TM.hub_reachable() and asked[-1] == ("proxy.example", 3128)
     monkeypatch.setenv("HTTPS_PROXY", "http://upper.example")
-    assert TM.hub_reachable() and asked[-1] == ("upper.example", 80)
+    assert hub_probes() == ("upper.example", 80)
+    monkeypatch.setenv("https_proxy", "proxy.example:3128")
+    assert hub_probes() == ("proxy.example", 3128)
+
+
+def test_the_hub_probe_follows_all_proxy_and_no_proxy(hub_probes, monkeypatch):
+    """The probe goes where huggingface_hub's client would: to ``ALL_PROXY`` when no HTTPS proxy is set, and
+    straight to an endpoint that ``NO_PROXY`` names (a local mirror beside a proxy for the rest). The probe once
+    read ``HTTPS_PROXY`` alone: it asked a proxy the client never uses, and with that proxy down ``gpt2`` fell back
+    to random weights while the mirror was up."""
+    monkeypatch.setenv("ALL_PROXY", "http://all.example:8080")
+    assert hub_probes() == ("all.example", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_probes() == ("proxy.example", 3128)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.internal:8443")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    assert hub_probes() == ("mirror.internal", 8443)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    assert hub_probes() == ("proxy.example", 3128)
 
 
 def test_the_random_base_is_drawn_from_its_seed_without_moving_the_caller_s_stream(monkeypatch):
