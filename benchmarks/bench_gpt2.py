@@ -37,6 +37,7 @@ import argparse
 import gc
 import re
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -309,8 +310,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.shape['seq']}, {args.warmup}, {args.rep}")
     if args.shape["seq"] > 1024 and args.model_path:
         p.error("--seq > 1024 exceeds a pretrained GPT-2's positions")
+    if args.model_path:
+        check_model_path(p, args.model_path, args.shape)
     utils.check_common_args(p, args)
     return args
+
+
+def check_model_path(p: argparse.ArgumentParser, path: str, shape: dict) -> None:
+    """``--model-path`` holds a GPT-2 of the benchmark's shape with positions for ``--seq``, or the run stops here
+    in one line: found while timing, the error read as every provider's failure, which dropped their earlier rows
+    of this configuration from the CSV (a typo in the path emptied it, exit status 0 under ``--no-check``)."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        why = "no such directory" if not Path(path).expanduser().exists() else str(e).splitlines()[0]
+        p.error(f"--model-path {path!r}: no model config loads from it ({why})")
+    if c.model_type != "gpt2":
+        p.error(f"--model-path {path!r} holds a {c.model_type} model, not GPT-2")
+    got = {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "vocab": c.vocab_size}
+    want = {k: shape[k] for k in got}
+    if got != want:
+        p.error(f"--model-path {path!r}: its architecture {got} is not the benchmark's {shape['model']} {want}")
+    if shape["seq"] > c.n_positions:
+        p.error(f"--seq {shape['seq']} exceeds the {c.n_positions} positions of --model-path {path!r}")
 
 
 def main(argv=None) -> int:

@@ -376,6 +376,24 @@ def test_gpt2_bench_refuses_a_sequence_longer_than_the_models_positions(tmp_path
         bench_gpt2.build_model(shape, torch.device("cpu"), str(tmp_path))
 
 
+def test_gpt2_bench_refuses_a_model_path_that_cannot_serve_before_anything_runs(tmp_path, capsys):
+    """A --model-path that is missing or of another shape is a usage error: found while timing, it was each
+    provider's failure, and that dropped their earlier rows of this configuration from the CSV."""
+    from transformers import GPT2Config
+
+    shape = dict(bench_gpt2.QUICK_SET)
+    dims = {"n_layer": shape["n_layer"], "n_head": shape["n_head"], "vocab_size": shape["vocab"]}
+    GPT2Config(n_embd=shape["n_embd"], n_positions=64, **dims).save_pretrained(tmp_path / "good")
+    GPT2Config(n_embd=64, **dims).save_pretrained(tmp_path / "narrow")
+    GPT2Config(n_embd=shape["n_embd"], n_positions=32, **dims).save_pretrained(tmp_path / "short")
+    assert bench_gpt2.parse_args(["--quick", "--model-path", str(tmp_path / "good")]).model_path
+    for name, said in [("missing", "no such directory"), ("narrow", "its architecture"),
+                       ("short", "--seq 64 exceeds the 32 positions")]:
+        with pytest.raises(SystemExit) as e:
+            bench_gpt2.parse_args(["--quick", "--no-check", "--model-path", str(tmp_path / name)])
+        assert e.value.code == 2 and said in capsys.readouterr().err, name
+
+
 def test_rel_err_is_relative_to_the_reference():
     ref, out = torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0])  # ‖ref‖ = 5, ‖out‖ = 10, ‖out − ref‖ = 5
     assert utils.rel_err(out, ref) == pytest.approx(math.hypot(3, 4) / math.hypot(3, 4))
