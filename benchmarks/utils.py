@@ -454,7 +454,8 @@ def timeable_providers(providers: Iterable[str], device: torch.device) -> list[s
 
     Raises:
         SystemExit: a GPU run asked for a Triton provider with ``TRITON_INTERPRET`` set: its figures would be the
-            interpreter's, recorded under the GPU's name.
+            interpreter's, recorded under the GPU's name; or, off a GPU, every provider asked for is a Triton one
+            (nothing would be timed: the run printed the shapes and exited 0, writing nothing).
     """
     providers = list(providers)
     triton = [p for p in providers if p in TRITON_PROVIDERS]
@@ -469,7 +470,12 @@ def timeable_providers(providers: Iterable[str], device: torch.device) -> list[s
     for name in triton:
         print(f"note: provider {name} skipped: without a GPU its Triton kernels run in the interpreter, whose "
               "timings are never kernel timings. Run this on a GPU (benchmarks/run_gpu.sh).")
-    return [p for p in providers if p not in triton]
+    kept = [p for p in providers if p not in triton]
+    if providers and not kept:
+        raise SystemExit(f"nothing to time on {device}: the providers asked for ({', '.join(triton)}) run Triton "
+                         "kernels, timed on a GPU only; add a PyTorch provider (base, reference, peft) or run this "
+                         "on a GPU")
+    return kept
 
 
 @contextlib.contextmanager

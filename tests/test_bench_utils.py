@@ -436,6 +436,15 @@ def test_timeable_providers_skip_triton_off_gpu_and_refuse_the_interpreter_on_on
     assert utils.timeable_providers(asked, torch.device("cuda")) == asked
 
 
+def test_timeable_providers_refuse_a_cpu_run_left_with_nothing_to_time(capsys):
+    """Only Triton providers asked for off a GPU: an error, not a run that prints the shapes, writes nothing and
+    exits 0."""
+    with pytest.raises(SystemExit, match=r"nothing to time on cpu: the providers asked for \(lora_fast, "
+                                         r"peft_patched\) run Triton kernels"):
+        utils.timeable_providers(["lora_fast", "peft_patched"], torch.device("cpu"))
+    assert utils.timeable_providers(["lora_fast", "base"], torch.device("cpu")) == ["base"]
+
+
 def test_peft_patched_is_a_triton_provider_that_refuses_layers_left_on_pefts_path():
     """``peft_patched`` times PEFT's model after ``patch_peft``: it is skipped off a GPU like every Triton provider,
     runs with the default kernel rules, and a LoRA layer that would stay on PEFT's own path (DoRA here) is an
