@@ -425,7 +425,9 @@ def _train(opts, prep: Prepared, on_step, log, copy_model: bool, ctx, device: to
         if writer:
             for k, v in r.items():
                 writer.add_scalar(f"eval/{k}", v, step)
-        say(f"step {step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in r.items()))
+        # an accuracy in percent, as the epoch and test lines give it ("eval accuracy 1" read as one example)
+        say(f"step {step}: " + ", ".join(f"eval {k} {v:.2%}" if k == "accuracy" else f"eval {k} {v:.4g}"
+                                         for k, v in r.items()))
 
     def epoch_accuracy():
         tr = evaluate(eval_model, loaders["train_eval"], device, amp, eval_cap, ctx)

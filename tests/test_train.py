@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -302,7 +303,7 @@ def test_a_classifier_checkpoint_keeps_its_label_order(tiny_gpt2, tmp_path):
             assert any("is a classifier of labels ['ham', 'spam'], not the data's" in m for m in logged), logged
 
 
-def test_classification_csv(tiny_gpt2, tmp_path):
+def test_classification_csv(tiny_gpt2, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -311,6 +312,8 @@ def test_classification_csv(tiny_gpt2, tmp_path):
                    "--epochs", "3", "--batch_size", "8", "--lr", "0.01", "--max_length", "32", "--eval_steps", "100",
                    "--output_dir", str(out), "--no-progress"])
     assert rc == 0
+    err = capsys.readouterr().err  # every accuracy in percent: the evaluation's too, not "eval accuracy 1"
+    assert re.search(r"step \d+: eval loss [\d.]+, eval accuracy \d+\.\d\d%", err), err
     m = json.loads((out / "training_metrics.json").read_text())
     epochs = m["epochs"]
     assert [e["epoch"] for e in epochs] == [1.0, 2.0, 3.0]
