@@ -42,7 +42,12 @@ def main(argv=None) -> int:
                     "init)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    res = {b: run_backend(b, args, out) for b in ("triton", "reference")}
+    from lora_fast.train_args import ConfigError
+
+    try:  # an option lora-fast train refuses (off a GPU: --backend triton without TRITON_INTERPRET=1) in one line
+        res = {b: run_backend(b, args, out) for b in ("triton", "reference")}
+    except ConfigError as e:
+        ap.error(str(e))
     lt, lr = res["triton"]["train_loss"], res["reference"]["train_loss"]
     rel = [abs(a - b) / abs(b) for a, b in zip(lt, lr, strict=True)]
     ev = {b: m["final_eval_loss"] for b, m in res.items()}

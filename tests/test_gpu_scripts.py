@@ -151,6 +151,22 @@ def test_train_parity_compares_the_two_backends(tmp_path):
         assert metrics["backend_used"] == backend  # the fused run really took the kernels
 
 
+def test_train_parity_refuses_what_lora_fast_train_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    """Off a GPU without TRITON_INTERPRET=1 the triton run's refusal was a traceback of lora-fast train's
+    ConfigError; it is a usage error now, as the other GPU scripts' (exit status 2, one line)."""
+    from benchmarks import train_parity
+    from lora_fast.train_args import ConfigError
+
+    def refuse(backend, args, out):
+        raise ConfigError("--backend triton cannot run here: CPU tensor without TRITON_INTERPRET=1")
+
+    monkeypatch.setattr(train_parity, "run_backend", refuse)
+    with pytest.raises(SystemExit) as e:
+        train_parity.main(["--out", str(tmp_path), "--steps", "2"])
+    assert e.value.code == 2
+    assert "error: --backend triton cannot run here: CPU tensor without" in capsys.readouterr().err
+
+
 def test_train_parity_summary_and_exit_status(tmp_path, monkeypatch):
     """The JSON's differences are relative to the reference curve, the largest and the last; the exit status
     compares the last with ``--tol``."""
