@@ -323,7 +323,7 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         if reader.fieldnames != CSV_COLUMNS:
             raise ValueError(f"{path} does not have the results columns: expected {CSV_COLUMNS}, found "
-                             f"{reader.fieldnames}; refusing to overwrite it")
+                             f"{reader.fieldnames}; the file is left untouched")
         return list(reader)
 
 

@@ -239,7 +239,7 @@ def test_a_csv_with_other_columns_or_column_order_is_refused_untouched(tmp_path)
     for header in (utils.CSV_COLUMNS[::-1], utils.CSV_COLUMNS[:-1], [*utils.CSV_COLUMNS, "extra"]):
         text = ",".join(header) + "\n"
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(ValueError, match="refusing to overwrite"):
+        with pytest.raises(ValueError, match="left untouched"):
             utils.upsert_csv(path, [row()])
         assert path.read_text(encoding="utf-8") == text
 

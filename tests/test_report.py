@@ -378,6 +378,17 @@ def test_main_says_in_one_line_that_the_csv_has_no_rows(tmp_path, capsys):
     assert "does not exist" not in err[0]
 
 
+def test_main_says_in_one_line_that_the_csv_has_other_columns_and_leaves_it(tmp_path, capsys):
+    """A CSV that is not the benchmarks' (another tool's, a hand-made table): one line naming the file and that it
+    is left untouched (report only reads; the message once said it refused to overwrite the file)."""
+    path = tmp_path / "results.csv"
+    path.write_text("name,value\nx,1\n", encoding="utf-8")
+    rc, err = run_main(capsys, path, tmp_path / "out")
+    assert rc != 0 and len(err) == 1 and str(path) in err[0] and "left untouched" in err[0], err
+    assert "overwrite" not in err[0] and path.read_text(encoding="utf-8") == "name,value\nx,1\n"
+    assert not (tmp_path / "out").exists()
+
+
 def bad_csv(tmp_path, bad: dict, **change) -> tuple[Path, int]:
     """A CSV of good rows and ``bad`` changed by ``change``; returns its path and the bad row's line."""
     good = [layer_row("base", "full", "time", [1.0]), layer_row("peft", "full", "time", [2.0]),
