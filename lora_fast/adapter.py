@@ -79,6 +79,7 @@ from lora_fast.inject import (
     apply_lora,
     check_trainable_before_wrap,
     distributed_wrapper,
+    is_peft_layer,
     lora_layers,
     modules_saved_whole,
     multihead_out_projs,
@@ -501,7 +502,7 @@ def _check_target_type(name: str, module: nn.Module, who: str) -> None:
     if isinstance(module, (LinearWithLoRA,) + LORA_BASE_TYPES):
         return
     cls = f"{type(module).__module__}.{type(module).__qualname__}"  # PEFT's layer is a "Linear" too
-    if type(module).__module__.startswith("peft."):
+    if type(module).__module__.startswith("peft.") or is_peft_layer(module):  # patch_peft's subclass too
         hint = " — a PEFT layer left in the model (take PEFT's layers off first: PeftModel.unload())"
     else:
         hint = " (load this adapter with PEFT)" if who == "load_adapter" else " (build this adapter with PEFT)"

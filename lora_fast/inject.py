@@ -160,6 +160,12 @@ def _inside_saved(name: str, entries) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(e)}($|\..*)", name) for e in entries)
 
 
+def is_peft_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PEFT's tuner layers (a ``base_layer`` wrapper), patched by ``patch_peft`` too: that
+    swaps in a class of lora_fast's (``lora_fast.peft_compat``) derived from PEFT's, so its own module is not PEFT's."""
+    return hasattr(module, "base_layer") and any(c.__module__.startswith("peft.") for c in type(module).__mro__)
+
+
 def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=None) -> list[str]:
     """Full names of the modules that ``apply_lora`` would wrap (already-wrapped ones included).
 
@@ -171,7 +177,7 @@ def find_target_modules(model: nn.Module, target_modules=None, modules_to_save=N
         ValueError: nothing matches (the message names the targets and lists candidate module names), or a
             matching module is neither nn.Linear nor Conv1D.
     """
-    if any(type(m).__module__.startswith("peft.") and hasattr(m, "base_layer") for m in model.modules()):
+    if any(is_peft_layer(m) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already holds PEFT LoRA layers: lora_fast would nest adapters "
                          "inside PEFT's. Use lora_fast.patch_peft(model) to run PEFT's layers through lora_fast, or "
                          "apply_lora on the base model")

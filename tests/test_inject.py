@@ -401,14 +401,21 @@ def test_multihead_attention_out_proj_is_never_silently_inert():
 
 def test_peft_wrapped_model_is_refused():
     """apply_lora on a model PEFT has already wrapped would nest adapters (all-linear wrapped PEFT's own lora_A and
-    base_layer): an error that names the ways forward."""
+    base_layer): an error that names the ways forward — also once patch_peft has patched its layers."""
     peft = pytest.importorskip("peft", reason=MISSING["peft"])
+    from lora_fast.peft_compat import patch_peft
+
     pm = peft.get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)),
                              peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    for targets in ("all-linear", ["c_attn"]):
-        with pytest.raises(ValueError, match="already holds PEFT LoRA layers.*patch_peft"):
-            apply_lora(pm, targets)
-    assert not lora_layers(pm)
+    for patched in (False, True):  # patch_peft swaps in a lora_fast subclass of PEFT's layer: still PEFT's layers
+        if patched:
+            patch_peft(pm)
+        for targets in ("all-linear", ["c_attn"], r".*attn\..*"):
+            with pytest.raises(ValueError, match="already holds PEFT LoRA layers.*patch_peft"):
+                apply_lora(pm, targets)
+        with pytest.raises(ValueError, match="c_attn' is a .*Linear.*a PEFT layer left in the model"):
+            apply_lora(pm, config=peft.LoraConfig(target_modules=["c_attn"]))
+        assert not lora_layers(pm)
 
 
 # ------------------------------------------------------------------------------------------ modules_to_save
