@@ -21,6 +21,7 @@ from lora_fast.inject import (
     CLEARED_TIE,
     _forward_reads_tie_flag,
     _set_submodule,
+    is_peft_layer,
     lora_layers,
     modules_saved_whole,
     parameter_names,
@@ -34,10 +35,17 @@ from lora_fast.inject import (
 from lora_fast.layer import LinearWithLoRA
 from lora_fast.module_names import COMPILE_SEGMENT
 
+# PEFT's own method for each of these, named when they are called on a model holding PEFT's LoRA layers
+_PEFT_METHOD = {"merge_lora": "merge_adapter()", "unmerge_lora": "unmerge_adapter()",
+                "merge_and_unload": "merge_and_unload()", "unload": "unload()", "disable_adapter": "disable_adapter()"}
+
 
 def _layers_or_raise(model: nn.Module, who: str) -> dict[str, LinearWithLoRA]:
     layers = lora_layers(model)
     if not layers:
+        if any(is_peft_layer(m) for m in model.modules()):  # a PeftModel, patched by patch_peft or not
+            raise ValueError(f"{who}: {type(model).__name__} holds PEFT's LoRA layers, not lora_fast's (patch_peft "
+                             f"keeps them PEFT's); use PEFT's own model.{_PEFT_METHOD[who]}")
         raise ValueError(f"{who}: {type(model).__name__} has no lora_fast LoRA layer (apply_lora first)")
     return layers
 

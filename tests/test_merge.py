@@ -23,7 +23,7 @@ from lora_fast import (
     unmerge_lora,
 )
 from tests.test_inject import TARGETS, tiny_gpt2
-from tests.utils import assert_rel_close, transformers_major
+from tests.utils import MISSING, assert_rel_close, transformers_major
 
 
 def _trained(dropout=0.0):
@@ -518,3 +518,22 @@ def test_merged_t5_family_reloads_with_the_adapters_logits(tmp_path, kind):
             merged.save_pretrained(tmp_path / case)
             again = cls.from_pretrained(tmp_path / case).eval()
         assert_rel_close(_t5_logits(again, ids), want, 1e-5, f"merged {kind} after save/load, {case}")
+
+
+def test_a_peft_model_is_pointed_to_peft_s_own_method():
+    """merge_lora & co on a PeftModel (patched or not): PEFT's method by name, not 'apply_lora first'."""
+    peft = pytest.importorskip("peft", reason=MISSING["peft"])
+    from lora_fast import patch_peft
+
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(target_modules=["c_attn"], r=2, fan_in_fan_out=True))
+    for patched in (False, True):
+        if patched:
+            patch_peft(model)
+        for fn, method in ((merge_lora, "merge_adapter"), (unmerge_lora, "unmerge_adapter"),
+                           (merge_and_unload, "merge_and_unload"), (unload, "unload")):
+            with pytest.raises(ValueError, match=rf"^{fn.__name__}: PeftModel holds PEFT's LoRA layers, not "
+                                                 rf"lora_fast's .*model\.{method}\(\)$"):
+                fn(model)
+        with pytest.raises(ValueError, match=r"disable_adapter: PeftModel holds PEFT's .*model\.disable_adapter\(\)$"):
+            with disable_adapter(model):
+                pass
