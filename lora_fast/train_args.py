@@ -134,15 +134,20 @@ def suggestion(name: str, known) -> str | None:
 
 class OptionParser(argparse.ArgumentParser):
     """An ArgumentParser whose "unrecognized arguments" error suggests the option meant (``suggestion``): HF's
-    ``--learning_rate`` is lora-fast's ``--lr``, ``--rnak`` its ``--rank``."""
+    ``--learning_rate`` is lora-fast's ``--lr``, ``--rnak`` its ``--rank``. PEFT's ``--r``, a prefix of several
+    options, is argparse's "ambiguous option": its alias is named there too."""
 
     def error(self, message: str):
+        known = [s[2:] for s, a in self._option_string_actions.items()  # hidden ones: the command refuses them
+                 if s.startswith("--") and a.help is not argparse.SUPPRESS]
         if message.startswith("unrecognized arguments:"):
-            known = [s[2:] for s, a in self._option_string_actions.items()  # hidden ones: the command refuses them
-                     if s.startswith("--") and a.help is not argparse.SUPPRESS]
             flags = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
             hints = [f"{f}: did you mean --{m}?" for f in flags if (m := suggestion(f[2:], known))]
             message += f" ({'; '.join(hints)})" if hints else ""
+        elif message.startswith("ambiguous option: --"):  # "ambiguous option: --r could match --rank, ..."
+            flag = message.split()[2].split("=")[0]
+            if ALIASES.get(flag[2:]) in known:
+                message += f" ({flag}: did you mean --{ALIASES[flag[2:]]}?)"
         super().error(message)
 
 

@@ -110,6 +110,19 @@ def test_an_unknown_flag_suggests_the_option_meant(capsys, command):
     assert command != "sweep" or "--save_strategy: " not in err  # not the --save_steps a sweep refuses
 
 
+def test_peft_s_r_as_a_flag_names_the_rank(capsys):
+    """``--r 8`` (LoraConfig's name) is a prefix of several options: argparse's "ambiguous option" error, which now
+    also names lora-fast's ``--rank`` as the unrecognized PEFT names do (``ALIASES``); ``--r=8`` alike. A prefix that
+    is no alias gets argparse's message alone."""
+    for argv, hint in ((["train", "--r", "8"], " (--r: did you mean --rank?)"),
+                       (["train", "--r=8"], " (--r: did you mean --rank?)"), (["merge", "--o", "x"], "")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "error: ambiguous option: " in err and err.endswith(" could match " + (
+            "--rank, --resume_from_checkpoint" if argv[0] == "train" else "--output, --overwrite") + hint), err
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def _bad(tmp_path, tiny, extra):
     return ["train", "--model", str(tiny), "--max_steps", "2", "--max_length", "32", "--output_dir",
