@@ -108,23 +108,26 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
 
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is below a long document (C long on Windows)
-    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), delimiter=delim)
-    _check_header(path, reader.fieldnames or [])
+    text = read_utf8(path)
+    # strict: a quote that never closes (the file ends inside it) or closes before more text (`"Hi" she said`)
+    # is an error; without it the first swallowed every later row into one field, the second dropped the quotes
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    try:
+        fieldnames = reader.fieldnames  # the header, read here
+    except csv.Error as e:
+        raise _quote_error(path, text, reader, 1, e, None) from None
+    _check_header(path, fieldnames or [])
+    tabs = len(fieldnames or ()) - 1 if delim == "\t" else None  # a TSV row line: a first cell, then this many tabs
     out, line = [], 1
-    for row in reader:
+    for row in _strict_rows(path, text, reader, tabs):
         if None in row:  # DictReader's restkey: fields past the header's (an unquoted delimiter inside a text)
             sep = "a tab" if delim == "\t" else "','"
             raise ConfigError(f"{path}: the row on line {line + 1} has {len(reader.fieldnames) + len(row[None])} "
                               f"fields, the header {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
                               f"quote fields that contain {sep} (\"Hello, world\")")
         out.append((line + 1, row))  # a row's first line (quoted fields may span several)
-        if delim == "\t":  # lines inside one field shaped like this file's rows are rows an unclosed quote swallowed
-            tabs = len(reader.fieldnames or ()) - 1  # a row line: a first cell, then exactly this many tabs
-
-            def row_like(ln: str, tabs=tabs) -> bool:
-                return bool(ln) and not ln[0].isspace() and ln.count("\t") == tabs
-
-            swallowed = max((sum(map(row_like, v.split("\n")[1:])) for v in row.values() if isinstance(v, str)),
+        if tabs is not None:  # lines inside one field shaped like this file's rows are rows an unclosed quote swallowed
+            swallowed = max((_row_like(v.split("\n")[1:], tabs) for v in row.values() if isinstance(v, str)),
                             default=0)
             if swallowed >= 2:
                 raise ConfigError(f"{path}: the row on line {line + 1} has a field opening a quote (\") that closes "
@@ -132,6 +135,40 @@ def read_csv(path: Path) -> list[tuple[int, dict]]:
                                   "close the quote, or write the TSV without quoting")
         line = reader.line_num
     return out
+
+
+def _row_like(lines: list[str], tabs: int) -> int:
+    """How many of ``lines`` look like rows of a TSV file whose rows hold ``tabs`` tabs: a first cell (no leading
+    whitespace), then exactly that many tabs."""
+    return sum(bool(ln) and not ln[0].isspace() and ln.count("\t") == tabs for ln in lines)
+
+
+def _strict_rows(path: Path, text: str, reader, tabs: int | None):
+    """The rows of a strict ``csv.DictReader``, its quoting errors a ``ConfigError`` (``_quote_error``)."""
+    while True:
+        start = reader.reader.line_num + 1  # DictReader's own line_num lags on an error
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _quote_error(path, text, reader, start, e, tabs) from None
+
+
+def _quote_error(path: Path, text: str, reader, start: int, e: csv.Error, tabs: int | None) -> ConfigError:
+    """A strict reader's error in the row on line ``start`` as one line naming it and the line the reader stopped
+    at: a quote that never closes (with the lines it took in: in a TSV, those that look like rows), or one followed
+    by more text."""
+    stop = reader.reader.line_num
+    if "end of data" in str(e):
+        below = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[start:stop]  # as StringIO splits lines
+        took = f"{_row_like(below, tabs)} lines that look like rows" if tabs is not None else f"{len(below)} lines"
+        return ConfigError(f"{path}: the row on line {start} has a field opening a quote (\") that never closes (the "
+                           f"file ends inside it, on line {stop}), taking in {took}; close the quote, or double a "
+                           "quote inside a quoted field (\"\")")
+    return ConfigError(f"{path}: the row on line {start} has a quoted field whose closing quote (\") on line {stop} is "
+                       "followed by more text; quote the whole field and double the quotes inside it (\"\"), as "
+                       "csv.writer and pandas write them")
 
 
 def _json_docs(path: Path, text_column: str | None) -> list[str]:

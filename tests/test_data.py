@@ -188,6 +188,32 @@ def test_a_csv_row_short_of_the_text_field_is_an_error_naming_its_line(tmp_path)
     assert read_text_file(path) == ["hello there world", "second doc here"]
 
 
+@pytest.mark.parametrize("ext", [".csv", ".tsv"])
+def test_a_quote_that_never_closes_or_closes_before_more_text_is_refused(tmp_path, ext):
+    """A field opening a quote that never closes swallowed every later row into one document (4 rows read as 1),
+    and one whose closing quote is followed by more text lost its quotes ('"Hi" she said' trained as 'Hi she said'):
+    both silently (pandas repairs them the same way); the reader is strict now, and the error names the lines."""
+    from lora_fast.data import read_text_file
+
+    sep = "\t" if ext == ".tsv" else ","
+    f = tmp_path / f"d{ext}"
+    f.write_text(f'id{sep}text\n1{sep}fine\n2{sep}"never closed\n3{sep}third row\n4{sep}fourth row\n')
+    took = "2 lines that look like rows" if ext == ".tsv" else "2 lines"
+    with pytest.raises(ConfigError, match=r"the row on line 3 has a field opening a quote \(\"\) that never closes "
+                       rf"\(the file ends inside it, on line 5\), taking in {took}; close the quote"):
+        read_text_file(f)
+    f.write_text(f'id{sep}text\n1{sep}fine\n2{sep}"Hi" she said\n')
+    with pytest.raises(ConfigError, match=r"the row on line 3 has a quoted field whose closing quote \(\"\) on line 3 "
+                       r"is followed by more text; quote the whole field"):
+        read_text_file(f)
+    f.write_text(f'"id{sep}text\n1{sep}fine\n')  # in the header too: a one-line error, not csv.Error's traceback
+    with pytest.raises(ConfigError, match=r"the row on line 1 has a field opening a quote"):
+        read_text_file(f)
+    with open(f, "w", newline="") as fh:  # what csv.writer writes of those texts still reads
+        csv.writer(fh, delimiter=sep).writerows([["id", "text"], ["1", '"Hi" she said'], ["2", "two\nlines"]])
+    assert read_text_file(f) == ['"Hi" she said', "two\nlines"]
+
+
 PARAGRAPHS = ["first paragraph,\nits second line", "second paragraph", "third one,\n  indented line\nand a last"]
 
 
