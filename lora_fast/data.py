@@ -517,7 +517,7 @@ def load_classification(dataset: str | None, text_column: str | None = None, see
         checks = {f"{f} ({s} split)": read_csv(f) for s, f in files.items()}
         rows = dict(zip(files, checks.values(), strict=True))
     elif path.is_file():
-        if path.suffix.lower() in (".txt", ".json", ".jsonl", ".md", ".parquet"):  # read as CSV: a quoting error
+        if path.suffix.lower() in TEXT_EXTS | JSON_EXTS | {".parquet"}:  # read as CSV: a quoting error
             raise ConfigError(f"--task classification reads CSV/TSV files with Label and Text columns (or a "
                               f"directory of train/validation[/test].csv); {dataset!r} is a {path.suffix} file")
         if not 0.0 < val_fraction < 0.8:

@@ -56,6 +56,19 @@ def test_labels_are_stripped_of_surrounding_spaces(tmp_path):
     assert [names[i] for i in splits["validation"][1]] == ["spam"]
 
 
+@pytest.mark.parametrize("ext", [".ndjson", ".rst", ".text", ".JSONL"])
+def test_a_text_or_json_lines_file_is_refused_for_classification_by_any_of_its_extensions(tmp_path, ext):
+    """.txt/.json/.jsonl/.md were refused with the formats classification reads; the other extensions the LM reader
+    knows (.ndjson, .rst, .text) were read as CSV, and a JSON lines file said it had no 'Label' column, naming
+    '{"label": 0' as one."""
+    import json
+
+    f = tmp_path / f"d{ext}"
+    f.write_text("".join(json.dumps({"label": i % 2, "text": f"text {i}"}) + "\n" for i in range(20)))
+    with pytest.raises(ConfigError, match=rf"reads CSV/TSV files with Label and Text columns .* is a \{ext} file"):
+        load_classification(str(f))
+
+
 def test_numeric_labels_sort_as_numbers(tmp_path):
     """Integer labels get ids in numeric order ("2" < "3" < "10"), so that label k of a 0..N-1 labelling is id k;
     a string sort would put "10" first."""
