@@ -303,6 +303,19 @@ def test_files_modules_and_names_the_readme_mentions_exist():
     assert names and not unresolved, f"README.md names what lora_fast does not have: {unresolved}"
 
 
+def test_the_documents_the_readme_says_a_plain_text_file_holds(tmp_path):
+    """The Data bullet says how a plain-text file is cut into documents (it did not: a file of one text per line,
+    as `datasets`' text loader reads it, is one document here, and validation its tail), and the reader does so."""
+    from lora_fast.data import read_text_file
+
+    said = " ".join(README.split())
+    assert "a plain-text file (a document per blank-line separated paragraph: lines with no blank line between " \
+           "them are one document" in said
+    f = tmp_path / "d.txt"
+    f.write_text("line one\nline two\n\nsecond paragraph\n")
+    assert read_text_file(f) == ["line one\nline two", "second paragraph"]
+
+
 def _exists(dotted: str) -> bool:
     """A module, or an attribute of one (``lora_fast.rng.keep_mask_numpy``, lazily resolved names too)."""
     try:
