@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import report, utils
-from tests.test_report import GPT2, GPU, LAYER, cells, gpt2_row, layer_row
+from tests.test_report import GPT2, GPU, LAYER, cells, gpt2_row, layer_row, targets, verdict
 
 
 @pytest.fixture
@@ -163,3 +163,56 @@ def test_the_time_plot_draws_r16_dropout_01_where_measured_and_only_those_rows(t
     bars = [[tuple(xy) for xy in seg] for seg in drawn.lines[2][0].get_segments()]
     assert bars == [[(2048, pytest.approx(0.125)), (2048, pytest.approx(0.5))],
                     [(8192, pytest.approx(0.5)), (8192, pytest.approx(2.0))]], bars
+
+
+def test_a_target_is_judged_on_the_medians():
+    """A target ratio is of the two p50 times (the figure every table shows), not of their p20s: here the medians
+    give 1.600 (met) where the p20s would give 1.000. Kills R91."""
+    rows = [layer_row("base", "full", "time", [1.0, 1.0, 1.0]), layer_row("lora_fast", "full", "time", [1.0, 1.0, 1.2]),
+            layer_row("peft", "full", "time", [1.0, 1.6, 1.7])]
+    assert verdict(targets(rows), "c_attn: peft / lora_fast") == ("1.600", "met")
+
+
+@pytest.mark.parametrize("bench, argv, phrase", [
+    ("bench_layer", ["--warmup", "-1"], "--warmup >= 0"), ("bench_layer", ["--rep", "0"], "--rep >= 1"),
+    ("bench_layer", ["--dropouts", "1.0"], "dropouts in [0, 1)"), ("bench_layer", ["--ranks", "0"], "positive"),
+    ("bench_gpt2", ["--seq", "1"], "--seq >= 2"), ("bench_gpt2", ["--batch", "0"], "--batch >= 1"),
+    ("bench_gpt2", ["--warmup", "-1"], "--warmup >= 0"),
+    ("bench_gpt2", ["--model-path", "{llama}"], "holds a llama model, not GPT-2"),
+    ("bench_gpt2", ["--model-path", "{unknown}"], "no model config loads from it"),
+])
+def test_benchmark_options_out_of_range_are_usage_errors(tmp_path, capsys, bench, argv, phrase):
+    """Each bound of the benchmarks' options is refused before anything runs, naming it (exit status 2): warmup
+    below 0, rep, batch, rank below 1, seq below 2, dropout 1; a --model-path of another model type or whose config
+    transformers cannot read (an unknown model_type: its ValueError). Kills B01, B02, B04, B05, G01, G02, G03, G07,
+    G08."""
+    import importlib
+    import json
+
+    for name, cfg in (("llama", {"model_type": "llama"}), ("unknown", {"model_type": "no-such-model"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    module = importlib.import_module(f"benchmarks.{bench}")
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--quick", *(a.format(llama=tmp_path / "llama", unknown=tmp_path / "unknown")
+                                        for a in argv)])
+    assert e.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_the_results_csv_is_written_sorted_and_a_failed_write_leaves_the_file_and_no_temporary(tmp_path, monkeypatch):
+    """Rows are written sorted by (bench, device, config, provider, mode, metric) whatever order they came in (stable
+    diffs, ``_write_csv``'s docstring), and a write that fails midway leaves the old file as it was and no
+    temporary file beside it. Kills U37, U41."""
+    path = tmp_path / "results.csv"
+    rows = [layer_row(p, m, "time", [1.0]) for p in ("peft", "base") for m in ("fwd", "full")]
+    utils.upsert_csv(path, rows)
+    got = [(r["provider"], r["mode"]) for r in utils.read_csv(path)]
+    assert got == sorted(got) == [("base", "full"), ("base", "fwd"), ("peft", "full"), ("peft", "fwd")]
+    before = path.read_bytes()
+
+    def fail(self, rows):
+        raise OSError("disk full")
+    monkeypatch.setattr(utils.csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="disk full"):
+        utils.upsert_csv(path, [layer_row("reference", "full", "time", [1.0])])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
