@@ -216,3 +216,27 @@ def test_the_results_csv_is_written_sorted_and_a_failed_write_leaves_the_file_an
     with pytest.raises(OSError, match="disk full"):
         utils.upsert_csv(path, [layer_row("reference", "full", "time", [1.0])])
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_bad_report_input_is_exit_status_2(tmp_path, capsys):
+    """Bad input to ``benchmarks.report`` (a missing CSV, one without the results columns) is a usage-style error:
+    one line on stderr and exit status 2, as argparse's own refusals. Kills R89 (exit status 1)."""
+    bad = tmp_path / "other.csv"
+    bad.write_text("name,value\n", encoding="utf-8")
+    for path in (tmp_path / "missing.csv", bad):
+        assert report.main(["--csv", str(path), "--out", str(tmp_path / "out")]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_rows_are_made_only_of_known_benches_and_finite_values_and_written_only_in_the_csv_s_column_order(tmp_path):
+    """``make_row`` refuses an unknown bench and a non-finite value (inf as well as nan); ``upsert_csv`` refuses a
+    row whose columns come in another order (the CSV's header is fixed). Kills U22, U24, U28."""
+    with pytest.raises(ValueError, match="bench must be one of"):
+        utils.make_row("layers", "base", "full", "time", LAYER, [1.0], {})
+    for value in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite"):
+            layer_row("base", "full", "time", [1.0, value, 2.0])
+    row = layer_row("base", "full", "time", [1.0])
+    with pytest.raises(ValueError, match="row columns"):
+        utils.upsert_csv(tmp_path / "results.csv", [dict(reversed(row.items()))])
+    assert not (tmp_path / "results.csv").exists()
