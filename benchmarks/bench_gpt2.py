@@ -308,8 +308,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.shape["batch"] < 1 or args.shape["seq"] < 2 or args.warmup < 0 or args.rep < 1:
         p.error(f"need --batch >= 1, --seq >= 2, --warmup >= 0, --rep >= 1; got {args.shape['batch']}, "
                 f"{args.shape['seq']}, {args.warmup}, {args.rep}")
-    if args.shape["seq"] > 1024 and args.model_path:
-        p.error("--seq > 1024 exceeds a pretrained GPT-2's positions")
     if args.model_path:
         check_model_path(p, args.model_path, args.shape)
     utils.check_common_args(p, args)

@@ -386,7 +386,9 @@ def test_gpt2_bench_refuses_a_model_path_that_cannot_serve_before_anything_runs(
     GPT2Config(n_embd=shape["n_embd"], n_positions=64, **dims).save_pretrained(tmp_path / "good")
     GPT2Config(n_embd=64, **dims).save_pretrained(tmp_path / "narrow")
     GPT2Config(n_embd=shape["n_embd"], n_positions=32, **dims).save_pretrained(tmp_path / "short")
+    GPT2Config(n_embd=shape["n_embd"], n_positions=2048, **dims).save_pretrained(tmp_path / "long")
     assert bench_gpt2.parse_args(["--quick", "--model-path", str(tmp_path / "good")]).model_path
+    assert bench_gpt2.parse_args(["--quick", "--seq", "2048", "--model-path", str(tmp_path / "long")]).model_path
     for name, said in [("missing", "no such directory"), ("narrow", "its architecture"),
                        ("short", "--seq 64 exceeds the 32 positions")]:
         with pytest.raises(SystemExit) as e:
